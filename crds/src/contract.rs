@@ -1,0 +1,272 @@
+//! The contract between the operator and the trainer, defined once so both sides agree.
+//!
+//! The operator mounts the FinetuneJob manifest into the pod and passes the paths it decides
+//! through the environment; the trainer reports live state on `/status` and `/metrics`, and its
+//! outcome through the exit code and the termination message.
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::FileDigest;
+use crate::finetunejob::TrainingMetrics;
+
+/// Environment variables the operator sets on the trainer container.
+pub mod env {
+    /// Path of the mounted FinetuneJob manifest.
+    pub const JOB_FILE: &str = "FINETUNE_JOB_FILE";
+    /// Directory for checkpoints (on the job's storage, kept across attempts).
+    pub const CHECKPOINT_DIR: &str = "FINETUNE_CHECKPOINT_DIR";
+    /// Directory for the final adapter and exports.
+    pub const OUTPUT_DIR: &str = "FINETUNE_OUTPUT_DIR";
+    /// 0-based attempt number.
+    pub const ATTEMPT: &str = "FINETUNE_ATTEMPT";
+    /// Port of the `/status` and `/metrics` server.
+    pub const STATUS_PORT: &str = "FINETUNE_STATUS_PORT";
+    /// Address the status server binds (the pod IP).
+    pub const POD_IP: &str = "FINETUNE_POD_IP";
+    /// Where to write the termination message.
+    pub const TERMINATION_LOG: &str = "FINETUNE_TERMINATION_LOG";
+    /// Hugging Face token from `baseModel.tokenSecretRef` (never logged).
+    pub const HF_TOKEN: &str = "HF_TOKEN";
+}
+
+/// Where the operator mounts things inside the trainer pod.
+pub mod paths {
+    /// Mount point of the ConfigMap holding the manifest.
+    pub const JOB_DIR: &str = "/etc/finetune";
+    /// File name of the manifest within [`JOB_DIR`].
+    pub const JOB_FILE_NAME: &str = "job.yaml";
+    /// Mount point of the job's storage.
+    pub const STORAGE_DIR: &str = "/var/lib/finetune";
+    /// The kubelet's default termination-message path.
+    pub const TERMINATION_LOG: &str = "/dev/termination-log";
+}
+
+/// Default port of the trainer's status server.
+pub const DEFAULT_STATUS_PORT: u16 = 8080;
+
+/// Kubernetes truncates termination messages beyond this many bytes.
+pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+
+/// The trainer's exit codes and what the operator does with each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitCode {
+    /// Training finished; the result is in the output directory.
+    Success,
+    /// The manifest or the data is invalid: retrying cannot help.
+    InvalidInput,
+    /// The loss became NaN or infinite: retrying the same run diverges again.
+    Diverged,
+    /// Out of GPU or host memory.
+    OutOfMemory,
+    /// Stopped by SIGTERM after writing a checkpoint (preemption, eviction or suspend).
+    Preempted,
+    /// Anything else: counted against `runPolicy.backoffLimit`.
+    Other(i32),
+}
+
+impl ExitCode {
+    /// The process exit status for this outcome.
+    pub fn code(self) -> i32 {
+        match self {
+            Self::Success => 0,
+            Self::InvalidInput => 2,
+            Self::Diverged => 3,
+            Self::OutOfMemory => 4,
+            Self::Preempted => 143,
+            Self::Other(code) => code,
+        }
+    }
+
+    /// The outcome a process exit status stands for.
+    pub fn from_code(code: i32) -> Self {
+        match code {
+            0 => Self::Success,
+            2 => Self::InvalidInput,
+            3 => Self::Diverged,
+            4 => Self::OutOfMemory,
+            143 => Self::Preempted,
+            other => Self::Other(other),
+        }
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(self) -> bool {
+        !matches!(self, Self::Success | Self::InvalidInput | Self::Diverged)
+    }
+
+    /// Whether the attempt counts against `runPolicy.backoffLimit`.
+    pub fn counts_against_backoff(self) -> bool {
+        matches!(self, Self::OutOfMemory | Self::Other(_))
+    }
+
+    /// The condition reason reported for this outcome.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Success => "Completed",
+            Self::InvalidInput => "InvalidInput",
+            Self::Diverged => "Diverged",
+            Self::OutOfMemory => "OutOfMemory",
+            Self::Preempted => "Preempted",
+            Self::Other(_) => "Error",
+        }
+    }
+}
+
+/// The JSON the trainer writes to the termination-message file when it exits.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TerminationMessage {
+    /// The last optimizer step done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i64>,
+    /// Final metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<TrainingMetrics>,
+    /// The newest checkpoint written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_step: Option<i64>,
+    /// Path of the checkpoint on the job's storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_path: Option<String>,
+    /// The produced adapter (on success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<ProducedAdapter>,
+    /// sha256 over the formatted training data, for the Adapter's lineage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_digest: Option<String>,
+    /// What went wrong (on failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TrainerError>,
+}
+
+/// The adapter a successful run produced.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProducedAdapter {
+    /// Directory on the job's storage.
+    pub path: String,
+    /// Its files.
+    #[serde(default)]
+    pub files: Vec<FileDigest>,
+}
+
+/// A failure, in the shape of OpenAI's fine-tuning errors: a code, a message and the offending
+/// parameter.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainerError {
+    /// Machine-readable code, e.g. `invalid_data`, `diverged`, `out_of_memory`.
+    pub code: String,
+    /// What happened, for people.
+    pub message: String,
+    /// The field, file or line at fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+impl TerminationMessage {
+    /// Serialises the message within Kubernetes' 4 KiB limit. A long error text is shortened
+    /// first, then the file list, and metrics are dropped last: the checkpoint step is what the
+    /// operator needs to resume, so it always stays.
+    pub fn to_bounded_json(&self) -> String {
+        let mut message = self.clone();
+        loop {
+            let json = serde_json::to_string(&message).expect("termination message serializes");
+            if json.len() <= TERMINATION_MESSAGE_LIMIT {
+                return json;
+            }
+            if let Some(error) = message.error.as_mut().filter(|e| e.message.len() > 256) {
+                let keep = error.message.len() / 2;
+                let cut = (0..=keep).rev().find(|&i| error.message.is_char_boundary(i));
+                error.message.truncate(cut.unwrap_or(0));
+                error.message.push('…');
+            } else if let Some(adapter) = message.adapter.as_mut().filter(|a| !a.files.is_empty()) {
+                adapter.files.pop();
+            } else {
+                message.metrics = None;
+            }
+        }
+    }
+}
+
+/// What the trainer is doing right now, served as JSON on `/status`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum TrainerPhase {
+    /// Loading the model and data.
+    #[default]
+    Loading,
+    /// Running optimizer steps.
+    Training,
+    /// Running an evaluation.
+    Evaluating,
+    /// Writing a checkpoint.
+    Checkpointing,
+    /// Writing the final adapter and exports.
+    Exporting,
+    /// Finished.
+    Done,
+}
+
+/// The trainer's `/status` document, polled by the operator for `status.progress`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// What the trainer is doing.
+    pub phase: TrainerPhase,
+    /// Optimizer steps done.
+    pub step: i64,
+    /// Optimizer steps planned.
+    pub total_steps: i64,
+    /// Epochs done, fractional.
+    pub epoch: f64,
+    /// Estimated seconds until training ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    /// Latest metrics.
+    #[serde(default)]
+    pub metrics: TrainingMetrics,
+    /// The newest checkpoint step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_step: Option<i64>,
+    /// The step training resumed from in this attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_round_trip_and_classify() {
+        for code in [0, 1, 2, 3, 4, 137, 143] {
+            assert_eq!(ExitCode::from_code(code).code(), code);
+        }
+        assert!(!ExitCode::InvalidInput.is_retryable());
+        assert!(!ExitCode::Diverged.is_retryable());
+        assert!(ExitCode::Preempted.is_retryable());
+        assert!(!ExitCode::Preempted.counts_against_backoff());
+        assert!(ExitCode::Other(137).counts_against_backoff());
+        assert!(ExitCode::OutOfMemory.counts_against_backoff());
+    }
+
+    #[test]
+    fn termination_message_stays_within_the_kubelet_limit() {
+        let files = (0..200)
+            .map(|i| FileDigest { name: format!("shard-{i:05}.safetensors"), sha256: "a".repeat(64), size: i })
+            .collect();
+        let message = TerminationMessage {
+            step: Some(1200),
+            checkpoint_step: Some(1200),
+            adapter: Some(ProducedAdapter { path: "/var/lib/finetune/out".into(), files }),
+            error: Some(TrainerError { code: "x".into(), message: "é".repeat(5000), param: None }),
+            ..Default::default()
+        };
+        let json = message.to_bounded_json();
+        assert!(json.len() <= TERMINATION_MESSAGE_LIMIT, "{} bytes", json.len());
+        let back: TerminationMessage = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.checkpoint_step, Some(1200));
+        assert!(!back.adapter.unwrap().files.is_empty());
+    }
+}

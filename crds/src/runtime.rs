@@ -1,0 +1,150 @@
+//! Where and how the trainer pod runs: storage, resources, retries and the result's name.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Storage for checkpoints and outputs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.claimName) || (!has(self.size) && !has(self.storageClassName))")
+    .message("storage.claimName uses an existing claim; size and storageClassName only apply when the operator creates one")
+    .field_path(".claimName"))]
+pub struct Storage {
+    /// An existing PersistentVolumeClaim to use; otherwise the operator creates one owned by the
+    /// job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: Option<String>,
+    /// Size of the claim the operator creates (default 20Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
+    /// StorageClass of the claim the operator creates; the cluster default when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+}
+
+/// Compute resources and placement of the trainer pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// GPUs for the trainer (0 trains on CPU).
+    #[serde(default = "default_gpus")]
+    #[schemars(range(min = 0, max = 64))]
+    pub gpus: i32,
+    /// Extended resource name of the GPU.
+    #[serde(default = "default_gpu_resource_name")]
+    #[schemars(length(min = 1, max = 253))]
+    pub gpu_resource_name: String,
+    /// CPU request and limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Memory request and limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// Node labels the pod must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pod tolerates (GPU nodes are often tainted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+    /// PriorityClass of the pod; lets the scheduler preempt it for more important work (the job
+    /// then resumes from its checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+}
+
+fn default_gpus() -> i32 {
+    1
+}
+fn default_gpu_resource_name() -> String {
+    "nvidia.com/gpu".into()
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            gpus: default_gpus(),
+            gpu_resource_name: default_gpu_resource_name(),
+            cpu: None,
+            memory: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            priority_class_name: None,
+        }
+    }
+}
+
+/// Retries, deadlines and suspension, named as in batch/v1 Job and Kubeflow's runPolicy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPolicy {
+    /// Failed attempts allowed before the job fails. Preemptions and evictions are not counted;
+    /// invalid input and divergence are never retried.
+    #[serde(default = "default_backoff_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub backoff_limit: i32,
+    /// Wall-clock limit for the whole job, from its first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Stop the trainer (it checkpoints first) and keep the job; setting it back to false resumes
+    /// from that checkpoint. Queue controllers such as Kueue admit jobs through this field.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Delete the finished job (and its children) this long after it succeeds or fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+fn default_backoff_limit() -> i32 {
+    3
+}
+
+impl Default for RunPolicy {
+    fn default() -> Self {
+        Self {
+            backoff_limit: default_backoff_limit(),
+            active_deadline_seconds: None,
+            suspend: false,
+            ttl_seconds_after_finished: None,
+        }
+    }
+}
+
+/// What the job produces.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.adapterName) || self.adapterName.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+    .message("output.adapterName must be a lowercase DNS label: letters, digits and '-', starting and ending with a letter or digit")
+    .field_path(".adapterName"))]
+pub struct Output {
+    /// Name of the `Adapter` created on success; the job's name when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub adapter_name: Option<String>,
+    /// Also write a merged Hugging Face model (base + adapter folded in).
+    #[serde(default)]
+    pub merge: bool,
+    /// Also export a GGUF file of the merged model in this type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<GgufType>,
+}
+
+/// GGUF export types.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GgufType {
+    /// 16-bit floats.
+    F16,
+    /// 8-bit blocks of 32 with one f16 scale.
+    Q8_0,
+}

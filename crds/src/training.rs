@@ -1,0 +1,476 @@
+//! What the trainer does: method, adapter, hyperparameters, evaluation, guards and checkpoints.
+
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The training objective.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.type == 'dpo' || !has(self.dpo)")
+    .message("method.dpo options need method.type: dpo")
+    .field_path(".dpo"))]
+pub struct Method {
+    /// `sft` (supervised fine-tuning) or `dpo` (direct preference optimisation).
+    #[serde(rename = "type", default)]
+    pub kind: MethodType,
+    /// Options for `sft`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sft: Option<SftOptions>,
+    /// Options for `dpo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoOptions>,
+}
+
+/// Training objectives.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodType {
+    /// Supervised fine-tuning on chat, instruction or text data.
+    #[default]
+    Sft,
+    /// Direct preference optimisation on chosen/rejected pairs.
+    Dpo,
+}
+
+/// Supervised fine-tuning options.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SftOptions {
+    /// Compute the loss on assistant tokens only (chat and instruction formats). Turning it off
+    /// trains on prompts too.
+    #[serde(default = "crate::defaults::yes")]
+    pub assistant_only_loss: bool,
+}
+
+/// Direct preference optimisation options.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DpoOptions {
+    /// Strength of the pull toward the reference model (TRL's `beta`).
+    #[serde(default = "default_dpo_beta")]
+    #[schemars(extend("minimum" = 0.0, "exclusiveMinimum" = true, "maximum" = 10.0))]
+    pub beta: f64,
+    /// Loss variant: `sigmoid` (the DPO paper) or `ipo`.
+    #[serde(default)]
+    pub loss: DpoLoss,
+    /// Conservative DPO: assumed probability that a preference label is flipped.
+    #[serde(default)]
+    #[schemars(extend("minimum" = 0.0, "maximum" = 0.5, "exclusiveMaximum" = true))]
+    pub label_smoothing: f64,
+}
+
+fn default_dpo_beta() -> f64 {
+    0.1
+}
+
+/// DPO loss variants.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLoss {
+    /// -log σ(β·margin), with optional label smoothing.
+    #[default]
+    Sigmoid,
+    /// Identity preference optimisation: (margin − 1/(2β))².
+    Ipo,
+}
+
+/// Which weights are trained.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.type == 'lora' || !has(self.lora)")
+        .message("adapter.lora settings need adapter.type: lora")
+        .field_path(".lora"),
+    validation = Rule::new("self.type == 'lora' || !has(self.initAdapter)")
+        .message("adapter.initAdapter starts from an existing LoRA adapter and needs adapter.type: lora")
+        .field_path(".initAdapter"),
+)]
+pub struct AdapterSettings {
+    /// `lora` (low-rank adapters on frozen base weights) or `full` (every weight trained).
+    #[serde(rename = "type", default)]
+    pub kind: AdapterType,
+    /// LoRA settings; defaults apply when omitted with `type: lora`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSettings>,
+    /// Start from this LoRA adapter instead of a fresh one (e.g. DPO after SFT): the name of an
+    /// `Adapter` in the job's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub init_adapter: Option<String>,
+}
+
+impl Default for AdapterSettings {
+    fn default() -> Self {
+        Self { kind: AdapterType::Lora, lora: None, init_adapter: None }
+    }
+}
+
+/// Parameter-efficient or full fine-tuning.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterType {
+    /// Low-rank adapters; the output is a PEFT-format adapter.
+    #[default]
+    Lora,
+    /// Full fine-tuning; the output is a complete model.
+    Full,
+}
+
+/// LoRA hyperparameters, named as in PEFT's `LoraConfig`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraSettings {
+    /// Rank of the update matrices.
+    #[serde(default = "default_lora_rank")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub rank: i32,
+    /// Scaling numerator: the update is scaled by alpha/rank (alpha/√rank with rsLoRA).
+    #[serde(default = "default_lora_alpha")]
+    #[schemars(extend("minimum" = 0.0, "exclusiveMinimum" = true, "maximum" = 4096.0))]
+    pub alpha: f64,
+    /// Dropout on the adapter's input, in [0, 1).
+    #[serde(default = "default_lora_dropout")]
+    #[schemars(extend("minimum" = 0.0, "maximum" = 1.0, "exclusiveMaximum" = true))]
+    pub dropout: f64,
+    /// Names of the linear layers that get adapters (last path component, as in PEFT).
+    #[serde(default = "default_target_modules")]
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128)))]
+    pub target_modules: Vec<String>,
+    /// Rank-stabilised scaling alpha/√rank (rsLoRA) instead of alpha/rank.
+    #[serde(default)]
+    pub rslora: bool,
+}
+
+fn default_lora_rank() -> i32 {
+    16
+}
+fn default_lora_alpha() -> f64 {
+    32.0
+}
+fn default_lora_dropout() -> f64 {
+    0.05
+}
+fn default_target_modules() -> Vec<String> {
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        .map(String::from)
+        .to_vec()
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self {
+            rank: default_lora_rank(),
+            alpha: default_lora_alpha(),
+            dropout: default_lora_dropout(),
+            target_modules: default_target_modules(),
+            rslora: false,
+        }
+    }
+}
+
+/// Optimisation settings. Exactly one of `epochs` and `maxSteps` sets the training length.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.epochs) != has(self.maxSteps)")
+        .message("set exactly one of hyperparameters.epochs or hyperparameters.maxSteps"),
+    validation = Rule::new("!(has(self.warmupSteps) && has(self.warmupRatio))")
+        .message("set at most one of hyperparameters.warmupSteps or hyperparameters.warmupRatio")
+        .field_path(".warmupRatio"),
+)]
+pub struct Hyperparameters {
+    /// Passes over the training data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub epochs: Option<i32>,
+    /// Optimizer steps to run (one step = batchSize × gradientAccumulationSteps samples).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_steps: Option<i64>,
+    /// Peak learning rate, in (0, 1].
+    #[serde(default = "default_learning_rate")]
+    #[schemars(extend("minimum" = 0.0, "exclusiveMinimum" = true, "maximum" = 1.0))]
+    pub learning_rate: f64,
+    /// Learning-rate schedule after warmup.
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    /// Linear warmup length in optimizer steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub warmup_steps: Option<i64>,
+    /// Linear warmup length as a fraction of all steps, in [0, 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 0.0, "maximum" = 1.0, "exclusiveMaximum" = true))]
+    pub warmup_ratio: Option<f64>,
+    /// Sequences per micro-batch.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub batch_size: i32,
+    /// Micro-batches accumulated per optimizer step; the loss is normalised by the supervised
+    /// tokens of all of them together.
+    #[serde(default = "default_one_i32")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub gradient_accumulation_steps: i32,
+    /// Longest sequence in tokens; longer samples are truncated and counted.
+    #[serde(default = "default_max_seq_length")]
+    #[schemars(range(min = 16, max = 1048576))]
+    pub max_seq_length: i32,
+    /// Decoupled (AdamW) weight decay.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value.
+    #[serde(default = "default_max_grad_norm")]
+    #[schemars(extend("minimum" = 0.0, "exclusiveMinimum" = true))]
+    pub max_grad_norm: f64,
+    /// Seed for initialisation, shuffling and dropout; a CPU run with the same seed is
+    /// bit-reproducible.
+    #[serde(default = "default_seed")]
+    #[schemars(range(min = 0))]
+    pub seed: i64,
+    /// Pack several samples into each sequence (attention never crosses sample boundaries).
+    #[serde(default)]
+    pub packing: bool,
+    /// Numeric precision: `auto` is bfloat16 on GPUs and float32 on CPUs.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+fn default_learning_rate() -> f64 {
+    2e-4
+}
+fn default_batch_size() -> i32 {
+    4
+}
+fn default_one_i32() -> i32 {
+    1
+}
+fn default_max_seq_length() -> i32 {
+    2048
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_seed() -> i64 {
+    42
+}
+
+/// Learning-rate schedules.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Constant after warmup.
+    Constant,
+    /// Linear decay to zero.
+    Linear,
+    /// Cosine decay to zero.
+    #[default]
+    Cosine,
+}
+
+/// Numeric precision of weights and activations.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bfloat16 on CUDA, float32 on CPU.
+    #[default]
+    Auto,
+    /// bfloat16 weights and activations.
+    Bf16,
+    /// float32 everywhere.
+    Fp32,
+}
+
+/// Evaluation during and after training: beyond the loss.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Evaluation {
+    /// Evaluate every this many optimizer steps (and always at the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub every_steps: Option<i64>,
+    /// Stop when the eval loss stops improving; the best checkpoint becomes the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStopping>,
+    /// Measure catastrophic forgetting on general prompts before, during and after training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+    /// Check eval samples for n-gram overlap with the training set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contamination: Option<ContaminationCheck>,
+    /// Generate answers for eval prompts and report exact-match accuracy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationEval>,
+}
+
+/// Early stopping on the eval loss.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EarlyStopping {
+    /// Evaluations without improvement before stopping.
+    #[serde(default = "default_patience")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub patience: i32,
+    /// Smallest decrease of the eval loss that counts as an improvement.
+    #[serde(default)]
+    #[schemars(range(min = 0.0))]
+    pub min_delta: f64,
+}
+
+fn default_patience() -> i32 {
+    3
+}
+
+/// The forgetting probe: general prompts answered by the base model before training, compared
+/// with the tuned model's answers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retention {
+    /// General prompts and texts (JSON Lines, `pvc://`, `file://` or `configmap://`); the
+    /// trainer's built-in set when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::data::DataSource>,
+    /// Lowest acceptable share of base answers preserved, in [0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_score: Option<f64>,
+    /// What happens when the score falls below `minScore`.
+    #[serde(default)]
+    pub action: GuardAction,
+}
+
+/// What a failed check does to the job.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardAction {
+    /// Report it in status, metrics and events; keep training.
+    #[default]
+    Warn,
+    /// Stop training and keep the last good checkpoint as the result.
+    Stop,
+    /// Fail the job with a clear reason.
+    Fail,
+}
+
+/// Train/eval contamination check.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContaminationCheck {
+    /// Length in tokens of the n-grams compared.
+    #[serde(default = "default_ngram")]
+    #[schemars(range(min = 4, max = 64))]
+    pub ngram: i32,
+    /// Share of an eval sample's n-grams found in training data above which it counts as
+    /// contaminated, in (0, 1].
+    #[serde(default = "default_contamination_threshold")]
+    #[schemars(extend("minimum" = 0.0, "exclusiveMinimum" = true, "maximum" = 1.0))]
+    pub threshold: f64,
+    /// `warn` reports contaminated samples; `fail` rejects the job before training.
+    #[serde(default)]
+    pub action: GuardAction,
+}
+
+fn default_ngram() -> i32 {
+    13
+}
+fn default_contamination_threshold() -> f64 {
+    0.5
+}
+
+/// Generation-based evaluation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationEval {
+    /// Eval prompts to answer (greedy).
+    #[serde(default = "default_generation_samples")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_samples: i32,
+    /// Longest answer in tokens.
+    #[serde(default = "default_generation_tokens")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_new_tokens: i32,
+}
+
+fn default_generation_samples() -> i32 {
+    64
+}
+fn default_generation_tokens() -> i32 {
+    64
+}
+
+/// Guards against catastrophic forgetting. Each one is off unless present.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForgettingGuard {
+    /// KL term pulling the tuned model toward the base model on general prompts (with LoRA the
+    /// base is the same weights with the adapter off, so no second model is loaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_distillation: Option<WeightedGuard>,
+    /// Mix the base model's own answers to general prompts into the training stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_replay: Option<ReplayGuard>,
+    /// L2 pull toward the initial weights (full fine-tuning only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2_to_init: Option<WeightedGuard>,
+}
+
+/// A guard whose strength is one weight on its loss term.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedGuard {
+    /// Weight of the guard's loss term.
+    #[schemars(extend("minimum" = 0.0, "exclusiveMinimum" = true))]
+    pub weight: f64,
+}
+
+/// Self-replay settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayGuard {
+    /// Replayed samples per training sample, in (0, 1].
+    #[schemars(extend("minimum" = 0.0, "exclusiveMinimum" = true, "maximum" = 1.0))]
+    pub ratio: f64,
+}
+
+/// Checkpointing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointPolicy {
+    /// Write a checkpoint every this many optimizer steps (and on SIGTERM).
+    #[serde(default = "default_checkpoint_every")]
+    #[schemars(range(min = 1))]
+    pub every_steps: i64,
+    /// Keep this many most recent checkpoints.
+    #[serde(default = "default_keep_last")]
+    #[schemars(range(min = 1, max = 100))]
+    pub keep_last: i32,
+}
+
+fn default_checkpoint_every() -> i64 {
+    100
+}
+fn default_keep_last() -> i32 {
+    3
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        Self { every_steps: default_checkpoint_every(), keep_last: default_keep_last() }
+    }
+}
+
+/// Vocabulary expansion for languages the base tokenizer serves poorly.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.addTokens) > 0 || has(self.tokenizer)")
+    .message("vocabulary needs addTokens or a tokenizer to extend from"))]
+pub struct Vocabulary {
+    /// Tokens to add; each becomes one id, with embeddings initialised to the mean embedding.
+    #[serde(default)]
+    #[schemars(length(max = 65536), inner(length(min = 1, max = 256)))]
+    pub add_tokens: Vec<String>,
+    /// A `tokenizer.json` whose extra tokens are added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<crate::data::DataSource>,
+}

@@ -1,0 +1,187 @@
+//! One validation path for manifests, shared by the operator and the trainer.
+//!
+//! A manifest passes the same three gates the apiserver applies, in the same order and with the
+//! same words: schema defaults, the structural schema (unknown fields, types, bounds), then the
+//! CEL rules (`x-kubernetes-validations`) taken from the generated CRD itself. Because the rules
+//! are read from the CRD, the apiserver, the operator and `finetune-trainer run job.yaml` can
+//! never disagree about what is valid.
+
+use std::fmt;
+
+use kube::core::cel;
+use kube::{CustomResourceExt, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::schema_check;
+
+/// One problem, tied to the field at fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `spec.adapter.lora.rank`; empty for the whole document.
+    pub field: String,
+    /// What is wrong, in the apiserver's wording where it has one.
+    pub message: String,
+}
+
+impl FieldError {
+    pub(crate) fn new(field: &str, message: String) -> Self {
+        Self { field: field.to_string(), message }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.field, self.message) }
+    }
+}
+
+/// A manifest that cannot be used, with every problem found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidManifest {
+    /// Where the manifest came from (a file path, or `namespace/name`).
+    pub source: String,
+    /// The kind that was expected.
+    pub kind: String,
+    /// Every problem found, in document order.
+    pub errors: Vec<FieldError>,
+}
+
+impl InvalidManifest {
+    /// The first problem's field, for error reports that carry one `param`.
+    pub fn first_field(&self) -> Option<&str> {
+        self.errors.first().map(|e| e.field.as_str()).filter(|f| !f.is_empty())
+    }
+}
+
+impl fmt::Display for InvalidManifest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: invalid {}:", self.source, self.kind)?;
+        for error in &self.errors {
+            write!(f, "\n  - {error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for InvalidManifest {}
+
+/// Parses a YAML (or JSON) manifest of kind `K` and validates it as the apiserver would.
+/// `source` names the file in error messages.
+pub fn parse_manifest<K>(text: &str, source: &str) -> Result<K, InvalidManifest>
+where
+    K: CustomResourceExt + Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let fail = |errors| InvalidManifest { source: source.to_string(), kind: K::kind(&()).into_owned(), errors };
+    let document: Value = serde_yaml::from_str(text)
+        .map_err(|e| fail(vec![FieldError::new("", format!("not a YAML document: {e}"))]))?;
+    let document = check_document::<K>(&document).map_err(fail)?;
+    serde_path_to_error::deserialize(document).map_err(|e| {
+        let field = e.path().to_string();
+        fail(vec![FieldError::new(if field == "." { "" } else { &field }, e.into_inner().to_string())])
+    })
+}
+
+/// Reads and validates a manifest file of kind `K`.
+pub fn read_manifest<K>(path: &std::path::Path) -> Result<K, InvalidManifest>
+where
+    K: CustomResourceExt + Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let source = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| InvalidManifest {
+        source: source.clone(),
+        kind: K::kind(&()).into_owned(),
+        errors: vec![FieldError::new("", format!("cannot read the file: {e}"))],
+    })?;
+    parse_manifest(&text, &source)
+}
+
+/// Validates an object the operator already holds (e.g. from a watch), for objects that reached
+/// it without passing this CRD version's rules (an older CRD, a disabled validation).
+pub fn validate_object<K>(object: &K) -> Result<(), InvalidManifest>
+where
+    K: CustomResourceExt + Resource<DynamicType = ()> + Serialize,
+{
+    let document = serde_json::to_value(object).expect("custom resources serialize to JSON");
+    check_document::<K>(&document).map(|_| ()).map_err(|errors| InvalidManifest {
+        source: format!(
+            "{}/{}",
+            object.meta().namespace.as_deref().unwrap_or_default(),
+            object.meta().name.as_deref().unwrap_or_default()
+        ),
+        kind: K::kind(&()).into_owned(),
+        errors,
+    })
+}
+
+/// Runs the CEL transition rules (those using `oldSelf`, such as the immutable spec fields of a
+/// started job) for an update from `old` to `new`, both given as JSON documents.
+pub fn check_update<K>(new: &Value, old: &Value) -> Result<(), Vec<FieldError>>
+where
+    K: CustomResourceExt + Resource<DynamicType = ()>,
+{
+    let schema = openapi_schema::<K>();
+    let new = cel::apply_defaults(&schema, new);
+    let old = cel::apply_defaults(&schema, old);
+    cel::Validator::new().validate(&schema, &new, Some(&old)).map_err(|failures| {
+        failures
+            .iter()
+            .map(|failure| FieldError::new(failure.field_path.trim_start_matches('.'), failure.message.clone()))
+            .collect()
+    })
+}
+
+/// Checks identity, schema and CEL rules; returns the document with schema defaults applied.
+fn check_document<K>(document: &Value) -> Result<Value, Vec<FieldError>>
+where
+    K: CustomResourceExt + Resource<DynamicType = ()>,
+{
+    let mut errors = identity_errors::<K>(document);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let schema = openapi_schema::<K>();
+    let defaulted = cel::apply_defaults(&schema, document);
+    schema_check::check(&schema, &defaulted, "", &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    if let Err(failures) = cel::Validator::new().validate(&schema, &defaulted, None) {
+        errors.extend(failures.iter().map(|failure| {
+            FieldError::new(failure.field_path.trim_start_matches('.'), failure.message.clone())
+        }));
+        return Err(errors);
+    }
+    Ok(defaulted)
+}
+
+fn identity_errors<K>(document: &Value) -> Vec<FieldError>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let mut errors = Vec::new();
+    if !document.is_object() {
+        return vec![FieldError::new("", "the manifest must be a YAML mapping".into())];
+    }
+    let api_version = K::api_version(&());
+    let kind = K::kind(&());
+    if document.get("apiVersion").and_then(Value::as_str) != Some(api_version.as_ref()) {
+        errors.push(FieldError::new("apiVersion", format!("must be {api_version}")));
+    }
+    if document.get("kind").and_then(Value::as_str) != Some(kind.as_ref()) {
+        errors.push(FieldError::new("kind", format!("must be {kind}")));
+    }
+    let name = document.pointer("/metadata/name").and_then(Value::as_str);
+    if name.is_none_or(str::is_empty) {
+        errors.push(FieldError::new("metadata.name", "Required value".into()));
+    }
+    errors
+}
+
+/// The `openAPIV3Schema` of the CRD generated for `K`.
+pub fn openapi_schema<K: CustomResourceExt>() -> Value {
+    let crd = K::crd();
+    let schema = crd.spec.versions[0].schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
+    serde_json::to_value(schema.expect("derived CRDs carry a schema")).expect("schemas serialize")
+}

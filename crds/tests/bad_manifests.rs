@@ -1,0 +1,211 @@
+//! Bad manifests are rejected with a message that names the field at fault. Each case breaks
+//! one thing in an otherwise valid job.
+
+mod common;
+
+use finetune_crds::{FinetuneJob, parse_manifest, validate};
+use serde_json::{Value, json};
+
+fn valid_job() -> Value {
+    let path = common::repo_root().join("examples/sft-lora-smollm2.yaml");
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Sets (or with `None` removes) the value at a JSON pointer, creating objects on the way.
+fn edit(mut job: Value, pointer: &str, value: Option<Value>) -> Value {
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    let mut target = &mut job;
+    for part in parent.split('/').skip(1) {
+        target = target.as_object_mut().unwrap().entry(part).or_insert_with(|| json!({}));
+    }
+    let object = target.as_object_mut().unwrap();
+    match value {
+        Some(value) => object.insert(key.to_string(), value),
+        None => object.remove(key),
+    };
+    job
+}
+
+/// Asserts the job is rejected with an error on `field` whose message contains `words`.
+fn assert_rejected(job: &Value, field: &str, words: &str) {
+    let yaml = serde_yaml::to_string(job).unwrap();
+    let error = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").expect_err("the manifest must be rejected");
+    assert!(
+        error.errors.iter().any(|e| e.field == field && e.message.contains(words)),
+        "expected an error on {field} containing {words:?}, got:\n{error}"
+    );
+    assert!(error.to_string().starts_with("job.yaml: invalid FinetuneJob:"), "{error}");
+}
+
+#[test]
+fn the_base_job_is_valid() {
+    let yaml = serde_yaml::to_string(&valid_job()).unwrap();
+    let job = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap();
+    assert_eq!(job.spec.adapter.lora.unwrap().rank, 16);
+}
+
+#[test]
+fn unknown_field_is_named() {
+    let job = edit(valid_job(), "/spec/hyperparameters/learningRat", Some(json!(0.1)));
+    assert_rejected(&job, "spec.hyperparameters.learningRat", "Unsupported field");
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let job = edit(valid_job(), "/spec/adapter/lora/rank", Some(json!("sixteen")));
+    assert_rejected(&job, "spec.adapter.lora.rank", "must be of type integer");
+}
+
+#[test]
+fn lora_rank_below_one() {
+    let job = edit(valid_job(), "/spec/adapter/lora/rank", Some(json!(0)));
+    assert_rejected(&job, "spec.adapter.lora.rank", "must be greater than or equal to 1");
+}
+
+#[test]
+fn learning_rate_must_be_positive() {
+    let job = edit(valid_job(), "/spec/hyperparameters/learningRate", Some(json!(0.0)));
+    assert_rejected(&job, "spec.hyperparameters.learningRate", "must be greater than 0");
+}
+
+#[test]
+fn dropout_must_be_below_one() {
+    let job = edit(valid_job(), "/spec/adapter/lora/dropout", Some(json!(1.0)));
+    assert_rejected(&job, "spec.adapter.lora.dropout", "must be less than 1");
+}
+
+#[test]
+fn unknown_method_lists_the_supported_ones() {
+    let job = edit(valid_job(), "/spec/method/type", Some(json!("ppo")));
+    assert_rejected(&job, "spec.method.type", "supported values: \"sft\", \"dpo\"");
+}
+
+#[test]
+fn epochs_and_max_steps_together() {
+    let job = edit(valid_job(), "/spec/hyperparameters/maxSteps", Some(json!(100)));
+    assert_rejected(&job, "spec.hyperparameters", "set exactly one of hyperparameters.epochs or hyperparameters.maxSteps");
+}
+
+#[test]
+fn neither_epochs_nor_max_steps() {
+    let job = edit(valid_job(), "/spec/hyperparameters/epochs", None);
+    assert_rejected(&job, "spec.hyperparameters", "set exactly one of");
+}
+
+#[test]
+fn dpo_needs_preference_data() {
+    let job = edit(valid_job(), "/spec/method", Some(json!({"type": "dpo"})));
+    assert_rejected(&job, "spec.dataset.format", "set dataset.format: preference");
+}
+
+#[test]
+fn preference_data_needs_dpo() {
+    let job = edit(valid_job(), "/spec/dataset/format", Some(json!("preference")));
+    assert_rejected(&job, "spec.method.type", "only used by method.type: dpo");
+}
+
+#[test]
+fn lora_settings_need_a_lora_adapter() {
+    let job = edit(valid_job(), "/spec/adapter/type", Some(json!("full")));
+    assert_rejected(&job, "spec.adapter.lora", "need adapter.type: lora");
+}
+
+#[test]
+fn eval_split_out_of_range() {
+    let job = edit(valid_job(), "/spec/dataset/eval", None);
+    let job = edit(job, "/spec/dataset/evalSplit", Some(json!(0.7)));
+    assert_rejected(&job, "spec.dataset.evalSplit", "must be in (0, 0.5]");
+}
+
+#[test]
+fn eval_file_and_split_together() {
+    let job = edit(valid_job(), "/spec/dataset/evalSplit", Some(json!(0.1)));
+    assert_rejected(&job, "spec.dataset.evalSplit", "either dataset.eval or dataset.evalSplit");
+}
+
+#[test]
+fn early_stopping_without_eval_data() {
+    let job = edit(valid_job(), "/spec/dataset/eval", None);
+    assert_rejected(&job, "spec.evaluation.earlyStopping", "needs eval data");
+}
+
+#[test]
+fn model_uri_scheme_is_checked() {
+    let job = edit(valid_job(), "/spec/baseModel/uri", Some(json!("s3://bucket/model.gguf")));
+    assert_rejected(&job, "spec.baseModel.uri", "pvc://CLAIM/PATH, file:///PATH or hf://ORG/NAME");
+}
+
+#[test]
+fn token_secret_only_for_hub_models() {
+    let job = edit(valid_job(), "/spec/baseModel/tokenSecretRef", Some(json!({"name": "hf"})));
+    assert_rejected(&job, "spec.baseModel.tokenSecretRef", "only used with hf://");
+}
+
+#[test]
+fn l2_guard_only_for_full_fine_tuning() {
+    let job = edit(valid_job(), "/spec/forgettingGuard/l2ToInit", Some(json!({"weight": 0.1})));
+    assert_rejected(&job, "spec.forgettingGuard.l2ToInit", "with LoRA use selfDistillation");
+}
+
+#[test]
+fn missing_required_section() {
+    let job = edit(valid_job(), "/spec/dataset", None);
+    assert_rejected(&job, "spec.dataset", "Required value");
+}
+
+#[test]
+fn existing_claim_excludes_size() {
+    let job = edit(valid_job(), "/spec/storage", Some(json!({"claimName": "ckpt", "size": "10Gi"})));
+    assert_rejected(&job, "spec.storage.claimName", "uses an existing claim");
+}
+
+#[test]
+fn adapter_name_must_be_a_dns_label() {
+    let job = edit(valid_job(), "/spec/output/adapterName", Some(json!("My_Adapter")));
+    assert_rejected(&job, "spec.output.adapterName", "lowercase DNS label");
+}
+
+#[test]
+fn wrong_api_version() {
+    let job = edit(valid_job(), "/apiVersion", Some(json!("finetune.dev/v1")));
+    assert_rejected(&job, "apiVersion", "must be finetune.dev/v1alpha1");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let job = edit(valid_job(), "/spec/adapter/lora/rank", Some(json!(0)));
+    let job = edit(job, "/spec/hyperparameters/batchSize", Some(json!(-1)));
+    let yaml = serde_yaml::to_string(&job).unwrap();
+    let error = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap_err();
+    let fields: Vec<&str> = error.errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["spec.adapter.lora.rank", "spec.hyperparameters.batchSize"]);
+}
+
+#[test]
+fn yaml_syntax_errors_name_the_line() {
+    let error = parse_manifest::<FinetuneJob>("apiVersion: finetune.dev/v1alpha1\nkind: [FinetuneJob\n", "job.yaml")
+        .unwrap_err();
+    assert!(error.to_string().contains("line"), "{error}");
+}
+
+#[test]
+fn defaults_are_filled_in_like_the_apiserver() {
+    let job = edit(valid_job(), "/spec/adapter", Some(json!({"type": "lora", "lora": {}})));
+    let job = edit(job, "/spec/checkpoint", None);
+    let yaml = serde_yaml::to_string(&job).unwrap();
+    let job = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap();
+    let lora = job.spec.adapter.lora.unwrap();
+    assert_eq!((lora.rank, lora.alpha, lora.target_modules.len()), (16, 32.0, 7));
+    assert_eq!(job.spec.checkpoint.keep_last, 3);
+}
+
+#[test]
+fn started_jobs_keep_their_dataset() {
+    let old = edit(valid_job(), "/status/startTime", Some(json!("2026-11-26T10:00:00Z")));
+    let changed = edit(old.clone(), "/spec/dataset/format", Some(json!("instruction")));
+    let error = validate::check_update::<FinetuneJob>(&changed, &old).unwrap_err();
+    assert!(error.iter().any(|e| e.field == "spec.dataset" && e.message.contains("cannot change once the job has started")), "{error:?}");
+
+    let not_started = edit(valid_job(), "/spec/dataset/format", Some(json!("instruction")));
+    assert!(validate::check_update::<FinetuneJob>(&not_started, &valid_job()).is_ok());
+}

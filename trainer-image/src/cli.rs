@@ -1,0 +1,301 @@
+//! Command-line interface. `generate` and `eval` are the user-facing commands; `logits`,
+//! `tokenize`, `render-chat` and `bench-forward` are developer commands used by the parity tests in
+//! `tests/reference/` and by `make bench-forward`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::eval::{DataFormat, evaluate, load_examples};
+use crate::generate::{Sampling, generate};
+use crate::load::{LoadedModel, ModelSource, pick_device};
+
+#[derive(Debug, Parser)]
+#[command(name = "finetune-trainer", version, about = "Llama-family causal LM trainer (tch/libtorch)")]
+pub struct Cli {
+    /// Where to run: `auto` (CUDA in bfloat16 if present, else CPU in float32), `cpu` or `cuda`.
+    #[arg(long, global = true, default_value = "auto")]
+    pub device: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a completion for a prompt (greedy unless --temperature is given; stops at EOS).
+    Generate(GenerateArgs),
+    /// Mean token loss, perplexity and token count of a model on a JSONL data set, as one JSON object.
+    Eval(EvalArgs),
+    /// [developer] Write the logits of one sequence to a safetensors file (key `logits`, [1, seq, vocab]).
+    Logits(LogitsArgs),
+    /// [developer] Print token ids as JSON for a string or a JSON array of strings.
+    Tokenize(TokenizeArgs),
+    /// [developer] Render conversations with the model's chat template; prints a JSON array of strings.
+    RenderChat(RenderArgs),
+    /// [developer] Time a forward pass over random tokens; prints JSON with tokens/s.
+    BenchForward(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A .gguf file or a Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// LoRA adapter directory. Not supported yet: adapters arrive with the SFT trainer, and giving
+    /// this flag is an error until then.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user turn with the model's chat template (and the generation prompt).
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sample with this temperature instead of greedy decoding.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass (only with --temperature).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed for sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Print `{"ids": [...], "text": ...}` instead of the bare text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSONL data set.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Line format; see the crate's `eval` module for exactly which tokens are scored.
+    #[arg(long, value_enum)]
+    pub format: DataFormat,
+    /// Truncate each example to this many tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, conflicts_with = "prompt")]
+    pub ids: Option<String>,
+    /// Text to tokenize (with the tokenizer's special tokens).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, conflicts_with = "input")]
+    pub text: Option<String>,
+    /// JSON file holding an array of strings; prints an array of id arrays.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    #[arg(long)]
+    pub add_special_tokens: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON file: an array of `{"messages": [...], "add_generation_prompt": bool}`.
+    #[arg(long)]
+    pub input: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 512)]
+    pub seq: i64,
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+}
+
+fn load(args: &ModelArgs, device: &str) -> Result<LoadedModel> {
+    if args.adapter.is_some() {
+        return Err(Error::Usage(
+            "--adapter is not supported yet: adapters arrive with the SFT trainer".into(),
+        ));
+    }
+    let (device, kind) = pick_device(device)?;
+    ModelSource::open(&args.model)?.load(kind, device)
+}
+
+fn read_json(path: &std::path::Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
+}
+
+/// Runs one command, writing its result to stdout.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => {
+            let m = load(&a.model, &cli.device)?;
+            let prompt_ids = if a.chat {
+                let t = m.chat_template.as_ref().ok_or_else(|| {
+                    Error::Usage("--chat: the model has no chat template".into())
+                })?;
+                let text = t.render(&json!([{"role": "user", "content": a.prompt}]), true)?;
+                m.tokenizer.encode(&text, false)?
+            } else {
+                m.tokenizer.encode(&a.prompt, true)?
+            };
+            let sampling = Sampling {
+                temperature: a.temperature,
+                top_p: a.top_p,
+                seed: a.seed,
+            };
+            let ids = generate(&m.model, &prompt_ids, a.max_new_tokens, &m.eos_ids, &sampling);
+            let text = m.tokenizer.decode(&ids, true)?;
+            if a.json {
+                println!("{}", json!({"prompt_ids": prompt_ids, "ids": ids, "text": text}));
+            } else {
+                println!("{text}");
+            }
+        }
+        Command::Eval(a) => {
+            let m = load(&a.model, &cli.device)?;
+            let max_length = a
+                .max_length
+                .unwrap_or(m.model.config.max_position_embeddings as usize);
+            let examples = load_examples(&a.data, a.format, &m.tokenizer, m.chat_template.as_ref(), max_length)?;
+            let report = evaluate(&m.model, &examples);
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        }
+        Command::Logits(a) => {
+            let m = load(&a.model, &cli.device)?;
+            let ids: Vec<i64> = match (&a.ids, &a.prompt) {
+                (Some(s), _) => s
+                    .split(',')
+                    .map(|x| x.trim().parse::<i64>())
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|e| Error::Usage(format!("--ids: {e}")))?,
+                (None, Some(p)) => m.tokenizer.encode(p, true)?,
+                (None, None) => return Err(Error::Usage("give --ids or --prompt".into())),
+            };
+            if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= m.model.config.vocab_size) {
+                return Err(Error::Usage(format!("--ids: {bad} is outside the vocabulary")));
+            }
+            let input = Tensor::from_slice(&ids).to_device(m.model.device).unsqueeze(0);
+            let logits = tch::no_grad(|| m.model.forward(&input, None, None))
+                .to_kind(Kind::Float)
+                .to_device(tch::Device::Cpu);
+            Tensor::write_safetensors(&[("logits", &logits), ("input_ids", &input.to_device(tch::Device::Cpu))], &a.out)?;
+            println!("{}", json!({"ids": ids, "out": a.out}));
+        }
+        Command::Tokenize(a) => {
+            let tok = ModelSource::open(&a.model)?.tokenizer()?;
+            match (&a.text, &a.input) {
+                (Some(t), _) => println!("{}", json!(tok.encode(t, a.add_special_tokens)?)),
+                (None, Some(p)) => {
+                    let v = read_json(p)?;
+                    let texts = v
+                        .as_array()
+                        .ok_or_else(|| Error::format(p, "expected a JSON array of strings"))?;
+                    let mut out = Vec::new();
+                    for t in texts {
+                        let s = t.as_str().ok_or_else(|| Error::format(p, "expected a JSON array of strings"))?;
+                        out.push(tok.encode(s, a.add_special_tokens)?);
+                    }
+                    println!("{}", json!(out));
+                }
+                (None, None) => return Err(Error::Usage("give --text or --input".into())),
+            }
+        }
+        Command::RenderChat(a) => {
+            let src = ModelSource::open(&a.model)?;
+            let tok = src.tokenizer()?;
+            let t = src
+                .chat_template(&tok)?
+                .ok_or_else(|| Error::Usage("the model has no chat template".into()))?;
+            let v = read_json(&a.input)?;
+            let items = v
+                .as_array()
+                .ok_or_else(|| Error::format(&a.input, "expected a JSON array"))?;
+            let mut out = Vec::new();
+            for item in items {
+                let messages = item.get("messages").cloned().unwrap_or(Value::Null);
+                let agp = item
+                    .get("add_generation_prompt")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                out.push(t.render(&messages, agp)?);
+            }
+            println!("{}", json!(out));
+        }
+        Command::BenchForward(a) => {
+            let m = load(
+                &ModelArgs {
+                    model: a.model.clone(),
+                    adapter: None,
+                },
+                &cli.device,
+            )?;
+            let _guard = tch::no_grad_guard();
+            tch::manual_seed(0);
+            let input = Tensor::randint(
+                m.model.config.vocab_size,
+                [a.batch, a.seq],
+                (Kind::Int64, m.model.device),
+            );
+            let sync = || {
+                if let tch::Device::Cuda(i) = m.model.device {
+                    tch::Cuda::synchronize(i as i64);
+                }
+            };
+            for _ in 0..a.warmup {
+                let _ = m.model.forward(&input, None, None);
+            }
+            sync();
+            let start = Instant::now();
+            for _ in 0..a.iters {
+                let _ = m.model.forward(&input, None, None);
+            }
+            sync();
+            let secs = start.elapsed().as_secs_f64() / a.iters.max(1) as f64;
+            println!(
+                "{}",
+                json!({
+                    "impl": "finetune-trainer (tch)",
+                    "batch": a.batch, "seq": a.seq, "iters": a.iters,
+                    "seconds_per_forward": secs,
+                    "tokens_per_s": (a.batch * a.seq) as f64 / secs,
+                    "device": format!("{:?}", m.model.device),
+                    "dtype": format!("{:?}", m.model.kind),
+                    "threads": tch::get_num_threads(),
+                })
+            );
+        }
+    }
+    Ok(())
+}

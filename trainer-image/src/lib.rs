@@ -1,0 +1,18 @@
+//! The trainer image's library: a Llama-family causal LM on tch/libtorch, its loaders (Hugging Face
+//! safetensors, GGUF), tokenizer and chat templates, and the `generate`/`eval` commands built on them.
+//!
+//! Layout, one job per module:
+//! * [`model`] — config, rotary embeddings, attention, the decoder stack.
+//! * [`load`] — safetensors and GGUF readers producing a name → tensor map.
+//! * [`text`] — tokenizer (incl. rebuilding one from GGUF metadata) and chat templates.
+//! * [`eval`], [`generate`] — the two inference workloads; [`cli`] — argument parsing and dispatch.
+
+pub mod cli;
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod load;
+pub mod model;
+pub mod text;
+
+pub use error::{Error, Result};

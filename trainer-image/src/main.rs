@@ -1,0 +1,21 @@
+//! `finetune-trainer`: the trainer image's entry point. Errors caused by the input (files, flags,
+//! data) exit with status 2 and a one-line message naming the file; nothing prints a backtrace.
+
+use finetune_trainer::cli;
+use clap::Parser;
+
+fn main() {
+    // A panic is a bug, not bad input: report it in one line, without a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("internal error: {info}");
+    }));
+    let cli = cli::Cli::parse();
+    match std::panic::catch_unwind(|| cli::run(cli)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            std::process::exit(e.exit_code());
+        }
+        Err(_) => std::process::exit(101),
+    }
+}

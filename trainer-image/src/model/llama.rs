@@ -1,0 +1,230 @@
+//! The decoder-only transformer: embeddings → N × (RMSNorm → attention → residual → RMSNorm →
+//! SwiGLU MLP → residual) → RMSNorm → LM head. Parameters keep their Hugging Face names so they can
+//! be saved, loaded and (later) wrapped by adapters by name.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::model::attention::{Attention, KvCache, build_mask};
+use crate::model::config::ModelConfig;
+use crate::model::linear::Linear;
+use crate::model::rope::Rope;
+use crate::model::weights::WeightMap;
+
+/// Root-mean-square norm, computed in float32 whatever the model dtype (as transformers does).
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let h = x.to_kind(Kind::Float);
+        let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let h = h * (var + self.eps).rsqrt();
+        &self.weight * h.to_kind(kind)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj
+            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+#[derive(Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// A Llama-family causal language model with its weights on one device.
+#[derive(Debug)]
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the input embeddings are tied to the output projection.
+    pub lm_head: Option<Linear>,
+    rope: Rope,
+    pub kind: Kind,
+    pub device: Device,
+}
+
+impl CausalLm {
+    /// Builds the model by taking every tensor from `weights` (already in `kind` on `device`).
+    /// `source` names the checkpoint in error messages.
+    pub fn from_weights(
+        config: ModelConfig,
+        mut weights: WeightMap,
+        source: &Path,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let w = &mut weights;
+        let linear = |w: &mut WeightMap, name: &str, out: i64, inp: i64, bias: bool| -> Result<Linear> {
+            let weight = w.take(&format!("{name}.weight"), &[out, inp], source)?;
+            let bias = if bias {
+                Some(w.take(&format!("{name}.bias"), &[out], source)?)
+            } else {
+                w.take_optional(&format!("{name}.bias"), &[out], source)?
+            };
+            Ok(Linear { weight, bias })
+        };
+        let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, h], source)?;
+        let mut layers = Vec::with_capacity(c.num_layers as usize);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm {
+                    weight: w.take(&format!("{p}.input_layernorm.weight"), &[h], source)?,
+                    eps: c.rms_norm_eps,
+                },
+                self_attn: Attention {
+                    q_proj: linear(w, &format!("{a}.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
+                    k_proj: linear(w, &format!("{a}.k_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                    v_proj: linear(w, &format!("{a}.v_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                    o_proj: linear(w, &format!("{a}.o_proj"), h, c.num_heads * hd, c.o_bias)?,
+                    num_heads: c.num_heads,
+                    num_kv_heads: c.num_kv_heads,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: RmsNorm {
+                    weight: w.take(&format!("{p}.post_attention_layernorm.weight"), &[h], source)?,
+                    eps: c.rms_norm_eps,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(w, &format!("{m}.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                    up_proj: linear(w, &format!("{m}.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                    down_proj: linear(w, &format!("{m}.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                },
+            });
+        }
+        let norm = RmsNorm {
+            weight: w.take("model.norm.weight", &[h], source)?,
+            eps: c.rms_norm_eps,
+        };
+        let lm_head = if c.tie_word_embeddings {
+            // A tied checkpoint may still carry a copy of the head; transformers ignores it too.
+            let _ = w.take_optional("lm_head.weight", &[c.vocab_size, h], source)?;
+            None
+        } else {
+            Some(linear(w, "lm_head", c.vocab_size, h, false)?)
+        };
+        let leftover: Vec<&str> = w
+            .remaining()
+            .into_iter()
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        if !leftover.is_empty() {
+            eprintln!(
+                "warning: {}: {} unused tensors (first: {})",
+                source.display(),
+                leftover.len(),
+                leftover[0]
+            );
+        }
+        let rope = Rope::new(
+            c.rope_scaling.clone(),
+            c.rope_theta,
+            hd,
+            c.max_position_embeddings,
+            device,
+        );
+        Ok(CausalLm {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            kind,
+            device,
+        })
+    }
+
+    /// Logits `[batch, seq, vocab]` for `input_ids` `[batch, seq]`.
+    ///
+    /// `padding` is `[batch, past + seq]` with 1 for real tokens (None = all real). With a `cache`,
+    /// positions continue after the cached ones and the new keys/values are appended to it.
+    pub fn forward(&self, input_ids: &Tensor, padding: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Tensor {
+        let (b, s) = input_ids.size2().expect("input_ids is [batch, seq]");
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let positions = Tensor::arange_start(past, past + s, (Kind::Int64, self.device))
+            .unsqueeze(0)
+            .expand([b, s], false);
+        let (cos, sin) = self.rope.cos_sin(&positions, self.kind);
+        // Plain causal attention lets SDPA pick its fused causal kernel; anything else needs a mask.
+        let mask = if padding.is_none() && past == 0 {
+            None
+        } else {
+            Some(build_mask(padding, b, past, s, self.device))
+        };
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&x),
+                &cos,
+                &sin,
+                mask.as_ref(),
+                slot,
+            );
+            x = x + h;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
+            x = x + h;
+        }
+        let x = self.norm.forward(&x);
+        match &self.lm_head {
+            Some(head) => head.forward(&x),
+            None => x.linear::<Tensor>(&self.embed_tokens, None),
+        }
+    }
+
+    /// Every parameter under its Hugging Face name (tied head omitted, as `save_pretrained` does).
+    pub fn named_parameters(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), &l.input_layernorm.weight));
+            let a = &l.self_attn;
+            for (n, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+                for (suffix, t) in lin.named_parameters() {
+                    out.push((format!("{p}.self_attn.{n}.{suffix}"), t));
+                }
+            }
+            out.push((format!("{p}.post_attention_layernorm.weight"), &l.post_attention_layernorm.weight));
+            let m = &l.mlp;
+            for (n, lin) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
+                for (suffix, t) in lin.named_parameters() {
+                    out.push((format!("{p}.mlp.{n}.{suffix}"), t));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), &self.norm.weight));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), &head.weight));
+        }
+        out
+    }
+}

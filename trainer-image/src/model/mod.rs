@@ -1,0 +1,12 @@
+//! The Llama-family causal LM: configuration, rotary embeddings, attention and the decoder stack.
+
+pub mod attention;
+pub mod config;
+pub mod linear;
+pub mod llama;
+pub mod rope;
+pub mod weights;
+
+pub use attention::KvCache;
+pub use config::{Architecture, ModelConfig};
+pub use llama::CausalLm;

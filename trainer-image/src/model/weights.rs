@@ -1,0 +1,60 @@
+//! A checkpoint's tensors by Hugging Face name, as the loaders produce them and the model consumes
+//! them. Taking a tensor checks its shape against the config, so a mismatched checkpoint fails at
+//! load time with the file and tensor named instead of deep inside a matmul.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Default)]
+pub struct WeightMap {
+    tensors: BTreeMap<String, (Tensor, PathBuf)>,
+}
+
+impl WeightMap {
+    pub fn insert(&mut self, name: String, tensor: Tensor, file: &Path) {
+        self.tensors.insert(name, (tensor, file.to_path_buf()));
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Removes and returns `name`, which must have exactly `shape`. `checkpoint` names the source in
+    /// the error when the tensor is missing altogether.
+    pub fn take(&mut self, name: &str, shape: &[i64], checkpoint: &Path) -> Result<Tensor> {
+        let (t, file) = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| Error::tensor(checkpoint, name, "missing from the checkpoint"))?;
+        if t.size() != shape {
+            return Err(Error::tensor(
+                &file,
+                name,
+                format!("shape mismatch: checkpoint has {:?}, config expects {shape:?}", t.size()),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Like [`take`](Self::take) but `None` when absent (optional biases, untied heads).
+    pub fn take_optional(&mut self, name: &str, shape: &[i64], checkpoint: &Path) -> Result<Option<Tensor>> {
+        if self.contains(name) { self.take(name, shape, checkpoint).map(Some) } else { Ok(None) }
+    }
+
+    /// Names nobody took: reported as a warning, since extra tensors are harmless but suspicious.
+    pub fn remaining(&self) -> Vec<&str> {
+        self.tensors.keys().map(String::as_str).collect()
+    }
+}

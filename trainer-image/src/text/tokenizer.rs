@@ -1,0 +1,284 @@
+//! The tokenizer: Hugging Face `tokenizer.json` for model directories, and for GGUF files a
+//! byte-level BPE rebuilt from the `tokenizer.ggml.*` vocabulary and merges — the same
+//! `tokenizer.json` structure transformers' `integrations/gguf/gguf_tokenizer_mapping.py` builds,
+//! so both tokenize identically.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::load::gguf::{GgufFile, MetaValue};
+
+/// A tokenizer plus the special-token strings chat templates and generation need.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub unk_token: Option<String>,
+    pub pad_token: Option<String>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.inner.get_vocab_size(true))
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish()
+    }
+}
+
+/// A special token in `tokenizer_config.json`: either a string or an `AddedToken` object.
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// `tokenizer.json` and (optional) `tokenizer_config.json` of a Hugging Face model directory.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::io(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
+            ));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::format(&path, format!("invalid tokenizer: {e}")))?;
+        let config = read_tokenizer_config(dir)?;
+        let get = |k: &str| token_string(config.as_ref().and_then(|c| c.get(k)));
+        Ok(TextTokenizer {
+            inner,
+            bos_token: get("bos_token"),
+            eos_token: get("eos_token"),
+            unk_token: get("unk_token"),
+            pad_token: get("pad_token"),
+        })
+    }
+
+    /// Rebuilds the tokenizer a GGUF file describes (`tokenizer.ggml.model == "gpt2"`, byte-level BPE).
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let path = &gguf.path;
+        let model = gguf
+            .get("tokenizer.ggml.model")
+            .and_then(MetaValue::as_str)
+            .ok_or_else(|| Error::format(path, "no tokenizer.ggml.model in GGUF metadata"))?;
+        if model != "gpt2" {
+            return Err(Error::unsupported(
+                path,
+                format!("GGUF tokenizer `{model}` (only byte-level BPE `gpt2` is rebuilt so far)"),
+            ));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            gguf.get(key)
+                .and_then(MetaValue::as_array)
+                .ok_or_else(|| Error::format(path, format!("no `{key}` array in GGUF metadata")))?
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| Error::format(path, format!("`{key}` holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i64> = gguf
+            .get("tokenizer.ggml.token_type")
+            .and_then(MetaValue::as_array)
+            .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let pre = gguf.get("tokenizer.ggml.pre").and_then(MetaValue::as_str);
+        let special = |key: &str| {
+            gguf.get(key)
+                .and_then(MetaValue::as_u64)
+                .and_then(|id| tokens.get(id as usize).cloned())
+        };
+        let bos_token = special("tokenizer.ggml.bos_token_id");
+        let add_bos = gguf
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(MetaValue::as_bool)
+            .unwrap_or(false);
+        let json = byte_level_json(&tokens, &merges, &types, pre, add_bos.then_some(()).and(bos_token.as_deref()).map(|b| (b, tokens.iter().position(|t| t == b).unwrap_or(0))));
+        let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
+            .map_err(|e| Error::format(path, format!("cannot build tokenizer from GGUF vocabulary: {e}")))?;
+        Ok(TextTokenizer {
+            inner,
+            bos_token,
+            eos_token: special("tokenizer.ggml.eos_token_id"),
+            unk_token: special("tokenizer.ggml.unknown_token_id"),
+            pad_token: special("tokenizer.ggml.padding_token_id"),
+        })
+    }
+
+    /// Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. a BOS).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
+        Ok(self.encode_with_offsets(text, add_special_tokens)?.0)
+    }
+
+    /// Ids plus each token's byte range in `text`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok((
+            enc.get_ids().iter().map(|&i| i as i64).collect(),
+            enc.get_offsets().to_vec(),
+        ))
+    }
+
+    pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.inner
+            .decode(&ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+}
+
+/// `tokenizer_config.json` if the directory has one.
+pub fn read_tokenizer_config(dir: &Path) -> Result<Option<Value>> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))
+}
+
+/// GPT-2's reversible byte → printable-character table (`bytes_to_unicode`).
+pub fn bytes_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut n = 0;
+    for b in 0..256u32 {
+        table[b as usize] = if printable(b) {
+            char::from_u32(b).unwrap_or('\0')
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap_or('\0')
+        };
+    }
+    table
+}
+
+/// Pre-tokenizer split patterns for `tokenizer.ggml.pre` values that are not GPT-2's default
+/// (`GGUF_PRE_TOKENIZER_SPLITS` in transformers).
+fn split_pattern(pre: &str) -> Option<&'static str> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Some(match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2,
+        _ => return None,
+    })
+}
+
+/// The `tokenizer.json` document for a byte-level BPE vocabulary.
+fn byte_level_json(
+    tokens: &[String],
+    merges: &[String],
+    types: &[i64],
+    pre: Option<&str>,
+    bos: Option<(&str, usize)>,
+) -> Value {
+    let table = bytes_to_unicode();
+    let alphabet: std::collections::HashSet<char> = table.iter().copied().collect();
+    let spelled = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        let key = if spelled(t) {
+            t.clone()
+        } else {
+            t.bytes().map(|b| table[b as usize]).collect()
+        };
+        vocab.insert(key, json!(i));
+    }
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|m| {
+            let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+            json!([a, b])
+        })
+        .collect();
+    // 3 = CONTROL → special; 4 = USER_DEFINED → added but not special. Control tokens spelled outside
+    // the byte alphabet are llama.cpp mislabels and skipped, as transformers does.
+    let mut added = Vec::new();
+    for (i, (t, &ty)) in tokens.iter().zip(types).enumerate() {
+        let special = match ty {
+            3 if spelled(t) => true,
+            4 => false,
+            _ => continue,
+        };
+        added.push(json!({
+            "id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": special
+        }));
+    }
+    let byte_level = |use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+    };
+    let pre_tokenizer = match pre.and_then(split_pattern) {
+        Some(pattern) => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+            byte_level(false)
+        ]}),
+        None => byte_level(true),
+    };
+    let (single, special_tokens) = match bos {
+        Some((b, id)) => (
+            json!([{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]),
+            json!({ b: {"id": b, "ids": [id], "tokens": [b]} }),
+        ),
+        None => (json!([{"Sequence": {"id": "A", "type_id": 0}}]), json!({})),
+    };
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": single,
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": special_tokens
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_table_matches_gpt2() {
+        let t = bytes_to_unicode();
+        assert_eq!(t[b' ' as usize], 'Ġ');
+        assert_eq!(t[b'\n' as usize], 'Ċ');
+        assert_eq!(t[b'a' as usize], 'a');
+    }
+}
