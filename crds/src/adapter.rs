@@ -12,6 +12,8 @@ use crate::model::BaseModel;
 use crate::training::Hyperparameters;
 
 /// A LoRA adapter (or fully tuned model) that a FinetuneJob produced or a user registered.
+// printcolumn(...) repeats the same keys on purpose; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "finetune.dev",
@@ -26,8 +28,16 @@ use crate::training::Hyperparameters;
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Base", type_ = "string", json_path = ".spec.baseModel.uri"),
     printcolumn(name = "Job", type_ = "string", json_path = ".spec.source.fromJob"),
-    printcolumn(name = "Eval-Loss", type_ = "number", json_path = ".status.lineage.metrics.evalLoss"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Eval-Loss",
+        type_ = "number",
+        json_path = ".status.lineage.metrics.evalLoss"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AdapterSpec {

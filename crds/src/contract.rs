@@ -177,7 +177,9 @@ impl TerminationMessage {
             }
             if let Some(error) = message.error.as_mut().filter(|e| e.message.len() > 256) {
                 let keep = error.message.len() / 2;
-                let cut = (0..=keep).rev().find(|&i| error.message.is_char_boundary(i));
+                let cut = (0..=keep)
+                    .rev()
+                    .find(|&i| error.message.is_char_boundary(i));
                 error.message.truncate(cut.unwrap_or(0));
                 error.message.push('…');
             } else if let Some(adapter) = message.adapter.as_mut().filter(|a| !a.files.is_empty()) {
@@ -254,17 +256,32 @@ mod tests {
     #[test]
     fn termination_message_stays_within_the_kubelet_limit() {
         let files = (0..200)
-            .map(|i| FileDigest { name: format!("shard-{i:05}.safetensors"), sha256: "a".repeat(64), size: i })
+            .map(|i| FileDigest {
+                name: format!("shard-{i:05}.safetensors"),
+                sha256: "a".repeat(64),
+                size: i,
+            })
             .collect();
         let message = TerminationMessage {
             step: Some(1200),
             checkpoint_step: Some(1200),
-            adapter: Some(ProducedAdapter { path: "/var/lib/finetune/out".into(), files }),
-            error: Some(TrainerError { code: "x".into(), message: "é".repeat(5000), param: None }),
+            adapter: Some(ProducedAdapter {
+                path: "/var/lib/finetune/out".into(),
+                files,
+            }),
+            error: Some(TrainerError {
+                code: "x".into(),
+                message: "é".repeat(5000),
+                param: None,
+            }),
             ..Default::default()
         };
         let json = message.to_bounded_json();
-        assert!(json.len() <= TERMINATION_MESSAGE_LIMIT, "{} bytes", json.len());
+        assert!(
+            json.len() <= TERMINATION_MESSAGE_LIMIT,
+            "{} bytes",
+            json.len()
+        );
         let back: TerminationMessage = serde_json::from_str(&json).unwrap();
         assert_eq!(back.checkpoint_step, Some(1200));
         assert!(!back.adapter.unwrap().files.is_empty());

@@ -14,6 +14,8 @@ use crate::training::{
 };
 
 /// A fine-tuning run: which base model learns from which data, how, and where the result goes.
+// printcolumn(...) repeats the same keys on purpose; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "finetune.dev",

@@ -33,20 +33,24 @@ pub(crate) fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<
             return;
         }
     }
-    if let Some(expected) = schema.get("type").and_then(Value::as_str) {
-        if !has_type(value, expected) {
-            errors.push(invalid(path, value, &format!("must be of type {expected}")));
-            return;
-        }
+    if let Some(expected) = schema.get("type").and_then(Value::as_str)
+        && !has_type(value, expected)
+    {
+        errors.push(invalid(path, value, &format!("must be of type {expected}")));
+        return;
     }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-        if !allowed.contains(value) {
-            let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
-            errors.push(FieldError::new(
-                path,
-                format!("Unsupported value: {}: supported values: {}", value, list.join(", ")),
-            ));
-        }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(value)
+    {
+        let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
+        errors.push(FieldError::new(
+            path,
+            format!(
+                "Unsupported value: {}: supported values: {}",
+                value,
+                list.join(", ")
+            ),
+        ));
     }
     match value {
         Value::Object(object) => check_object(schema, object, path, errors),
@@ -69,10 +73,16 @@ fn has_type(value: &Value, expected: &str) -> bool {
     }
 }
 
-fn check_object(schema: &Value, object: &Map<String, Value>, path: &str, errors: &mut Vec<FieldError>) {
+fn check_object(
+    schema: &Value,
+    object: &Map<String, Value>,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
     let properties = schema.get("properties").and_then(Value::as_object);
     let additional = schema.get("additionalProperties").filter(|a| a.is_object());
-    let preserve_unknown = schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+    let preserve_unknown =
+        schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
     if let Some(required) = schema.get("required").and_then(Value::as_array) {
         for name in required.iter().filter_map(Value::as_str) {
             if object.get(name).is_none_or(Value::is_null) {
@@ -102,15 +112,21 @@ fn is_implicit_root_field(path: &str, name: &str) -> bool {
 }
 
 fn check_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<FieldError>) {
-    if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
-        if items.len() as u64 > max {
-            errors.push(FieldError::new(path, format!("Too many: {}: must have at most {max} items", items.len())));
-        }
+    if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+        && items.len() as u64 > max
+    {
+        errors.push(FieldError::new(
+            path,
+            format!("Too many: {}: must have at most {max} items", items.len()),
+        ));
     }
-    if let Some(min) = schema.get("minItems").and_then(Value::as_u64) {
-        if (items.len() as u64) < min {
-            errors.push(FieldError::new(path, format!("Required value: must have at least {min} items")));
-        }
+    if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+        && (items.len() as u64) < min
+    {
+        errors.push(FieldError::new(
+            path,
+            format!("Required value: must have at least {min} items"),
+        ));
     }
     if let Some(item_schema) = schema.get("items") {
         for (index, item) in items.iter().enumerate() {
@@ -121,15 +137,22 @@ fn check_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<Fie
 
 fn check_string(schema: &Value, text: &str, path: &str, errors: &mut Vec<FieldError>) {
     let length = text.chars().count() as u64;
-    if let Some(max) = schema.get("maxLength").and_then(Value::as_u64) {
-        if length > max {
-            errors.push(FieldError::new(path, format!("Too long: may not be more than {max} characters")));
-        }
+    if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
+        && length > max
+    {
+        errors.push(FieldError::new(
+            path,
+            format!("Too long: may not be more than {max} characters"),
+        ));
     }
-    if let Some(min) = schema.get("minLength").and_then(Value::as_u64) {
-        if length < min {
-            errors.push(invalid(path, &Value::String(text.into()), &format!("must be at least {min} characters long")));
-        }
+    if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+        && length < min
+    {
+        errors.push(invalid(
+            path,
+            &Value::String(text.into()),
+            &format!("must be at least {min} characters long"),
+        ));
     }
 }
 
@@ -137,23 +160,33 @@ fn check_number(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Fiel
     let Some(number) = value.as_f64() else { return };
     let exclusive = |key: &str| schema.get(key) == Some(&Value::Bool(true));
     if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
-        if exclusive("exclusiveMinimum") && number <= min {
-            errors.push(invalid(path, value, &format!("must be greater than {}", show(min))));
+        let why = if exclusive("exclusiveMinimum") && number <= min {
+            Some(format!("must be greater than {}", show(min)))
         } else if number < min {
-            errors.push(invalid(path, value, &format!("must be greater than or equal to {}", show(min))));
-        }
+            Some(format!("must be greater than or equal to {}", show(min)))
+        } else {
+            None
+        };
+        errors.extend(why.map(|why| invalid(path, value, &why)));
     }
     if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
-        if exclusive("exclusiveMaximum") && number >= max {
-            errors.push(invalid(path, value, &format!("must be less than {}", show(max))));
+        let why = if exclusive("exclusiveMaximum") && number >= max {
+            Some(format!("must be less than {}", show(max)))
         } else if number > max {
-            errors.push(invalid(path, value, &format!("must be less than or equal to {}", show(max))));
-        }
+            Some(format!("must be less than or equal to {}", show(max)))
+        } else {
+            None
+        };
+        errors.extend(why.map(|why| invalid(path, value, &why)));
     }
 }
 
 fn show(bound: f64) -> String {
-    if bound.fract() == 0.0 && bound.abs() < 1e15 { format!("{}", bound as i64) } else { bound.to_string() }
+    if bound.fract() == 0.0 && bound.abs() < 1e15 {
+        format!("{}", bound as i64)
+    } else {
+        bound.to_string()
+    }
 }
 
 fn invalid(path: &str, value: &Value, why: &str) -> FieldError {
@@ -167,5 +200,9 @@ fn invalid(path: &str, value: &Value, why: &str) -> FieldError {
 }
 
 fn join(path: &str, name: &str) -> String {
-    if path.is_empty() { name.to_string() } else { format!("{path}.{name}") }
+    if path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{path}.{name}")
+    }
 }

@@ -102,7 +102,11 @@ pub struct AdapterSettings {
 
 impl Default for AdapterSettings {
     fn default() -> Self {
-        Self { kind: AdapterType::Lora, lora: None, init_adapter: None }
+        Self {
+            kind: AdapterType::Lora,
+            lora: None,
+            init_adapter: None,
+        }
     }
 }
 
@@ -152,9 +156,17 @@ fn default_lora_dropout() -> f64 {
     0.05
 }
 fn default_target_modules() -> Vec<String> {
-    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        .map(String::from)
-        .to_vec()
+    [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 impl Default for LoraSettings {
@@ -456,7 +468,10 @@ fn default_keep_last() -> i32 {
 
 impl Default for CheckpointPolicy {
     fn default() -> Self {
-        Self { every_steps: default_checkpoint_every(), keep_last: default_keep_last() }
+        Self {
+            every_steps: default_checkpoint_every(),
+            keep_last: default_keep_last(),
+        }
     }
 }
 

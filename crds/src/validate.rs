@@ -27,13 +27,20 @@ pub struct FieldError {
 
 impl FieldError {
     pub(crate) fn new(field: &str, message: String) -> Self {
-        Self { field: field.to_string(), message }
+        Self {
+            field: field.to_string(),
+            message,
+        }
     }
 }
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.field, self.message) }
+        if self.field.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
     }
 }
 
@@ -51,7 +58,10 @@ pub struct InvalidManifest {
 impl InvalidManifest {
     /// The first problem's field, for error reports that carry one `param`.
     pub fn first_field(&self) -> Option<&str> {
-        self.errors.first().map(|e| e.field.as_str()).filter(|f| !f.is_empty())
+        self.errors
+            .first()
+            .map(|e| e.field.as_str())
+            .filter(|f| !f.is_empty())
     }
 }
 
@@ -73,13 +83,24 @@ pub fn parse_manifest<K>(text: &str, source: &str) -> Result<K, InvalidManifest>
 where
     K: CustomResourceExt + Resource<DynamicType = ()> + DeserializeOwned,
 {
-    let fail = |errors| InvalidManifest { source: source.to_string(), kind: K::kind(&()).into_owned(), errors };
-    let document: Value = serde_yaml::from_str(text)
-        .map_err(|e| fail(vec![FieldError::new("", format!("not a YAML document: {e}"))]))?;
+    let fail = |errors| InvalidManifest {
+        source: source.to_string(),
+        kind: K::kind(&()).into_owned(),
+        errors,
+    };
+    let document: Value = serde_yaml::from_str(text).map_err(|e| {
+        fail(vec![FieldError::new(
+            "",
+            format!("not a YAML document: {e}"),
+        )])
+    })?;
     let document = check_document::<K>(&document).map_err(fail)?;
     serde_path_to_error::deserialize(document).map_err(|e| {
         let field = e.path().to_string();
-        fail(vec![FieldError::new(if field == "." { "" } else { &field }, e.into_inner().to_string())])
+        fail(vec![FieldError::new(
+            if field == "." { "" } else { &field },
+            e.into_inner().to_string(),
+        )])
     })
 }
 
@@ -104,15 +125,17 @@ where
     K: CustomResourceExt + Resource<DynamicType = ()> + Serialize,
 {
     let document = serde_json::to_value(object).expect("custom resources serialize to JSON");
-    check_document::<K>(&document).map(|_| ()).map_err(|errors| InvalidManifest {
-        source: format!(
-            "{}/{}",
-            object.meta().namespace.as_deref().unwrap_or_default(),
-            object.meta().name.as_deref().unwrap_or_default()
-        ),
-        kind: K::kind(&()).into_owned(),
-        errors,
-    })
+    check_document::<K>(&document)
+        .map(|_| ())
+        .map_err(|errors| InvalidManifest {
+            source: format!(
+                "{}/{}",
+                object.meta().namespace.as_deref().unwrap_or_default(),
+                object.meta().name.as_deref().unwrap_or_default()
+            ),
+            kind: K::kind(&()).into_owned(),
+            errors,
+        })
 }
 
 /// Runs the CEL transition rules (those using `oldSelf`, such as the immutable spec fields of a
@@ -124,12 +147,19 @@ where
     let schema = openapi_schema::<K>();
     let new = cel::apply_defaults(&schema, new);
     let old = cel::apply_defaults(&schema, old);
-    cel::Validator::new().validate(&schema, &new, Some(&old)).map_err(|failures| {
-        failures
-            .iter()
-            .map(|failure| FieldError::new(failure.field_path.trim_start_matches('.'), failure.message.clone()))
-            .collect()
-    })
+    cel::Validator::new()
+        .validate(&schema, &new, Some(&old))
+        .map_err(|failures| {
+            failures
+                .iter()
+                .map(|failure| {
+                    FieldError::new(
+                        failure.field_path.trim_start_matches('.'),
+                        failure.message.clone(),
+                    )
+                })
+                .collect()
+        })
 }
 
 /// Checks identity, schema and CEL rules; returns the document with schema defaults applied.
@@ -149,7 +179,10 @@ where
     }
     if let Err(failures) = cel::Validator::new().validate(&schema, &defaulted, None) {
         errors.extend(failures.iter().map(|failure| {
-            FieldError::new(failure.field_path.trim_start_matches('.'), failure.message.clone())
+            FieldError::new(
+                failure.field_path.trim_start_matches('.'),
+                failure.message.clone(),
+            )
         }));
         return Err(errors);
     }
@@ -162,12 +195,18 @@ where
 {
     let mut errors = Vec::new();
     if !document.is_object() {
-        return vec![FieldError::new("", "the manifest must be a YAML mapping".into())];
+        return vec![FieldError::new(
+            "",
+            "the manifest must be a YAML mapping".into(),
+        )];
     }
     let api_version = K::api_version(&());
     let kind = K::kind(&());
     if document.get("apiVersion").and_then(Value::as_str) != Some(api_version.as_ref()) {
-        errors.push(FieldError::new("apiVersion", format!("must be {api_version}")));
+        errors.push(FieldError::new(
+            "apiVersion",
+            format!("must be {api_version}"),
+        ));
     }
     if document.get("kind").and_then(Value::as_str) != Some(kind.as_ref()) {
         errors.push(FieldError::new("kind", format!("must be {kind}")));
@@ -182,6 +221,9 @@ where
 /// The `openAPIV3Schema` of the CRD generated for `K`.
 pub fn openapi_schema<K: CustomResourceExt>() -> Value {
     let crd = K::crd();
-    let schema = crd.spec.versions[0].schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref());
     serde_json::to_value(schema.expect("derived CRDs carry a schema")).expect("schemas serialize")
 }

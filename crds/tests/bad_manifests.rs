@@ -16,7 +16,11 @@ fn edit(mut job: Value, pointer: &str, value: Option<Value>) -> Value {
     let (parent, key) = pointer.rsplit_once('/').unwrap();
     let mut target = &mut job;
     for part in parent.split('/').skip(1) {
-        target = target.as_object_mut().unwrap().entry(part).or_insert_with(|| json!({}));
+        target = target
+            .as_object_mut()
+            .unwrap()
+            .entry(part)
+            .or_insert_with(|| json!({}));
     }
     let object = target.as_object_mut().unwrap();
     match value {
@@ -29,12 +33,21 @@ fn edit(mut job: Value, pointer: &str, value: Option<Value>) -> Value {
 /// Asserts the job is rejected with an error on `field` whose message contains `words`.
 fn assert_rejected(job: &Value, field: &str, words: &str) {
     let yaml = serde_yaml::to_string(job).unwrap();
-    let error = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").expect_err("the manifest must be rejected");
+    let error = parse_manifest::<FinetuneJob>(&yaml, "job.yaml")
+        .expect_err("the manifest must be rejected");
     assert!(
-        error.errors.iter().any(|e| e.field == field && e.message.contains(words)),
+        error
+            .errors
+            .iter()
+            .any(|e| e.field == field && e.message.contains(words)),
         "expected an error on {field} containing {words:?}, got:\n{error}"
     );
-    assert!(error.to_string().starts_with("job.yaml: invalid FinetuneJob:"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("job.yaml: invalid FinetuneJob:"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -46,26 +59,50 @@ fn the_base_job_is_valid() {
 
 #[test]
 fn unknown_field_is_named() {
-    let job = edit(valid_job(), "/spec/hyperparameters/learningRat", Some(json!(0.1)));
-    assert_rejected(&job, "spec.hyperparameters.learningRat", "Unsupported field");
+    let job = edit(
+        valid_job(),
+        "/spec/hyperparameters/learningRat",
+        Some(json!(0.1)),
+    );
+    assert_rejected(
+        &job,
+        "spec.hyperparameters.learningRat",
+        "Unsupported field",
+    );
 }
 
 #[test]
 fn wrong_type_is_named() {
-    let job = edit(valid_job(), "/spec/adapter/lora/rank", Some(json!("sixteen")));
+    let job = edit(
+        valid_job(),
+        "/spec/adapter/lora/rank",
+        Some(json!("sixteen")),
+    );
     assert_rejected(&job, "spec.adapter.lora.rank", "must be of type integer");
 }
 
 #[test]
 fn lora_rank_below_one() {
     let job = edit(valid_job(), "/spec/adapter/lora/rank", Some(json!(0)));
-    assert_rejected(&job, "spec.adapter.lora.rank", "must be greater than or equal to 1");
+    assert_rejected(
+        &job,
+        "spec.adapter.lora.rank",
+        "must be greater than or equal to 1",
+    );
 }
 
 #[test]
 fn learning_rate_must_be_positive() {
-    let job = edit(valid_job(), "/spec/hyperparameters/learningRate", Some(json!(0.0)));
-    assert_rejected(&job, "spec.hyperparameters.learningRate", "must be greater than 0");
+    let job = edit(
+        valid_job(),
+        "/spec/hyperparameters/learningRate",
+        Some(json!(0.0)),
+    );
+    assert_rejected(
+        &job,
+        "spec.hyperparameters.learningRate",
+        "must be greater than 0",
+    );
 }
 
 #[test]
@@ -77,13 +114,25 @@ fn dropout_must_be_below_one() {
 #[test]
 fn unknown_method_lists_the_supported_ones() {
     let job = edit(valid_job(), "/spec/method/type", Some(json!("ppo")));
-    assert_rejected(&job, "spec.method.type", "supported values: \"sft\", \"dpo\"");
+    assert_rejected(
+        &job,
+        "spec.method.type",
+        "supported values: \"sft\", \"dpo\"",
+    );
 }
 
 #[test]
 fn epochs_and_max_steps_together() {
-    let job = edit(valid_job(), "/spec/hyperparameters/maxSteps", Some(json!(100)));
-    assert_rejected(&job, "spec.hyperparameters", "set exactly one of hyperparameters.epochs or hyperparameters.maxSteps");
+    let job = edit(
+        valid_job(),
+        "/spec/hyperparameters/maxSteps",
+        Some(json!(100)),
+    );
+    assert_rejected(
+        &job,
+        "spec.hyperparameters",
+        "set exactly one of hyperparameters.epochs or hyperparameters.maxSteps",
+    );
 }
 
 #[test]
@@ -95,12 +144,20 @@ fn neither_epochs_nor_max_steps() {
 #[test]
 fn dpo_needs_preference_data() {
     let job = edit(valid_job(), "/spec/method", Some(json!({"type": "dpo"})));
-    assert_rejected(&job, "spec.dataset.format", "set dataset.format: preference");
+    assert_rejected(
+        &job,
+        "spec.dataset.format",
+        "set dataset.format: preference",
+    );
 }
 
 #[test]
 fn preference_data_needs_dpo() {
-    let job = edit(valid_job(), "/spec/dataset/format", Some(json!("preference")));
+    let job = edit(
+        valid_job(),
+        "/spec/dataset/format",
+        Some(json!("preference")),
+    );
     assert_rejected(&job, "spec.method.type", "only used by method.type: dpo");
 }
 
@@ -120,7 +177,11 @@ fn eval_split_out_of_range() {
 #[test]
 fn eval_file_and_split_together() {
     let job = edit(valid_job(), "/spec/dataset/evalSplit", Some(json!(0.1)));
-    assert_rejected(&job, "spec.dataset.evalSplit", "either dataset.eval or dataset.evalSplit");
+    assert_rejected(
+        &job,
+        "spec.dataset.evalSplit",
+        "either dataset.eval or dataset.evalSplit",
+    );
 }
 
 #[test]
@@ -131,20 +192,44 @@ fn early_stopping_without_eval_data() {
 
 #[test]
 fn model_uri_scheme_is_checked() {
-    let job = edit(valid_job(), "/spec/baseModel/uri", Some(json!("s3://bucket/model.gguf")));
-    assert_rejected(&job, "spec.baseModel.uri", "pvc://CLAIM/PATH, file:///PATH or hf://ORG/NAME");
+    let job = edit(
+        valid_job(),
+        "/spec/baseModel/uri",
+        Some(json!("s3://bucket/model.gguf")),
+    );
+    assert_rejected(
+        &job,
+        "spec.baseModel.uri",
+        "pvc://CLAIM/PATH, file:///PATH or hf://ORG/NAME",
+    );
 }
 
 #[test]
 fn token_secret_only_for_hub_models() {
-    let job = edit(valid_job(), "/spec/baseModel/tokenSecretRef", Some(json!({"name": "hf"})));
-    assert_rejected(&job, "spec.baseModel.tokenSecretRef", "only used with hf://");
+    let job = edit(
+        valid_job(),
+        "/spec/baseModel/tokenSecretRef",
+        Some(json!({"name": "hf"})),
+    );
+    assert_rejected(
+        &job,
+        "spec.baseModel.tokenSecretRef",
+        "only used with hf://",
+    );
 }
 
 #[test]
 fn l2_guard_only_for_full_fine_tuning() {
-    let job = edit(valid_job(), "/spec/forgettingGuard/l2ToInit", Some(json!({"weight": 0.1})));
-    assert_rejected(&job, "spec.forgettingGuard.l2ToInit", "with LoRA use selfDistillation");
+    let job = edit(
+        valid_job(),
+        "/spec/forgettingGuard/l2ToInit",
+        Some(json!({"weight": 0.1})),
+    );
+    assert_rejected(
+        &job,
+        "spec.forgettingGuard.l2ToInit",
+        "with LoRA use selfDistillation",
+    );
 }
 
 #[test]
@@ -155,13 +240,21 @@ fn missing_required_section() {
 
 #[test]
 fn existing_claim_excludes_size() {
-    let job = edit(valid_job(), "/spec/storage", Some(json!({"claimName": "ckpt", "size": "10Gi"})));
+    let job = edit(
+        valid_job(),
+        "/spec/storage",
+        Some(json!({"claimName": "ckpt", "size": "10Gi"})),
+    );
     assert_rejected(&job, "spec.storage.claimName", "uses an existing claim");
 }
 
 #[test]
 fn adapter_name_must_be_a_dns_label() {
-    let job = edit(valid_job(), "/spec/output/adapterName", Some(json!("My_Adapter")));
+    let job = edit(
+        valid_job(),
+        "/spec/output/adapterName",
+        Some(json!("My_Adapter")),
+    );
     assert_rejected(&job, "spec.output.adapterName", "lowercase DNS label");
 }
 
@@ -178,34 +271,63 @@ fn every_problem_is_reported_at_once() {
     let yaml = serde_yaml::to_string(&job).unwrap();
     let error = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap_err();
     let fields: Vec<&str> = error.errors.iter().map(|e| e.field.as_str()).collect();
-    assert_eq!(fields, ["spec.adapter.lora.rank", "spec.hyperparameters.batchSize"]);
+    assert_eq!(
+        fields,
+        ["spec.adapter.lora.rank", "spec.hyperparameters.batchSize"]
+    );
 }
 
 #[test]
 fn yaml_syntax_errors_name_the_line() {
-    let error = parse_manifest::<FinetuneJob>("apiVersion: finetune.dev/v1alpha1\nkind: [FinetuneJob\n", "job.yaml")
-        .unwrap_err();
+    let error = parse_manifest::<FinetuneJob>(
+        "apiVersion: finetune.dev/v1alpha1\nkind: [FinetuneJob\n",
+        "job.yaml",
+    )
+    .unwrap_err();
     assert!(error.to_string().contains("line"), "{error}");
 }
 
 #[test]
 fn defaults_are_filled_in_like_the_apiserver() {
-    let job = edit(valid_job(), "/spec/adapter", Some(json!({"type": "lora", "lora": {}})));
+    let job = edit(
+        valid_job(),
+        "/spec/adapter",
+        Some(json!({"type": "lora", "lora": {}})),
+    );
     let job = edit(job, "/spec/checkpoint", None);
     let yaml = serde_yaml::to_string(&job).unwrap();
     let job = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap();
     let lora = job.spec.adapter.lora.unwrap();
-    assert_eq!((lora.rank, lora.alpha, lora.target_modules.len()), (16, 32.0, 7));
+    assert_eq!(
+        (lora.rank, lora.alpha, lora.target_modules.len()),
+        (16, 32.0, 7)
+    );
     assert_eq!(job.spec.checkpoint.keep_last, 3);
 }
 
 #[test]
 fn started_jobs_keep_their_dataset() {
-    let old = edit(valid_job(), "/status/startTime", Some(json!("2026-11-26T10:00:00Z")));
-    let changed = edit(old.clone(), "/spec/dataset/format", Some(json!("instruction")));
+    let old = edit(
+        valid_job(),
+        "/status/startTime",
+        Some(json!("2026-11-26T10:00:00Z")),
+    );
+    let changed = edit(
+        old.clone(),
+        "/spec/dataset/format",
+        Some(json!("instruction")),
+    );
     let error = validate::check_update::<FinetuneJob>(&changed, &old).unwrap_err();
-    assert!(error.iter().any(|e| e.field == "spec.dataset" && e.message.contains("cannot change once the job has started")), "{error:?}");
+    assert!(
+        error.iter().any(|e| e.field == "spec.dataset"
+            && e.message.contains("cannot change once the job has started")),
+        "{error:?}"
+    );
 
-    let not_started = edit(valid_job(), "/spec/dataset/format", Some(json!("instruction")));
+    let not_started = edit(
+        valid_job(),
+        "/spec/dataset/format",
+        Some(json!("instruction")),
+    );
     assert!(validate::check_update::<FinetuneJob>(&not_started, &valid_job()).is_ok());
 }

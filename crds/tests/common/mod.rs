@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("crds/ sits in the repo").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("crds/ sits in the repo")
+        .to_path_buf()
 }
 
 /// Every `*.yaml` manifest directly under `examples/`, sorted.

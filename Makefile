@@ -1,0 +1,50 @@
+# The one entry point: setup, demo, test, crds. Heavy one-time builds live in $(CACHE) and are
+# reused when present, so a clean clone on a machine that built them once is fast.
+
+CACHE ?= $(HOME)/.cache/finetune-operator
+VENV := $(CACHE)/venv
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+# tch builds against the libtorch inside the venv's torch wheel.
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(VENV)/bin:$(PATH)
+TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
+OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
+
+.PHONY: setup build crds demo test test-rust test-reference lint bench-forward clean-cache help
+
+help:
+	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
+	@echo "make demo           the main job (see README)"
+	@echo "make test           every test: formatting, clippy, Rust tests, reference parity tests"
+	@echo "make crds           regenerate crds/*.yaml from the Rust types"
+	@echo "make bench-forward  forward-pass tokens/s: ours vs transformers (JSON in \$$CARGO_TARGET_DIR/bench)"
+
+setup:
+	@scripts/setup-venv.sh >/dev/null
+
+build: setup
+	cargo build --release --workspace --bins
+
+crds:
+	cargo run -q -p finetune-crds --bin crdgen
+
+demo: build
+	@scripts/demo.sh
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test-rust: setup
+	cargo test --workspace
+
+test-reference: build
+	FINETUNE_TRAINER_BIN=$(TRAINER) python -m pytest -q tests/reference
+
+test: lint test-rust test-reference
+
+bench-forward: build
+	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forward.py
+
+clean-cache:
+	rm -rf $(CACHE)
