@@ -15,6 +15,7 @@ pub mod adapter;
 pub mod contract;
 pub mod data;
 mod defaults;
+mod errors;
 pub mod finetunejob;
 pub mod model;
 pub mod runtime;
@@ -23,8 +24,9 @@ pub mod training;
 pub mod validate;
 
 pub use adapter::{Adapter, AdapterSpec, AdapterStatus};
+pub use errors::{FieldError, InvalidManifest};
 pub use finetunejob::{FinetuneJob, FinetuneJobSpec, FinetuneJobStatus, JobPhase};
-pub use validate::{FieldError, InvalidManifest, parse_manifest, read_manifest, validate_object};
+pub use validate::{parse_manifest, read_manifest, validate_object};
 
 use kube::CustomResourceExt;
 

@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::validate::FieldError;
+use crate::errors::FieldError;
 
 /// Appends every structural violation of `value` against `schema` to `errors`.
 pub(crate) fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldError>) {
