@@ -21,6 +21,7 @@ pub mod model;
 pub mod runtime;
 mod schema_check;
 pub mod training;
+pub mod uri;
 pub mod validate;
 
 pub use adapter::{Adapter, AdapterSpec, AdapterStatus};

@@ -331,3 +331,9 @@ fn started_jobs_keep_their_dataset() {
     );
     assert!(validate::check_update::<FinetuneJob>(&not_started, &valid_job()).is_ok());
 }
+
+#[test]
+fn job_names_leave_room_for_pod_names() {
+    let job = edit(valid_job(), "/metadata/name", Some(json!("x".repeat(49))));
+    assert_rejected(&job, "metadata.name", "at most 48 characters");
+}

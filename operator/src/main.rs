@@ -7,8 +7,6 @@
 //!
 //! The controller itself (`run`) arrives with the operator-core work; see the README.
 
-mod check;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -45,6 +43,6 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Check { files } => check::run(&files),
+        Command::Check { files } => finetune_operator::check::run(&files),
     }
 }

@@ -1,0 +1,152 @@
+//! Storage URIs (`pvc://`, `configmap://`, `file://`, `hf://`) and where they appear inside the
+//! trainer pod. The operator mounts volumes at these places and the trainer reads from them, so
+//! both sides use this one mapping; a local run points the roots somewhere else.
+
+use std::path::{Path, PathBuf};
+
+/// Where the operator mounts PersistentVolumeClaims named in URIs: `<root>/<claim>`.
+pub const PVC_MOUNT_ROOT: &str = "/mnt/pvc";
+/// Where the operator mounts ConfigMaps named in URIs: `<root>/<name>`.
+pub const CONFIGMAP_MOUNT_ROOT: &str = "/mnt/configmap";
+
+/// A parsed storage URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageUri {
+    /// `pvc://CLAIM/PATH`.
+    Pvc { claim: String, path: String },
+    /// `configmap://NAME/KEY`.
+    ConfigMap { name: String, key: String },
+    /// `file:///PATH`.
+    File { path: String },
+    /// `hf://ORG/NAME[@REVISION]`.
+    HuggingFace {
+        repo: String,
+        revision: Option<String>,
+    },
+}
+
+impl StorageUri {
+    /// Parses a URI; the CRD's CEL rules have already checked the shape of URIs in manifests,
+    /// so `None` here means a URI that never passed validation.
+    pub fn parse(uri: &str) -> Option<Self> {
+        let (scheme, rest) = uri.split_once("://")?;
+        let split = |rest: &str| {
+            let (head, tail) = rest.split_once('/')?;
+            (!head.is_empty() && !tail.is_empty()).then(|| (head.to_string(), tail.to_string()))
+        };
+        match scheme {
+            "pvc" => split(rest).map(|(claim, path)| Self::Pvc { claim, path }),
+            "configmap" => split(rest).map(|(name, key)| Self::ConfigMap { name, key }),
+            "file" => rest.starts_with('/').then(|| Self::File {
+                path: rest.to_string(),
+            }),
+            "hf" => {
+                let (repo, revision) = match rest.split_once('@') {
+                    Some((repo, revision)) => (repo, Some(revision.to_string())),
+                    None => (rest, None),
+                };
+                repo.contains('/').then(|| Self::HuggingFace {
+                    repo: repo.to_string(),
+                    revision,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The local path of this URI under the given mount roots; `None` for `hf://`, which must
+    /// be downloaded first.
+    pub fn local_path(&self, roots: &MountRoots) -> Option<PathBuf> {
+        match self {
+            Self::Pvc { claim, path } => Some(roots.pvc.join(claim).join(path)),
+            Self::ConfigMap { name, key } => Some(roots.configmap.join(name).join(key)),
+            Self::File { path } => Some(PathBuf::from(path)),
+            Self::HuggingFace { .. } => None,
+        }
+    }
+}
+
+/// The directories under which PVCs and ConfigMaps named in URIs appear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountRoots {
+    /// Parent of one directory per claim.
+    pub pvc: PathBuf,
+    /// Parent of one directory per ConfigMap.
+    pub configmap: PathBuf,
+}
+
+impl MountRoots {
+    /// The mount points the operator uses in trainer pods.
+    pub fn in_pod() -> Self {
+        Self {
+            pvc: PathBuf::from(PVC_MOUNT_ROOT),
+            configmap: PathBuf::from(CONFIGMAP_MOUNT_ROOT),
+        }
+    }
+
+    /// Roots for a local run: `<base>/pvc` and `<base>/configmap`.
+    pub fn under(base: &Path) -> Self {
+        Self {
+            pvc: base.join("pvc"),
+            configmap: base.join("configmap"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_scheme() {
+        assert_eq!(
+            StorageUri::parse("pvc://models/smollm2/m.gguf"),
+            Some(StorageUri::Pvc {
+                claim: "models".into(),
+                path: "smollm2/m.gguf".into()
+            })
+        );
+        assert_eq!(
+            StorageUri::parse("configmap://data/train.jsonl"),
+            Some(StorageUri::ConfigMap {
+                name: "data".into(),
+                key: "train.jsonl".into()
+            })
+        );
+        assert_eq!(
+            StorageUri::parse("file:///x/y"),
+            Some(StorageUri::File {
+                path: "/x/y".into()
+            })
+        );
+        assert_eq!(
+            StorageUri::parse("hf://org/name@v1"),
+            Some(StorageUri::HuggingFace {
+                repo: "org/name".into(),
+                revision: Some("v1".into())
+            })
+        );
+        for bad in [
+            "s3://b/k",
+            "pvc://claim",
+            "pvc:///path",
+            "file://relative",
+            "hf://name",
+        ] {
+            assert_eq!(StorageUri::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn maps_to_pod_paths() {
+        let roots = MountRoots::in_pod();
+        let path = StorageUri::parse("pvc://models/a/b.gguf")
+            .unwrap()
+            .local_path(&roots);
+        assert_eq!(path, Some(PathBuf::from("/mnt/pvc/models/a/b.gguf")));
+        let path = StorageUri::parse("configmap://d/k.jsonl")
+            .unwrap()
+            .local_path(&roots);
+        assert_eq!(path, Some(PathBuf::from("/mnt/configmap/d/k.jsonl")));
+    }
+}

@@ -1,0 +1,662 @@
+//! Pure builders: a FinetuneJob in, the objects it needs out. Nothing here talks to the
+//! apiserver, so every choice (names, mounts, resources, security) is unit-tested.
+
+use std::collections::BTreeMap;
+
+use finetune_crds::FinetuneJob;
+use finetune_crds::contract::{DEFAULT_STATUS_PORT, env, paths};
+use finetune_crds::uri::{CONFIGMAP_MOUNT_ROOT, PVC_MOUNT_ROOT, StorageUri};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use super::names;
+
+/// Operator-wide settings the builders need.
+#[derive(Clone, Debug)]
+pub struct BuildSettings {
+    /// Trainer image used when the job names none.
+    pub trainer_image: String,
+    /// Size of the storage claim when the job names none.
+    pub default_storage_size: String,
+    /// Seconds the trainer gets after SIGTERM to finish its step and checkpoint.
+    pub termination_grace_seconds: i64,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        Self {
+            trainer_image: "ghcr.io/finetune-operator/trainer:latest".into(),
+            default_storage_size: "20Gi".into(),
+            termination_grace_seconds: 120,
+        }
+    }
+}
+
+/// Why desired objects cannot be built for a job.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    /// The job has no name or namespace yet (it was never stored by the apiserver).
+    #[error("the FinetuneJob has no {0}")]
+    MissingMetadata(&'static str),
+    /// A URI that validation should have refused.
+    #[error("{field}: cannot use URI {uri:?}")]
+    BadUri { field: &'static str, uri: String },
+}
+
+/// The UID of the trainer's non-root user in the image.
+const TRAINER_UID: i64 = 65532;
+/// Name of the trainer container.
+pub const TRAINER_CONTAINER: &str = "trainer";
+
+/// The ConfigMap holding the job manifest the trainer reads: only apiVersion, kind, name,
+/// namespace and spec, so status updates do not change it.
+pub fn manifest_config_map(job: &FinetuneJob) -> Result<ConfigMap, BuildError> {
+    let name = job_name(job)?;
+    let manifest = FinetuneJob {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: job.namespace(),
+            ..ObjectMeta::default()
+        },
+        spec: job.spec.clone(),
+        status: None,
+    };
+    let yaml = serde_yaml::to_string(&manifest).expect("FinetuneJobs serialize to YAML");
+    Ok(ConfigMap {
+        metadata: child_meta(job, names::manifest_config_map(name))?,
+        data: Some(BTreeMap::from([(paths::JOB_FILE_NAME.to_string(), yaml)])),
+        ..ConfigMap::default()
+    })
+}
+
+/// The claim for checkpoints and outputs, unless the job uses an existing one.
+pub fn storage_claim(
+    job: &FinetuneJob,
+    settings: &BuildSettings,
+) -> Result<Option<PersistentVolumeClaim>, BuildError> {
+    let storage = &job.spec.storage;
+    if storage.claim_name.is_some() {
+        return Ok(None);
+    }
+    let size = storage
+        .size
+        .clone()
+        .unwrap_or_else(|| Quantity(settings.default_storage_size.clone()));
+    Ok(Some(PersistentVolumeClaim {
+        metadata: child_meta(job, names::storage_claim(job_name(job)?))?,
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), size)])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    }))
+}
+
+/// The trainer pod of one attempt.
+pub fn trainer_pod(
+    job: &FinetuneJob,
+    attempt: i32,
+    settings: &BuildSettings,
+) -> Result<Pod, BuildError> {
+    let name = job_name(job)?;
+    let mut metadata = child_meta(job, names::trainer_pod(name, attempt))?;
+    let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(names::ATTEMPT_LABEL.into(), attempt.to_string());
+    if let Some(queue) = job.labels().get(names::KUEUE_QUEUE_LABEL) {
+        labels.insert(names::KUEUE_QUEUE_LABEL.into(), queue.clone());
+    }
+    let mounts = Mounts::for_job(job)?;
+    let spec = &job.spec;
+    let resources = &spec.resources;
+    Ok(Pod {
+        metadata,
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            // Trainer pods never call the Kubernetes API.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            termination_grace_period_seconds: Some(settings.termination_grace_seconds),
+            node_selector: (!resources.node_selector.is_empty())
+                .then(|| resources.node_selector.clone()),
+            tolerations: (!resources.tolerations.is_empty()).then(|| resources.tolerations.clone()),
+            priority_class_name: resources.priority_class_name.clone(),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(TRAINER_UID),
+                run_as_group: Some(TRAINER_UID),
+                fs_group: Some(TRAINER_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            containers: vec![trainer_container(job, attempt, settings, &mounts.mounts)?],
+            volumes: Some(mounts.volumes),
+            ..PodSpec::default()
+        }),
+        status: None,
+    })
+}
+
+fn trainer_container(
+    job: &FinetuneJob,
+    attempt: i32,
+    settings: &BuildSettings,
+    mounts: &[VolumeMount],
+) -> Result<Container, BuildError> {
+    let name = job_name(job)?;
+    let port = i32::from(DEFAULT_STATUS_PORT);
+    let storage = format!("{}/{}", paths::STORAGE_DIR, name);
+    let mut environment = vec![
+        plain_env(
+            env::JOB_FILE,
+            &format!("{}/{}", paths::JOB_DIR, paths::JOB_FILE_NAME),
+        ),
+        plain_env(env::CHECKPOINT_DIR, &format!("{storage}/checkpoints")),
+        plain_env(env::OUTPUT_DIR, &format!("{storage}/output")),
+        plain_env(env::ATTEMPT, &attempt.to_string()),
+        plain_env(env::STATUS_PORT, &port.to_string()),
+        plain_env(env::TERMINATION_LOG, paths::TERMINATION_LOG),
+        EnvVar {
+            name: env::POD_IP.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..Default::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+    ];
+    if let Some(secret) = &job.spec.base_model.token_secret_ref {
+        // The token travels by reference; its value never appears in the pod spec or logs.
+        environment.push(EnvVar {
+            name: env::HF_TOKEN.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.name.clone(),
+                    key: secret.key.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
+    let status_probe = |initial_delay| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/status".into()),
+            port: IntOrString::String("status".into()),
+            ..HTTPGetAction::default()
+        }),
+        initial_delay_seconds: Some(initial_delay),
+        period_seconds: Some(10),
+        failure_threshold: Some(6),
+        ..Probe::default()
+    };
+    Ok(Container {
+        name: TRAINER_CONTAINER.into(),
+        image: Some(
+            job.spec
+                .image
+                .clone()
+                .unwrap_or_else(|| settings.trainer_image.clone()),
+        ),
+        args: Some(vec![
+            "run".into(),
+            format!("{}/{}", paths::JOB_DIR, paths::JOB_FILE_NAME),
+        ]),
+        env: Some(environment),
+        ports: Some(vec![ContainerPort {
+            name: Some("status".into()),
+            container_port: port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: Some(resource_requirements(job)),
+        readiness_probe: Some(status_probe(5)),
+        liveness_probe: Some(status_probe(60)),
+        termination_message_path: Some(paths::TERMINATION_LOG.into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        volume_mounts: Some(mounts.to_vec()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    })
+}
+
+/// GPUs go in both requests and limits (extended resources must match); CPU and memory are
+/// requested and limited alike so a trainer is never the first to be OOM-killed for bursting.
+fn resource_requirements(job: &FinetuneJob) -> ResourceRequirements {
+    let resources = &job.spec.resources;
+    let mut amounts = BTreeMap::new();
+    if resources.gpus > 0 {
+        amounts.insert(
+            resources.gpu_resource_name.clone(),
+            Quantity(resources.gpus.to_string()),
+        );
+    }
+    if let Some(cpu) = &resources.cpu {
+        amounts.insert("cpu".to_string(), cpu.clone());
+    }
+    if let Some(memory) = &resources.memory {
+        amounts.insert("memory".to_string(), memory.clone());
+    }
+    ResourceRequirements {
+        requests: (!amounts.is_empty()).then(|| amounts.clone()),
+        limits: (!amounts.is_empty()).then_some(amounts),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The pod's volumes and the trainer's mounts: the manifest, the job's storage, a scratch
+/// `/tmp` (the root filesystem is read-only), and every PVC or ConfigMap a URI names.
+struct Mounts {
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+}
+
+impl Mounts {
+    fn for_job(job: &FinetuneJob) -> Result<Self, BuildError> {
+        let name = job_name(job)?;
+        let mut this = Self {
+            volumes: Vec::new(),
+            mounts: Vec::new(),
+        };
+        this.add(
+            Volume {
+                name: "manifest".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: names::manifest_config_map(name),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            paths::JOB_DIR,
+            true,
+        );
+        let storage_claim = job
+            .spec
+            .storage
+            .claim_name
+            .clone()
+            .unwrap_or_else(|| names::storage_claim(name));
+        this.add(
+            pvc_volume("storage", &storage_claim, false),
+            paths::STORAGE_DIR,
+            false,
+        );
+        this.add(
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+            "/tmp",
+            false,
+        );
+        for (field, uri) in data_uris(job) {
+            match StorageUri::parse(uri) {
+                Some(StorageUri::Pvc { claim, .. }) => {
+                    let volume = format!("pvc-{claim}");
+                    if claim != storage_claim && !this.has(&volume) {
+                        this.add(
+                            pvc_volume(&volume, &claim, true),
+                            &format!("{PVC_MOUNT_ROOT}/{claim}"),
+                            true,
+                        );
+                    }
+                }
+                Some(StorageUri::ConfigMap { name: map, .. }) => {
+                    let volume = format!("configmap-{map}");
+                    if !this.has(&volume) {
+                        let source = ConfigMapVolumeSource {
+                            name: map.clone(),
+                            ..ConfigMapVolumeSource::default()
+                        };
+                        let volume_def = Volume {
+                            name: volume,
+                            config_map: Some(source),
+                            ..Volume::default()
+                        };
+                        this.add(volume_def, &format!("{CONFIGMAP_MOUNT_ROOT}/{map}"), true);
+                    }
+                }
+                Some(StorageUri::File { .. } | StorageUri::HuggingFace { .. }) => {}
+                None => {
+                    return Err(BuildError::BadUri {
+                        field,
+                        uri: uri.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(this)
+    }
+
+    fn has(&self, volume: &str) -> bool {
+        self.volumes.iter().any(|v| v.name == volume)
+    }
+
+    fn add(&mut self, volume: Volume, mount_path: &str, read_only: bool) {
+        self.mounts.push(VolumeMount {
+            name: volume.name.clone(),
+            mount_path: mount_path.into(),
+            read_only: Some(read_only),
+            ..VolumeMount::default()
+        });
+        self.volumes.push(volume);
+    }
+}
+
+fn pvc_volume(volume: &str, claim: &str, read_only: bool) -> Volume {
+    Volume {
+        name: volume.into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.into(),
+            read_only: Some(read_only),
+        }),
+        ..Volume::default()
+    }
+}
+
+/// Every URI in the spec the trainer reads, with the field it comes from.
+fn data_uris(job: &FinetuneJob) -> Vec<(&'static str, &str)> {
+    let spec = &job.spec;
+    let mut uris = vec![
+        ("spec.baseModel.uri", spec.base_model.uri.as_str()),
+        ("spec.dataset.train.uri", spec.dataset.train.uri.as_str()),
+    ];
+    if let Some(eval) = &spec.dataset.eval {
+        uris.push(("spec.dataset.eval.uri", eval.uri.as_str()));
+    }
+    let evaluation = spec.evaluation.as_ref();
+    if let Some(data) = evaluation
+        .and_then(|e| e.retention.as_ref())
+        .and_then(|r| r.data.as_ref())
+    {
+        uris.push(("spec.evaluation.retention.data.uri", data.uri.as_str()));
+    }
+    if let Some(tokenizer) = spec.vocabulary.as_ref().and_then(|v| v.tokenizer.as_ref()) {
+        uris.push(("spec.vocabulary.tokenizer.uri", tokenizer.uri.as_str()));
+    }
+    uris
+}
+
+fn plain_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn job_name(job: &FinetuneJob) -> Result<&str, BuildError> {
+    job.metadata
+        .name
+        .as_deref()
+        .ok_or(BuildError::MissingMetadata("name"))
+}
+
+/// Metadata of a child: same namespace, the job's labels, and a controller owner reference so
+/// the garbage collector deletes children with their job.
+fn child_meta(job: &FinetuneJob, name: String) -> Result<ObjectMeta, BuildError> {
+    let owner = job
+        .controller_owner_ref(&())
+        .ok_or(BuildError::MissingMetadata("uid"))?;
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: Some(
+            job.namespace()
+                .ok_or(BuildError::MissingMetadata("namespace"))?,
+        ),
+        labels: Some(names::child_labels(job_name(job)?)),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use finetune_crds::parse_manifest;
+
+    fn example(name: &str) -> FinetuneJob {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(name);
+        let mut job: FinetuneJob =
+            parse_manifest(&std::fs::read_to_string(&path).unwrap(), name).unwrap();
+        job.metadata.namespace = Some("team-a".into());
+        job.metadata.uid = Some("0b5c7a4e-1111-2222-3333-444455556666".into());
+        job
+    }
+
+    fn container(pod: &Pod) -> &Container {
+        &pod.spec.as_ref().unwrap().containers[0]
+    }
+
+    fn env_value<'a>(pod: &'a Pod, name: &str) -> Option<&'a EnvVar> {
+        container(pod)
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == name)
+    }
+
+    #[test]
+    fn pod_is_named_per_attempt_and_owned_by_the_job() {
+        let job = example("sft-lora-smollm2.yaml");
+        let pod = trainer_pod(&job, 2, &BuildSettings::default()).unwrap();
+        assert_eq!(
+            pod.metadata.name.as_deref(),
+            Some("smollm2-kubectl-sft-attempt-2")
+        );
+        assert_eq!(pod.metadata.namespace.as_deref(), Some("team-a"));
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("FinetuneJob", Some(true))
+        );
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[names::ATTEMPT_LABEL], "2");
+        assert_eq!(labels[names::JOB_LABEL], "smollm2-kubectl-sft");
+        assert_eq!(
+            env_value(&pod, env::ATTEMPT).unwrap().value.as_deref(),
+            Some("2")
+        );
+    }
+
+    #[test]
+    fn gpus_cpu_and_memory_are_requested_and_limited() {
+        let job = example("sft-lora-smollm2.yaml");
+        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let resources = container(&pod).resources.as_ref().unwrap();
+        let limits = resources.limits.as_ref().unwrap();
+        assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
+        assert_eq!(limits["memory"], Quantity("8Gi".into()));
+        assert_eq!(resources.requests, resources.limits);
+
+        let cpu_job = example("text-domain-adaptation.yaml");
+        let pod = trainer_pod(&cpu_job, 0, &BuildSettings::default()).unwrap();
+        let limits = container(&pod)
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .clone()
+            .unwrap();
+        assert!(
+            !limits.contains_key("nvidia.com/gpu"),
+            "gpus: 0 requests no GPU: {limits:?}"
+        );
+        assert_eq!(limits["cpu"], Quantity("2".into()));
+    }
+
+    #[test]
+    fn placement_and_queue_settings_pass_through() {
+        let job = example("full-finetune.yaml");
+        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.priority_class_name.as_deref(), Some("training-low"));
+        assert_eq!(
+            spec.node_selector.as_ref().unwrap()["nvidia.com/gpu.product"],
+            "NVIDIA-H100-80GB-HBM3"
+        );
+        assert_eq!(
+            spec.tolerations.as_ref().unwrap()[0].key.as_deref(),
+            Some("nvidia.com/gpu")
+        );
+        assert_eq!(
+            pod.metadata.labels.as_ref().unwrap()[names::KUEUE_QUEUE_LABEL],
+            "gpu-queue"
+        );
+    }
+
+    #[test]
+    fn pods_are_locked_down() {
+        let job = example("sft-lora-smollm2.yaml");
+        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        let pod_security = spec.security_context.as_ref().unwrap();
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+        assert_eq!(
+            pod_security.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        let security = container(&pod).security_context.as_ref().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+    }
+
+    #[test]
+    fn every_uri_is_mounted_where_the_trainer_looks() {
+        let job = example("sft-lora-smollm2.yaml");
+        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let mounts: BTreeMap<String, (String, Option<bool>)> = container(&pod)
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| (m.mount_path.clone(), (m.name.clone(), m.read_only)))
+            .collect();
+        assert_eq!(
+            mounts["/mnt/pvc/models"],
+            ("pvc-models".to_string(), Some(true))
+        );
+        assert_eq!(
+            mounts["/mnt/configmap/finetune-examples-data"].1,
+            Some(true)
+        );
+        assert_eq!(mounts[paths::JOB_DIR].0, "manifest");
+        assert_eq!(
+            mounts[paths::STORAGE_DIR],
+            ("storage".to_string(), Some(false))
+        );
+        assert!(mounts.contains_key("/tmp"));
+        // train and eval share one ConfigMap: mounted once.
+        assert_eq!(
+            pod.spec.as_ref().unwrap().volumes.as_ref().unwrap().len(),
+            5
+        );
+    }
+
+    #[test]
+    fn hub_token_comes_from_the_secret_by_reference() {
+        let job = example("full-finetune.yaml");
+        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let token = env_value(&pod, env::HF_TOKEN).unwrap();
+        assert_eq!(token.value, None);
+        let selector = token
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (selector.name.as_str(), selector.key.as_str()),
+            ("hf-token", "token")
+        );
+    }
+
+    #[test]
+    fn manifest_config_map_holds_the_spec_only() {
+        let mut job = example("sft-lora-smollm2.yaml");
+        job.status = Some(Default::default());
+        let map = manifest_config_map(&job).unwrap();
+        let yaml = &map.data.as_ref().unwrap()[paths::JOB_FILE_NAME];
+        let back: FinetuneJob = parse_manifest(yaml, "configmap").unwrap();
+        assert_eq!(back.spec, job.spec);
+        assert!(back.status.is_none() && back.metadata.uid.is_none());
+    }
+
+    #[test]
+    fn storage_claim_unless_one_is_given() {
+        let job = example("full-finetune.yaml");
+        let claim = storage_claim(&job, &BuildSettings::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            claim.metadata.name.as_deref(),
+            Some("smollm2-full-instruct-storage")
+        );
+        let requests = claim.spec.unwrap().resources.unwrap().requests.unwrap();
+        assert_eq!(requests["storage"], Quantity("10Gi".into()));
+
+        let mut job = example("sft-lora-smollm2.yaml");
+        job.spec.storage.claim_name = Some("shared".into());
+        assert_eq!(
+            storage_claim(&job, &BuildSettings::default()).unwrap(),
+            None
+        );
+        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let volumes = pod.spec.unwrap().volumes.unwrap();
+        let storage = volumes.iter().find(|v| v.name == "storage").unwrap();
+        assert_eq!(
+            storage.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "shared"
+        );
+    }
+
+    #[test]
+    fn jobs_never_stored_cannot_be_built() {
+        let mut job = example("sft-lora-smollm2.yaml");
+        job.metadata.uid = None;
+        assert_eq!(
+            trainer_pod(&job, 0, &BuildSettings::default()),
+            Err(BuildError::MissingMetadata("uid"))
+        );
+    }
+}

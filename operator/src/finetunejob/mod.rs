@@ -1,0 +1,5 @@
+//! Reconciling a FinetuneJob: pure builders of the desired child objects (this module's
+//! `build`), and the names and labels that tie children to their job.
+
+pub mod build;
+pub mod names;
