@@ -128,6 +128,9 @@ pub struct TerminationMessage {
     /// Path of the checkpoint on the job's storage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_path: Option<String>,
+    /// The checkpoint step this attempt resumed from (absent when it started fresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<i64>,
     /// The produced adapter (on success).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<ProducedAdapter>,

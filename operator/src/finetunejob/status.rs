@@ -1,0 +1,866 @@
+//! Pure status derivation: from a job and its trainer pods to the job's observed status and the
+//! next action. This is where attempts are classified (the contract's exit codes, OOM kills,
+//! evictions), so it is tested case by case without an apiserver.
+
+use finetune_crds::contract::{ExitCode, StatusReport, TerminationMessage};
+use finetune_crds::finetunejob::{AdapterRef, Attempt, CheckpointRef, Progress};
+use finetune_crds::{FinetuneJob, FinetuneJobStatus, JobPhase};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use super::names;
+
+/// Most attempts kept in `status.attempts`.
+pub const MAX_ATTEMPTS_RECORDED: usize = 20;
+
+/// What the reconciler should do after writing the status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Create the trainer pod of this attempt.
+    CreatePod(i32),
+    /// Delete this pod (suspend): the trainer checkpoints on SIGTERM and exits.
+    DeletePod(String),
+    /// Poll the running trainer's `/status`.
+    PollProgress(String),
+    /// Nothing to do until something changes.
+    Wait,
+}
+
+/// An Event to record about a transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// `Normal` or `Warning`.
+    pub warning: bool,
+    /// CamelCase reason, e.g. `Unschedulable`.
+    pub reason: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// The outcome of one derivation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Derived {
+    /// The status to write.
+    pub status: FinetuneJobStatus,
+    /// What to do next.
+    pub action: Action,
+    /// Events for phase changes.
+    pub transitions: Vec<Transition>,
+}
+
+/// The state of one trainer pod, read from its status.
+#[derive(Clone, Debug, PartialEq)]
+enum PodState {
+    /// Not yet bound; `Some(message)` when the scheduler reported it unschedulable.
+    Pending { unschedulable: Option<String> },
+    /// The trainer is running.
+    Running,
+    /// The trainer exited 0.
+    Succeeded(Option<TerminationMessage>),
+    /// The pod failed; why, and whether another attempt may help.
+    Failed(Failure),
+}
+
+/// A failed attempt, classified.
+#[derive(Clone, Debug, PartialEq)]
+struct Failure {
+    reason: String,
+    exit_code: Option<i32>,
+    message: Option<String>,
+    retryable: bool,
+    counts_against_backoff: bool,
+    termination: Option<TerminationMessage>,
+}
+
+/// Derives the status of `job` from its trainer pods (any order) at time `now`.
+/// `progress` is the latest `/status` report of the running trainer, if one was polled.
+pub fn derive(
+    job: &FinetuneJob,
+    pods: &[Pod],
+    progress: Option<&StatusReport>,
+    now: Timestamp,
+) -> Derived {
+    let previous = job.status.clone().unwrap_or_default();
+    let mut status = previous.clone();
+    status.observed_generation = job.metadata.generation;
+    let mut transitions = Vec::new();
+    let generation = job.metadata.generation;
+
+    let mut attempts: Vec<(i32, &Pod)> = pods
+        .iter()
+        .filter_map(|pod| Some((attempt_of(pod)?, pod)))
+        .collect();
+    attempts.sort_by_key(|(attempt, _)| *attempt);
+    status.attempts = attempts
+        .iter()
+        .map(|(index, pod)| attempt_record(*index, pod))
+        .collect();
+    trim_attempts(&mut status.attempts);
+    let failures: Vec<Failure> = attempts
+        .iter()
+        .filter_map(|(_, pod)| match pod_state(pod) {
+            PodState::Failed(failure) => Some(failure),
+            _ => None,
+        })
+        .collect();
+    status.failed_attempts = failures.iter().filter(|f| f.counts_against_backoff).count() as i32;
+    status.preemptions = failures
+        .iter()
+        .filter(|f| f.retryable && !f.counts_against_backoff)
+        .count() as i32;
+    for failure in &failures {
+        absorb_termination(&mut status, failure.termination.as_ref());
+    }
+
+    let phase_before = previous.phase;
+    let mut set = |status: &mut FinetuneJobStatus,
+                   phase: JobPhase,
+                   reason: &str,
+                   message: String,
+                   warning: bool| {
+        status.phase = Some(phase);
+        set_condition(
+            &mut status.conditions,
+            phase_condition(phase),
+            "True",
+            reason,
+            &message,
+            generation,
+            now,
+        );
+        if phase_before != Some(phase) {
+            transitions.push(Transition {
+                warning,
+                reason: reason.to_string(),
+                message,
+            });
+        }
+    };
+
+    if matches!(previous.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
+        return Derived {
+            status: previous,
+            action: Action::Wait,
+            transitions: Vec::new(),
+        };
+    }
+
+    let latest = attempts.last();
+    let action = match latest.map(|(attempt, pod)| (*attempt, *pod, pod_state(pod))) {
+        None if job.spec.run_policy.suspend => {
+            set(
+                &mut status,
+                JobPhase::Suspended,
+                "Suspended",
+                "runPolicy.suspend is true; no trainer pod runs".into(),
+                false,
+            );
+            Action::Wait
+        }
+        None => {
+            set(
+                &mut status,
+                JobPhase::Pending,
+                "Created",
+                "creating the trainer pod (attempt 0)".into(),
+                false,
+            );
+            Action::CreatePod(0)
+        }
+        Some((_, pod, PodState::Pending { .. } | PodState::Running))
+            if job.spec.run_policy.suspend =>
+        {
+            set(
+                &mut status,
+                JobPhase::Suspended,
+                "Suspending",
+                "runPolicy.suspend is true; the trainer checkpoints and stops".into(),
+                false,
+            );
+            Action::DeletePod(pod_name(pod))
+        }
+        Some((
+            attempt,
+            _,
+            PodState::Pending {
+                unschedulable: Some(message),
+            },
+        )) => {
+            let message = format!("attempt {attempt} waits for resources: {message}");
+            set(
+                &mut status,
+                JobPhase::Queued,
+                "Unschedulable",
+                message,
+                false,
+            );
+            Action::Wait
+        }
+        Some((
+            attempt,
+            _,
+            PodState::Pending {
+                unschedulable: None,
+            },
+        )) => {
+            set(
+                &mut status,
+                JobPhase::Pending,
+                "PodCreated",
+                format!("trainer pod of attempt {attempt} created"),
+                false,
+            );
+            Action::Wait
+        }
+        Some((attempt, pod, PodState::Running)) => {
+            status.start_time.get_or_insert_with(|| Time(now));
+            set(
+                &mut status,
+                JobPhase::Running,
+                "Running",
+                format!("attempt {attempt} is training"),
+                false,
+            );
+            if let Some(report) = progress {
+                absorb_progress(&mut status, report, now);
+            }
+            Action::PollProgress(pod_name(pod))
+        }
+        Some((_, _, PodState::Succeeded(termination))) => {
+            status.start_time.get_or_insert_with(|| Time(now));
+            absorb_termination(&mut status, termination.as_ref());
+            if let Some(progress) = status.progress.as_mut() {
+                progress.step = progress.total_steps.max(progress.step);
+                progress.percent = 100.0;
+                progress.percent_text = Some("100%".into());
+                progress.eta_seconds = Some(0);
+            }
+            status.adapter_ref = Some(AdapterRef {
+                name: adapter_name(job),
+            });
+            status.completion_time = Some(Time(now));
+            set(
+                &mut status,
+                JobPhase::Succeeded,
+                "Completed",
+                format!("training finished; adapter {}", adapter_name(job)),
+                false,
+            );
+            Action::Wait
+        }
+        Some((attempt, _, PodState::Failed(failure))) => {
+            let budget_left = status.failed_attempts <= job.spec.run_policy.backoff_limit;
+            if failure.retryable && budget_left {
+                let next = attempt + 1;
+                let why = failure
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| failure.reason.clone());
+                let message = format!(
+                    "attempt {attempt} ended ({}: {why}); starting attempt {next}",
+                    failure.reason
+                );
+                set(&mut status, JobPhase::Pending, "Retrying", message, true);
+                Action::CreatePod(next)
+            } else {
+                let why = failure.message.clone().unwrap_or_default();
+                let message = if failure.retryable {
+                    format!(
+                        "backoffLimit {} reached; last attempt: {}: {why}",
+                        job.spec.run_policy.backoff_limit, failure.reason
+                    )
+                } else {
+                    format!("{} (not retried): {why}", failure.reason)
+                };
+                status.completion_time = Some(Time(now));
+                let reason = if failure.retryable {
+                    "BackoffLimitExceeded"
+                } else {
+                    failure.reason.as_str()
+                };
+                set(&mut status, JobPhase::Failed, reason, message, true);
+                Action::Wait
+            }
+        }
+    };
+    Derived {
+        status,
+        action,
+        transitions,
+    }
+}
+
+/// The Adapter a successful job creates.
+pub fn adapter_name(job: &FinetuneJob) -> String {
+    job.spec
+        .output
+        .adapter_name
+        .clone()
+        .unwrap_or_else(|| job.metadata.name.clone().unwrap_or_default())
+}
+
+fn attempt_of(pod: &Pod) -> Option<i32> {
+    pod.metadata
+        .labels
+        .as_ref()?
+        .get(names::ATTEMPT_LABEL)?
+        .parse()
+        .ok()
+}
+
+fn pod_name(pod: &Pod) -> String {
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+fn trainer_termination(pod: &Pod) -> Option<&ContainerStateTerminated> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.first()?.state.as_ref()?.terminated.as_ref()
+}
+
+fn pod_state(pod: &Pod) -> PodState {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let terminated = trainer_termination(pod);
+    let termination: Option<TerminationMessage> = terminated
+        .and_then(|t| t.message.as_deref())
+        .and_then(|m| serde_json::from_str(m).ok());
+    match phase {
+        "Succeeded" => PodState::Succeeded(termination),
+        "Failed" => PodState::Failed(classify_failure(pod, terminated, termination)),
+        "Running" => PodState::Running,
+        _ => {
+            let conditions = status
+                .and_then(|s| s.conditions.as_deref())
+                .unwrap_or_default();
+            let unschedulable = conditions
+                .iter()
+                .find(|c| {
+                    c.type_ == "PodScheduled"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("Unschedulable")
+                })
+                .map(|c| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
+            PodState::Pending { unschedulable }
+        }
+    }
+}
+
+/// Classifies a failed pod. Evictions and preemptions (a `DisruptionTarget` condition, the
+/// `Evicted`/`Preempting` reasons, or exit 143 after a checkpoint) are retried without charge;
+/// invalid input and divergence are never retried; everything else is charged.
+fn classify_failure(
+    pod: &Pod,
+    terminated: Option<&ContainerStateTerminated>,
+    termination: Option<TerminationMessage>,
+) -> Failure {
+    let status = pod.status.as_ref();
+    let disrupted = status
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "DisruptionTarget" && c.status == "True");
+    let pod_reason = status.and_then(|s| s.reason.clone());
+    let exit_code = terminated.map(|t| t.exit_code);
+    let kubelet_reason = terminated.and_then(|t| t.reason.clone());
+    let trainer_message = termination
+        .as_ref()
+        .and_then(|t| t.error.as_ref())
+        .map(|e| match &e.param {
+            Some(param) => format!("{} ({param})", e.message),
+            None => e.message.clone(),
+        });
+    let message = trainer_message.or_else(|| status.and_then(|s| s.message.clone()));
+    let failure = |reason: &str, retryable, charged| Failure {
+        reason: reason.to_string(),
+        exit_code,
+        message: message.clone(),
+        retryable,
+        counts_against_backoff: charged,
+        termination: termination.clone(),
+    };
+    if disrupted
+        || matches!(
+            pod_reason.as_deref(),
+            Some("Evicted" | "Preempting" | "Terminated" | "NodeLost")
+        )
+    {
+        return failure("Preempted", true, false);
+    }
+    if kubelet_reason.as_deref() == Some("OOMKilled") {
+        return failure("OutOfMemory", true, true);
+    }
+    let Some(code) = exit_code else {
+        return failure("Error", true, true);
+    };
+    let outcome = ExitCode::from_code(code);
+    failure(
+        outcome.reason(),
+        outcome.is_retryable(),
+        outcome.counts_against_backoff(),
+    )
+}
+
+fn attempt_record(index: i32, pod: &Pod) -> Attempt {
+    let terminated = trainer_termination(pod);
+    let termination: Option<TerminationMessage> = terminated
+        .and_then(|t| t.message.as_deref())
+        .and_then(|m| serde_json::from_str(m).ok());
+    let reason = match pod_state(pod) {
+        PodState::Failed(failure) => Some(failure.reason),
+        PodState::Succeeded(_) => Some("Completed".into()),
+        _ => None,
+    };
+    Attempt {
+        index,
+        pod_name: pod_name(pod),
+        start_time: pod.status.as_ref().and_then(|s| s.start_time.clone()),
+        end_time: terminated.and_then(|t| t.finished_at.clone()),
+        reason,
+        exit_code: terminated.map(|t| t.exit_code),
+        resumed_from_step: termination.as_ref().and_then(|t| t.resumed_from_step),
+        message: termination.and_then(|t| t.error).map(|e| e.message),
+    }
+}
+
+/// Keeps the first attempt (how the job began) and the most recent ones.
+fn trim_attempts(attempts: &mut Vec<Attempt>) {
+    if attempts.len() > MAX_ATTEMPTS_RECORDED {
+        let excess = attempts.len() - MAX_ATTEMPTS_RECORDED;
+        attempts.drain(1..=excess);
+    }
+}
+
+fn absorb_progress(status: &mut FinetuneJobStatus, report: &StatusReport, now: Timestamp) {
+    let percent = if report.total_steps > 0 {
+        100.0 * report.step as f64 / report.total_steps as f64
+    } else {
+        0.0
+    };
+    status.progress = Some(Progress {
+        step: report.step,
+        total_steps: report.total_steps,
+        epoch: report.epoch,
+        percent: (percent * 10.0).round() / 10.0,
+        percent_text: Some(format!("{}%", percent.floor() as i64)),
+        eta_seconds: report.eta_seconds.map(|s| s.round() as i64),
+        last_update_time: Some(Time(now)),
+    });
+    status.metrics = Some(report.metrics.clone());
+    if let Some(step) = report.checkpoint_step {
+        let path = status
+            .latest_checkpoint
+            .as_ref()
+            .map(|c| c.path.clone())
+            .unwrap_or_default();
+        if status.latest_checkpoint.as_ref().map(|c| c.step) != Some(step) {
+            status.latest_checkpoint = Some(CheckpointRef {
+                step,
+                path,
+                time: Some(Time(now)),
+            });
+        }
+    }
+}
+
+fn absorb_termination(status: &mut FinetuneJobStatus, termination: Option<&TerminationMessage>) {
+    let Some(termination) = termination else {
+        return;
+    };
+    if let Some(metrics) = &termination.metrics {
+        status.metrics = Some(metrics.clone());
+    }
+    if let (Some(step), Some(path)) = (termination.checkpoint_step, &termination.checkpoint_path) {
+        let newer = status
+            .latest_checkpoint
+            .as_ref()
+            .is_none_or(|c| c.step <= step);
+        if newer {
+            let time = status
+                .latest_checkpoint
+                .as_ref()
+                .and_then(|c| c.time.clone());
+            status.latest_checkpoint = Some(CheckpointRef {
+                step,
+                path: path.clone(),
+                time,
+            });
+        }
+    }
+}
+
+/// The condition type that is True while a job is in `phase`.
+fn phase_condition(phase: JobPhase) -> &'static str {
+    match phase {
+        JobPhase::Pending => "Created",
+        JobPhase::Queued => "Queued",
+        JobPhase::Running => "Running",
+        JobPhase::Succeeded => "Succeeded",
+        JobPhase::Failed => "Failed",
+        JobPhase::Suspended => "Suspended",
+    }
+}
+
+/// Sets one condition, keeping `lastTransitionTime` when its status does not change, and marks
+/// the other phase conditions False so `kubectl describe` shows one current phase.
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    for phase in [
+        "Created",
+        "Queued",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "Suspended",
+    ] {
+        if phase == type_ {
+            continue;
+        }
+        if let Some(other) = conditions
+            .iter_mut()
+            .find(|c| c.type_ == phase && c.status == "True")
+        {
+            other.status = "False".into();
+            other.last_transition_time = Time(now);
+            other.observed_generation = generation;
+        }
+    }
+    let transition = conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone());
+    let condition = Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: transition.unwrap_or(Time(now)),
+    };
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(existing) => *existing = condition,
+        None => conditions.push(condition),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use finetune_crds::contract::TrainerError;
+    use finetune_crds::finetunejob::TrainingMetrics;
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStatus, PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    fn job() -> FinetuneJob {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/sft-lora-smollm2.yaml");
+        let mut job: FinetuneJob =
+            finetune_crds::parse_manifest(&std::fs::read_to_string(path).unwrap(), "x").unwrap();
+        job.metadata.generation = Some(1);
+        job
+    }
+
+    fn now() -> Timestamp {
+        "2026-11-26T12:00:00Z".parse().unwrap()
+    }
+
+    fn pod(attempt: i32, phase: &str) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("j-attempt-{attempt}")),
+                labels: Some(BTreeMap::from([(
+                    names::ATTEMPT_LABEL.to_string(),
+                    attempt.to_string(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            spec: None,
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    fn exited(mut pod: Pod, code: i32, reason: &str, message: Option<&TerminationMessage>) -> Pod {
+        let status = pod.status.as_mut().unwrap();
+        status.container_statuses = Some(vec![ContainerStatus {
+            name: "trainer".into(),
+            state: Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: code,
+                    reason: Some(reason.into()),
+                    message: message.map(|m| m.to_bounded_json()),
+                    ..ContainerStateTerminated::default()
+                }),
+                ..ContainerState::default()
+            }),
+            ..ContainerStatus::default()
+        }]);
+        pod
+    }
+
+    fn condition(mut pod: Pod, type_: &str, status: &str, reason: &str, message: &str) -> Pod {
+        pod.status
+            .as_mut()
+            .unwrap()
+            .conditions
+            .get_or_insert_with(Vec::new)
+            .push(PodCondition {
+                type_: type_.into(),
+                status: status.into(),
+                reason: Some(reason.into()),
+                message: Some(message.into()),
+                ..PodCondition::default()
+            });
+        pod
+    }
+
+    fn true_condition(status: &FinetuneJobStatus) -> (&str, &str) {
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.status == "True")
+            .expect("one True condition");
+        (c.type_.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn a_new_job_creates_attempt_zero() {
+        let derived = derive(&job(), &[], None, now());
+        assert_eq!(derived.action, Action::CreatePod(0));
+        assert_eq!(derived.status.phase, Some(JobPhase::Pending));
+        assert_eq!(true_condition(&derived.status), ("Created", "Created"));
+        assert_eq!(derived.status.observed_generation, Some(1));
+        assert_eq!(derived.transitions.len(), 1);
+    }
+
+    #[test]
+    fn a_suspended_job_starts_nothing() {
+        let mut job = job();
+        job.spec.run_policy.suspend = true;
+        let derived = derive(&job, &[], None, now());
+        assert_eq!(
+            (derived.status.phase, derived.action),
+            (Some(JobPhase::Suspended), Action::Wait)
+        );
+        let derived = derive(&job, &[pod(0, "Running")], None, now());
+        assert_eq!(derived.action, Action::DeletePod("j-attempt-0".into()));
+    }
+
+    #[test]
+    fn unschedulable_pods_queue_the_job_with_the_schedulers_words() {
+        let waiting = condition(
+            pod(0, "Pending"),
+            "PodScheduled",
+            "False",
+            "Unschedulable",
+            "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+        );
+        let derived = derive(&job(), &[waiting], None, now());
+        assert_eq!(derived.status.phase, Some(JobPhase::Queued));
+        let queued = derived
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Queued")
+            .unwrap();
+        assert_eq!(queued.reason, "Unschedulable");
+        assert!(
+            queued.message.contains("Insufficient nvidia.com/gpu"),
+            "{}",
+            queued.message
+        );
+    }
+
+    #[test]
+    fn running_jobs_take_progress_from_the_trainer() {
+        let report = StatusReport {
+            step: 30,
+            total_steps: 120,
+            epoch: 0.5,
+            eta_seconds: Some(90.4),
+            metrics: TrainingMetrics {
+                train_loss: Some(1.25),
+                ..TrainingMetrics::default()
+            },
+            checkpoint_step: Some(25),
+            ..StatusReport::default()
+        };
+        let derived = derive(&job(), &[pod(0, "Running")], Some(&report), now());
+        assert_eq!(derived.action, Action::PollProgress("j-attempt-0".into()));
+        let progress = derived.status.progress.clone().unwrap();
+        assert_eq!(
+            (
+                progress.percent,
+                progress.percent_text.as_deref(),
+                progress.eta_seconds
+            ),
+            (25.0, Some("25%"), Some(90))
+        );
+        assert_eq!(
+            derived.status.metrics.as_ref().unwrap().train_loss,
+            Some(1.25)
+        );
+        assert_eq!(derived.status.latest_checkpoint.as_ref().unwrap().step, 25);
+        assert_eq!(derived.status.start_time, Some(Time(now())));
+        assert_eq!(true_condition(&derived.status), ("Running", "Running"));
+    }
+
+    #[test]
+    fn success_records_metrics_checkpoint_and_adapter() {
+        let message = TerminationMessage {
+            metrics: Some(TrainingMetrics {
+                eval_loss: Some(0.4),
+                ..TrainingMetrics::default()
+            }),
+            checkpoint_step: Some(30),
+            checkpoint_path: Some("/var/lib/finetune/j/checkpoints/step-30".into()),
+            ..TerminationMessage::default()
+        };
+        let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
+        let derived = derive(&job(), &[done], None, now());
+        let status = derived.status;
+        assert_eq!(status.phase, Some(JobPhase::Succeeded));
+        assert_eq!(status.adapter_ref.unwrap().name, "smollm2-kubectl");
+        assert_eq!(status.metrics.unwrap().eval_loss, Some(0.4));
+        assert_eq!(status.latest_checkpoint.unwrap().step, 30);
+        assert_eq!(status.attempts[0].reason.as_deref(), Some("Completed"));
+        assert!(status.completion_time.is_some());
+    }
+
+    #[test]
+    fn invalid_input_fails_at_once_with_the_trainers_message() {
+        let message = TerminationMessage {
+            error: Some(TrainerError {
+                code: "invalid_data".into(),
+                message: "line 7: missing role".into(),
+                param: Some("train.jsonl:7".into()),
+            }),
+            ..TerminationMessage::default()
+        };
+        let failed = exited(pod(0, "Failed"), 2, "Error", Some(&message));
+        let derived = derive(&job(), &[failed], None, now());
+        assert_eq!(derived.status.phase, Some(JobPhase::Failed));
+        let condition = derived
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .unwrap();
+        assert_eq!(condition.reason, "InvalidInput");
+        assert!(
+            condition.message.contains("train.jsonl:7"),
+            "{}",
+            condition.message
+        );
+        assert!(derived.transitions[0].warning);
+        assert_eq!(derived.action, Action::Wait);
+    }
+
+    #[test]
+    fn divergence_is_not_retried() {
+        let derived = derive(
+            &job(),
+            &[exited(pod(0, "Failed"), 3, "Error", None)],
+            None,
+            now(),
+        );
+        assert_eq!(
+            (derived.status.phase, derived.action),
+            (Some(JobPhase::Failed), Action::Wait)
+        );
+        assert_eq!(true_condition(&derived.status).1, "Diverged");
+    }
+
+    #[test]
+    fn crashes_are_retried_until_the_backoff_limit() {
+        let mut job = job();
+        job.spec.run_policy.backoff_limit = 1;
+        let first = exited(pod(0, "Failed"), 1, "Error", None);
+        let derived = derive(&job, std::slice::from_ref(&first), None, now());
+        assert_eq!(derived.action, Action::CreatePod(1));
+        assert_eq!(derived.status.failed_attempts, 1);
+
+        let second = exited(pod(1, "Failed"), 137, "OOMKilled", None);
+        let derived = derive(&job, &[first, second], None, now());
+        assert_eq!(derived.status.phase, Some(JobPhase::Failed));
+        assert_eq!(true_condition(&derived.status).1, "BackoffLimitExceeded");
+        assert_eq!(
+            derived.status.attempts[1].reason.as_deref(),
+            Some("OutOfMemory")
+        );
+    }
+
+    #[test]
+    fn preemptions_are_retried_without_charge() {
+        let mut job = job();
+        job.spec.run_policy.backoff_limit = 0;
+        let evicted = condition(
+            exited(pod(0, "Failed"), 143, "Error", None),
+            "DisruptionTarget",
+            "True",
+            "PreemptionByScheduler",
+            "preempted",
+        );
+        let sigterm = exited(pod(1, "Failed"), 143, "Error", None);
+        let derived = derive(&job, &[evicted, sigterm], None, now());
+        assert_eq!(derived.action, Action::CreatePod(2));
+        assert_eq!(
+            (derived.status.preemptions, derived.status.failed_attempts),
+            (2, 0)
+        );
+    }
+
+    #[test]
+    fn finished_jobs_stay_finished() {
+        let mut job = job();
+        job.status = Some(FinetuneJobStatus {
+            phase: Some(JobPhase::Succeeded),
+            ..FinetuneJobStatus::default()
+        });
+        let derived = derive(&job, &[pod(0, "Running")], None, now());
+        assert_eq!(
+            (derived.action, derived.transitions.len()),
+            (Action::Wait, 0)
+        );
+    }
+
+    #[test]
+    fn conditions_keep_their_transition_time_and_one_is_true() {
+        let mut job = job();
+        let first = derive(&job, &[pod(0, "Running")], None, now());
+        job.status = Some(first.status);
+        let later: Timestamp = "2026-11-26T12:05:00Z".parse().unwrap();
+        let second = derive(&job, &[pod(0, "Running")], None, later);
+        let running = second
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Running")
+            .unwrap();
+        assert_eq!(running.last_transition_time, Time(now()));
+        assert!(
+            second.transitions.is_empty(),
+            "no event without a phase change"
+        );
+        assert_eq!(
+            second
+                .status
+                .conditions
+                .iter()
+                .filter(|c| c.status == "True")
+                .count(),
+            1
+        );
+    }
+}
