@@ -1,5 +1,10 @@
 //! The finetune-operator library: everything the `finetune-operator` binary runs, split so the
-//! pure parts (validation, building child objects) are tested without an apiserver.
+//! pure parts (validation, building children, deriving status) are tested without an apiserver.
 
 pub mod check;
+pub mod controller;
+pub mod error;
 pub mod finetunejob;
+pub mod http;
+pub mod metrics;
+pub mod progress;

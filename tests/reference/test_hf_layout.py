@@ -103,6 +103,24 @@ def test_logits_match(case, tmp_path, tokenizer_for_tiny):
     diff = (ours - ref).abs().max().item()
     print(f"\n{case}: max abs logit diff {diff:.2e} (logit scale {ref.abs().max().item():.2f})")
     assert diff < 1e-4
+    rope = overrides.get("rope_parameters", {})
+    if rope.get("rope_type", "default") != "default":
+        # The scaling must matter for this input, or the comparison above would prove nothing.
+        plain = _with_default_rope(model, kind, overrides)
+        with torch.no_grad():
+            moved = (plain(torch.tensor([ids])).logits - ref).abs().max().item()
+        assert moved > 1e-3, f"{case}: rope scaling has no effect on this input"
+
+
+def _with_default_rope(model, kind, overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    theta = overrides["rope_parameters"]["rope_theta"]
+    kwargs = dict(BASE, **dict(overrides, rope_parameters={"rope_type": "default", "rope_theta": theta}))
+    plain = model_cls(cfg_cls(**kwargs)).eval()
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def test_rich_chat_template_matches(tmp_path, tokenizer_for_tiny):

@@ -15,7 +15,11 @@ use crate::generate::{Sampling, generate};
 use crate::load::{LoadedModel, ModelSource, pick_device};
 
 #[derive(Debug, Parser)]
-#[command(name = "finetune-trainer", version, about = "Llama-family causal LM trainer (tch/libtorch)")]
+#[command(
+    name = "finetune-trainer",
+    version,
+    about = "Llama-family causal LM trainer (tch/libtorch)"
+)]
 pub struct Cli {
     /// Where to run: `auto` (CUDA in bfloat16 if present, else CPU in float32), `cpu` or `cuda`.
     #[arg(long, global = true, default_value = "auto")]
@@ -162,9 +166,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => {
             let m = load(&a.model, &cli.device)?;
             let prompt_ids = if a.chat {
-                let t = m.chat_template.as_ref().ok_or_else(|| {
-                    Error::Usage("--chat: the model has no chat template".into())
-                })?;
+                let t = m
+                    .chat_template
+                    .as_ref()
+                    .ok_or_else(|| Error::Usage("--chat: the model has no chat template".into()))?;
                 let text = t.render(&json!([{"role": "user", "content": a.prompt}]), true)?;
                 m.tokenizer.encode(&text, false)?
             } else {
@@ -175,10 +180,19 @@ pub fn run(cli: Cli) -> Result<()> {
                 top_p: a.top_p,
                 seed: a.seed,
             };
-            let ids = generate(&m.model, &prompt_ids, a.max_new_tokens, &m.eos_ids, &sampling);
+            let ids = generate(
+                &m.model,
+                &prompt_ids,
+                a.max_new_tokens,
+                &m.eos_ids,
+                &sampling,
+            );
             let text = m.tokenizer.decode(&ids, true)?;
             if a.json {
-                println!("{}", json!({"prompt_ids": prompt_ids, "ids": ids, "text": text}));
+                println!(
+                    "{}",
+                    json!({"prompt_ids": prompt_ids, "ids": ids, "text": text})
+                );
             } else {
                 println!("{text}");
             }
@@ -188,7 +202,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let max_length = a
                 .max_length
                 .unwrap_or(m.model.config.max_position_embeddings as usize);
-            let examples = load_examples(&a.data, a.format, &m.tokenizer, m.chat_template.as_ref(), max_length)?;
+            let examples = load_examples(
+                &a.data,
+                a.format,
+                &m.tokenizer,
+                m.chat_template.as_ref(),
+                max_length,
+            )?;
             let report = evaluate(&m.model, &examples);
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
         }
@@ -203,14 +223,27 @@ pub fn run(cli: Cli) -> Result<()> {
                 (None, Some(p)) => m.tokenizer.encode(p, true)?,
                 (None, None) => return Err(Error::Usage("give --ids or --prompt".into())),
             };
-            if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= m.model.config.vocab_size) {
-                return Err(Error::Usage(format!("--ids: {bad} is outside the vocabulary")));
+            if let Some(bad) = ids
+                .iter()
+                .find(|&&i| i < 0 || i >= m.model.config.vocab_size)
+            {
+                return Err(Error::Usage(format!(
+                    "--ids: {bad} is outside the vocabulary"
+                )));
             }
-            let input = Tensor::from_slice(&ids).to_device(m.model.device).unsqueeze(0);
+            let input = Tensor::from_slice(&ids)
+                .to_device(m.model.device)
+                .unsqueeze(0);
             let logits = tch::no_grad(|| m.model.forward(&input, None, None))
                 .to_kind(Kind::Float)
                 .to_device(tch::Device::Cpu);
-            Tensor::write_safetensors(&[("logits", &logits), ("input_ids", &input.to_device(tch::Device::Cpu))], &a.out)?;
+            Tensor::write_safetensors(
+                &[
+                    ("logits", &logits),
+                    ("input_ids", &input.to_device(tch::Device::Cpu)),
+                ],
+                &a.out,
+            )?;
             println!("{}", json!({"ids": ids, "out": a.out}));
         }
         Command::Tokenize(a) => {
@@ -224,7 +257,9 @@ pub fn run(cli: Cli) -> Result<()> {
                         .ok_or_else(|| Error::format(p, "expected a JSON array of strings"))?;
                     let mut out = Vec::new();
                     for t in texts {
-                        let s = t.as_str().ok_or_else(|| Error::format(p, "expected a JSON array of strings"))?;
+                        let s = t
+                            .as_str()
+                            .ok_or_else(|| Error::format(p, "expected a JSON array of strings"))?;
                         out.push(tok.encode(s, a.add_special_tokens)?);
                     }
                     println!("{}", json!(out));

@@ -100,7 +100,8 @@ pub fn load_examples(
                 Example { ids, supervised }
             }
             DataFormat::Instruction => {
-                let instruction = str_field("instruction").ok_or_else(|| bad("missing string `instruction`"))?;
+                let instruction =
+                    str_field("instruction").ok_or_else(|| bad("missing string `instruction`"))?;
                 let output = str_field("output").ok_or_else(|| bad("missing string `output`"))?;
                 let user = match str_field("input") {
                     Some(x) if !x.is_empty() => format!("{instruction}\n\n{x}"),
@@ -142,12 +143,21 @@ pub fn example_loss(model: &CausalLm, ex: &Example) -> (f64, u64) {
     if count == 0 {
         return (0.0, 0);
     }
-    let input = Tensor::from_slice(&ex.ids).to_device(model.device).unsqueeze(0);
-    let logits = model.forward(&input, None, None).squeeze_dim(0).narrow(0, 0, n - 1);
+    let input = Tensor::from_slice(&ex.ids)
+        .to_device(model.device)
+        .unsqueeze(0);
+    let logits = model
+        .forward(&input, None, None)
+        .squeeze_dim(0)
+        .narrow(0, 0, n - 1);
     let targets = Tensor::from_slice(&targets).to_device(model.device);
-    let loss = logits
-        .to_kind(Kind::Float)
-        .cross_entropy_loss::<Tensor>(&targets, None, Reduction::Sum, -100, 0.0);
+    let loss = logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+        &targets,
+        None,
+        Reduction::Sum,
+        -100,
+        0.0,
+    );
     (loss.double_value(&[]), count)
 }
 
@@ -159,7 +169,11 @@ pub fn evaluate(model: &CausalLm, examples: &[Example]) -> EvalReport {
         sum += s;
         tokens += c;
     }
-    let loss = if tokens > 0 { sum / tokens as f64 } else { f64::NAN };
+    let loss = if tokens > 0 {
+        sum / tokens as f64
+    } else {
+        f64::NAN
+    };
     EvalReport {
         loss,
         perplexity: loss.exp(),

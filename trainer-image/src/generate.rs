@@ -37,7 +37,13 @@ fn choose(logits: &Tensor, sampling: &Sampling) -> i64 {
 }
 
 /// Generates up to `max_new_tokens` after `prompt`, returning only the new ids (EOS included when hit).
-pub fn generate(model: &CausalLm, prompt: &[i64], max_new_tokens: usize, eos_ids: &[i64], sampling: &Sampling) -> Vec<i64> {
+pub fn generate(
+    model: &CausalLm,
+    prompt: &[i64],
+    max_new_tokens: usize,
+    eos_ids: &[i64],
+    sampling: &Sampling,
+) -> Vec<i64> {
     let _guard = tch::no_grad_guard();
     if let Some(seed) = sampling.seed {
         tch::manual_seed(seed as i64);
@@ -47,7 +53,9 @@ pub fn generate(model: &CausalLm, prompt: &[i64], max_new_tokens: usize, eos_ids
     if prompt.is_empty() || max_new_tokens == 0 {
         return out;
     }
-    let mut input = Tensor::from_slice(prompt).to_device(model.device).unsqueeze(0);
+    let mut input = Tensor::from_slice(prompt)
+        .to_device(model.device)
+        .unsqueeze(0);
     for _ in 0..max_new_tokens {
         let logits = model.forward(&input, None, Some(&mut cache));
         let last = logits.select(1, -1).squeeze_dim(0).to_kind(Kind::Float);
@@ -56,7 +64,9 @@ pub fn generate(model: &CausalLm, prompt: &[i64], max_new_tokens: usize, eos_ids
         if eos_ids.contains(&next) {
             break;
         }
-        input = Tensor::from_slice(&[next]).to_device(model.device).unsqueeze(0);
+        input = Tensor::from_slice(&[next])
+            .to_device(model.device)
+            .unsqueeze(0);
     }
     out
 }

@@ -1,8 +1,8 @@
 //! `finetune-trainer`: the trainer image's entry point. Errors caused by the input (files, flags,
 //! data) exit with status 2 and a one-line message naming the file; nothing prints a backtrace.
 
-use finetune_trainer::cli;
 use clap::Parser;
+use finetune_trainer::cli;
 
 fn main() {
     // A panic is a bug, not bad input: report it in one line, without a backtrace.

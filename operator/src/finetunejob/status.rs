@@ -214,7 +214,7 @@ pub fn derive(
             Action::Wait
         }
         Some((attempt, pod, PodState::Running)) => {
-            status.start_time.get_or_insert_with(|| Time(now));
+            status.start_time.get_or_insert(Time(now));
             set(
                 &mut status,
                 JobPhase::Running,
@@ -228,7 +228,7 @@ pub fn derive(
             Action::PollProgress(pod_name(pod))
         }
         Some((_, _, PodState::Succeeded(termination))) => {
-            status.start_time.get_or_insert_with(|| Time(now));
+            status.start_time.get_or_insert(Time(now));
             absorb_termination(&mut status, termination.as_ref());
             if let Some(progress) = status.progress.as_mut() {
                 progress.step = progress.total_steps.max(progress.step);
@@ -289,6 +289,66 @@ pub fn derive(
         action,
         transitions,
     }
+}
+
+/// The status of a job whose spec fails validation: Failed at once, with every problem named.
+pub fn invalid_spec(job: &FinetuneJob, message: &str, now: Timestamp) -> Derived {
+    let mut status = job.status.clone().unwrap_or_default();
+    let was = status.phase;
+    status.phase = Some(JobPhase::Failed);
+    status.observed_generation = job.metadata.generation;
+    status.completion_time.get_or_insert(Time(now));
+    set_condition(
+        &mut status.conditions,
+        "Failed",
+        "True",
+        "InvalidSpec",
+        message,
+        job.metadata.generation,
+        now,
+    );
+    let transitions = if was == Some(JobPhase::Failed) {
+        Vec::new()
+    } else {
+        vec![Transition {
+            warning: true,
+            reason: "InvalidSpec".into(),
+            message: message.to_string(),
+        }]
+    };
+    Derived {
+        status,
+        action: Action::Wait,
+        transitions,
+    }
+}
+
+/// The status after creating a child failed: the phase stays, the `Created` condition turns
+/// False with the apiserver's words, so `kubectl describe` says why nothing runs.
+pub fn child_creation_failed(
+    job: &FinetuneJob,
+    child: &str,
+    error: &str,
+    now: Timestamp,
+) -> FinetuneJobStatus {
+    let mut status = job.status.clone().unwrap_or_default();
+    status.phase.get_or_insert(JobPhase::Pending);
+    status.observed_generation = job.metadata.generation;
+    let message = format!("cannot create {child}: {error}");
+    let generation = job.metadata.generation;
+    let condition = Condition {
+        type_: "Created".into(),
+        status: "False".into(),
+        reason: "ChildCreationFailed".into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(now),
+    };
+    match status.conditions.iter_mut().find(|c| c.type_ == "Created") {
+        Some(existing) => *existing = condition,
+        None => status.conditions.push(condition),
+    }
+    status
 }
 
 /// The Adapter a successful job creates.
@@ -819,6 +879,32 @@ mod tests {
             (derived.status.preemptions, derived.status.failed_attempts),
             (2, 0)
         );
+    }
+
+    #[test]
+    fn invalid_specs_fail_once_with_the_problems() {
+        let derived = invalid_spec(&job(), "spec.adapter.lora.rank: Invalid value: 0", now());
+        assert_eq!(derived.status.phase, Some(JobPhase::Failed));
+        assert_eq!(true_condition(&derived.status), ("Failed", "InvalidSpec"));
+        let mut failed = job();
+        failed.status = Some(derived.status);
+        assert!(invalid_spec(&failed, "same", now()).transitions.is_empty());
+    }
+
+    #[test]
+    fn child_creation_failures_are_visible_in_status() {
+        let status = child_creation_failed(&job(), "pod j-attempt-0", "exceeded quota: gpu", now());
+        let created = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Created")
+            .unwrap();
+        assert_eq!(
+            (created.status.as_str(), created.reason.as_str()),
+            ("False", "ChildCreationFailed")
+        );
+        assert!(created.message.contains("exceeded quota"));
+        assert_eq!(status.phase, Some(JobPhase::Pending));
     }
 
     #[test]

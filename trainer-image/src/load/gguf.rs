@@ -109,11 +109,13 @@ impl GgmlType {
 /// Names of ggml type ids, for the "unsupported type" message.
 fn ggml_type_name(id: u32) -> String {
     const NAMES: [&str; 31] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K",
-        "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S",
-        "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
+        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
-    NAMES.get(id as usize).map_or(format!("type {id}"), |n| n.to_string())
+    NAMES
+        .get(id as usize)
+        .map_or(format!("type {id}"), |n| n.to_string())
 }
 
 /// One entry of the tensor directory.
@@ -170,7 +172,10 @@ impl Reader<'_> {
     fn string(&mut self) -> Result<String> {
         let n = self.u64()?;
         if n > self.file_len {
-            return Err(Error::format(self.path, format!("corrupt GGUF header: string length {n}")));
+            return Err(Error::format(
+                self.path,
+                format!("corrupt GGUF header: string length {n}"),
+            ));
         }
         let mut b = vec![0u8; n as usize];
         self.inner
@@ -193,7 +198,10 @@ impl Reader<'_> {
                 let item = self.u32()?;
                 let n = self.u64()?;
                 if n > self.file_len {
-                    return Err(Error::format(self.path, format!("corrupt GGUF header: array length {n}")));
+                    return Err(Error::format(
+                        self.path,
+                        format!("corrupt GGUF header: array length {n}"),
+                    ));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -232,12 +240,18 @@ impl GgufFile {
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(Error::unsupported(path, format!("GGUF version {version} (supported: 2, 3)")));
+            return Err(Error::unsupported(
+                path,
+                format!("GGUF version {version} (supported: 2, 3)"),
+            ));
         }
         let n_tensors = r.u64()?;
         let n_kv = r.u64()?;
         if n_tensors > file_len || n_kv > file_len {
-            return Err(Error::format(path, "corrupt GGUF header: implausible counts"));
+            return Err(Error::format(
+                path,
+                "corrupt GGUF header: implausible counts",
+            ));
         }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
@@ -251,7 +265,11 @@ impl GgufFile {
             let name = r.string()?;
             let n_dims = r.u32()?;
             if n_dims > 4 {
-                return Err(Error::tensor(path, &name, format!("corrupt GGUF header: {n_dims} dimensions")));
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("corrupt GGUF header: {n_dims} dimensions"),
+                ));
             }
             let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
             let type_id = r.u32()?;
@@ -263,10 +281,7 @@ impl GgufFile {
                 offset,
             });
         }
-        let pos = r
-            .inner
-            .stream_position()
-            .map_err(|e| Error::io(path, e))?;
+        let pos = r.inner.stream_position().map_err(|e| Error::io(path, e))?;
         let align = metadata
             .get("general.alignment")
             .and_then(MetaValue::as_u64)
@@ -309,7 +324,9 @@ impl GgufFile {
         let key = |k: &str| format!("{arch_name}.{k}");
         let int = |k: &str| self.get(&key(k)).and_then(MetaValue::as_i64);
         let need = |k: &str| {
-            int(k).ok_or_else(|| Error::format(&self.path, format!("missing GGUF metadata `{}`", key(k))))
+            int(k).ok_or_else(|| {
+                Error::format(&self.path, format!("missing GGUF metadata `{}`", key(k)))
+            })
         };
         let hidden_size = need("embedding_length")?;
         let num_heads = need("attention.head_count")?;
@@ -319,7 +336,9 @@ impl GgufFile {
                     .and_then(MetaValue::as_array)
                     .map(|a| a.len() as i64)
             })
-            .ok_or_else(|| Error::format(&self.path, "no vocab_size and no tokenizer.ggml.tokens"))?;
+            .ok_or_else(|| {
+                Error::format(&self.path, "no vocab_size and no tokenizer.ggml.tokens")
+            })?;
         // `rope.dimension_count` is the head size for llama (transformers maps it to head_dim only there).
         let head_dim = match architecture {
             Architecture::Llama => int("rope.dimension_count").unwrap_or(hidden_size / num_heads),
@@ -349,7 +368,9 @@ impl GgufFile {
             qkv_bias: architecture == Architecture::Qwen2,
             o_bias: false,
             mlp_bias: false,
-            eos_token_ids: token_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")
+                .into_iter()
+                .collect(),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         };
         cfg.validate(&self.path)?;
@@ -381,7 +402,9 @@ impl GgufFile {
                 return Err(Error::tensor(
                     &self.path,
                     &info.name,
-                    format!("{numel} elements is not a whole number of {block_elems}-element blocks"),
+                    format!(
+                        "{numel} elements is not a whole number of {block_elems}-element blocks"
+                    ),
                 ));
             }
             let nbytes = numel / block_elems * block_bytes;
@@ -390,12 +413,18 @@ impl GgufFile {
                 return Err(Error::tensor(
                     &self.path,
                     &info.name,
-                    format!("data ends at byte {} but the file has {} bytes (truncated?)", start + nbytes, self.file_len),
+                    format!(
+                        "data ends at byte {} but the file has {} bytes (truncated?)",
+                        start + nbytes,
+                        self.file_len
+                    ),
                 ));
             }
             let mut raw = vec![0u8; nbytes as usize];
-            f.seek(SeekFrom::Start(start)).map_err(|e| Error::io(&self.path, e))?;
-            f.read_exact(&mut raw).map_err(|e| Error::io(&self.path, e))?;
+            f.seek(SeekFrom::Start(start))
+                .map_err(|e| Error::io(&self.path, e))?;
+            f.read_exact(&mut raw)
+                .map_err(|e| Error::io(&self.path, e))?;
             let shape = info.torch_shape();
             let t = match ty {
                 GgmlType::F32 => Tensor::f_from_data_size(&raw, &shape, Kind::Float),

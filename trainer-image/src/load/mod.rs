@@ -38,7 +38,10 @@ impl ModelSource {
             if !config.exists() {
                 return Err(Error::io(
                     &config,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "config.json not found in the model directory"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "config.json not found in the model directory",
+                    ),
                 ));
             }
             return Ok(ModelSource::HfDir(path.to_path_buf()));
@@ -52,7 +55,10 @@ impl ModelSource {
         if path.extension().is_some_and(|e| e == "gguf") {
             return Ok(ModelSource::Gguf(Box::new(gguf::GgufFile::open(path)?)));
         }
-        Err(Error::format(path, "expected a .gguf file or a Hugging Face model directory"))
+        Err(Error::format(
+            path,
+            "expected a .gguf file or a Hugging Face model directory",
+        ))
     }
 
     pub fn path(&self) -> &Path {
@@ -137,7 +143,11 @@ impl ModelSource {
                 }
             }
         }
-        if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+        if let Some(id) = tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
             eos_ids.push(id);
         }
         eos_ids.sort_unstable();
@@ -158,7 +168,11 @@ pub fn pick_device(name: &str) -> Result<(Device, Kind)> {
         "auto" if tch::Cuda::is_available() => Ok((Device::Cuda(0), Kind::BFloat16)),
         "auto" | "cpu" => Ok((Device::Cpu, Kind::Float)),
         "cuda" if tch::Cuda::is_available() => Ok((Device::Cuda(0), Kind::BFloat16)),
-        "cuda" => Err(Error::Usage("--device cuda: no CUDA device is available".into())),
-        other => Err(Error::Usage(format!("--device {other}: expected auto, cpu or cuda"))),
+        "cuda" => Err(Error::Usage(
+            "--device cuda: no CUDA device is available".into(),
+        )),
+        other => Err(Error::Usage(format!(
+            "--device {other}: expected auto, cpu or cuda"
+        ))),
     }
 }

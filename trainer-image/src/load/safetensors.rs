@@ -49,19 +49,29 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorEntry>> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
-    f.read_exact(&mut len_bytes)
-        .map_err(|_| Error::format(path, "not a safetensors file: shorter than its 8-byte header length"))?;
+    f.read_exact(&mut len_bytes).map_err(|_| {
+        Error::format(
+            path,
+            "not a safetensors file: shorter than its 8-byte header length",
+        )
+    })?;
     let n = u64::from_le_bytes(len_bytes);
     if n > MAX_HEADER || n + 8 > file_len {
         return Err(Error::format(
             path,
-            format!("corrupt safetensors header: declared header length {n} but the file has {file_len} bytes"),
+            format!(
+                "corrupt safetensors header: declared header length {n} but the file has {file_len} bytes"
+            ),
         ));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&header)
-        .map_err(|e| Error::format(path, format!("corrupt safetensors header: invalid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(&header).map_err(|e| {
+        Error::format(
+            path,
+            format!("corrupt safetensors header: invalid JSON: {e}"),
+        )
+    })?;
     let obj = v
         .as_object()
         .ok_or_else(|| Error::format(path, "corrupt safetensors header: not a JSON object"))?;
@@ -72,7 +82,10 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorEntry>> {
             continue;
         }
         let bad = |m: &str| Error::tensor(path, name, format!("corrupt safetensors header: {m}"));
-        let dtype = entry.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype"))?;
+        let dtype = entry
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no dtype"))?;
         let (kind, elem) = dtype_kind(dtype)
             .ok_or_else(|| Error::tensor(path, name, format!("unsupported dtype {dtype}")))?;
         let shape: Vec<i64> = entry
@@ -89,7 +102,9 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorEntry>> {
             .filter(|a| a.len() == 2)
             .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
             .ok_or_else(|| bad("data_offsets is not [start, end]"))?;
-        let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
         let expected = numel.and_then(|n| n.checked_mul(elem));
         if offsets.1 < offsets.0 || Some(offsets.1 - offsets.0) != expected {
             return Err(bad(&format!(
@@ -119,11 +134,19 @@ pub fn load_file(path: &Path, weights: &mut WeightMap, kind: Kind, device: Devic
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     for e in entries {
         let mut buf = vec![0u8; (e.end - e.start) as usize];
-        f.seek(SeekFrom::Start(e.start)).map_err(|err| Error::io(path, err))?;
+        f.seek(SeekFrom::Start(e.start))
+            .map_err(|err| Error::io(path, err))?;
         f.read_exact(&mut buf).map_err(|err| Error::io(path, err))?;
         let t = Tensor::f_from_data_size(&buf, &e.shape, e.kind)
             .map_err(|err| Error::tensor(path, &e.name, err.to_string()))?;
-        let t = if matches!(e.kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) { t.to_kind(kind) } else { t };
+        let t = if matches!(
+            e.kind,
+            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
+        ) {
+            t.to_kind(kind)
+        } else {
+            t
+        };
         weights.insert(e.name, t.to_device(device), path);
     }
     Ok(())

@@ -51,7 +51,9 @@ fn repeat_kv(x: &Tensor, n: i64) -> Tensor {
         return x.shallow_clone();
     }
     let (b, h, s, d) = x.size4().expect("kv is 4-d");
-    x.unsqueeze(2).expand([b, h, n, s, d], false).reshape([b, h * n, s, d])
+    x.unsqueeze(2)
+        .expand([b, h, n, s, d], false)
+        .reshape([b, h * n, s, d])
 }
 
 impl Attention {
@@ -102,7 +104,13 @@ impl Attention {
 
 /// Boolean attention mask `[batch, 1, q_len, past + q_len]`: causal over absolute positions, and
 /// `padding` (`[batch, past + q_len]`, 1 = real token) removes padded keys.
-pub fn build_mask(padding: Option<&Tensor>, batch: i64, past: i64, q_len: i64, device: tch::Device) -> Tensor {
+pub fn build_mask(
+    padding: Option<&Tensor>,
+    batch: i64,
+    past: i64,
+    q_len: i64,
+    device: tch::Device,
+) -> Tensor {
     let total = past + q_len;
     let q_pos = Tensor::arange_start(past, total, (Kind::Int64, device)).view([q_len, 1]);
     let k_pos = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);

@@ -123,7 +123,10 @@ impl ModelConfig {
                 .map_err(|m| Error::format(path, format!("rope parameters: {m}")))?,
             None => RopeScaling::Default,
         };
-        let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
+        let attention_bias = v
+            .get("attention_bias")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Llama => (attention_bias, attention_bias),
             Architecture::Qwen2 => (true, false),
@@ -157,7 +160,8 @@ impl ModelConfig {
 
     /// Rejects configurations the attention code cannot run, before any weight is read.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        if self.num_heads <= 0 || self.num_kv_heads <= 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads <= 0 || self.num_kv_heads <= 0 || self.num_heads % self.num_kv_heads != 0
+        {
             return Err(Error::format(
                 path,
                 format!(
@@ -167,7 +171,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(Error::format(path, "head_dim must be even for rotary embeddings"));
+            return Err(Error::format(
+                path,
+                "head_dim must be even for rotary embeddings",
+            ));
         }
         Ok(())
     }

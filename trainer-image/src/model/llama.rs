@@ -80,15 +80,16 @@ impl CausalLm {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let w = &mut weights;
-        let linear = |w: &mut WeightMap, name: &str, out: i64, inp: i64, bias: bool| -> Result<Linear> {
-            let weight = w.take(&format!("{name}.weight"), &[out, inp], source)?;
-            let bias = if bias {
-                Some(w.take(&format!("{name}.bias"), &[out], source)?)
-            } else {
-                w.take_optional(&format!("{name}.bias"), &[out], source)?
+        let linear =
+            |w: &mut WeightMap, name: &str, out: i64, inp: i64, bias: bool| -> Result<Linear> {
+                let weight = w.take(&format!("{name}.weight"), &[out, inp], source)?;
+                let bias = if bias {
+                    Some(w.take(&format!("{name}.bias"), &[out], source)?)
+                } else {
+                    w.take_optional(&format!("{name}.bias"), &[out], source)?
+                };
+                Ok(Linear { weight, bias })
             };
-            Ok(Linear { weight, bias })
-        };
         let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, h], source)?;
         let mut layers = Vec::with_capacity(c.num_layers as usize);
         for i in 0..c.num_layers {
@@ -102,21 +103,55 @@ impl CausalLm {
                 },
                 self_attn: Attention {
                     q_proj: linear(w, &format!("{a}.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
-                    k_proj: linear(w, &format!("{a}.k_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
-                    v_proj: linear(w, &format!("{a}.v_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                    k_proj: linear(
+                        w,
+                        &format!("{a}.k_proj"),
+                        c.num_kv_heads * hd,
+                        h,
+                        c.qkv_bias,
+                    )?,
+                    v_proj: linear(
+                        w,
+                        &format!("{a}.v_proj"),
+                        c.num_kv_heads * hd,
+                        h,
+                        c.qkv_bias,
+                    )?,
                     o_proj: linear(w, &format!("{a}.o_proj"), h, c.num_heads * hd, c.o_bias)?,
                     num_heads: c.num_heads,
                     num_kv_heads: c.num_kv_heads,
                     head_dim: hd,
                 },
                 post_attention_layernorm: RmsNorm {
-                    weight: w.take(&format!("{p}.post_attention_layernorm.weight"), &[h], source)?,
+                    weight: w.take(
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        &[h],
+                        source,
+                    )?,
                     eps: c.rms_norm_eps,
                 },
                 mlp: Mlp {
-                    gate_proj: linear(w, &format!("{m}.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                    up_proj: linear(w, &format!("{m}.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                    down_proj: linear(w, &format!("{m}.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                    gate_proj: linear(
+                        w,
+                        &format!("{m}.gate_proj"),
+                        c.intermediate_size,
+                        h,
+                        c.mlp_bias,
+                    )?,
+                    up_proj: linear(
+                        w,
+                        &format!("{m}.up_proj"),
+                        c.intermediate_size,
+                        h,
+                        c.mlp_bias,
+                    )?,
+                    down_proj: linear(
+                        w,
+                        &format!("{m}.down_proj"),
+                        h,
+                        c.intermediate_size,
+                        c.mlp_bias,
+                    )?,
                 },
             });
         }
@@ -167,7 +202,12 @@ impl CausalLm {
     ///
     /// `padding` is `[batch, past + seq]` with 1 for real tokens (None = all real). With a `cache`,
     /// positions continue after the cached ones and the new keys/values are appended to it.
-    pub fn forward(&self, input_ids: &Tensor, padding: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Tensor {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        padding: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
         let (b, s) = input_ids.size2().expect("input_ids is [batch, seq]");
         let past = cache.as_ref().map_or(0, |c| c.len());
         let positions = Tensor::arange_start(past, past + s, (Kind::Int64, self.device))
@@ -190,9 +230,12 @@ impl CausalLm {
                 mask.as_ref(),
                 slot,
             );
-            x = x + h;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
-            x = x + h;
+            // Out-of-place residual adds: autograd keeps the pre-residual tensors for backward.
+            let hidden = &x + h;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&hidden));
+            x = hidden + h;
         }
         let x = self.norm.forward(&x);
         match &self.lm_head {
@@ -206,16 +249,31 @@ impl CausalLm {
         let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), &l.input_layernorm.weight));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                &l.input_layernorm.weight,
+            ));
             let a = &l.self_attn;
-            for (n, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            for (n, lin) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
                 for (suffix, t) in lin.named_parameters() {
                     out.push((format!("{p}.self_attn.{n}.{suffix}"), t));
                 }
             }
-            out.push((format!("{p}.post_attention_layernorm.weight"), &l.post_attention_layernorm.weight));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &l.post_attention_layernorm.weight,
+            ));
             let m = &l.mlp;
-            for (n, lin) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
+            for (n, lin) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
                 for (suffix, t) in lin.named_parameters() {
                     out.push((format!("{p}.mlp.{n}.{suffix}"), t));
                 }

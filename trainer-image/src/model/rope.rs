@@ -10,9 +10,13 @@ use tch::{Device, Kind, Tensor};
 pub enum RopeScaling {
     Default,
     /// Positions divided by `factor` (applied to the frequencies instead, which is equivalent).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// NTK-aware: the base grows with the sequence once it exceeds `max_position_embeddings`.
-    Dynamic { factor: f64 },
+    Dynamic {
+        factor: f64,
+    },
     Llama3 {
         factor: f64,
         low_freq_factor: f64,
@@ -64,7 +68,11 @@ impl RopeScaling {
                 let original = original();
                 let factor = num(r, "factor").unwrap_or(max_pos as f64 / original);
                 let get_mscale = |scale: f64, mscale: f64| {
-                    if scale <= 1.0 { 1.0 } else { 0.1 * mscale * scale.ln() + 1.0 }
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * mscale * scale.ln() + 1.0
+                    }
                 };
                 let mscale = num(r, "mscale").filter(|m| *m != 0.0);
                 let mscale_all_dim = num(r, "mscale_all_dim").filter(|m| *m != 0.0);
@@ -102,7 +110,8 @@ pub struct Rope {
 
 /// `1 / base^(arange(0, dim, 2) / dim)` in float32, like every `_compute_*` function.
 fn default_inv_freq(base: &Tensor, dim: i64) -> Tensor {
-    let exps = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float)
+    let exps = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
+        .to_kind(Kind::Float)
         / dim as f64;
     base.pow(&exps).reciprocal()
 }
@@ -119,7 +128,8 @@ impl Rope {
         max_position_embeddings: i64,
         device: Device,
     ) -> Self {
-        let (inv_freq, attention_scaling) = Self::compute(&scaling, base, dim, None, max_position_embeddings);
+        let (inv_freq, attention_scaling) =
+            Self::compute(&scaling, base, dim, None, max_position_embeddings);
         Rope {
             scaling,
             base,
@@ -161,12 +171,15 @@ impl Rope {
                 let low_freq_wavelen = old_ctx / low_freq_factor;
                 let high_freq_wavelen = old_ctx / high_freq_factor;
                 let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
-                let inv_llama = inv_freq.where_self(&wavelen.le(low_freq_wavelen), &(&inv_freq / factor));
+                let inv_llama =
+                    inv_freq.where_self(&wavelen.le(low_freq_wavelen), &(&inv_freq / factor));
                 let smooth = ((wavelen.reciprocal() * old_ctx) - low_freq_factor)
                     / (high_freq_factor - low_freq_factor);
                 let smoothed =
                     (smooth.ones_like() - &smooth) * &inv_llama / factor + &smooth * &inv_llama;
-                let medium = wavelen.ge(high_freq_wavelen).logical_and(&wavelen.le(low_freq_wavelen));
+                let medium = wavelen
+                    .ge(high_freq_wavelen)
+                    .logical_and(&wavelen.le(low_freq_wavelen));
                 (smoothed.where_self(&medium, &inv_llama), 1.0)
             }
             RopeScaling::Yarn {
@@ -196,7 +209,8 @@ impl Rope {
                 let pos_freqs = scalar(base).pow(&exps);
                 let extrapolation = pos_freqs.reciprocal();
                 let interpolation = (&pos_freqs * factor).reciprocal();
-                let ramp = ((Tensor::arange(dim / 2, (Kind::Float, Device::Cpu)) - low) / (high - low))
+                let ramp = ((Tensor::arange(dim / 2, (Kind::Float, Device::Cpu)) - low)
+                    / (high - low))
                     .clamp(0.0, 1.0);
                 let extra_factor = ramp.ones_like() - ramp;
                 let inv = interpolation * (extra_factor.ones_like() - &extra_factor)
@@ -259,7 +273,9 @@ mod tests {
         let r = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
         let s = RopeScaling::from_json(&r, &serde_json::json!({}), 64).unwrap();
         match s {
-            RopeScaling::Yarn { attention_factor, .. } => {
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => {
                 assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12)
             }
             _ => panic!("not yarn"),

@@ -42,15 +42,27 @@ impl WeightMap {
             return Err(Error::tensor(
                 &file,
                 name,
-                format!("shape mismatch: checkpoint has {:?}, config expects {shape:?}", t.size()),
+                format!(
+                    "shape mismatch: checkpoint has {:?}, config expects {shape:?}",
+                    t.size()
+                ),
             ));
         }
         Ok(t)
     }
 
     /// Like [`take`](Self::take) but `None` when absent (optional biases, untied heads).
-    pub fn take_optional(&mut self, name: &str, shape: &[i64], checkpoint: &Path) -> Result<Option<Tensor>> {
-        if self.contains(name) { self.take(name, shape, checkpoint).map(Some) } else { Ok(None) }
+    pub fn take_optional(
+        &mut self,
+        name: &str,
+        shape: &[i64],
+        checkpoint: &Path,
+    ) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.take(name, shape, checkpoint).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Names nobody took: reported as a warning, since extra tensors are harmless but suspicious.

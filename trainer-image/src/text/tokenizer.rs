@@ -10,6 +10,9 @@ use serde_json::{Value, json};
 use crate::error::{Error, Result};
 use crate::load::gguf::{GgufFile, MetaValue};
 
+/// Byte range `[start, end)` of a token in the encoded text.
+pub type Offsets = (usize, usize);
+
 /// A tokenizer plus the special-token strings chat templates and generation need.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -104,9 +107,22 @@ impl TextTokenizer {
             .get("tokenizer.ggml.add_bos_token")
             .and_then(MetaValue::as_bool)
             .unwrap_or(false);
-        let json = byte_level_json(&tokens, &merges, &types, pre, add_bos.then_some(()).and(bos_token.as_deref()).map(|b| (b, tokens.iter().position(|t| t == b).unwrap_or(0))));
-        let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
-            .map_err(|e| Error::format(path, format!("cannot build tokenizer from GGUF vocabulary: {e}")))?;
+        // A BOS the post-processor prepends, when the file asks for one (SmolLM2's does not).
+        let bos_id = gguf
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(MetaValue::as_u64);
+        let prepend_bos = match (add_bos, bos_token.as_deref(), bos_id) {
+            (true, Some(token), Some(id)) => Some((token, id as usize)),
+            _ => None,
+        };
+        let json = byte_level_json(&tokens, &merges, &types, pre, prepend_bos);
+        let inner =
+            tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
+                Error::format(
+                    path,
+                    format!("cannot build tokenizer from GGUF vocabulary: {e}"),
+                )
+            })?;
         Ok(TextTokenizer {
             inner,
             bos_token,
@@ -126,7 +142,7 @@ impl TextTokenizer {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<i64>, Vec<Offsets>)> {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
@@ -164,7 +180,8 @@ pub fn read_tokenizer_config(dir: &Path) -> Result<Option<Value>> {
 /// GPT-2's reversible byte → printable-character table (`bytes_to_unicode`).
 pub fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut n = 0;
     for b in 0..256u32 {
         table[b as usize] = if printable(b) {
@@ -231,9 +248,7 @@ fn byte_level_json(
             "normalized": false, "special": special
         }));
     }
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let pre_tokenizer = match pre.and_then(split_pattern) {
         Some(pattern) => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
