@@ -10,13 +10,15 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build crds demo test test-rust test-reference lint bench-forward clean-cache help
+.PHONY: setup build crds demo test test-rust test-reference test-cluster lint bench-forward cluster-build cluster-up cluster-down clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
 	@echo "make demo           the main job (see README)"
 	@echo "make test           every test: formatting, clippy, Rust tests, reference parity tests"
 	@echo "make crds           regenerate crds/*.yaml from the Rust types"
+	@echo "make cluster-up     start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes)"
+	@echo "make cluster-down   stop it"
 	@echo "make bench-forward  forward-pass tokens/s: ours vs transformers (JSON in \$$CARGO_TARGET_DIR/bench)"
 
 setup:
@@ -41,7 +43,21 @@ test-rust: setup
 test-reference: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python -m pytest -q tests/reference
 
-test: lint test-rust test-reference
+# The CRDs and examples against a real kube-apiserver (CEL rules, printer columns, GC, GPU scheduling).
+test-cluster: cluster-build
+	@tests/cluster/down.sh >/dev/null 2>&1 || true
+	@tests/cluster/up.sh && { tests/cluster/smoke.sh; status=$$?; tests/cluster/down.sh; exit $$status; }
+
+test: lint test-rust test-reference test-cluster
+
+cluster-build:
+	@tests/cluster/build.sh
+
+cluster-up: cluster-build
+	@tests/cluster/up.sh
+
+cluster-down:
+	@tests/cluster/down.sh
 
 bench-forward: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forward.py

@@ -1,4 +1,4 @@
-"""Adds up the results that cargo test and pytest printed in one log and prints one closing line.
+"""Adds up the results that cargo test, pytest and the cluster smoke test printed in one log and prints one closing line.
 
 Usage: python3 scripts/test-summary.py LOG
 """
@@ -17,6 +17,8 @@ def main(path):
         passed += counts.get("passed", 0)
         failed += counts.get("failed", 0) + counts.get("error", 0)
         skipped += counts.get("skipped", 0)
+    for ok, bad in re.findall(r"^(\d+) passed, (\d+) failed$", text, flags=re.M):
+        passed, failed = passed + int(ok), failed + int(bad)
     print(f"tests: {passed} passed, {failed} failed, {skipped} skipped")
 
 

@@ -33,9 +33,10 @@ use crate::training::{
     printcolumn(name = "Eval-Loss", type_ = "number", json_path = ".status.metrics.evalLoss", priority = "1"),
     printcolumn(name = "Adapter", type_ = "string", json_path = ".status.adapterRef.name"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // No fieldPath: the apiserver accepts field paths into the schema only, and metadata is not
+    // part of it, so the message names the field itself.
     validation = Rule::new("size(self.metadata.name) <= 48")
-        .message("FinetuneJob names are at most 48 characters: pods are named NAME-attempt-N and labelled with NAME (63 characters at most)")
-        .field_path(".metadata.name"),
+        .message("metadata.name must be at most 48 characters: pods are named NAME-attempt-N and labelled with NAME (63 characters at most)"),
     validation = Rule::new("!has(self.status) || !has(self.status.startTime) || self.spec.baseModel == oldSelf.spec.baseModel")
         .message("spec.baseModel cannot change once the job has started: its checkpoints belong to that model; create a new FinetuneJob")
         .field_path(".spec.baseModel"),

@@ -44,7 +44,7 @@ pub struct SftOptions {
 }
 
 /// Direct preference optimisation options.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DpoOptions {
     /// Strength of the pull toward the reference model (TRL's `beta`).
@@ -54,9 +54,13 @@ pub struct DpoOptions {
     /// Loss variant: `sigmoid` (the DPO paper) or `ipo`.
     #[serde(default)]
     pub loss: DpoLoss,
-    /// Conservative DPO: assumed probability that a preference label is flipped.
+    /// Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5).
+    // The upper bound is a CEL rule, not `exclusiveMaximum`: the apiserver truncates a
+    // fractional maximum to an integer when the value is written as one (0 or 0.0), which
+    // would reject every value.
     #[serde(default)]
-    #[schemars(extend("minimum" = 0.0, "maximum" = 0.5, "exclusiveMaximum" = true))]
+    #[schemars(range(min = 0.0, max = 0.5))]
+    #[x_kube(validation = Rule::new("self < 0.5").message("dpo.labelSmoothing must be below 0.5"))]
     pub label_smoothing: f64,
 }
 

@@ -335,5 +335,17 @@ fn started_jobs_keep_their_dataset() {
 #[test]
 fn job_names_leave_room_for_pod_names() {
     let job = edit(valid_job(), "/metadata/name", Some(json!("x".repeat(49))));
-    assert_rejected(&job, "metadata.name", "at most 48 characters");
+    assert_rejected(&job, "", "metadata.name must be at most 48 characters");
+}
+
+#[test]
+fn label_smoothing_must_stay_below_one_half() {
+    let dpo = json!({"type": "dpo", "dpo": {"labelSmoothing": 0.5}});
+    let job = edit(valid_job(), "/spec/method", Some(dpo));
+    let job = edit(job, "/spec/dataset/format", Some(json!("preference")));
+    assert_rejected(&job, "spec.method.dpo.labelSmoothing", "must be below 0.5");
+    // Whole numbers are valid values: the apiserver once rejected 0 through a truncated bound.
+    let job = edit(job, "/spec/method/dpo/labelSmoothing", Some(json!(0)));
+    let yaml = serde_yaml::to_string(&job).unwrap();
+    parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap();
 }
