@@ -43,10 +43,15 @@ test-rust: setup
 test-reference: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python -m pytest -q tests/reference
 
-# The CRDs and examples against a real kube-apiserver (CEL rules, printer columns, GC, GPU scheduling).
-test-cluster: cluster-build
+# On a real kube-apiserver with kwok GPU nodes: the CRDs and examples (CEL rules, printer
+# columns, GC, GPU scheduling), then the operator's control-plane tests.
+KUBECONFIG_TEST := $(CACHE)/cluster/run/kubeconfig
+test-cluster: cluster-build setup
 	@tests/cluster/down.sh >/dev/null 2>&1 || true
-	@tests/cluster/up.sh && { tests/cluster/smoke.sh; status=$$?; tests/cluster/down.sh; exit $$status; }
+	@tests/cluster/up.sh && { \
+	  tests/cluster/smoke.sh && \
+	  KUBECONFIG=$(KUBECONFIG_TEST) cargo test -p finetune-operator --test control_plane -- --ignored; \
+	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
 test: lint test-rust test-reference test-cluster
 

@@ -1,0 +1,385 @@
+//! The operator against a real control plane (kube-apiserver, controller-manager, scheduler and
+//! kwok GPU nodes from tests/cluster). Ignored by plain `cargo test`; `make test-cluster` starts
+//! the cluster and runs them with `--ignored`, KUBECONFIG pointing at it.
+//!
+//! Each test gets its own namespace and its own operator process watching only that namespace.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use finetune_crds::{FinetuneJob, JobPhase, parse_manifest};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota,
+};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use serde_json::json;
+
+/// An operator process that is killed when the test ends, however it ends.
+struct Operator {
+    child: Child,
+    metrics_port: u16,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn client() -> Client {
+    Client::try_default()
+        .await
+        .expect("KUBECONFIG must point at the test cluster (tests/cluster/up.sh)")
+}
+
+async fn install_crds(client: &Client) {
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    for crd in [FinetuneJob::crd(), finetune_crds::Adapter::crd()] {
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply("control-plane-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("CRD applies");
+    }
+    // Established within a few seconds on an idle apiserver.
+    let jobs: Api<FinetuneJob> = Api::all(client.clone());
+    wait_for(
+        "the FinetuneJob CRD to serve",
+        Duration::from_secs(30),
+        || async {
+            jobs.list(&ListParams::default().limit(1))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+}
+
+/// A fresh namespace named after the test, plus a hostPath PV for the job's storage claim.
+async fn namespace(client: &Client, name: &str) -> String {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let suffix = std::process::id();
+    let ns = format!("{name}-{suffix}");
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .expect("namespace created");
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let volume = json!({
+        "metadata": {"name": format!("{ns}-pv")},
+        "spec": {
+            "capacity": {"storage": "100Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "hostPath": {"path": format!("/tmp/{ns}")},
+            "storageClassName": "",
+            "claimRef": {"namespace": ns, "name": "kubectl-sft-storage"}
+        }
+    });
+    volumes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(volume).unwrap(),
+        )
+        .await
+        .expect("PV created");
+    ns
+}
+
+fn start_operator(namespace: &str) -> Operator {
+    let metrics_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_finetune-operator"))
+        .args([
+            "run",
+            "--namespace",
+            namespace,
+            "--http-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("operator starts");
+    Operator {
+        child,
+        metrics_port,
+    }
+}
+
+/// The SFT example, made to run in `namespace` without the example's model PVC.
+fn example_job(namespace: &str, gpus: i32) -> FinetuneJob {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sft-lora-smollm2.yaml");
+    let mut job: FinetuneJob =
+        parse_manifest(&std::fs::read_to_string(path).unwrap(), "example").unwrap();
+    job.metadata.name = Some("kubectl-sft".into());
+    job.metadata.namespace = Some(namespace.into());
+    job.spec.base_model.uri = "file:///models/SmolLM2-135M-Instruct.Q4_1.gguf".into();
+    job.spec.resources.gpus = gpus;
+    job
+}
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            eprintln!("  ok: {what} ({:.1}s)", start.elapsed().as_secs_f64());
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn job_phase(jobs: &Api<FinetuneJob>, name: &str) -> Option<JobPhase> {
+    jobs.get(name).await.ok()?.status?.phase
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_job_becomes_a_gpu_pod_and_its_status_follows() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-place").await;
+    let _operator = start_operator(&ns);
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &example_job(&ns, 1))
+        .await
+        .expect("job accepted");
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = wait_for(
+        "the attempt-0 pod to be scheduled",
+        Duration::from_secs(60),
+        || async {
+            let pod = pods.get("kubectl-sft-attempt-0").await.ok()?;
+            pod.spec.as_ref()?.node_name.as_ref()?;
+            Some(pod)
+        },
+    )
+    .await;
+    let spec = pod.spec.unwrap();
+    assert!(
+        spec.node_name.as_deref().unwrap().starts_with("kwok-gpu-"),
+        "{:?}",
+        spec.node_name
+    );
+    let limits = spec.containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .clone()
+        .unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    assert_eq!(limits["memory"].0, "8Gi");
+
+    // kwok reports the pod Running; the job follows.
+    wait_for("phase Running", Duration::from_secs(60), || async {
+        (job_phase(&jobs, "kubectl-sft").await == Some(JobPhase::Running)).then_some(())
+    })
+    .await;
+    let job = jobs.get("kubectl-sft").await.unwrap();
+    let status = job.status.unwrap();
+    assert!(status.start_time.is_some());
+    assert_eq!(status.observed_generation, job.metadata.generation);
+    let running = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Running")
+        .unwrap();
+    assert_eq!(running.status, "True");
+
+    // The manifest ConfigMap holds a job the trainer accepts; the storage claim is bound.
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let map = maps.get("kubectl-sft-manifest").await.unwrap();
+    let manifest = &map.data.unwrap()["job.yaml"];
+    parse_manifest::<FinetuneJob>(manifest, "configmap").expect("the mounted manifest validates");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let claim = claims.get("kubectl-sft-storage").await.unwrap();
+    assert_eq!(claim.owner_references()[0].kind, "FinetuneJob");
+
+    // Events tell the story.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> = wait_for("events for the job", Duration::from_secs(20), || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        let reasons: Vec<String> = list.items.into_iter().filter_map(|e| e.reason).collect();
+        reasons.iter().any(|r| r == "Running").then_some(reasons)
+    })
+    .await;
+    assert!(reasons.iter().any(|r| r == "Created"), "{reasons:?}");
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn too_few_gpus_queue_the_job_with_the_schedulers_message() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-queue").await;
+    let operator = start_operator(&ns);
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &example_job(&ns, 16))
+        .await
+        .expect("job accepted");
+
+    let queued = wait_for("phase Queued", Duration::from_secs(90), || async {
+        let status = jobs.get("kubectl-sft").await.ok()?.status?;
+        (status.phase == Some(JobPhase::Queued)).then_some(status)
+    })
+    .await;
+    let condition = queued
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Queued")
+        .unwrap();
+    assert_eq!(condition.reason, "Unschedulable");
+    assert!(
+        condition.message.contains("Insufficient nvidia.com/gpu"),
+        "{}",
+        condition.message
+    );
+
+    // The operator's own metrics count it.
+    let url = format!("127.0.0.1:{}", operator.metrics_port);
+    let text = wait_for(
+        "metrics with the queued job",
+        Duration::from_secs(20),
+        || async {
+            let text = http_get(&url, "/metrics").await?;
+            text.contains("finetune_operator_jobs{phase=\"Queued\"} 1")
+                .then_some(text)
+        },
+    )
+    .await;
+    assert!(
+        text.contains("finetune_operator_reconcile_duration_seconds_count"),
+        "{text}"
+    );
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_refused_pod_is_reported_in_status() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-quota").await;
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &ns);
+    let quota = json!({"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}});
+    quotas
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(quota).unwrap(),
+        )
+        .await
+        .unwrap();
+    // The quota controller must have computed usage before admission enforces it.
+    wait_for(
+        "the quota to be computed",
+        Duration::from_secs(30),
+        || async { quotas.get("no-pods").await.ok()?.status?.used.map(|_| ()) },
+    )
+    .await;
+    let _operator = start_operator(&ns);
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &example_job(&ns, 1))
+        .await
+        .expect("job accepted");
+    let condition = wait_for(
+        "Created=False with the quota message",
+        Duration::from_secs(60),
+        || async {
+            let status = jobs.get("kubectl-sft").await.ok()?.status?;
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Created" && c.status == "False")
+        },
+    )
+    .await;
+    assert_eq!(condition.reason, "ChildCreationFailed");
+    assert!(
+        condition.message.contains("exceeded quota"),
+        "{}",
+        condition.message
+    );
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn deleting_a_job_collects_its_children() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-gc").await;
+    let _operator = start_operator(&ns);
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &example_job(&ns, 1))
+        .await
+        .expect("job accepted");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    wait_for("the pod", Duration::from_secs(60), || async {
+        pods.get("kubectl-sft-attempt-0").await.ok()
+    })
+    .await;
+
+    jobs.delete("kubectl-sft", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    wait_for(
+        "pods and ConfigMap collected",
+        Duration::from_secs(90),
+        || async {
+            let selector = ListParams::default().labels("finetune.dev/job=kubectl-sft");
+            let pods_left = pods.list(&selector).await.ok()?.items.len();
+            let maps_left = maps.list(&selector).await.ok()?.items.len();
+            (pods_left + maps_left == 0).then_some(())
+        },
+    )
+    .await;
+    cleanup(&client, &ns).await;
+}
+
+async fn cleanup(client: &Client, ns: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(ns, &DeleteParams::background()).await;
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let _ = volumes
+        .delete(&format!("{ns}-pv"), &DeleteParams::background())
+        .await;
+}
+
+/// A minimal HTTP GET, enough for the operator's text endpoints.
+async fn http_get(address: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
