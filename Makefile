@@ -44,13 +44,17 @@ test-reference: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python -m pytest -q tests/reference
 
 # On a real kube-apiserver with kwok GPU nodes: the CRDs and examples (CEL rules, printer
-# columns, GC, GPU scheduling), then the operator's control-plane tests.
+# columns, GC, GPU scheduling), then the operator's control-plane tests, ending with the real
+# trainer run by the test-only executor node under the real operator.
 KUBECONFIG_TEST := $(CACHE)/cluster/run/kubeconfig
-test-cluster: cluster-build setup
+test-cluster: cluster-build build
 	@tests/cluster/down.sh >/dev/null 2>&1 || true
 	@tests/cluster/up.sh && { \
 	  tests/cluster/smoke.sh && \
-	  KUBECONFIG=$(KUBECONFIG_TEST) cargo test -p finetune-operator --test control_plane -- --ignored; \
+	  KUBECONFIG=$(KUBECONFIG_TEST) FINETUNE_TRAINER_BIN=$(TRAINER) \
+	  FINETUNE_EXECUTOR_BIN=$(CARGO_TARGET_DIR)/release/finetune-executor \
+	  FINETUNE_SMOLLM2_GGUF=$$(scripts/smollm2-path.sh) \
+	  cargo test -p finetune-operator --test control_plane -- --ignored; \
 	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
 test: lint test-rust test-reference test-cluster

@@ -383,3 +383,156 @@ async fn http_get(address: &str, path: &str) -> Option<String> {
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
+
+/// A test-only node (tests/executor) that runs pods as local processes; killed with the test.
+struct Executor {
+    child: Child,
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn required_path(variable: &str) -> String {
+    let value = std::env::var(variable)
+        .unwrap_or_else(|_| panic!("set {variable} (make test-cluster does)"));
+    assert!(
+        std::path::Path::new(&value).exists(),
+        "{variable}={value} does not exist"
+    );
+    value
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_real_trainer_runs_under_the_operator_to_success() {
+    let trainer = required_path("FINETUNE_TRAINER_BIN");
+    let executor_bin = required_path("FINETUNE_EXECUTOR_BIN");
+    let model = required_path("FINETUNE_SMOLLM2_GGUF");
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-e2e").await;
+
+    // The example datasets as the ConfigMap the example URIs name.
+    let data_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data");
+    let files: serde_json::Map<String, serde_json::Value> = ["chat-train.jsonl", "chat-eval.jsonl"]
+        .iter()
+        .map(|f| {
+            (
+                f.to_string(),
+                json!(std::fs::read_to_string(data_dir.join(f)).unwrap()),
+            )
+        })
+        .collect();
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let map = json!({"metadata": {"name": "finetune-examples-data"}, "data": files});
+    maps.create(
+        &PostParams::default(),
+        &serde_json::from_value(map).unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let node = format!("executor-{}", std::process::id());
+    let _executor = Executor {
+        child: Command::new(executor_bin)
+            .args(["--node-name", &node, "--default-binary", &trainer])
+            .arg("--work-dir")
+            .arg(work.path())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("executor starts"),
+    };
+    let _operator = start_operator(&ns);
+
+    let mut job = example_job(&ns, 0);
+    job.spec.base_model.uri = format!("file://{model}");
+    job.spec.resources.memory = None;
+    job.spec.resources.node_selector =
+        [("kubernetes.io/hostname".to_string(), node.clone())].into();
+    let hp = &mut job.spec.hyperparameters;
+    (
+        hp.epochs,
+        hp.max_steps,
+        hp.batch_size,
+        hp.gradient_accumulation_steps,
+        hp.max_seq_length,
+    ) = (None, Some(8), 2, 1, 128);
+    hp.warmup_ratio = None;
+    job.spec.evaluation = Some(finetune_crds::training::Evaluation {
+        every_steps: Some(4),
+        ..Default::default()
+    });
+    job.spec.forgetting_guard = None;
+    job.spec.checkpoint.every_steps = 4;
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &job)
+        .await
+        .expect("job accepted");
+
+    // Progress advances while it runs, then it succeeds.
+    let steps_seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let status = wait_for("phase Succeeded", Duration::from_secs(600), || {
+        let (jobs, steps_seen) = (jobs.clone(), steps_seen.clone());
+        async move {
+            let status = jobs.get("kubectl-sft").await.ok()?.status?;
+            if let Some(progress) = &status.progress {
+                steps_seen.lock().unwrap().insert(progress.step);
+            }
+            assert_ne!(
+                status.phase,
+                Some(JobPhase::Failed),
+                "the job failed: {:?}",
+                status.conditions
+            );
+            (status.phase == Some(JobPhase::Succeeded)).then_some(status)
+        }
+    })
+    .await;
+    let steps_seen = steps_seen.lock().unwrap().clone();
+    eprintln!("  progress steps observed while running: {steps_seen:?}");
+    assert!(
+        steps_seen.len() >= 2,
+        "progress should advance while the trainer runs: {steps_seen:?}"
+    );
+    let metrics = status
+        .metrics
+        .expect("final metrics from the termination message");
+    assert!(
+        metrics.train_loss.is_some_and(f64::is_finite),
+        "{metrics:?}"
+    );
+    assert_eq!(status.adapter_ref.unwrap().name, "smollm2-kubectl");
+    assert!(status.latest_checkpoint.is_some_and(|c| c.step == 8));
+    let claim_dir = work
+        .path()
+        .join("pvc")
+        .join(&ns)
+        .join("kubectl-sft-storage");
+    let adapter = walk(&claim_dir)
+        .into_iter()
+        .find(|p| p.ends_with("adapter_model.safetensors"));
+    assert!(
+        adapter.is_some(),
+        "no adapter_model.safetensors under {}",
+        claim_dir.display()
+    );
+    cleanup(&client, &ns).await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
