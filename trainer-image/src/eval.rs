@@ -16,30 +16,26 @@
 //!   tokenized without added special tokens (as `apply_chat_template(tokenize=True)`); a token is
 //!   flagged when its first byte lies inside an assistant span as defined by
 //!   [`ChatTemplate::render_with_assistant_spans`] (the reply plus the template's end-of-turn text).
+//!
+//! Lines are read and validated by the training data loader ([`crate::data::format`]), so `eval`
+//! rejects exactly the lines training rejects (`file:line` in the message, exit code 2).
 
 use std::path::Path;
 
 use serde::Serialize;
-use serde_json::{Value, json};
 use tch::{Kind, Reduction, Tensor};
 
+use crate::data::curate::truncate;
+use crate::data::{Encoder, LoadOptions, Sample, load_samples};
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
 use crate::text::{ChatTemplate, TextTokenizer};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DataFormat {
-    Chat,
-    Instruction,
-    Text,
-}
+/// The data formats, shared with training ([`crate::data::DataFormat`]); `preference` is rejected.
+pub use crate::data::DataFormat;
 
-/// One tokenized line.
-#[derive(Debug, Clone)]
-pub struct Example {
-    pub ids: Vec<i64>,
-    pub supervised: Vec<bool>,
-}
+/// One tokenized line (the training pipeline's [`Sample`]).
+pub type Example = Sample;
 
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
@@ -49,28 +45,10 @@ pub struct EvalReport {
     pub examples: usize,
 }
 
-fn chat_example(
-    messages: &[Value],
-    tok: &TextTokenizer,
-    template: Option<&ChatTemplate>,
-    path: &Path,
-    line: usize,
-) -> Result<Example> {
-    let template = template.ok_or_else(|| Error::Data {
-        path: path.to_path_buf(),
-        line,
-        message: "the model has no chat template; use --format text".into(),
-    })?;
-    let (text, spans) = template.render_with_assistant_spans(messages)?;
-    let (ids, offsets) = tok.encode_with_offsets(&text, false)?;
-    let supervised = offsets
-        .iter()
-        .map(|(start, _)| spans.iter().any(|s| s.contains(start)))
-        .collect();
-    Ok(Example { ids, supervised })
-}
-
-/// Reads and tokenizes a JSONL file in `format`.
+/// Reads and tokenizes a JSONL file in `format` with the training pipeline's loader
+/// ([`crate::data::load_samples`]) under [`LoadOptions::eval_command`] — the definition above: no
+/// eos appended, assistant spans untrimmed — then truncates each line to `max_length` tokens. Every
+/// line is kept (no deduplication, no dropping).
 pub fn load_examples(
     path: &Path,
     format: DataFormat,
@@ -78,52 +56,19 @@ pub fn load_examples(
     template: Option<&ChatTemplate>,
     max_length: usize,
 ) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let bad = |m: &str| Error::Data {
-            path: path.to_path_buf(),
-            line,
-            message: m.to_string(),
-        };
-        let v: Value = serde_json::from_str(raw).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
-        let str_field = |k: &str| v.get(k).and_then(Value::as_str);
-        let mut ex = match format {
-            DataFormat::Text => {
-                let s = str_field("text").ok_or_else(|| bad("expected {\"text\": string}"))?;
-                let ids = tok.encode(s, true)?;
-                let supervised = vec![true; ids.len()];
-                Example { ids, supervised }
-            }
-            DataFormat::Instruction => {
-                let instruction =
-                    str_field("instruction").ok_or_else(|| bad("missing string `instruction`"))?;
-                let output = str_field("output").ok_or_else(|| bad("missing string `output`"))?;
-                let user = match str_field("input") {
-                    Some(x) if !x.is_empty() => format!("{instruction}\n\n{x}"),
-                    _ => instruction.to_string(),
-                };
-                let messages = [
-                    json!({"role": "user", "content": user}),
-                    json!({"role": "assistant", "content": output}),
-                ];
-                chat_example(&messages, tok, template, path, line)?
-            }
-            DataFormat::Chat => {
-                let messages = v
-                    .get("messages")
-                    .and_then(Value::as_array)
-                    .ok_or_else(|| bad("expected {\"messages\": [...]}"))?;
-                chat_example(messages, tok, template, path, line)?
-            }
-        };
-        ex.ids.truncate(max_length);
-        ex.supervised.truncate(max_length);
-        out.push(ex);
+    if format == DataFormat::Preference {
+        return Err(Error::Usage(
+            "eval scores chat, instruction or text data, not preference pairs".into(),
+        ));
+    }
+    let enc = Encoder {
+        tokenizer: tok,
+        template,
+        options: LoadOptions::eval_command(),
+    };
+    let mut out = load_samples(path, format, &enc)?;
+    for ex in &mut out {
+        truncate(ex, max_length);
     }
     Ok(out)
 }

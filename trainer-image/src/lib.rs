@@ -6,13 +6,19 @@
 //! * [`load`] — safetensors and GGUF readers producing a name → tensor map.
 //! * [`text`] — tokenizer (incl. rebuilding one from GGUF metadata) and chat templates.
 //! * [`eval`], [`generate`] — the two inference workloads; [`cli`] — argument parsing and dispatch.
+//! * [`train`] — the SFT loop (AdamW, schedules, checkpoints, `run JOB.yaml`); [`export`] — PEFT
+//!   adapters and full models; [`serve`] — the `/status` and `/metrics` server.
 
 pub mod cli;
+pub mod data;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod load;
 pub mod model;
+pub mod serve;
 pub mod text;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -62,7 +62,9 @@ pub async fn heartbeat(client: Client, node_name: String) {
     let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
     loop {
         // Lease times are MicroTime: exactly six fractional digits.
-        let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+        let now = Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string();
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": node_name},

@@ -88,7 +88,7 @@ impl CausalLm {
                 } else {
                     w.take_optional(&format!("{name}.bias"), &[out], source)?
                 };
-                Ok(Linear { weight, bias })
+                Ok(Linear::new(weight, bias))
             };
         let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, h], source)?;
         let mut layers = Vec::with_capacity(c.num_layers as usize);
@@ -206,30 +206,57 @@ impl CausalLm {
         &self,
         input_ids: &Tensor,
         padding: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Tensor {
         let (b, s) = input_ids.size2().expect("input_ids is [batch, seq]");
         let past = cache.as_ref().map_or(0, |c| c.len());
         let positions = Tensor::arange_start(past, past + s, (Kind::Int64, self.device))
             .unsqueeze(0)
             .expand([b, s], false);
-        let (cos, sin) = self.rope.cos_sin(&positions, self.kind);
         // Plain causal attention lets SDPA pick its fused causal kernel; anything else needs a mask.
         let mask = if padding.is_none() && past == 0 {
             None
         } else {
             Some(build_mask(padding, b, past, s, self.device))
         };
+        self.run(input_ids, &positions, mask.as_ref(), cache)
+    }
+
+    /// Logits `[batch, seq, vocab]` for training: rotary positions from `position_ids` `[batch, seq]`
+    /// (they restart at 0 for every packed sample) and a boolean `attention_mask`
+    /// `[batch, 1, seq, seq]` (true = may attend). `None` is plain causal attention, the fused path
+    /// [`forward`](Self::forward) takes too. Query rows with no allowed key (padding) are allowed to
+    /// see themselves, so that SDPA never produces NaN rows whose zero gradient would still poison
+    /// the weight gradients (0 · NaN); their outputs are ignored by the loss anyway.
+    pub fn forward_with(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Tensor {
+        let mask = attention_mask.map(|m| {
+            let t = m.size()[2];
+            let eye = Tensor::eye(t, (Kind::Bool, m.device())).view([1, 1, t, t]);
+            m.to_kind(Kind::Bool).logical_or(&eye)
+        });
+        self.run(input_ids, position_ids, mask.as_ref(), None)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let (cos, sin) = self.rope.cos_sin(positions, self.kind);
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.self_attn.forward(
-                &layer.input_layernorm.forward(&x),
-                &cos,
-                &sin,
-                mask.as_ref(),
-                slot,
-            );
+            let h =
+                layer
+                    .self_attn
+                    .forward(&layer.input_layernorm.forward(&x), &cos, &sin, mask, slot);
             // Out-of-place residual adds: autograd keeps the pre-residual tensors for backward.
             let hidden = &x + h;
             let h = layer

@@ -1,12 +1,15 @@
-//! The Llama-family causal LM: configuration, rotary embeddings, attention and the decoder stack.
+//! The Llama-family causal LM: configuration, rotary embeddings, attention, the decoder stack and
+//! LoRA adapters.
 
 pub mod attention;
 pub mod config;
 pub mod linear;
 pub mod llama;
+pub mod lora;
 pub mod rope;
 pub mod weights;
 
 pub use attention::KvCache;
 pub use config::{Architecture, ModelConfig};
 pub use llama::CausalLm;
+pub use lora::LoraConfig;

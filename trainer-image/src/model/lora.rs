@@ -1,0 +1,249 @@
+//! LoRA on a [`CausalLm`]: attaching fresh adapters to the linear layers chosen by name, switching
+//! them on and off, listing their parameters under PEFT's names, and loading a PEFT adapter.
+//!
+//! Initialisation follows PEFT's `init_lora_weights=True`: `lora_A` kaiming-uniform with `a=√5`
+//! (for a `[rank, in]` matrix that is `U(-1/√in, 1/√in)`), `lora_B` zeros, so a fresh adapter
+//! leaves the model's outputs unchanged. The base weights stay frozen (`requires_grad=false`, so
+//! autograd allocates no gradient buffers for them).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::CausalLm;
+use crate::model::linear::{Linear, Lora};
+
+/// Every module name LoRA may target, in the order parameters are listed.
+pub const LINEAR_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// The adapter hyper-parameters, as in PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+    pub rslora: bool,
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+impl CausalLm {
+    /// `(PEFT-style module path, layer)` for every decoder linear, e.g.
+    /// `model.layers.3.self_attn.q_proj`, in a fixed order.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            for (n, lin) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                out.push((format!("model.layers.{i}.self_attn.{n}"), lin));
+            }
+            for (n, lin) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.mlp.{n}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Mutable version of [`linears`](Self::linears), same order.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            for (n, lin) in [
+                ("q_proj", &mut a.q_proj),
+                ("k_proj", &mut a.k_proj),
+                ("v_proj", &mut a.v_proj),
+                ("o_proj", &mut a.o_proj),
+            ] {
+                out.push((format!("model.layers.{i}.self_attn.{n}"), lin));
+            }
+            let m = &mut l.mlp;
+            for (n, lin) in [
+                ("gate_proj", &mut m.gate_proj),
+                ("up_proj", &mut m.up_proj),
+                ("down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.mlp.{n}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Attaches fresh adapters (PEFT initialisation, drawn from libtorch's generator: call
+    /// `tch::manual_seed` first for a reproducible init). Returns how many layers got one; an
+    /// unknown target name is an error.
+    pub fn add_lora(&mut self, cfg: &LoraConfig) -> Result<usize> {
+        check_targets(cfg)?;
+        let device = self.device;
+        let scaling = cfg.scaling();
+        let mut n = 0;
+        for (name, lin) in self.linears_mut() {
+            if !targets(cfg, &name) {
+                continue;
+            }
+            let (out, inp) = lin.shape();
+            let bound = 1.0 / (inp as f64).sqrt();
+            let mut a = Tensor::empty([cfg.rank, inp], (Kind::Float, device));
+            let _ = a.uniform_(-bound, bound);
+            let a = a.set_requires_grad(true);
+            let b = Tensor::zeros([out, cfg.rank], (Kind::Float, device)).set_requires_grad(true);
+            lin.lora = Some(Lora {
+                a,
+                b,
+                scaling,
+                dropout: cfg.dropout,
+                enabled: true,
+                training: false,
+            });
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Attaches adapters with the given weights, keyed by module path (`model.layers.0.self_attn.q_proj`)
+    /// → `(lora_A, lora_B)`. Every key must name a linear layer; shapes are checked.
+    pub fn set_lora_weights(
+        &mut self,
+        cfg: &LoraConfig,
+        mut weights: BTreeMap<String, (Tensor, Tensor)>,
+        source: &Path,
+    ) -> Result<usize> {
+        let device = self.device;
+        let scaling = cfg.scaling();
+        let mut n = 0;
+        for (name, lin) in self.linears_mut() {
+            let Some((a, b)) = weights.remove(&name) else {
+                continue;
+            };
+            let (out, inp) = lin.shape();
+            if a.size() != [cfg.rank, inp] || b.size() != [out, cfg.rank] {
+                return Err(Error::tensor(
+                    source,
+                    format!("{name}.lora_A/lora_B"),
+                    format!(
+                        "shape mismatch: {:?} and {:?}, expected [{}, {inp}] and [{out}, {}]",
+                        a.size(),
+                        b.size(),
+                        cfg.rank,
+                        cfg.rank
+                    ),
+                ));
+            }
+            lin.lora = Some(Lora {
+                a: a.to_kind(Kind::Float)
+                    .to_device(device)
+                    .set_requires_grad(false),
+                b: b.to_kind(Kind::Float)
+                    .to_device(device)
+                    .set_requires_grad(false),
+                scaling,
+                dropout: cfg.dropout,
+                enabled: true,
+                training: false,
+            });
+            n += 1;
+        }
+        if let Some(name) = weights.keys().next() {
+            return Err(Error::tensor(
+                source,
+                name.clone(),
+                "adapter for a layer the model does not have",
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Switches every adapter on or off (off = the base model, e.g. the DPO reference).
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for (_, lin) in self.linears_mut() {
+            if let Some(l) = lin.lora.as_mut() {
+                l.enabled = enabled;
+            }
+        }
+    }
+
+    /// Dropout on (training) or off (evaluation).
+    pub fn set_training(&mut self, training: bool) {
+        for (_, lin) in self.linears_mut() {
+            if let Some(l) = lin.lora.as_mut() {
+                l.training = training;
+            }
+        }
+    }
+
+    pub fn has_lora(&self) -> bool {
+        self.linears().iter().any(|(_, l)| l.lora.is_some())
+    }
+
+    /// LoRA tensors under PEFT's names without the `base_model.model.` prefix, e.g.
+    /// `model.layers.0.self_attn.q_proj.lora_A.weight`.
+    pub fn lora_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (name, lin) in self.linears() {
+            if let Some(l) = &lin.lora {
+                out.push((format!("{name}.lora_A.weight"), l.a.shallow_clone()));
+                out.push((format!("{name}.lora_B.weight"), l.b.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    /// Makes every base parameter trainable (full fine-tuning).
+    pub fn unfreeze_all(&mut self) {
+        let params: Vec<Tensor> = self
+            .named_parameters()
+            .into_iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        for t in params {
+            let _ = t.set_requires_grad(true);
+        }
+    }
+}
+
+fn targets(cfg: &LoraConfig, module_path: &str) -> bool {
+    let last = module_path.rsplit('.').next().unwrap_or(module_path);
+    cfg.target_modules.iter().any(|t| t == last)
+}
+
+fn check_targets(cfg: &LoraConfig) -> Result<()> {
+    for t in &cfg.target_modules {
+        if !LINEAR_MODULES.contains(&t.as_str()) {
+            return Err(Error::Usage(format!(
+                "adapter.lora.targetModules: `{t}` is not a linear layer of this model (expected some of {})",
+                LINEAR_MODULES.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1043 @@
+//! `finetune-trainer run JOB.yaml`: validate the FinetuneJob, resolve its URIs, load model and
+//! data, train (resuming from the newest verified checkpoint), evaluate, export, and report through
+//! the operator contract: exit code, termination message, `/status` and `/metrics`.
+//!
+//! Exit codes ([`ExitCode`]): 0 done; 2 invalid manifest or data (the message names the field or
+//! `file:line`); 3 NaN/inf loss; 4 out of memory; 143 stopped by SIGTERM after a checkpoint.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use finetune_crds::FinetuneJob;
+use finetune_crds::contract::{
+    self, ExitCode, ProducedAdapter, TerminationMessage, TrainerError, TrainerPhase, env,
+};
+use finetune_crds::finetunejob::TrainingMetrics;
+use finetune_crds::training::{AdapterType, GuardAction, MethodType, Precision};
+use finetune_crds::uri::{MountRoots, StorageUri};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{
+    Batch, BatchPlan, Batcher, ContaminationOptions, CurateOptions, Cursor, DataConfig, DataFormat,
+    Encoder, LoadOptions, Origin, Sample, build_batch, prepare_sft,
+};
+use crate::error::Error;
+use crate::export::{self, PEFT_PREFIX};
+use crate::load::ModelSource;
+use crate::model::{CausalLm, LoraConfig};
+use crate::serve::{self, Live};
+use crate::train::checkpoint;
+use crate::train::optim::AdamW;
+use crate::train::retention::BUILTIN_TEXTS;
+use crate::train::schedule::{lr_lambda, warmup_steps};
+use crate::train::step::{MicroBatch, eval_loss, train_step};
+
+/// The manifest path the operator passes.
+pub const JOB_FILE_ENV: &str = env::JOB_FILE;
+
+/// Where `run` reads and writes; flags win over the environment.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub job: PathBuf,
+    pub output: Option<PathBuf>,
+    pub checkpoint_dir: Option<PathBuf>,
+    /// `auto`, `cpu` or `cuda` (the global `--device`).
+    pub device: String,
+}
+
+/// Why a run stopped early.
+#[derive(Debug)]
+enum Stop {
+    Invalid {
+        message: String,
+        param: Option<String>,
+    },
+    Diverged(String),
+    Oom(String),
+    Preempted,
+    Error(String),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        match &e {
+            Error::Torch(_) if is_oom(&message) => Stop::Oom(message),
+            Error::Torch(_) => Stop::Error(message),
+            Error::Data { path, line, .. } => Stop::Invalid {
+                param: Some(format!("{}:{line}", path.display())),
+                message,
+            },
+            Error::Io { path, .. }
+            | Error::Format { path, .. }
+            | Error::Tensor { path, .. }
+            | Error::Unsupported { path, .. } => Stop::Invalid {
+                param: Some(path.display().to_string()),
+                message,
+            },
+            _ => Stop::Invalid {
+                message,
+                param: None,
+            },
+        }
+    }
+}
+
+fn is_oom(m: &str) -> bool {
+    let m = m.to_lowercase();
+    m.contains("out of memory") || m.contains("can't allocate memory")
+}
+
+fn invalid(message: impl Into<String>, param: &str) -> Stop {
+    Stop::Invalid {
+        message: message.into(),
+        param: Some(param.to_string()),
+    }
+}
+
+/// One optimizer step in the history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: i64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens: i64,
+    pub targets: i64,
+    pub samples: usize,
+    pub seconds: f64,
+}
+
+/// One evaluation in the history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: i64,
+    pub eval_loss: f64,
+    pub targets: i64,
+}
+
+/// Everything besides tensors that a checkpoint restores (`trainer_state.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: i64,
+    pub cursor: Cursor,
+    pub config_digest: String,
+    pub history: Vec<StepRecord>,
+    pub evals: Vec<EvalRecord>,
+    pub best_eval_loss: Option<f64>,
+    pub best_step: Option<i64>,
+    pub evals_without_improvement: i32,
+    pub early_stopped: bool,
+    pub trained_tokens: i64,
+    pub retention_loss_before: Option<f64>,
+    /// Eval loss before the first update.
+    pub initial_eval_loss: Option<f64>,
+}
+
+/// Runs the job; returns the process exit status. Writes the termination message on every path.
+pub fn run_job(opts: &RunOptions) -> i32 {
+    let live = Live::new();
+    let mut tm = TerminationMessage::default();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| train(opts, &live, &mut tm)));
+    let (code, error) = match outcome {
+        Ok(Ok(())) => (ExitCode::Success, None),
+        Ok(Err(Stop::Preempted)) => (ExitCode::Preempted, None),
+        Ok(Err(Stop::Invalid { message, param })) => (
+            ExitCode::InvalidInput,
+            Some(TrainerError {
+                code: "invalid_input".into(),
+                message,
+                param,
+            }),
+        ),
+        Ok(Err(Stop::Diverged(message))) => (
+            ExitCode::Diverged,
+            Some(TrainerError {
+                code: "diverged".into(),
+                message,
+                param: None,
+            }),
+        ),
+        Ok(Err(Stop::Oom(message))) => (
+            ExitCode::OutOfMemory,
+            Some(TrainerError {
+                code: "out_of_memory".into(),
+                message,
+                param: None,
+            }),
+        ),
+        Ok(Err(Stop::Error(message))) => (
+            ExitCode::Other(1),
+            Some(TrainerError {
+                code: "error".into(),
+                message,
+                param: None,
+            }),
+        ),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "internal error".into());
+            if is_oom(&message) {
+                (
+                    ExitCode::OutOfMemory,
+                    Some(TrainerError {
+                        code: "out_of_memory".into(),
+                        message,
+                        param: None,
+                    }),
+                )
+            } else {
+                (
+                    ExitCode::Other(101),
+                    Some(TrainerError {
+                        code: "internal_error".into(),
+                        message,
+                        param: None,
+                    }),
+                )
+            }
+        }
+    };
+    if let Some(e) = &error {
+        match &e.param {
+            Some(p) => eprintln!("error: {} ({})", e.message, p),
+            None => eprintln!("error: {}", e.message),
+        }
+    }
+    tm.error = error;
+    if let Ok(path) = std::env::var(env::TERMINATION_LOG)
+        && !path.is_empty()
+        && let Err(e) = std::fs::write(&path, tm.to_bounded_json())
+    {
+        eprintln!("warning: cannot write the termination message to {path}: {e}");
+    }
+    code.code()
+}
+
+fn env_path(key: &str) -> Option<PathBuf> {
+    std::env::var_os(key)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn resolve(uri: &str, roots: &MountRoots, field: &str) -> Result<PathBuf, Stop> {
+    let parsed =
+        StorageUri::parse(uri).ok_or_else(|| invalid(format!("bad URI `{uri}`"), field))?;
+    parsed.local_path(roots).ok_or_else(|| {
+        invalid(
+            format!("`{uri}`: hf:// models must be downloaded to the job's storage first (not supported by `run` yet)"),
+            field,
+        )
+    })
+}
+
+fn pick_device(opts: &RunOptions, gpus: i32, precision: Precision) -> Result<(Device, Kind), Stop> {
+    let name = if opts.device == "auto" && gpus == 0 {
+        "cpu"
+    } else {
+        opts.device.as_str()
+    };
+    let (device, auto_kind) = crate::load::pick_device(name)?;
+    let kind = match precision {
+        Precision::Auto => auto_kind,
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16 => Kind::BFloat16,
+    };
+    Ok((device, kind))
+}
+
+fn digest_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// The trainable tensors as they are saved (PEFT names for LoRA, HF names for full), on the CPU.
+fn trainable_tensors(model: &CausalLm, lora: bool) -> Vec<(String, Tensor)> {
+    if lora {
+        export::peft_tensors(model)
+    } else {
+        model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous()))
+            .collect()
+    }
+}
+
+/// Copies saved tensors (as from [`trainable_tensors`]) into the model's parameters.
+fn load_trainable(
+    model: &CausalLm,
+    lora: bool,
+    mut saved: BTreeMap<String, Tensor>,
+    file: &Path,
+) -> Result<(), Stop> {
+    let params: Vec<(String, Tensor)> = if lora {
+        model
+            .lora_parameters()
+            .into_iter()
+            .map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t))
+            .collect()
+    } else {
+        model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.shallow_clone()))
+            .collect()
+    };
+    for (name, mut p) in params {
+        let src = saved
+            .remove(&name)
+            .ok_or_else(|| Stop::Error(format!("{}: missing tensor `{name}`", file.display())))?;
+        if src.size() != p.size() {
+            return Err(Stop::Error(format!(
+                "{}: tensor `{name}` has the wrong shape",
+                file.display()
+            )));
+        }
+        tch::no_grad(|| p.copy_(&src));
+    }
+    Ok(())
+}
+
+fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, Stop> {
+    Tensor::read_safetensors(path)
+        .map(|v| v.into_iter().collect())
+        .map_err(|e| Stop::Error(format!("{}: {e}", path.display())))
+}
+
+/// Eval batches: samples in order, `batch_size` per batch, padded (no packing).
+fn eval_batches(samples: &[Sample], batch_size: usize) -> Vec<Batch> {
+    let rows: Vec<Vec<usize>> = (0..samples.len()).map(|i| vec![i]).collect();
+    rows.chunks(batch_size.max(1))
+        .map(|c| build_batch(samples, c))
+        .collect()
+}
+
+fn evaluate(model: &mut CausalLm, batches: &[Batch]) -> (f64, i64) {
+    model.set_training(false);
+    let r = eval_loss(model, batches.iter().map(MicroBatch::from));
+    model.set_training(true);
+    r
+}
+
+fn retention_samples(tok: &crate::text::TextTokenizer) -> Result<Vec<Sample>, Stop> {
+    let origin_path: Arc<Path> = Arc::from(Path::new("<built-in retention set>"));
+    BUILTIN_TEXTS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let ids = tok.encode(t, true)?;
+            let sup = vec![true; ids.len()];
+            Ok(Sample::new(
+                ids,
+                sup,
+                Origin {
+                    path: origin_path.clone(),
+                    line: i + 1,
+                },
+            ))
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_lines)]
+fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Result<(), Stop> {
+    let started = Instant::now();
+    let job: FinetuneJob = finetune_crds::read_manifest(&opts.job).map_err(|e| Stop::Invalid {
+        param: e.first_field().map(str::to_string),
+        message: e.to_string(),
+    })?;
+    let spec = &job.spec;
+    let name = job
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_else(|| "finetune".into());
+    let hp = &spec.hyperparameters;
+    let seed = hp.seed as u64;
+
+    // What this trainer does not do (yet): refuse what would change the result, warn about the rest.
+    if spec.method.kind == MethodType::Dpo {
+        return Err(invalid(
+            "method.type dpo is not implemented by this trainer yet",
+            "spec.method.type",
+        ));
+    }
+    if spec.vocabulary.is_some() {
+        return Err(invalid(
+            "vocabulary expansion is not implemented by this trainer yet",
+            "spec.vocabulary",
+        ));
+    }
+    if spec.adapter.init_adapter.is_some() {
+        return Err(invalid(
+            "adapter.initAdapter is not implemented by this trainer yet",
+            "spec.adapter.initAdapter",
+        ));
+    }
+    let mut ignored = Vec::new();
+    if let Some(g) = &spec.forgetting_guard {
+        if g.self_distillation.is_some() {
+            ignored.push("forgettingGuard.selfDistillation");
+        }
+        if g.self_replay.is_some() {
+            ignored.push("forgettingGuard.selfReplay");
+        }
+        if g.l2_to_init.is_some() {
+            ignored.push("forgettingGuard.l2ToInit");
+        }
+    }
+    let evaluation = spec.evaluation.clone().unwrap_or_default();
+    if evaluation.generation.is_some() {
+        ignored.push("evaluation.generation");
+    }
+    if evaluation
+        .retention
+        .as_ref()
+        .is_some_and(|r| r.data.is_some())
+    {
+        ignored.push("evaluation.retention.data (the built-in set is used)");
+    }
+    if evaluation
+        .retention
+        .as_ref()
+        .is_some_and(|r| r.min_score.is_some())
+    {
+        ignored.push("evaluation.retention.minScore (only the loss delta is measured)");
+    }
+    if spec.output.merge {
+        ignored.push("output.merge");
+    }
+    if spec.output.gguf.is_some() {
+        ignored.push("output.gguf");
+    }
+    if spec.base_model.rope_scaling.is_some() {
+        ignored.push("baseModel.ropeScaling");
+    }
+    for i in &ignored {
+        eprintln!("warning: {i} is not implemented yet and is ignored");
+    }
+
+    // Paths.
+    let roots = match env_path("FINETUNE_VOLUME_ROOT") {
+        Some(base) => MountRoots::under(&base),
+        None => MountRoots::in_pod(),
+    };
+    let model_path = resolve(&spec.base_model.uri, &roots, "spec.baseModel.uri")?;
+    let train_path = resolve(&spec.dataset.train.uri, &roots, "spec.dataset.train.uri")?;
+    let eval_path = match &spec.dataset.eval {
+        Some(d) => Some(resolve(&d.uri, &roots, "spec.dataset.eval.uri")?),
+        None => None,
+    };
+    let output_dir = opts
+        .output
+        .clone()
+        .or_else(|| env_path(env::OUTPUT_DIR))
+        .unwrap_or_else(|| PathBuf::from("finetune-output").join(&name));
+    let ckpt_dir = opts
+        .checkpoint_dir
+        .clone()
+        .or_else(|| env_path(env::CHECKPOINT_DIR))
+        .unwrap_or_else(|| output_dir.join("checkpoints"));
+    let attempt = std::env::var(env::ATTEMPT).unwrap_or_else(|_| "0".into());
+
+    // Signals: a flag checked between steps.
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone())
+            .map_err(|e| Stop::Error(format!("cannot install the signal handler: {e}")))?;
+    }
+
+    // Status server.
+    let port = match std::env::var(env::STATUS_PORT) {
+        Ok(p) if !p.is_empty() => p
+            .parse::<u16>()
+            .map_err(|_| invalid(format!("`{p}` is not a port"), env::STATUS_PORT))?,
+        _ => contract::DEFAULT_STATUS_PORT,
+    };
+    let host = std::env::var(env::POD_IP)
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "0.0.0.0".into());
+    match serve::serve(live.clone(), &format!("{host}:{port}")) {
+        Ok(addr) => eprintln!("status server on http://{addr} (/status, /metrics)"),
+        Err(e) => eprintln!("warning: status server not started on {host}:{port}: {e}"),
+    }
+    live.update(|s| s.phase = TrainerPhase::Loading);
+
+    // Model and data.
+    let (device, kind) = pick_device(opts, spec.resources.gpus, hp.precision)?;
+    eprintln!(
+        "job {name} (attempt {attempt}): model {}, {device:?} {kind:?}",
+        model_path.display()
+    );
+    let t_load = Instant::now();
+    let loaded = ModelSource::open(&model_path)?.load(kind, device)?;
+    let format = match spec.dataset.format {
+        finetune_crds::data::DataFormat::Chat => DataFormat::Chat,
+        finetune_crds::data::DataFormat::Instruction => DataFormat::Instruction,
+        finetune_crds::data::DataFormat::Text => DataFormat::Text,
+        finetune_crds::data::DataFormat::Preference => DataFormat::Preference,
+    };
+    let max_seq = hp.max_seq_length as usize;
+    let contamination = evaluation.contamination.clone();
+    let data_cfg = DataConfig {
+        format,
+        load: LoadOptions {
+            assistant_only_loss: spec
+                .method
+                .sft
+                .as_ref()
+                .is_none_or(|s| s.assistant_only_loss),
+            ..LoadOptions::sft()
+        },
+        curate: CurateOptions {
+            max_seq_length: max_seq,
+            dedupe: spec.dataset.deduplicate,
+        },
+        eval_fraction: spec.dataset.eval_split,
+        seed,
+        contamination: match &contamination {
+            Some(c) => ContaminationOptions {
+                n: c.ngram as usize,
+                threshold: c.threshold,
+                ..ContaminationOptions::default()
+            },
+            None => ContaminationOptions::default(),
+        },
+    };
+    let encoder = Encoder {
+        tokenizer: &loaded.tokenizer,
+        template: loaded.chat_template.as_ref(),
+        options: data_cfg.load,
+    };
+    let mut prepared = prepare_sft(&train_path, eval_path.as_deref(), &encoder, &data_cfg)?;
+    if let Some(max) = spec.dataset.max_samples {
+        prepared.train.truncate(max as usize);
+    }
+    eprintln!("train data: {}", prepared.train_stats.summary());
+    if let Some(s) = &prepared.eval_stats {
+        eprintln!("eval data: {}", s.summary());
+    }
+    if let Some(report) = &prepared.contamination
+        && !report.flagged.is_empty()
+    {
+        match contamination.as_ref().map(|c| c.action) {
+            Some(GuardAction::Fail) => {
+                return Err(Stop::Invalid {
+                    message: format!("eval data overlaps the training data: {}", report.summary()),
+                    param: Some(
+                        report
+                            .flagged
+                            .first()
+                            .map(|c| c.origin.clone())
+                            .unwrap_or_else(|| "spec.dataset.eval".into()),
+                    ),
+                });
+            }
+            _ => eprintln!("warning: contamination: {}", report.summary()),
+        }
+    }
+    if prepared.train.is_empty() {
+        return Err(invalid(
+            "no training samples left after curation",
+            "spec.dataset.train.uri",
+        ));
+    }
+    tm.dataset_digest = Some(prepared.train_digest.clone());
+    let retention_set = if evaluation.retention.is_some() {
+        retention_samples(&loaded.tokenizer)?
+    } else {
+        Vec::new()
+    };
+    let base_model_name = spec.base_model.uri.clone();
+    let model_source_dir = model_path.clone();
+    let mut model = loaded.model;
+
+    // Trainable parameters.
+    let lora_cfg = match spec.adapter.kind {
+        AdapterType::Lora => {
+            let l = spec.adapter.lora.clone().unwrap_or_default();
+            Some(LoraConfig {
+                rank: l.rank as i64,
+                alpha: l.alpha,
+                dropout: l.dropout,
+                target_modules: l.target_modules,
+                rslora: l.rslora,
+            })
+        }
+        AdapterType::Full => None,
+    };
+    let is_lora = lora_cfg.is_some();
+    tch::manual_seed(hp.seed);
+    let params: Vec<(String, Tensor, f64)> = if let Some(c) = &lora_cfg {
+        model.add_lora(c).map_err(|e| Stop::Invalid {
+            message: e.to_string(),
+            param: Some("spec.adapter.lora.targetModules".into()),
+        })?;
+        model
+            .lora_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t, hp.weight_decay))
+            .collect()
+    } else {
+        model.unfreeze_all();
+        model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| {
+                let decay = if n.ends_with("norm.weight") || n.ends_with(".bias") {
+                    0.0
+                } else {
+                    hp.weight_decay
+                };
+                (n, t.shallow_clone(), decay)
+            })
+            .collect()
+    };
+    let mut opt = AdamW::new(params);
+    model.set_training(true);
+
+    // Batches and the schedule.
+    let batch_size = hp.batch_size as usize;
+    let eval_set = eval_batches(&prepared.eval, batch_size);
+    let retention_batches = eval_batches(&retention_set, batch_size);
+    let train_samples = std::mem::take(&mut prepared.train);
+    let n_train = train_samples.len();
+    let mut batcher = Batcher::new(
+        train_samples,
+        BatchPlan {
+            batch_size,
+            max_seq_length: max_seq,
+            packing: hp.packing,
+            seed,
+        },
+    );
+    let bpe = batcher.batches_per_epoch() as i64;
+    let ga = hp.gradient_accumulation_steps as i64;
+    let steps_per_epoch = (bpe + ga - 1) / ga;
+    let total = match (hp.max_steps, hp.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => e as i64 * steps_per_epoch,
+        (None, None) => steps_per_epoch,
+    };
+    let warmup = warmup_steps(hp.warmup_steps, hp.warmup_ratio, total);
+    let config_digest = digest_hex(
+        serde_json::to_string(&json!({
+            "baseModel": spec.base_model, "dataset": spec.dataset, "method": spec.method,
+            "adapter": spec.adapter, "hyperparameters": spec.hyperparameters,
+            "train": prepared.train_digest,
+        }))
+        .expect("spec serializes")
+        .as_bytes(),
+    );
+    let load_seconds = t_load.elapsed().as_secs_f64();
+    eprintln!(
+        "{n_train} train samples, {} eval samples; {bpe} batches/epoch, {total} steps ({steps_per_epoch}/epoch, warmup {warmup}); {} trainable parameters",
+        prepared.eval.len(),
+        opt.numel()
+    );
+
+    // Resume.
+    let mut st = TrainState {
+        config_digest: config_digest.clone(),
+        ..Default::default()
+    };
+    let mut best: Option<Vec<(String, Tensor)>> = None;
+    let mut last_ckpt: Option<(i64, PathBuf)> = None;
+    if let Some((step, dir)) = checkpoint::latest_valid(&ckpt_dir) {
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path)
+            .map_err(|e| Stop::Error(format!("{}: {e}", state_path.display())))?;
+        let saved: TrainState = serde_json::from_str(&text)
+            .map_err(|e| Stop::Error(format!("{}: {e}", state_path.display())))?;
+        if saved.config_digest != config_digest {
+            return Err(invalid(
+                format!(
+                    "checkpoint {} belongs to a different configuration or data set; use a new checkpoint directory",
+                    dir.display()
+                ),
+                "spec",
+            ));
+        }
+        let wfile = dir.join(if is_lora {
+            export::ADAPTER_WEIGHTS
+        } else {
+            "model.safetensors"
+        });
+        load_trainable(&model, is_lora, read_tensors(&wfile)?, &wfile)?;
+        let ofile = dir.join("optimizer.safetensors");
+        opt.load_state(read_tensors(&ofile)?, saved.step)
+            .map_err(|e| Stop::Error(format!("{}: {e}", ofile.display())))?;
+        let bfile = dir.join("best.safetensors");
+        if bfile.exists() {
+            best = Some(read_tensors(&bfile)?.into_iter().collect());
+        }
+        batcher.restore(saved.cursor);
+        st = saved;
+        tm.resumed_from_step = Some(step);
+        tm.checkpoint_step = Some(step);
+        tm.checkpoint_path = Some(dir.display().to_string());
+        eprintln!("resumed from {} (step {step})", dir.display());
+        last_ckpt = Some((step, dir));
+    }
+    let resumed_from = tm.resumed_from_step;
+
+    let mut timings = BTreeMap::<&str, f64>::new();
+    if !retention_batches.is_empty() && st.retention_loss_before.is_none() {
+        // Before any update: the adapter is zero (or the weights are the base weights).
+        let t = Instant::now();
+        st.retention_loss_before = Some(evaluate(&mut model, &retention_batches).0);
+        *timings.entry("retention_seconds").or_default() += t.elapsed().as_secs_f64();
+    }
+
+    if !eval_set.is_empty() && st.initial_eval_loss.is_none() {
+        let t = Instant::now();
+        let (loss, _) = evaluate(&mut model, &eval_set);
+        eprintln!("eval loss before training: {loss:.4}");
+        st.initial_eval_loss = Some(loss);
+        *timings.entry("initial_eval_seconds").or_default() += t.elapsed().as_secs_f64();
+    }
+    let every_eval = evaluation.every_steps;
+    let early = evaluation.early_stopping.clone();
+    let keep_last = spec.checkpoint.keep_last.max(1) as usize;
+    live.total_steps.set(total as f64);
+    live.update(|s| {
+        s.phase = TrainerPhase::Training;
+        s.total_steps = total;
+        s.step = st.step;
+        s.resumed_from_step = resumed_from;
+        s.checkpoint_step = last_ckpt.as_ref().map(|c| c.0);
+    });
+
+    let write_checkpoint = |st: &TrainState,
+                            model: &CausalLm,
+                            opt: &AdamW,
+                            best: &Option<Vec<(String, Tensor)>>,
+                            batcher_cursor: Cursor|
+     -> Result<(PathBuf, f64), Stop> {
+        let t = Instant::now();
+        let mut state = st.clone();
+        state.cursor = batcher_cursor;
+        let dir = checkpoint::write(&ckpt_dir, st.step, |tmp| {
+            let mut names = Vec::new();
+            if let Some(c) = &lora_cfg {
+                names.extend(export::write_peft_adapter(tmp, model, c, &base_model_name)?);
+            } else {
+                export::write_safetensors(
+                    &tmp.join("model.safetensors"),
+                    &trainable_tensors(model, false),
+                )?;
+                names.push("model.safetensors".into());
+            }
+            let ostate: Vec<(String, Tensor)> = opt
+                .state_tensors()
+                .into_iter()
+                .map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous()))
+                .collect();
+            export::write_safetensors(&tmp.join("optimizer.safetensors"), &ostate)?;
+            names.push("optimizer.safetensors".into());
+            if let Some(b) = best {
+                export::write_safetensors(&tmp.join("best.safetensors"), b)?;
+                names.push("best.safetensors".into());
+            }
+            export::write_json(
+                &tmp.join("trainer_state.json"),
+                &serde_json::to_value(&state).expect("state serializes"),
+            )?;
+            names.push("trainer_state.json".into());
+            Ok(names)
+        })?;
+        checkpoint::prune(&ckpt_dir, keep_last, None);
+        Ok((dir, t.elapsed().as_secs_f64()))
+    };
+
+    // The loop.
+    let mut step_seconds = 0.0;
+    let mut step_tokens = 0i64;
+    let mut steps_this_attempt = 0i64;
+    let train_started = Instant::now();
+    let mut eval_seconds = 0.0;
+    let mut ckpt_seconds = 0.0;
+    while st.step < total && !st.early_stopped {
+        if term.load(Ordering::SeqCst) {
+            if last_ckpt.as_ref().map(|c| c.0) != Some(st.step) {
+                live.update(|s| s.phase = TrainerPhase::Checkpointing);
+                let (dir, secs) = write_checkpoint(&st, &model, &opt, &best, batcher.cursor())?;
+                eprintln!("SIGTERM: checkpoint {} ({secs:.2}s)", dir.display());
+                last_ckpt = Some((st.step, dir));
+            }
+            tm.step = Some(st.step);
+            tm.checkpoint_step = last_ckpt.as_ref().map(|c| c.0);
+            tm.checkpoint_path = last_ckpt.as_ref().map(|c| c.1.display().to_string());
+            tm.metrics = Some(live.status().metrics);
+            return Err(Stop::Preempted);
+        }
+        let cur = batcher.cursor();
+        let n_micro = ga.min(bpe - cur.next_batch as i64).max(1);
+        let batches: Vec<Batch> = (0..n_micro).map(|_| batcher.next_batch()).collect();
+        let mbs: Vec<MicroBatch> = batches.iter().map(MicroBatch::from).collect();
+        let lr = hp.learning_rate * lr_lambda(hp.scheduler, st.step, warmup, total);
+        let t = Instant::now();
+        let stats = train_step(&model, &mut opt, &mbs, lr, hp.max_grad_norm, seed, st.step)
+            .map_err(|s| {
+                Stop::Diverged(format!(
+                    "loss {} (grad norm {}) at step {}: lower hyperparameters.learningRate or check the data",
+                    s.loss,
+                    s.grad_norm,
+                    st.step + 1
+                ))
+            })?;
+        let secs = t.elapsed().as_secs_f64();
+        st.step += 1;
+        steps_this_attempt += 1;
+        step_seconds += secs;
+        step_tokens += stats.tokens;
+        st.trained_tokens += stats.tokens;
+        let epoch = st.step as f64 / steps_per_epoch as f64;
+        st.history.push(StepRecord {
+            step: st.step,
+            epoch,
+            loss: stats.loss,
+            learning_rate: lr,
+            grad_norm: stats.grad_norm,
+            tokens: stats.tokens,
+            targets: stats.targets,
+            samples: stats.samples,
+            seconds: secs,
+        });
+        let tps = stats.tokens as f64 / secs.max(1e-9);
+        let eta = step_seconds / steps_this_attempt as f64 * (total - st.step) as f64;
+        live.step.set(st.step as f64);
+        live.epoch.set(epoch);
+        live.train_loss.set(stats.loss);
+        live.learning_rate.set(lr);
+        live.grad_norm.set(stats.grad_norm);
+        live.tokens_per_second.set(tps);
+        live.samples_per_second
+            .set(stats.samples as f64 / secs.max(1e-9));
+        live.supervised_token_fraction
+            .set(stats.targets as f64 / stats.tokens.max(1) as f64);
+        live.eta_seconds.set(eta);
+        live.update(|s| {
+            s.step = st.step;
+            s.epoch = epoch;
+            s.eta_seconds = Some(eta);
+            s.metrics.train_loss = Some(stats.loss);
+            s.metrics.learning_rate = Some(lr);
+            s.metrics.tokens_per_second = Some(tps);
+            s.metrics.trained_tokens = Some(st.trained_tokens);
+        });
+        eprintln!(
+            "step {}/{total} | epoch {epoch:.2} | loss {:.4} | lr {lr:.3e} | grad norm {:.3} | {tps:.0} tok/s | eta {}",
+            st.step,
+            stats.loss,
+            stats.grad_norm,
+            fmt_secs(eta)
+        );
+
+        // Evaluation and early stopping.
+        let eval_due = !eval_set.is_empty()
+            && (every_eval.is_some_and(|n| st.step % n == 0) || st.step == total);
+        if eval_due {
+            live.update(|s| s.phase = TrainerPhase::Evaluating);
+            let t = Instant::now();
+            let (loss, targets) = evaluate(&mut model, &eval_set);
+            eval_seconds += t.elapsed().as_secs_f64();
+            st.evals.push(EvalRecord {
+                step: st.step,
+                eval_loss: loss,
+                targets,
+            });
+            let improved = match st.best_eval_loss {
+                None => true,
+                Some(b) => loss < b - early.as_ref().map_or(0.0, |e| e.min_delta),
+            };
+            if improved {
+                st.best_eval_loss = Some(loss);
+                st.best_step = Some(st.step);
+                st.evals_without_improvement = 0;
+                if early.is_some() {
+                    best = Some(trainable_tensors(&model, is_lora));
+                }
+            } else {
+                st.evals_without_improvement += 1;
+            }
+            eprintln!(
+                "eval step {} | eval loss {loss:.4} | best {:.4} (step {})",
+                st.step,
+                st.best_eval_loss.unwrap_or(f64::NAN),
+                st.best_step.unwrap_or(0)
+            );
+            live.eval_loss.set(loss);
+            live.update(|s| {
+                s.phase = TrainerPhase::Training;
+                s.metrics.eval_loss = Some(loss);
+                s.metrics.best_eval_loss = st.best_eval_loss;
+            });
+            if let Some(e) = &early
+                && st.evals_without_improvement >= e.patience
+            {
+                eprintln!(
+                    "early stopping: no improvement in {} evaluations; the result is step {}",
+                    e.patience,
+                    st.best_step.unwrap_or(0)
+                );
+                st.early_stopped = true;
+            }
+        }
+
+        if st.step % spec.checkpoint.every_steps == 0 || st.early_stopped {
+            live.update(|s| s.phase = TrainerPhase::Checkpointing);
+            let (dir, secs) = write_checkpoint(&st, &model, &opt, &best, batcher.cursor())?;
+            ckpt_seconds += secs;
+            live.checkpoint_duration_seconds.set(secs);
+            *live
+                .last_checkpoint
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            live.update(|s| {
+                s.phase = TrainerPhase::Training;
+                s.checkpoint_step = Some(st.step);
+            });
+            tm.checkpoint_step = Some(st.step);
+            tm.checkpoint_path = Some(dir.display().to_string());
+            last_ckpt = Some((st.step, dir));
+        }
+    }
+    let train_seconds = train_started.elapsed().as_secs_f64();
+
+    // The result: the best evaluated weights under early stopping, else the last.
+    live.update(|s| s.phase = TrainerPhase::Exporting);
+    if early.is_some()
+        && let Some(b) = best.take()
+    {
+        load_trainable(
+            &model,
+            is_lora,
+            b.into_iter().collect(),
+            Path::new("<best>"),
+        )?;
+    }
+    let mut retention_after = None;
+    if !retention_batches.is_empty() {
+        let t = Instant::now();
+        retention_after = Some(evaluate(&mut model, &retention_batches).0);
+        *timings.entry("retention_seconds").or_default() += t.elapsed().as_secs_f64();
+    }
+    let retention_delta = st
+        .retention_loss_before
+        .zip(retention_after)
+        .map(|(b, a)| a - b);
+    let t_export = Instant::now();
+    let files = match &lora_cfg {
+        Some(c) => export::write_peft_adapter(&output_dir, &model, c, &base_model_name)?,
+        None => export::write_full_model(&output_dir, &model, Some(&model_source_dir))?,
+    };
+    let digests = checkpoint::digest_files(&output_dir, &files)?;
+    let export_seconds = t_export.elapsed().as_secs_f64();
+
+    let last = st.history.last();
+    let metrics = TrainingMetrics {
+        train_loss: last.map(|r| r.loss),
+        eval_loss: st.evals.last().map(|e| e.eval_loss),
+        best_eval_loss: st.best_eval_loss,
+        learning_rate: last.map(|r| r.learning_rate),
+        tokens_per_second: (step_seconds > 0.0).then(|| step_tokens as f64 / step_seconds),
+        trained_tokens: Some(st.trained_tokens),
+        retention_loss_delta: retention_delta,
+        ..Default::default()
+    };
+    timings.insert("load_seconds", load_seconds);
+    timings.insert("train_seconds", train_seconds);
+    timings.insert("step_seconds", step_seconds);
+    timings.insert("eval_seconds", eval_seconds);
+    timings.insert("checkpoint_seconds", ckpt_seconds);
+    timings.insert("export_seconds", export_seconds);
+    timings.insert("total_seconds", started.elapsed().as_secs_f64());
+    let summary = json!({
+        "job": name,
+        "attempt": attempt,
+        "device": format!("{device:?}"),
+        "dtype": format!("{kind:?}"),
+        "threads": tch::get_num_threads(),
+        "adapter": if is_lora { "lora" } else { "full" },
+        "trainable_parameters": opt.numel(),
+        "steps": st.step,
+        "total_steps": total,
+        "steps_per_epoch": steps_per_epoch,
+        "warmup_steps": warmup,
+        "resumed_from_step": resumed_from,
+        "early_stopped": st.early_stopped,
+        "best_step": st.best_step,
+        "best_eval_loss": st.best_eval_loss,
+        "initial_eval_loss": st.initial_eval_loss,
+        "metrics": metrics,
+        "history": st.history,
+        "evals": st.evals,
+        "retention": {
+            "texts": retention_set.len(),
+            "loss_before": st.retention_loss_before,
+            "loss_after": retention_after,
+            "loss_delta": retention_delta,
+        },
+        "dataset": {
+            "train": prepared.train_stats,
+            "eval": prepared.eval_stats,
+            "train_samples_used": n_train,
+            "eval_samples": prepared.eval.len(),
+            "train_digest": prepared.train_digest,
+            "eval_digest": prepared.eval_digest,
+            "contamination": prepared.contamination,
+        },
+        "timings": timings,
+        "tokens_per_second": metrics.tokens_per_second,
+        "peak_rss_bytes": serve::peak_rss_bytes(),
+        "ignored": ignored,
+        "files": digests,
+    });
+    export::write_json(&output_dir.join("training_summary.json"), &summary)?;
+    eprintln!(
+        "done: {} steps, last loss {:.4}{}, adapter in {}",
+        st.step,
+        metrics.train_loss.unwrap_or(f64::NAN),
+        st.best_eval_loss
+            .map(|b| format!(", best eval loss {b:.4}"))
+            .unwrap_or_default(),
+        output_dir.display()
+    );
+    live.update(|s| {
+        s.phase = TrainerPhase::Done;
+        s.metrics = metrics.clone();
+        s.eta_seconds = Some(0.0);
+    });
+    tm.step = Some(st.step);
+    tm.metrics = Some(metrics);
+    tm.adapter = Some(ProducedAdapter {
+        path: output_dir.display().to_string(),
+        files: digests,
+    });
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! Supervised fine-tuning: the optimizer ([`optim`]), learning-rate schedules ([`schedule`]), one
+//! optimizer step with gradient accumulation ([`step`]), atomic checkpoints ([`checkpoint`]) and
+//! the `run JOB.yaml` driver ([`job`]) that ties them to the data pipeline, the status server and
+//! the operator contract.
+
+pub mod checkpoint;
+pub mod job;
+pub mod optim;
+pub mod retention;
+pub mod schedule;
+pub mod step;
+
+pub use job::{RunOptions, run_job};

@@ -1,0 +1,25 @@
+//! The built-in retention set: short general-knowledge texts whose loss, before and after training,
+//! shows how much general language modelling the run cost (a positive delta = forgetting).
+
+pub const BUILTIN_TEXTS: [&str; 20] = [
+    "The capital of France is Paris, a city known for the Eiffel Tower and the Louvre museum.",
+    "Water boils at 100 degrees Celsius at sea level and freezes at 0 degrees Celsius.",
+    "The Earth orbits the Sun once every 365.25 days, which is why we have a leap year every four years.",
+    "Photosynthesis is the process by which green plants use sunlight to turn carbon dioxide and water into sugar and oxygen.",
+    "William Shakespeare wrote plays such as Hamlet, Macbeth and Romeo and Juliet.",
+    "To make a cup of tea, boil water, pour it over a tea bag, wait a few minutes and remove the bag.",
+    "The human heart has four chambers: two atria and two ventricles.",
+    "A triangle has three sides, and the sum of its interior angles is 180 degrees.",
+    "The Pacific Ocean is the largest and deepest ocean on Earth.",
+    "In 1969, Neil Armstrong became the first person to walk on the Moon.",
+    "Regular exercise, a balanced diet and enough sleep help people stay healthy.",
+    "Python is a popular programming language known for its readable syntax.",
+    "The Great Wall of China stretches for thousands of kilometres across northern China.",
+    "Bees collect nectar from flowers and turn it into honey inside their hives.",
+    "The speed of light in a vacuum is about 300,000 kilometres per second.",
+    "Mount Everest, at 8,849 metres, is the highest mountain above sea level.",
+    "A library lends books, magazines and films to the members of its community.",
+    "Dear Sam, thank you for the lovely birthday gift. I hope we can meet again soon. Best wishes, Alex.",
+    "The mitochondria are often called the powerhouse of the cell because they produce energy.",
+    "If it rains tomorrow, we will move the picnic indoors and play board games instead.",
+];

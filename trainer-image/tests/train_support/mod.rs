@@ -1,0 +1,143 @@
+//! Shared fixtures for the `train_*` integration tests: a tiny random Llama in Hugging Face layout
+//! (config.json, model.safetensors, a word-level tokenizer.json) and a small text data set.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use finetune_trainer::load::ModelSource;
+use finetune_trainer::model::CausalLm;
+use tch::{Device, Kind, Tensor};
+
+pub const WORDS: [&str; 30] = [
+    "the", "a", "cat", "dog", "sat", "on", "mat", "ran", "to", "park", "and", "then", "slept",
+    "under", "tree", "big", "small", "red", "blue", "bird", "sang", "song", "every", "morning",
+    "night", "quietly", "loudly", "home", "went", "saw",
+];
+
+pub fn config() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 40, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "tie_word_embeddings": true, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2,
+        "rope_theta": 10000.0
+    })
+}
+
+/// Writes the tiny model into `dir` (weights drawn from `seed`).
+pub fn write_tiny_model(dir: &Path, seed: i64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let c = config();
+    std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+    tch::manual_seed(seed);
+    let (v, h, i, hd) = (40, 32, 64, 8);
+    let mut t: Vec<(String, Tensor)> = vec![(
+        "model.embed_tokens.weight".into(),
+        Tensor::randn([v, h], (Kind::Float, Device::Cpu)) * 0.5,
+    )];
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for (n, shape) in [
+            ("self_attn.q_proj", [4 * hd, h]),
+            ("self_attn.k_proj", [2 * hd, h]),
+            ("self_attn.v_proj", [2 * hd, h]),
+            ("self_attn.o_proj", [h, 4 * hd]),
+            ("mlp.gate_proj", [i, h]),
+            ("mlp.up_proj", [i, h]),
+            ("mlp.down_proj", [h, i]),
+        ] {
+            t.push((
+                format!("{p}.{n}.weight"),
+                Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.15,
+            ));
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            t.push((
+                format!("{p}.{n}.weight"),
+                Tensor::ones([h], (Kind::Float, Device::Cpu)),
+            ));
+        }
+    }
+    t.push((
+        "model.norm.weight".into(),
+        Tensor::ones([h], (Kind::Float, Device::Cpu)),
+    ));
+    let refs: Vec<(&str, &Tensor)> = t.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, dir.join("model.safetensors")).unwrap();
+    let mut vocab = serde_json::Map::new();
+    for (id, w) in ["<unk>", "<s>", "</s>"]
+        .iter()
+        .chain(WORDS.iter())
+        .enumerate()
+    {
+        vocab.insert((*w).to_string(), id.into());
+    }
+    let special = |id: i64, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"})
+            .to_string(),
+    )
+    .unwrap();
+}
+
+pub fn load_tiny(dir: &Path) -> CausalLm {
+    ModelSource::open(dir)
+        .unwrap()
+        .load(Kind::Float, Device::Cpu)
+        .unwrap()
+        .model
+}
+
+/// `n` lines of `{"text": ...}` of 4–14 words, deterministic.
+pub fn write_text_data(path: &Path, n: usize) {
+    let mut state = 12345u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let mut out = String::new();
+    for _ in 0..n {
+        let len = 4 + next() % 11;
+        let words: Vec<&str> = (0..len).map(|_| WORDS[next() % WORDS.len()]).collect();
+        out.push_str(&serde_json::json!({"text": words.join(" ")}).to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// A FinetuneJob on `file://` URIs; `extra` is appended to `spec.hyperparameters`' siblings.
+pub fn write_job(path: &Path, model: &Path, data: &Path, hyper: &str, extra: &str) -> PathBuf {
+    let yaml = format!(
+        "apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {{name: tiny}}
+spec:
+  baseModel: {{uri: \"file://{}\"}}
+  dataset:
+    train: {{uri: \"file://{}\"}}
+    evalSplit: 0.2
+    format: text
+  adapter: {{type: lora, lora: {{rank: 4, alpha: 8, dropout: 0.1}}}}
+  hyperparameters: {hyper}
+  resources: {{gpus: 0}}
+{extra}",
+        model.display(),
+        data.display()
+    );
+    std::fs::write(path, yaml).unwrap();
+    path.to_path_buf()
+}
