@@ -103,10 +103,18 @@ fi
 adapter=$(find "$work/pvc/default/$job-storage" -name adapter_config.json -path '*output*' | head -1 | xargs dirname)
 echo "adapter (PEFT layout): $adapter"
 ls -l "$adapter"
-question="List all pods in the research namespace."
+# The first held-out request of the example eval set, asked the way the adapter was trained.
+eval_turn() {
+    python3 -c "import json; print(json.loads(open('examples/data/chat-eval.jsonl').readline())['messages'][$1]['content'])"
+}
+system=$(eval_turn 0)
+question=$(eval_turn 1)
+answer=$(eval_turn 2)
 echo
-echo "user: $question"
-printf 'base model:  '
-"$bin/finetune-trainer" generate --model "$model" --chat --max-new-tokens 32 --prompt "$question"
-printf 'fine-tuned:  '
-"$bin/finetune-trainer" generate --model "$model" --adapter "$adapter" --chat --max-new-tokens 32 --prompt "$question"
+echo "system:     $system"
+echo "user:       $question"
+echo "expected:   $answer"
+printf 'base model: '
+"$bin/finetune-trainer" generate --model "$model" --chat --system "$system" --max-new-tokens 32 --prompt "$question"
+printf 'fine-tuned: '
+"$bin/finetune-trainer" generate --model "$model" --adapter "$adapter" --chat --system "$system" --max-new-tokens 32 --prompt "$question"

@@ -79,6 +79,9 @@ pub struct GenerateArgs {
     /// Wrap the prompt as a user turn with the model's chat template (and the generation prompt).
     #[arg(long)]
     pub chat: bool,
+    /// With --chat: a system message before the user turn (e.g. the one the adapter was trained with).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// Sample with this temperature instead of greedy decoding.
@@ -202,7 +205,12 @@ pub fn run(cli: Cli) -> Result<()> {
                     .chat_template
                     .as_ref()
                     .ok_or_else(|| Error::Usage("--chat: the model has no chat template".into()))?;
-                let text = t.render(&json!([{"role": "user", "content": a.prompt}]), true)?;
+                let mut messages = Vec::new();
+                if let Some(system) = &a.system {
+                    messages.push(json!({"role": "system", "content": system}));
+                }
+                messages.push(json!({"role": "user", "content": a.prompt}));
+                let text = t.render(&Value::Array(messages), true)?;
                 m.tokenizer.encode(&text, false)?
             } else {
                 m.tokenizer.encode(&a.prompt, true)?
