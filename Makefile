@@ -10,16 +10,17 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build crds demo test test-rust test-reference test-cluster lint bench-forward cluster-build cluster-up cluster-down clean-cache help
+.PHONY: setup build crds demo test test-rust test-reference test-cluster lint bench-forward cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
 	@echo "make demo           the main job (see README)"
-	@echo "make test           every test: formatting, clippy, Rust tests, reference parity tests"
+	@echo "make test           every test: formatting, clippy, Rust tests, parity tests, control-plane and e2e tests"
 	@echo "make crds           regenerate crds/*.yaml from the Rust types"
 	@echo "make cluster-up     start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes)"
 	@echo "make cluster-down   stop it"
 	@echo "make bench-forward  forward-pass tokens/s: ours vs transformers (JSON in \$$CARGO_TARGET_DIR/bench)"
+	@echo "make bench-operator 1000 FinetuneJobs against 50 kwok GPU nodes: latency, RSS, CPU (JSON in \$$CARGO_TARGET_DIR/bench)"
 
 setup:
 	@scripts/setup-venv.sh >/dev/null
@@ -70,6 +71,18 @@ cluster-down:
 
 bench-forward: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forward.py
+
+# 1000 FinetuneJobs against 50 kwok nodes x 8 GPUs on the real control plane; JSON in $(CARGO_TARGET_DIR)/bench.
+bench-operator: cluster-build build
+	@tests/cluster/down.sh >/dev/null 2>&1 || true
+	@mkdir -p $(CARGO_TARGET_DIR)/bench
+	@FINETUNE_CLUSTER_NODES=50 tests/cluster/up.sh && { \
+	  "$(OPERATOR)" crd | $(CACHE)/cluster/bin/kubectl --kubeconfig $(KUBECONFIG_TEST) apply -f - >/dev/null && \
+	  $(CACHE)/cluster/bin/kubectl --kubeconfig $(KUBECONFIG_TEST) wait --for=condition=Established \
+	    crd/finetunejobs.finetune.dev --timeout=60s >/dev/null && \
+	  KUBECONFIG=$(KUBECONFIG_TEST) FINETUNE_OPERATOR_BIN=$(OPERATOR) BENCH_OUT=$(CARGO_TARGET_DIR)/bench/operator.json \
+	  cargo bench -p finetune-operator --bench operator_scale; \
+	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
 clean-cache:
 	rm -rf $(CACHE)

@@ -159,18 +159,19 @@ fn default_lora_alpha() -> f64 {
 fn default_lora_dropout() -> f64 {
     0.05
 }
+/// The linear layers of a Llama-family decoder layer, which LoRA can adapt.
+pub const LLAMA_LINEAR_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 fn default_target_modules() -> Vec<String> {
-    [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
-    .map(String::from)
-    .to_vec()
+    LLAMA_LINEAR_MODULES.map(String::from).to_vec()
 }
 
 impl Default for LoraSettings {

@@ -16,16 +16,8 @@ use crate::error::{Error, Result};
 use crate::model::CausalLm;
 use crate::model::linear::{Linear, Lora};
 
-/// Every module name LoRA may target, in the order parameters are listed.
-pub const LINEAR_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// Every module name LoRA may target, in the order parameters are listed: the API's list.
+pub use finetune_crds::training::LLAMA_LINEAR_MODULES as LINEAR_MODULES;
 
 /// The adapter hyper-parameters, as in PEFT's `LoraConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

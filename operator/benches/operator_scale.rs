@@ -1,0 +1,290 @@
+//! `make bench-operator`: many FinetuneJobs against many kwok GPU nodes on the real control plane.
+//!
+//! Measures, for the operator as a separate process: latency from each job's creation (as the
+//! client saw its create return) to its trainer pod appearing in a watch (p50/p99/max), the time
+//! until every job is placed (pod bound to a node) or reported Queued, the operator's peak RSS and
+//! CPU seconds from /proc, and lost or duplicated pods. Prints a table and writes JSON.
+//!
+//! Needs a running cluster with the nodes already created (the Makefile target does both) and
+//! env: KUBECONFIG, FINETUNE_OPERATOR_BIN; optional BENCH_JOBS (1000), BENCH_OUT.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use finetune_crds::{FinetuneJob, JobPhase, parse_manifest};
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+const NAMESPACE: &str = "bench";
+
+#[tokio::main]
+async fn main() {
+    let jobs_wanted: usize = std::env::var("BENCH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let operator_bin = std::env::var("FINETUNE_OPERATOR_BIN").expect("set FINETUNE_OPERATOR_BIN");
+    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "operator-bench.json".into());
+    let client = Client::try_default()
+        .await
+        .expect("KUBECONFIG points at the bench cluster");
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let gpu_capacity: i64 = nodes
+        .items
+        .iter()
+        .filter_map(|n| {
+            n.status
+                .as_ref()?
+                .allocatable
+                .as_ref()?
+                .get("nvidia.com/gpu")?
+                .0
+                .parse::<i64>()
+                .ok()
+        })
+        .sum();
+    eprintln!(
+        "bench: {} nodes with {gpu_capacity} GPUs; {jobs_wanted} jobs of 1 GPU",
+        nodes.items.len()
+    );
+    prepare_namespace(&client).await;
+
+    let mut operator = std::process::Command::new(&operator_bin)
+        .args([
+            "run",
+            "--namespace",
+            NAMESPACE,
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("operator starts");
+    let pid = operator.id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu_before = cpu_seconds(pid);
+
+    // Watch pods from before the first create, recording when each is first seen.
+    let first_seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let pods_per_job: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    {
+        let (first_seen, pods_per_job) = (first_seen.clone(), pods_per_job.clone());
+        let stream = watcher(pods_api.clone(), watcher::Config::default()).applied_objects();
+        tokio::spawn(async move {
+            let mut stream = stream.boxed();
+            while let Ok(Some(pod)) = stream.try_next().await {
+                let job = pod
+                    .labels()
+                    .get("finetune.dev/job")
+                    .cloned()
+                    .unwrap_or_default();
+                if first_seen
+                    .lock()
+                    .unwrap()
+                    .insert(pod.name_any(), Instant::now())
+                    .is_none()
+                {
+                    *pods_per_job.lock().unwrap().entry(job).or_default() += 1;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let template = job_template();
+    let jobs_api: Api<FinetuneJob> = Api::namespaced(client.clone(), NAMESPACE);
+    let start = Instant::now();
+    let created: Vec<(String, Instant)> = stream::iter(0..jobs_wanted)
+        .map(|i| {
+            let (api, mut job) = (jobs_api.clone(), template.clone());
+            let name = format!("bench-{i:04}");
+            job.metadata.name = Some(name.clone());
+            async move {
+                api.create(&PostParams::default(), &job)
+                    .await
+                    .expect("job created");
+                (name, Instant::now())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let create_seconds = start.elapsed().as_secs_f64();
+    eprintln!("bench: {jobs_wanted} jobs created in {create_seconds:.1}s");
+
+    // Settled: every job's pod is bound to a node or the job reports Queued.
+    let mut peak_rss_kib = 0;
+    let settle_deadline = Instant::now() + Duration::from_secs(600);
+    let (placed, queued) = loop {
+        peak_rss_kib = peak_rss_kib.max(rss_kib(pid));
+        let pods = pods_api.list(&ListParams::default()).await.unwrap();
+        let bound: std::collections::HashSet<String> = pods
+            .items
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+            .filter_map(|p| p.labels().get("finetune.dev/job").cloned())
+            .collect();
+        let jobs = jobs_api.list(&ListParams::default()).await.unwrap();
+        let queued = jobs
+            .items
+            .iter()
+            .filter(|j| {
+                j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Queued)
+                    && !bound.contains(&j.name_any())
+            })
+            .count();
+        eprint!(
+            "\rbench: {:>5.1}s  placed {:>4}  queued {:>4}  of {jobs_wanted}",
+            start.elapsed().as_secs_f64(),
+            bound.len(),
+            queued
+        );
+        if bound.len() + queued >= jobs_wanted {
+            eprintln!();
+            break (bound.len(), queued);
+        }
+        assert!(
+            Instant::now() < settle_deadline,
+            "jobs did not settle within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let settle_seconds = start.elapsed().as_secs_f64();
+    peak_rss_kib = peak_rss_kib.max(peak_rss_from_status(pid));
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let _ = operator.kill();
+    let _ = operator.wait();
+
+    let seen = first_seen.lock().unwrap().clone();
+    let mut latencies: Vec<f64> = created
+        .iter()
+        .filter_map(|(job, at)| {
+            seen.get(&format!("{job}-attempt-0"))
+                .map(|pod| pod.saturating_duration_since(*at).as_secs_f64())
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let lost = jobs_wanted - latencies.len();
+    let duplicated = pods_per_job
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|&&n| n > 1)
+        .count();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let result = json!({
+        "jobs": jobs_wanted, "nodes": nodes.items.len(), "gpus": gpu_capacity,
+        "create_seconds": create_seconds,
+        "create_to_pod_p50_seconds": percentile(0.5), "create_to_pod_p99_seconds": percentile(0.99),
+        "create_to_pod_max_seconds": latencies.last().copied().unwrap_or(f64::NAN),
+        "all_placed_or_queued_seconds": settle_seconds, "placed": placed, "queued": queued,
+        "operator_peak_rss_mib": peak_rss_kib as f64 / 1024.0, "operator_cpu_seconds": cpu,
+        "lost_pods": lost, "duplicated_pods": duplicated,
+        "targets": {"create_to_pod_p99_seconds": 1.0, "operator_peak_rss_mib": 64.0, "lost_pods": 0, "duplicated_pods": 0},
+    });
+    println!("\n| metric | value | target |\n|---|---|---|");
+    println!(
+        "| jobs / nodes / GPUs | {jobs_wanted} / {} / {gpu_capacity} | |",
+        nodes.items.len()
+    );
+    println!("| create → pod p50 | {:.3} s | |", percentile(0.5));
+    println!("| create → pod p99 | {:.3} s | < 1 s |", percentile(0.99));
+    println!(
+        "| all placed ({placed}) or Queued ({queued}) | {settle_seconds:.1} s after the first create | |"
+    );
+    println!(
+        "| operator peak RSS | {:.1} MiB | < 64 MiB |",
+        peak_rss_kib as f64 / 1024.0
+    );
+    println!("| operator CPU | {cpu:.1} s | |");
+    println!("| lost / duplicated pods | {lost} / {duplicated} | 0 / 0 |");
+    std::fs::write(&out, serde_json::to_string_pretty(&result).unwrap()).expect("JSON written");
+    println!("\nwrote {out}");
+}
+
+async fn prepare_namespace(client: &Client) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap();
+    let _ = namespaces.create(&PostParams::default(), &ns).await;
+    // One shared, bound claim: the bench measures the operator, not volume provisioning.
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let volume = json!({"metadata": {"name": "bench-storage"}, "spec": {
+        "capacity": {"storage": "1Ti"}, "accessModes": ["ReadWriteMany"], "hostPath": {"path": "/tmp/bench"},
+        "storageClassName": "", "claimRef": {"namespace": NAMESPACE, "name": "bench-storage"}}});
+    let _ = volumes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(volume).unwrap(),
+        )
+        .await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NAMESPACE);
+    let claim = json!({"metadata": {"name": "bench-storage"}, "spec": {
+        "accessModes": ["ReadWriteMany"], "storageClassName": "", "resources": {"requests": {"storage": "1Ti"}}}});
+    let _ = claims
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(claim).unwrap(),
+        )
+        .await;
+}
+
+fn job_template() -> FinetuneJob {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sft-lora-smollm2.yaml");
+    let mut job: FinetuneJob =
+        parse_manifest(&std::fs::read_to_string(path).unwrap(), "example").unwrap();
+    job.metadata.namespace = Some(NAMESPACE.into());
+    job.spec.base_model.uri = "file:///models/SmolLM2-135M-Instruct.Q4_1.gguf".into();
+    job.spec.dataset.train.uri = "file:///data/chat-train.jsonl".into();
+    job.spec.dataset.eval = Some(finetune_crds::data::DataSource {
+        uri: "file:///data/chat-eval.jsonl".into(),
+    });
+    job.spec.storage.claim_name = Some("bench-storage".into());
+    job.spec.resources.gpus = 1;
+    job
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+fn peak_rss_from_status(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
