@@ -127,14 +127,15 @@ async fn main() {
     let settle_deadline = Instant::now() + Duration::from_secs(600);
     let (placed, queued) = loop {
         peak_rss_kib = peak_rss_kib.max(rss_kib(pid));
-        let pods = pods_api.list(&ListParams::default()).await.unwrap();
+        let cached = ListParams::default().match_any();
+        let pods = pods_api.list(&cached).await.unwrap();
         let bound: std::collections::HashSet<String> = pods
             .items
             .iter()
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
             .filter_map(|p| p.labels().get("finetune.dev/job").cloned())
             .collect();
-        let jobs = jobs_api.list(&ListParams::default()).await.unwrap();
+        let jobs = jobs_api.list(&cached).await.unwrap();
         let queued = jobs
             .items
             .iter()
@@ -157,7 +158,7 @@ async fn main() {
             Instant::now() < settle_deadline,
             "jobs did not settle within 10 minutes"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
     };
     let settle_seconds = start.elapsed().as_secs_f64();
     peak_rss_kib = peak_rss_kib.max(peak_rss_from_status(pid));

@@ -149,9 +149,13 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     }
 
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let listed = pods_api
-        .list(&ListParams::default().labels(&format!("{}={name}", names::JOB_LABEL)))
-        .await?;
+    // From the apiserver's watch cache (resourceVersion 0), not a quorum read from etcd: a
+    // slightly stale list is harmless because pod changes trigger another reconcile and pod
+    // creation is an idempotent server-side apply of a deterministic name.
+    let selector = ListParams::default()
+        .labels(&format!("{}={name}", names::JOB_LABEL))
+        .match_any();
+    let listed = pods_api.list(&selector).await?;
     let uid = job.uid();
     let pods: Vec<Pod> = listed
         .items

@@ -229,8 +229,16 @@ wait_until 60 "default service account" - kubectl_ -n default get serviceaccount
     fail "no default ServiceAccount (kube-controller-manager's serviceaccount controller; log: $LOGS/kube-controller-manager.log)"
 if [ "$NODES" -gt 0 ]; then
     "$CLUSTER_SRC/nodes.sh" "$NODES" || fail "creating fake nodes failed"
-    wait_until 90 "$NODES kwok node(s) Ready" "$LOGS/kwok.log" \
-        kubectl_ wait --for=condition=Ready node -l type=kwok --timeout=1s ||
+    # One list call per poll (`kubectl wait` checks nodes one by one and would need a timeout
+    # that grows with the node count).
+    all_kwok_nodes_ready() {
+        local ready
+        ready=$(kubectl_ get nodes -l type=kwok \
+            -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' |
+            grep -c '^True$')
+        [ "$ready" -ge "$NODES" ]
+    }
+    wait_until $((60 + NODES)) "$NODES kwok node(s) Ready" "$LOGS/kwok.log" all_kwok_nodes_ready ||
         fail "kwok nodes not Ready (log: $LOGS/kwok.log)"
 fi
 
