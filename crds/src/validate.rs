@@ -6,6 +6,10 @@
 //! are read from the CRD, the apiserver, the operator and `finetune-trainer run job.yaml` can
 //! never disagree about what is valid.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use kube::core::cel;
 use kube::{CustomResourceExt, Resource};
 use serde::Serialize;
@@ -82,22 +86,21 @@ pub fn check_update<K>(new: &Value, old: &Value) -> Result<(), Vec<FieldError>>
 where
     K: CustomResourceExt + Resource<DynamicType = ()>,
 {
-    let schema = openapi_schema::<K>();
-    let new = cel::apply_defaults(&schema, new);
-    let old = cel::apply_defaults(&schema, old);
-    cel::Validator::new()
-        .validate(&schema, &new, Some(&old))
-        .map_err(|failures| {
-            failures
-                .iter()
-                .map(|failure| {
-                    FieldError::new(
-                        failure.field_path.trim_start_matches('.'),
-                        failure.message.clone(),
-                    )
-                })
-                .collect()
-        })
+    let compiled = compiled_schema::<K>();
+    let (schema, rules) = compiled.as_ref();
+    let new = cel::apply_defaults(schema, new);
+    let old = cel::apply_defaults(schema, old);
+    cel::validate_compiled(rules, &new, Some(&old)).map_err(|failures| {
+        failures
+            .iter()
+            .map(|failure| {
+                FieldError::new(
+                    failure.field_path.trim_start_matches('.'),
+                    failure.message.clone(),
+                )
+            })
+            .collect()
+    })
 }
 
 /// Checks identity, schema and CEL rules; returns the document with schema defaults applied.
@@ -109,13 +112,14 @@ where
     if !errors.is_empty() {
         return Err(errors);
     }
-    let schema = openapi_schema::<K>();
-    let defaulted = cel::apply_defaults(&schema, document);
+    let compiled = compiled_schema::<K>();
+    let (schema, rules) = compiled.as_ref();
+    let defaulted = cel::apply_defaults(schema, document);
     schema_check::check(&schema, &defaulted, "", &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
-    if let Err(failures) = cel::Validator::new().validate(&schema, &defaulted, None) {
+    if let Err(failures) = cel::validate_compiled(rules, &defaulted, None) {
         errors.extend(failures.iter().map(|failure| {
             FieldError::new(
                 failure.field_path.trim_start_matches('.'),
@@ -154,6 +158,28 @@ where
         errors.push(FieldError::new("metadata.name", "Required value".into()));
     }
     errors
+}
+
+/// The schema of `K` and its compiled CEL rules, built once per thread: generating the schema and
+/// compiling its rules costs far more than validating one object, and the operator validates
+/// on every reconcile.
+fn compiled_schema<K: CustomResourceExt + Resource<DynamicType = ()>>()
+-> Rc<(Value, cel::CompiledSchema)> {
+    thread_local! {
+        static COMPILED: RefCell<HashMap<String, Rc<(Value, cel::CompiledSchema)>>> = RefCell::default();
+    }
+    let kind = K::kind(&()).into_owned();
+    COMPILED.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        cache
+            .entry(kind)
+            .or_insert_with(|| {
+                let schema = openapi_schema::<K>();
+                let rules = cel::compile_schema(&schema);
+                Rc::new((schema, rules))
+            })
+            .clone()
+    })
 }
 
 /// The `openAPIV3Schema` of the CRD generated for `K`.
