@@ -115,7 +115,7 @@ where
     let compiled = compiled_schema::<K>();
     let (schema, rules) = compiled.as_ref();
     let defaulted = cel::apply_defaults(schema, document);
-    schema_check::check(&schema, &defaulted, "", &mut errors);
+    schema_check::check(schema, &defaulted, "", &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
