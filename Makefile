@@ -70,7 +70,7 @@ cluster-down:
 	@tests/cluster/down.sh
 
 bench-forward: build
-	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forward.py
+	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forward.py --out $(CARGO_TARGET_DIR)/bench/forward.json
 
 # 1000 FinetuneJobs against 50 kwok nodes x 8 GPUs on the real control plane; JSON in $(CARGO_TARGET_DIR)/bench.
 bench-operator: cluster-build build
