@@ -90,17 +90,20 @@ where
     let (schema, rules) = compiled.as_ref();
     let new = cel::apply_defaults(schema, new);
     let old = cel::apply_defaults(schema, old);
-    cel::validate_compiled(rules, &new, Some(&old)).map_err(|failures| {
-        failures
-            .iter()
-            .map(|failure| {
-                FieldError::new(
-                    failure.field_path.trim_start_matches('.'),
-                    failure.message.clone(),
-                )
-            })
-            .collect()
-    })
+    cel::validate_compiled(rules, &new, Some(&old)).map_err(|failures| field_errors(&failures))
+}
+
+/// CEL failures as field errors (kube-cel reports paths with a leading dot).
+fn field_errors(failures: &cel::ValidationErrors) -> Vec<FieldError> {
+    failures
+        .iter()
+        .map(|failure| {
+            FieldError::new(
+                failure.field_path.trim_start_matches('.'),
+                failure.message.clone(),
+            )
+        })
+        .collect()
 }
 
 /// Checks identity, schema and CEL rules; returns the document with schema defaults applied.
@@ -119,15 +122,7 @@ where
     if !errors.is_empty() {
         return Err(errors);
     }
-    if let Err(failures) = cel::validate_compiled(rules, &defaulted, None) {
-        errors.extend(failures.iter().map(|failure| {
-            FieldError::new(
-                failure.field_path.trim_start_matches('.'),
-                failure.message.clone(),
-            )
-        }));
-        return Err(errors);
-    }
+    cel::validate_compiled(rules, &defaulted, None).map_err(|failures| field_errors(&failures))?;
     Ok(defaulted)
 }
 

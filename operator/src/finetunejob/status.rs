@@ -87,19 +87,20 @@ pub fn derive(
     let mut transitions = Vec::new();
     let generation = job.metadata.generation;
 
-    let mut attempts: Vec<(i32, &Pod)> = pods
+    // Each pod's state is read once; the attempt records, the counters and the action use it.
+    let mut attempts: Vec<(i32, &Pod, PodState)> = pods
         .iter()
-        .filter_map(|pod| Some((attempt_of(pod)?, pod)))
+        .filter_map(|pod| Some((attempt_of(pod)?, pod, pod_state(pod))))
         .collect();
-    attempts.sort_by_key(|(attempt, _)| *attempt);
+    attempts.sort_by_key(|(attempt, _, _)| *attempt);
     status.attempts = attempts
         .iter()
-        .map(|(index, pod)| attempt_record(*index, pod))
+        .map(|(index, pod, state)| attempt_record(*index, pod, state))
         .collect();
     trim_attempts(&mut status.attempts);
-    let failures: Vec<Failure> = attempts
+    let failures: Vec<&Failure> = attempts
         .iter()
-        .filter_map(|(_, pod)| match pod_state(pod) {
+        .filter_map(|(_, _, state)| match state {
             PodState::Failed(failure) => Some(failure),
             _ => None,
         })
@@ -109,7 +110,7 @@ pub fn derive(
         .iter()
         .filter(|f| f.retryable && !f.counts_against_backoff)
         .count() as i32;
-    for failure in &failures {
+    for failure in failures {
         absorb_termination(&mut status, failure.termination.as_ref());
     }
 
@@ -147,7 +148,7 @@ pub fn derive(
     }
 
     let latest = attempts.last();
-    let action = match latest.map(|(attempt, pod)| (*attempt, *pod, pod_state(pod))) {
+    let action = match latest.map(|(attempt, pod, state)| (*attempt, *pod, state.clone())) {
         None if job.spec.run_policy.suspend => {
             set(
                 &mut status,
@@ -461,15 +462,12 @@ fn classify_failure(
     )
 }
 
-fn attempt_record(index: i32, pod: &Pod) -> Attempt {
+fn attempt_record(index: i32, pod: &Pod, state: &PodState) -> Attempt {
     let terminated = trainer_termination(pod);
-    let termination: Option<TerminationMessage> = terminated
-        .and_then(|t| t.message.as_deref())
-        .and_then(|m| serde_json::from_str(m).ok());
-    let reason = match pod_state(pod) {
-        PodState::Failed(failure) => Some(failure.reason),
-        PodState::Succeeded(_) => Some("Completed".into()),
-        _ => None,
+    let (reason, termination) = match state {
+        PodState::Failed(failure) => (Some(failure.reason.clone()), failure.termination.as_ref()),
+        PodState::Succeeded(termination) => (Some("Completed".to_string()), termination.as_ref()),
+        _ => (None, None),
     };
     Attempt {
         index,
@@ -478,8 +476,10 @@ fn attempt_record(index: i32, pod: &Pod) -> Attempt {
         end_time: terminated.and_then(|t| t.finished_at.clone()),
         reason,
         exit_code: terminated.map(|t| t.exit_code),
-        resumed_from_step: termination.as_ref().and_then(|t| t.resumed_from_step),
-        message: termination.and_then(|t| t.error).map(|e| e.message),
+        resumed_from_step: termination.and_then(|t| t.resumed_from_step),
+        message: termination
+            .and_then(|t| t.error.as_ref())
+            .map(|e| e.message.clone()),
     }
 }
 
