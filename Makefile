@@ -10,16 +10,18 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build crds demo test test-rust test-reference test-cluster lint bench-forward cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: setup build crds demo test test-rust test-reference test-cluster test-helm lint bench-forward bench-trainer cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
 	@echo "make demo           the main job (see README)"
 	@echo "make test           every test: formatting, clippy, Rust tests, parity tests, control-plane and e2e tests"
+	@echo "make test-helm      the Helm chart, alerts and dashboards, installed and scraped on a local control plane"
 	@echo "make crds           regenerate crds/*.yaml from the Rust types"
 	@echo "make cluster-up     start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes)"
 	@echo "make cluster-down   stop it"
 	@echo "make bench-forward  forward-pass tokens/s: ours vs transformers (JSON in \$$CARGO_TARGET_DIR/bench)"
+	@echo "make bench-trainer  LoRA chat-SFT tokens/s and peak RSS: ours vs transformers+PEFT fp32/bf16 (JSON in \$$CARGO_TARGET_DIR/bench)"
 	@echo "make bench-operator 1000 FinetuneJobs against 50 kwok GPU nodes: latency, RSS, CPU (JSON in \$$CARGO_TARGET_DIR/bench)"
 
 setup:
@@ -47,7 +49,9 @@ test-reference: build
 # On a real kube-apiserver with kwok GPU nodes: the CRDs and examples (CEL rules, printer
 # columns, GC, GPU scheduling), then the operator's control-plane tests, ending with the real
 # trainer run by the test-only executor node under the real operator.
-KUBECONFIG_TEST := $(CACHE)/cluster/run/kubeconfig
+# FINETUNE_CLUSTER_DIR lets several checkouts run their own clusters side by side.
+export FINETUNE_CLUSTER_DIR ?= $(CACHE)/cluster/run
+KUBECONFIG_TEST := $(FINETUNE_CLUSTER_DIR)/kubeconfig
 test-cluster: cluster-build build
 	@tests/cluster/down.sh >/dev/null 2>&1 || true
 	@tests/cluster/up.sh && { \
@@ -58,7 +62,13 @@ test-cluster: cluster-build build
 	  cargo test -p finetune-operator --test control_plane -- --ignored; \
 	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
-test: lint test-rust test-reference test-cluster
+test: lint test-rust test-reference test-cluster test-helm
+
+# The Helm chart: lint/template/schema checks, promtool rule tests, hadolint; then on its own
+# control plane (cluster/run-helm) install/upgrade/uninstall with the operator running on the
+# executor node, and a real Prometheus checking every dashboard panel's query after an e2e run.
+test-helm: cluster-build build
+	@FINETUNE_CLUSTER_DIR=$(CACHE)/cluster/run-helm tests/helm/run.sh
 
 cluster-build:
 	@tests/cluster/build.sh
@@ -71,6 +81,9 @@ cluster-down:
 
 bench-forward: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forward.py --out $(CARGO_TARGET_DIR)/bench/forward.json
+
+bench-trainer: build
+	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_trainer.py --out $(CARGO_TARGET_DIR)/bench/trainer.json
 
 # 1000 FinetuneJobs against 50 kwok nodes x 8 GPUs on the real control plane; JSON in $(CARGO_TARGET_DIR)/bench.
 bench-operator: cluster-build build

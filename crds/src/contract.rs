@@ -58,6 +58,9 @@ pub enum ExitCode {
     Diverged,
     /// Out of GPU or host memory.
     OutOfMemory,
+    /// The retention probe fell below `evaluation.retention.minScore` with `action: fail`: the
+    /// run forgets too much, and a retry would forget the same.
+    RetentionBelowMinimum,
     /// Stopped by SIGTERM after writing a checkpoint (preemption, eviction or suspend).
     Preempted,
     /// Anything else: counted against `runPolicy.backoffLimit`.
@@ -72,6 +75,7 @@ impl ExitCode {
             Self::InvalidInput => 2,
             Self::Diverged => 3,
             Self::OutOfMemory => 4,
+            Self::RetentionBelowMinimum => 5,
             Self::Preempted => 143,
             Self::Other(code) => code,
         }
@@ -84,6 +88,7 @@ impl ExitCode {
             2 => Self::InvalidInput,
             3 => Self::Diverged,
             4 => Self::OutOfMemory,
+            5 => Self::RetentionBelowMinimum,
             143 => Self::Preempted,
             other => Self::Other(other),
         }
@@ -91,7 +96,10 @@ impl ExitCode {
 
     /// Whether another attempt may succeed.
     pub fn is_retryable(self) -> bool {
-        !matches!(self, Self::Success | Self::InvalidInput | Self::Diverged)
+        !matches!(
+            self,
+            Self::Success | Self::InvalidInput | Self::Diverged | Self::RetentionBelowMinimum
+        )
     }
 
     /// Whether the attempt counts against `runPolicy.backoffLimit`.
@@ -106,6 +114,7 @@ impl ExitCode {
             Self::InvalidInput => "InvalidInput",
             Self::Diverged => "Diverged",
             Self::OutOfMemory => "OutOfMemory",
+            Self::RetentionBelowMinimum => "RetentionBelowMinimum",
             Self::Preempted => "Preempted",
             Self::Other(_) => "Error",
         }
@@ -137,6 +146,10 @@ pub struct TerminationMessage {
     /// sha256 over the formatted training data, for the Adapter's lineage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset_digest: Option<String>,
+    /// Why training ended before its planned last step although it succeeded (early stopping,
+    /// a retention floor with `action: stop`), naming the step whose weights are the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
     /// What went wrong (on failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TrainerError>,

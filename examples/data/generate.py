@@ -50,6 +50,34 @@ def main():
     write("preference-train.jsonl",
           [{"prompt": p, "chosen": a, "rejected": chatty(a, rng)} for p, a in train])
     write("domain-text.jsonl", [{"text": t} for t in DOMAIN_TEXT])
+    narrow = sorted(set(reviews(random.Random(11))))
+    rng.shuffle(narrow)
+    write("narrow-train.jsonl", [user_assistant(p, a) for p, a in narrow[:300]])
+    write("narrow-eval.jsonl", [user_assistant(p, a) for p, a in narrow[300:340]])
+
+
+# The forgetting example: a narrow format task with no system prompt or instruction to cue it, so
+# a model tuned on it alone learns to answer *everything* with a label (see docs/forgetting.md).
+POSITIVE = ["great", "excellent", "wonderful", "fantastic", "lovely", "superb", "delightful"]
+NEGATIVE = ["terrible", "awful", "disappointing", "horrible", "poor", "dreadful", "useless"]
+THINGS = ["the hotel room", "the pizza", "this phone", "the concert", "the delivery", "our guide",
+          "the new laptop", "the coffee", "the film", "the train ride", "the support team",
+          "this jacket", "the museum tour", "the headphones", "the bakery"]
+FRAMES = ["Honestly, {t} was {a}.", "I thought {t} was {a} overall.", "{T} turned out {a}.",
+          "My verdict on {t}: {a}.", "Everyone agreed {t} was {a}."]
+
+
+def reviews(rng):
+    for words, label in ((POSITIVE, "POSITIVE"), (NEGATIVE, "NEGATIVE")):
+        for t in THINGS:
+            for frame in FRAMES:
+                for a in rng.sample(words, 3):
+                    yield frame.format(t=t, T=t[0].upper() + t[1:], a=a), label
+
+
+def user_assistant(prompt, answer):
+    return {"messages": [{"role": "user", "content": prompt},
+                         {"role": "assistant", "content": answer}]}
 
 
 def chatty(answer, rng):

@@ -1,7 +1,14 @@
 //! The FinetuneJob controller: validate → build (pure) → apply → derive status (pure) → write
 //! status and events. Only this file and `apply` talk to the apiserver.
+//!
+//! Reads come from watch caches, never from per-reconcile LISTs: the watches that trigger
+//! reconciles on children also keep them in stores, so a reconcile that finds nothing to change
+//! makes no API call at all. Writes are kept to what changed: children are applied only when the
+//! cached copy differs (a content hash in an annotation), the status only when it differs, and
+//! Events only on transitions.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use finetune_crds::contract::DEFAULT_STATUS_PORT;
@@ -9,10 +16,11 @@ use finetune_crds::{FinetuneJob, FinetuneJobStatus, JobPhase, validate_object};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
@@ -28,6 +36,30 @@ use crate::progress::ProgressPoller;
 /// Field manager for server-side apply.
 pub const MANAGER: &str = "finetune-operator";
 
+/// Annotation on applied children holding a hash of what was applied, so an unchanged child is
+/// recognised from its cached metadata alone and not applied again.
+pub const APPLIED_HASH_ANNOTATION: &str = "finetune.dev/applied-hash";
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Watch only this namespace (all namespaces when `None`).
+    pub namespace: Option<String>,
+    /// Most reconciles in flight. Each holds one HTTP/1 connection to the apiserver while it
+    /// waits, so this also bounds the operator's connections and memory.
+    pub concurrency: u16,
+}
+
+/// The children a reconcile reads, cached by the watches that trigger reconciles.
+struct Caches {
+    /// Trainer pods, without their spec (status derivation reads metadata and status only).
+    pods: Store<Pod>,
+    /// Manifest ConfigMaps, metadata only.
+    maps: Store<PartialObjectMeta<ConfigMap>>,
+    /// Storage claims, metadata only.
+    claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+}
+
 /// What every reconcile shares.
 pub struct Context {
     /// The apiserver client.
@@ -40,15 +72,20 @@ pub struct Context {
     pub settings: BuildSettings,
     /// Rate-limited `/status` polling of running trainers.
     pub progress: ProgressPoller,
+    caches: Caches,
+    /// Jobs as returned by our last status write, kept until the job cache has caught up: a
+    /// reconcile that runs before the watch delivers our own write must not derive the same
+    /// transition again (a second Event and a redundant write).
+    written: Mutex<HashMap<String, Arc<FinetuneJob>>>,
 }
 
 impl Context {
-    /// A context whose Events name this operator instance.
-    pub fn new(
+    fn new(
         client: Client,
         metrics: Arc<Metrics>,
         settings: BuildSettings,
         progress: ProgressPoller,
+        caches: Caches,
     ) -> Self {
         let instance = std::env::var("POD_NAME").ok();
         let reporter = Reporter {
@@ -61,6 +98,33 @@ impl Context {
             metrics,
             settings,
             progress,
+            caches,
+            written: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The newer of the cached job and the one our last status write returned.
+    fn freshest(&self, key: &str, cached: Arc<FinetuneJob>) -> Arc<FinetuneJob> {
+        let mut written = self.written.lock().expect("written lock");
+        let Some(ours) = written.get(key) else {
+            return cached;
+        };
+        let version = |job: &FinetuneJob| {
+            job.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        match (version(ours), version(&cached)) {
+            (Some(ours_version), Some(cached_version))
+                if ours_version > cached_version && ours.uid() == cached.uid() =>
+            {
+                ours.clone()
+            }
+            _ => {
+                written.remove(key);
+                cached
+            }
         }
     }
 }
@@ -78,32 +142,106 @@ pub async fn ensure_crds_installed(client: &Client) -> Result<(), String> {
     }
 }
 
-/// Runs the controller until SIGTERM/SIGINT. `namespace` limits it to one namespace.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, on_ready: impl FnOnce()) {
-    let client = ctx.client.clone();
-    let (jobs, pods, maps, claims) = match &namespace {
-        Some(ns) => (
-            Api::<FinetuneJob>::namespaced(client.clone(), ns),
-            Api::<Pod>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-            Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client),
-        ),
-    };
+fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until SIGTERM/SIGINT; `on_synced` is called once every cache has its
+/// initial list.
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    settings: BuildSettings,
+    progress: ProgressPoller,
+    options: Options,
+    on_synced: impl FnOnce() + Send + 'static,
+) {
+    let namespace = &options.namespace;
     let children =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=finetune-operator");
-    let controller = Controller::new(jobs, watcher::Config::default())
-        .owns(pods, children.clone())
-        .owns(maps, children.clone())
-        .owns(claims, children)
-        .shutdown_on_signal();
-    on_ready();
-    controller
+
+    // managedFields and the last-applied annotation are most of an object's size and nothing
+    // here reads them; dropping them before the store keeps the caches small.
+    let (jobs, jobs_writer) = reflector::store::<FinetuneJob>();
+    let job_events = watcher(
+        api::<FinetuneJob>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|job| job.metadata.managed_fields = None)
+    .reflect(jobs_writer)
+    .applied_objects()
+    // Our own status writes do not change the generation: reconciling on them would only
+    // re-derive what was just written. Children's changes and requeues still trigger.
+    .predicate_filter(predicates::generation, PredicateConfig::default());
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    let pod_events = watcher(api::<Pod>(&client, namespace), children.clone())
+        .default_backoff()
+        .modify(|pod| {
+            pod.metadata.managed_fields = None;
+            pod.metadata.annotations = None;
+            pod.spec = None;
+        })
+        .reflect(pods_writer)
+        .touched_objects();
+    let (maps, maps_writer) = reflector::store::<PartialObjectMeta<ConfigMap>>();
+    let map_events = watcher(
+        api::<PartialObjectMeta<ConfigMap>>(&client, namespace),
+        children.clone(),
+    )
+    .default_backoff()
+    .modify(|map| map.metadata.managed_fields = None)
+    .reflect(maps_writer)
+    .touched_objects();
+    let (claims, claims_writer) = reflector::store::<PartialObjectMeta<PersistentVolumeClaim>>();
+    let claim_events = watcher(
+        api::<PartialObjectMeta<PersistentVolumeClaim>>(&client, namespace),
+        children,
+    )
+    .default_backoff()
+    .modify(|claim| claim.metadata.managed_fields = None)
+    .reflect(claims_writer)
+    .touched_objects();
+
+    {
+        let stores = (jobs.clone(), pods.clone(), maps.clone(), claims.clone());
+        tokio::spawn(async move {
+            let synced = futures::try_join!(
+                stores.0.wait_until_ready(),
+                stores.1.wait_until_ready(),
+                stores.2.wait_until_ready(),
+                stores.3.wait_until_ready(),
+            );
+            if synced.is_ok() {
+                on_synced();
+            }
+        });
+    }
+
+    // A trainer's new progress is written by reconciling its job as soon as the poll returns.
+    let progressed = progress
+        .take_updates()
+        .expect("the controller runs once per poller")
+        .filter_map(|key| async move {
+            let (namespace, name) = key.split_once('/')?;
+            Some(ObjectRef::<FinetuneJob>::new(name).within(namespace))
+        });
+    let caches = Caches { pods, maps, claims };
+    let ctx = Arc::new(Context::new(client, metrics, settings, progress, caches));
+    Controller::for_stream(job_events, jobs)
+        .owns_stream(pod_events)
+        .owns_stream(map_events)
+        .owns_stream(claim_events)
+        .reconcile_on(progressed)
+        .with_config(ControllerConfig::default().concurrency(options.concurrency))
+        .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
@@ -128,75 +266,62 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     if job.metadata.deletion_timestamp.is_some() {
         ctx.metrics.set_phase(&key, None);
         ctx.progress.forget(&key);
+        ctx.written.lock().expect("written lock").remove(&key);
         return Ok(Requeue::await_change());
     }
+    let job = ctx.freshest(&key, job);
     let jobs: Api<FinetuneJob> = Api::namespaced(ctx.client.clone(), &namespace);
 
     if let Err(invalid) = validate_object(job.as_ref()) {
         let derived = status::invalid_spec(&job, &invalid.to_string(), Timestamp::now());
-        write_status(&jobs, &job, &derived.status).await?;
+        if job.status.as_ref() != Some(&derived.status) {
+            write_status(&ctx, &jobs, &job, &derived.status).await?;
+        }
         publish(&ctx, &job, &derived).await;
         ctx.metrics.set_phase(&key, derived.status.phase);
         return Ok(Requeue::await_change());
     }
 
-    let finished = matches!(
-        job.status.as_ref().and_then(|s| s.phase),
-        Some(JobPhase::Succeeded | JobPhase::Failed)
-    );
-    if !finished {
-        apply_storage(&ctx, &jobs, &job, &namespace).await?;
-    }
-
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    // From the apiserver's watch cache (resourceVersion 0), not a quorum read from etcd: a
-    // slightly stale list is harmless because pod changes trigger another reconcile and pod
-    // creation is an idempotent server-side apply of a deterministic name.
-    let selector = ListParams::default()
-        .labels(&format!("{}={name}", names::JOB_LABEL))
-        .match_any();
-    let listed = pods_api.list(&selector).await?;
     let uid = job.uid();
-    let pods: Vec<Pod> = listed
-        .items
-        .into_iter()
-        .filter(|pod| {
-            pod.owner_references()
-                .iter()
-                .any(|owner| Some(&owner.uid) == uid.as_ref())
+    let pods: Vec<Pod> = ctx
+        .caches
+        .pods
+        .state_filter(|pod| {
+            pod.namespace().as_deref() == Some(namespace.as_str())
+                && pod.labels().get(names::JOB_LABEL) == Some(&name)
+                && pod
+                    .owner_references()
+                    .iter()
+                    .any(|owner| Some(&owner.uid) == uid.as_ref())
         })
+        .into_iter()
+        .map(Arc::unwrap_or_clone)
         .collect();
     let report = match running_trainer_address(&pods) {
-        Some(address) => ctx.progress.report(&key, &address).await,
+        Some(address) => ctx.progress.report(&key, &address),
         None => None,
     };
     let derived = status::derive(&job, &pods, report.as_ref(), Timestamp::now());
 
-    match &derived.action {
-        Action::CreatePod(attempt) => {
-            let pod = build::trainer_pod(&job, *attempt, &ctx.settings)?;
-            let pod_name = names::trainer_pod(&name, *attempt);
-            if let Err(error) = apply(&pods_api, &pod_name, &pod).await {
-                return Err(
-                    child_failed(&ctx, &jobs, &job, &format!("pod {pod_name}"), error).await,
-                );
-            }
-            info!(job = %key, attempt, "trainer pod created");
+    let finished = matches!(
+        job.status.as_ref().and_then(|s| s.phase),
+        Some(JobPhase::Succeeded | JobPhase::Failed)
+    );
+    // The storage and the pod do not depend on each other (the pod waits for its volumes),
+    // so a new job's children are written concurrently: one round trip instead of two.
+    let storage = async {
+        if finished {
+            Ok(())
+        } else {
+            apply_storage(&ctx, &jobs, &job, &namespace).await
         }
-        Action::DeletePod(pod_name) => {
-            let grace =
-                DeleteParams::default().grace_period(ctx.settings.termination_grace_seconds as u32);
-            match pods_api.delete(pod_name, &grace).await {
-                Ok(_) | Err(kube::Error::Api(_)) => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
-        Action::PollProgress(_) | Action::Wait => {}
-    }
+    };
+    let action = act(&ctx, &jobs, &job, &derived.action, &namespace);
+    futures::try_join!(storage, action)?;
 
     record_timings(&ctx, &job, &derived.status, &namespace);
     if job.status.as_ref() != Some(&derived.status) {
-        write_status(&jobs, &job, &derived.status).await?;
+        write_status(&ctx, &jobs, &job, &derived.status).await?;
     }
     publish(&ctx, &job, &derived).await;
     ctx.metrics.set_phase(&key, derived.status.phase);
@@ -213,35 +338,107 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     })
 }
 
-/// The manifest ConfigMap and the storage claim; both are server-side applied on every
-/// reconcile, which makes them self-healing and never duplicated.
+/// Carries out the derived action on the trainer pods.
+async fn act(
+    ctx: &Context,
+    jobs: &Api<FinetuneJob>,
+    job: &FinetuneJob,
+    action: &Action,
+    namespace: &str,
+) -> Result<(), Error> {
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    match action {
+        Action::CreatePod(attempt) => {
+            let name = job.name_any();
+            let pod = build::trainer_pod(job, *attempt, &ctx.settings)?;
+            let pod_name = names::trainer_pod(&name, *attempt);
+            if let Err(error) = apply(&pods_api, &pod_name, &pod).await {
+                return Err(child_failed(ctx, jobs, job, &format!("pod {pod_name}"), error).await);
+            }
+            info!(job = %format!("{namespace}/{name}"), attempt, "trainer pod created");
+        }
+        Action::DeletePod(pod_name) => {
+            let grace =
+                DeleteParams::default().grace_period(ctx.settings.termination_grace_seconds as u32);
+            match pods_api.delete(pod_name, &grace).await {
+                Ok(_) | Err(kube::Error::Api(_)) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Action::PollProgress(_) | Action::Wait => {}
+    }
+    Ok(())
+}
+
+/// The manifest ConfigMap and the storage claim, server-side applied whenever the cached copy
+/// is missing or was applied from different content: self-healing, never duplicated, and free
+/// when nothing changed.
 async fn apply_storage(
     ctx: &Context,
     jobs: &Api<FinetuneJob>,
     job: &FinetuneJob,
     namespace: &str,
 ) -> Result<(), Error> {
-    let map = build::manifest_config_map(job)?;
-    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut map = build::manifest_config_map(job)?;
     let map_name = map.name_any();
-    if let Err(error) = apply(&maps, &map_name, &map).await {
-        return Err(child_failed(ctx, jobs, job, &format!("configmap {map_name}"), error).await);
+    let map_hash = stamp_hash(&mut map);
+    if cached_hash(&ctx.caches.maps, &map_name, namespace) != Some(map_hash) {
+        let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+        if let Err(error) = apply(&maps, &map_name, &map).await {
+            return Err(
+                child_failed(ctx, jobs, job, &format!("configmap {map_name}"), error).await,
+            );
+        }
     }
-    if let Some(claim) = build::storage_claim(job, &ctx.settings)? {
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    if let Some(mut claim) = build::storage_claim(job, &ctx.settings)? {
         let claim_name = claim.name_any();
-        if let Err(error) = apply(&claims, &claim_name, &claim).await {
-            return Err(child_failed(
-                ctx,
-                jobs,
-                job,
-                &format!("persistentvolumeclaim {claim_name}"),
-                error,
-            )
-            .await);
+        let claim_hash = stamp_hash(&mut claim);
+        if cached_hash(&ctx.caches.claims, &claim_name, namespace) != Some(claim_hash) {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+            if let Err(error) = apply(&claims, &claim_name, &claim).await {
+                return Err(child_failed(
+                    ctx,
+                    jobs,
+                    job,
+                    &format!("persistentvolumeclaim {claim_name}"),
+                    error,
+                )
+                .await);
+            }
         }
     }
     Ok(())
+}
+
+/// Annotates `object` with a hash of its desired content and returns the hash.
+fn stamp_hash<K: Resource + Serialize>(object: &mut K) -> String {
+    let content = serde_json::to_vec(&*object).expect("Kubernetes objects serialize to JSON");
+    let hash = format!("{:016x}", fnv1a(&content));
+    object
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(APPLIED_HASH_ANNOTATION.into(), hash.clone());
+    hash
+}
+
+/// FNV-1a, 64 bits: stable across builds and platforms, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn cached_hash<K>(
+    store: &Store<PartialObjectMeta<K>>,
+    name: &str,
+    namespace: &str,
+) -> Option<String>
+where
+    PartialObjectMeta<K>: Resource<DynamicType = ()> + Clone,
+{
+    let cached = store.get(&ObjectRef::new(name).within(namespace))?;
+    cached.annotations().get(APPLIED_HASH_ANNOTATION).cloned()
 }
 
 async fn apply<K>(api: &Api<K>, name: &str, object: &K) -> Result<K, kube::Error>
@@ -270,7 +467,7 @@ async fn child_failed(
         other => other.to_string(),
     };
     let status = status::child_creation_failed(job, child, &message, Timestamp::now());
-    if let Err(status_error) = write_status(jobs, job, &status).await {
+    if let Err(status_error) = write_status(ctx, jobs, job, &status).await {
         warn!(%status_error, "cannot record the child creation failure in status");
     }
     let event = Event {
@@ -287,6 +484,7 @@ async fn child_failed(
 }
 
 async fn write_status(
+    ctx: &Context,
     jobs: &Api<FinetuneJob>,
     job: &FinetuneJob,
     status: &FinetuneJobStatus,
@@ -296,12 +494,19 @@ async fn write_status(
         "kind": FinetuneJob::kind(&()),
         "status": status,
     });
-    jobs.patch_status(
-        &job.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
+    let mut written = jobs
+        .patch_status(
+            &job.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+    written.metadata.managed_fields = None;
+    let key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
+    ctx.written
+        .lock()
+        .expect("written lock")
+        .insert(key, Arc::new(written));
     Ok(())
 }
 

@@ -6,5 +6,6 @@ pub mod controller;
 pub mod error;
 pub mod finetunejob;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod progress;

@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use finetune_operator::controller::{self, Context};
+use finetune_operator::controller::{self, Options};
 use finetune_operator::finetunejob::build::BuildSettings;
 use finetune_operator::http::{self, HttpState};
+use finetune_operator::leader::{self, LeaderElector, Timings};
 use finetune_operator::metrics::Metrics;
 use finetune_operator::progress::ProgressPoller;
 use tracing::{error, info};
@@ -66,6 +67,19 @@ struct RunArgs {
     /// Seconds a trainer gets after SIGTERM to checkpoint.
     #[arg(long, default_value_t = 120)]
     termination_grace: i64,
+    /// Most reconciles in flight at once.
+    #[arg(long, env = "FINETUNE_CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
+    /// Run as one of several replicas: only the holder of a Lease reconciles; the others stand
+    /// by and take over when it stops renewing.
+    #[arg(long, env = "FINETUNE_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "finetune-operator")]
+    leader_election_lease_name: String,
 }
 
 fn main() -> ExitCode {
@@ -133,9 +147,78 @@ async fn run(args: RunArgs) -> ExitCode {
         Duration::from_secs(args.progress_interval),
         Duration::from_secs(3),
     );
-    let ctx = Arc::new(Context::new(client, metrics, settings, poller));
-    info!(namespace = ?args.namespace, %http_addr, "finetune-operator starting");
-    controller::run(ctx, args.namespace, || ready.store(true, Ordering::Relaxed)).await;
+    let options = Options {
+        namespace: args.namespace,
+        concurrency: args.concurrency,
+    };
+    info!(namespace = ?options.namespace, %http_addr, leader_elect = args.leader_elect, "finetune-operator starting");
+
+    let elector = args.leader_elect.then(|| {
+        LeaderElector::new(
+            client.clone(),
+            &args.leader_election_namespace,
+            &args.leader_election_lease_name,
+            leader::default_identity(),
+            Timings::default(),
+        )
+    });
+    if let Some(elector) = &elector {
+        // A standby is ready in its role: reporting it unready would stall a rolling update
+        // of the Deployment behind a replica that cannot lead until the old one goes.
+        ready.store(true, Ordering::Relaxed);
+        metrics.set_leader(false);
+        info!(identity = %elector.identity(), "waiting for the leader lease");
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = shutdown_signal() => {
+                info!("stopped while standing by");
+                return ExitCode::SUCCESS;
+            }
+        }
+        ready.store(false, Ordering::Relaxed);
+    }
+    metrics.set_leader(true);
+    let synced = ready.clone();
+    let controller = controller::run(
+        client,
+        metrics.clone(),
+        settings,
+        poller,
+        options,
+        move || synced.store(true, Ordering::Relaxed),
+    );
+    match &elector {
+        None => controller.await,
+        Some(elector) => {
+            tokio::select! {
+                () = controller => elector.release().await,
+                () = elector.hold() => {
+                    // Another replica may be reconciling already: stop at once, mid-reconcile
+                    // if need be (every write is idempotent), and let the Deployment restart us
+                    // as a standby.
+                    metrics.set_leader(false);
+                    error!("lost the leader lease; exiting");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
     info!("finetune-operator stopped");
     ExitCode::SUCCESS
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
 }

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use finetune_crds::JobPhase;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the operator exports, in its own registry.
@@ -18,6 +19,7 @@ pub struct Metrics {
     jobs_by_phase: IntGaugeVec,
     queue_wait: HistogramVec,
     time_to_first_step: HistogramVec,
+    leader: IntGauge,
     phases: Mutex<HashMap<String, JobPhase>>,
 }
 
@@ -90,6 +92,11 @@ impl Metrics {
             &["namespace"],
         )
         .expect("valid metric");
+        let leader = IntGauge::new(
+            "finetune_operator_leader",
+            "1 while this replica holds the leader lease and reconciles, 0 while it stands by",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -97,6 +104,7 @@ impl Metrics {
             Box::new(jobs_by_phase.clone()),
             Box::new(queue_wait.clone()),
             Box::new(time_to_first_step.clone()),
+            Box::new(leader.clone()),
         ] {
             registry
                 .register(collector)
@@ -115,6 +123,7 @@ impl Metrics {
             jobs_by_phase,
             queue_wait,
             time_to_first_step,
+            leader,
             phases: Mutex::new(HashMap::new()),
         }
     }
@@ -147,6 +156,11 @@ impl Metrics {
                 .with_label_values(&[phase_label(candidate)])
                 .set(count as i64);
         }
+    }
+
+    /// Records whether this replica leads (and so reconciles).
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// Records how long a job waited before its trainer ran.
@@ -220,6 +234,7 @@ mod tests {
         metrics.set_phase("a/three", Some(JobPhase::Queued));
         metrics.set_phase("a/three", None);
         drop(metrics.reconcile_started("FinetuneJob"));
+        metrics.set_leader(true);
         let text = metrics.render();
         assert!(
             text.contains("finetune_operator_jobs{phase=\"Running\"} 1"),
@@ -233,6 +248,7 @@ mod tests {
             text.contains("finetune_operator_jobs{phase=\"Queued\"} 0"),
             "{text}"
         );
+        assert!(text.contains("finetune_operator_leader 1"), "{text}");
         assert!(
             text.contains(
                 "finetune_operator_reconcile_duration_seconds_count{kind=\"FinetuneJob\"} 1"

@@ -96,6 +96,10 @@ async fn namespace(client: &Client, name: &str) -> String {
 }
 
 fn start_operator(namespace: &str) -> Operator {
+    start_operator_with(namespace, &[], &[])
+}
+
+fn start_operator_with(namespace: &str, args: &[&str], env: &[(&str, &str)]) -> Operator {
     let metrics_port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -109,6 +113,8 @@ fn start_operator(namespace: &str) -> Operator {
             "--http-addr",
             &format!("127.0.0.1:{metrics_port}"),
         ])
+        .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info,kube=warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -360,6 +366,106 @@ async fn deleting_a_job_collects_its_children() {
         },
     )
     .await;
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-leader").await;
+    let elect = [
+        "--leader-elect",
+        "--leader-election-namespace",
+        ns.as_str(),
+        "--leader-election-lease-name",
+        "finetune-operator-test",
+    ];
+    let mut replicas: Vec<Option<Operator>> = ["replica-a", "replica-b"]
+        .iter()
+        .map(|identity| Some(start_operator_with(&ns, &elect, &[("POD_NAME", identity)])))
+        .collect();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &ns);
+    let holder = || async {
+        let lease = leases.get("finetune-operator-test").await.ok()?;
+        lease.spec?.holder_identity.filter(|h| !h.is_empty())
+    };
+    let leader = wait_for("a leader", Duration::from_secs(30), holder).await;
+    let (leading, standing_by) = if leader == "replica-a" {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut first = example_job(&ns, 1);
+    first.metadata.name = Some("first".into());
+    jobs.create(&PostParams::default(), &first).await.unwrap();
+    wait_for(
+        "the leader to create the first pod",
+        Duration::from_secs(60),
+        || async { pods.get("first-attempt-0").await.ok() },
+    )
+    .await;
+    // The standby has reconciled nothing: it never started its controller.
+    let standby = replicas[standing_by].as_ref().unwrap();
+    let text = wait_for("the standby's metrics", Duration::from_secs(10), || async {
+        http_get(&format!("127.0.0.1:{}", standby.metrics_port), "/metrics").await
+    })
+    .await;
+    assert!(text.contains("finetune_operator_leader 0"), "{text}");
+    assert!(
+        !text.contains("finetune_operator_reconciliations_total{"),
+        "{text}"
+    );
+
+    // SIGKILL: no release, so the standby waits out the lease (15 s) and takes over.
+    drop(replicas[leading].take());
+    let mut second = example_job(&ns, 1);
+    second.metadata.name = Some("second".into());
+    jobs.create(&PostParams::default(), &second).await.unwrap();
+    let new_leader = wait_for(
+        "the standby to take the lease",
+        Duration::from_secs(40),
+        || async { holder().await.filter(|h| *h != leader) },
+    )
+    .await;
+    assert_ne!(new_leader, leader);
+    wait_for(
+        "the new leader to create the second pod",
+        Duration::from_secs(30),
+        || async { pods.get("second-attempt-0").await.ok() },
+    )
+    .await;
+    let all = pods.list(&ListParams::default()).await.unwrap();
+    let mut names: Vec<String> = all.items.iter().map(|p| p.name_any()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["first-attempt-0", "second-attempt-0"],
+        "no duplicate pods"
+    );
+
+    // SIGTERM: the leader releases the lease on its way out, so it is free at once.
+    let survivor = replicas[standing_by].take().unwrap();
+    let pid = survivor.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for(
+        "the lease to be released",
+        Duration::from_secs(15),
+        || async { holder().await.is_none().then_some(()) },
+    )
+    .await;
+    drop(survivor);
     cleanup(&client, &ns).await;
 }
 

@@ -1,7 +1,8 @@
 """End to end on CPU: `finetune-trainer run` on a FinetuneJob with the example's pvc:// and
 configmap:// URIs (mapped under FINETUNE_VOLUME_ROOT) trains a LoRA adapter on SmolLM2-135M-Instruct
-(chat-train.jsonl, 20 steps, batch 4, seq 128) that lowers the eval loss on chat-eval.jsonl; the
-adapter, summary and termination message are written, and `eval --adapter` agrees."""
+(chat-train.jsonl, 20 steps, batch 4, seq 128) that lowers the eval loss on chat-eval.jsonl and
+raises the exact-match rate of its greedy answers; the adapter, summary and termination message are
+written, and `eval --adapter` agrees."""
 
 import json
 import os
@@ -23,7 +24,7 @@ spec:
     format: chat
   adapter: {type: lora, lora: {rank: 16, alpha: 32, dropout: 0.05}}
   hyperparameters: {maxSteps: 20, learningRate: 1.0e-3, batchSize: 4, maxSeqLength: 128, warmupSteps: 2, seed: 42}
-  evaluation: {everySteps: 10, retention: {}}
+  evaluation: {everySteps: 10, retention: {}, generation: {maxSamples: 12, maxNewTokens: 24}}
   checkpoint: {everySteps: 10, keepLast: 2}
   resources: {gpus: 0}
 """
@@ -49,6 +50,15 @@ def test_lora_run_lowers_eval_loss(tmp_path, gguf_path, bin_path):
           f"retention delta {summary['retention']['loss_delta']:.4f}; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
     assert after < before - 0.5
     message = json.loads(term.read_text())
+    # Beyond loss: greedy answers to the eval prompts match the reference commands more often.
+    gen = summary["generation"]
+    print(f"generation exact match {gen['before']['exact']}/{gen['samples']} -> {gen['after']['exact']}/{gen['samples']}; "
+          f"retention {summary['retention']['score']:.3f} of {summary['retention']['questions']} base answers kept; "
+          f"timings {summary['timings']}")
+    assert gen["samples"] == 12
+    assert gen["after"]["exact_match"] > gen["before"]["exact_match"]
+    assert message["metrics"]["evalExactMatch"] == gen["after"]["exact_match"]
+    assert 0.0 <= summary["retention"]["score"] <= 1.0
     assert message["step"] == 20 and message["metrics"]["evalLoss"] == after
     assert {f["name"] for f in message["adapter"]["files"]} == {"adapter_config.json", "adapter_model.safetensors"}
     # The eval command with the adapter sees the improvement too (its own loss definition).

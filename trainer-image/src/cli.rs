@@ -1,4 +1,4 @@
-//! Command-line interface. `generate` and `eval` are the user-facing commands; `logits`,
+//! Command-line interface. `generate`, `eval`, `merge` and `export-gguf` are the user-facing commands; `logits`,
 //! `tokenize`, `render-chat` and `bench-forward` are developer commands used by the parity tests in
 //! `tests/reference/` and by `make bench-forward`.
 
@@ -37,6 +37,13 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Mean token loss, perplexity and token count of a model on a JSONL data set, as one JSON object.
     Eval(EvalArgs),
+    /// Fold a PEFT LoRA adapter into its base model and write a Hugging Face layout model
+    /// (config.json, float32 model.safetensors, tokenizer files with the chat template,
+    /// generation_config.json). The base may be an HF directory or a GGUF file.
+    Merge(MergeArgs),
+    /// Write a model (HF directory, e.g. a merged one, or GGUF) as a GGUF v3 file for llama.cpp:
+    /// 2-D weights as q8_0, f16 or f32, norms in f32.
+    ExportGguf(ExportGgufArgs),
     /// [developer] Write the logits of one sequence to a safetensors file (key `logits`, [1, seq, vocab]).
     Logits(LogitsArgs),
     /// [developer] Print token ids as JSON for a string or a JSON array of strings.
@@ -111,6 +118,32 @@ pub struct EvalArgs {
     /// Truncate each example to this many tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     pub max_length: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model: a .gguf file or a Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output directory (created).
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportGgufArgs {
+    /// A Hugging Face model directory (e.g. the output of `merge`) or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The GGUF file to write.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Tensor type of the 2-D weights.
+    #[arg(long = "type", value_enum)]
+    pub ty: crate::export::gguf::GgufType,
 }
 
 #[derive(Debug, Args)]
@@ -251,6 +284,14 @@ pub fn run(cli: Cli) -> Result<()> {
             )?;
             let report = evaluate(&m.model, &examples);
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        }
+        Command::Merge(a) => {
+            let summary = crate::export::merge::merge(&a.model, &a.adapter, &a.output)?;
+            println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+        }
+        Command::ExportGguf(a) => {
+            let summary = crate::export::gguf::export_gguf(&a.model, &a.output, a.ty)?;
+            println!("{}", serde_json::to_string(&summary).unwrap_or_default());
         }
         Command::Logits(a) => {
             let m = load(&a.model, &cli.device)?;

@@ -20,6 +20,10 @@ pub struct Live {
     pub epoch: Gauge,
     pub train_loss: Gauge,
     pub eval_loss: Gauge,
+    /// Share of the base model's general answers still given (see `train::probe`).
+    pub retention_score: Gauge,
+    /// Exact-match accuracy of generated answers to eval prompts.
+    pub eval_exact_match: Gauge,
     pub learning_rate: Gauge,
     pub grad_norm: Gauge,
     pub tokens_per_second: Gauge,
@@ -57,6 +61,14 @@ impl Live {
             eval_loss: g(
                 "eval_loss",
                 "Mean token loss on the eval set at the last evaluation",
+            ),
+            retention_score: g(
+                "retention_score",
+                "Share of the base model's greedy answers to general prompts the tuned model still gives (0-1)",
+            ),
+            eval_exact_match: g(
+                "eval_exact_match",
+                "Exact-match accuracy of greedy answers to eval prompts (0-1)",
             ),
             learning_rate: g("learning_rate", "Learning rate of the last step"),
             grad_norm: g(

@@ -1,8 +1,9 @@
 //! `finetune-executor`: a test-only Kubernetes node. It registers a Node, keeps its Lease and
 //! Ready heartbeat, and runs every pod scheduled to it as a local process: command, args and
-//! environment from the pod spec, ConfigMap/Secret/PVC/emptyDir volumes mapped to local
-//! directories, a distinct 127.0.0.x pod IP, and pod status (phase, container state, exit code,
-//! termination message) reported like a kubelet. It stands in for kubelet + container runtime,
+//! environment from the pod spec, ConfigMap/Secret/PVC/emptyDir/projected volumes mapped to
+//! local directories, a distinct loopback pod IP (127.0.0.x unless `--pod-ip-prefix` says
+//! otherwise), and pod status (phase, container state, exit code, termination message) reported
+//! like a kubelet. It stands in for kubelet + container runtime,
 //! which cannot run on the test machines, so the real trainer runs under the real operator.
 //!
 //! Images are mapped to local binaries with `--image NAME=PATH` (or `--default-binary`).
@@ -44,6 +45,13 @@ pub struct Args {
     /// Memory capacity the node advertises.
     #[arg(long, default_value = "64Gi")]
     pub memory: String,
+    /// First three octets of the pod IPs (`<prefix>.2`, `<prefix>.3`, ...): executors sharing a
+    /// host use distinct prefixes so their pods' ports do not collide.
+    #[arg(long, default_value = "127.0.0")]
+    pub pod_ip_prefix: String,
+    /// The apiserver URL as pods see it (in-cluster config); set from the executor's own config.
+    #[arg(skip)]
+    pub api_server: Option<String>,
 }
 
 fn parse_image_mapping(text: &str) -> Result<(String, PathBuf), String> {
@@ -65,11 +73,21 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
-    let client = match kube::Client::try_default().await {
-        Ok(client) => client,
+    let mut args = Args::parse();
+    let client = match kube::Config::infer().await {
+        Ok(config) => {
+            args.api_server = Some(config.cluster_url.to_string());
+            kube::Client::try_from(config)
+        }
         Err(error) => {
             eprintln!("executor: no Kubernetes configuration: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = match client {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("executor: cannot build a Kubernetes client: {error}");
             return ExitCode::FAILURE;
         }
     };

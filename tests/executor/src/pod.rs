@@ -5,7 +5,15 @@
 //! `volumes/` the ConfigMap, Secret and emptyDir contents, and `stdout.log`, `termination-log`
 //! and `pid` what a person debugging a test wants. PVC contents live in `<work>/pvc/<ns>/<claim>`
 //! and outlive pods, like a real volume. Paths in args and env values that start with a mount
-//! path are rewritten into `fs/`.
+//! path are rewritten into `fs/`. `$(VAR)` references in command, args and env values are
+//! expanded from the container's environment, as a kubelet does.
+//!
+//! In-cluster API access: projected volumes are filled like a kubelet fills them (a
+//! TokenRequest-issued token bound to the pod, ConfigMap/Secret items, the namespace), and
+//! `KUBERNETES_SERVICE_HOST`/`PORT` point at the apiserver. Client libraries read the token from
+//! the fixed path `/var/run/secrets/kubernetes.io/serviceaccount`, which a local process cannot
+//! have remapped, so the executor also writes `$HOME/.kube/config` naming the same token and CA
+//! files: the pod talks to the apiserver as its ServiceAccount, and RBAC applies as in a cluster.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,9 +22,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Pod, ProjectedVolumeSource, Secret, ServiceAccount,
+};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use nix::sys::signal::{Signal, kill};
@@ -28,6 +39,9 @@ use crate::Args;
 
 /// Where the trainer looks for PVCs and ConfigMaps named in URIs, relative to a pod's `fs/`.
 const VOLUME_ROOT_IN_POD: &str = "/mnt";
+
+/// Where the ServiceAccount admission plugin mounts the API credentials.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// Pods this executor has started, by `namespace/name`, with their process id once running.
 type Running = Arc<Mutex<HashMap<String, Option<u32>>>>;
@@ -56,7 +70,11 @@ pub async fn run_pods(client: Client, args: Arc<Args>) -> Result<(), watcher::Er
         }
         started.insert(key.clone(), None);
         drop(started);
-        let ip = format!("127.0.0.{}", next_ip.fetch_add(1, Ordering::SeqCst));
+        let ip = format!(
+            "{}.{}",
+            args.pod_ip_prefix,
+            next_ip.fetch_add(1, Ordering::SeqCst)
+        );
         let (client, args, running) = (client.clone(), args.clone(), running.clone());
         tokio::spawn(async move {
             if let Err(message) = run_pod(&client, &args, &pod, &ip, &running, &key).await {
@@ -128,6 +146,13 @@ async fn run_pod(
         .binary_for(&image)
         .ok_or(format!("no local binary for image {image:?}"))?;
     let mut command = tokio::process::Command::new(&binary);
+    let home = root.join("fs/tmp");
+    std::fs::create_dir_all(&home).map_err(|e| e.to_string())?;
+    let mut env = service_environment(args);
+    for (key, value) in environment(client, pod, container, ip).await? {
+        let value = expand(&value, &env);
+        env.push((key, value));
+    }
     let mut argv: Vec<String> = container
         .command
         .iter()
@@ -136,13 +161,16 @@ async fn run_pod(
         .cloned()
         .collect();
     argv.extend(container.args.iter().flatten().cloned());
-    command.args(argv.iter().map(|a| rewrite(a)));
+    command.args(argv.iter().map(|a| rewrite(&expand(a, &env))));
     command.env_clear();
     command.env("PATH", std::env::var("PATH").unwrap_or_default());
-    command.env("HOME", root.join("fs/tmp"));
+    command.env("HOME", &home);
     command.env("FINETUNE_VOLUME_ROOT", in_fs(&root, VOLUME_ROOT_IN_POD));
-    for (key, value) in environment(client, pod, container, ip).await? {
-        command.env(key, rewrite(&value));
+    for (key, value) in &env {
+        command.env(key, rewrite(value));
+    }
+    if mount_paths.iter().any(|m| m == SERVICE_ACCOUNT_DIR) {
+        write_in_cluster_kubeconfig(args, &in_fs(&root, SERVICE_ACCOUNT_DIR), &home)?;
     }
     let log = std::fs::File::create(root.join("stdout.log")).map_err(|e| e.to_string())?;
     command
@@ -229,8 +257,12 @@ async fn prepare_volumes(
             std::fs::create_dir_all(&shared).map_err(|e| e.to_string())?;
             dirs.insert(volume.name.clone(), shared);
             continue;
-        } else if volume.empty_dir.is_some() || volume.projected.is_some() {
-            // Projected volumes (service-account tokens) stay empty: pods here get no API access.
+        } else if let Some(source) = &volume.projected {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            project(client, pod, source, &dir)
+                .await
+                .map_err(|e| format!("volume {}: {e}", volume.name))?;
+        } else if volume.empty_dir.is_some() {
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         } else {
             return Err(format!(
@@ -241,6 +273,183 @@ async fn prepare_volumes(
         dirs.insert(volume.name.clone(), dir);
     }
     Ok(dirs)
+}
+
+/// Fills a projected volume as a kubelet does: a token from the TokenRequest API bound to the
+/// pod, ConfigMap and Secret items, and downward-API fields.
+async fn project(
+    client: &Client,
+    pod: &Pod,
+    source: &ProjectedVolumeSource,
+    dir: &Path,
+) -> Result<(), String> {
+    let namespace = pod.namespace().unwrap_or_default();
+    let write = |path: &str, bytes: &[u8]| -> Result<(), String> {
+        let target = dir.join(path);
+        std::fs::create_dir_all(target.parent().unwrap_or(dir)).map_err(|e| e.to_string())?;
+        std::fs::write(&target, bytes).map_err(|e| format!("{}: {e}", target.display()))
+    };
+    for projection in source.sources.iter().flatten() {
+        if let Some(token) = &projection.service_account_token {
+            let account = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or("default".into());
+            let request = TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: token.audience.iter().cloned().collect(),
+                    expiration_seconds: token.expiration_seconds,
+                    bound_object_ref: Some(BoundObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: Some(pod.name_any()),
+                        uid: pod.uid(),
+                    }),
+                },
+                ..TokenRequest::default()
+            };
+            let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+            let issued: TokenRequest = accounts
+                .create_subresource("token", &account, &PostParams::default(), &request)
+                .await
+                .map_err(|e| format!("token for serviceaccount {account}: {e}"))?;
+            let status = issued.status.ok_or("the TokenRequest has no status")?;
+            write(&token.path, status.token.as_bytes())?;
+        }
+        if let Some(map) = &projection.config_map {
+            let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+            let data = match maps.get_opt(&map.name).await.map_err(|e| e.to_string())? {
+                Some(found) => found.data.unwrap_or_default(),
+                None if map.optional == Some(true) => continue,
+                None => return Err(format!("configmap {} not found", map.name)),
+            };
+            for (key, path) in projected_items(data.keys(), map.items.as_deref()) {
+                let value = data
+                    .get(&key)
+                    .ok_or(format!("configmap {}: no key {key}", map.name))?;
+                write(&path, value.as_bytes())?;
+            }
+        }
+        if let Some(secret) = &projection.secret {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+            let data = match secrets
+                .get_opt(&secret.name)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(found) => found.data.unwrap_or_default(),
+                None if secret.optional == Some(true) => continue,
+                None => return Err(format!("secret {} not found", secret.name)),
+            };
+            for (key, path) in projected_items(data.keys(), secret.items.as_deref()) {
+                let value = data
+                    .get(&key)
+                    .ok_or(format!("secret {}: no key {key}", secret.name))?;
+                write(&path, &value.0)?;
+            }
+        }
+        if let Some(downward) = &projection.downward_api {
+            for item in downward.items.iter().flatten() {
+                let value = match item.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                    Some("metadata.namespace") => namespace.clone(),
+                    Some("metadata.name") => pod.name_any(),
+                    other => return Err(format!("downwardAPI field {other:?} is not supported")),
+                };
+                write(&item.path, value.as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `(key, path)` pairs of a projected ConfigMap or Secret: its items, or every key at its own name.
+fn projected_items<'a>(
+    keys: impl Iterator<Item = &'a String>,
+    items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
+) -> Vec<(String, String)> {
+    match items {
+        Some(items) => items
+            .iter()
+            .map(|i| (i.key.clone(), i.path.clone()))
+            .collect(),
+        None => keys.map(|k| (k.clone(), k.clone())).collect(),
+    }
+}
+
+/// `KUBERNETES_SERVICE_HOST`/`PORT`, as a kubelet sets them, from the apiserver's URL.
+fn service_environment(args: &Args) -> Vec<(String, String)> {
+    let Some(url) = args.api_server.as_deref() else {
+        return Vec::new();
+    };
+    let authority = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host.to_string(), port.to_string()),
+        _ => (authority.to_string(), "443".to_string()),
+    };
+    vec![
+        ("KUBERNETES_SERVICE_HOST".into(), host),
+        ("KUBERNETES_SERVICE_PORT".into(), port.clone()),
+        ("KUBERNETES_SERVICE_PORT_HTTPS".into(), port),
+    ]
+}
+
+/// A kubeconfig at `$HOME/.kube/config` that uses the pod's projected credentials (see the
+/// module docs for why the in-cluster path alone does not reach a local process).
+fn write_in_cluster_kubeconfig(args: &Args, credentials: &Path, home: &Path) -> Result<(), String> {
+    let server = args
+        .api_server
+        .as_deref()
+        .ok_or("the executor does not know the apiserver URL")?;
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "in-cluster",
+        "clusters": [{"name": "in-cluster", "cluster": {
+            "server": server,
+            "certificate-authority": credentials.join("ca.crt"),
+        }}],
+        "users": [{"name": "service-account", "user": {"tokenFile": credentials.join("token")}}],
+        "contexts": [{"name": "in-cluster", "context": {
+            "cluster": "in-cluster", "user": "service-account",
+            "namespace": std::fs::read_to_string(credentials.join("namespace")).unwrap_or_default(),
+        }}],
+    });
+    let dir = home.join(".kube");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("config"), config.to_string()).map_err(|e| e.to_string())
+}
+
+/// Expands `$(NAME)` from `env` (later definitions win); `$$(NAME)` is a literal `$(NAME)` and
+/// unknown names stay as written, as in Kubernetes.
+fn expand(text: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find('$') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        if let Some(after) = tail.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some(inner) = tail.strip_prefix("$(")
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match env.iter().rev().find(|(k, _)| k == name) {
+                Some((_, value)) => out.push_str(value),
+                None => out.push_str(&tail[..end + 3]),
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The container's environment with `valueFrom` resolved.
@@ -395,4 +604,20 @@ fn floor_char_boundary(text: &str, limit: usize) -> usize {
         .rev()
         .find(|&i| text.is_char_boundary(i))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+
+    #[test]
+    fn variables_expand_like_kubernetes() {
+        let env = vec![("POD_IP".to_string(), "127.0.0.5".to_string())];
+        assert_eq!(
+            expand("--http-addr=$(POD_IP):8080", &env),
+            "--http-addr=127.0.0.5:8080"
+        );
+        assert_eq!(expand("$$(POD_IP)", &env), "$(POD_IP)");
+        assert_eq!(expand("$(MISSING) $5 $(", &env), "$(MISSING) $5 $(");
+    }
 }

@@ -1,7 +1,10 @@
 //! Writing results: a LoRA adapter in PEFT's layout (`adapter_config.json` +
 //! `adapter_model.safetensors` with `base_model.model.…lora_A.weight` names, loadable with
-//! `PeftModel.from_pretrained`), reading one back onto a [`CausalLm`], and a full fine-tuned model
-//! in Hugging Face layout.
+//! `PeftModel.from_pretrained`), reading one back onto a [`CausalLm`], a full (or merged: LoRA
+//! folded in, [`merge`]) model in Hugging Face layout, and GGUF files ([`gguf`]).
+
+pub mod gguf;
+pub mod merge;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +13,10 @@ use serde_json::{Value, json};
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::load::gguf::GgufFile;
+use crate::model::rope::RopeScaling;
 use crate::model::{Architecture, CausalLm, LoraConfig};
+use crate::text::TextTokenizer;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -195,14 +201,44 @@ pub fn read_peft_adapter(dir: &Path) -> Result<(LoraConfig, BTreeMap<String, (Te
     Ok((cfg, out))
 }
 
-/// Loads a PEFT adapter onto `model` (inference: frozen, enabled, no dropout).
+/// Loads a PEFT adapter onto `model` (inference: frozen, enabled, no dropout), after checking that
+/// it was made for this base ([`merge::check_adapter`]).
 pub fn apply_peft_adapter(model: &mut CausalLm, dir: &Path) -> Result<usize> {
-    let (cfg, weights) = read_peft_adapter(dir)?;
-    let n = model.set_lora_weights(&cfg, weights, &dir.join(ADAPTER_WEIGHTS))?;
-    if n == 0 {
-        return Err(Error::format(dir, "the adapter holds no LoRA weights"));
-    }
-    Ok(n)
+    merge::attach_adapter(model, dir)
+}
+
+/// The rope settings as transformers 5 writes them (`rope_parameters`, `rope_theta` inside).
+pub fn rope_parameters_json(scaling: &RopeScaling, theta: f64) -> Value {
+    let mut v = match scaling {
+        RopeScaling::Default => json!({"rope_type": "default"}),
+        RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Dynamic { factor } => json!({"rope_type": "dynamic", "factor": factor}),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => json!({
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": *original_max_position_embeddings as i64,
+        }),
+        RopeScaling::Yarn {
+            factor,
+            attention_factor,
+            beta_fast,
+            beta_slow,
+            original_max_position_embeddings,
+            truncate,
+        } => json!({
+            "rope_type": "yarn", "factor": factor, "attention_factor": attention_factor,
+            "beta_fast": beta_fast, "beta_slow": beta_slow,
+            "original_max_position_embeddings": *original_max_position_embeddings as i64,
+            "truncate": truncate,
+        }),
+    };
+    v["rope_theta"] = json!(theta);
+    v
 }
 
 /// A Hugging Face `config.json` for the model (Llama or Qwen2 keys).
@@ -222,9 +258,11 @@ pub fn hf_config_json(model: &CausalLm) -> Value {
         "num_attention_heads": c.num_heads,
         "num_key_value_heads": c.num_kv_heads,
         "head_dim": c.head_dim,
+        "hidden_act": "silu",
         "rms_norm_eps": c.rms_norm_eps,
         "max_position_embeddings": c.max_position_embeddings,
         "rope_theta": c.rope_theta,
+        "rope_parameters": rope_parameters_json(&c.rope_scaling, c.rope_theta),
         "tie_word_embeddings": c.tie_word_embeddings,
         "attention_bias": c.o_bias,
         "mlp_bias": c.mlp_bias,
@@ -234,42 +272,139 @@ pub fn hf_config_json(model: &CausalLm) -> Value {
     })
 }
 
-/// Writes a full model (`model.safetensors`, float32, HF names, plus `config.json`); returns the
-/// file names. Tokenizer files of an HF `source` directory are copied alongside.
+/// `config.json` of a written model: the source directory's own `config.json` (keeping keys this
+/// trainer does not model, e.g. `pad_token_id`, `sliding_window: null`) with every key the model
+/// defines overwritten from the model, or [`hf_config_json`] alone for a GGUF source.
+pub fn full_config_json(model: &CausalLm, source: Option<&Path>) -> Result<Value> {
+    let ours = hf_config_json(model);
+    let Some(cfg_path) = source
+        .filter(|s| s.is_dir())
+        .map(|s| s.join("config.json"))
+        .filter(|p| p.exists())
+    else {
+        return Ok(ours);
+    };
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let mut v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Ok(ours);
+    };
+    for k in ["rope_scaling", "dtype", "torch_dtype"] {
+        obj.remove(k);
+    }
+    // A list of EOS ids stays a list (generation stops at any of them).
+    let keep_eos = obj.get("eos_token_id").is_some_and(Value::is_array);
+    for (k, val) in ours.as_object().into_iter().flatten() {
+        if k == "eos_token_id" && keep_eos {
+            continue;
+        }
+        obj.insert(k.clone(), val.clone());
+    }
+    Ok(v)
+}
+
+/// Tokenizer files for a model read from GGUF: `tokenizer.json` (the byte-level BPE rebuilt from
+/// `tokenizer.ggml.*`), `tokenizer_config.json` (special tokens and the chat template) and
+/// `generation_config.json`. Returns the file names.
+fn write_gguf_tokenizer_files(
+    dir: &Path,
+    gguf_path: &Path,
+    model: &CausalLm,
+) -> Result<Vec<String>> {
+    let g = GgufFile::open(gguf_path)?;
+    let tok = TextTokenizer::from_gguf(&g)?;
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, tok.to_json()?).map_err(|e| Error::io(&path, e))?;
+    let mut cfg = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": model.config.max_position_embeddings,
+    });
+    for (key, t) in [
+        ("bos_token", &tok.bos_token),
+        ("eos_token", &tok.eos_token),
+        ("unk_token", &tok.unk_token),
+        ("pad_token", &tok.pad_token),
+    ] {
+        cfg[key] = t.as_ref().map_or(Value::Null, |t| json!(t));
+    }
+    if let Some(t) = g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+        cfg["chat_template"] = json!(t);
+    }
+    write_json(&dir.join("tokenizer_config.json"), &cfg)?;
+    let pad = g
+        .get("tokenizer.ggml.padding_token_id")
+        .and_then(|v| v.as_i64());
+    write_json(
+        &dir.join("generation_config.json"),
+        &generation_config_json(model, pad),
+    )?;
+    Ok(vec![
+        "tokenizer.json".into(),
+        "tokenizer_config.json".into(),
+        "generation_config.json".into(),
+    ])
+}
+
+/// A minimal `generation_config.json` from the model config (written when the source has none).
+fn generation_config_json(model: &CausalLm, pad: Option<i64>) -> Value {
+    let c = &model.config;
+    let eos = match c.eos_token_ids.as_slice() {
+        [one] => json!(one),
+        many => json!(many),
+    };
+    let mut v =
+        json!({"_from_model_config": true, "bos_token_id": c.bos_token_id, "eos_token_id": eos});
+    if let Some(p) = pad {
+        v["pad_token_id"] = json!(p);
+    }
+    v
+}
+
+/// Writes a full model in Hugging Face layout: `model.safetensors` (float32, HF names, any attached
+/// LoRA adapters folded in — so a LoRA model is written merged) and `config.json`; then the
+/// tokenizer files: copied from an HF `source` directory (`tokenizer.json`, `tokenizer_config.json`,
+/// `special_tokens_map.json`, `chat_template.jinja`, `generation_config.json`, written from the
+/// config if absent), or rebuilt from a GGUF `source`'s metadata. Returns the file names.
 pub fn write_full_model(
     dir: &Path,
     model: &CausalLm,
     source: Option<&Path>,
 ) -> Result<Vec<String>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tensors: Vec<(String, Tensor)> = model
-        .named_parameters()
-        .into_iter()
-        .map(|(n, t)| {
-            (
-                n,
-                t.detach()
-                    .to_kind(Kind::Float)
-                    .to_device(tch::Device::Cpu)
-                    .contiguous(),
-            )
-        })
-        .collect();
+    let tensors = merge::merged_parameters(model);
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
-    write_json(&dir.join("config.json"), &hf_config_json(model))?;
+    drop(tensors);
+    write_json(&dir.join("config.json"), &full_config_json(model, source)?)?;
     let mut names = vec!["model.safetensors".to_string(), "config.json".to_string()];
-    if let Some(src) = source.filter(|s| s.is_dir()) {
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "chat_template.jinja",
-            "generation_config.json",
-        ] {
-            if src.join(f).exists() {
-                std::fs::copy(src.join(f), dir.join(f)).map_err(|e| Error::io(&src.join(f), e))?;
-                names.push(f.to_string());
+    match source {
+        Some(src) if src.is_dir() => {
+            for f in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "chat_template.jinja",
+                "generation_config.json",
+            ] {
+                if src.join(f).exists() {
+                    std::fs::copy(src.join(f), dir.join(f))
+                        .map_err(|e| Error::io(&src.join(f), e))?;
+                    names.push(f.to_string());
+                }
+            }
+            if !src.join("generation_config.json").exists() {
+                write_json(
+                    &dir.join("generation_config.json"),
+                    &generation_config_json(model, None),
+                )?;
+                names.push("generation_config.json".into());
             }
         }
+        Some(src) if src.extension().is_some_and(|e| e == "gguf") => {
+            names.extend(write_gguf_tokenizer_files(dir, src, model)?);
+        }
+        _ => {}
     }
     Ok(names)
 }

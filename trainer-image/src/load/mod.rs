@@ -86,7 +86,22 @@ impl ModelSource {
     /// `chat_template.jinja` / `tokenizer_config.json` `chat_template` (string, or the list form,
     /// where the entry named `default` is used).
     pub fn chat_template(&self, tok: &TextTokenizer) -> Result<Option<ChatTemplate>> {
-        let source = match self {
+        self.chat_template_source()?
+            .map(|s| {
+                ChatTemplate::new(
+                    &s,
+                    tok.bos_token.clone(),
+                    tok.eos_token.clone(),
+                    tok.unk_token.clone(),
+                    tok.pad_token.clone(),
+                )
+            })
+            .transpose()
+    }
+
+    /// The chat template's source text, found as [`chat_template`](Self::chat_template) describes.
+    pub fn chat_template_source(&self) -> Result<Option<String>> {
+        Ok(match self {
             ModelSource::Gguf(g) => g
                 .get("tokenizer.chat_template")
                 .and_then(gguf::MetaValue::as_str)
@@ -107,18 +122,7 @@ impl ModelSource {
                     }
                 }
             }
-        };
-        source
-            .map(|s| {
-                ChatTemplate::new(
-                    &s,
-                    tok.bos_token.clone(),
-                    tok.eos_token.clone(),
-                    tok.unk_token.clone(),
-                    tok.pad_token.clone(),
-                )
-            })
-            .transpose()
+        })
     }
 
     /// Reads and converts all weights: the full model, tokenizer and template.

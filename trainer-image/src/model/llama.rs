@@ -234,15 +234,49 @@ impl CausalLm {
         position_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Tensor {
+        self.logits(&self.hidden_with(input_ids, position_ids, attention_mask))
+    }
+
+    /// The last decoder layer's output `[batch, seq, hidden]` (before the final norm) under the
+    /// conventions of [`forward_with`](Self::forward_with). With [`logits`](Self::logits) it is
+    /// `forward_with` split in two, so a caller that needs the logits at only some positions (the
+    /// supervised ones) can select those rows first and skip the vocabulary-wide projection
+    /// everywhere else: the norm and the head act on each position independently.
+    pub fn hidden_with(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Tensor {
         let mask = attention_mask.map(|m| {
             let t = m.size()[2];
             let eye = Tensor::eye(t, (Kind::Bool, m.device())).view([1, 1, t, t]);
             m.to_kind(Kind::Bool).logical_or(&eye)
         });
-        self.run(input_ids, position_ids, mask.as_ref(), None)
+        self.decode(input_ids, position_ids, mask.as_ref(), None)
+    }
+
+    /// Final norm and LM head on hidden states `[..., hidden]` → logits `[..., vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let x = self.norm.forward(hidden);
+        match &self.lm_head {
+            Some(head) => head.forward(&x),
+            None => x.linear::<Tensor>(&self.embed_tokens, None),
+        }
     }
 
     fn run(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        self.logits(&self.decode(input_ids, positions, mask, cache))
+    }
+
+    /// Embeddings through every decoder layer; the result has not been through the final norm.
+    fn decode(
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
@@ -264,11 +298,7 @@ impl CausalLm {
                 .forward(&layer.post_attention_layernorm.forward(&hidden));
             x = hidden + h;
         }
-        let x = self.norm.forward(&x);
-        match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => x.linear::<Tensor>(&self.embed_tokens, None),
-        }
+        x
     }
 
     /// Every parameter under its Hugging Face name (tied head omitted, as `save_pretrained` does).

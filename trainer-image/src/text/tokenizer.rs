@@ -163,6 +163,19 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(i64::from)
     }
+
+    /// The whole tokenizer as a `tokenizer.json` document (what a GGUF vocabulary is rebuilt
+    /// into, and what the merge and GGUF exports write or read back).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
 }
 
 /// `tokenizer_config.json` if the directory has one.

@@ -3,7 +3,8 @@
 //! the operator contract: exit code, termination message, `/status` and `/metrics`.
 //!
 //! Exit codes ([`ExitCode`]): 0 done; 2 invalid manifest or data (the message names the field or
-//! `file:line`); 3 NaN/inf loss; 4 out of memory; 143 stopped by SIGTERM after a checkpoint.
+//! `file:line`); 3 NaN/inf loss; 4 out of memory; 5 retention probe below `minScore` with
+//! `action: fail`; 143 stopped by SIGTERM after a checkpoint.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -34,13 +35,22 @@ use crate::load::ModelSource;
 use crate::model::{CausalLm, LoraConfig};
 use crate::serve::{self, Live};
 use crate::train::checkpoint;
+use crate::train::guard;
 use crate::train::optim::AdamW;
-use crate::train::retention::BUILTIN_TEXTS;
+use crate::train::probe::{Probe, ProbeScore};
+use crate::train::retention::RetentionSet;
 use crate::train::schedule::{lr_lambda, warmup_steps};
 use crate::train::step::{MicroBatch, eval_loss, train_step};
 
 /// The manifest path the operator passes.
 pub const JOB_FILE_ENV: &str = env::JOB_FILE;
+
+/// Longest greedy answer of the retention probe, in tokens: enough for a short factual answer,
+/// and a change in the first few dozen tokens is what matters.
+const RETENTION_TOKENS: usize = 32;
+
+/// The weights a retention breach with `action: stop` falls back to, inside a checkpoint.
+const LAST_GOOD_FILE: &str = "last_good.safetensors";
 
 /// Where `run` reads and writes; flags win over the environment.
 #[derive(Debug, Clone)]
@@ -60,6 +70,8 @@ enum Stop {
         param: Option<String>,
     },
     Diverged(String),
+    /// The retention probe fell below `minScore` with `action: fail`.
+    Forgetting(String),
     Oom(String),
     Preempted,
     Error(String),
@@ -140,6 +152,29 @@ pub struct TrainState {
     pub retention_loss_before: Option<f64>,
     /// Eval loss before the first update.
     pub initial_eval_loss: Option<f64>,
+    /// Generation eval before the first update.
+    #[serde(default)]
+    pub generation_before: Option<ProbeScore>,
+    /// The base model's greedy answers to the retention questions (the probe's references).
+    #[serde(default)]
+    pub retention_references: Option<Vec<String>>,
+    /// Retention probe results during training.
+    #[serde(default)]
+    pub retention_scores: Vec<RetentionRecord>,
+    /// The newest step whose retention score met `minScore` (0 = before training).
+    #[serde(default)]
+    pub last_good_step: Option<i64>,
+    /// Why training ended before its planned last step.
+    #[serde(default)]
+    pub stop_reason: Option<String>,
+}
+
+/// One retention probe during training.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetentionRecord {
+    pub step: i64,
+    pub score: f64,
+    pub exact: f64,
 }
 
 /// Runs the job; returns the process exit status. Writes the termination message on every path.
@@ -164,6 +199,14 @@ pub fn run_job(opts: &RunOptions) -> i32 {
                 code: "diverged".into(),
                 message,
                 param: None,
+            }),
+        ),
+        Ok(Err(Stop::Forgetting(message))) => (
+            ExitCode::RetentionBelowMinimum,
+            Some(TrainerError {
+                code: "retention_below_minimum".into(),
+                message,
+                param: Some("spec.evaluation.retention.minScore".into()),
             }),
         ),
         Ok(Err(Stop::Oom(message))) => (
@@ -257,6 +300,57 @@ fn pick_device(opts: &RunOptions, gpus: i32, precision: Precision) -> Result<(De
     Ok((device, kind))
 }
 
+/// `output.merge` (LoRA: a Hugging Face model with the adapter folded in, under `merged/`) and
+/// `output.gguf` (that model, or the full fine-tuned one, as `model-TYPE.gguf`). Returns the files
+/// written, relative to `output_dir`.
+fn export_merged(
+    output: &finetune_crds::runtime::Output,
+    output_dir: &Path,
+    model: &CausalLm,
+    is_lora: bool,
+    source: &Path,
+) -> Result<Vec<String>, Stop> {
+    let mut files = Vec::new();
+    // A full fine-tune's output directory already is the merged model.
+    let merged = if is_lora {
+        output_dir.join("merged")
+    } else {
+        output_dir.to_path_buf()
+    };
+    if is_lora && (output.merge || output.gguf.is_some()) {
+        let t = Instant::now();
+        let written = export::write_full_model(&merged, model, Some(source))?;
+        eprintln!(
+            "merged model: {} ({:.1}s)",
+            merged.display(),
+            t.elapsed().as_secs_f64()
+        );
+        files.extend(written.into_iter().map(|f| format!("merged/{f}")));
+    }
+    if let Some(ty) = output.gguf {
+        let (ty, name) = match ty {
+            finetune_crds::runtime::GgufType::F16 => (export::gguf::GgufType::F16, "f16"),
+            finetune_crds::runtime::GgufType::Q8_0 => (export::gguf::GgufType::Q8_0, "q8_0"),
+        };
+        let file = format!("model-{name}.gguf");
+        let t = Instant::now();
+        export::gguf::export_gguf(&merged, &output_dir.join(&file), ty)?;
+        eprintln!("GGUF ({name}): {file} ({:.1}s)", t.elapsed().as_secs_f64());
+        files.push(file);
+    }
+    Ok(files)
+}
+
+fn score_json(s: ProbeScore) -> serde_json::Value {
+    json!({
+        "exact_match": s.exact_match(),
+        "normalized_match": s.normalized_match(),
+        "exact": s.exact,
+        "normalized": s.normalized,
+        "samples": s.samples,
+    })
+}
+
 fn digest_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -274,16 +368,20 @@ fn fmt_secs(s: f64) -> String {
 }
 
 /// The trainable tensors as they are saved (PEFT names for LoRA, HF names for full), on the CPU.
+///
+/// Always copies: on the CPU, `to_device`/`contiguous` return the parameter's own storage, which
+/// the optimizer keeps updating in place — a snapshot (best or last good weights) must not move.
 fn trainable_tensors(model: &CausalLm, lora: bool) -> Vec<(String, Tensor)> {
-    if lora {
+    let live = if lora {
         export::peft_tensors(model)
     } else {
         model
             .named_parameters()
             .into_iter()
-            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous()))
+            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
             .collect()
-    }
+    };
+    live.into_iter().map(|(n, t)| (n, t.copy())).collect()
 }
 
 /// Copies saved tensors (as from [`trainable_tensors`]) into the model's parameters.
@@ -342,9 +440,12 @@ fn evaluate(model: &mut CausalLm, batches: &[Batch]) -> (f64, i64) {
     r
 }
 
-fn retention_samples(tok: &crate::text::TextTokenizer) -> Result<Vec<Sample>, Stop> {
-    let origin_path: Arc<Path> = Arc::from(Path::new("<built-in retention set>"));
-    BUILTIN_TEXTS
+fn retention_samples(
+    tok: &crate::text::TextTokenizer,
+    set: &RetentionSet,
+) -> Result<Vec<Sample>, Stop> {
+    let origin_path: Arc<Path> = Arc::from(Path::new(&set.source));
+    set.texts
         .iter()
         .enumerate()
         .map(|(i, t)| {
@@ -402,37 +503,11 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         if g.self_distillation.is_some() {
             ignored.push("forgettingGuard.selfDistillation");
         }
-        if g.self_replay.is_some() {
-            ignored.push("forgettingGuard.selfReplay");
-        }
         if g.l2_to_init.is_some() {
             ignored.push("forgettingGuard.l2ToInit");
         }
     }
     let evaluation = spec.evaluation.clone().unwrap_or_default();
-    if evaluation.generation.is_some() {
-        ignored.push("evaluation.generation");
-    }
-    if evaluation
-        .retention
-        .as_ref()
-        .is_some_and(|r| r.data.is_some())
-    {
-        ignored.push("evaluation.retention.data (the built-in set is used)");
-    }
-    if evaluation
-        .retention
-        .as_ref()
-        .is_some_and(|r| r.min_score.is_some())
-    {
-        ignored.push("evaluation.retention.minScore (only the loss delta is measured)");
-    }
-    if spec.output.merge {
-        ignored.push("output.merge");
-    }
-    if spec.output.gguf.is_some() {
-        ignored.push("output.gguf");
-    }
     if spec.base_model.rope_scaling.is_some() {
         ignored.push("baseModel.ropeScaling");
     }
@@ -567,14 +642,78 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         ));
     }
     tm.dataset_digest = Some(prepared.train_digest.clone());
-    let retention_set = if evaluation.retention.is_some() {
-        retention_samples(&loaded.tokenizer)?
-    } else {
-        Vec::new()
+    let retention = match &evaluation.retention {
+        Some(r) => Some(match &r.data {
+            Some(d) => RetentionSet::from_jsonl(&resolve(
+                &d.uri,
+                &roots,
+                "spec.evaluation.retention.data.uri",
+            )?)?,
+            None => RetentionSet::builtin(),
+        }),
+        None => None,
     };
+    let retention_set = match &retention {
+        Some(r) => retention_samples(&loaded.tokenizer, r)?,
+        None => Vec::new(),
+    };
+    let mut retention_probe = match &retention {
+        Some(r) => Probe::from_questions(
+            &r.questions,
+            &loaded.tokenizer,
+            loaded.chat_template.as_ref(),
+        )?,
+        None => Probe::default(),
+    };
+    let retention_floor = evaluation
+        .retention
+        .as_ref()
+        .and_then(|r| r.min_score.map(|m| (m, r.action)));
+    let generation_probe = match &evaluation.generation {
+        Some(g) => {
+            let p = Probe::from_samples(&prepared.eval, &loaded.tokenizer, g.max_samples as usize)?;
+            if p.is_empty() {
+                eprintln!(
+                    "warning: evaluation.generation: no eval prompts (it needs chat or instruction eval data)"
+                );
+            }
+            p
+        }
+        None => Probe::default(),
+    };
+    let generation_tokens = evaluation
+        .generation
+        .as_ref()
+        .map_or(0, |g| g.max_new_tokens as usize);
+    let tokenizer = &loaded.tokenizer;
+    let eos_ids = loaded.eos_ids.clone();
     let base_model_name = spec.base_model.uri.clone();
     let model_source_dir = model_path.clone();
     let mut model = loaded.model;
+
+    // Self-replay: the base model's own answers join the training stream (before any update).
+    let mut replayed = 0usize;
+    if let Some(r) = spec
+        .forgetting_guard
+        .as_ref()
+        .and_then(|g| g.self_replay.as_ref())
+    {
+        let t = Instant::now();
+        let mut replay = guard::replay_samples(
+            &mut model,
+            &encoder,
+            &eos_ids,
+            &guard::replay_cache_path(&ckpt_dir),
+        )
+        .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfReplay"))?;
+        replay.retain(|s| s.len() <= max_seq);
+        replayed = guard::mix_in(&mut prepared.train, &replay, r.ratio);
+        eprintln!(
+            "self-replay: {} base answers, {replayed} replayed samples mixed in ({:.1}s)",
+            replay.len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
 
     // Trainable parameters.
     let lora_cfg = match spec.adapter.kind {
@@ -648,6 +787,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         serde_json::to_string(&json!({
             "baseModel": spec.base_model, "dataset": spec.dataset, "method": spec.method,
             "adapter": spec.adapter, "hyperparameters": spec.hyperparameters,
+            "forgettingGuard": spec.forgetting_guard,
             "train": prepared.train_digest,
         }))
         .expect("spec serializes")
@@ -666,6 +806,8 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         ..Default::default()
     };
     let mut best: Option<Vec<(String, Tensor)>> = None;
+    // The weights of the newest step that passed the retention floor (`action: stop` only).
+    let mut last_good: Option<Vec<(String, Tensor)>> = None;
     let mut last_ckpt: Option<(i64, PathBuf)> = None;
     if let Some((step, dir)) = checkpoint::latest_valid(&ckpt_dir) {
         let state_path = dir.join("trainer_state.json");
@@ -695,6 +837,10 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         if bfile.exists() {
             best = Some(read_tensors(&bfile)?.into_iter().collect());
         }
+        let gfile = dir.join(LAST_GOOD_FILE);
+        if gfile.exists() {
+            last_good = Some(read_tensors(&gfile)?.into_iter().collect());
+        }
         batcher.restore(saved.cursor);
         st = saved;
         tm.resumed_from_step = Some(step);
@@ -711,6 +857,39 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         let t = Instant::now();
         st.retention_loss_before = Some(evaluate(&mut model, &retention_batches).0);
         *timings.entry("retention_seconds").or_default() += t.elapsed().as_secs_f64();
+    }
+
+    if !retention_probe.is_empty() {
+        let t = Instant::now();
+        let references = match st.retention_references.clone() {
+            Some(r) => r,
+            None => {
+                // The base model's own answers: the adapter is still zero here.
+                let r =
+                    retention_probe.answer(&mut model, tokenizer, &eos_ids, RETENTION_TOKENS)?;
+                st.retention_references = Some(r.clone());
+                st.last_good_step = Some(0);
+                r
+            }
+        };
+        retention_probe = retention_probe.with_references(references);
+        *timings.entry("retention_seconds").or_default() += t.elapsed().as_secs_f64();
+    }
+    if !generation_probe.is_empty() && st.generation_before.is_none() {
+        let t = Instant::now();
+        let answers =
+            generation_probe.answer(&mut model, tokenizer, &eos_ids, generation_tokens)?;
+        let score = generation_probe.score(&answers);
+        eprintln!(
+            "generation eval before training: exact match {}/{} ({} normalized)",
+            score.exact, score.samples, score.normalized
+        );
+        st.generation_before = Some(score);
+        *timings.entry("generation_seconds").or_default() += t.elapsed().as_secs_f64();
+    }
+    if matches!(retention_floor, Some((_, GuardAction::Stop))) && last_good.is_none() {
+        // What a breach falls back to (the starting weights until a probe passes).
+        last_good = Some(trainable_tensors(&model, is_lora));
     }
 
     if !eval_set.is_empty() && st.initial_eval_loss.is_none() {
@@ -736,6 +915,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
                             model: &CausalLm,
                             opt: &AdamW,
                             best: &Option<Vec<(String, Tensor)>>,
+                            last_good: &Option<Vec<(String, Tensor)>>,
                             batcher_cursor: Cursor|
      -> Result<(PathBuf, f64), Stop> {
         let t = Instant::now();
@@ -763,6 +943,10 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
                 export::write_safetensors(&tmp.join("best.safetensors"), b)?;
                 names.push("best.safetensors".into());
             }
+            if let Some(g) = last_good {
+                export::write_safetensors(&tmp.join(LAST_GOOD_FILE), g)?;
+                names.push(LAST_GOOD_FILE.into());
+            }
             export::write_json(
                 &tmp.join("trainer_state.json"),
                 &serde_json::to_value(&state).expect("state serializes"),
@@ -785,7 +969,8 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         if term.load(Ordering::SeqCst) {
             if last_ckpt.as_ref().map(|c| c.0) != Some(st.step) {
                 live.update(|s| s.phase = TrainerPhase::Checkpointing);
-                let (dir, secs) = write_checkpoint(&st, &model, &opt, &best, batcher.cursor())?;
+                let (dir, secs) =
+                    write_checkpoint(&st, &model, &opt, &best, &last_good, batcher.cursor())?;
                 eprintln!("SIGTERM: checkpoint {} ({secs:.2}s)", dir.display());
                 last_ckpt = Some((st.step, dir));
             }
@@ -906,12 +1091,71 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
                     st.best_step.unwrap_or(0)
                 );
                 st.early_stopped = true;
+                st.stop_reason = Some(format!(
+                    "early stopping: no eval loss improvement in {} evaluations; the result is step {}",
+                    e.patience,
+                    st.best_step.unwrap_or(0)
+                ));
+            }
+        }
+
+        // The retention floor: probed on the evaluation cadence (and at the last step).
+        let probe_due = retention_floor.is_some()
+            && !retention_probe.is_empty()
+            && (every_eval.is_some_and(|n| st.step % n == 0) || st.step == total);
+        if let (true, Some((min, action))) = (probe_due, retention_floor) {
+            live.update(|s| s.phase = TrainerPhase::Evaluating);
+            let t = Instant::now();
+            let answers =
+                retention_probe.answer(&mut model, tokenizer, &eos_ids, RETENTION_TOKENS)?;
+            let score = retention_probe.score(&answers);
+            eval_seconds += t.elapsed().as_secs_f64();
+            let value = score.normalized_match();
+            st.retention_scores.push(RetentionRecord {
+                step: st.step,
+                score: value,
+                exact: score.exact_match(),
+            });
+            live.retention_score.set(value);
+            live.update(|s| {
+                s.phase = TrainerPhase::Training;
+                s.metrics.retention_score = Some(value);
+            });
+            eprintln!(
+                "retention step {} | {}/{} base answers kept ({value:.3}, floor {min})",
+                st.step, score.normalized, score.samples
+            );
+            if value >= min {
+                st.last_good_step = Some(st.step);
+                if action == GuardAction::Stop {
+                    last_good = Some(trainable_tensors(&model, is_lora));
+                }
+            } else {
+                let message = format!(
+                    "retention score {value:.3} ({}/{} base answers kept) fell below evaluation.retention.minScore {min} at step {}",
+                    score.normalized, score.samples, st.step
+                );
+                match action {
+                    GuardAction::Warn => eprintln!("warning: {message}"),
+                    GuardAction::Stop => {
+                        let good = st.last_good_step.unwrap_or(0);
+                        eprintln!("stopping: {message}; the result is step {good}");
+                        st.stop_reason = Some(format!("{message}; the result is step {good}"));
+                        st.early_stopped = true;
+                    }
+                    GuardAction::Fail => {
+                        tm.step = Some(st.step);
+                        tm.metrics = Some(live.status().metrics);
+                        return Err(Stop::Forgetting(message));
+                    }
+                }
             }
         }
 
         if st.step % spec.checkpoint.every_steps == 0 || st.early_stopped {
             live.update(|s| s.phase = TrainerPhase::Checkpointing);
-            let (dir, secs) = write_checkpoint(&st, &model, &opt, &best, batcher.cursor())?;
+            let (dir, secs) =
+                write_checkpoint(&st, &model, &opt, &best, &last_good, batcher.cursor())?;
             ckpt_seconds += secs;
             live.checkpoint_duration_seconds.set(secs);
             *live
@@ -931,15 +1175,60 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
 
     // The result: the best evaluated weights under early stopping, else the last.
     live.update(|s| s.phase = TrainerPhase::Exporting);
-    if early.is_some()
-        && let Some(b) = best.take()
-    {
+    let stopped_by_retention = st
+        .stop_reason
+        .as_deref()
+        .is_some_and(|r| r.starts_with("retention"));
+    let fallback = if stopped_by_retention {
+        last_good.take().map(|g| (g, "<last good>"))
+    } else if early.is_some() {
+        best.take().map(|b| (b, "<best>"))
+    } else {
+        None
+    };
+    if let Some((weights, what)) = fallback {
         load_trainable(
             &model,
             is_lora,
-            b.into_iter().collect(),
-            Path::new("<best>"),
+            weights.into_iter().collect(),
+            Path::new(what),
         )?;
+    }
+    let mut retention_score = None;
+    if !retention_probe.is_empty() {
+        let t = Instant::now();
+        let answers = retention_probe.answer(&mut model, tokenizer, &eos_ids, RETENTION_TOKENS)?;
+        let score = retention_probe.score(&answers);
+        eprintln!(
+            "retention: {}/{} base answers kept ({:.3})",
+            score.normalized,
+            score.samples,
+            score.normalized_match()
+        );
+        live.retention_score.set(score.normalized_match());
+        retention_score = Some(score);
+        *timings.entry("retention_seconds").or_default() += t.elapsed().as_secs_f64();
+    }
+    let mut generation_after = None;
+    let mut generation_examples = Vec::new();
+    if !generation_probe.is_empty() {
+        let t = Instant::now();
+        let answers =
+            generation_probe.answer(&mut model, tokenizer, &eos_ids, generation_tokens)?;
+        let score = generation_probe.score(&answers);
+        eprintln!(
+            "generation eval after training: exact match {}/{} ({} normalized)",
+            score.exact, score.samples, score.normalized
+        );
+        live.eval_exact_match.set(score.exact_match());
+        generation_examples = answers
+            .iter()
+            .zip(&generation_probe.references)
+            .take(5)
+            .map(|(a, r)| json!({"reference": r, "answer": a}))
+            .collect();
+        generation_after = Some(score);
+        *timings.entry("generation_seconds").or_default() += t.elapsed().as_secs_f64();
     }
     let mut retention_after = None;
     if !retention_batches.is_empty() {
@@ -952,10 +1241,17 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         .zip(retention_after)
         .map(|(b, a)| a - b);
     let t_export = Instant::now();
-    let files = match &lora_cfg {
+    let mut files = match &lora_cfg {
         Some(c) => export::write_peft_adapter(&output_dir, &model, c, &base_model_name)?,
         None => export::write_full_model(&output_dir, &model, Some(&model_source_dir))?,
     };
+    files.extend(export_merged(
+        &spec.output,
+        &output_dir,
+        &model,
+        is_lora,
+        &model_source_dir,
+    )?);
     let digests = checkpoint::digest_files(&output_dir, &files)?;
     let export_seconds = t_export.elapsed().as_secs_f64();
 
@@ -968,6 +1264,8 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         tokens_per_second: (step_seconds > 0.0).then(|| step_tokens as f64 / step_seconds),
         trained_tokens: Some(st.trained_tokens),
         retention_loss_delta: retention_delta,
+        retention_score: retention_score.map(|s| s.normalized_match()),
+        eval_exact_match: generation_after.map(|s| s.exact_match()),
         ..Default::default()
     };
     timings.insert("load_seconds", load_seconds);
@@ -991,6 +1289,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         "warmup_steps": warmup,
         "resumed_from_step": resumed_from,
         "early_stopped": st.early_stopped,
+        "stop_reason": st.stop_reason,
         "best_step": st.best_step,
         "best_eval_loss": st.best_eval_loss,
         "initial_eval_loss": st.initial_eval_loss,
@@ -1002,11 +1301,26 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             "loss_before": st.retention_loss_before,
             "loss_after": retention_after,
             "loss_delta": retention_delta,
+            "source": retention.as_ref().map(|r| r.source.clone()),
+            "questions": retention_probe.len(),
+            "score": retention_score.map(|s| s.normalized_match()),
+            "exact": retention_score.map(|s| s.exact_match()),
+            "min_score": retention_floor.map(|f| f.0),
+            "scores": st.retention_scores,
+            "last_good_step": st.last_good_step,
+        },
+        "generation": {
+            "samples": generation_probe.len(),
+            "max_new_tokens": generation_tokens,
+            "before": st.generation_before.map(score_json),
+            "after": generation_after.map(score_json),
+            "examples": generation_examples,
         },
         "dataset": {
             "train": prepared.train_stats,
             "eval": prepared.eval_stats,
             "train_samples_used": n_train,
+            "replayed_samples": replayed,
             "eval_samples": prepared.eval.len(),
             "train_digest": prepared.train_digest,
             "eval_digest": prepared.eval_digest,
@@ -1035,6 +1349,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     });
     tm.step = Some(st.step);
     tm.metrics = Some(metrics);
+    tm.stop_reason = st.stop_reason.clone();
     tm.adapter = Some(ProducedAdapter {
         path: output_dir.display().to_string(),
         files: digests,

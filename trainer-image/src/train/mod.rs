@@ -4,8 +4,10 @@
 //! the operator contract.
 
 pub mod checkpoint;
+pub mod guard;
 pub mod job;
 pub mod optim;
+pub mod probe;
 pub mod retention;
 pub mod schedule;
 pub mod step;

@@ -48,26 +48,40 @@ pub fn count_targets(labels: &Tensor) -> i64 {
 }
 
 /// Summed cross-entropy (float32) of `logits[:, :-1]` against `labels[:, 1:]`, −100 ignored.
+///
+/// Only the rows that have a target go through the final norm, the LM head and the loss: the
+/// hidden states at supervised positions are gathered first. Both act on each position on its own,
+/// so this is the same sum as projecting every position onto the vocabulary and ignoring the −100
+/// rows, without the `[batch·seq, vocab]` logits (and their gradient) for prompt and padding tokens.
 pub fn loss_sum(model: &CausalLm, mb: &MicroBatch) -> Tensor {
     let device = model.device;
     let ids = mb.input_ids.to_device(device);
-    let pos = mb.position_ids.to_device(device);
-    let mask = mb.attention_mask.map(|m| m.to_device(device));
-    let logits = model.forward_with(&ids, &pos, mask.as_ref());
-    let (b, t, v) = logits.size3().expect("logits are 3-d");
+    let (b, t) = ids.size2().expect("input_ids are [batch, seq]");
     if t < 2 {
         return Tensor::zeros([], (Kind::Float, device));
     }
-    let logits = logits
-        .narrow(1, 0, t - 1)
-        .to_kind(Kind::Float)
-        .reshape([b * (t - 1), v]);
+    let pos = mb.position_ids.to_device(device);
+    let mask = mb.attention_mask.map(|m| m.to_device(device));
+    let hidden = model.hidden_with(&ids, &pos, mask.as_ref());
+    let h = hidden.size()[2];
     let labels = mb
         .labels
         .to_device(device)
         .narrow(1, 1, t - 1)
         .reshape([b * (t - 1)]);
-    logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0)
+    // Flat index r = row·(t−1) + col of a target in `labels[:, 1:]` is predicted by position
+    // row·t + col = r + row of `hidden`.
+    let rows = labels.ne(-100).nonzero().squeeze_dim(1);
+    let at = &rows + rows.divide_scalar_mode(t - 1, "floor");
+    let selected = hidden.reshape([b * t, h]).index_select(0, &at);
+    let logits = model.logits(&selected).to_kind(Kind::Float);
+    logits.cross_entropy_loss::<Tensor>(
+        &labels.index_select(0, &rows),
+        None,
+        Reduction::Sum,
+        -100,
+        0.0,
+    )
 }
 
 /// What one step measured.

@@ -1,0 +1,88 @@
+"""The forgetting workload shared by `make bench-forgetting` and test_forgetting.py.
+
+A narrow format task with no cue in the prompt (examples/data/narrow-*.jsonl: a review sentence →
+POSITIVE or NEGATIVE), one epoch of 300 samples on SmolLM2-135M-Instruct with LoRA r16 on all
+linear layers at lr 1e-3: ordinary settings under which a model learns to answer *every* request
+with a label. Each run reports the task metric (exact match of greedy answers on narrow-eval),
+retention (share of the base model's answers to 30 general questions kept), wall time and peak RSS,
+all read from the trainer's own training_summary.json.
+"""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import GGUF_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+
+JOB = """apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {{name: forgetting-{name}}}
+spec:
+  baseModel: {{uri: pvc://models/smollm2/{gguf}, format: gguf}}
+  dataset:
+    train: {{uri: configmap://finetune-examples-data/narrow-train.jsonl}}
+    eval: {{uri: configmap://finetune-examples-data/narrow-eval.jsonl}}
+    format: chat
+  adapter: {{type: lora, lora: {{rank: 16, alpha: 32, dropout: 0.0}}}}
+  hyperparameters: {{epochs: 1, learningRate: 1.0e-3, batchSize: 8, maxSeqLength: 128, warmupSteps: 2, seed: 42}}
+  evaluation: {{retention: {{}}, generation: {{maxSamples: 40, maxNewTokens: 8}}}}
+  checkpoint: {{everySteps: 1000, keepLast: 1}}
+  resources: {{gpus: 0}}
+{guard}"""
+
+# The guard settings compared; "default" leaves forgettingGuard out (the trainer's default for
+# LoRA SFT), "off" asks for no guard.
+GUARDS = {
+    "off": "  forgettingGuard: {}\n",
+    "default": "",
+    "self-replay": "  forgettingGuard: {selfReplay: {ratio: 0.25}}\n",
+}
+
+
+def volume(tmp: Path, gguf_path: Path) -> Path:
+    vol = tmp / "vol"
+    (vol / "pvc/models/smollm2").mkdir(parents=True, exist_ok=True)
+    (vol / "configmap").mkdir(exist_ok=True)
+    link = vol / "pvc/models/smollm2" / GGUF_NAME
+    if not link.exists():
+        os.symlink(gguf_path, link)
+    data = vol / "configmap/finetune-examples-data"
+    if not data.exists():
+        os.symlink(REPO / "examples/data", data)
+    return vol
+
+
+def run(bin_path: Path, gguf_path: Path, tmp: Path, name: str, guard: str) -> dict:
+    """Trains one variant; returns its measured row."""
+    vol = volume(tmp, gguf_path)
+    job = tmp / f"{name}.yaml"
+    job.write_text(JOB.format(name=name, gguf=GGUF_NAME, guard=guard))
+    out = tmp / f"out-{name}"
+    env = dict(os.environ, FINETUNE_VOLUME_ROOT=str(vol), FINETUNE_STATUS_PORT="0")
+    env.pop("FINETUNE_CHECKPOINT_DIR", None)
+    start = time.perf_counter()
+    proc = subprocess.run([str(bin_path), "--device", "cpu", "run", str(job), "--output", str(out)],
+                          capture_output=True, text=True, timeout=3600, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise AssertionError(f"{name}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    s = json.loads((out / "training_summary.json").read_text())
+    gen, ret = s["generation"], s["retention"]
+    return {
+        "guard": name,
+        "task_exact_match_before": gen["before"]["exact_match"],
+        "task_exact_match": gen["after"]["exact_match"],
+        "retention": ret["score"],
+        "retention_kept": f"{round(ret['score'] * ret['questions'])}/{ret['questions']}",
+        "retention_loss_delta": ret["loss_delta"],
+        "wall_seconds": wall,
+        "train_seconds": s["timings"]["train_seconds"],
+        "peak_rss_mib": s["peak_rss_bytes"] / 2**20,
+        "replayed_samples": s["dataset"].get("replayed_samples", 0),
+        "steps": s["steps"],
+        "examples": gen["examples"][:2],
+    }

@@ -1,0 +1,174 @@
+//! Forgetting guards that change what the model trains on.
+//!
+//! **Self-replay** (`forgettingGuard.selfReplay`): before the first update the base model answers
+//! a built-in set of general requests greedily; those conversations are mixed into the training
+//! stream (`ratio` replayed samples per training sample), so every epoch also rehearses the base
+//! model's own general behaviour. No external data is needed, and the replayed answers are in the
+//! model's own style, so they pull only toward what it already did.
+//!
+//! The replay requests are deliberately disjoint from the retention probe's questions
+//! ([`crate::train::retention::BUILTIN_QUESTIONS`]): the probe measures transfer, not recall of
+//! rehearsed answers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Encoder, Origin, Sample};
+use crate::error::{Error, Result};
+use crate::model::CausalLm;
+use crate::train::probe::Probe;
+
+/// General requests of many kinds: facts, how-to, writing, arithmetic, definitions, lists.
+pub const REPLAY_PROMPTS: [&str; 40] = [
+    "What is the tallest animal in the world?",
+    "Explain in one sentence what a noun is.",
+    "How many minutes are in an hour?",
+    "Suggest a name for a pet goldfish.",
+    "What is the main ingredient of guacamole?",
+    "Write a short greeting for a birthday card.",
+    "What is 9 times 6?",
+    "Which planet is known as the Red Planet?",
+    "Give one tip for sleeping better.",
+    "What does a thermometer measure?",
+    "Name three primary colours.",
+    "What is the capital of Japan?",
+    "How do you say 'good morning' in Spanish?",
+    "What is the opposite of early?",
+    "Describe the taste of a lemon in a few words.",
+    "Who was the first president of the United States?",
+    "How many wheels does a bicycle have?",
+    "What is H2O commonly called?",
+    "List two things you can do on a rainy day.",
+    "What is the largest desert in the world?",
+    "Why do we need to drink water?",
+    "Finish the phrase: practice makes ...",
+    "What is 100 minus 37?",
+    "What instrument has black and white keys?",
+    "Give an example of a mammal that can fly.",
+    "What do caterpillars turn into?",
+    "Write a one-line thank-you note to a teacher.",
+    "What is the smallest prime number?",
+    "Which organ pumps blood through the body?",
+    "What shape has four equal sides?",
+    "Recommend a healthy breakfast.",
+    "What is the capital of Italy?",
+    "How many strings does a standard guitar have?",
+    "What is the past tense of 'run'?",
+    "Name a fruit that is yellow.",
+    "What season comes after winter?",
+    "What do you call a baby cat?",
+    "Explain what a calendar is used for.",
+    "How many months have 31 days?",
+    "What is the chemical symbol for oxygen?",
+];
+
+/// Longest replayed answer, in tokens.
+pub const REPLAY_TOKENS: usize = 48;
+
+/// The base model's answers, kept beside the checkpoints so a resumed run (whose weights are no
+/// longer the base) replays exactly the same conversations.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct ReplayCache {
+    prompts: Vec<String>,
+    answers: Vec<String>,
+}
+
+pub fn replay_cache_path(checkpoint_dir: &Path) -> PathBuf {
+    checkpoint_dir.join("self_replay.json")
+}
+
+/// The base model's greedy answers to [`REPLAY_PROMPTS`] as chat samples (loss on the answers).
+/// `model` must still be the base (call before any update); answers are read from `cache` when a
+/// previous attempt wrote it. Prompts the model answers with nothing are dropped.
+pub fn replay_samples(
+    model: &mut CausalLm,
+    encoder: &Encoder,
+    eos_ids: &[i64],
+    cache: &Path,
+) -> Result<Vec<Sample>> {
+    let template = encoder.template.ok_or_else(|| {
+        Error::Usage(
+            "forgettingGuard.selfReplay needs a model with a chat template (the replayed conversations are chats)".into(),
+        )
+    })?;
+    let prompts: Vec<String> = REPLAY_PROMPTS.iter().map(|p| p.to_string()).collect();
+    let cached = std::fs::read_to_string(cache)
+        .ok()
+        .and_then(|t| serde_json::from_str::<ReplayCache>(&t).ok())
+        .filter(|c| c.prompts == prompts);
+    let answers = match cached {
+        Some(c) => c.answers,
+        None => {
+            let probe = Probe::from_questions(&prompts, encoder.tokenizer, Some(template))?;
+            let answers = probe.answer(model, encoder.tokenizer, eos_ids, REPLAY_TOKENS)?;
+            if let Some(dir) = cache.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            let c = ReplayCache { prompts, answers };
+            let text = serde_json::to_string_pretty(&c).expect("cache serializes");
+            std::fs::write(cache, text).map_err(|e| Error::io(cache, e))?;
+            c.answers
+        }
+    };
+    let source: Arc<Path> = Arc::from(Path::new("<self-replay>"));
+    let mut samples = Vec::new();
+    for (i, (q, a)) in REPLAY_PROMPTS.iter().zip(&answers).enumerate() {
+        if a.trim().is_empty() {
+            continue;
+        }
+        let messages = [
+            serde_json::json!({"role": "user", "content": q}),
+            serde_json::json!({"role": "assistant", "content": a.trim()}),
+        ];
+        let origin = Origin {
+            path: source.clone(),
+            line: i + 1,
+        };
+        samples.push(encoder.chat(&messages, &origin)?);
+    }
+    Ok(samples)
+}
+
+/// Appends `round(ratio · train.len())` replay samples (cycling through `replay` in order) to
+/// `train`; the batcher's seeded shuffle spreads them through each epoch. Returns how many.
+pub fn mix_in(train: &mut Vec<Sample>, replay: &[Sample], ratio: f64) -> usize {
+    if replay.is_empty() {
+        return 0;
+    }
+    let n = (ratio * train.len() as f64).round() as usize;
+    train.extend(replay.iter().cycle().take(n).cloned());
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::retention::BUILTIN_QUESTIONS;
+
+    #[test]
+    fn replay_prompts_are_disjoint_from_the_probe() {
+        for p in REPLAY_PROMPTS {
+            assert!(
+                !BUILTIN_QUESTIONS.contains(&p),
+                "{p} is also a probe question"
+            );
+        }
+    }
+
+    #[test]
+    fn mixing_adds_the_ratio_cycling_through_replay() {
+        let origin = Origin {
+            path: Arc::from(Path::new("x")),
+            line: 1,
+        };
+        let s = |id: i64| Sample::new(vec![0, id], vec![false, true], origin.clone());
+        let mut train: Vec<Sample> = (0..10).map(s).collect();
+        let replay = vec![s(100), s(101)];
+        assert_eq!(mix_in(&mut train, &replay, 0.3), 3);
+        let tail: Vec<i64> = train[10..].iter().map(|x| x.ids[1]).collect();
+        assert_eq!(tail, vec![100, 101, 100]);
+        assert_eq!(mix_in(&mut train, &[], 0.5), 0);
+    }
+}
