@@ -10,7 +10,7 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build crds demo test test-rust test-reference test-cluster test-helm lint bench-forward bench-trainer cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: setup build crds demo test test-rust test-reference test-cluster test-helm lint bench-forward bench-trainer bench-forgetting cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
@@ -21,6 +21,7 @@ help:
 	@echo "make cluster-up     start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes)"
 	@echo "make cluster-down   stop it"
 	@echo "make bench-forward  forward-pass tokens/s: ours vs transformers (JSON in \$$CARGO_TARGET_DIR/bench)"
+	@echo "make bench-forgetting narrow-task LoRA SFT with each forgetting guard: task score, retention, wall time, memory (JSON)"
 	@echo "make bench-trainer  LoRA chat-SFT tokens/s and peak RSS: ours vs transformers+PEFT fp32/bf16 (JSON in \$$CARGO_TARGET_DIR/bench)"
 	@echo "make bench-operator 1000 FinetuneJobs against 50 kwok GPU nodes: latency, RSS, CPU (JSON in \$$CARGO_TARGET_DIR/bench)"
 
@@ -81,6 +82,9 @@ cluster-down:
 
 bench-forward: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forward.py --out $(CARGO_TARGET_DIR)/bench/forward.json
+
+bench-forgetting: build
+	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forgetting.py --out $(CARGO_TARGET_DIR)/bench/forgetting.json
 
 bench-trainer: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_trainer.py --out $(CARGO_TARGET_DIR)/bench/trainer.json

@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use crate::error::Error;
 use crate::finetunejob::build::{self, BuildSettings};
 use crate::finetunejob::names;
-use crate::finetunejob::status::{self, Action, Derived};
+use crate::finetunejob::status::{self, Action, Derived, Outcome};
 use crate::metrics::Metrics;
 use crate::progress::ProgressPoller;
 
@@ -129,16 +129,39 @@ impl Context {
     }
 }
 
-/// Fails with an install hint when the CRDs are not installed.
-pub async fn ensure_crds_installed(client: &Client) -> Result<(), String> {
-    match Api::<FinetuneJob>::all(client.clone()).list(&ListParams::default().limit(1)).await {
+/// Fails with an install hint when the CRDs are not installed, or when the operator may not
+/// list FinetuneJobs where it watches them. With `namespace` the check lists in that namespace
+/// only, so a namespaced Role suffices, as for the watches.
+pub async fn ensure_crds_installed(client: &Client, namespace: Option<&str>) -> Result<(), String> {
+    let jobs: Api<FinetuneJob> = match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    match jobs.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Err(
+        Err(error) => Err(crd_check_hint(&error, namespace)),
+    }
+}
+
+/// What to tell the user when the startup list of FinetuneJobs fails.
+fn crd_check_hint(error: &kube::Error, namespace: Option<&str>) -> String {
+    let scope = match namespace {
+        Some(namespace) => format!("in namespace {namespace}"),
+        None => "in all namespaces".to_string(),
+    };
+    match error {
+        kube::Error::Api(status) if status.code == 404 => {
             "the FinetuneJob CRD is not installed: run `finetune-operator crd | kubectl apply -f -` \
              (or install the Helm chart with crds.enabled=true)"
-                .into(),
+                .into()
+        }
+        kube::Error::Api(status) if status.code == 403 => format!(
+            "not allowed to list FinetuneJobs {scope}: grant list/watch on finetunejobs \
+             (the Helm chart's RBAC does; with watchNamespace set it is a Role in that namespace, \
+             so pass --namespace as well): {}",
+            status.message
         ),
-        Err(error) => Err(format!("cannot reach the apiserver: {error}")),
+        error => format!("cannot reach the apiserver: {error}"),
     }
 }
 
@@ -271,13 +294,16 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     }
     let job = ctx.freshest(&key, job);
     let jobs: Api<FinetuneJob> = Api::namespaced(ctx.client.clone(), &namespace);
+    ctx.metrics.namespace_seen(&namespace);
+    let phase_before = job.status.as_ref().and_then(|s| s.phase);
 
     if let Err(invalid) = validate_object(job.as_ref()) {
         let derived = status::invalid_spec(&job, &invalid.to_string(), Timestamp::now());
         if job.status.as_ref() != Some(&derived.status) {
             write_status(&ctx, &jobs, &job, &derived.status).await?;
         }
-        publish(&ctx, &job, &derived).await;
+        count_outcome(&ctx, &key, &namespace, phase_before, &derived);
+        publish(&ctx, &job, &derived);
         ctx.metrics.set_phase(&key, derived.status.phase);
         return Ok(Requeue::await_change());
     }
@@ -323,7 +349,9 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     if job.status.as_ref() != Some(&derived.status) {
         write_status(&ctx, &jobs, &job, &derived.status).await?;
     }
-    publish(&ctx, &job, &derived).await;
+    // Counted once the pod and the status are written: a failed write derives it again.
+    count_outcome(&ctx, &key, &namespace, phase_before, &derived);
+    publish(&ctx, &job, &derived);
     ctx.metrics.set_phase(&key, derived.status.phase);
     if matches!(
         derived.status.phase,
@@ -477,9 +505,7 @@ async fn child_failed(
         action: "Create".into(),
         secondary: None,
     };
-    if let Err(event_error) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-        warn!(%event_error, "cannot publish event");
-    }
+    publish_detached(ctx, job, vec![event]);
     Error::Kube(error)
 }
 
@@ -510,9 +536,29 @@ async fn write_status(
     Ok(())
 }
 
-async fn publish(ctx: &Context, job: &FinetuneJob, derived: &Derived) {
-    for transition in &derived.transitions {
-        let event = Event {
+/// Counts a job's transition into Failed, or the retry it starts, in the metrics.
+fn count_outcome(
+    ctx: &Context,
+    key: &str,
+    namespace: &str,
+    phase_before: Option<JobPhase>,
+    derived: &Derived,
+) {
+    match status::outcome(phase_before, derived) {
+        Some(Outcome::Failed { reason }) => ctx.metrics.job_failed(namespace, &reason),
+        Some(Outcome::Retried { attempt, reason }) => {
+            ctx.metrics.job_retried(key, attempt, &reason);
+        }
+        None => {}
+    }
+}
+
+/// Publishes an Event for each of the derivation's transitions.
+fn publish(ctx: &Context, job: &FinetuneJob, derived: &Derived) {
+    let events = derived
+        .transitions
+        .iter()
+        .map(|transition| Event {
             type_: if transition.warning {
                 EventType::Warning
             } else {
@@ -522,11 +568,27 @@ async fn publish(ctx: &Context, job: &FinetuneJob, derived: &Derived) {
             note: Some(transition.message.chars().take(1000).collect()),
             action: "Reconcile".into(),
             secondary: None,
-        };
-        if let Err(error) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-            warn!(%error, "cannot publish event");
-        }
+        })
+        .collect();
+    publish_detached(ctx, job, events);
+}
+
+/// Publishes `events` on `job` in order, in a task of their own: an Event is best effort and
+/// never holds up the reconcile (nor its slot among the `concurrency` in flight) on a slow
+/// apiserver. A failure is logged.
+fn publish_detached(ctx: &Context, job: &FinetuneJob, events: Vec<Event>) {
+    if events.is_empty() {
+        return;
     }
+    let recorder = ctx.recorder.clone();
+    let reference = job.object_ref(&());
+    tokio::spawn(async move {
+        for event in events {
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                warn!(%error, reason = %event.reason, "cannot publish event");
+            }
+        }
+    });
 }
 
 /// Queue wait (creation → running) and time to first step, each observed once per job.
@@ -562,4 +624,28 @@ fn running_trainer_address(pods: &[Pod]) -> Option<String> {
     let status = newest.status.as_ref()?;
     (status.phase.as_deref() == Some("Running")).then_some(())?;
     Some(format!("{}:{DEFAULT_STATUS_PORT}", status.pod_ip.as_ref()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    fn api_error(code: u16, message: &str) -> kube::Error {
+        kube::Error::Api(Box::new(Status::failure(message, "reason").with_code(code)))
+    }
+
+    #[test]
+    fn the_startup_check_says_what_to_do() {
+        let missing = crd_check_hint(&api_error(404, "not found"), Some("team-a"));
+        assert!(missing.contains("CRD is not installed"), "{missing}");
+        let forbidden =
+            crd_check_hint(&api_error(403, "finetunejobs is forbidden"), Some("team-a"));
+        assert!(
+            forbidden.contains("in namespace team-a") && forbidden.contains("is forbidden"),
+            "{forbidden}"
+        );
+        let cluster = crd_check_hint(&api_error(403, "forbidden"), None);
+        assert!(cluster.contains("in all namespaces"), "{cluster}");
+    }
 }

@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use finetune_operator::controller::{self, Options};
-use finetune_operator::finetunejob::build::BuildSettings;
+use finetune_operator::finetunejob::build::{BuildSettings, parse_quantity};
 use finetune_operator::http::{self, HttpState};
 use finetune_operator::leader::{self, LeaderElector, Timings};
 use finetune_operator::metrics::Metrics;
 use finetune_operator::progress::ProgressPoller;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use tracing::{error, info};
 
 #[derive(Parser)]
@@ -74,6 +75,14 @@ struct RunArgs {
     /// by and take over when it stops renewing.
     #[arg(long, env = "FINETUNE_LEADER_ELECT")]
     leader_elect: bool,
+    /// CPU requested and limited for trainers whose job sets no `spec.resources.cpu`
+    /// (a Kubernetes quantity, e.g. `4` or `500m`); none when omitted.
+    #[arg(long, env = "FINETUNE_TRAINER_DEFAULT_CPU", value_parser = parse_quantity)]
+    trainer_default_cpu: Option<Quantity>,
+    /// Memory requested and limited for trainers whose job sets no `spec.resources.memory`
+    /// (a Kubernetes quantity, e.g. `16Gi`); none when omitted.
+    #[arg(long, env = "FINETUNE_TRAINER_DEFAULT_MEMORY", value_parser = parse_quantity)]
+    trainer_default_memory: Option<Quantity>,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     leader_election_namespace: String,
@@ -114,33 +123,59 @@ async fn run(args: RunArgs) -> ExitCode {
                 .unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
-    let client = match kube::Client::try_default().await {
-        Ok(client) => client,
-        Err(error) => {
-            error!(%error, "no Kubernetes configuration (in-cluster or KUBECONFIG)");
-            return ExitCode::FAILURE;
-        }
+    // The endpoints are bound first: without them the probes fail and nothing is scraped, so a
+    // port that cannot be bound ends the operator at once, saying why.
+    let http_addr = args.http_addr;
+    let listener = match http::bind(http_addr).await {
+        Ok(listener) => listener,
+        Err(message) => return fatal(&message),
     };
-    if let Err(hint) = controller::ensure_crds_installed(&client).await {
-        error!("{hint}");
-        eprintln!("finetune-operator: {hint}");
-        return ExitCode::FAILURE;
-    }
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     let state = HttpState {
         metrics: metrics.clone(),
         ready: ready.clone(),
     };
-    let http_addr = args.http_addr;
-    tokio::spawn(async move {
-        if let Err(error) = http::serve(http_addr, state).await {
-            error!(%error, %http_addr, "metrics endpoint failed");
+    let mut server = tokio::spawn(http::serve(listener, state));
+    tokio::select! {
+        code = operate(args, metrics, ready) => code,
+        served = &mut server => {
+            let why = match served {
+                Ok(Ok(())) => "stopped".to_string(),
+                Ok(Err(error)) => error.to_string(),
+                Err(error) => error.to_string(),
+            };
+            fatal(&format!("the metrics and health endpoints on {http_addr} failed: {why}"))
         }
-    });
+    }
+}
+
+/// Logs `message` (JSON log and plain stderr, for `kubectl logs` and terminals alike) and
+/// returns the failure exit status.
+fn fatal(message: &str) -> ExitCode {
+    error!("{message}");
+    eprintln!("finetune-operator: {message}");
+    ExitCode::FAILURE
+}
+
+/// Everything after the endpoints are up: the CRD check, the election and the controller.
+async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> ExitCode {
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(error) => {
+            return fatal(&format!(
+                "no Kubernetes configuration (in-cluster or KUBECONFIG): {error}"
+            ));
+        }
+    };
+    if let Err(hint) = controller::ensure_crds_installed(&client, args.namespace.as_deref()).await {
+        return fatal(&hint);
+    }
     let settings = BuildSettings {
         trainer_image: args.trainer_image,
         termination_grace_seconds: args.termination_grace,
+        default_cpu: args.trainer_default_cpu,
+        default_memory: args.trainer_default_memory,
         ..BuildSettings::default()
     };
     let poller = ProgressPoller::new(
@@ -151,7 +186,7 @@ async fn run(args: RunArgs) -> ExitCode {
         namespace: args.namespace,
         concurrency: args.concurrency,
     };
-    info!(namespace = ?options.namespace, %http_addr, leader_elect = args.leader_elect, "finetune-operator starting");
+    info!(namespace = ?options.namespace, http_addr = %args.http_addr, leader_elect = args.leader_elect, "finetune-operator starting");
 
     let elector = args.leader_elect.then(|| {
         LeaderElector::new(

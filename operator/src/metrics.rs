@@ -1,6 +1,6 @@
 //! The operator's Prometheus metrics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -20,8 +20,26 @@ pub struct Metrics {
     queue_wait: HistogramVec,
     time_to_first_step: HistogramVec,
     leader: IntGauge,
+    job_failures: IntCounterVec,
+    job_retries: IntCounterVec,
     phases: Mutex<HashMap<String, JobPhase>>,
+    /// Per job, the newest attempt already counted as a retry: a reconcile that runs again
+    /// before the new pod reaches the cache derives the same retry and must not count it twice.
+    retried: Mutex<HashMap<String, i32>>,
+    /// Namespaces whose failure counters exist at 0 for every failure reason.
+    namespaces: Mutex<HashSet<String>>,
 }
+
+/// Every reason a job can fail with: validation, the trainer's non-retryable exit codes, and
+/// retryable failures past `runPolicy.backoffLimit`. Their counters start at 0 in a namespace
+/// the operator sees, so `increase()` also counts a namespace's first failure.
+pub const FAILURE_REASONS: [&str; 5] = [
+    "InvalidSpec",
+    "InvalidInput",
+    "Diverged",
+    "RetentionBelowMinimum",
+    "BackoffLimitExceeded",
+];
 
 const PHASES: [JobPhase; 6] = [
     JobPhase::Pending,
@@ -97,6 +115,23 @@ impl Metrics {
             "1 while this replica holds the leader lease and reconciles, 0 while it stands by",
         )
         .expect("valid metric");
+        let job_failures = IntCounterVec::new(
+            Opts::new(
+                "finetune_operator_job_failures_total",
+                "FinetuneJobs that reached phase Failed, by namespace and the Failed condition's reason",
+            ),
+            &["namespace", "reason"],
+        )
+        .expect("valid metric");
+        let job_retries = IntCounterVec::new(
+            Opts::new(
+                "finetune_operator_job_retries_total",
+                "Trainer attempts started because the previous attempt ended (Preempted, \
+                 OutOfMemory, Error), by namespace and that attempt's reason",
+            ),
+            &["namespace", "reason"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -105,6 +140,8 @@ impl Metrics {
             Box::new(queue_wait.clone()),
             Box::new(time_to_first_step.clone()),
             Box::new(leader.clone()),
+            Box::new(job_failures.clone()),
+            Box::new(job_retries.clone()),
         ] {
             registry
                 .register(collector)
@@ -124,7 +161,11 @@ impl Metrics {
             queue_wait,
             time_to_first_step,
             leader,
+            job_failures,
+            job_retries,
             phases: Mutex::new(HashMap::new()),
+            retried: Mutex::new(HashMap::new()),
+            namespaces: Mutex::new(HashSet::new()),
         }
     }
 
@@ -143,8 +184,48 @@ impl Metrics {
         self.errors.with_label_values(&[kind, reason]).inc();
     }
 
+    /// Starts the failure counters of `namespace` at 0 for every reason, once.
+    pub fn namespace_seen(&self, namespace: &str) {
+        let mut namespaces = self
+            .namespaces
+            .lock()
+            .expect("metrics lock is never poisoned");
+        if namespaces.insert(namespace.to_string()) {
+            for reason in FAILURE_REASONS {
+                self.job_failures.with_label_values(&[namespace, reason]);
+            }
+        }
+    }
+
+    /// Counts a job that reached phase Failed (called once, on the transition).
+    pub fn job_failed(&self, namespace: &str, reason: &str) {
+        self.namespace_seen(namespace);
+        self.job_failures
+            .with_label_values(&[namespace, reason])
+            .inc();
+    }
+
+    /// Counts the retry that starts `attempt` of `job` (`namespace/name`), once per attempt.
+    pub fn job_retried(&self, job: &str, attempt: i32, reason: &str) {
+        let mut retried = self.retried.lock().expect("metrics lock is never poisoned");
+        if retried.get(job).is_some_and(|counted| *counted >= attempt) {
+            return;
+        }
+        retried.insert(job.to_string(), attempt);
+        let namespace = job.split_once('/').map_or("", |(namespace, _)| namespace);
+        self.job_retries
+            .with_label_values(&[namespace, reason])
+            .inc();
+    }
+
     /// Records a job's current phase (`None` once deleted) and refreshes the per-phase gauge.
     pub fn set_phase(&self, job: &str, phase: Option<JobPhase>) {
+        if phase.is_none() {
+            self.retried
+                .lock()
+                .expect("metrics lock is never poisoned")
+                .remove(job);
+        }
         let mut phases = self.phases.lock().expect("metrics lock is never poisoned");
         match phase {
             Some(phase) => phases.insert(job.to_string(), phase),
@@ -252,6 +333,60 @@ mod tests {
         assert!(
             text.contains(
                 "finetune_operator_reconcile_duration_seconds_count{kind=\"FinetuneJob\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn failures_count_by_namespace_and_reason_from_zero() {
+        let metrics = Metrics::new();
+        metrics.namespace_seen("team-a");
+        let text = metrics.render();
+        for reason in FAILURE_REASONS {
+            assert!(
+                text.contains(&format!(
+                    "finetune_operator_job_failures_total{{namespace=\"team-a\",reason=\"{reason}\"}} 0"
+                )),
+                "{text}"
+            );
+        }
+        metrics.job_failed("team-a", "RetentionBelowMinimum");
+        metrics.job_failed("team-b", "InvalidInput");
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "finetune_operator_job_failures_total{namespace=\"team-a\",reason=\"RetentionBelowMinimum\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "finetune_operator_job_failures_total{namespace=\"team-b\",reason=\"InvalidInput\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn each_retry_counts_once() {
+        let metrics = Metrics::new();
+        metrics.job_retried("team-a/j", 1, "Preempted");
+        metrics.job_retried("team-a/j", 1, "Preempted");
+        metrics.job_retried("team-a/j", 2, "OutOfMemory");
+        // A deleted job's name may come back as a new job with new attempts.
+        metrics.set_phase("team-a/j", None);
+        metrics.job_retried("team-a/j", 1, "Preempted");
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "finetune_operator_job_retries_total{namespace=\"team-a\",reason=\"Preempted\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "finetune_operator_job_retries_total{namespace=\"team-a\",reason=\"OutOfMemory\"} 1"
             ),
             "{text}"
         );

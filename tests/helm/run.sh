@@ -115,6 +115,7 @@ static_checks() {
     expect_rejected "an unknown nested key" "additional propert.*enable" --set serviceMonitor.enable=true
     expect_rejected "a bad pull policy" "pullPolicy" --set image.pullPolicy=Sometimes
     expect_rejected "2 replicas without leader election" "leaderElection.enabled" --set leaderElection.enabled=false
+    expect_rejected "a trainer default memory that is no quantity" "defaultMemory" --set trainer.resources.defaultMemory=16GB
 
     # Alerts: the PrometheusRule's groups as a plain rule file, then promtool.
     "$HELM" template "$RELEASE" "$CHART" -n "$NS" --set prometheusRule.enabled=true \

@@ -29,6 +29,10 @@ pub struct BuildSettings {
     pub default_storage_size: String,
     /// Seconds the trainer gets after SIGTERM to finish its step and checkpoint.
     pub termination_grace_seconds: i64,
+    /// CPU requested and limited when the job sets no `spec.resources.cpu`.
+    pub default_cpu: Option<Quantity>,
+    /// Memory requested and limited when the job sets no `spec.resources.memory`.
+    pub default_memory: Option<Quantity>,
 }
 
 impl Default for BuildSettings {
@@ -37,6 +41,8 @@ impl Default for BuildSettings {
             trainer_image: "ghcr.io/finetune-operator/trainer:latest".into(),
             default_storage_size: "20Gi".into(),
             termination_grace_seconds: 120,
+            default_cpu: None,
+            default_memory: None,
         }
     }
 }
@@ -229,7 +235,7 @@ fn trainer_container(
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
-        resources: Some(resource_requirements(job)),
+        resources: Some(resource_requirements(job, settings)),
         readiness_probe: Some(status_probe(5)),
         liveness_probe: Some(status_probe(60)),
         termination_message_path: Some(paths::TERMINATION_LOG.into()),
@@ -251,7 +257,8 @@ fn trainer_container(
 
 /// GPUs go in both requests and limits (extended resources must match); CPU and memory are
 /// requested and limited alike so a trainer is never the first to be OOM-killed for bursting.
-fn resource_requirements(job: &FinetuneJob) -> ResourceRequirements {
+/// CPU and memory the job does not set come from the operator's defaults, when it has any.
+fn resource_requirements(job: &FinetuneJob, settings: &BuildSettings) -> ResourceRequirements {
     let resources = &job.spec.resources;
     let mut amounts = BTreeMap::new();
     if resources.gpus > 0 {
@@ -260,16 +267,59 @@ fn resource_requirements(job: &FinetuneJob) -> ResourceRequirements {
             Quantity(resources.gpus.to_string()),
         );
     }
-    if let Some(cpu) = &resources.cpu {
+    if let Some(cpu) = resources.cpu.as_ref().or(settings.default_cpu.as_ref()) {
         amounts.insert("cpu".to_string(), cpu.clone());
     }
-    if let Some(memory) = &resources.memory {
+    if let Some(memory) = resources
+        .memory
+        .as_ref()
+        .or(settings.default_memory.as_ref())
+    {
         amounts.insert("memory".to_string(), memory.clone());
     }
     ResourceRequirements {
         requests: (!amounts.is_empty()).then(|| amounts.clone()),
         limits: (!amounts.is_empty()).then_some(amounts),
         ..ResourceRequirements::default()
+    }
+}
+
+/// Parses a non-negative Kubernetes resource quantity (`4`, `500m`, `16Gi`, `1.5`, `2e3`), for
+/// the operator's default-resource flags: a typo fails at startup instead of in the creation of
+/// every trainer pod.
+pub fn parse_quantity(text: &str) -> Result<Quantity, String> {
+    let number_end = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(number_end);
+    let number_ok = number.chars().any(|c| c.is_ascii_digit()) && number.matches('.').count() <= 1;
+    let suffix_ok = matches!(
+        suffix,
+        "" | "n"
+            | "u"
+            | "m"
+            | "k"
+            | "M"
+            | "G"
+            | "T"
+            | "P"
+            | "E"
+            | "Ki"
+            | "Mi"
+            | "Gi"
+            | "Ti"
+            | "Pi"
+            | "Ei"
+    ) || suffix
+        .strip_prefix(['e', 'E'])
+        .map(|exponent| exponent.strip_prefix(['+', '-']).unwrap_or(exponent))
+        .is_some_and(|digits| !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()));
+    if number_ok && suffix_ok {
+        Ok(Quantity(text.to_string()))
+    } else {
+        Err(format!(
+            "{text:?} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi, 1.5)"
+        ))
     }
 }
 
@@ -516,6 +566,67 @@ mod tests {
             "gpus: 0 requests no GPU: {limits:?}"
         );
         assert_eq!(limits["cpu"], Quantity("2".into()));
+    }
+
+    #[test]
+    fn operator_defaults_fill_in_cpu_and_memory_the_job_leaves_out() {
+        let settings = BuildSettings {
+            default_cpu: Some(Quantity("4".into())),
+            default_memory: Some(Quantity("16Gi".into())),
+            ..BuildSettings::default()
+        };
+        // The SFT example sets memory (8Gi) and no CPU: memory stays, CPU comes from the default.
+        let job = example("sft-lora-smollm2.yaml");
+        assert!(job.spec.resources.cpu.is_none() && job.spec.resources.memory.is_some());
+        let pod = trainer_pod(&job, 0, &settings).unwrap();
+        let resources = container(&pod).resources.clone().unwrap();
+        let limits = resources.limits.clone().unwrap();
+        assert_eq!(limits["cpu"], Quantity("4".into()));
+        assert_eq!(limits["memory"], Quantity("8Gi".into()));
+        assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
+        assert_eq!(resources.requests, resources.limits);
+
+        // A job with neither gets both; without operator defaults it gets neither.
+        let mut bare = example("sft-lora-smollm2.yaml");
+        bare.spec.resources.memory = None;
+        bare.spec.resources.gpus = 0;
+        let pod = trainer_pod(&bare, 0, &settings).unwrap();
+        let requests = container(&pod).resources.clone().unwrap().requests.unwrap();
+        assert_eq!(
+            (&requests["cpu"], &requests["memory"]),
+            (&Quantity("4".into()), &Quantity("16Gi".into()))
+        );
+        let pod = trainer_pod(&bare, 0, &BuildSettings::default()).unwrap();
+        assert_eq!(
+            container(&pod).resources,
+            Some(ResourceRequirements::default())
+        );
+    }
+
+    #[test]
+    fn default_resource_flags_take_kubernetes_quantities_only() {
+        for good in [
+            "4",
+            "500m",
+            "16Gi",
+            "1.5",
+            "0.5",
+            "2e3",
+            "1E-2",
+            "128974848",
+            "1k",
+        ] {
+            assert_eq!(parse_quantity(good), Ok(Quantity(good.into())), "{good}");
+        }
+        for bad in [
+            "", "16GB", "-1", "four", "1.2.3", "Gi", ".", "4 ", "1e", "16gi",
+        ] {
+            let error = parse_quantity(bad).unwrap_err();
+            assert!(
+                error.contains("not a Kubernetes quantity"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -49,6 +49,65 @@ pub struct Derived {
     pub transitions: Vec<Transition>,
 }
 
+/// What one derivation adds to the operator's job counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job reached phase Failed, for the Failed condition's reason.
+    Failed {
+        /// e.g. `InvalidInput`, `RetentionBelowMinimum`, `BackoffLimitExceeded`.
+        reason: String,
+    },
+    /// Attempt `attempt` starts because the one before it ended for `reason`.
+    Retried {
+        /// The attempt being created.
+        attempt: i32,
+        /// Why the previous attempt ended, e.g. `Preempted`, `OutOfMemory`, `Error`.
+        reason: String,
+    },
+}
+
+/// The counted outcome of `derived`, given the job's phase before it: a transition into Failed,
+/// or the creation of a retry attempt. Retries are derived again until the new pod is seen, so
+/// the caller counts each attempt once.
+pub fn outcome(phase_before: Option<JobPhase>, derived: &Derived) -> Option<Outcome> {
+    if derived.status.phase == Some(JobPhase::Failed) && phase_before != Some(JobPhase::Failed) {
+        let reason = derived
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed" && c.status == "True")
+            .map_or_else(|| "Unknown".to_string(), |c| c.reason.clone());
+        return Some(Outcome::Failed { reason });
+    }
+    match derived.action {
+        Action::CreatePod(attempt) if attempt > 0 => {
+            let reason = derived
+                .status
+                .attempts
+                .iter()
+                .find(|a| a.index == attempt - 1)
+                .and_then(|a| a.reason.clone())
+                .unwrap_or_else(|| "Error".to_string());
+            Some(Outcome::Retried { attempt, reason })
+        }
+        _ => None,
+    }
+}
+
+/// The condition set (alongside Succeeded) when training ended before its planned last step.
+pub const EARLY_STOPPED_CONDITION: &str = "EarlyStopped";
+
+/// The `EarlyStopped` reason for a trainer's `stopReason`: `RetentionFloor` when the retention
+/// probe fell below `evaluation.retention.minScore` (`action: stop`), `EarlyStopping` otherwise
+/// (no eval loss improvement within the patience).
+pub fn stop_kind(stop_reason: &str) -> &'static str {
+    if stop_reason.contains("retention") {
+        "RetentionFloor"
+    } else {
+        "EarlyStopping"
+    }
+}
+
 /// The state of one trainer pod, read from its status.
 #[derive(Clone, Debug, PartialEq)]
 enum PodState {
@@ -147,6 +206,7 @@ pub fn derive(
         };
     }
 
+    let mut stopped_early = None;
     let latest = attempts.last();
     let action = match latest.map(|(attempt, pod, state)| (*attempt, *pod, state.clone())) {
         None if job.spec.run_policy.suspend => {
@@ -241,13 +301,37 @@ pub fn derive(
                 name: adapter_name(job),
             });
             status.completion_time = Some(Time(now));
+            let stop_reason = termination.as_ref().and_then(|t| t.stop_reason.clone());
+            let mut message = format!("training finished; adapter {}", adapter_name(job));
+            if let Some(stop_reason) = &stop_reason {
+                message.push_str(&format!("; stopped before the last step: {stop_reason}"));
+            }
             set(
                 &mut status,
                 JobPhase::Succeeded,
                 "Completed",
-                format!("training finished; adapter {}", adapter_name(job)),
+                message,
                 false,
             );
+            if let Some(stop_reason) = stop_reason {
+                let kind = stop_kind(&stop_reason);
+                upsert_condition(
+                    &mut status.conditions,
+                    EARLY_STOPPED_CONDITION,
+                    "True",
+                    kind,
+                    &stop_reason,
+                    generation,
+                    now,
+                );
+                // The model forgetting what it knew is worth a warning even though a result
+                // (an earlier step) was kept; early stopping on the eval loss is routine.
+                stopped_early = Some(Transition {
+                    warning: kind == "RetentionFloor",
+                    reason: kind.to_string(),
+                    message: stop_reason,
+                });
+            }
             Action::Wait
         }
         Some((attempt, _, PodState::Failed(failure))) => {
@@ -285,6 +369,7 @@ pub fn derive(
             }
         }
     };
+    transitions.extend(stopped_early);
     Derived {
         status,
         action,
@@ -592,6 +677,20 @@ fn set_condition(
             other.observed_generation = generation;
         }
     }
+    upsert_condition(conditions, type_, status, reason, message, generation, now);
+}
+
+/// Sets one condition, keeping `lastTransitionTime` when its status does not change; other
+/// conditions are left alone.
+fn upsert_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
     let transition = conditions
         .iter()
         .find(|c| c.type_ == type_)
@@ -825,6 +924,175 @@ mod tests {
         );
         assert!(derived.transitions[0].warning);
         assert_eq!(derived.action, Action::Wait);
+    }
+
+    fn stopped_early(stop_reason: &str) -> Derived {
+        let message = TerminationMessage {
+            checkpoint_step: Some(40),
+            checkpoint_path: Some("/var/lib/finetune/j/checkpoints/step-40".into()),
+            stop_reason: Some(stop_reason.into()),
+            ..TerminationMessage::default()
+        };
+        let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
+        derive(&job(), &[done], None, now())
+    }
+
+    fn condition_of<'a>(status: &'a FinetuneJobStatus, type_: &str) -> &'a Condition {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition: {:?}", status.conditions))
+    }
+
+    #[test]
+    fn early_stopping_is_surfaced_in_conditions_and_events() {
+        let why =
+            "early stopping: no eval loss improvement in 3 evaluations; the result is step 40";
+        let derived = stopped_early(why);
+        assert_eq!(derived.status.phase, Some(JobPhase::Succeeded));
+        let succeeded = condition_of(&derived.status, "Succeeded");
+        assert_eq!(
+            (succeeded.status.as_str(), succeeded.reason.as_str()),
+            ("True", "Completed")
+        );
+        assert!(succeeded.message.contains(why), "{}", succeeded.message);
+        let stopped = condition_of(&derived.status, EARLY_STOPPED_CONDITION);
+        assert_eq!(
+            (
+                stopped.status.as_str(),
+                stopped.reason.as_str(),
+                stopped.message.as_str()
+            ),
+            ("True", "EarlyStopping", why)
+        );
+        let reasons: Vec<(&str, bool)> = derived
+            .transitions
+            .iter()
+            .map(|t| (t.reason.as_str(), t.warning))
+            .collect();
+        assert_eq!(reasons, [("Completed", false), ("EarlyStopping", false)]);
+        assert_eq!(derived.transitions[1].message, why);
+        // The phase conditions still have exactly one True.
+        let true_phases = derived
+            .status
+            .conditions
+            .iter()
+            .filter(|c| c.status == "True" && c.type_ != EARLY_STOPPED_CONDITION)
+            .count();
+        assert_eq!(true_phases, 1);
+    }
+
+    #[test]
+    fn a_retention_floor_stop_is_a_warning() {
+        let why = "retention score 0.400 (2/5 base answers kept) fell below \
+                   evaluation.retention.minScore 0.8 at step 30; the result is step 20";
+        let derived = stopped_early(why);
+        assert_eq!(derived.status.phase, Some(JobPhase::Succeeded));
+        let stopped = condition_of(&derived.status, EARLY_STOPPED_CONDITION);
+        assert_eq!(stopped.reason, "RetentionFloor");
+        let event = derived
+            .transitions
+            .iter()
+            .find(|t| t.reason == "RetentionFloor")
+            .expect("a RetentionFloor event");
+        assert!(event.warning);
+        assert!(event.message.contains("the result is step 20"));
+    }
+
+    #[test]
+    fn a_full_run_has_no_early_stop_condition() {
+        let done = exited(pod(0, "Succeeded"), 0, "Completed", None);
+        let derived = derive(&job(), &[done], None, now());
+        assert!(
+            derived
+                .status
+                .conditions
+                .iter()
+                .all(|c| c.type_ != EARLY_STOPPED_CONDITION)
+        );
+        assert_eq!(derived.transitions.len(), 1);
+        assert_eq!(
+            condition_of(&derived.status, "Succeeded").message,
+            "training finished; adapter smollm2-kubectl"
+        );
+    }
+
+    #[test]
+    fn retention_below_minimum_fails_at_once_with_the_trainers_message() {
+        let message = TerminationMessage {
+            step: Some(30),
+            error: Some(TrainerError {
+                code: "retention_below_minimum".into(),
+                message: "retention score 0.400 (2/5 base answers kept) fell below \
+                          evaluation.retention.minScore 0.8 at step 30"
+                    .into(),
+                param: Some("evaluation.retention.minScore".into()),
+            }),
+            ..TerminationMessage::default()
+        };
+        let mut job = job();
+        job.spec.run_policy.backoff_limit = 5;
+        let failed = exited(pod(0, "Failed"), 5, "Error", Some(&message));
+        let derived = derive(&job, &[failed], None, now());
+        assert_eq!(
+            (derived.status.phase, &derived.action),
+            (Some(JobPhase::Failed), &Action::Wait),
+            "not retried although backoffLimit allows it"
+        );
+        let failed = condition_of(&derived.status, "Failed");
+        assert_eq!(failed.reason, "RetentionBelowMinimum");
+        assert!(
+            failed
+                .message
+                .starts_with("RetentionBelowMinimum (not retried): retention score 0.400"),
+            "{}",
+            failed.message
+        );
+        assert!(
+            failed
+                .message
+                .contains("evaluation.retention.minScore 0.8 at step 30")
+        );
+        assert_eq!(
+            (derived.status.failed_attempts, derived.status.preemptions),
+            (0, 0),
+            "not charged against the backoff limit"
+        );
+        assert_eq!(
+            derived.status.attempts[0].reason.as_deref(),
+            Some("RetentionBelowMinimum")
+        );
+        assert!(derived.transitions[0].warning);
+        assert_eq!(
+            outcome(Some(JobPhase::Running), &derived),
+            Some(Outcome::Failed {
+                reason: "RetentionBelowMinimum".into()
+            })
+        );
+        // Once Failed is recorded, the next derivation counts nothing.
+        assert_eq!(outcome(Some(JobPhase::Failed), &derived), None);
+    }
+
+    #[test]
+    fn retries_are_outcomes_with_the_previous_attempts_reason() {
+        let oom = exited(pod(0, "Failed"), 137, "OOMKilled", None);
+        let derived = derive(&job(), &[oom], None, now());
+        assert_eq!(
+            outcome(Some(JobPhase::Running), &derived),
+            Some(Outcome::Retried {
+                attempt: 1,
+                reason: "OutOfMemory".into()
+            })
+        );
+        assert_eq!(outcome(None, &derive(&job(), &[], None, now())), None);
+        let invalid = invalid_spec(&job(), "spec.x: bad", now());
+        assert_eq!(
+            outcome(None, &invalid),
+            Some(Outcome::Failed {
+                reason: "InvalidSpec".into()
+            })
+        );
     }
 
     #[test]
