@@ -33,6 +33,7 @@ build: setup
 
 crds:
 	cargo run -q -p finetune-crds --bin crdgen
+	cp crds/finetune.dev_*.yaml charts/finetune-operator/files/crds/
 
 demo: build
 	@scripts/demo.sh
