@@ -84,8 +84,7 @@ pub struct FinetuneJobSpec {
     /// Evaluation beyond the training loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<Evaluation>,
-    /// Guards against catastrophic forgetting of general abilities. When omitted, a LoRA SFT job
-    /// on chat or instruction data gets self-replay at ratio 0.25; `{}` turns every guard off.
+    /// Guards against catastrophic forgetting of general abilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forgetting_guard: Option<ForgettingGuard>,
     /// Tokens to add to the vocabulary before training.

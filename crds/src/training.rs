@@ -416,8 +416,7 @@ fn default_generation_tokens() -> i32 {
     64
 }
 
-/// Guards against catastrophic forgetting. Each one is off unless present (but see the job's
-/// `forgettingGuard` field for the default when the whole block is omitted).
+/// Guards against catastrophic forgetting. Each one is off unless present.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ForgettingGuard {

@@ -34,11 +34,9 @@ spec:
   resources: {{gpus: 0}}
 {guard}"""
 
-# The guard settings compared; "default" leaves forgettingGuard out (the trainer's default for
-# LoRA SFT), "off" asks for no guard.
+# The guard settings compared.
 GUARDS = {
-    "off": "  forgettingGuard: {}\n",
-    "default": "",
+    "off": "",
     "self-replay": "  forgettingGuard: {selfReplay: {ratio: 0.25}}\n",
 }
 

@@ -64,10 +64,6 @@ pub const REPLAY_PROMPTS: [&str; 40] = [
     "What is the chemical symbol for oxygen?",
 ];
 
-/// Replayed samples per training sample when a LoRA SFT job names no guard (measured in
-/// docs/forgetting.md).
-pub const DEFAULT_REPLAY_RATIO: f64 = 0.25;
-
 /// Longest replayed answer, in tokens.
 pub const REPLAY_TOKENS: usize = 48;
 

@@ -18,9 +18,7 @@ use finetune_crds::contract::{
     self, ExitCode, ProducedAdapter, TerminationMessage, TrainerError, TrainerPhase, env,
 };
 use finetune_crds::finetunejob::TrainingMetrics;
-use finetune_crds::training::{
-    AdapterType, ForgettingGuard, GuardAction, MethodType, Precision, ReplayGuard,
-};
+use finetune_crds::training::{AdapterType, GuardAction, MethodType, Precision};
 use finetune_crds::uri::{MountRoots, StorageUri};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -341,34 +339,6 @@ fn export_merged(
         files.push(file);
     }
     Ok(files)
-}
-
-/// The forgetting guard in force: the spec's when it has one (`{}` = none), else for LoRA SFT
-/// on chat or instruction data self-replay at [`guard::DEFAULT_REPLAY_RATIO`] — narrow LoRA SFT at ordinary learning rates is
-/// where forgetting bites (see docs/forgetting.md). Returns the guard and whether it is the default.
-fn effective_guard(spec: &finetune_crds::FinetuneJobSpec) -> (ForgettingGuard, bool) {
-    match &spec.forgetting_guard {
-        Some(g) => (g.clone(), false),
-        None if spec.adapter.kind == AdapterType::Lora
-            && spec.method.kind == MethodType::Sft
-            && matches!(
-                spec.dataset.format,
-                finetune_crds::data::DataFormat::Chat
-                    | finetune_crds::data::DataFormat::Instruction
-            ) =>
-        {
-            (
-                ForgettingGuard {
-                    self_replay: Some(ReplayGuard {
-                        ratio: guard::DEFAULT_REPLAY_RATIO,
-                    }),
-                    ..Default::default()
-                },
-                true,
-            )
-        }
-        None => (ForgettingGuard::default(), false),
-    }
 }
 
 fn score_json(s: ProbeScore) -> serde_json::Value {
@@ -723,13 +693,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
 
     // Self-replay: the base model's own answers join the training stream (before any update).
     let mut replayed = 0usize;
-    let (mut forgetting_guard, guard_is_default) = effective_guard(spec);
-    if guard_is_default && loaded.chat_template.is_none() {
-        eprintln!(
-            "warning: the default forgetting guard (self-replay) needs a chat template, which this model lacks; training unguarded"
-        );
-        forgetting_guard = ForgettingGuard::default();
-    }
+    let forgetting_guard = spec.forgetting_guard.clone().unwrap_or_default();
     if let Some(r) = &forgetting_guard.self_replay {
         let t = Instant::now();
         let mut replay = guard::replay_samples(
@@ -1322,7 +1286,6 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         "warmup_steps": warmup,
         "resumed_from_step": resumed_from,
         "forgetting_guard": forgetting_guard,
-        "forgetting_guard_is_default": guard_is_default,
         "early_stopped": st.early_stopped,
         "stop_reason": st.stop_reason,
         "best_step": st.best_step,
