@@ -19,6 +19,8 @@ pub mod env {
     pub const OUTPUT_DIR: &str = "FINETUNE_OUTPUT_DIR";
     /// 0-based attempt number.
     pub const ATTEMPT: &str = "FINETUNE_ATTEMPT";
+    /// The PEFT adapter directory `spec.adapter.initAdapter` resolves to (mounted read-only).
+    pub const INIT_ADAPTER_DIR: &str = "FINETUNE_INIT_ADAPTER_DIR";
     /// Port of the `/status` and `/metrics` server.
     pub const STATUS_PORT: &str = "FINETUNE_STATUS_PORT";
     /// Address the status server binds (the pod IP).

@@ -68,6 +68,16 @@ fn default_dpo_beta() -> f64 {
     0.1
 }
 
+impl Default for DpoOptions {
+    fn default() -> Self {
+        Self {
+            beta: default_dpo_beta(),
+            loss: DpoLoss::default(),
+            label_smoothing: 0.0,
+        }
+    }
+}
+
 /// DPO loss variants.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]

@@ -52,6 +52,10 @@ pub enum Command {
     RenderChat(RenderArgs),
     /// [developer] Time a forward pass over random tokens; prints JSON with tokens/s.
     BenchForward(BenchArgs),
+    /// [developer] DPO loss, rewards and log-probs of one batch of preference pairs with a LoRA
+    /// adapter (the reference is the adapter switched off); prints JSON and writes the adapter's
+    /// gradients (PEFT names) to --grads.
+    DpoLoss(DpoLossArgs),
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +69,10 @@ pub struct RunArgs {
     /// Checkpoint directory (default: $FINETUNE_CHECKPOINT_DIR, else OUTPUT/checkpoints).
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
+    /// The PEFT adapter directory that `spec.adapter.initAdapter` stands for (default:
+    /// $FINETUNE_INIT_ADAPTER_DIR).
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -161,6 +169,25 @@ pub struct LogitsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DpoLossArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Preference JSONL (`prompt` or `messages`, `chosen`, `rejected`); all lines form one batch.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// `sigmoid` or `ipo`.
+    #[arg(long, default_value = "sigmoid")]
+    pub loss: String,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Safetensors file for the gradients.
+    #[arg(long)]
+    pub grads: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct TokenizeArgs {
     #[arg(long)]
     pub model: PathBuf,
@@ -226,6 +253,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 output: a.output,
                 checkpoint_dir: a.checkpoint_dir,
                 device: cli.device.clone(),
+                init_adapter: a.init_adapter,
             });
             if code != 0 {
                 std::process::exit(code);
@@ -326,6 +354,38 @@ pub fn run(cli: Cli) -> Result<()> {
                 &a.out,
             )?;
             println!("{}", json!({"ids": ids, "out": a.out}));
+        }
+        Command::DpoLoss(a) => {
+            if a.model.adapter.is_none() {
+                return Err(Error::Usage(
+                    "dpo-loss needs --adapter (the reference is the adapter switched off)".into(),
+                ));
+            }
+            let loss = match a.loss.as_str() {
+                "sigmoid" => finetune_crds::training::DpoLoss::Sigmoid,
+                "ipo" => finetune_crds::training::DpoLoss::Ipo,
+                other => {
+                    return Err(Error::Usage(format!(
+                        "--loss: `{other}` is not sigmoid or ipo"
+                    )));
+                }
+            };
+            let mut m = load(&a.model, &cli.device)?;
+            m.model.set_lora_trainable();
+            let enc = crate::data::Encoder {
+                tokenizer: &m.tokenizer,
+                template: m.chat_template.as_ref(),
+                options: crate::data::LoadOptions::sft(),
+            };
+            let pairs = crate::data::load_preference(&a.data, &enc)?;
+            let cfg = crate::train::dpo::DpoConfig {
+                beta: a.beta,
+                loss,
+                label_smoothing: a.label_smoothing,
+            };
+            let (report, grads) = crate::train::dpo::batch_report(&mut m.model, &pairs, &cfg);
+            Tensor::write_safetensors(&grads, &a.grads)?;
+            println!("{report}");
         }
         Command::Tokenize(a) => {
             let tok = ModelSource::open(&a.model)?.tokenizer()?;

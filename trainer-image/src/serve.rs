@@ -24,6 +24,10 @@ pub struct Live {
     pub retention_score: Gauge,
     /// Exact-match accuracy of generated answers to eval prompts.
     pub eval_exact_match: Gauge,
+    /// DPO: share of eval pairs whose chosen reply has the higher implicit reward.
+    pub preference_accuracy: Gauge,
+    /// DPO: mean implicit reward margin chosen − rejected on the eval pairs.
+    pub reward_margin: Gauge,
     pub learning_rate: Gauge,
     pub grad_norm: Gauge,
     pub tokens_per_second: Gauge,
@@ -69,6 +73,14 @@ impl Live {
             eval_exact_match: g(
                 "eval_exact_match",
                 "Exact-match accuracy of greedy answers to eval prompts (0-1)",
+            ),
+            preference_accuracy: g(
+                "preference_accuracy",
+                "DPO: share of eval pairs whose chosen reply has the higher implicit reward (0-1)",
+            ),
+            reward_margin: g(
+                "reward_margin",
+                "DPO: mean implicit reward margin chosen - rejected on the eval pairs",
             ),
             learning_rate: g("learning_rate", "Learning rate of the last step"),
             grad_norm: g(

@@ -213,9 +213,15 @@ impl Batcher {
 
     /// The batch at the cursor; advances it, wrapping to the next epoch. Panics without samples.
     pub fn next_batch(&mut self) -> Batch {
+        let rows = self.next_rows();
+        self.build(&rows)
+    }
+
+    /// Sample indices of each row of the batch at the cursor (for callers that build their own
+    /// tensors, e.g. DPO pairs); advances the cursor like [`Self::next_batch`].
+    pub fn next_rows(&mut self) -> Vec<Vec<usize>> {
         assert!(!self.samples.is_empty(), "Batcher has no samples");
         let rows = self.batch_samples(self.cursor);
-        let batch = self.build(&rows);
         self.cursor.next_batch += 1;
         if self.cursor.next_batch >= self.batches_per_epoch() {
             self.cursor = Cursor {
@@ -223,7 +229,7 @@ impl Batcher {
                 next_batch: 0,
             };
         }
-        batch
+        rows
     }
 
     /// Tensors for rows of sample indices.

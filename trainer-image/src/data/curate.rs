@@ -66,6 +66,16 @@ impl DataStats {
         self.finish(samples.iter().map(|s| (s.len(), s.supervised_count())));
     }
 
+    /// [`Self::recount`] for preference pairs (a pair's length is both sides together).
+    pub fn recount_pairs(&mut self, pairs: &[PreferencePair]) {
+        self.finish(pairs.iter().map(|p| {
+            (
+                p.chosen.len() + p.rejected.len(),
+                p.chosen.supervised_count() + p.rejected.supervised_count(),
+            )
+        }));
+    }
+
     fn finish(&mut self, lengths: impl Iterator<Item = (usize, usize)>) {
         let (mut n, mut tokens, mut sup, mut max) = (0usize, 0u64, 0u64, 0usize);
         for (len, s) in lengths {
@@ -162,12 +172,7 @@ pub fn curate_pairs(
         }
         out.push(p);
     }
-    stats.finish(out.iter().map(|p| {
-        (
-            p.chosen.len() + p.rejected.len(),
-            p.chosen.supervised_count() + p.rejected.supervised_count(),
-        )
-    }));
+    stats.recount_pairs(&out);
     (out, stats)
 }
 

@@ -484,6 +484,12 @@ impl Encoder<'_> {
         };
         let (chosen, n_chosen) = side(reply("chosen")?)?;
         let (rejected, n_rejected) = side(reply("rejected")?)?;
+        if chosen.ids == rejected.ids {
+            return Err(data_error(
+                origin,
+                "`chosen` and `rejected` are the same reply: the pair expresses no preference",
+            ));
+        }
         if n_chosen != n_rejected || chosen.ids[..n_chosen] != rejected.ids[..n_rejected] {
             return Err(data_error(
                 origin,

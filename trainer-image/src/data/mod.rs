@@ -18,6 +18,82 @@ pub mod rng;
 #[doc(hidden)]
 pub mod testing;
 
+/// Preference pairs loaded, curated and split like [`prepare_sft`] does for samples.
+#[derive(Debug)]
+pub struct PreparedPairs {
+    pub train: Vec<PreferencePair>,
+    pub eval: Vec<PreferencePair>,
+    pub train_stats: DataStats,
+    pub eval_stats: Option<DataStats>,
+    /// Eval prompts and replies checked against train (on the chosen sides).
+    pub contamination: Option<ContaminationReport>,
+    /// [`pairs_digest`] of `train` and of `eval`.
+    pub train_digest: String,
+    pub eval_digest: String,
+}
+
+impl Prepared {
+    /// The chosen sides of preference pairs as samples, with the pairs' statistics and digests:
+    /// what batching, the generation eval and the run's digest use for a DPO run.
+    pub fn chosen_sides(p: &PreparedPairs) -> Self {
+        let chosen = |v: &[PreferencePair]| v.iter().map(|p| p.chosen.clone()).collect();
+        Prepared {
+            train: chosen(&p.train),
+            eval: chosen(&p.eval),
+            train_stats: p.train_stats.clone(),
+            eval_stats: p.eval_stats.clone(),
+            contamination: p.contamination.clone(),
+            train_digest: p.train_digest.clone(),
+            eval_digest: p.eval_digest.clone(),
+        }
+    }
+}
+
+/// Loads, curates and splits preference data: train file, optional eval file (otherwise
+/// `eval_fraction` of train), then checks eval against train for contamination.
+pub fn prepare_preference(
+    train_path: &Path,
+    eval_path: Option<&Path>,
+    encoder: &Encoder,
+    cfg: &DataConfig,
+) -> Result<PreparedPairs> {
+    let enc = Encoder {
+        options: cfg.load,
+        ..*encoder
+    };
+    let (train, mut train_stats) = curate_pairs(load_preference(train_path, &enc)?, cfg.curate);
+    let (train, eval, eval_stats) = match (eval_path, cfg.eval_fraction) {
+        (Some(p), _) => {
+            let (eval, stats) = curate_pairs(load_preference(p, &enc)?, cfg.curate);
+            (train, eval, Some(stats))
+        }
+        (None, Some(f)) if f > 0.0 => {
+            let (train, eval) = split_eval(train, f, cfg.seed);
+            train_stats.held_out = eval.len();
+            train_stats.recount_pairs(&train);
+            let mut stats = DataStats {
+                lines: eval.len(),
+                ..Default::default()
+            };
+            stats.recount_pairs(&eval);
+            (train, eval, Some(stats))
+        }
+        (None, _) => (train, Vec::new(), None),
+    };
+    let chosen = |p: &[PreferencePair]| p.iter().map(|p| p.chosen.clone()).collect::<Vec<_>>();
+    let contamination = (!eval.is_empty())
+        .then(|| check_contamination(&chosen(&train), &chosen(&eval), cfg.contamination));
+    Ok(PreparedPairs {
+        train_digest: pairs_digest(&train),
+        eval_digest: pairs_digest(&eval),
+        train,
+        eval,
+        train_stats,
+        eval_stats,
+        contamination,
+    })
+}
+
 #[cfg(test)]
 mod tests;
 

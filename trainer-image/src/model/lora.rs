@@ -175,6 +175,16 @@ impl CausalLm {
         Ok(n)
     }
 
+    /// Makes the attached adapters trainable (ones loaded from a directory start frozen).
+    pub fn set_lora_trainable(&mut self) {
+        for (_, lin) in self.linears_mut() {
+            if let Some(l) = lin.lora.as_mut() {
+                l.a = l.a.detach().set_requires_grad(true);
+                l.b = l.b.detach().set_requires_grad(true);
+            }
+        }
+    }
+
     /// Switches every adapter on or off (off = the base model, e.g. the DPO reference).
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
         for (_, lin) in self.linears_mut() {

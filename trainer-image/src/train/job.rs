@@ -27,7 +27,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{
     Batch, BatchPlan, Batcher, ContaminationOptions, CurateOptions, Cursor, DataConfig, DataFormat,
-    Encoder, LoadOptions, Origin, Sample, build_batch, prepare_sft,
+    Encoder, LoadOptions, Origin, Prepared, Sample, build_batch, prepare_preference, prepare_sft,
 };
 use crate::error::Error;
 use crate::export::{self, PEFT_PREFIX};
@@ -35,6 +35,7 @@ use crate::load::ModelSource;
 use crate::model::{CausalLm, LoraConfig};
 use crate::serve::{self, Live};
 use crate::train::checkpoint;
+use crate::train::dpo::{Dpo, DpoConfig, PairSet, PreferenceMetrics, ReferenceMode};
 use crate::train::guard;
 use crate::train::optim::AdamW;
 use crate::train::probe::{Probe, ProbeScore};
@@ -49,6 +50,10 @@ pub const JOB_FILE_ENV: &str = env::JOB_FILE;
 /// and a change in the first few dozen tokens is what matters.
 const RETENTION_TOKENS: usize = 32;
 
+/// Where a DPO run without an adapter to switch off caches its reference log-probs (in the
+/// checkpoint directory, so a resumed attempt measures rewards from the same reference).
+const DPO_REFERENCE_FILE: &str = "dpo_reference_logps.json";
+
 /// The weights a retention breach with `action: stop` falls back to, inside a checkpoint.
 const LAST_GOOD_FILE: &str = "last_good.safetensors";
 
@@ -60,6 +65,9 @@ pub struct RunOptions {
     pub checkpoint_dir: Option<PathBuf>,
     /// `auto`, `cpu` or `cuda` (the global `--device`).
     pub device: String,
+    /// The PEFT adapter directory that `spec.adapter.initAdapter` names (flag, else
+    /// `$FINETUNE_INIT_ADAPTER_DIR`, which the operator sets).
+    pub init_adapter: Option<PathBuf>,
 }
 
 /// Why a run stopped early.
@@ -126,6 +134,9 @@ pub struct StepRecord {
     pub targets: i64,
     pub samples: usize,
     pub seconds: f64,
+    /// DPO: rewards and accuracies of the step's pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceMetrics>,
 }
 
 /// One evaluation in the history.
@@ -133,7 +144,11 @@ pub struct StepRecord {
 pub struct EvalRecord {
     pub step: i64,
     pub eval_loss: f64,
+    /// Targets (SFT) or pairs (DPO) evaluated.
     pub targets: i64,
+    /// DPO: rewards and preference accuracies on the eval pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceMetrics>,
 }
 
 /// Everything besides tensors that a checkpoint restores (`trainer_state.json`).
@@ -152,6 +167,9 @@ pub struct TrainState {
     pub retention_loss_before: Option<f64>,
     /// Eval loss before the first update.
     pub initial_eval_loss: Option<f64>,
+    /// DPO: the eval pairs before the first update.
+    #[serde(default)]
+    pub preference_before: Option<PreferenceMetrics>,
     /// Generation eval before the first update.
     #[serde(default)]
     pub generation_before: Option<ProbeScore>,
@@ -463,6 +481,52 @@ fn retention_samples(
         .collect()
 }
 
+/// The LoRA settings of the adapter a run starts from (`initAdapter`): its own
+/// `adapter_config.json` decides rank, alpha, targets and rsLoRA, since its weights have those
+/// shapes; settings also given in the spec must agree. The spec's dropout applies when given.
+fn init_lora_config(
+    dir: &Path,
+    from_spec: LoraConfig,
+    spec_given: bool,
+) -> Result<LoraConfig, Stop> {
+    let (saved, _) = export::read_peft_adapter(dir)?;
+    if spec_given {
+        let mut a = saved.target_modules.clone();
+        let mut b = from_spec.target_modules.clone();
+        a.sort();
+        b.sort();
+        if saved.rank != from_spec.rank
+            || (saved.alpha - from_spec.alpha).abs() > 1e-9
+            || saved.rslora != from_spec.rslora
+            || a != b
+        {
+            return Err(invalid(
+                format!(
+                    "adapter.lora (rank {}, alpha {}, rslora {}, targets {:?}) disagrees with the initAdapter's adapter_config.json in {} (rank {}, alpha {}, rslora {}, targets {:?}); leave adapter.lora out to continue with the adapter's settings",
+                    from_spec.rank,
+                    from_spec.alpha,
+                    from_spec.rslora,
+                    b,
+                    dir.display(),
+                    saved.rank,
+                    saved.alpha,
+                    saved.rslora,
+                    a
+                ),
+                "spec.adapter.lora",
+            ));
+        }
+    }
+    Ok(LoraConfig {
+        dropout: if spec_given {
+            from_spec.dropout
+        } else {
+            saved.dropout
+        },
+        ..saved
+    })
+}
+
 #[allow(clippy::too_many_lines)]
 fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Result<(), Stop> {
     let started = Instant::now();
@@ -480,10 +544,16 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     let seed = hp.seed as u64;
 
     // What this trainer does not do (yet): refuse what would change the result, warn about the rest.
-    if spec.method.kind == MethodType::Dpo {
+    let is_dpo = spec.method.kind == MethodType::Dpo;
+    if is_dpo
+        && spec
+            .forgetting_guard
+            .as_ref()
+            .is_some_and(|g| g.self_replay.is_some())
+    {
         return Err(invalid(
-            "method.type dpo is not implemented by this trainer yet",
-            "spec.method.type",
+            "forgettingGuard.selfReplay mixes SFT samples into the training stream and does not apply to method.type dpo (DPO's reference model already anchors it)",
+            "spec.forgettingGuard.selfReplay",
         ));
     }
     if spec.vocabulary.is_some() {
@@ -492,12 +562,23 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             "spec.vocabulary",
         ));
     }
-    if spec.adapter.init_adapter.is_some() {
-        return Err(invalid(
-            "adapter.initAdapter is not implemented by this trainer yet",
-            "spec.adapter.initAdapter",
-        ));
-    }
+    let init_adapter = match &spec.adapter.init_adapter {
+        Some(name) => Some(
+            opts.init_adapter
+                .clone()
+                .or_else(|| env_path(env::INIT_ADAPTER_DIR))
+                .ok_or_else(|| {
+                    invalid(
+                        format!(
+                            "adapter.initAdapter names Adapter `{name}` but no adapter directory was given (--init-adapter or ${})",
+                            env::INIT_ADAPTER_DIR
+                        ),
+                        "spec.adapter.initAdapter",
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let mut ignored = Vec::new();
     if let Some(g) = &spec.forgetting_guard {
         if g.self_distillation.is_some() {
@@ -608,7 +689,20 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         template: loaded.chat_template.as_ref(),
         options: data_cfg.load,
     };
-    let mut prepared = prepare_sft(&train_path, eval_path.as_deref(), &encoder, &data_cfg)?;
+    // DPO: the pairs themselves go to the objective; `prepared` holds their chosen sides, which
+    // order the batches and feed the generation eval.
+    let (mut prepared, mut pairs) = if is_dpo {
+        let mut p = prepare_preference(&train_path, eval_path.as_deref(), &encoder, &data_cfg)?;
+        if let Some(max) = spec.dataset.max_samples {
+            p.train.truncate(max as usize);
+        }
+        (Prepared::chosen_sides(&p), Some(p))
+    } else {
+        (
+            prepare_sft(&train_path, eval_path.as_deref(), &encoder, &data_cfg)?,
+            None,
+        )
+    };
     if let Some(max) = spec.dataset.max_samples {
         prepared.train.truncate(max as usize);
     }
@@ -716,12 +810,16 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     let lora_cfg = match spec.adapter.kind {
         AdapterType::Lora => {
             let l = spec.adapter.lora.clone().unwrap_or_default();
-            Some(LoraConfig {
+            let from_spec = LoraConfig {
                 rank: l.rank as i64,
                 alpha: l.alpha,
                 dropout: l.dropout,
                 target_modules: l.target_modules,
                 rslora: l.rslora,
+            };
+            Some(match &init_adapter {
+                Some(dir) => init_lora_config(dir, from_spec, spec.adapter.lora.is_some())?,
+                None => from_spec,
             })
         }
         AdapterType::Full => None,
@@ -729,10 +827,19 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     let is_lora = lora_cfg.is_some();
     tch::manual_seed(hp.seed);
     let params: Vec<(String, Tensor, f64)> = if let Some(c) = &lora_cfg {
-        model.add_lora(c).map_err(|e| Stop::Invalid {
-            message: e.to_string(),
-            param: Some("spec.adapter.lora.targetModules".into()),
-        })?;
+        match &init_adapter {
+            Some(dir) => {
+                let n = export::apply_peft_adapter(&mut model, dir)?;
+                model.set_lora_trainable();
+                eprintln!("starting from adapter {} ({n} layers)", dir.display());
+            }
+            None => {
+                model.add_lora(c).map_err(|e| Stop::Invalid {
+                    message: e.to_string(),
+                    param: Some("spec.adapter.lora.targetModules".into()),
+                })?;
+            }
+        }
         model
             .lora_parameters()
             .into_iter()
@@ -758,7 +865,11 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
 
     // Batches and the schedule.
     let batch_size = hp.batch_size as usize;
-    let eval_set = eval_batches(&prepared.eval, batch_size);
+    let eval_set = if is_dpo {
+        Vec::new()
+    } else {
+        eval_batches(&prepared.eval, batch_size)
+    };
     let retention_batches = eval_batches(&retention_set, batch_size);
     let train_samples = std::mem::take(&mut prepared.train);
     let n_train = train_samples.len();
@@ -786,6 +897,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             "adapter": spec.adapter, "hyperparameters": spec.hyperparameters,
             "forgettingGuard": spec.forgetting_guard,
             "train": prepared.train_digest,
+            "initAdapter": init_adapter,
         }))
         .expect("spec serializes")
         .as_bytes(),
@@ -796,6 +908,48 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         prepared.eval.len(),
         opt.numel()
     );
+
+    // DPO: the pairs and where their reference log-probs come from.
+    let dpo = match pairs.take() {
+        Some(p) => {
+            let o = spec.method.dpo.clone().unwrap_or_default();
+            let mut d = Dpo {
+                cfg: DpoConfig {
+                    beta: o.beta,
+                    loss: o.loss,
+                    label_smoothing: o.label_smoothing,
+                },
+                train: PairSet::new(&p.train),
+                eval: PairSet::new(&p.eval),
+                // Switching the adapter off gives the starting weights only for a fresh adapter.
+                mode: if is_lora && init_adapter.is_none() {
+                    ReferenceMode::AdapterOff
+                } else {
+                    ReferenceMode::Precomputed
+                },
+                batch_size,
+            };
+            if d.mode == ReferenceMode::Precomputed {
+                let t = Instant::now();
+                let cache = ckpt_dir.join(DPO_REFERENCE_FILE);
+                let computed = d.precompute_reference(&mut model, &cache, &config_digest)?;
+                eprintln!(
+                    "dpo reference log-probs {} for {} + {} pairs ({:.1}s)",
+                    if computed {
+                        "computed"
+                    } else {
+                        "read from the cache"
+                    },
+                    d.train.len(),
+                    d.eval.len(),
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            Some(d)
+        }
+        None => None,
+    };
+    let has_eval = !eval_set.is_empty() || dpo.as_ref().is_some_and(|d| !d.eval.is_empty());
 
     // Resume.
     let mut st = TrainState {
@@ -889,6 +1043,20 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         last_good = Some(trainable_tensors(&model, is_lora));
     }
 
+    if let Some(d) = &dpo
+        && !d.eval.is_empty()
+        && st.preference_before.is_none()
+    {
+        let t = Instant::now();
+        let m = d.evaluate(&mut model);
+        eprintln!(
+            "eval before training: dpo loss {:.4} | reward accuracy {:.3} | logp accuracy {:.3} ({} pairs)",
+            m.loss, m.reward_accuracy, m.logp_accuracy, m.pairs
+        );
+        st.initial_eval_loss = Some(m.loss);
+        st.preference_before = Some(m);
+        *timings.entry("initial_eval_seconds").or_default() += t.elapsed().as_secs_f64();
+    }
     if !eval_set.is_empty() && st.initial_eval_loss.is_none() {
         let t = Instant::now();
         let (loss, _) = evaluate(&mut model, &eval_set);
@@ -979,12 +1147,32 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         }
         let cur = batcher.cursor();
         let n_micro = ga.min(bpe - cur.next_batch as i64).max(1);
-        let batches: Vec<Batch> = (0..n_micro).map(|_| batcher.next_batch()).collect();
-        let mbs: Vec<MicroBatch> = batches.iter().map(MicroBatch::from).collect();
         let lr = hp.learning_rate * lr_lambda(hp.scheduler, st.step, warmup, total);
         let t = Instant::now();
-        let stats = train_step(&model, &mut opt, &mbs, lr, hp.max_grad_norm, seed, st.step)
-            .map_err(|s| {
+        let outcome = match &dpo {
+            None => {
+                let batches: Vec<Batch> = (0..n_micro).map(|_| batcher.next_batch()).collect();
+                let mbs: Vec<MicroBatch> = batches.iter().map(MicroBatch::from).collect();
+                train_step(&model, &mut opt, &mbs, lr, hp.max_grad_norm, seed, st.step)
+                    .map(|s| (s, None))
+            }
+            Some(d) => {
+                // Each "row" of the batcher is one pair (its chosen side stands for it).
+                let micro: Vec<Vec<usize>> =
+                    (0..n_micro).map(|_| batcher.next_rows().concat()).collect();
+                d.step(
+                    &mut model,
+                    &mut opt,
+                    &micro,
+                    lr,
+                    hp.max_grad_norm,
+                    seed,
+                    st.step,
+                )
+                .map(|(s, m)| (s, Some(m)))
+            }
+        };
+        let (stats, preference) = outcome.map_err(|s| {
                 Stop::Diverged(format!(
                     "loss {} (grad norm {}) at step {}: lower hyperparameters.learningRate or check the data",
                     s.loss,
@@ -1009,6 +1197,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             targets: stats.targets,
             samples: stats.samples,
             seconds: secs,
+            preference,
         });
         let tps = stats.tokens as f64 / secs.max(1e-9);
         let eta = step_seconds / steps_this_attempt as f64 * (total - st.step) as f64;
@@ -1032,8 +1221,14 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             s.metrics.tokens_per_second = Some(tps);
             s.metrics.trained_tokens = Some(st.trained_tokens);
         });
+        let rewards = preference.map_or_else(String::new, |m| {
+            format!(
+                " | reward margin {:.4} | reward accuracy {:.2}",
+                m.reward_margin, m.reward_accuracy
+            )
+        });
         eprintln!(
-            "step {}/{total} | epoch {epoch:.2} | loss {:.4} | lr {lr:.3e} | grad norm {:.3} | {tps:.0} tok/s | eta {}",
+            "step {}/{total} | epoch {epoch:.2} | loss {:.4}{rewards} | lr {lr:.3e} | grad norm {:.3} | {tps:.0} tok/s | eta {}",
             st.step,
             stats.loss,
             stats.grad_norm,
@@ -1041,17 +1236,27 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         );
 
         // Evaluation and early stopping.
-        let eval_due = !eval_set.is_empty()
-            && (every_eval.is_some_and(|n| st.step % n == 0) || st.step == total);
+        let eval_due =
+            has_eval && (every_eval.is_some_and(|n| st.step % n == 0) || st.step == total);
         if eval_due {
             live.update(|s| s.phase = TrainerPhase::Evaluating);
             let t = Instant::now();
-            let (loss, targets) = evaluate(&mut model, &eval_set);
+            let (loss, targets, preference) = match &dpo {
+                None => {
+                    let (loss, targets) = evaluate(&mut model, &eval_set);
+                    (loss, targets, None)
+                }
+                Some(d) => {
+                    let m = d.evaluate(&mut model);
+                    (m.loss, m.pairs as i64, Some(m))
+                }
+            };
             eval_seconds += t.elapsed().as_secs_f64();
             st.evals.push(EvalRecord {
                 step: st.step,
                 eval_loss: loss,
                 targets,
+                preference,
             });
             let improved = match st.best_eval_loss {
                 None => true,
@@ -1073,11 +1278,28 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
                 st.best_eval_loss.unwrap_or(f64::NAN),
                 st.best_step.unwrap_or(0)
             );
+            if let Some(m) = preference {
+                eprintln!(
+                    "eval step {} | reward accuracy {:.3} | logp accuracy {:.3} | reward margin {:.4} (chosen {:.4}, rejected {:.4})",
+                    st.step,
+                    m.reward_accuracy,
+                    m.logp_accuracy,
+                    m.reward_margin,
+                    m.chosen_reward,
+                    m.rejected_reward
+                );
+                live.preference_accuracy.set(m.reward_accuracy);
+                live.reward_margin.set(m.reward_margin);
+            }
             live.eval_loss.set(loss);
             live.update(|s| {
                 s.phase = TrainerPhase::Training;
                 s.metrics.eval_loss = Some(loss);
                 s.metrics.best_eval_loss = st.best_eval_loss;
+                if let Some(m) = preference {
+                    s.metrics.preference_accuracy = Some(m.reward_accuracy);
+                    s.metrics.reward_margin = Some(m.reward_margin);
+                }
             });
             if let Some(e) = &early
                 && st.evals_without_improvement >= e.patience
@@ -1253,6 +1475,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     let export_seconds = t_export.elapsed().as_secs_f64();
 
     let last = st.history.last();
+    let preference_after = st.evals.iter().rev().find_map(|e| e.preference);
     let metrics = TrainingMetrics {
         train_loss: last.map(|r| r.loss),
         eval_loss: st.evals.last().map(|e| e.eval_loss),
@@ -1263,7 +1486,8 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         retention_loss_delta: retention_delta,
         retention_score: retention_score.map(|s| s.normalized_match()),
         eval_exact_match: generation_after.map(|s| s.exact_match()),
-        ..Default::default()
+        preference_accuracy: preference_after.map(|m| m.reward_accuracy),
+        reward_margin: preference_after.map(|m| m.reward_margin),
     };
     timings.insert("load_seconds", load_seconds);
     timings.insert("train_seconds", train_seconds);
@@ -1307,6 +1531,16 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             "scores": st.retention_scores,
             "last_good_step": st.last_good_step,
         },
+        "preference": dpo.as_ref().map(|d| json!({
+            "beta": d.cfg.beta,
+            "loss": spec.method.dpo.clone().unwrap_or_default().loss,
+            "label_smoothing": d.cfg.label_smoothing,
+            "reference": d.mode,
+            "train_pairs": d.train.len(),
+            "eval_pairs": d.eval.len(),
+            "before": st.preference_before,
+            "after": preference_after,
+        })),
         "generation": {
             "samples": generation_probe.len(),
             "max_new_tokens": generation_tokens,

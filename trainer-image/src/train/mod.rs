@@ -4,6 +4,7 @@
 //! the operator contract.
 
 pub mod checkpoint;
+pub mod dpo;
 pub mod guard;
 pub mod job;
 pub mod optim;
