@@ -10,7 +10,7 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build crds demo test test-rust test-reference test-cluster test-helm lint bench-forward bench-trainer bench-forgetting cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: setup build crds demo test test-rust test-reference test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
@@ -22,6 +22,7 @@ help:
 	@echo "make cluster-down   stop it"
 	@echo "make bench-forward  forward-pass tokens/s: ours vs transformers (JSON in \$$CARGO_TARGET_DIR/bench)"
 	@echo "make bench-forgetting narrow-task LoRA SFT with each forgetting guard: task score, retention, wall time, memory (JSON)"
+	@echo "make bench-dpo      DPO steps/s and peak RSS: ours vs TRL DPOTrainer + PEFT on the same pairs (JSON)"
 	@echo "make bench-trainer  LoRA chat-SFT tokens/s and peak RSS: ours vs transformers+PEFT fp32/bf16 (JSON in \$$CARGO_TARGET_DIR/bench)"
 	@echo "make bench-operator 1000 FinetuneJobs against 50 kwok GPU nodes: latency, RSS, CPU (JSON in \$$CARGO_TARGET_DIR/bench)"
 
@@ -86,6 +87,9 @@ bench-forward: build
 
 bench-forgetting: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forgetting.py --out $(CARGO_TARGET_DIR)/bench/forgetting.json
+
+bench-dpo: build
+	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_dpo.py --out $(CARGO_TARGET_DIR)/bench/dpo.json
 
 bench-trainer: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_trainer.py --out $(CARGO_TARGET_DIR)/bench/trainer.json
