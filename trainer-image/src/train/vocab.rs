@@ -113,12 +113,15 @@ pub fn candidate_tokens(
     Ok(out)
 }
 
+/// `(added (id, token), skipped tokens)`.
+type AddResult = (Vec<(i64, String)>, Vec<String>);
+
 /// Adds `tokens` to `tok` (skipping, with a warning, duplicates and tokens that already encode to
 /// one id); returns `(added (id, token), skipped)`.
 pub fn add_to_tokenizer(
     tok: &mut TextTokenizer,
     tokens: &[String],
-) -> Result<(Vec<(i64, String)>, Vec<String>), FieldError> {
+) -> Result<AddResult, FieldError> {
     let mut added = Vec::new();
     let mut skipped = Vec::new();
     let mut seen = HashSet::new();
