@@ -238,3 +238,62 @@ spec:
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert PEFT_PREFIX + EMBED_DELTA in a
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_finetune_writes_the_larger_vocab(tmp_path, hf_tokenizer, bin_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tiny_llama(tmp_path / "base", hf_tokenizer, True)
+    data = write_data(tmp_path / "train.jsonl")
+    words = ", ".join(f'"{w}"' for w in WORDS)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {{name: vocab-full}}
+spec:
+  baseModel: {{uri: "file://{base}"}}
+  dataset:
+    train: {{uri: "file://{data}"}}
+    format: chat
+  vocabulary: {{addTokens: [{words}]}}
+  adapter: {{type: full}}
+  hyperparameters: {{maxSteps: 3, learningRate: 1.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3}}
+  resources: {{gpus: 0}}
+""", encoding="utf-8")
+    out = tmp_path / "out"
+    env = dict(os.environ, FINETUNE_STATUS_PORT="0")
+    proc = subprocess.run([str(bin_path), "--device", "cpu", "run", str(job), "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert model.config.vocab_size == len(tok) == len(hf_tokenizer) + len(WORDS)
+    assert all(len(tok.encode(w, add_special_tokens=False)) == 1 for w in WORDS)
+    rows = model.get_input_embeddings().weight[len(hf_tokenizer):].detach()
+    assert torch.cdist(rows, rows).fill_diagonal_(1.0).min() > 1e-4, "the new rows were trained"
+
+
+def test_bad_vocabulary_input_exits_2(tmp_path, hf_tokenizer, bin_path):
+    base = tiny_llama(tmp_path / "base", hf_tokenizer, True)
+    data = write_data(tmp_path / "train.jsonl")
+    junk = tmp_path / "junk.json"
+    junk.write_text("{not a tokenizer")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {{name: vocab-bad}}
+spec:
+  baseModel: {{uri: "file://{base}"}}
+  dataset:
+    train: {{uri: "file://{data}"}}
+    format: chat
+  vocabulary: {{tokenizer: {{uri: "file://{junk}"}}}}
+  adapter: {{type: lora}}
+  hyperparameters: {{maxSteps: 1}}
+  resources: {{gpus: 0}}
+""", encoding="utf-8")
+    env = dict(os.environ, FINETUNE_STATUS_PORT="0")
+    proc = subprocess.run([str(bin_path), "--device", "cpu", "run", str(job), "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "spec.vocabulary.tokenizer.uri" in proc.stderr and "junk.json" in proc.stderr
