@@ -228,6 +228,10 @@ fn load(args: &ModelArgs, device: &str) -> Result<LoadedModel> {
     let mut m = ModelSource::open(&args.model)?.load(kind, device)?;
     if let Some(dir) = &args.adapter {
         crate::export::apply_peft_adapter(&mut m.model, dir)?;
+        // An adapter with an extended vocabulary brings its tokenizer.
+        if m.model.added_vocab.is_some() {
+            m.tokenizer = crate::text::TextTokenizer::from_hf_dir(dir)?;
+        }
     }
     Ok(m)
 }
@@ -388,7 +392,14 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{report}");
         }
         Command::Tokenize(a) => {
-            let tok = ModelSource::open(&a.model)?.tokenizer()?;
+            // A directory with a tokenizer but no model (e.g. an adapter with added tokens).
+            let tok = if a.model.join("tokenizer.json").exists()
+                && !a.model.join("config.json").exists()
+            {
+                crate::text::TextTokenizer::from_hf_dir(&a.model)?
+            } else {
+                ModelSource::open(&a.model)?.tokenizer()?
+            };
             match (&a.text, &a.input) {
                 (Some(t), _) => println!("{}", json!(tok.encode(t, a.add_special_tokens)?)),
                 (None, Some(p)) => {

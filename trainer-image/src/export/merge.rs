@@ -36,10 +36,19 @@ pub fn merged_parameters(model: &CausalLm) -> Vec<(String, Tensor)> {
             Some((format!("{name}.weight"), delta))
         })
         .collect();
+    // Trained token rows are written into the embedding (and an untied head), as PEFT's
+    // `TrainableTokensLayer.merge` does with `index_copy`.
+    let embed = model.embedding_weight();
+    let head = model.head_weight_override();
     model
         .named_parameters()
         .into_iter()
         .map(|(n, t)| {
+            let t = match (n.as_str(), &head) {
+                ("model.embed_tokens.weight", _) => &embed,
+                ("lm_head.weight", Some(h)) => h,
+                _ => t,
+            };
             let t = t.detach().to_kind(Kind::Float);
             let t = match deltas.get(&n) {
                 Some(d) => {
@@ -171,7 +180,122 @@ pub fn attach_adapter(model: &mut CausalLm, dir: &Path) -> Result<usize> {
     if n == 0 {
         return Err(Error::format(dir, "the adapter holds no LoRA weights"));
     }
+    attach_trainable_tokens(model, dir)?;
     Ok(n)
+}
+
+/// The adapter's trainable token rows (`trainable_token_indices` in `adapter_config.json`, the
+/// `…token_adapter.trainable_tokens_delta` tensors), if it has any: grows the vocabulary to cover
+/// them (and the adapter's own `tokenizer.json`, which then becomes the model's tokenizer files
+/// for anything written from it) and attaches the rows, frozen.
+pub fn attach_trainable_tokens(model: &mut CausalLm, dir: &Path) -> Result<()> {
+    let cpath = dir.join(ADAPTER_CONFIG);
+    let wpath = dir.join(ADAPTER_WEIGHTS);
+    let text = std::fs::read_to_string(&cpath).map_err(|e| Error::io(&cpath, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&cpath, format!("invalid JSON: {e}")))?;
+    let ids_of =
+        |x: &Value| -> Option<Vec<i64>> { x.as_array()?.iter().map(Value::as_i64).collect() };
+    let bad = |m: &str| Error::format(&cpath, format!("trainable_token_indices: {m}"));
+    let (ids, head_ids) = match v.get("trainable_token_indices") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(x @ Value::Array(_)) => (ids_of(x).ok_or_else(|| bad("expected token ids"))?, None),
+        Some(Value::Object(o)) => {
+            let mut ids = None;
+            let mut head = None;
+            for (k, x) in o {
+                let list = ids_of(x).ok_or_else(|| bad("expected token ids"))?;
+                match k.rsplit('.').next() {
+                    Some("embed_tokens") => ids = Some(list),
+                    Some("lm_head") => head = Some(list),
+                    _ => return Err(bad(&format!("unsupported layer `{k}`"))),
+                }
+            }
+            (ids.ok_or_else(|| bad("no embed_tokens entry"))?, head)
+        }
+        Some(_) => return Err(bad("expected a list or an object")),
+    };
+    if head_ids.as_ref().is_some_and(|h| h != &ids) {
+        return Err(bad(
+            "embed_tokens and lm_head with different ids are not supported",
+        ));
+    }
+    let mut rows: BTreeMap<String, Tensor> = Tensor::read_safetensors(&wpath)
+        .map_err(|e| Error::format(&wpath, format!("cannot read: {e}")))?
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(crate::export::TOKENS_DELTA_SUFFIX))
+        .map(|(n, t)| {
+            let n = n
+                .strip_prefix(crate::export::PEFT_PREFIX)
+                .unwrap_or(&n)
+                .to_string();
+            (n, t)
+        })
+        .collect();
+    let h = model.config.hidden_size;
+    let mut take = |name: &str| -> Result<Tensor> {
+        let t = rows
+            .remove(name)
+            .ok_or_else(|| Error::tensor(&wpath, name.to_string(), "missing"))?;
+        if t.size() != [ids.len() as i64, h] {
+            return Err(Error::tensor(
+                &wpath,
+                name.to_string(),
+                format!(
+                    "shape {:?}, expected [{}, {h}] (token ids × hidden size)",
+                    t.size(),
+                    ids.len()
+                ),
+            ));
+        }
+        Ok(t)
+    };
+    let embed = take(crate::model::vocab::EMBED_TOKENS_DELTA)?;
+    let head = match (&head_ids, &model.lm_head) {
+        (Some(_), Some(_)) => Some(take(crate::model::vocab::LM_HEAD_TOKENS_DELTA)?),
+        _ => None,
+    };
+    let tokenizer = dir.join("tokenizer.json");
+    let tok = if tokenizer.exists() {
+        Some(crate::text::TextTokenizer::from_json_file(&tokenizer)?)
+    } else {
+        None
+    };
+    let needed = ids.iter().max().map_or(0, |m| m + 1);
+    let vocab = tok.as_ref().map_or(0, |t| t.vocab_size() as i64);
+    model.resize_vocab(needed.max(vocab));
+    model.add_trainable_tokens(&ids, Some((embed, head)));
+    if let Some(t) = model.trainable_tokens.as_mut() {
+        let _ = t.embed.set_requires_grad(false);
+        if let Some(hd) = &t.head {
+            let _ = hd.set_requires_grad(false);
+        }
+    }
+    if let Some(tok) = tok {
+        let mut files = Vec::new();
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ] {
+            let p = dir.join(f);
+            if p.exists() {
+                files.push((
+                    f.to_string(),
+                    std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
+                ));
+            }
+        }
+        let tokens = tok
+            .added_tokens()
+            .into_iter()
+            .filter(|(id, _)| ids.contains(&i64::from(*id)))
+            .map(|(id, t)| (i64::from(id), t))
+            .collect();
+        model.added_vocab = Some(crate::model::vocab::AddedVocab { tokens, files });
+    }
+    Ok(())
 }
 
 /// What `merge` wrote, printed as JSON.

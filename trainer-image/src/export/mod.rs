@@ -21,6 +21,8 @@ use crate::text::TextTokenizer;
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const PEFT_PREFIX: &str = "base_model.model.";
+/// How the names of PEFT's trainable token rows end.
+pub const TOKENS_DELTA_SUFFIX: &str = ".token_adapter.trainable_tokens_delta";
 
 /// `adapter_config.json` for `cfg`, as PEFT 0.21 writes it for a CAUSAL_LM LoRA.
 pub fn adapter_config_json(cfg: &LoraConfig, base_model: &str) -> Value {
@@ -79,7 +81,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     Ok(())
 }
 
-/// Writes the PEFT adapter files into `dir` (created); returns the file names.
+/// Writes the PEFT adapter files into `dir` (created); returns the file names. A model with an
+/// extended vocabulary adds `trainable_token_indices` to the config and writes the extended
+/// tokenizer next to the adapter: PEFT users load the tokenizer from there and resize the base to
+/// `len(tokenizer)` before `PeftModel.from_pretrained`.
 pub fn write_peft_adapter(
     dir: &Path,
     model: &CausalLm,
@@ -87,12 +92,17 @@ pub fn write_peft_adapter(
     base_model: &str,
 ) -> Result<Vec<String>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_json(
-        &dir.join(ADAPTER_CONFIG),
-        &adapter_config_json(cfg, base_model),
-    )?;
+    let mut config = adapter_config_json(cfg, base_model);
+    if let Some(t) = model.trainable_token_indices_json() {
+        config["trainable_token_indices"] = t;
+    }
+    write_json(&dir.join(ADAPTER_CONFIG), &config)?;
     write_safetensors(&dir.join(ADAPTER_WEIGHTS), &peft_tensors(model))?;
-    Ok(vec![ADAPTER_CONFIG.into(), ADAPTER_WEIGHTS.into()])
+    let mut names = vec![ADAPTER_CONFIG.to_string(), ADAPTER_WEIGHTS.to_string()];
+    if let Some(v) = &model.added_vocab {
+        names.extend(v.write(dir)?);
+    }
+    Ok(names)
 }
 
 /// Reads a PEFT LoRA adapter directory: its config and `module path → (lora_A, lora_B)`.
@@ -176,7 +186,10 @@ pub fn read_peft_adapter(dir: &Path) -> Result<(LoraConfig, BTreeMap<String, (Te
     for (name, t) in tensors {
         let n = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name);
         let n = n.replace(".default.", ".");
-        if let Some(m) = n.strip_suffix(".lora_A.weight") {
+        if n.ends_with(TOKENS_DELTA_SUFFIX) {
+            // Trainable token rows: read by `merge::attach_adapter` (`model::vocab`).
+            continue;
+        } else if let Some(m) = n.strip_suffix(".lora_A.weight") {
             a_map.insert(m.to_string(), t);
         } else if let Some(m) = n.strip_suffix(".lora_B.weight") {
             b_map.insert(m.to_string(), t);
@@ -405,6 +418,14 @@ pub fn write_full_model(
             names.extend(write_gguf_tokenizer_files(dir, src, model)?);
         }
         _ => {}
+    }
+    // An extended vocabulary: its tokenizer replaces the source's.
+    if let Some(v) = &model.added_vocab {
+        for n in v.write(dir)? {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
     }
     Ok(names)
 }

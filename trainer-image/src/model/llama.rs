@@ -11,6 +11,7 @@ use crate::model::attention::{Attention, KvCache, build_mask};
 use crate::model::config::ModelConfig;
 use crate::model::linear::Linear;
 use crate::model::rope::Rope;
+use crate::model::vocab::{AddedVocab, TrainableTokens};
 use crate::model::weights::WeightMap;
 
 /// Root-mean-square norm, computed in float32 whatever the model dtype (as transformers does).
@@ -65,6 +66,10 @@ pub struct CausalLm {
     rope: Rope,
     pub kind: Kind,
     pub device: Device,
+    /// Rows of added tokens trained on top of the frozen embedding (LoRA + vocabulary expansion).
+    pub trainable_tokens: Option<TrainableTokens>,
+    /// The tokens the vocabulary was extended with and the matching tokenizer files.
+    pub added_vocab: Option<AddedVocab>,
 }
 
 impl CausalLm {
@@ -195,6 +200,8 @@ impl CausalLm {
             rope,
             kind,
             device,
+            trainable_tokens: None,
+            added_vocab: None,
         })
     }
 
@@ -260,8 +267,11 @@ impl CausalLm {
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         let x = self.norm.forward(hidden);
         match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => x.linear::<Tensor>(&self.embed_tokens, None),
+            Some(head) => match self.head_weight_override() {
+                Some(w) => x.linear(&w, head.bias.as_ref()),
+                None => head.forward(&x),
+            },
+            None => x.linear::<Tensor>(&self.embedding_weight(), None),
         }
     }
 
@@ -284,7 +294,7 @@ impl CausalLm {
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let (cos, sin) = self.rope.cos_sin(positions, self.kind);
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let mut x = Tensor::embedding(&self.embedding_weight(), input_ids, -1, false, false);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h =

@@ -175,8 +175,13 @@ impl CausalLm {
         Ok(n)
     }
 
-    /// Makes the attached adapters trainable (ones loaded from a directory start frozen).
+    /// Makes the attached adapters trainable (ones loaded from a directory start frozen), trainable
+    /// token rows included.
     pub fn set_lora_trainable(&mut self) {
+        if let Some(t) = self.trainable_tokens.as_mut() {
+            t.embed = t.embed.detach().set_requires_grad(true);
+            t.head = t.head.as_ref().map(|h| h.detach().set_requires_grad(true));
+        }
         for (_, lin) in self.linears_mut() {
             if let Some(l) = lin.lora.as_mut() {
                 l.a = l.a.detach().set_requires_grad(true);
@@ -185,8 +190,12 @@ impl CausalLm {
         }
     }
 
-    /// Switches every adapter on or off (off = the base model, e.g. the DPO reference).
+    /// Switches every adapter on or off (off = the base model, e.g. the DPO reference), trainable
+    /// token rows included.
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        if let Some(t) = self.trainable_tokens.as_mut() {
+            t.enabled = enabled;
+        }
         for (_, lin) in self.linears_mut() {
             if let Some(l) = lin.lora.as_mut() {
                 l.enabled = enabled;
@@ -208,7 +217,9 @@ impl CausalLm {
     }
 
     /// LoRA tensors under PEFT's names without the `base_model.model.` prefix, e.g.
-    /// `model.layers.0.self_attn.q_proj.lora_A.weight`.
+    /// `model.layers.0.self_attn.q_proj.lora_A.weight`, then any trainable token rows
+    /// ([`token_parameters`](Self::token_parameters)): everything an adapter trains, saves,
+    /// checkpoints and restores.
     pub fn lora_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (name, lin) in self.linears() {
@@ -217,6 +228,7 @@ impl CausalLm {
                 out.push((format!("{name}.lora_B.weight"), l.b.shallow_clone()));
             }
         }
+        out.extend(self.token_parameters());
         out
     }
 

@@ -7,6 +7,7 @@ pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod rope;
+pub mod vocab;
 pub mod weights;
 
 pub use attention::KvCache;

@@ -176,6 +176,49 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// A bare `tokenizer.json` (no `tokenizer_config.json`: no special-token strings), e.g. the
+    /// file `spec.vocabulary.tokenizer` names.
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::format(path, format!("invalid tokenizer: {e}")))?;
+        Ok(TextTokenizer {
+            inner,
+            bos_token: None,
+            eos_token: None,
+            unk_token: None,
+            pad_token: None,
+        })
+    }
+
+    /// Every token string (vocabulary and added tokens) → id.
+    pub fn vocab(&self) -> std::collections::HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+
+    /// The ids that are added tokens (not produced by the model's own vocabulary), with
+    /// their content.
+    pub fn added_tokens(&self) -> Vec<(u32, String)> {
+        let mut out: Vec<(u32, String)> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Adds `token` as a regular (not special) added token, as transformers' `add_tokens` does:
+    /// matched in the normalized text before pre-tokenization, so it always encodes to one id.
+    /// Returns its id.
+    pub fn add_token(&mut self, token: &str) -> Result<i64> {
+        self.inner
+            .add_tokens([tokenizers::AddedToken::from(token, false)])
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        self.token_to_id(token)
+            .ok_or_else(|| Error::Tokenizer(format!("added token `{token}` has no id")))
+    }
 }
 
 /// `tokenizer_config.json` if the directory has one.

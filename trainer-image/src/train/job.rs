@@ -42,6 +42,7 @@ use crate::train::probe::{Probe, ProbeScore};
 use crate::train::retention::RetentionSet;
 use crate::train::schedule::{lr_lambda, warmup_steps};
 use crate::train::step::{MicroBatch, eval_loss, train_step};
+use crate::train::vocab;
 
 /// The manifest path the operator passes.
 pub const JOB_FILE_ENV: &str = env::JOB_FILE;
@@ -556,12 +557,6 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             "spec.forgettingGuard.selfReplay",
         ));
     }
-    if spec.vocabulary.is_some() {
-        return Err(invalid(
-            "vocabulary expansion is not implemented by this trainer yet",
-            "spec.vocabulary",
-        ));
-    }
     let init_adapter = match &spec.adapter.init_adapter {
         Some(name) => Some(
             opts.init_adapter
@@ -650,7 +645,23 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         model_path.display()
     );
     let t_load = Instant::now();
-    let loaded = ModelSource::open(&model_path)?.load(kind, device)?;
+    let mut loaded = ModelSource::open(&model_path)?.load(kind, device)?;
+    // Before any text is encoded: the added tokens must be in the tokenizer.
+    let vocab = match &spec.vocabulary {
+        Some(v) => {
+            let file = v
+                .tokenizer
+                .as_ref()
+                .map(|d| resolve(&d.uri, &roots, "spec.vocabulary.tokenizer.uri"))
+                .transpose()?;
+            let lora = matches!(spec.adapter.kind, AdapterType::Lora);
+            Some(
+                vocab::expand(v, file.as_deref(), lora, &mut loaded, &model_path)
+                    .map_err(|e| invalid(e.message, &e.field))?,
+            )
+        }
+        None => None,
+    };
     let format = match spec.dataset.format {
         finetune_crds::data::DataFormat::Chat => DataFormat::Chat,
         finetune_crds::data::DataFormat::Instruction => DataFormat::Instruction,
@@ -1504,6 +1515,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         "threads": tch::get_num_threads(),
         "adapter": if is_lora { "lora" } else { "full" },
         "trainable_parameters": opt.numel(),
+        "vocabulary": vocab.as_ref().map(vocab::Expansion::summary_json),
         "steps": st.step,
         "total_steps": total,
         "steps_per_epoch": steps_per_epoch,

@@ -12,5 +12,6 @@ pub mod probe;
 pub mod retention;
 pub mod schedule;
 pub mod step;
+pub mod vocab;
 
 pub use job::{RunOptions, run_job};
