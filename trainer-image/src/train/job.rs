@@ -508,9 +508,6 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         }
     }
     let evaluation = spec.evaluation.clone().unwrap_or_default();
-    if spec.base_model.rope_scaling.is_some() {
-        ignored.push("baseModel.ropeScaling");
-    }
     for i in &ignored {
         eprintln!("warning: {i} is not implemented yet and is ignored");
     }
@@ -569,7 +566,14 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         model_path.display()
     );
     let t_load = Instant::now();
-    let loaded = ModelSource::open(&model_path)?.load(kind, device)?;
+    let mut loaded = ModelSource::open(&model_path)?.load(kind, device)?;
+    let rope_scaling = crate::train::long_context::apply(
+        &mut loaded.model,
+        spec.base_model.rope_scaling.as_ref(),
+        hp.max_seq_length.into(),
+        spec.output.gguf.is_some(),
+    )
+    .map_err(|e| invalid(e.message, e.field))?;
     let format = match spec.dataset.format {
         finetune_crds::data::DataFormat::Chat => DataFormat::Chat,
         finetune_crds::data::DataFormat::Instruction => DataFormat::Instruction,
@@ -1327,6 +1331,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         "timings": timings,
         "tokens_per_second": metrics.tokens_per_second,
         "peak_rss_bytes": serve::peak_rss_bytes(),
+        "rope_scaling": rope_scaling,
         "ignored": ignored,
         "files": digests,
     });
