@@ -3,7 +3,8 @@ Llama (64 positions, SmolLM2 tokenizer) on ~200-token texts with `maxSeqLength: 
 model it writes must reload in transformers with the scaling in its config and give our logits on a
 200-token sequence; the adapter's `config_overrides.json` must give the same model on the base (ours
 with `--adapter`, transformers with `from_pretrained(base, **overrides)` + PEFT); the eval loss on the
-long samples must fall; and the same job without ropeScaling must be refused (exit 2)."""
+long samples must fall; a full fine-tune's own config.json must carry the scaling; and the same job
+without ropeScaling (or with too small a factor) must be refused (exit 2)."""
 
 import json
 import os
@@ -64,7 +65,7 @@ def data(tmp_path_factory, hf_tokenizer):
     return path
 
 
-def job_yaml(model, data, rope):
+def job_yaml(model, data, rope, adapter="{type: lora, lora: {rank: 8, alpha: 16, dropout: 0.0}}"):
     rope_line = f"\n  baseModel: {{uri: \"file://{model}\", ropeScaling: {rope}}}" if rope else \
         f"\n  baseModel: {{uri: \"file://{model}\"}}"
     return f"""apiVersion: finetune.dev/v1alpha1
@@ -75,7 +76,7 @@ spec:{rope_line}
     train: {{uri: "file://{data / 'train.jsonl'}"}}
     eval: {{uri: "file://{data / 'eval.jsonl'}"}}
     format: text
-  adapter: {{type: lora, lora: {{rank: 8, alpha: 16, dropout: 0.0}}}}
+  adapter: {adapter}
   hyperparameters: {{maxSteps: 8, learningRate: 2.0e-2, batchSize: 4, maxSeqLength: {MAX_SEQ}, seed: 3, scheduler: constant}}
   evaluation: {{everySteps: 4}}
   output: {{merge: true}}
@@ -172,6 +173,30 @@ def test_adapter_overrides_load_with_peft(tiny_model, data, tmp_path, bin_path):
         diff = (peft_model(ids).logits - merged(ids).logits).abs().max().item()
     print(f"\nPEFT(base + overrides) vs merged: max logit diff {diff:.2e}")
     assert diff < 1e-4
+
+
+def test_full_finetune_writes_the_scaling(tiny_model, data, tmp_path, bin_path):
+    """Full fine-tuning: the output directory itself is the model, its config.json scaled."""
+    from transformers import AutoModelForCausalLM
+
+    proc, out = run_job(bin_path, tmp_path, job_yaml(tiny_model, data, "{type: linear, factor: 4}",
+                                                     adapter="{type: full}"))
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == MAX_SEQ
+    assert cfg["rope_parameters"]["rope_type"] == "linear" and cfg["rope_parameters"]["factor"] == 4
+    assert not (out / "config_overrides.json").exists()
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    torch.manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 200)).tolist()[0]
+    ours = our_logits(tmp_path, out, ids)
+    with torch.no_grad():
+        diff = (ours - hf(torch.tensor([ids])).logits).abs().max().item()
+    summary = json.loads((out / "training_summary.json").read_text())
+    before, after = summary["initial_eval_loss"], summary["evals"][-1]["eval_loss"]
+    print(f"\nfull: eval loss {before:.4f} -> {after:.4f}; max logit diff ours vs transformers {diff:.2e}")
+    assert diff < 1e-3
+    assert after < before
 
 
 def test_max_seq_length_past_the_context_is_refused(tiny_model, data, tmp_path, bin_path):

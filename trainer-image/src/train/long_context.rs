@@ -147,8 +147,7 @@ pub fn plan(
             format!("highFreqFactor ({high}) must be greater than lowFreqFactor ({low})"),
         ));
     }
-    if r.kind == RopeScalingType::Yarn
-        && r.beta_fast.unwrap_or(32.0) <= r.beta_slow.unwrap_or(1.0)
+    if r.kind == RopeScalingType::Yarn && r.beta_fast.unwrap_or(32.0) <= r.beta_slow.unwrap_or(1.0)
     {
         return Err(invalid(
             "spec.baseModel.ropeScaling.betaFast",
@@ -284,18 +283,28 @@ mod tests {
 
     #[test]
     fn linear_extends_the_context() {
-        let p = plan(&config(64), Some(&spec(RopeScalingType::Linear, 4.0)), 256, false)
-            .unwrap()
-            .unwrap();
+        let p = plan(
+            &config(64),
+            Some(&spec(RopeScalingType::Linear, 4.0)),
+            256,
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(p.scaling, RopeScaling::Linear { factor: 4.0 });
         assert_eq!(p.max_position_embeddings, 256);
     }
 
     #[test]
     fn yarn_and_llama3_keep_the_original_and_take_transformers_defaults() {
-        let p = plan(&config(64), Some(&spec(RopeScalingType::Yarn, 4.0)), 200, false)
-            .unwrap()
-            .unwrap();
+        let p = plan(
+            &config(64),
+            Some(&spec(RopeScalingType::Yarn, 4.0)),
+            200,
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(p.max_position_embeddings, 256);
         assert_eq!(
             p.scaling,
@@ -325,9 +334,14 @@ mod tests {
 
     #[test]
     fn dynamic_keeps_max_position_embeddings_as_the_threshold() {
-        let p = plan(&config(64), Some(&spec(RopeScalingType::Dynamic, 4.0)), 256, false)
-            .unwrap()
-            .unwrap();
+        let p = plan(
+            &config(64),
+            Some(&spec(RopeScalingType::Dynamic, 4.0)),
+            256,
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(p.max_position_embeddings, 64);
         assert_eq!(context_length(&p.scaling, p.max_position_embeddings), 256);
     }
@@ -338,11 +352,21 @@ mod tests {
         assert_eq!(e.field, "spec.hyperparameters.maxSeqLength");
         assert!(e.message.contains("ropeScaling"), "{}", e.message);
         assert_eq!(plan(&config(64), None, 64, false), Ok(None));
-        let e = plan(&config(64), Some(&spec(RopeScalingType::Linear, 2.0)), 256, false)
-            .unwrap_err();
+        let e = plan(
+            &config(64),
+            Some(&spec(RopeScalingType::Linear, 2.0)),
+            256,
+            false,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "spec.hyperparameters.maxSeqLength");
-        let e = plan(&config(64), Some(&spec(RopeScalingType::Dynamic, 2.0)), 256, false)
-            .unwrap_err();
+        let e = plan(
+            &config(64),
+            Some(&spec(RopeScalingType::Dynamic, 2.0)),
+            256,
+            false,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "spec.hyperparameters.maxSeqLength");
     }
 
