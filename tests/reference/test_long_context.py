@@ -174,6 +174,16 @@ def test_adapter_overrides_load_with_peft(tiny_model, data, tmp_path, bin_path):
     print(f"\nPEFT(base + overrides) vs merged: max logit diff {diff:.2e}")
     assert diff < 1e-4
 
+    # `finetune-trainer merge` of the adapter alone writes the same config and weights.
+    cli = tmp_path / "cli-merged"
+    run_trainer("merge", "--model", tiny_model, "--adapter", out, "--output", cli)
+    cli_cfg = json.loads((cli / "config.json").read_text())
+    job_cfg = json.loads((out / "merged" / "config.json").read_text())
+    for k in ("max_position_embeddings", "rope_parameters"):
+        assert cli_cfg[k] == job_cfg[k], k
+    a, b = load_file(str(cli / "model.safetensors")), load_file(str(out / "merged" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
 
 def test_full_finetune_writes_the_scaling(tiny_model, data, tmp_path, bin_path):
     """Full fine-tuning: the output directory itself is the model, its config.json scaled."""
