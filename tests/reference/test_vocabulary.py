@@ -289,7 +289,7 @@ spec:
     format: chat
   vocabulary: {{tokenizer: {{uri: "file://{junk}"}}}}
   adapter: {{type: lora}}
-  hyperparameters: {{maxSteps: 1}}
+  hyperparameters: {{maxSteps: 1, maxSeqLength: 128}}
   resources: {{gpus: 0}}
 """, encoding="utf-8")
     env = dict(os.environ, FINETUNE_STATUS_PORT="0")

@@ -133,7 +133,8 @@ pub struct MergeArgs {
     /// The base model: a .gguf file or a Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// The PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    /// The PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors; a
+    /// long-context adapter's config_overrides.json sets the rope scaling of the result).
     #[arg(long)]
     pub adapter: PathBuf,
     /// Output directory (created).

@@ -172,7 +172,8 @@ pub fn check_adapter(
     Ok(())
 }
 
-/// Reads a PEFT adapter, checks it against `model` and attaches it (frozen, enabled).
+/// Reads a PEFT adapter, checks it against `model` and attaches it (frozen, enabled), with the rope
+/// of its `config_overrides.json` if it has one.
 pub fn attach_adapter(model: &mut CausalLm, dir: &Path) -> Result<usize> {
     let (cfg, weights) = read_peft_adapter(dir)?;
     check_adapter(model, &cfg, &weights, dir)?;
@@ -181,6 +182,8 @@ pub fn attach_adapter(model: &mut CausalLm, dir: &Path) -> Result<usize> {
         return Err(Error::format(dir, "the adapter holds no LoRA weights"));
     }
     attach_trainable_tokens(model, dir)?;
+    // A long-context adapter was trained with a rope its base config does not have.
+    crate::export::apply_config_overrides(model, dir)?;
     Ok(n)
 }
 

@@ -24,6 +24,12 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 /// How the names of PEFT's trainable token rows end.
 pub const TOKENS_DELTA_SUFFIX: &str = ".token_adapter.trainable_tokens_delta";
 
+/// Next to a LoRA adapter trained with a rope the base checkpoint does not have (long-context
+/// fine-tuning): the `config.json` keys to override on the base, as a JSON object. PEFT ignores
+/// the file; `AutoModelForCausalLM.from_pretrained(base, **overrides)` applies it, and so does
+/// [`apply_peft_adapter`] (`merge`, `logits`, `generate` with `--adapter`).
+pub const CONFIG_OVERRIDES: &str = "config_overrides.json";
+
 /// `adapter_config.json` for `cfg`, as PEFT 0.21 writes it for a CAUSAL_LM LoRA.
 pub fn adapter_config_json(cfg: &LoraConfig, base_model: &str) -> Value {
     json!({
@@ -102,7 +108,53 @@ pub fn write_peft_adapter(
     if let Some(v) = &model.added_vocab {
         names.extend(v.write(dir)?);
     }
+    if model.rope_changed() {
+        write_json(&dir.join(CONFIG_OVERRIDES), &config_overrides_json(model))?;
+        names.push(CONFIG_OVERRIDES.into());
+    }
     Ok(names)
+}
+
+/// [`CONFIG_OVERRIDES`] for `model`: its rope settings, the only config keys training changes.
+pub fn config_overrides_json(model: &CausalLm) -> Value {
+    let c = &model.config;
+    json!({
+        "max_position_embeddings": c.max_position_embeddings,
+        "rope_parameters": rope_parameters_json(&c.rope_scaling, c.rope_theta),
+    })
+}
+
+/// Applies an adapter directory's [`CONFIG_OVERRIDES`] (if any) to `model`; returns whether it had one.
+pub fn apply_config_overrides(model: &mut CausalLm, dir: &Path) -> Result<bool> {
+    let path = dir.join(CONFIG_OVERRIDES);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
+    let max_pos = v
+        .get("max_position_embeddings")
+        .and_then(Value::as_i64)
+        .unwrap_or(model.config.max_position_embeddings);
+    let Some(rope) = v.get("rope_parameters").filter(|r| r.is_object()) else {
+        return Err(Error::format(&path, "missing object `rope_parameters`"));
+    };
+    if let Some(theta) = rope.get("rope_theta").and_then(Value::as_f64)
+        && theta != model.config.rope_theta
+    {
+        return Err(Error::format(
+            &path,
+            format!(
+                "rope_theta {theta} differs from the base model's {}: adapter for another base model",
+                model.config.rope_theta
+            ),
+        ));
+    }
+    let scaling = RopeScaling::from_json(rope, &v, max_pos)
+        .map_err(|m| Error::format(&path, format!("rope_parameters: {m}")))?;
+    model.set_rope_scaling(scaling, max_pos);
+    Ok(true)
 }
 
 /// Reads a PEFT LoRA adapter directory: its config and `module path → (lora_A, lora_B)`.

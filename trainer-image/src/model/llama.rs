@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::model::attention::{Attention, KvCache, build_mask};
 use crate::model::config::ModelConfig;
 use crate::model::linear::Linear;
-use crate::model::rope::Rope;
+use crate::model::rope::{Rope, RopeScaling};
 use crate::model::vocab::{AddedVocab, TrainableTokens};
 use crate::model::weights::WeightMap;
 
@@ -64,6 +64,9 @@ pub struct CausalLm {
     /// `None` when the input embeddings are tied to the output projection.
     pub lm_head: Option<Linear>,
     rope: Rope,
+    /// The rotary embedding no longer matches the checkpoint's config ([`CausalLm::set_rope_scaling`]),
+    /// so an adapter alone does not describe the trained model.
+    rope_changed: bool,
     pub kind: Kind,
     pub device: Device,
     /// Rows of added tokens trained on top of the frozen embedding (LoRA + vocabulary expansion).
@@ -198,11 +201,32 @@ impl CausalLm {
             norm,
             lm_head,
             rope,
+            rope_changed: false,
             kind,
             device,
             trainable_tokens: None,
             added_vocab: None,
         })
+    }
+
+    /// Replaces the rotary scaling and `max_position_embeddings` (long-context fine-tuning) and
+    /// rebuilds the rotary tables; the weights are untouched.
+    pub fn set_rope_scaling(&mut self, scaling: RopeScaling, max_position_embeddings: i64) {
+        self.rope = Rope::new(
+            scaling.clone(),
+            self.config.rope_theta,
+            self.config.head_dim,
+            max_position_embeddings,
+            self.device,
+        );
+        self.config.rope_scaling = scaling;
+        self.config.max_position_embeddings = max_position_embeddings;
+        self.rope_changed = true;
+    }
+
+    /// Whether [`CausalLm::set_rope_scaling`] changed the rope away from the checkpoint's config.
+    pub fn rope_changed(&self) -> bool {
+        self.rope_changed
     }
 
     /// Logits `[batch, seq, vocab]` for `input_ids` `[batch, seq]`.

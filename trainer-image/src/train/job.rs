@@ -584,9 +584,6 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         }
     }
     let evaluation = spec.evaluation.clone().unwrap_or_default();
-    if spec.base_model.rope_scaling.is_some() {
-        ignored.push("baseModel.ropeScaling");
-    }
     for i in &ignored {
         eprintln!("warning: {i} is not implemented yet and is ignored");
     }
@@ -646,6 +643,13 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     );
     let t_load = Instant::now();
     let mut loaded = ModelSource::open(&model_path)?.load(kind, device)?;
+    let rope_scaling = crate::train::long_context::apply(
+        &mut loaded.model,
+        spec.base_model.rope_scaling.as_ref(),
+        hp.max_seq_length.into(),
+        spec.output.gguf.is_some(),
+    )
+    .map_err(|e| invalid(e.message, e.field))?;
     // Before any text is encoded: the added tokens must be in the tokenizer.
     let vocab = match &spec.vocabulary {
         Some(v) => {
@@ -1573,6 +1577,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         "timings": timings,
         "tokens_per_second": metrics.tokens_per_second,
         "peak_rss_bytes": serve::peak_rss_bytes(),
+        "rope_scaling": rope_scaling,
         "ignored": ignored,
         "files": digests,
     });

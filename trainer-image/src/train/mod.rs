@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod dpo;
 pub mod guard;
 pub mod job;
+pub mod long_context;
 pub mod optim;
 pub mod probe;
 pub mod retention;
