@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use finetune_crds::contract::DEFAULT_STATUS_PORT;
-use finetune_crds::{FinetuneJob, FinetuneJobStatus, JobPhase, validate_object};
+use finetune_crds::{Adapter, FinetuneJob, FinetuneJobStatus, JobPhase, validate_object};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 use crate::error::Error;
 use crate::finetunejob::build::{self, BuildSettings};
+use crate::finetunejob::init_adapter;
 use crate::finetunejob::names;
 use crate::finetunejob::status::{self, Action, Derived, Outcome};
 use crate::metrics::Metrics;
@@ -378,7 +379,13 @@ async fn act(
     match action {
         Action::CreatePod(attempt) => {
             let name = job.name_any();
-            let pod = build::trainer_pod(job, *attempt, &ctx.settings)?;
+            let mut pod = build::trainer_pod(job, *attempt, &ctx.settings)?;
+            if let Some(adapter) = &job.spec.adapter.init_adapter {
+                match init_adapter_uri(ctx, namespace, adapter).await? {
+                    Ok(uri) => build::attach_init_adapter(&mut pod, job, &uri)?,
+                    Err(why) => return Err(init_adapter_unavailable(ctx, jobs, job, why).await),
+                }
+            }
             let pod_name = names::trainer_pod(&name, *attempt);
             if let Err(error) = apply(&pods_api, &pod_name, &pod).await {
                 return Err(child_failed(ctx, jobs, job, &format!("pod {pod_name}"), error).await);
@@ -479,6 +486,51 @@ where
         &Patch::Apply(object),
     )
     .await
+}
+
+/// The storage URI of the Adapter a job starts from, or why there is none yet.
+async fn init_adapter_uri(
+    ctx: &Context,
+    namespace: &str,
+    adapter: &str,
+) -> Result<Result<String, String>, Error> {
+    let adapters: Api<Adapter> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(found) = adapters.get_opt(adapter).await? else {
+        return Ok(Err(format!(
+            "Adapter {adapter} does not exist in namespace {namespace}"
+        )));
+    };
+    let producer = match &found.spec.source.from_job {
+        Some(job) => {
+            let jobs: Api<FinetuneJob> = Api::namespaced(ctx.client.clone(), namespace);
+            jobs.get_opt(job).await?
+        }
+        None => None,
+    };
+    Ok(init_adapter::adapter_uri(&found, producer.as_ref()))
+}
+
+/// Records on the job why its starting adapter cannot be used yet (condition + Warning event);
+/// the returned error retries with backoff, so the pod follows once the Adapter is there.
+async fn init_adapter_unavailable(
+    ctx: &Context,
+    jobs: &Api<FinetuneJob>,
+    job: &FinetuneJob,
+    why: String,
+) -> Error {
+    let status = status::child_creation_failed(job, "the trainer pod", &why, Timestamp::now());
+    if let Err(status_error) = write_status(ctx, jobs, job, &status).await {
+        warn!(%status_error, "cannot record the initAdapter problem in status");
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InitAdapterUnavailable".into(),
+        note: Some(format!("spec.adapter.initAdapter: {why}")),
+        action: "Create".into(),
+        secondary: None,
+    };
+    publish_detached(ctx, job, vec![event]);
+    Error::InitAdapter(why)
 }
 
 /// Records a failed child creation on the job (condition + Warning event) and returns the error

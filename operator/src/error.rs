@@ -11,6 +11,9 @@ pub enum Error {
     /// Desired objects could not be built from the spec.
     #[error("building children: {0}")]
     Build(#[from] BuildError),
+    /// `spec.adapter.initAdapter` cannot be used (yet): missing Adapter, producer not done, ...
+    #[error("spec.adapter.initAdapter: {0}")]
+    InitAdapter(String),
 }
 
 impl Error {
@@ -22,6 +25,7 @@ impl Error {
             Self::Kube(kube::Error::Api(status)) if status.code == 422 => "invalid",
             Self::Kube(_) => "kube",
             Self::Build(_) => "build",
+            Self::InitAdapter(_) => "init_adapter",
         }
     }
 }

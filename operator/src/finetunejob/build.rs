@@ -159,6 +159,56 @@ pub fn trainer_pod(
     })
 }
 
+/// Mounts the adapter a job starts from (`spec.adapter.initAdapter`, resolved by the controller to
+/// the storage URI of the Adapter's files, see `init_adapter`) read-only, and tells the trainer
+/// where it is through `FINETUNE_INIT_ADAPTER_DIR`.
+pub fn attach_init_adapter(pod: &mut Pod, job: &FinetuneJob, uri: &str) -> Result<(), BuildError> {
+    let storage_claim = job
+        .spec
+        .storage
+        .claim_name
+        .clone()
+        .unwrap_or_else(|| names::storage_claim(job.name_any().as_str()));
+    let bad = || BuildError::BadUri {
+        field: "spec.adapter.initAdapter",
+        uri: uri.to_string(),
+    };
+    let spec = pod.spec.as_mut().ok_or_else(bad)?;
+    let dir = match StorageUri::parse(uri) {
+        // The job's own claim is already mounted (read-write) at the storage root.
+        Some(StorageUri::Pvc { claim, path }) if claim == storage_claim => {
+            format!("{}/{path}", paths::STORAGE_DIR)
+        }
+        Some(StorageUri::Pvc { claim, path }) => {
+            let volume = format!("pvc-{claim}");
+            let mount_path = format!("{PVC_MOUNT_ROOT}/{claim}");
+            let volumes = spec.volumes.get_or_insert_with(Vec::new);
+            if !volumes.iter().any(|v| v.name == volume) {
+                volumes.push(pvc_volume(&volume, &claim, true));
+                for c in &mut spec.containers {
+                    c.volume_mounts
+                        .get_or_insert_with(Vec::new)
+                        .push(VolumeMount {
+                            name: volume.clone(),
+                            mount_path: mount_path.clone(),
+                            read_only: Some(true),
+                            ..VolumeMount::default()
+                        });
+                }
+            }
+            format!("{mount_path}/{path}")
+        }
+        Some(StorageUri::File { path }) => path,
+        _ => return Err(bad()),
+    };
+    for c in &mut spec.containers {
+        c.env
+            .get_or_insert_with(Vec::new)
+            .push(plain_env(env::INIT_ADAPTER_DIR, &dir));
+    }
+    Ok(())
+}
+
 fn trainer_container(
     job: &FinetuneJob,
     attempt: i32,
@@ -700,6 +750,39 @@ mod tests {
         assert_eq!(
             pod.spec.as_ref().unwrap().volumes.as_ref().unwrap().len(),
             5
+        );
+    }
+
+    #[test]
+    fn the_init_adapter_is_mounted_read_only_and_named_in_the_env() {
+        let job = example("dpo-smollm2.yaml");
+        let mut pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        attach_init_adapter(&mut pod, &job, "pvc://adapters/team/sft").unwrap();
+        assert_eq!(
+            env_value(&pod, env::INIT_ADAPTER_DIR).and_then(|e| e.value.as_deref()),
+            Some("/mnt/pvc/adapters/team/sft")
+        );
+        let mount = container(&pod)
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.mount_path == "/mnt/pvc/adapters")
+            .expect("the adapter claim is mounted");
+        assert_eq!(mount.read_only, Some(true));
+
+        // An adapter on the job's own claim is read where that claim is already mounted.
+        let mut pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let own = format!("pvc://{}/earlier/output", names::storage_claim("smollm2-kubectl-dpo"));
+        attach_init_adapter(&mut pod, &job, &own).unwrap();
+        assert_eq!(
+            env_value(&pod, env::INIT_ADAPTER_DIR).and_then(|e| e.value.as_deref()),
+            Some("/var/lib/finetune/earlier/output")
+        );
+        let bad = attach_init_adapter(&mut pod, &job, "configmap://x/y").unwrap_err();
+        assert!(
+            bad.to_string().contains("spec.adapter.initAdapter"),
+            "{bad}"
         );
     }
 

@@ -2,5 +2,6 @@
 //! `build`), and the names and labels that tie children to their job.
 
 pub mod build;
+pub mod init_adapter;
 pub mod names;
 pub mod status;

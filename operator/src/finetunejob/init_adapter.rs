@@ -1,0 +1,111 @@
+//! `spec.adapter.initAdapter` names an Adapter in the job's namespace; the trainer needs the
+//! directory of its files. This module turns the Adapter (and, for `source.fromJob`, the job that
+//! produced it) into a storage URI, and says plainly why it cannot when it cannot. The controller
+//! fetches the objects; the pod builder mounts the URI (see `build::attach_init_adapter`).
+
+use finetune_crds::{Adapter, FinetuneJob, JobPhase};
+use kube::ResourceExt;
+
+use super::names;
+
+/// The storage URI of `adapter`'s files. `producer` is the FinetuneJob named by
+/// `source.fromJob`, looked up by the caller (`None` when it does not exist).
+pub fn adapter_uri(adapter: &Adapter, producer: Option<&FinetuneJob>) -> Result<String, String> {
+    let name = adapter.name_any();
+    let source = &adapter.spec.source;
+    if let Some(uri) = &source.uri {
+        return Ok(uri.clone());
+    }
+    let Some(job_name) = &source.from_job else {
+        return Err(format!(
+            "Adapter {name} has neither source.uri nor source.fromJob"
+        ));
+    };
+    let Some(job) = producer else {
+        return Err(format!(
+            "Adapter {name} comes from FinetuneJob {job_name}, which does not exist"
+        ));
+    };
+    let phase = job.status.as_ref().and_then(|s| s.phase);
+    if phase != Some(JobPhase::Succeeded) {
+        let phase = phase.map_or_else(|| "not started".to_string(), |p| format!("{p:?}"));
+        return Err(format!(
+            "Adapter {name} comes from FinetuneJob {job_name}, which has not succeeded yet (phase {phase})"
+        ));
+    }
+    // The producer wrote its output to `<its name>/output` on its storage claim.
+    let claim = job
+        .spec
+        .storage
+        .claim_name
+        .clone()
+        .unwrap_or_else(|| names::storage_claim(job_name));
+    Ok(format!("pvc://{claim}/{job_name}/output"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use finetune_crds::adapter::{AdapterSource, AdapterSpec};
+    use finetune_crds::{FinetuneJobStatus, parse_manifest};
+
+    fn adapter(source: AdapterSource) -> Adapter {
+        let mut a = Adapter::new(
+            "sft",
+            AdapterSpec {
+                base_model: serde_json::from_value(
+                    serde_json::json!({"uri": "pvc://models/m.gguf"}),
+                )
+                .unwrap(),
+                source,
+                lora: None,
+                expected_sha256: Default::default(),
+            },
+        );
+        a.metadata.namespace = Some("team".into());
+        a
+    }
+
+    fn job(phase: Option<JobPhase>) -> FinetuneJob {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/sft-lora-smollm2.yaml"
+        ))
+        .unwrap();
+        let mut job: FinetuneJob = parse_manifest(&text, "sft-lora-smollm2.yaml").unwrap();
+        job.status = Some(FinetuneJobStatus {
+            phase,
+            ..Default::default()
+        });
+        job
+    }
+
+    #[test]
+    fn a_uri_source_is_used_as_is() {
+        let a = adapter(AdapterSource {
+            uri: Some("pvc://adapters/sft".into()),
+            from_job: None,
+        });
+        assert_eq!(adapter_uri(&a, None).unwrap(), "pvc://adapters/sft");
+    }
+
+    #[test]
+    fn a_job_source_points_at_that_jobs_output_once_it_succeeded() {
+        let a = adapter(AdapterSource {
+            uri: None,
+            from_job: Some("smollm2-kubectl".into()),
+        });
+        let done = job(Some(JobPhase::Succeeded));
+        assert_eq!(
+            adapter_uri(&a, Some(&done)).unwrap(),
+            "pvc://smollm2-kubectl-storage/smollm2-kubectl/output"
+        );
+        let running = adapter_uri(&a, Some(&job(Some(JobPhase::Running)))).unwrap_err();
+        assert!(
+            running.contains("has not succeeded yet (phase Running)"),
+            "{running}"
+        );
+        let missing = adapter_uri(&a, None).unwrap_err();
+        assert!(missing.contains("does not exist"), "{missing}");
+    }
+}
