@@ -38,6 +38,7 @@ spec:
 GUARDS = {
     "off": "",
     "self-replay": "  forgettingGuard: {selfReplay: {ratio: 0.25}}\n",
+    "self-distillation": "  forgettingGuard: {selfDistillation: {weight: 1.0}}\n",
 }
 
 

@@ -56,6 +56,9 @@ pub enum Command {
     /// adapter (the reference is the adapter switched off); prints JSON and writes the adapter's
     /// gradients (PEFT names) to --grads.
     DpoLoss(DpoLossArgs),
+    /// [developer] The self-distillation guard's term on chat samples: KL(adapter off ‖ adapter on)
+    /// per answer token, averaged; prints JSON with the value and the samples' tokens.
+    DistillKl(DistillKlArgs),
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +189,15 @@ pub struct DpoLossArgs {
     /// Safetensors file for the gradients.
     #[arg(long)]
     pub grads: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DistillKlArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Chat JSONL (`messages` ending with an assistant turn); all lines form one batch.
+    #[arg(long)]
+    pub data: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -391,6 +403,29 @@ pub fn run(cli: Cli) -> Result<()> {
             let (report, grads) = crate::train::dpo::batch_report(&mut m.model, &pairs, &cfg);
             Tensor::write_safetensors(&grads, &a.grads)?;
             println!("{report}");
+        }
+        Command::DistillKl(a) => {
+            if a.model.adapter.is_none() {
+                return Err(Error::Usage(
+                    "distill-kl needs --adapter (the base is the adapter switched off)".into(),
+                ));
+            }
+            let mut m = load(&a.model, &cli.device)?;
+            let enc = crate::data::Encoder {
+                tokenizer: &m.tokenizer,
+                template: m.chat_template.as_ref(),
+                options: crate::data::LoadOptions::sft(),
+            };
+            let samples = crate::data::load_samples(&a.data, crate::data::DataFormat::Chat, &enc)?;
+            let rows: Vec<Vec<usize>> = (0..samples.len()).map(|i| vec![i]).collect();
+            let batch = crate::data::build_batch(&samples, &rows);
+            m.model.set_training(false);
+            let kl = tch::no_grad(|| crate::train::anchor::distillation_kl(&mut m.model, &batch));
+            let tokens: Vec<Value> = samples
+                .iter()
+                .map(|s| json!({"ids": s.ids, "supervised": s.supervised}))
+                .collect();
+            println!("{}", json!({"kl": kl.double_value(&[]), "samples": tokens}));
         }
         Command::Tokenize(a) => {
             // A directory with a tokenizer but no model (e.g. an adapter with added tokens).

@@ -773,7 +773,10 @@ mod tests {
 
         // An adapter on the job's own claim is read where that claim is already mounted.
         let mut pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
-        let own = format!("pvc://{}/earlier/output", names::storage_claim("smollm2-kubectl-dpo"));
+        let own = format!(
+            "pvc://{}/earlier/output",
+            names::storage_claim("smollm2-kubectl-dpo")
+        );
         attach_init_adapter(&mut pod, &job, &own).unwrap();
         assert_eq!(
             env_value(&pod, env::INIT_ADAPTER_DIR).and_then(|e| e.value.as_deref()),

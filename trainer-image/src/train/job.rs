@@ -34,6 +34,7 @@ use crate::export::{self, PEFT_PREFIX};
 use crate::load::ModelSource;
 use crate::model::{CausalLm, LoraConfig};
 use crate::serve::{self, Live};
+use crate::train::anchor::{L2ToInit, SelfDistillation};
 use crate::train::checkpoint;
 use crate::train::dpo::{Dpo, DpoConfig, PairSet, PreferenceMetrics, ReferenceMode};
 use crate::train::guard;
@@ -41,7 +42,9 @@ use crate::train::optim::AdamW;
 use crate::train::probe::{Probe, ProbeScore};
 use crate::train::retention::RetentionSet;
 use crate::train::schedule::{lr_lambda, warmup_steps};
-use crate::train::step::{MicroBatch, eval_loss, train_step};
+use crate::train::step::{
+    MicroBatch, StepStats, accumulate_gradients, eval_loss, finish_step, train_step,
+};
 use crate::train::vocab;
 
 /// The manifest path the operator passes.
@@ -138,6 +141,9 @@ pub struct StepRecord {
     /// DPO: rewards and accuracies of the step's pairs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preference: Option<PreferenceMetrics>,
+    /// The forgetting guard's term: KL to the base (self-distillation) or the L2 penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard_loss: Option<f64>,
 }
 
 /// One evaluation in the history.
@@ -482,6 +488,34 @@ fn retention_samples(
         .collect()
 }
 
+/// One SFT step with the forgetting guard's term added to the gradients (self-distillation or
+/// L2 to init) before clipping; returns the term's value as well.
+#[allow(clippy::too_many_arguments)]
+fn guarded_step(
+    model: &mut CausalLm,
+    opt: &mut AdamW,
+    mbs: &[MicroBatch],
+    lr: f64,
+    max_grad_norm: f64,
+    seed: u64,
+    step: i64,
+    (distill, l2): (Option<&SelfDistillation>, Option<&L2ToInit>),
+) -> Result<(StepStats, Option<f64>), StepStats> {
+    if distill.is_none() && l2.is_none() {
+        return train_step(model, opt, mbs, lr, max_grad_norm, seed, step).map(|s| (s, None));
+    }
+    let stats = accumulate_gradients(model, opt, mbs, seed, step)?;
+    let term = match (distill, l2) {
+        (Some(d), _) => d.accumulate(model, step),
+        (None, Some(l)) => l.accumulate(),
+        (None, None) => 0.0,
+    };
+    if !term.is_finite() {
+        return Err(stats);
+    }
+    finish_step(opt, stats, lr, max_grad_norm).map(|s| (s, Some(term)))
+}
+
 /// The LoRA settings of the adapter a run starts from (`initAdapter`): its own
 /// `adapter_config.json` decides rank, alpha, targets and rsLoRA, since its weights have those
 /// shapes; settings also given in the spec must agree. The spec's dropout applies when given.
@@ -574,13 +608,20 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         ),
         None => None,
     };
-    let mut ignored = Vec::new();
+    let ignored: Vec<&str> = Vec::new();
     if let Some(g) = &spec.forgetting_guard {
-        if g.self_distillation.is_some() {
-            ignored.push("forgettingGuard.selfDistillation");
+        let is_lora = spec.adapter.kind == AdapterType::Lora;
+        if g.self_distillation.is_some() && (is_dpo || !is_lora) {
+            return Err(invalid(
+                "forgettingGuard.selfDistillation compares the model with its adapter switched off, so it needs SFT with adapter.type: lora (full fine-tuning has l2ToInit; DPO's reference already anchors it)",
+                "spec.forgettingGuard.selfDistillation",
+            ));
         }
-        if g.l2_to_init.is_some() {
-            ignored.push("forgettingGuard.l2ToInit");
+        if g.l2_to_init.is_some() && (is_dpo || is_lora) {
+            return Err(invalid(
+                "forgettingGuard.l2ToInit pulls trained weights toward their start, so it needs SFT with adapter.type: full (a LoRA adapter starts at zero: use selfDistillation or selfReplay)",
+                "spec.forgettingGuard.l2ToInit",
+            ));
         }
     }
     let evaluation = spec.evaluation.clone().unwrap_or_default();
@@ -821,6 +862,38 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         );
     }
 
+    // Self-distillation scores the base model's answers to the self-replay requests.
+    let distill = match &forgetting_guard.self_distillation {
+        Some(g) => {
+            let t = Instant::now();
+            let mut samples = guard::replay_samples(
+                &mut model,
+                &encoder,
+                &eos_ids,
+                &guard::replay_cache_path(&ckpt_dir),
+            )
+            .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfDistillation"))?;
+            samples.retain(|s| s.len() <= max_seq);
+            if samples.is_empty() {
+                return Err(invalid(
+                    format!(
+                        "the base model gave no usable answer to the general requests (all empty or longer than maxSeqLength; see {}), so selfDistillation has nothing to anchor",
+                        guard::replay_cache_path(&ckpt_dir).display()
+                    ),
+                    "spec.forgettingGuard.selfDistillation",
+                ));
+            }
+            eprintln!(
+                "self-distillation: {} base answers, weight {} ({:.1}s)",
+                samples.len(),
+                g.weight,
+                t.elapsed().as_secs_f64()
+            );
+            Some(SelfDistillation::new(samples, g.weight))
+        }
+        None => None,
+    };
+
     // Trainable parameters.
     let lora_cfg = match spec.adapter.kind {
         AdapterType::Lora => {
@@ -875,6 +948,11 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             })
             .collect()
     };
+    // Before any update (and before a resume loads trained weights): the weights to pull toward.
+    let l2 = forgetting_guard.l2_to_init.as_ref().map(|g| {
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t, _)| t.shallow_clone()).collect();
+        L2ToInit::new(&tensors, g.weight)
+    });
     let mut opt = AdamW::new(params);
     model.set_training(true);
 
@@ -1168,8 +1246,18 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             None => {
                 let batches: Vec<Batch> = (0..n_micro).map(|_| batcher.next_batch()).collect();
                 let mbs: Vec<MicroBatch> = batches.iter().map(MicroBatch::from).collect();
-                train_step(&model, &mut opt, &mbs, lr, hp.max_grad_norm, seed, st.step)
-                    .map(|s| (s, None))
+                let anchors = (distill.as_ref(), l2.as_ref());
+                guarded_step(
+                    &mut model,
+                    &mut opt,
+                    &mbs,
+                    lr,
+                    hp.max_grad_norm,
+                    seed,
+                    st.step,
+                    anchors,
+                )
+                .map(|(s, g)| (s, None, g))
             }
             Some(d) => {
                 // Each "row" of the batcher is one pair (its chosen side stands for it).
@@ -1184,10 +1272,10 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
                     seed,
                     st.step,
                 )
-                .map(|(s, m)| (s, Some(m)))
+                .map(|(s, m)| (s, Some(m), None))
             }
         };
-        let (stats, preference) = outcome.map_err(|s| {
+        let (stats, preference, guard_loss) = outcome.map_err(|s| {
                 Stop::Diverged(format!(
                     "loss {} (grad norm {}) at step {}: lower hyperparameters.learningRate or check the data",
                     s.loss,
@@ -1213,6 +1301,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             samples: stats.samples,
             seconds: secs,
             preference,
+            guard_loss,
         });
         let tps = stats.tokens as f64 / secs.max(1e-9);
         let eta = step_seconds / steps_this_attempt as f64 * (total - st.step) as f64;
@@ -1236,6 +1325,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             s.metrics.tokens_per_second = Some(tps);
             s.metrics.trained_tokens = Some(st.trained_tokens);
         });
+        let guard_note = guard_loss.map_or_else(String::new, |g| format!(" | guard {g:.4}"));
         let rewards = preference.map_or_else(String::new, |m| {
             format!(
                 " | reward margin {:.4} | reward accuracy {:.2}",
@@ -1243,7 +1333,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             )
         });
         eprintln!(
-            "step {}/{total} | epoch {epoch:.2} | loss {:.4}{rewards} | lr {lr:.3e} | grad norm {:.3} | {tps:.0} tok/s | eta {}",
+            "step {}/{total} | epoch {epoch:.2} | loss {:.4}{guard_note}{rewards} | lr {lr:.3e} | grad norm {:.3} | {tps:.0} tok/s | eta {}",
             st.step,
             stats.loss,
             stats.grad_norm,

@@ -3,6 +3,7 @@
 //! the `run JOB.yaml` driver ([`job`]) that ties them to the data pipeline, the status server and
 //! the operator contract.
 
+pub mod anchor;
 pub mod checkpoint;
 pub mod dpo;
 pub mod guard;

@@ -116,6 +116,24 @@ pub fn train_step(
     seed: u64,
     step: i64,
 ) -> Result<StepStats, StepStats> {
+    let stats = accumulate_gradients(model, opt, micro_batches, seed, step)?;
+    if stats.targets == 0 {
+        // Nothing supervised: no gradient; the step still counts so the schedule stays aligned.
+        return Ok(stats);
+    }
+    finish_step(opt, stats, lr, max_grad_norm)
+}
+
+/// The first half of [`train_step`]: zeroes the gradients, then forward + backward over
+/// `micro_batches` with the loss normalised by all their targets. A guard can add its own term's
+/// gradients before [`finish_step`].
+pub fn accumulate_gradients(
+    model: &CausalLm,
+    opt: &mut AdamW,
+    micro_batches: &[MicroBatch],
+    seed: u64,
+    step: i64,
+) -> Result<StepStats, StepStats> {
     let targets: i64 = micro_batches.iter().map(|m| count_targets(m.labels)).sum();
     let mut stats = StepStats {
         targets,
@@ -125,7 +143,6 @@ pub fn train_step(
     };
     opt.zero_grad();
     if targets == 0 {
-        // Nothing supervised: no gradient; the step still counts so the schedule stays aligned.
         return Ok(stats);
     }
     let mut sum = 0.0;
@@ -139,6 +156,17 @@ pub fn train_step(
     if !stats.loss.is_finite() {
         return Err(stats);
     }
+    Ok(stats)
+}
+
+/// The second half of [`train_step`]: global-norm clipping and the AdamW update; `Err` (weights
+/// untouched) when the gradient norm is not finite.
+pub fn finish_step(
+    opt: &mut AdamW,
+    mut stats: StepStats,
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<StepStats, StepStats> {
     stats.grad_norm = opt.clip_grad_norm(max_grad_norm);
     if !stats.grad_norm.is_finite() {
         return Err(stats);

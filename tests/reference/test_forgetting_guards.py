@@ -1,0 +1,146 @@
+"""Forgetting guards that add a loss term: the self-distillation KL (the model with its LoRA adapter
+switched off as the teacher) against transformers + PEFT `disable_adapter()`, and short runs with
+`selfDistillation` (LoRA) and `l2ToInit` (full fine-tuning) that must record their term and, for L2,
+keep the weights measurably closer to where they started. Guards paired with the wrong adapter
+type end with exit 2 naming the field."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_trainer, trainer_bin
+from test_dpo import tiny_llama
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+CHAT = REPO / "examples" / "data" / "chat-train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, hf_tokenizer):
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hf_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tmp_path_factory, tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    path = tmp_path_factory.mktemp("random-adapter")
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_distillation_kl_matches_peft_disable_adapter(tiny_model, random_adapter, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(CHAT.read_text().splitlines(keepends=True)[:4]))
+    ours = json.loads(run_trainer("distill-kl", "--model", tiny_model, "--adapter", random_adapter,
+                                  "--data", data).stdout)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(random_adapter)).eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in ours["samples"]:
+            ids = torch.tensor([s["ids"]])
+            # Token t is a target when supervised (t > 0); it is predicted at position t − 1.
+            at = [t - 1 for t in range(1, len(s["ids"])) if s["supervised"][t]]
+            student = torch.log_softmax(model(ids).logits[0, at].float(), -1)
+            with model.disable_adapter():
+                teacher = torch.log_softmax(model(ids).logits[0, at].float(), -1)
+            total += (teacher.exp() * (teacher - student)).sum().item()
+            n += len(at)
+    reference = total / n
+    print(f"\nKL(base || tuned) per answer token: ours {ours['kl']:.8f}, transformers+PEFT {reference:.8f} "
+          f"over {n} tokens")
+    assert reference > 1e-3, "the adapter barely changes the model: the comparison would prove nothing"
+    assert abs(ours["kl"] - reference) < 1e-5
+
+
+def job(tmp_path, model, adapter, guard, steps=6, lr="2.0e-3"):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"""apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {{name: guard-test}}
+spec:
+  baseModel: {{uri: "file://{model}"}}
+  dataset:
+    train: {{uri: "file://{CHAT}"}}
+    format: chat
+  adapter: {adapter}
+  hyperparameters: {{maxSteps: {steps}, learningRate: {lr}, batchSize: 4, maxSeqLength: 128, seed: 3, scheduler: constant}}
+  resources: {{gpus: 0}}
+{guard}""")
+    return path
+
+
+def run(path, out):
+    env = dict(os.environ, FINETUNE_STATUS_PORT="0")
+    return subprocess.run([str(trainer_bin()), "--device", "cpu", "run", str(path), "--output", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_self_distillation_adds_its_term_every_step(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    guarded = job(tmp_path, tiny_model, "{type: lora, lora: {rank: 8, alpha: 16, dropout: 0.0}}",
+                  "  forgettingGuard: {selfDistillation: {weight: 1.0}}\n")
+    # The random tiny model answers every general request with blank lines: a guard with nothing to
+    # anchor is refused rather than silently doing nothing.
+    proc = run(guarded, out)
+    assert proc.returncode == 2, proc.stderr
+    assert "spec.forgettingGuard.selfDistillation" in proc.stderr and "nothing to anchor" in proc.stderr
+    # Give it answers (the cache of base answers is what a resumed attempt reads) and run again.
+    cache = out / "checkpoints" / "self_replay.json"
+    replay = json.loads(cache.read_text())
+    replay["answers"] = [f"Here is a short answer about: {q}" for q in replay["prompts"]]
+    cache.write_text(json.dumps(replay))
+    proc = run(guarded, out)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "training_summary.json").read_text())
+    guard = [h["guard_loss"] for h in summary["history"]]
+    print(f"\nKL to the base per step: {[round(g, 6) for g in guard]}")
+    assert len(guard) == 6 and all(g >= 0 for g in guard)
+    # Before the first update the adapter is zero: tuned == base, KL 0; afterwards it is not.
+    assert guard[0] < 1e-6 and max(guard[1:]) > 1e-6
+    assert "self-distillation: 40 base answers" in proc.stderr
+
+
+def distance_from_start(model_dir, out):
+    start = load_file(str(model_dir / "model.safetensors"))
+    end = load_file(str(out / "model.safetensors"))
+    return sum(((end[k] - start[k]) ** 2).sum().item() for k in start if k in end) ** 0.5
+
+
+def test_l2_to_init_keeps_full_finetuning_closer_to_the_start(tiny_model, tmp_path):
+    free, anchored = tmp_path / "free", tmp_path / "anchored"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    p = run(job(tmp_path / "a", tiny_model, "{type: full}", ""), free)
+    assert p.returncode == 0, p.stderr
+    p = run(job(tmp_path / "b", tiny_model, "{type: full}", "  forgettingGuard: {l2ToInit: {weight: 50.0}}\n"),
+            anchored)
+    assert p.returncode == 0, p.stderr
+    d_free, d_anchored = distance_from_start(tiny_model, free), distance_from_start(tiny_model, anchored)
+    penalty = [h["guard_loss"] for h in json.loads((anchored / "training_summary.json").read_text())["history"]]
+    print(f"\n||theta - theta0||: unguarded {d_free:.4f}, l2ToInit 50 {d_anchored:.4f}; penalties {penalty}")
+    assert penalty[0] == 0 and penalty[-1] > 0
+    assert d_anchored < 0.8 * d_free
+
+
+@pytest.mark.parametrize("adapter,guard,field", [
+    ("{type: full}", "{selfDistillation: {weight: 1.0}}", "spec.forgettingGuard.selfDistillation"),
+    ("{type: lora}", "{l2ToInit: {weight: 1.0}}", "spec.forgettingGuard.l2ToInit"),
+])
+def test_guard_for_the_other_adapter_type_exits_2(adapter, guard, field, tiny_model, tmp_path):
+    proc = run(job(tmp_path, tiny_model, adapter, f"  forgettingGuard: {guard}\n"), tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    assert field in proc.stderr
