@@ -135,7 +135,7 @@ impl L2ToInit {
         };
         let mut total = Tensor::zeros([], (Kind::Float, first.device()));
         for (p, p0) in &self.initial {
-            total = total + (p - p0).square().sum(Kind::Float);
+            total += (p - p0).square().sum(Kind::Float);
         }
         let penalty = total * (self.weight / 2.0);
         penalty.backward();
