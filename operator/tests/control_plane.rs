@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use finetune_crds::{FinetuneJob, JobPhase, parse_manifest};
+use finetune_crds::{Adapter, FinetuneJob, JobPhase, parse_manifest};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota,
 };
@@ -331,6 +331,98 @@ async fn a_refused_pod_is_reported_in_status() {
         "{}",
         condition.message
     );
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_job_starting_from_an_adapter_waits_for_it_then_mounts_it() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-init-adapter").await;
+    let _operator = start_operator(&ns);
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    let mut job = example_job(&ns, 1);
+    job.spec.adapter.init_adapter = Some("sft-start".into());
+    jobs.create(&PostParams::default(), &job)
+        .await
+        .expect("job accepted");
+
+    // No such Adapter yet: no pod, and the job says why.
+    let condition = wait_for(
+        "Created=False naming the missing Adapter",
+        Duration::from_secs(60),
+        || async {
+            let status = jobs.get("kubectl-sft").await.ok()?.status?;
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Created" && c.status == "False")
+        },
+    )
+    .await;
+    assert!(
+        condition
+            .message
+            .contains("Adapter sft-start does not exist in namespace"),
+        "{}",
+        condition.message
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        pods.get_opt("kubectl-sft-attempt-0")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Once the Adapter exists, the pod is created with its files mounted read-only.
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
+    let adapter = json!({
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "Adapter",
+        "metadata": {"name": "sft-start"},
+        "spec": {
+            "baseModel": {"uri": "pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "source": {"uri": "pvc://adapters/team/sft-start"}
+        }
+    });
+    adapters
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(adapter).unwrap(),
+        )
+        .await
+        .expect("adapter accepted");
+    let pod = wait_for(
+        "the pod once the Adapter exists",
+        Duration::from_secs(120),
+        || async { pods.get_opt("kubectl-sft-attempt-0").await.ok()? },
+    )
+    .await;
+    let spec = pod.spec.unwrap();
+    let container = &spec.containers[0];
+    let env = container.env.as_ref().unwrap();
+    let dir = env
+        .iter()
+        .find(|e| e.name == "FINETUNE_INIT_ADAPTER_DIR")
+        .and_then(|e| e.value.clone());
+    assert_eq!(dir.as_deref(), Some("/mnt/pvc/adapters/team/sft-start"));
+    let mount = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.mount_path == "/mnt/pvc/adapters")
+        .expect("the adapters claim is mounted");
+    assert_eq!(mount.read_only, Some(true));
+    let claim = spec
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.persistent_volume_claim)
+        .unwrap();
+    assert_eq!(claim.claim_name, "adapters");
     cleanup(&client, &ns).await;
 }
 

@@ -39,7 +39,7 @@ use crate::train::checkpoint;
 use crate::train::dpo::{Dpo, DpoConfig, PairSet, PreferenceMetrics, ReferenceMode};
 use crate::train::guard;
 use crate::train::optim::AdamW;
-use crate::train::probe::{Probe, ProbeScore};
+use crate::train::probe::{Probe, ProbeScore, normalize};
 use crate::train::retention::RetentionSet;
 use crate::train::schedule::{lr_lambda, warmup_steps};
 use crate::train::step::{
@@ -1519,10 +1519,24 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         )?;
     }
     let mut retention_score = None;
+    // Answers that changed, for a person to judge (the score alone says how many, not how).
+    let mut retention_changed = Vec::new();
     if !retention_probe.is_empty() {
         let t = Instant::now();
         let answers = retention_probe.answer(&mut model, tokenizer, &eos_ids, RETENTION_TOKENS)?;
         let score = retention_probe.score(&answers);
+        let questions = retention
+            .as_ref()
+            .map(|r| r.questions.as_slice())
+            .unwrap_or_default();
+        retention_changed = answers
+            .iter()
+            .zip(&retention_probe.references)
+            .zip(questions)
+            .filter(|((a, r), _)| normalize(a) != normalize(r))
+            .take(8)
+            .map(|((a, r), q)| json!({"question": q, "base": r, "tuned": a}))
+            .collect();
         eprintln!(
             "retention: {}/{} base answers kept ({:.3})",
             score.normalized,
@@ -1636,6 +1650,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             "min_score": retention_floor.map(|f| f.0),
             "scores": st.retention_scores,
             "last_good_step": st.last_good_step,
+            "changed": retention_changed,
         },
         "preference": dpo.as_ref().map(|d| json!({
             "beta": d.cfg.beta,
