@@ -16,32 +16,17 @@ use tch::{Kind, Tensor};
 
 use crate::data::{Batch, Sample, build_batch};
 use crate::model::CausalLm;
+use crate::train::step::{MicroBatch, target_logits};
 
 /// Conversations scored by the self-distillation term per optimizer step.
 pub const DISTILL_PER_STEP: usize = 2;
 
-/// `[n, vocab]` float32 log-probabilities at the target positions of `batch` (labels[:, 1:]
-/// other than −100, row-major), and the number of such positions.
+/// `[n, vocab]` float32 log-probabilities at the target positions of `batch` (row-major).
 fn target_log_probs(model: &CausalLm, batch: &Batch) -> Tensor {
-    let device = model.device;
-    let ids = batch.input_ids.to_device(device);
-    let (b, t) = ids.size2().expect("input_ids are [batch, seq]");
-    let pos = batch.position_ids.to_device(device);
-    let mask = batch.attention_mask.as_ref().map(|m| m.to_device(device));
-    let hidden = model.hidden_with(&ids, &pos, mask.as_ref());
-    let h = hidden.size()[2];
-    let labels = batch
-        .labels
-        .to_device(device)
-        .narrow(1, 1, t - 1)
-        .reshape([b * (t - 1)]);
-    let rows = labels.ne(-100).nonzero().squeeze_dim(1);
-    let at = &rows + rows.divide_scalar_mode(t - 1, "floor");
-    let selected = hidden.reshape([b * t, h]).index_select(0, &at);
-    model
-        .logits(&selected)
-        .to_kind(Kind::Float)
-        .log_softmax(-1, Kind::Float)
+    match target_logits(model, &MicroBatch::from(batch)) {
+        Some(t) => t.logits.log_softmax(-1, Kind::Float),
+        None => Tensor::zeros([0, model.config.vocab_size], (Kind::Float, model.device)),
+    }
 }
 
 /// `KL(base ‖ tuned)` per target token of `batch`, averaged over the targets, with gradients for

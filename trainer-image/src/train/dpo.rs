@@ -26,7 +26,7 @@ use tch::{Kind, Tensor};
 use crate::data::{Batch, PreferencePair, Sample, build_batch};
 use crate::model::CausalLm;
 use crate::train::optim::AdamW;
-use crate::train::step::{StepStats, dropout_seed};
+use crate::train::step::{MicroBatch, StepStats, dropout_seed, target_logits};
 
 /// The loss settings of `spec.method.dpo`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,37 +85,20 @@ pub fn dpo_terms(
 }
 
 /// `[rows]` summed log-probability of each row's targets (`labels[:, 1:]` other than −100) and
-/// `[rows]` the number of targets. Like [`crate::train::step::loss_sum`], only target positions go
-/// through the final norm and the LM head.
+/// `[rows]` the number of targets, from the logits at target positions only.
 pub fn sequence_logps(model: &CausalLm, batch: &Batch) -> (Tensor, Tensor) {
-    let device = model.device;
-    let ids = batch.input_ids.to_device(device);
-    let (b, t) = ids.size2().expect("input_ids are [batch, seq]");
-    let zeros = || Tensor::zeros([b], (Kind::Float, device));
-    if t < 2 {
+    let b = batch.input_ids.size()[0];
+    let zeros = || Tensor::zeros([b], (Kind::Float, model.device));
+    let Some(t) = target_logits(model, &MicroBatch::from(batch)) else {
         return (zeros(), zeros());
-    }
-    let pos = batch.position_ids.to_device(device);
-    let mask = batch.attention_mask.as_ref().map(|m| m.to_device(device));
-    let hidden = model.hidden_with(&ids, &pos, mask.as_ref());
-    let h = hidden.size()[2];
-    let labels = batch
-        .labels
-        .to_device(device)
-        .narrow(1, 1, t - 1)
-        .reshape([b * (t - 1)]);
-    let rows = labels.ne(-100).nonzero().squeeze_dim(1);
-    let row_of = rows.divide_scalar_mode(t - 1, "floor");
-    let at = &rows + &row_of;
-    let selected = hidden.reshape([b * t, h]).index_select(0, &at);
-    let logp = model
-        .logits(&selected)
-        .to_kind(Kind::Float)
+    };
+    let logp = t
+        .logits
         .log_softmax(-1, Kind::Float)
-        .gather(1, &labels.index_select(0, &rows).unsqueeze(1), false)
+        .gather(1, &t.labels.unsqueeze(1), false)
         .squeeze_dim(1);
-    let sums = zeros().index_add(0, &row_of, &logp);
-    let counts = zeros().index_add(0, &row_of, &Tensor::ones_like(&logp));
+    let sums = zeros().index_add(0, &t.rows, &logp);
+    let counts = zeros().index_add(0, &t.rows, &Tensor::ones_like(&logp));
     (sums, counts)
 }
 

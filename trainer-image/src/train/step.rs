@@ -47,18 +47,30 @@ pub fn count_targets(labels: &Tensor) -> i64 {
         .int64_value(&[])
 }
 
-/// Summed cross-entropy (float32) of `logits[:, :-1]` against `labels[:, 1:]`, −100 ignored.
+/// The target positions of a micro-batch (labels in `labels[:, 1:]` other than −100, row-major)
+/// with the logits that predict them.
+pub struct Targets {
+    /// `[n, vocab]` float32.
+    pub logits: Tensor,
+    /// `[n]` the target token ids.
+    pub labels: Tensor,
+    /// `[n]` the batch row each target is in.
+    pub rows: Tensor,
+}
+
+/// The logits at the target positions of `mb` only (`None` for sequences shorter than 2).
 ///
-/// Only the rows that have a target go through the final norm, the LM head and the loss: the
-/// hidden states at supervised positions are gathered first. Both act on each position on its own,
-/// so this is the same sum as projecting every position onto the vocabulary and ignoring the −100
-/// rows, without the `[batch·seq, vocab]` logits (and their gradient) for prompt and padding tokens.
-pub fn loss_sum(model: &CausalLm, mb: &MicroBatch) -> Tensor {
+/// Only the rows that have a target go through the final norm and the LM head: the hidden states
+/// at target positions are gathered first. Both act on each position on its own, so this equals
+/// projecting every position onto the vocabulary and dropping the −100 rows, without the
+/// `[batch·seq, vocab]` logits (and their gradient) for prompt and padding tokens. The SFT loss,
+/// DPO's sequence log-probs and the self-distillation KL all start here.
+pub fn target_logits(model: &CausalLm, mb: &MicroBatch) -> Option<Targets> {
     let device = model.device;
     let ids = mb.input_ids.to_device(device);
     let (b, t) = ids.size2().expect("input_ids are [batch, seq]");
     if t < 2 {
-        return Tensor::zeros([], (Kind::Float, device));
+        return None;
     }
     let pos = mb.position_ids.to_device(device);
     let mask = mb.attention_mask.map(|m| m.to_device(device));
@@ -71,17 +83,27 @@ pub fn loss_sum(model: &CausalLm, mb: &MicroBatch) -> Tensor {
         .reshape([b * (t - 1)]);
     // Flat index r = row·(t−1) + col of a target in `labels[:, 1:]` is predicted by position
     // row·t + col = r + row of `hidden`.
-    let rows = labels.ne(-100).nonzero().squeeze_dim(1);
-    let at = &rows + rows.divide_scalar_mode(t - 1, "floor");
+    let flat = labels.ne(-100).nonzero().squeeze_dim(1);
+    let rows = flat.divide_scalar_mode(t - 1, "floor");
+    let at = &flat + &rows;
     let selected = hidden.reshape([b * t, h]).index_select(0, &at);
-    let logits = model.logits(&selected).to_kind(Kind::Float);
-    logits.cross_entropy_loss::<Tensor>(
-        &labels.index_select(0, &rows),
-        None,
-        Reduction::Sum,
-        -100,
-        0.0,
-    )
+    Some(Targets {
+        logits: model.logits(&selected).to_kind(Kind::Float),
+        labels: labels.index_select(0, &flat),
+        rows,
+    })
+}
+
+/// Summed cross-entropy (float32) of `logits[:, :-1]` against `labels[:, 1:]`, −100 ignored,
+/// computed at the target positions only ([`target_logits`]).
+pub fn loss_sum(model: &CausalLm, mb: &MicroBatch) -> Tensor {
+    match target_logits(model, mb) {
+        Some(t) => {
+            t.logits
+                .cross_entropy_loss::<Tensor>(&t.labels, None, Reduction::Sum, -100, 0.0)
+        }
+        None => Tensor::zeros([], (Kind::Float, model.device)),
+    }
 }
 
 /// What one step measured.
