@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use finetune_crds::contract::DEFAULT_STATUS_PORT;
+use finetune_crds::contract::{DEFAULT_STATUS_PORT, TerminationMessage};
 use finetune_crds::{Adapter, FinetuneJob, FinetuneJobStatus, JobPhase, validate_object};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
@@ -28,9 +28,9 @@ use tracing::{info, warn};
 
 use crate::error::Error;
 use crate::finetunejob::build::{self, BuildSettings};
-use crate::finetunejob::init_adapter;
 use crate::finetunejob::names;
 use crate::finetunejob::status::{self, Action, Derived, Outcome};
+use crate::finetunejob::{init_adapter, produced};
 use crate::metrics::Metrics;
 use crate::progress::ProgressPoller;
 
@@ -350,6 +350,11 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     if job.status.as_ref() != Some(&derived.status) {
         write_status(&ctx, &jobs, &job, &derived.status).await?;
     }
+    if derived.status.phase == Some(JobPhase::Succeeded)
+        && let Some(termination) = status::succeeded_termination(&pods)
+    {
+        register_adapter(&ctx, &job, &termination, &namespace).await?;
+    }
     // Counted once the pod and the status are written: a failed write derives it again.
     count_outcome(&ctx, &key, &namespace, phase_before, &derived);
     publish(&ctx, &job, &derived);
@@ -486,6 +491,64 @@ where
         &Patch::Apply(object),
     )
     .await
+}
+
+/// Registers the Adapter a succeeded job produced (see `produced`): spec by server-side apply,
+/// then its status with the lineage. Once per job (its UID); an Adapter of that name that comes
+/// from another job is left alone with a Warning on this one.
+async fn register_adapter(
+    ctx: &Context,
+    job: &FinetuneJob,
+    termination: &TerminationMessage,
+    namespace: &str,
+) -> Result<(), Error> {
+    let adapters: Api<Adapter> = Api::namespaced(ctx.client.clone(), namespace);
+    let desired = produced::adapter(job, termination);
+    let name = desired.name_any();
+    if let Some(existing) = adapters.get_opt(&name).await? {
+        if !produced::belongs_to(&existing, job) {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "AdapterNameTaken".into(),
+                note: Some(format!(
+                    "Adapter {name} already exists and does not come from this job; the result stays in the job's storage"
+                )),
+                action: "Register".into(),
+                secondary: None,
+            };
+            publish_detached(ctx, job, vec![event]);
+            return Ok(());
+        }
+        if produced::is_registered(&existing, job) {
+            return Ok(());
+        }
+    }
+    apply(&adapters, &name, &desired).await?;
+    let status = produced::adapter_status(job, termination, Timestamp::now());
+    let files = status.files.len();
+    let patch = json!({
+        "apiVersion": Adapter::api_version(&()),
+        "kind": Adapter::kind(&()),
+        "status": status,
+    });
+    adapters
+        .patch_status(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "AdapterRegistered".into(),
+        note: Some(format!(
+            "Adapter {name} registered with its lineage and {files} file digest(s)"
+        )),
+        action: "Register".into(),
+        secondary: None,
+    };
+    publish_detached(ctx, job, vec![event]);
+    Ok(())
 }
 
 /// The storage URI of the Adapter a job starts from, or why there is none yet.

@@ -8,6 +8,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use finetune_crds::adapter::AdapterPhase;
 use finetune_crds::{Adapter, FinetuneJob, JobPhase, parse_manifest};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota,
@@ -706,6 +707,39 @@ async fn a_real_trainer_runs_under_the_operator_to_success() {
     );
     assert_eq!(status.adapter_ref.unwrap().name, "smollm2-kubectl");
     assert!(status.latest_checkpoint.is_some_and(|c| c.step == 8));
+
+    // The job registered its Adapter, with lineage and the trainer's file digests.
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
+    let adapter = wait_for(
+        "the Adapter registered with its lineage",
+        Duration::from_secs(60),
+        || async {
+            let adapter = adapters.get_opt("smollm2-kubectl").await.ok()??;
+            adapter.status.as_ref()?.lineage.as_ref()?;
+            Some(adapter)
+        },
+    )
+    .await;
+    assert_eq!(adapter.spec.source.from_job.as_deref(), Some("kubectl-sft"));
+    assert!(adapter.metadata.owner_references.is_none());
+    let adapter_status = adapter.status.unwrap();
+    assert_eq!(adapter_status.phase, Some(AdapterPhase::Ready));
+    let lineage = adapter_status.lineage.unwrap();
+    assert_eq!(lineage.job.as_deref(), Some("kubectl-sft"));
+    assert!(lineage.dataset_digest.is_some() && lineage.metrics.is_some());
+    assert_eq!(lineage.checkpoint_step, Some(8));
+    let weights = adapter_status
+        .files
+        .iter()
+        .find(|f| f.name == "adapter_model.safetensors")
+        .expect("the weights' digest");
+    assert_eq!(
+        adapter
+            .spec
+            .expected_sha256
+            .get("adapter_model.safetensors"),
+        Some(&weights.sha256)
+    );
     let claim_dir = work
         .path()
         .join("pvc")

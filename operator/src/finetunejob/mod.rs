@@ -4,4 +4,5 @@
 pub mod build;
 pub mod init_adapter;
 pub mod names;
+pub mod produced;
 pub mod status;

@@ -455,6 +455,14 @@ fn attempt_of(pod: &Pod) -> Option<i32> {
         .ok()
 }
 
+/// The termination message of the job's succeeded trainer pod, if one succeeded and wrote one.
+pub fn succeeded_termination(pods: &[Pod]) -> Option<TerminationMessage> {
+    pods.iter().find_map(|pod| match pod_state(pod) {
+        PodState::Succeeded(termination) => termination,
+        _ => None,
+    })
+}
+
 fn pod_name(pod: &Pod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
 }
