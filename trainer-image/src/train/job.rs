@@ -748,10 +748,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     // DPO: the pairs themselves go to the objective; `prepared` holds their chosen sides, which
     // order the batches and feed the generation eval.
     let (mut prepared, mut pairs) = if is_dpo {
-        let mut p = prepare_preference(&train_path, eval_path.as_deref(), &encoder, &data_cfg)?;
-        if let Some(max) = spec.dataset.max_samples {
-            p.train.truncate(max as usize);
-        }
+        let p = prepare_preference(&train_path, eval_path.as_deref(), &encoder, &data_cfg)?;
         (Prepared::chosen_sides(&p), Some(p))
     } else {
         (
@@ -761,6 +758,9 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     };
     if let Some(max) = spec.dataset.max_samples {
         prepared.train.truncate(max as usize);
+        if let Some(p) = pairs.as_mut() {
+            p.train.truncate(max as usize);
+        }
     }
     eprintln!("train data: {}", prepared.train_stats.summary());
     if let Some(s) = &prepared.eval_stats {
