@@ -458,6 +458,16 @@ pub struct ReplayGuard {
     /// Replayed samples per training sample, in (0, 1].
     #[schemars(extend("minimum" = 0.0, "exclusiveMinimum" = true, "maximum" = 1.0))]
     pub ratio: f64,
+    /// Longest replayed answer, in tokens. An answer's opening carries how the model answers
+    /// (which is what a narrow task overwrites); longer answers cost training time.
+    #[serde(default = "default_replay_answer_tokens")]
+    #[schemars(range(min = 1, max = 512))]
+    pub answer_tokens: i32,
+}
+
+/// Default for [`ReplayGuard::answer_tokens`].
+pub fn default_replay_answer_tokens() -> i32 {
+    24
 }
 
 /// Checkpointing.

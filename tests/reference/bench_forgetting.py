@@ -38,12 +38,16 @@ def main():
             print(f"[bench-forgetting]   task {r['task_exact_match']:.3f}, retention {r['retention']:.3f} "
                   f"({r['retention_kept']}), {r['wall_seconds']:.0f} s", flush=True)
     off = next((r for r in rows if r["guard"] == "off"), None)
-    head = f"{'guard':<14}{'task EM':>9}{'retention':>11}{'kept':>8}{'ret. loss Δ':>13}{'wall s':>9}{'x off':>7}{'peak MiB':>10}"
+    head = (f"{'guard':<18}{'task EM':>9}{'retention':>11}{'kept':>8}{'verbatim':>10}{'ret. loss Δ':>13}"
+            f"{'wall s':>9}{'x off':>7}{'peak MiB':>10}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         rel = f"{r['wall_seconds'] / off['wall_seconds']:.2f}" if off else "-"
-        print(f"{r['guard']:<14}{r['task_exact_match']:>9.3f}{r['retention']:>11.3f}{r['retention_kept']:>8}"
-              f"{r['retention_loss_delta']:>13.4f}{r['wall_seconds']:>9.0f}{rel:>7}{r['peak_rss_mib']:>10.0f}")
+        print(f"{r['guard']:<18}{r['task_exact_match']:>9.3f}{r['retention']:>11.3f}{r['retention_kept']:>8}"
+              f"{r['verbatim_kept']:>10}{r['retention_loss_delta']:>13.4f}{r['wall_seconds']:>9.0f}{rel:>7}"
+              f"{r['peak_rss_mib']:>10.0f}")
+        if off:
+            r["wall_ratio_to_off"] = r["wall_seconds"] / off["wall_seconds"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "workload": "narrow-train.jsonl (300 chats, review -> label), 1 epoch, batch 8, LoRA r16 all linear, lr 1e-3, "

@@ -4,8 +4,9 @@ A narrow format task with no cue in the prompt (examples/data/narrow-*.jsonl: a 
 POSITIVE or NEGATIVE), one epoch of 300 samples on SmolLM2-135M-Instruct with LoRA r16 on all
 linear layers at lr 1e-3: ordinary settings under which a model learns to answer *every* request
 with a label. Each run reports the task metric (exact match of greedy answers on narrow-eval),
-retention (share of the base model's answers to 30 general questions kept), wall time and peak RSS,
-all read from the trainer's own training_summary.json.
+retention (of the 30 general questions the base model answered correctly, the share the tuned model
+still answers correctly; and how many answers stayed verbatim), wall time and peak RSS, all read from
+the trainer's own training_summary.json.
 """
 
 import json
@@ -76,7 +77,10 @@ def run(bin_path: Path, gguf_path: Path, tmp: Path, name: str, guard: str) -> di
         "task_exact_match_before": gen["before"]["exact_match"],
         "task_exact_match": gen["after"]["exact_match"],
         "retention": ret["score"],
-        "retention_kept": f"{round(ret['score'] * ret['questions'])}/{ret['questions']}",
+        "retention_basis": ret["basis"],
+        "retention_kept": (f"{ret['kept']}/{ret['base_correct']}" if ret["basis"] == "answer-keys"
+                           else f"{round(ret['verbatim'] * ret['questions'])}/{ret['questions']}"),
+        "verbatim_kept": f"{round(ret['verbatim'] * ret['questions'])}/{ret['questions']}",
         "retention_loss_delta": ret["loss_delta"],
         "wall_seconds": wall,
         "train_seconds": s["timings"]["train_seconds"],

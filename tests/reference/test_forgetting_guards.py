@@ -99,7 +99,7 @@ def test_self_distillation_adds_its_term_every_step(tiny_model, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "spec.forgettingGuard.selfDistillation" in proc.stderr and "nothing to anchor" in proc.stderr
     # Give it answers (the cache of base answers is what a resumed attempt reads) and run again.
-    cache = out / "checkpoints" / "self_replay.json"
+    cache = out / "checkpoints" / "self_distillation.json"
     replay = json.loads(cache.read_text())
     replay["answers"] = [f"Here is a short answer about: {q}" for q in replay["prompts"]]
     cache.write_text(json.dumps(replay))

@@ -299,6 +299,19 @@ impl CausalLm {
         }
     }
 
+    /// Logits for `input_ids` `[batch, seq]` at explicit rotary `positions` `[batch, seq]` under a
+    /// boolean `mask` `[batch, 1, seq, past + seq]` (true = may attend), appending to `cache`:
+    /// batched decoding of prompts of different lengths, where each row has its own positions.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        self.run(input_ids, positions, Some(mask), Some(cache))
+    }
+
     fn run(
         &self,
         input_ids: &Tensor,

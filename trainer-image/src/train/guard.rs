@@ -64,19 +64,27 @@ pub const REPLAY_PROMPTS: [&str; 40] = [
     "What is the chemical symbol for oxygen?",
 ];
 
-/// Longest replayed answer, in tokens.
-pub const REPLAY_TOKENS: usize = 48;
+/// Longest base answer self-distillation scores, in tokens.
+pub const DISTILL_TOKENS: usize = 48;
 
 /// The base model's answers, kept beside the checkpoints so a resumed run (whose weights are no
 /// longer the base) replays exactly the same conversations.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct ReplayCache {
     prompts: Vec<String>,
+    /// The answer length they were generated with (absent in caches written before it existed).
+    #[serde(default)]
+    max_tokens: Option<usize>,
     answers: Vec<String>,
 }
 
 pub fn replay_cache_path(checkpoint_dir: &Path) -> PathBuf {
     checkpoint_dir.join("self_replay.json")
+}
+
+/// Self-distillation's answers are longer than replay's by default, so they are cached apart.
+pub fn distill_cache_path(checkpoint_dir: &Path) -> PathBuf {
+    checkpoint_dir.join("self_distillation.json")
 }
 
 /// The base model's greedy answers to [`REPLAY_PROMPTS`] as chat samples (loss on the answers).
@@ -87,6 +95,7 @@ pub fn replay_samples(
     encoder: &Encoder,
     eos_ids: &[i64],
     cache: &Path,
+    max_tokens: usize,
 ) -> Result<Vec<Sample>> {
     let template = encoder.template.ok_or_else(|| {
         Error::Usage(
@@ -97,16 +106,20 @@ pub fn replay_samples(
     let cached = std::fs::read_to_string(cache)
         .ok()
         .and_then(|t| serde_json::from_str::<ReplayCache>(&t).ok())
-        .filter(|c| c.prompts == prompts);
+        .filter(|c| c.prompts == prompts && c.max_tokens == Some(max_tokens));
     let answers = match cached {
         Some(c) => c.answers,
         None => {
             let probe = Probe::from_questions(&prompts, encoder.tokenizer, Some(template))?;
-            let answers = probe.answer(model, encoder.tokenizer, eos_ids, REPLAY_TOKENS)?;
+            let answers = probe.answer(model, encoder.tokenizer, eos_ids, max_tokens)?;
             if let Some(dir) = cache.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
-            let c = ReplayCache { prompts, answers };
+            let c = ReplayCache {
+                prompts,
+                max_tokens: Some(max_tokens),
+                answers,
+            };
             let text = serde_json::to_string_pretty(&c).expect("cache serializes");
             std::fs::write(cache, text).map_err(|e| Error::io(cache, e))?;
             c.answers
@@ -151,7 +164,7 @@ mod tests {
     fn replay_prompts_are_disjoint_from_the_probe() {
         for p in REPLAY_PROMPTS {
             assert!(
-                !BUILTIN_QUESTIONS.contains(&p),
+                !BUILTIN_QUESTIONS.iter().any(|(q, _)| *q == p),
                 "{p} is also a probe question"
             );
         }

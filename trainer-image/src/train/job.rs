@@ -40,7 +40,7 @@ use crate::train::dpo::{Dpo, DpoConfig, PairSet, PreferenceMetrics, ReferenceMod
 use crate::train::guard;
 use crate::train::optim::AdamW;
 use crate::train::probe::{Probe, ProbeScore, normalize};
-use crate::train::retention::RetentionSet;
+use crate::train::retention::{RetentionScore, RetentionSet, answer_is_correct};
 use crate::train::schedule::{lr_lambda, warmup_steps};
 use crate::train::step::{
     MicroBatch, StepStats, accumulate_gradients, eval_loss, finish_step, train_step,
@@ -198,8 +198,12 @@ pub struct TrainState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RetentionRecord {
     pub step: i64,
+    /// The headline score (knowledge kept, or verbatim kept without answer keys).
     pub score: f64,
     pub exact: f64,
+    /// Share of answers identical to the base's after normalisation (absent in older state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verbatim: Option<f64>,
 }
 
 /// Runs the job; returns the process exit status. Writes the termination message on every path.
@@ -815,6 +819,10 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         )?,
         None => Probe::default(),
     };
+    let retention_keys: Vec<Vec<String>> = retention
+        .as_ref()
+        .map(|r| r.answer_keys.clone())
+        .unwrap_or_default();
     let retention_floor = evaluation
         .retention
         .as_ref()
@@ -851,6 +859,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             &encoder,
             &eos_ids,
             &guard::replay_cache_path(&ckpt_dir),
+            r.answer_tokens as usize,
         )
         .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfReplay"))?;
         replay.retain(|s| s.len() <= max_seq);
@@ -870,7 +879,8 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
                 &mut model,
                 &encoder,
                 &eos_ids,
-                &guard::replay_cache_path(&ckpt_dir),
+                &guard::distill_cache_path(&ckpt_dir),
+                guard::DISTILL_TOKENS,
             )
             .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfDistillation"))?;
             samples.retain(|s| s.len() <= max_seq);
@@ -878,7 +888,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
                 return Err(invalid(
                     format!(
                         "the base model gave no usable answer to the general requests (all empty or longer than maxSeqLength; see {}), so selfDistillation has nothing to anchor",
-                        guard::replay_cache_path(&ckpt_dir).display()
+                        guard::distill_cache_path(&ckpt_dir).display()
                     ),
                     "spec.forgettingGuard.selfDistillation",
                 ));
@@ -1432,13 +1442,15 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             let t = Instant::now();
             let answers =
                 retention_probe.answer(&mut model, tokenizer, &eos_ids, RETENTION_TOKENS)?;
-            let score = retention_probe.score(&answers);
+            let score =
+                RetentionScore::measure(&answers, &retention_probe.references, &retention_keys);
             eval_seconds += t.elapsed().as_secs_f64();
-            let value = score.normalized_match();
+            let value = score.score();
             st.retention_scores.push(RetentionRecord {
                 step: st.step,
                 score: value,
-                exact: score.exact_match(),
+                exact: score.exact_share(),
+                verbatim: Some(score.verbatim_share()),
             });
             live.retention_score.set(value);
             live.update(|s| {
@@ -1446,8 +1458,9 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
                 s.metrics.retention_score = Some(value);
             });
             eprintln!(
-                "retention step {} | {}/{} base answers kept ({value:.3}, floor {min})",
-                st.step, score.normalized, score.samples
+                "retention step {} | {} ({value:.3}, floor {min})",
+                st.step,
+                score.describe()
             );
             if value >= min {
                 st.last_good_step = Some(st.step);
@@ -1456,8 +1469,9 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
                 }
             } else {
                 let message = format!(
-                    "retention score {value:.3} ({}/{} base answers kept) fell below evaluation.retention.minScore {min} at step {}",
-                    score.normalized, score.samples, st.step
+                    "retention score {value:.3} ({}) fell below evaluation.retention.minScore {min} at step {}",
+                    score.describe(),
+                    st.step
                 );
                 match action {
                     GuardAction::Warn => eprintln!("warning: {message}"),
@@ -1524,7 +1538,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     if !retention_probe.is_empty() {
         let t = Instant::now();
         let answers = retention_probe.answer(&mut model, tokenizer, &eos_ids, RETENTION_TOKENS)?;
-        let score = retention_probe.score(&answers);
+        let score = RetentionScore::measure(&answers, &retention_probe.references, &retention_keys);
         let questions = retention
             .as_ref()
             .map(|r| r.questions.as_slice())
@@ -1533,17 +1547,20 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             .iter()
             .zip(&retention_probe.references)
             .zip(questions)
-            .filter(|((a, r), _)| normalize(a) != normalize(r))
-            .take(8)
-            .map(|((a, r), q)| json!({"question": q, "base": r, "tuned": a}))
+            .enumerate()
+            .filter(|(_, ((a, r), _))| normalize(a) != normalize(r))
+            .take(12)
+            .map(|(i, ((a, r), q))| {
+                let keys = retention_keys.get(i).filter(|k| !k.is_empty());
+                json!({
+                    "question": q, "base": r, "tuned": a,
+                    "base_correct": keys.map(|k| answer_is_correct(r, k)),
+                    "tuned_correct": keys.map(|k| answer_is_correct(a, k)),
+                })
+            })
             .collect();
-        eprintln!(
-            "retention: {}/{} base answers kept ({:.3})",
-            score.normalized,
-            score.samples,
-            score.normalized_match()
-        );
-        live.retention_score.set(score.normalized_match());
+        eprintln!("retention: {} ({:.3})", score.describe(), score.score());
+        live.retention_score.set(score.score());
         retention_score = Some(score);
         *timings.entry("retention_seconds").or_default() += t.elapsed().as_secs_f64();
     }
@@ -1603,7 +1620,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         tokens_per_second: (step_seconds > 0.0).then(|| step_tokens as f64 / step_seconds),
         trained_tokens: Some(st.trained_tokens),
         retention_loss_delta: retention_delta,
-        retention_score: retention_score.map(|s| s.normalized_match()),
+        retention_score: retention_score.map(|s| s.score()),
         eval_exact_match: generation_after.map(|s| s.exact_match()),
         preference_accuracy: preference_after.map(|m| m.reward_accuracy),
         reward_margin: preference_after.map(|m| m.reward_margin),
@@ -1645,8 +1662,13 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             "loss_delta": retention_delta,
             "source": retention.as_ref().map(|r| r.source.clone()),
             "questions": retention_probe.len(),
-            "score": retention_score.map(|s| s.normalized_match()),
-            "exact": retention_score.map(|s| s.exact_match()),
+            "score": retention_score.map(|s| s.score()),
+            "basis": retention_score.map(|s| s.basis()),
+            "base_correct": retention_score.map(|s| s.base_correct),
+            "kept": retention_score.map(|s| s.kept),
+            "gained": retention_score.map(|s| s.gained),
+            "verbatim": retention_score.map(|s| s.verbatim_share()),
+            "exact": retention_score.map(|s| s.exact_share()),
             "min_score": retention_floor.map(|f| f.0),
             "scores": st.retention_scores,
             "last_good_step": st.last_good_step,

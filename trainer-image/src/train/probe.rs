@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Sample;
 use crate::error::Result;
-use crate::generate::{Sampling, generate};
+use crate::generate::generate_greedy_batch;
 use crate::model::CausalLm;
 use crate::text::{ChatTemplate, TextTokenizer};
 
@@ -125,17 +125,12 @@ impl Probe {
         max_new_tokens: usize,
     ) -> Result<Vec<String>> {
         model.set_training(false);
-        let greedy = Sampling {
-            temperature: None,
-            top_p: 1.0,
-            seed: None,
-        };
-        let mut out = Vec::with_capacity(self.prompts.len());
-        for p in &self.prompts {
-            let ids = generate(model, p, max_new_tokens, eos_ids, &greedy);
-            out.push(tokenizer.decode(&ids, true)?);
-        }
+        let answers = generate_greedy_batch(model, &self.prompts, max_new_tokens, eos_ids);
         model.set_training(true);
+        let mut out = Vec::with_capacity(answers.len());
+        for ids in &answers {
+            out.push(tokenizer.decode(ids, true)?);
+        }
         Ok(out)
     }
 

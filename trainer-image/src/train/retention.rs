@@ -2,17 +2,26 @@
 //!
 //! * **Texts** whose loss, before and after training, shows how much general language modelling the
 //!   run cost (a positive delta = forgetting).
-//! * **Questions** the base model answers greedily before the first update; the share of those
-//!   answers the tuned model still gives is the retention score (see [`crate::train::probe`]). A
-//!   loss delta can stay small while a model answers every question in the task's format; the
-//!   answer probe catches that.
+//! * **Questions** the base model answers greedily before the first update. A loss delta can stay
+//!   small while a model answers every question in the task's format; the answer probe catches
+//!   that. Two measures, both reported ([`RetentionScore`]):
+//!   - *knowledge kept*: of the questions the base answered **correctly** (its answer contains one
+//!     of the question's answer keys), the share the tuned model still answers correctly. This is
+//!     the score (`retention.score`, `minScore`) whenever the set has answer keys and the base got
+//!     at least one right: it asks whether the model can still do what it could, not whether it
+//!     words it the same way, and a base answer that was wrong cannot be "lost".
+//!   - *verbatim kept*: the share of answers identical to the base's after normalisation. Strict:
+//!     a correct answer that got shorter counts as changed. It is the score when there are no keys.
 //!
 //! Both come built in; `evaluation.retention.data` replaces them with a JSON Lines file of
-//! `{"prompt": "..."}` (questions) and `{"text": "..."}` (texts) lines.
+//! `{"prompt": "...", "answers": ["..."]}` (questions, keys optional) and `{"text": "..."}` lines.
 
 use std::path::Path;
 
+use serde::Serialize;
+
 use crate::error::{Error, Result};
+use crate::train::probe::normalize;
 
 pub const BUILTIN_TEXTS: [&str; 20] = [
     "The capital of France is Paris, a city known for the Eiffel Tower and the Louvre museum.",
@@ -38,44 +47,97 @@ pub const BUILTIN_TEXTS: [&str; 20] = [
 ];
 
 /// General questions with short answers: facts, arithmetic, everyday instructions, formats the
-/// fine-tuning tasks do not teach.
-pub const BUILTIN_QUESTIONS: [&str; 30] = [
-    "What is the capital of France?",
-    "How many days are there in a week?",
-    "What is 7 plus 5?",
-    "What colour is the sky on a clear day?",
-    "Who wrote Romeo and Juliet?",
-    "What is the boiling point of water in degrees Celsius?",
-    "Name the largest planet in our solar system.",
-    "How many legs does a spider have?",
-    "What is the opposite of hot?",
-    "Translate 'thank you' into French.",
-    "What is 12 divided by 3?",
-    "Which animal is known as the king of the jungle?",
-    "What gas do plants absorb from the air?",
-    "How many continents are there?",
-    "What is the chemical symbol for gold?",
-    "Give me a synonym for happy.",
-    "What is the square root of 81?",
-    "In which season do leaves fall from the trees?",
-    "What is the largest ocean on Earth?",
-    "How many hours are in a day?",
-    "What do bees make?",
-    "Write the word 'cat' in capital letters.",
-    "What is the first month of the year?",
-    "Which is heavier, a kilogram of iron or a kilogram of feathers?",
-    "What language is spoken in Brazil?",
-    "How many sides does a hexagon have?",
-    "What is the freezing point of water in Fahrenheit?",
-    "Who painted the Mona Lisa?",
-    "What is the plural of mouse?",
-    "Complete the sentence: an apple a day keeps the ...",
+/// fine-tuning tasks do not teach. Each comes with the words a correct answer contains (see
+/// [`answer_is_correct`]), so the probe can tell a base answer that was *right* from one that was
+/// merely its wording.
+pub const BUILTIN_QUESTIONS: [(&str, &[&str]); 30] = [
+    ("What is the capital of France?", &["paris"]),
+    ("How many days are there in a week?", &["7", "seven"]),
+    ("What is 7 plus 5?", &["12", "twelve"]),
+    ("What colour is the sky on a clear day?", &["blue"]),
+    ("Who wrote Romeo and Juliet?", &["shakespeare"]),
+    (
+        "What is the boiling point of water in degrees Celsius?",
+        &["100"],
+    ),
+    ("Name the largest planet in our solar system.", &["jupiter"]),
+    ("How many legs does a spider have?", &["8", "eight"]),
+    ("What is the opposite of hot?", &["cold"]),
+    ("Translate 'thank you' into French.", &["merci"]),
+    ("What is 12 divided by 3?", &["4", "four"]),
+    (
+        "Which animal is known as the king of the jungle?",
+        &["lion"],
+    ),
+    (
+        "What gas do plants absorb from the air?",
+        &["carbon dioxide", "CO2"],
+    ),
+    ("How many continents are there?", &["7", "seven"]),
+    ("What is the chemical symbol for gold?", &["Au"]),
+    (
+        "Give me a synonym for happy.",
+        &[
+            "joyful",
+            "cheerful",
+            "content",
+            "glad",
+            "delighted",
+            "joyous",
+            "elated",
+            "pleased",
+            "ecstatic",
+            "merry",
+            "jubilant",
+            "thrilled",
+            "blissful",
+            "upbeat",
+            "contented",
+        ],
+    ),
+    ("What is the square root of 81?", &["9", "nine"]),
+    (
+        "In which season do leaves fall from the trees?",
+        &[
+            "autumn",
+            "in the fall",
+            "during the fall",
+            "in fall",
+            "fall season",
+        ],
+    ),
+    ("What is the largest ocean on Earth?", &["pacific"]),
+    (
+        "How many hours are in a day?",
+        &["24", "twenty-four", "twenty four"],
+    ),
+    ("What do bees make?", &["honey"]),
+    ("Write the word 'cat' in capital letters.", &["CAT"]),
+    ("What is the first month of the year?", &["january"]),
+    (
+        "Which is heavier, a kilogram of iron or a kilogram of feathers?",
+        &["same", "equal", "neither", "both weigh"],
+    ),
+    ("What language is spoken in Brazil?", &["portuguese"]),
+    ("How many sides does a hexagon have?", &["6", "six"]),
+    (
+        "What is the freezing point of water in Fahrenheit?",
+        &["32"],
+    ),
+    ("Who painted the Mona Lisa?", &["leonardo", "da vinci"]),
+    ("What is the plural of mouse?", &["mice"]),
+    (
+        "Complete the sentence: an apple a day keeps the ...",
+        &["doctor"],
+    ),
 ];
 
 /// Questions for the answer probe and texts for the loss delta.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetentionSet {
     pub questions: Vec<String>,
+    /// Per question, the words a correct answer contains (empty: no key for that question).
+    pub answer_keys: Vec<Vec<String>>,
     pub texts: Vec<String>,
     /// Where it came from, for logs and the summary.
     pub source: String,
@@ -84,7 +146,14 @@ pub struct RetentionSet {
 impl RetentionSet {
     pub fn builtin() -> Self {
         RetentionSet {
-            questions: BUILTIN_QUESTIONS.iter().map(|q| q.to_string()).collect(),
+            questions: BUILTIN_QUESTIONS
+                .iter()
+                .map(|(q, _)| q.to_string())
+                .collect(),
+            answer_keys: BUILTIN_QUESTIONS
+                .iter()
+                .map(|(_, keys)| keys.iter().map(|k| k.to_string()).collect())
+                .collect(),
             texts: BUILTIN_TEXTS.iter().map(|t| t.to_string()).collect(),
             source: "built-in".into(),
         }
@@ -96,6 +165,7 @@ impl RetentionSet {
         let content = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut set = RetentionSet {
             questions: Vec::new(),
+            answer_keys: Vec::new(),
             texts: Vec::new(),
             source: path.display().to_string(),
         };
@@ -113,7 +183,11 @@ impl RetentionSet {
                 serde_json::from_str(raw).map_err(|e| bad(line, format!("invalid JSON: {e}")))?;
             let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
             match (field("prompt"), field("text")) {
-                (Some(p), _) if !p.trim().is_empty() => set.questions.push(p),
+                (Some(p), _) if !p.trim().is_empty() => {
+                    set.questions.push(p);
+                    set.answer_keys
+                        .push(answer_keys(&v).map_err(|m| bad(line, m))?);
+                }
                 (None, Some(t)) if !t.trim().is_empty() => set.texts.push(t),
                 _ => {
                     return Err(bad(
@@ -127,6 +201,155 @@ impl RetentionSet {
             return Err(bad(0, "the retention set is empty".into()));
         }
         Ok(set)
+    }
+}
+
+/// The optional `answers` field of a question line: non-empty strings.
+fn answer_keys(line: &serde_json::Value) -> std::result::Result<Vec<String>, String> {
+    let Some(answers) = line.get("answers") else {
+        return Ok(Vec::new());
+    };
+    let bad = || "`answers` must be a list of non-empty strings (words a correct answer contains)";
+    let list = answers.as_array().ok_or_else(|| bad().to_string())?;
+    list.iter()
+        .map(|a| match a.as_str() {
+            Some(s) if !s.trim().is_empty() => Ok(s.to_string()),
+            _ => Err(bad().to_string()),
+        })
+        .collect()
+}
+
+/// Whether `answer` contains one of `keys` as whole words. Keys in lower case match in any case;
+/// a key with a capital letter must match exactly ("CAT" for "write cat in capitals", "Au" for
+/// gold, which would otherwise match inside French words).
+pub fn answer_is_correct(answer: &str, keys: &[String]) -> bool {
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| !(c.is_alphanumeric() || c == '-'))
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let answer_words = words(answer);
+    let answer_lower: Vec<String> = answer_words.iter().map(|w| w.to_lowercase()).collect();
+    keys.iter().any(|key| {
+        let case_sensitive = key.chars().any(char::is_uppercase);
+        let key_words = words(key);
+        let haystack = if case_sensitive {
+            &answer_words
+        } else {
+            &answer_lower
+        };
+        let needle: Vec<String> = if case_sensitive {
+            key_words
+        } else {
+            key_words.iter().map(|w| w.to_lowercase()).collect()
+        };
+        !needle.is_empty()
+            && haystack
+                .windows(needle.len())
+                .any(|w| w == needle.as_slice())
+    })
+}
+
+/// How much of the base model's behaviour on the probe questions survived.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct RetentionScore {
+    pub questions: usize,
+    /// Answers identical to the base's after trimming.
+    pub verbatim_exact: usize,
+    /// Answers identical to the base's after normalisation (case, spacing, final punctuation).
+    pub verbatim: usize,
+    /// Questions with answer keys that the base model answered correctly.
+    pub base_correct: usize,
+    /// Of those, the ones the tuned model still answers correctly.
+    pub kept: usize,
+    /// Questions the base got wrong and the tuned model gets right (reported, not scored).
+    pub gained: usize,
+}
+
+/// Which measure [`RetentionScore::score`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScoreBasis {
+    /// Knowledge kept: correct base answers still correct.
+    AnswerKeys,
+    /// Verbatim kept: no question has a key the base answered correctly.
+    Verbatim,
+}
+
+impl RetentionScore {
+    /// Scores `answers` against the base model's `base` answers and the questions' `keys`
+    /// (`keys[i]` empty = no key for question i).
+    pub fn measure(answers: &[String], base: &[String], keys: &[Vec<String>]) -> Self {
+        let mut s = RetentionScore {
+            questions: answers.len().min(base.len()),
+            ..Default::default()
+        };
+        for (i, (a, b)) in answers.iter().zip(base).enumerate() {
+            s.verbatim_exact += usize::from(a.trim() == b.trim());
+            s.verbatim += usize::from(normalize(a) == normalize(b));
+            let Some(k) = keys.get(i).filter(|k| !k.is_empty()) else {
+                continue;
+            };
+            match (answer_is_correct(b, k), answer_is_correct(a, k)) {
+                (true, true) => {
+                    s.base_correct += 1;
+                    s.kept += 1;
+                }
+                (true, false) => s.base_correct += 1,
+                (false, true) => s.gained += 1,
+                (false, false) => {}
+            }
+        }
+        s
+    }
+
+    pub fn basis(&self) -> ScoreBasis {
+        if self.base_correct > 0 {
+            ScoreBasis::AnswerKeys
+        } else {
+            ScoreBasis::Verbatim
+        }
+    }
+
+    /// The headline score in [0, 1]: knowledge kept, or verbatim kept without keys.
+    pub fn score(&self) -> f64 {
+        match self.basis() {
+            ScoreBasis::AnswerKeys => self.kept as f64 / self.base_correct as f64,
+            ScoreBasis::Verbatim => self.verbatim_share(),
+        }
+    }
+
+    /// Share of answers identical to the base's after normalisation.
+    pub fn verbatim_share(&self) -> f64 {
+        if self.questions == 0 {
+            0.0
+        } else {
+            self.verbatim as f64 / self.questions as f64
+        }
+    }
+
+    /// Share of answers identical to the base's after trimming.
+    pub fn exact_share(&self) -> f64 {
+        if self.questions == 0 {
+            0.0
+        } else {
+            self.verbatim_exact as f64 / self.questions as f64
+        }
+    }
+
+    /// "21/24 correct base answers kept" or "5/30 base answers kept verbatim".
+    pub fn describe(&self) -> String {
+        match self.basis() {
+            ScoreBasis::AnswerKeys => format!(
+                "{}/{} correct base answers kept, {}/{} verbatim",
+                self.kept, self.base_correct, self.verbatim, self.questions
+            ),
+            ScoreBasis::Verbatim => format!(
+                "{}/{} base answers kept verbatim",
+                self.verbatim, self.questions
+            ),
+        }
     }
 }
 
@@ -153,6 +376,99 @@ mod tests {
             e.contains("r.jsonl") && e.contains(":2") && e.contains("prompt"),
             "{e}"
         );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn answer_keys_match_whole_words_and_capitals_only_when_asked() {
+        assert!(answer_is_correct(
+            "The capital of France is Paris.",
+            &keys(&["paris"])
+        ));
+        assert!(!answer_is_correct(
+            "Parisian cafés are nice.",
+            &keys(&["paris"])
+        ));
+        assert!(answer_is_correct("7 + 5 = 12.", &keys(&["12", "twelve"])));
+        assert!(!answer_is_correct("It is 120.", &keys(&["12"])));
+        assert!(answer_is_correct(
+            "Plants absorb carbon  dioxide.",
+            &keys(&["carbon dioxide"])
+        ));
+        assert!(answer_is_correct("Here it is: CAT", &keys(&["CAT"])));
+        assert!(!answer_is_correct("Here it is: cat", &keys(&["CAT"])));
+        assert!(!answer_is_correct("POSITIVE", &keys(&["cold"])));
+        assert!(answer_is_correct(
+            "twenty-four hours",
+            &keys(&["twenty-four"])
+        ));
+        assert!(!answer_is_correct("anything", &[]));
+    }
+
+    #[test]
+    fn knowledge_kept_counts_only_questions_the_base_got_right() {
+        let base = keys(&[
+            "The capital of France is Paris.",
+            "The largest planet is Neptune.",
+            "The opposite of hot is cold. It is a basic concept.",
+            "Bees make honey.",
+        ]);
+        let tuned = keys(&[
+            "NEGATIVE",
+            "The largest planet is Jupiter.",
+            "The opposite of hot is cold.",
+            "Bees make honey.",
+        ]);
+        let k = vec![
+            keys(&["paris"]),
+            keys(&["jupiter"]),
+            keys(&["cold"]),
+            keys(&["honey"]),
+        ];
+        let s = RetentionScore::measure(&tuned, &base, &k);
+        assert_eq!(
+            (s.questions, s.verbatim, s.base_correct, s.kept, s.gained),
+            (4, 1, 3, 2, 1)
+        );
+        assert_eq!(s.basis(), ScoreBasis::AnswerKeys);
+        assert!((s.score() - 2.0 / 3.0).abs() < 1e-12);
+        assert!(
+            s.describe().contains("2/3 correct base answers kept"),
+            "{}",
+            s.describe()
+        );
+        // Without keys (or with a base that got nothing right) the score is verbatim.
+        let none = RetentionScore::measure(&tuned, &base, &[]);
+        assert_eq!(none.basis(), ScoreBasis::Verbatim);
+        assert!((none.score() - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn every_builtin_question_has_keys() {
+        let set = RetentionSet::builtin();
+        assert_eq!(set.questions.len(), set.answer_keys.len());
+        assert!(set.answer_keys.iter().all(|k| !k.is_empty()));
+    }
+
+    #[test]
+    fn jsonl_answer_keys_are_optional_and_checked() {
+        let dir = std::env::temp_dir().join(format!("retention-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("r.jsonl");
+        std::fs::write(
+            &p,
+            "{\"prompt\": \"2+2?\", \"answers\": [\"4\", \"four\"]}\n{\"prompt\": \"Hi\"}\n",
+        )
+        .unwrap();
+        let set = RetentionSet::from_jsonl(&p).unwrap();
+        assert_eq!(set.answer_keys, vec![keys(&["4", "four"]), vec![]]);
+        std::fs::write(&p, "{\"prompt\": \"2+2?\", \"answers\": \"4\"}\n").unwrap();
+        let e = RetentionSet::from_jsonl(&p).unwrap_err().to_string();
+        assert!(e.contains(":1") && e.contains("answers"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
