@@ -666,7 +666,11 @@ async fn a_real_trainer_runs_under_the_operator_to_success() {
         every_steps: Some(4),
         ..Default::default()
     });
-    job.spec.forgetting_guard = None;
+    // The default guard would spend the short run replaying general answers: not what this tests.
+    job.spec.forgetting_guard = Some(finetune_crds::training::ForgettingGuard {
+        disabled: true,
+        ..Default::default()
+    });
     job.spec.checkpoint.every_steps = 4;
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
     jobs.create(&PostParams::default(), &job)

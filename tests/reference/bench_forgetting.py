@@ -2,7 +2,7 @@
 off and with each guard, one run each on this machine: task metric, retention, wall time, peak
 memory. Prints a table and writes JSON (default $CARGO_TARGET_DIR/bench/forgetting.json).
 
-    ~/.cache/finetune-operator/venv/bin/python tests/reference/bench_forgetting.py [--guards off,self-replay]
+    ~/.cache/finetune-operator/venv/bin/python tests/reference/bench_forgetting.py [--guards off,default]
 """
 
 import argparse

@@ -51,6 +51,7 @@ spec:
   method: {{type: sft, sft: {{assistantOnlyLoss: true}}}}
   adapter: {{type: lora, lora: {{rank: {rank}, alpha: {alpha}, dropout: {dropout}, targetModules: [{targets}]}}}}
   hyperparameters: {{maxSteps: {steps}, learningRate: 2.0e-4, batchSize: {batch}, maxSeqLength: {seq}, seed: 42, packing: {packing}, precision: fp32}}
+  forgettingGuard: {{disabled: true}}
   checkpoint: {{everySteps: 1000000}}
   resources: {{gpus: 0}}
 """

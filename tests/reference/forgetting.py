@@ -35,10 +35,12 @@ spec:
   resources: {{gpus: 0}}
 {guard}"""
 
-# The guard settings compared.
+# The guard settings compared. Without `forgettingGuard` LoRA SFT gets the default guard
+# (selfReplay, ratio 0.25, answers up to 48 tokens), so "off" has to say so.
 GUARDS = {
-    "off": "",
-    "self-replay": "  forgettingGuard: {selfReplay: {ratio: 0.25}}\n",
+    "off": "  forgettingGuard: {disabled: true}\n",
+    "default": "",
+    "self-replay-24": "  forgettingGuard: {selfReplay: {ratio: 0.25, answerTokens: 24}}\n",
     "self-distillation": "  forgettingGuard: {selfDistillation: {weight: 1.0}}\n",
 }
 

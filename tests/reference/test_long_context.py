@@ -78,6 +78,7 @@ spec:{rope_line}
     format: text
   adapter: {adapter}
   hyperparameters: {{maxSteps: 8, learningRate: 2.0e-2, batchSize: 4, maxSeqLength: {MAX_SEQ}, seed: 3, scheduler: constant}}
+  forgettingGuard: {{disabled: true}}
   evaluation: {{everySteps: 4}}
   output: {{merge: true}}
   resources: {{gpus: 0}}

@@ -54,6 +54,7 @@ spec:
     format: chat
   adapter: {{type: lora, lora: {CASES[case]}}}
   hyperparameters: {{maxSteps: 4, learningRate: 2.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3, scheduler: constant}}
+  forgettingGuard: {{disabled: true}}
   resources: {{gpus: 0}}
 """)
     out = tmp_path / "out"

@@ -68,6 +68,7 @@ spec:
   vocabulary: {{addTokens: [{words}, "hello"]}}
   adapter: {{type: lora, lora: {{rank: 8, alpha: 16, dropout: 0.0}}}}
   hyperparameters: {{maxSteps: 6, learningRate: 5.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3, scheduler: constant}}
+  forgettingGuard: {{disabled: true}}
   output: {{merge: true}}
   resources: {{gpus: 0}}
 """, encoding="utf-8")
@@ -213,6 +214,7 @@ spec:
   vocabulary: {{addTokens: [{words}]}}
   adapter: {{type: lora, lora: {{rank: 4, alpha: 8, dropout: 0.0}}}}
   hyperparameters: {{maxSteps: 6, learningRate: 5.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3}}
+  forgettingGuard: {{disabled: true}}
   checkpoint: {{everySteps: 3, keepLast: 5}}
   resources: {{gpus: 0}}
 """, encoding="utf-8")

@@ -76,7 +76,7 @@ pub fn generate(
 }
 
 /// Most prompts decoded together by [`generate_greedy_batch`]: bounds the cache's memory.
-pub const MAX_BATCH: usize = 32;
+pub const MAX_BATCH: usize = 64;
 
 /// Greedy answers to several prompts, decoded together; each is what [`generate`] would return
 /// for that prompt alone (same positions and causal context; only floating-point summation order

@@ -13,12 +13,48 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use finetune_crds::training::{ForgettingGuard, ReplayGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Encoder, Origin, Sample};
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
 use crate::train::probe::Probe;
+
+/// Where a run's guards came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuardSource {
+    /// `spec.forgettingGuard` names its guards.
+    Spec,
+    /// The spec names none; LoRA SFT of a chat model gets [`ReplayGuard::default_guard`].
+    Default,
+    /// `forgettingGuard.disabled: true`, or a run the default does not fit (DPO, full
+    /// fine-tuning, a model without a chat template).
+    Off,
+}
+
+/// The guards a run uses: the spec's when it names any, otherwise the default for LoRA SFT of a
+/// model with a chat template (the replayed conversations are chats). Full fine-tuning gets no
+/// default: its guard, `l2ToInit`, holds a second copy of the weights, a cost the user chooses.
+pub fn effective(
+    spec: Option<&ForgettingGuard>,
+    lora_sft: bool,
+    has_chat_template: bool,
+) -> (ForgettingGuard, GuardSource) {
+    match spec {
+        Some(g) if g.disabled => (ForgettingGuard::default(), GuardSource::Off),
+        Some(g) => (g.clone(), GuardSource::Spec),
+        None if lora_sft && has_chat_template => (
+            ForgettingGuard {
+                self_replay: Some(ReplayGuard::default_guard()),
+                ..Default::default()
+            },
+            GuardSource::Default,
+        ),
+        None => (ForgettingGuard::default(), GuardSource::Off),
+    }
+}
 
 /// General requests of many kinds: facts, how-to, writing, arithmetic, definitions, lists.
 pub const REPLAY_PROMPTS: [&str; 40] = [
@@ -183,5 +219,26 @@ mod tests {
         let tail: Vec<i64> = train[10..].iter().map(|x| x.ids[1]).collect();
         assert_eq!(tail, vec![100, 101, 100]);
         assert_eq!(mix_in(&mut train, &[], 0.5), 0);
+    }
+
+    #[test]
+    fn lora_sft_of_a_chat_model_gets_the_default_unless_the_spec_says_otherwise() {
+        let (g, src) = effective(None, true, true);
+        assert_eq!(src, GuardSource::Default);
+        assert_eq!(g.self_replay, Some(ReplayGuard::default_guard()));
+        assert_eq!(effective(None, true, false).1, GuardSource::Off);
+        assert_eq!(effective(None, false, true).1, GuardSource::Off);
+        let off = ForgettingGuard {
+            disabled: true,
+            ..Default::default()
+        };
+        let (g, src) = effective(Some(&off), true, true);
+        assert_eq!((g.self_replay, src), (None, GuardSource::Off));
+        let named = ForgettingGuard {
+            self_distillation: Some(finetune_crds::training::WeightedGuard { weight: 1.0 }),
+            ..Default::default()
+        };
+        let (g, src) = effective(Some(&named), true, true);
+        assert_eq!((g.self_replay, src), (None, GuardSource::Spec));
     }
 }

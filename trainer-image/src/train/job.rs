@@ -18,7 +18,9 @@ use finetune_crds::contract::{
     self, ExitCode, ProducedAdapter, TerminationMessage, TrainerError, TrainerPhase, env,
 };
 use finetune_crds::finetunejob::TrainingMetrics;
-use finetune_crds::training::{AdapterType, GuardAction, MethodType, Precision};
+use finetune_crds::training::{
+    AdapterType, DEFAULT_REPLAY_RATIO, GuardAction, MethodType, Precision,
+};
 use finetune_crds::uri::{MountRoots, StorageUri};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -37,10 +39,10 @@ use crate::serve::{self, Live};
 use crate::train::anchor::{L2ToInit, SelfDistillation};
 use crate::train::checkpoint;
 use crate::train::dpo::{Dpo, DpoConfig, PairSet, PreferenceMetrics, ReferenceMode};
-use crate::train::guard;
+use crate::train::guard::{self, GuardSource};
 use crate::train::optim::AdamW;
-use crate::train::probe::{Probe, ProbeScore, normalize};
-use crate::train::retention::{RetentionScore, RetentionSet, answer_is_correct};
+use crate::train::probe::{Probe, ProbeScore};
+use crate::train::retention::{RetentionScore, RetentionSet, changed_answers};
 use crate::train::schedule::{lr_lambda, warmup_steps};
 use crate::train::step::{
     MicroBatch, StepStats, accumulate_gradients, eval_loss, finish_step, train_step,
@@ -851,7 +853,19 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
 
     // Self-replay: the base model's own answers join the training stream (before any update).
     let mut replayed = 0usize;
-    let forgetting_guard = spec.forgetting_guard.clone().unwrap_or_default();
+    let lora_sft = !is_dpo && spec.adapter.kind == AdapterType::Lora;
+    let (forgetting_guard, guard_source) = guard::effective(
+        spec.forgetting_guard.as_ref(),
+        lora_sft,
+        encoder.template.is_some(),
+    );
+    if guard_source == GuardSource::Default {
+        eprintln!(
+            "forgetting guard: default selfReplay (ratio {}, answers up to {} tokens); name a guard in spec.forgettingGuard, or set forgettingGuard.disabled: true to train without one",
+            DEFAULT_REPLAY_RATIO,
+            finetune_crds::training::default_replay_answer_tokens()
+        );
+    }
     if let Some(r) = &forgetting_guard.self_replay {
         let t = Instant::now();
         let mut replay = guard::replay_samples(
@@ -998,7 +1012,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         serde_json::to_string(&json!({
             "baseModel": spec.base_model, "dataset": spec.dataset, "method": spec.method,
             "adapter": spec.adapter, "hyperparameters": spec.hyperparameters,
-            "forgettingGuard": spec.forgetting_guard,
+            "forgettingGuard": &forgetting_guard,
             "train": prepared.train_digest,
             "initAdapter": init_adapter,
         }))
@@ -1543,22 +1557,12 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             .as_ref()
             .map(|r| r.questions.as_slice())
             .unwrap_or_default();
-        retention_changed = answers
-            .iter()
-            .zip(&retention_probe.references)
-            .zip(questions)
-            .enumerate()
-            .filter(|(_, ((a, r), _))| normalize(a) != normalize(r))
-            .take(12)
-            .map(|(i, ((a, r), q))| {
-                let keys = retention_keys.get(i).filter(|k| !k.is_empty());
-                json!({
-                    "question": q, "base": r, "tuned": a,
-                    "base_correct": keys.map(|k| answer_is_correct(r, k)),
-                    "tuned_correct": keys.map(|k| answer_is_correct(a, k)),
-                })
-            })
-            .collect();
+        retention_changed = changed_answers(
+            questions,
+            &retention_probe.references,
+            &answers,
+            &retention_keys,
+        );
         eprintln!("retention: {} ({:.3})", score.describe(), score.score());
         live.retention_score.set(score.score());
         retention_score = Some(score);
@@ -1647,6 +1651,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         "warmup_steps": warmup,
         "resumed_from_step": resumed_from,
         "forgetting_guard": forgetting_guard,
+        "forgetting_guard_source": guard_source,
         "early_stopped": st.early_stopped,
         "stop_reason": st.stop_reason,
         "best_step": st.best_step,

@@ -353,6 +353,41 @@ impl RetentionScore {
     }
 }
 
+/// Changed answers, for a person to judge (a score says how many, not how): every answer whose
+/// knowledge was lost (the base was right, the tuned model is not), then up to
+/// [`MORE_CHANGED`] other answers that changed wording.
+pub fn changed_answers(
+    questions: &[String],
+    base: &[String],
+    answers: &[String],
+    keys: &[Vec<String>],
+) -> Vec<serde_json::Value> {
+    let rows: Vec<(serde_json::Value, bool)> = questions
+        .iter()
+        .zip(base)
+        .zip(answers)
+        .enumerate()
+        .filter(|(_, ((_, b), a))| normalize(a) != normalize(b))
+        .map(|(i, ((q, b), a))| {
+            let keys = keys.get(i).filter(|k| !k.is_empty());
+            let base_correct = keys.map(|k| answer_is_correct(b, k));
+            let tuned_correct = keys.map(|k| answer_is_correct(a, k));
+            let lost = base_correct == Some(true) && tuned_correct == Some(false);
+            let row = serde_json::json!({
+                "question": q, "base": b, "tuned": a,
+                "base_correct": base_correct, "tuned_correct": tuned_correct, "lost": lost,
+            });
+            (row, lost)
+        })
+        .collect();
+    let lost = rows.iter().filter(|(_, l)| *l).map(|(r, _)| r.clone());
+    let other = rows.iter().filter(|(_, l)| !*l).map(|(r, _)| r.clone());
+    lost.chain(other.take(MORE_CHANGED)).collect()
+}
+
+/// Changed answers listed beyond the lost ones.
+pub const MORE_CHANGED: usize = 8;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,5 +505,18 @@ mod tests {
         let e = RetentionSet::from_jsonl(&p).unwrap_err().to_string();
         assert!(e.contains(":1") && e.contains("answers"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn changed_answers_list_every_lost_answer_first() {
+        let q = keys(&["Capital of France?", "Opposite of hot?", "Bees make?"]);
+        let base = keys(&["It is Paris.", "Cold.", "Honey."]);
+        let tuned = keys(&["Cold, really.", "POSITIVE", "Honey."]);
+        let k = vec![keys(&["paris"]), keys(&["cold"]), keys(&["honey"])];
+        let rows = changed_answers(&q, &base, &tuned, &k);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["question"], "Capital of France?");
+        assert_eq!(rows[0]["lost"], true);
+        assert_eq!(rows[1]["lost"], true);
     }
 }
