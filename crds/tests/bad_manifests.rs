@@ -233,6 +233,24 @@ fn l2_guard_only_for_full_fine_tuning() {
 }
 
 #[test]
+fn disabled_guard_cannot_name_a_guard() {
+    let job = edit(
+        valid_job(),
+        "/spec/forgettingGuard",
+        Some(json!({"disabled": true, "selfReplay": {"ratio": 0.25}})),
+    );
+    assert_rejected(&job, "spec.forgettingGuard", "cannot be combined with a guard");
+    let off = edit(
+        valid_job(),
+        "/spec/forgettingGuard",
+        Some(json!({"disabled": true})),
+    );
+    let yaml = serde_yaml::to_string(&off).unwrap();
+    let job = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").expect("disabled alone is valid");
+    assert!(job.spec.forgetting_guard.unwrap().disabled);
+}
+
+#[test]
 fn missing_required_section() {
     let job = edit(valid_job(), "/spec/dataset", None);
     assert_rejected(&job, "spec.dataset", "Required value");
