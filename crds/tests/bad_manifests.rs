@@ -239,7 +239,11 @@ fn disabled_guard_cannot_name_a_guard() {
         "/spec/forgettingGuard",
         Some(json!({"disabled": true, "selfReplay": {"ratio": 0.25}})),
     );
-    assert_rejected(&job, "spec.forgettingGuard", "cannot be combined with a guard");
+    assert_rejected(
+        &job,
+        "spec.forgettingGuard",
+        "cannot be combined with a guard",
+    );
     let off = edit(
         valid_job(),
         "/spec/forgettingGuard",
