@@ -7,7 +7,14 @@
 //! CPU seconds from /proc, and lost or duplicated pods. Prints a table and writes JSON.
 //!
 //! Needs a running cluster with the nodes already created (the Makefile target does both) and
-//! env: KUBECONFIG, FINETUNE_OPERATOR_BIN; optional BENCH_JOBS (1000), BENCH_OUT.
+//! env: KUBECONFIG, FINETUNE_OPERATOR_BIN; optional BENCH_JOBS (1000), BENCH_OUT, BENCH_RATE
+//! (jobs/s: creates are paced, job i sent i/rate seconds after the first; unset = a burst).
+//!
+//! Two scenarios, because they answer different questions. Paced creation at a rate far above
+//! any real submission rate measures the operator's own latency. A burst of 1000 measures the
+//! backlog: on one small machine the apiserver and etcd take a bounded number of writes per
+//! second, shared by the bench's creates, the operator's manifest ConfigMaps, pods, status
+//! writes and Events, the scheduler's bindings and kwok's pod status updates.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -31,6 +38,17 @@ async fn main() {
         .unwrap_or(1000);
     let operator_bin = std::env::var("FINETUNE_OPERATOR_BIN").expect("set FINETUNE_OPERATOR_BIN");
     let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "operator-bench.json".into());
+    // Jobs per second; unset or 0 = a burst (as fast as the apiserver takes creates).
+    let rate: f64 = std::env::var("BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|r: &f64| *r > 0.0)
+        .unwrap_or(0.0);
+    let scenario = if rate > 0.0 {
+        format!("paced at {rate} jobs/s")
+    } else {
+        "burst".to_string()
+    };
     let client = Client::try_default()
         .await
         .expect("KUBECONFIG points at the bench cluster");
@@ -53,7 +71,7 @@ async fn main() {
         })
         .sum();
     eprintln!(
-        "bench: {} nodes with {gpu_capacity} GPUs; {jobs_wanted} jobs of 1 GPU",
+        "bench: {} nodes with {gpu_capacity} GPUs; {jobs_wanted} jobs of 1 GPU, {scenario}",
         nodes.items.len()
     );
     prepare_namespace(&client).await;
@@ -131,6 +149,10 @@ async fn main() {
             let name = format!("bench-{i:04}");
             job.metadata.name = Some(name.clone());
             async move {
+                if rate > 0.0 {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 let sent = Instant::now();
                 api.create(&PostParams::default(), &job)
                     .await
@@ -231,6 +253,8 @@ async fn main() {
             .unwrap_or(f64::NAN)
     };
     let result = json!({
+        "scenario": scenario, "rate_jobs_per_second": if rate > 0.0 { Some(rate) } else { None },
+        "achieved_create_rate_jobs_per_second": jobs_wanted as f64 / create_seconds,
         "jobs": jobs_wanted, "nodes": nodes.items.len(), "gpus": gpu_capacity,
         "create_seconds": create_seconds,
         "create_to_pod_p50_seconds": percentile(0.5), "create_to_pod_p99_seconds": percentile(0.99),
@@ -244,10 +268,14 @@ async fn main() {
         "lost_pods": lost, "duplicated_pods": duplicated,
         "targets": {"create_to_pod_p99_seconds": 1.0, "operator_peak_rss_mib": 64.0, "lost_pods": 0, "duplicated_pods": 0},
     });
-    println!("\n| metric | value | target |\n|---|---|---|");
+    println!("\n{scenario}\n\n| metric | value | target |\n|---|---|---|");
     println!(
         "| jobs / nodes / GPUs | {jobs_wanted} / {} / {gpu_capacity} | |",
         nodes.items.len()
+    );
+    println!(
+        "| creates: {jobs_wanted} in {create_seconds:.1} s | {:.0} jobs/s | |",
+        jobs_wanted as f64 / create_seconds
     );
     println!("| create → pod p50 | {:.3} s | |", percentile(0.5));
     println!("| create → pod p99 | {:.3} s | < 1 s |", percentile(0.99));

@@ -562,6 +562,194 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
     cleanup(&client, &ns).await;
 }
 
+/// A claim and a PersistentVolume pre-bound to it (no provisioner here), unless they exist.
+async fn bind_claim(client: &Client, ns: &str, claim: &str) {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    if claims.get_opt(claim).await.unwrap().is_none() {
+        let pvc = json!({"metadata": {"name": claim}, "spec": {
+            "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+            "resources": {"requests": {"storage": "1Gi"}}}});
+        let _ = claims
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(pvc).unwrap(),
+            )
+            .await;
+    }
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let name = format!("{ns}-{claim}");
+    if volumes.get_opt(&name).await.unwrap().is_none() {
+        let pv = json!({"metadata": {"name": name}, "spec": {
+            "capacity": {"storage": "1Ti"},
+            "accessModes": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany"],
+            "hostPath": {"path": format!("/tmp/{name}")}, "storageClassName": "",
+            "claimRef": {"namespace": ns, "name": claim}}});
+        let _ = volumes
+            .create(&PostParams::default(), &serde_json::from_value(pv).unwrap())
+            .await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn every_example_becomes_a_pod_on_a_gpu_node_with_its_resources() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-examples").await;
+    // What the examples assume the cluster has: the full fine-tuning example's priority class,
+    // and the Adapter the DPO example starts from (the SFT example registers it on success).
+    let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(client.clone());
+    let class = json!({"metadata": {"name": "training-low"}, "value": 100});
+    let _ = classes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(class).unwrap(),
+        )
+        .await;
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
+    let adapter = json!({
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "Adapter",
+        "metadata": {"name": "smollm2-kubectl"},
+        "spec": {
+            "baseModel": {"uri": "pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "source": {"uri": "pvc://adapters/smollm2-kubectl"}
+        }
+    });
+    adapters
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(adapter).unwrap(),
+        )
+        .await
+        .expect("adapter accepted");
+    let _operator = start_operator(&ns);
+
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut paths: Vec<_> = std::fs::read_dir(&examples)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    paths.sort();
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    let mut applied = Vec::new();
+    for path in &paths {
+        let text = std::fs::read_to_string(path).unwrap();
+        if !text.lines().any(|l| l.trim() == "kind: FinetuneJob") {
+            continue;
+        }
+        let mut job: FinetuneJob =
+            parse_manifest(&text, &path.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+        job.metadata.namespace = Some(ns.clone());
+        jobs.create(&PostParams::default(), &job)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        applied.push((path.file_name().unwrap().to_owned(), job));
+    }
+    assert!(
+        applied.len() >= 4,
+        "examples found: {applied:?}",
+        applied = applied.len()
+    );
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for (file, job) in &applied {
+        let name = job.name_any();
+        if job.spec.run_policy.suspend {
+            // Created suspended for a queue controller (Kueue) to admit: no pod until then.
+            wait_for(
+                &format!("{file:?}: phase Suspended"),
+                Duration::from_secs(60),
+                || async {
+                    (job_phase(&jobs, &name).await == Some(JobPhase::Suspended)).then_some(())
+                },
+            )
+            .await;
+            assert!(
+                pods.get_opt(&format!("{name}-attempt-0"))
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            let admit = json!({"spec": {"runPolicy": {"suspend": false}}});
+            jobs.patch(&name, &PatchParams::default(), &Patch::Merge(&admit))
+                .await
+                .expect("admitted");
+        }
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let pod = loop {
+            if let Ok(Some(pod)) = pods.get_opt(&format!("{name}-attempt-0")).await {
+                break pod;
+            }
+            if Instant::now() > deadline {
+                let status = jobs.get(&name).await.ok().and_then(|j| j.status);
+                panic!("{file:?}: no pod {name}-attempt-0 after 90 s; job status: {status:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        // Bind every claim the pod mounts (the job's own storage, the model and adapter claims).
+        for volume in pod.spec.as_ref().unwrap().volumes.iter().flatten() {
+            if let Some(claim) = &volume.persistent_volume_claim {
+                bind_claim(&client, &ns, &claim.claim_name).await;
+            }
+        }
+        let what = format!("{file:?}: pod {name}-attempt-0 bound to a node");
+        let pod = wait_for(&what, Duration::from_secs(120), || async {
+            let pod = pods.get(&format!("{name}-attempt-0")).await.ok()?;
+            pod.spec.as_ref()?.node_name.as_ref()?;
+            Some(pod)
+        })
+        .await;
+        let spec = pod.spec.unwrap();
+        let node = spec.node_name.clone().unwrap();
+        assert!(node.starts_with("kwok-gpu-"), "{file:?}: on {node}");
+        let container = &spec.containers[0];
+        let resources = container.resources.clone().unwrap();
+        let gpus = |list: &Option<
+            std::collections::BTreeMap<
+                String,
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+            >,
+        >| {
+            list.as_ref()
+                .and_then(|l| l.get("nvidia.com/gpu"))
+                .map(|q| q.0.clone())
+        };
+        let wanted = job.spec.resources.gpus;
+        let expected = (wanted > 0).then(|| wanted.to_string());
+        assert_eq!(gpus(&resources.limits), expected, "{file:?}: GPU limit");
+        assert_eq!(gpus(&resources.requests), expected, "{file:?}: GPU request");
+        if let Some(memory) = &job.spec.resources.memory {
+            let limit = resources.limits.as_ref().and_then(|l| l.get("memory"));
+            assert_eq!(
+                limit.map(|q| &q.0),
+                Some(&memory.0),
+                "{file:?}: memory limit"
+            );
+        }
+        for (key, value) in &job.spec.resources.node_selector {
+            let selector = spec.node_selector.as_ref().and_then(|s| s.get(key));
+            assert_eq!(selector, Some(value), "{file:?}: nodeSelector {key}");
+        }
+        if let Some(class) = &job.spec.resources.priority_class_name {
+            assert_eq!(spec.priority_class_name.as_ref(), Some(class), "{file:?}");
+        }
+        let security = container.security_context.clone().unwrap();
+        assert_eq!(security.run_as_non_root, Some(true), "{file:?}");
+        assert_eq!(security.read_only_root_filesystem, Some(true), "{file:?}");
+        assert_eq!(security.allow_privilege_escalation, Some(false), "{file:?}");
+    }
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    for pv in volumes.list(&ListParams::default()).await.unwrap() {
+        if pv.name_any().starts_with(&format!("{ns}-")) {
+            let _ = volumes
+                .delete(&pv.name_any(), &DeleteParams::background())
+                .await;
+        }
+    }
+    cleanup(&client, &ns).await;
+}
+
 async fn cleanup(client: &Client, ns: &str) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let _ = namespaces.delete(ns, &DeleteParams::background()).await;
