@@ -251,22 +251,28 @@ async fn too_few_gpus_queue_the_job_with_the_schedulers_message() {
         .await
         .expect("job accepted");
 
-    let queued = wait_for("phase Queued", Duration::from_secs(90), || async {
-        let status = jobs.get("kubectl-sft").await.ok()?.status?;
-        (status.phase == Some(JobPhase::Queued)).then_some(status)
-    })
+    // The pod and its storage claim are created together, so the scheduler's first verdict can
+    // be about the claim it has not seen yet; its retry once the claim exists names the GPUs.
+    let condition = wait_for(
+        "phase Queued with the scheduler's GPU message",
+        Duration::from_secs(90),
+        || async {
+            let status = jobs.get("kubectl-sft").await.ok()?.status?;
+            if status.phase != Some(JobPhase::Queued) {
+                return None;
+            }
+            let queued = status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Queued")?;
+            queued
+                .message
+                .contains("Insufficient nvidia.com/gpu")
+                .then_some(queued)
+        },
+    )
     .await;
-    let condition = queued
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Queued")
-        .unwrap();
     assert_eq!(condition.reason, "Unschedulable");
-    assert!(
-        condition.message.contains("Insufficient nvidia.com/gpu"),
-        "{}",
-        condition.message
-    );
 
     // The operator's own metrics count it.
     let url = format!("127.0.0.1:{}", operator.metrics_port);
