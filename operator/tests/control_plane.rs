@@ -384,22 +384,7 @@ async fn a_job_starting_from_an_adapter_waits_for_it_then_mounts_it() {
     );
 
     // Once the Adapter exists, the pod is created with its files mounted read-only.
-    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
-    let adapter = json!({
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "Adapter",
-        "metadata": {"name": "sft-start"},
-        "spec": {
-            "baseModel": {"uri": "pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
-            "source": {"uri": "pvc://adapters/team/sft-start"}
-        }
-    });
-    adapters
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(adapter).unwrap(),
-        )
-        .await
-        .expect("adapter accepted");
+    create_adapter(&client, &ns, "sft-start", "pvc://adapters/team/sft-start").await;
     let pod = wait_for(
         "the pod once the Adapter exists",
         Duration::from_secs(120),
@@ -568,6 +553,26 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
     cleanup(&client, &ns).await;
 }
 
+/// A user-registered Adapter for the SmolLM2 base whose files are at `source_uri`.
+async fn create_adapter(client: &Client, ns: &str, name: &str, source_uri: &str) {
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), ns);
+    let adapter = json!({
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "Adapter",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "source": {"uri": source_uri}
+        }
+    });
+    adapters
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(adapter).unwrap(),
+        )
+        .await
+        .expect("adapter accepted");
+}
+
 /// A claim and a PersistentVolume pre-bound to it (no provisioner here), unless they exist.
 async fn bind_claim(client: &Client, ns: &str, claim: &str) {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
@@ -612,22 +617,13 @@ async fn every_example_becomes_a_pod_on_a_gpu_node_with_its_resources() {
             &serde_json::from_value(class).unwrap(),
         )
         .await;
-    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
-    let adapter = json!({
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "Adapter",
-        "metadata": {"name": "smollm2-kubectl"},
-        "spec": {
-            "baseModel": {"uri": "pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
-            "source": {"uri": "pvc://adapters/smollm2-kubectl"}
-        }
-    });
-    adapters
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(adapter).unwrap(),
-        )
-        .await
-        .expect("adapter accepted");
+    create_adapter(
+        &client,
+        &ns,
+        "smollm2-kubectl",
+        "pvc://adapters/smollm2-kubectl",
+    )
+    .await;
     let _operator = start_operator(&ns);
 
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");

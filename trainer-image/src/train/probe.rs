@@ -47,7 +47,8 @@ impl ProbeScore {
     }
 }
 
-fn ratio(n: usize, d: usize) -> f64 {
+/// `n / d`, or 0 for an empty probe.
+pub(crate) fn ratio(n: usize, d: usize) -> f64 {
     if d == 0 { 0.0 } else { n as f64 / d as f64 }
 }
 

@@ -21,7 +21,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::train::probe::normalize;
+use crate::train::probe::{self, normalize};
 
 pub const BUILTIN_TEXTS: [&str; 20] = [
     "The capital of France is Paris, a city known for the Eiffel Tower and the Louvre museum.",
@@ -281,13 +281,15 @@ impl RetentionScore {
     /// Scores `answers` against the base model's `base` answers and the questions' `keys`
     /// (`keys[i]` empty = no key for question i).
     pub fn measure(answers: &[String], base: &[String], keys: &[Vec<String>]) -> Self {
+        // Verbatim agreement is the probe's own comparison, with the base answers as references.
+        let verbatim = probe::score(answers, base);
         let mut s = RetentionScore {
-            questions: answers.len().min(base.len()),
+            questions: verbatim.samples,
+            verbatim_exact: verbatim.exact,
+            verbatim: verbatim.normalized,
             ..Default::default()
         };
         for (i, (a, b)) in answers.iter().zip(base).enumerate() {
-            s.verbatim_exact += usize::from(a.trim() == b.trim());
-            s.verbatim += usize::from(normalize(a) == normalize(b));
             let Some(k) = keys.get(i).filter(|k| !k.is_empty()) else {
                 continue;
             };
@@ -322,20 +324,12 @@ impl RetentionScore {
 
     /// Share of answers identical to the base's after normalisation.
     pub fn verbatim_share(&self) -> f64 {
-        if self.questions == 0 {
-            0.0
-        } else {
-            self.verbatim as f64 / self.questions as f64
-        }
+        probe::ratio(self.verbatim, self.questions)
     }
 
     /// Share of answers identical to the base's after trimming.
     pub fn exact_share(&self) -> f64 {
-        if self.questions == 0 {
-            0.0
-        } else {
-            self.verbatim_exact as f64 / self.questions as f64
-        }
+        probe::ratio(self.verbatim_exact, self.questions)
     }
 
     /// "21/24 correct base answers kept" or "5/30 base answers kept verbatim".
