@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use finetune_crds::adapter::AdapterPhase;
-use finetune_crds::{Adapter, FinetuneJob, JobPhase, parse_manifest};
+use finetune_crds::{Adapter, FinetuneJob, FinetuneJobStatus, JobPhase, parse_manifest};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota,
 };
@@ -795,17 +795,8 @@ fn required_path(variable: &str) -> String {
     value
 }
 
-#[tokio::test]
-#[ignore = "needs the control plane: run `make test-cluster`"]
-async fn a_real_trainer_runs_under_the_operator_to_success() {
-    let trainer = required_path("FINETUNE_TRAINER_BIN");
-    let executor_bin = required_path("FINETUNE_EXECUTOR_BIN");
-    let model = required_path("FINETUNE_SMOLLM2_GGUF");
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "it-e2e").await;
-
-    // The example datasets as the ConfigMap the example URIs name.
+/// The example datasets as the ConfigMap the example URIs name.
+async fn create_example_data(client: &Client, ns: &str) {
     let data_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data");
     let files: serde_json::Map<String, serde_json::Value> = ["chat-train.jsonl", "chat-eval.jsonl"]
         .iter()
@@ -816,7 +807,7 @@ async fn a_real_trainer_runs_under_the_operator_to_success() {
             )
         })
         .collect();
-    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let map = json!({"metadata": {"name": "finetune-examples-data"}, "data": files});
     maps.create(
         &PostParams::default(),
@@ -824,25 +815,16 @@ async fn a_real_trainer_runs_under_the_operator_to_success() {
     )
     .await
     .unwrap();
+}
 
-    let work = tempfile::tempdir().unwrap();
-    let node = format!("executor-{}", std::process::id());
-    let _executor = Executor {
-        child: Command::new(executor_bin)
-            .args(["--node-name", &node, "--default-binary", &trainer])
-            .arg("--work-dir")
-            .arg(work.path())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("executor starts"),
-    };
-    let _operator = start_operator(&ns);
-
-    let mut job = example_job(&ns, 0);
+/// The SFT example as a short real run (8 steps, checkpoints and evaluation every 4) of the real
+/// SmolLM2 on the executor node `node`.
+fn short_real_job(ns: &str, model: &str, node: &str) -> FinetuneJob {
+    let mut job = example_job(ns, 0);
     job.spec.base_model.uri = format!("file://{model}");
     job.spec.resources.memory = None;
     job.spec.resources.node_selector =
-        [("kubernetes.io/hostname".to_string(), node.clone())].into();
+        [("kubernetes.io/hostname".to_string(), node.to_string())].into();
     let hp = &mut job.spec.hyperparameters;
     (
         hp.epochs,
@@ -862,31 +844,102 @@ async fn a_real_trainer_runs_under_the_operator_to_success() {
         ..Default::default()
     });
     job.spec.checkpoint.every_steps = 4;
-    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &job)
-        .await
-        .expect("job accepted");
+    job
+}
 
-    // Progress advances while it runs, then it succeeds.
-    let steps_seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-    let status = wait_for("phase Succeeded", Duration::from_secs(600), || {
-        let (jobs, steps_seen) = (jobs.clone(), steps_seen.clone());
-        async move {
-            let status = jobs.get("kubectl-sft").await.ok()?.status?;
-            if let Some(progress) = &status.progress {
-                steps_seen.lock().unwrap().insert(progress.step);
-            }
+/// Waits for `name` to succeed, showing each status to `on_status`; fails the test at once if the
+/// job fails.
+async fn wait_for_success(
+    jobs: &Api<FinetuneJob>,
+    name: &str,
+    mut on_status: impl FnMut(&FinetuneJobStatus),
+) -> FinetuneJobStatus {
+    let (start, timeout) = (Instant::now(), Duration::from_secs(600));
+    loop {
+        if let Some(status) = jobs.get(name).await.ok().and_then(|job| job.status) {
+            on_status(&status);
             assert_ne!(
                 status.phase,
                 Some(JobPhase::Failed),
                 "the job failed: {:?}",
                 status.conditions
             );
-            (status.phase == Some(JobPhase::Succeeded)).then_some(status)
+            if status.phase == Some(JobPhase::Succeeded) {
+                eprintln!(
+                    "  ok: phase Succeeded ({:.1}s)",
+                    start.elapsed().as_secs_f64()
+                );
+                return status;
+            }
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {name} to succeed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The sha256 the job's Adapter records for its weights, once it is registered.
+async fn adapter_weights_digest(client: &Client, ns: &str) -> (Adapter, String) {
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), ns);
+    let adapter = wait_for(
+        "the Adapter registered with its lineage",
+        Duration::from_secs(60),
+        || async {
+            let adapter = adapters.get_opt("smollm2-kubectl").await.ok()??;
+            adapter.status.as_ref()?.lineage.as_ref()?;
+            Some(adapter)
+        },
+    )
+    .await;
+    let digest = adapter
+        .status
+        .as_ref()
+        .unwrap()
+        .files
+        .iter()
+        .find(|f| f.name == "adapter_model.safetensors")
+        .expect("the weights' digest")
+        .sha256
+        .clone();
+    (adapter, digest)
+}
+
+/// Real trainers share the test machine's cores: two at once each run several times slower, so
+/// the tests that run one take turns.
+static ONE_REAL_TRAINER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() {
+    let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+    let trainer = required_path("FINETUNE_TRAINER_BIN");
+    let executor_bin = required_path("FINETUNE_EXECUTOR_BIN");
+    let model = required_path("FINETUNE_SMOLLM2_GGUF");
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-e2e").await;
+    create_example_data(&client, &ns).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let node = format!("executor-{}", std::process::id());
+    let _executor = start_executor(&executor_bin, &trainer, &node, work.path());
+    let _operator = start_operator(&ns);
+
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &short_real_job(&ns, &model, &node))
+        .await
+        .expect("job accepted");
+
+    // Progress advances while it runs, then it succeeds.
+    let mut steps_seen = std::collections::BTreeSet::new();
+    let status = wait_for_success(&jobs, "kubectl-sft", |status| {
+        if let Some(progress) = &status.progress {
+            steps_seen.insert(progress.step);
         }
     })
     .await;
-    let steps_seen = steps_seen.lock().unwrap().clone();
     eprintln!("  progress steps observed while running: {steps_seen:?}");
     assert!(
         steps_seen.len() >= 2,
@@ -903,17 +956,7 @@ async fn a_real_trainer_runs_under_the_operator_to_success() {
     assert!(status.latest_checkpoint.is_some_and(|c| c.step == 8));
 
     // The job registered its Adapter, with lineage and the trainer's file digests.
-    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
-    let adapter = wait_for(
-        "the Adapter registered with its lineage",
-        Duration::from_secs(60),
-        || async {
-            let adapter = adapters.get_opt("smollm2-kubectl").await.ok()??;
-            adapter.status.as_ref()?.lineage.as_ref()?;
-            Some(adapter)
-        },
-    )
-    .await;
+    let (adapter, weights) = adapter_weights_digest(&client, &ns).await;
     assert_eq!(adapter.spec.source.from_job.as_deref(), Some("kubectl-sft"));
     assert!(adapter.metadata.owner_references.is_none());
     let adapter_status = adapter.status.unwrap();
@@ -922,17 +965,12 @@ async fn a_real_trainer_runs_under_the_operator_to_success() {
     assert_eq!(lineage.job.as_deref(), Some("kubectl-sft"));
     assert!(lineage.dataset_digest.is_some() && lineage.metrics.is_some());
     assert_eq!(lineage.checkpoint_step, Some(8));
-    let weights = adapter_status
-        .files
-        .iter()
-        .find(|f| f.name == "adapter_model.safetensors")
-        .expect("the weights' digest");
     assert_eq!(
         adapter
             .spec
             .expected_sha256
             .get("adapter_model.safetensors"),
-        Some(&weights.sha256)
+        Some(&weights)
     );
     let claim_dir = work
         .path()
@@ -948,6 +986,95 @@ async fn a_real_trainer_runs_under_the_operator_to_success() {
         claim_dir.display()
     );
     cleanup(&client, &ns).await;
+
+    // Chaos: the same job again, its trainer SIGKILLed once the step-4 checkpoint is written.
+    // The failure is charged to backoffLimit, so the retry waits out its backoff (visible in
+    // status), then resumes from that checkpoint and ends with the very same adapter.
+    let ns = namespace(&client, "it-chaos").await;
+    create_example_data(&client, &ns).await;
+    let _operator = start_operator(&ns);
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &short_real_job(&ns, &model, &node))
+        .await
+        .expect("job accepted");
+    let claim_dir = work
+        .path()
+        .join("pvc")
+        .join(&ns)
+        .join("kubectl-sft-storage");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !walk(&claim_dir)
+        .iter()
+        .any(|p| p.ends_with("step-4/manifest.json"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no step-4 checkpoint under {}",
+            claim_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid_file = work
+        .path()
+        .join("pods")
+        .join(&ns)
+        .join("kubectl-sft-attempt-0")
+        .join("pid");
+    let pid = std::fs::read_to_string(&pid_file).expect("the executor records the trainer's pid");
+    let killed = Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill -KILL {pid}");
+    eprintln!(
+        "  SIGKILLed the trainer (pid {}) after its step-4 checkpoint",
+        pid.trim()
+    );
+
+    let backing_off = wait_for(
+        "BackingOff with the next attempt's time",
+        Duration::from_secs(60),
+        || async {
+            let status = jobs.get("kubectl-sft").await.ok()?.status?;
+            status.next_retry_time.as_ref()?;
+            status
+                .conditions
+                .iter()
+                .any(|c| c.status == "True" && c.reason == "BackingOff")
+                .then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(backing_off.failed_attempts, 1);
+    let status = wait_for_success(&jobs, "kubectl-sft", |_| {}).await;
+    assert_eq!((status.failed_attempts, status.preemptions), (1, 0));
+    let first = status.attempts.iter().find(|a| a.index == 0).unwrap();
+    assert_eq!(first.exit_code, Some(137), "{first:?}");
+    let retry = status.attempts.iter().find(|a| a.index == 1).unwrap();
+    assert_eq!(retry.resumed_from_step, Some(4), "{retry:?}");
+    let (_, resumed_weights) = adapter_weights_digest(&client, &ns).await;
+    assert_eq!(
+        resumed_weights, weights,
+        "the resumed run's adapter differs from the undisturbed run's"
+    );
+    cleanup(&client, &ns).await;
+}
+
+fn start_executor(
+    executor_bin: &str,
+    trainer: &str,
+    node: &str,
+    work: &std::path::Path,
+) -> Executor {
+    Executor {
+        child: Command::new(executor_bin)
+            .args(["--node-name", node, "--default-binary", trainer])
+            .arg("--work-dir")
+            .arg(work)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("executor starts"),
+    }
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

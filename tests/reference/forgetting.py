@@ -36,11 +36,12 @@ spec:
 {guard}"""
 
 # The guard settings compared. Without `forgettingGuard` LoRA SFT gets the default guard
-# (selfReplay, ratio 0.25, answers up to 48 tokens), so "off" has to say so.
+# (selfReplay: one 16-token base answer per step of 8 samples at weight 4), so "off" has to say so.
 GUARDS = {
     "off": "  forgettingGuard: {disabled: true}\n",
     "default": "",
-    "self-replay-24": "  forgettingGuard: {selfReplay: {ratio: 0.25, answerTokens: 24}}\n",
+    "self-replay-0.25-48-w1": ("  forgettingGuard: {selfReplay: {ratio: 0.25, answerTokens: 48,"
+                               " weight: 1.0}}\n"),
     "self-distillation": "  forgettingGuard: {selfDistillation: {weight: 1.0}}\n",
 }
 

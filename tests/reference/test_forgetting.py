@@ -39,8 +39,8 @@ def test_default_guard_keeps_the_task_and_most_general_knowledge(rows):
     print("\n" + show(guarded))
     assert guarded["replayed_samples"] > 0, "the default guard did not replay anything"
     assert guarded["task_exact_match"] >= 0.95
-    # Measured 15/17 (0.88) on the project's machine; the floor leaves room for other CPUs'
-    # floating-point paths, and must still be far above the unguarded run.
-    assert guarded["retention"] >= 0.8
+    # The issue's bar: at least 0.9 of the base's correct general answers kept (measured 16/17 on
+    # the project's machine; wall time, ≤ 1.3× the unguarded run, is make bench-forgetting's).
+    assert guarded["retention"] >= 0.9
     assert guarded["retention"] >= off["retention"] + 0.5
     assert guarded["retention_loss_delta"] < off["retention_loss_delta"]

@@ -2,6 +2,8 @@
 //! next action. This is where attempts are classified (the contract's exit codes, OOM kills,
 //! evictions), so it is tested case by case without an apiserver.
 
+use std::time::Duration;
+
 use finetune_crds::contract::{ExitCode, StatusReport, TerminationMessage};
 use finetune_crds::finetunejob::{AdapterRef, Attempt, CheckpointRef, Progress};
 use finetune_crds::{FinetuneJob, FinetuneJobStatus, JobPhase};
@@ -130,6 +132,23 @@ struct Failure {
     retryable: bool,
     counts_against_backoff: bool,
     termination: Option<TerminationMessage>,
+    /// When the trainer container ended (the kubelet's `finishedAt`).
+    finished_at: Option<Timestamp>,
+}
+
+/// First wait before retrying a failure charged to `backoffLimit`; it doubles with each one.
+pub const RETRY_DELAY_FIRST: Duration = Duration::from_secs(10);
+/// The longest wait between attempts.
+pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(300);
+
+/// How long to wait before the next attempt after `charged` failures charged to `backoffLimit`
+/// (10 s, 20 s, 40 s, … up to 5 min). A crash that repeats at once, such as a bad node or a
+/// registry outage, then does not burn the whole budget in seconds.
+pub fn retry_delay(charged: i32) -> Duration {
+    let doublings = charged.saturating_sub(1).clamp(0, 16) as u32;
+    RETRY_DELAY_FIRST
+        .saturating_mul(1 << doublings)
+        .min(RETRY_DELAY_MAX)
 }
 
 /// Derives the status of `job` from its trainer pods (any order) at time `now`.
@@ -143,6 +162,8 @@ pub fn derive(
     let previous = job.status.clone().unwrap_or_default();
     let mut status = previous.clone();
     status.observed_generation = job.metadata.generation;
+    // Set again below only while a retry is backing off.
+    status.next_retry_time = None;
     let mut transitions = Vec::new();
     let generation = job.metadata.generation;
 
@@ -206,8 +227,40 @@ pub fn derive(
         };
     }
 
-    let mut stopped_early = None;
     let latest = attempts.last();
+    if let Some(limit) = job.spec.run_policy.active_deadline_seconds
+        && let Some(started) = status.start_time.as_ref().map(|t| t.0)
+        && let Some(deadline) = started
+            .checked_add(Duration::from_secs(limit.max(0) as u64))
+            .ok()
+        && now >= deadline
+    {
+        // Past the deadline: stop whatever runs; the job fails and is never retried.
+        let action = match latest {
+            Some((_, pod, PodState::Pending { .. } | PodState::Running)) => {
+                Action::DeletePod(pod_name(pod))
+            }
+            _ => Action::Wait,
+        };
+        status.completion_time = Some(Time(now));
+        status.next_retry_time = None;
+        set(
+            &mut status,
+            JobPhase::Failed,
+            "DeadlineExceeded",
+            format!(
+                "runPolicy.activeDeadlineSeconds {limit} passed at {deadline} (first started {started}); the trainer was stopped"
+            ),
+            true,
+        );
+        return Derived {
+            status,
+            action,
+            transitions,
+        };
+    }
+
+    let mut stopped_early = None;
     let action = match latest.map(|(attempt, pod, state)| (*attempt, *pod, state.clone())) {
         None if job.spec.run_policy.suspend => {
             set(
@@ -334,9 +387,45 @@ pub fn derive(
             }
             Action::Wait
         }
+        Some((_, _, PodState::Failed(failure)))
+            if failure.retryable && job.spec.run_policy.suspend =>
+        {
+            // A suspended pod's SIGTERM exit (or any retryable end while suspended) waits for
+            // the resume instead of starting the next attempt.
+            set(
+                &mut status,
+                JobPhase::Suspended,
+                "Suspended",
+                "runPolicy.suspend is true; the next attempt resumes from the last checkpoint"
+                    .into(),
+                false,
+            );
+            Action::Wait
+        }
         Some((attempt, _, PodState::Failed(failure))) => {
             let budget_left = status.failed_attempts <= job.spec.run_policy.backoff_limit;
-            if failure.retryable && budget_left {
+            let retry_at = failure
+                .finished_at
+                .filter(|_| failure.counts_against_backoff)
+                .and_then(|end| end.checked_add(retry_delay(status.failed_attempts)).ok());
+            if failure.retryable && budget_left && retry_at.is_some_and(|at| now < at) {
+                let at = retry_at.expect("checked above");
+                status.next_retry_time = Some(Time(at));
+                let why = failure
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| failure.reason.clone());
+                let message = format!(
+                    "attempt {attempt} ended ({}: {why}); attempt {} starts at {at} (backoff {} s after failure {} of backoffLimit {})",
+                    failure.reason,
+                    attempt + 1,
+                    retry_delay(status.failed_attempts).as_secs(),
+                    status.failed_attempts,
+                    job.spec.run_policy.backoff_limit,
+                );
+                set(&mut status, JobPhase::Pending, "BackingOff", message, true);
+                Action::Wait
+            } else if failure.retryable && budget_left {
                 let next = attempt + 1;
                 let why = failure
                     .message
@@ -375,6 +464,18 @@ pub fn derive(
         action,
         transitions,
     }
+}
+
+/// When a job with `status` is due for deletion (`runPolicy.ttlSecondsAfterFinished` after its
+/// completion); `None` while it runs or without a TTL.
+pub fn ttl_expiry(job: &FinetuneJob, status: &FinetuneJobStatus) -> Option<Timestamp> {
+    let ttl = job.spec.run_policy.ttl_seconds_after_finished?;
+    if !matches!(status.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
+        return None;
+    }
+    let done = status.completion_time.as_ref()?.0;
+    done.checked_add(Duration::from_secs(ttl.max(0) as u64))
+        .ok()
 }
 
 /// The status of a job whose spec fails validation: Failed at once, with every problem named.
@@ -532,6 +633,7 @@ fn classify_failure(
         retryable,
         counts_against_backoff: charged,
         termination: termination.clone(),
+        finished_at: terminated.and_then(|t| t.finished_at.as_ref()).map(|t| t.0),
     };
     if disrupted
         || matches!(
@@ -1135,6 +1237,124 @@ mod tests {
             derived.status.attempts[1].reason.as_deref(),
             Some("OutOfMemory")
         );
+    }
+
+    fn finished(mut pod: Pod, at: Timestamp) -> Pod {
+        let status = pod.status.as_mut().unwrap();
+        for c in status.container_statuses.iter_mut().flatten() {
+            if let Some(t) = c.state.as_mut().and_then(|s| s.terminated.as_mut()) {
+                t.finished_at = Some(Time(at));
+            }
+        }
+        pod
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_stops_its_pod_and_fails() {
+        let mut job = job();
+        job.spec.run_policy.active_deadline_seconds = Some(60);
+        let started = now().checked_sub(Duration::from_secs(61)).unwrap();
+        job.status = Some(FinetuneJobStatus {
+            phase: Some(JobPhase::Running),
+            start_time: Some(Time(started)),
+            ..FinetuneJobStatus::default()
+        });
+        let running = pod(0, "Running");
+        let derived = derive(&job, std::slice::from_ref(&running), None, now());
+        assert_eq!(derived.action, Action::DeletePod("j-attempt-0".into()));
+        assert_eq!(derived.status.phase, Some(JobPhase::Failed));
+        assert_eq!(true_condition(&derived.status).1, "DeadlineExceeded");
+        // Within the deadline nothing changes.
+        let early = started.checked_add(Duration::from_secs(59)).unwrap();
+        let derived = derive(&job, &[running], None, early);
+        assert_eq!(derived.status.phase, Some(JobPhase::Running));
+    }
+
+    #[test]
+    fn finished_jobs_expire_their_ttl_after_completion() {
+        let mut job = job();
+        job.spec.run_policy.ttl_seconds_after_finished = Some(30);
+        let mut status = FinetuneJobStatus::default();
+        assert_eq!(ttl_expiry(&job, &status), None, "not started");
+        status.phase = Some(JobPhase::Succeeded);
+        status.completion_time = Some(Time(now()));
+        let due = now().checked_add(Duration::from_secs(30)).unwrap();
+        assert_eq!(ttl_expiry(&job, &status), Some(due));
+        status.phase = Some(JobPhase::Running);
+        assert_eq!(
+            ttl_expiry(&job, &status),
+            None,
+            "a running job does not expire"
+        );
+    }
+
+    #[test]
+    fn charged_failures_back_off_doubling_to_five_minutes() {
+        let secs = |n| retry_delay(n).as_secs();
+        assert_eq!(
+            [
+                secs(0),
+                secs(1),
+                secs(2),
+                secs(3),
+                secs(5),
+                secs(6),
+                secs(40)
+            ],
+            [10, 10, 20, 40, 160, 300, 300]
+        );
+    }
+
+    #[test]
+    fn a_crash_waits_out_its_backoff_before_the_next_attempt() {
+        let mut job = job();
+        job.spec.run_policy.backoff_limit = 3;
+        let ended = now().checked_sub(Duration::from_secs(4)).unwrap();
+        let first = finished(exited(pod(0, "Failed"), 1, "Error", None), ended);
+        let derived = derive(&job, std::slice::from_ref(&first), None, now());
+        assert_eq!(derived.action, Action::Wait);
+        assert_eq!(derived.status.phase, Some(JobPhase::Pending));
+        assert_eq!(true_condition(&derived.status).1, "BackingOff");
+        let due = ended.checked_add(Duration::from_secs(10)).unwrap();
+        assert_eq!(derived.status.next_retry_time, Some(Time(due)));
+
+        let later = due.checked_add(Duration::from_secs(1)).unwrap();
+        let derived = derive(&job, std::slice::from_ref(&first), None, later);
+        assert_eq!(derived.action, Action::CreatePod(1));
+        assert_eq!(derived.status.next_retry_time, None);
+
+        // The second charged failure waits twice as long.
+        let second = finished(exited(pod(1, "Failed"), 1, "Error", None), later);
+        let derived = derive(&job, &[first, second], None, later);
+        let due = later.checked_add(Duration::from_secs(20)).unwrap();
+        assert_eq!(derived.status.next_retry_time, Some(Time(due)));
+    }
+
+    #[test]
+    fn a_preemption_is_retried_without_waiting() {
+        let evicted = finished(
+            condition(
+                exited(pod(0, "Failed"), 143, "Error", None),
+                "DisruptionTarget",
+                "True",
+                "EvictionByEvictionAPI",
+                "evicted",
+            ),
+            now(),
+        );
+        let derived = derive(&job(), &[evicted], None, now());
+        assert_eq!(derived.action, Action::CreatePod(1));
+        assert_eq!(derived.status.next_retry_time, None);
+    }
+
+    #[test]
+    fn a_suspended_jobs_stopped_pod_starts_no_new_attempt() {
+        let mut job = job();
+        job.spec.run_policy.suspend = true;
+        let stopped = exited(pod(0, "Failed"), 143, "Error", None);
+        let derived = derive(&job, &[stopped], None, now());
+        assert_eq!(derived.action, Action::Wait);
+        assert_eq!(derived.status.phase, Some(JobPhase::Suspended));
     }
 
     #[test]

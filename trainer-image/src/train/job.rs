@@ -39,7 +39,7 @@ use crate::serve::{self, Live};
 use crate::train::anchor::{L2ToInit, SelfDistillation};
 use crate::train::checkpoint;
 use crate::train::dpo::{Dpo, DpoConfig, PairSet, PreferenceMetrics, ReferenceMode};
-use crate::train::guard::{self, GuardSource};
+use crate::train::guard::{self, GuardSource, Replay};
 use crate::train::optim::AdamW;
 use crate::train::probe::{Probe, ProbeScore};
 use crate::train::retention::{RetentionScore, RetentionSet, changed_answers};
@@ -852,7 +852,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     let mut model = loaded.model;
 
     // Self-replay: the base model's own answers join the training stream (before any update).
-    let mut replayed = 0usize;
+    let mut replay: Option<Replay> = None;
     let lora_sft = !is_dpo && spec.adapter.kind == AdapterType::Lora;
     let (forgetting_guard, guard_source) = guard::effective(
         spec.forgetting_guard.as_ref(),
@@ -861,14 +861,15 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     );
     if guard_source == GuardSource::Default {
         eprintln!(
-            "forgetting guard: default selfReplay (ratio {}, answers up to {} tokens); name a guard in spec.forgettingGuard, or set forgettingGuard.disabled: true to train without one",
+            "forgetting guard: default selfReplay (ratio {}, answers up to {} tokens, weight {}); name a guard in spec.forgettingGuard, or set forgettingGuard.disabled: true to train without one",
             DEFAULT_REPLAY_RATIO,
-            finetune_crds::training::default_replay_answer_tokens()
+            finetune_crds::training::default_replay_answer_tokens(),
+            finetune_crds::training::default_replay_weight()
         );
     }
     if let Some(r) = &forgetting_guard.self_replay {
         let t = Instant::now();
-        let mut replay = guard::replay_samples(
+        let mut samples = guard::replay_samples(
             &mut model,
             &encoder,
             &eos_ids,
@@ -876,13 +877,17 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             r.answer_tokens as usize,
         )
         .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfReplay"))?;
-        replay.retain(|s| s.len() <= max_seq);
-        replayed = guard::mix_in(&mut prepared.train, &replay, r.ratio);
+        samples.retain(|s| s.len() <= max_seq);
+        let per_step = hp.batch_size as usize * hp.gradient_accumulation_steps as usize;
+        let r = Replay::new(samples, r.ratio, per_step, r.weight);
         eprintln!(
-            "self-replay: {} base answers, {replayed} replayed samples mixed in ({:.1}s)",
-            replay.len(),
+            "self-replay: {} base answers, {:.2} replayed per step at weight {} ({:.1}s)",
+            r.len(),
+            r.ratio_per_step(),
+            r.weight,
             t.elapsed().as_secs_f64()
         );
+        replay = Some(r);
     }
 
     // Self-distillation scores the base model's answers to the self-replay requests.
@@ -1268,8 +1273,15 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         let t = Instant::now();
         let outcome = match &dpo {
             None => {
-                let batches: Vec<Batch> = (0..n_micro).map(|_| batcher.next_batch()).collect();
-                let mbs: Vec<MicroBatch> = batches.iter().map(MicroBatch::from).collect();
+                let mut batches: Vec<Batch> = (0..n_micro).map(|_| batcher.next_batch()).collect();
+                // Self-replay: the step's base conversations as one more micro-batch.
+                let replay_batch = replay.as_ref().and_then(|r| r.batch_for_step(st.step));
+                let replaying = replay_batch.is_some();
+                batches.extend(replay_batch);
+                let mut mbs: Vec<MicroBatch> = batches.iter().map(MicroBatch::from).collect();
+                if replaying && let (Some(last), Some(r)) = (mbs.last_mut(), replay.as_ref()) {
+                    last.weight = r.weight;
+                }
                 let anchors = (distill.as_ref(), l2.as_ref());
                 guarded_step(
                     &mut model,
@@ -1700,7 +1712,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             "train": prepared.train_stats,
             "eval": prepared.eval_stats,
             "train_samples_used": n_train,
-            "replayed_samples": replayed,
+            "replayed_samples": replay.as_ref().map_or(0, |r| r.replayed_through(st.step)),
             "eval_samples": prepared.eval.len(),
             "train_digest": prepared.train_digest,
             "eval_digest": prepared.eval_digest,

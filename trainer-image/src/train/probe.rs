@@ -27,6 +27,15 @@ pub struct Probe {
     pub references: Vec<String>,
 }
 
+/// One greedy answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// Decoded without special tokens.
+    pub text: String,
+    /// The model emitted an end token; `false` when the answer was cut off at the token limit.
+    pub ended: bool,
+}
+
 /// How many answers matched their reference.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProbeScore {
@@ -125,12 +134,28 @@ impl Probe {
         eos_ids: &[i64],
         max_new_tokens: usize,
     ) -> Result<Vec<String>> {
+        let answers = self.answer_with_ends(model, tokenizer, eos_ids, max_new_tokens)?;
+        Ok(answers.into_iter().map(|a| a.text).collect())
+    }
+
+    /// Like [`Probe::answer`], also telling which answers the model ended itself (an end token
+    /// within `max_new_tokens`) and which were cut off at the limit.
+    pub fn answer_with_ends(
+        &self,
+        model: &mut CausalLm,
+        tokenizer: &TextTokenizer,
+        eos_ids: &[i64],
+        max_new_tokens: usize,
+    ) -> Result<Vec<Answer>> {
         model.set_training(false);
         let answers = generate_greedy_batch(model, &self.prompts, max_new_tokens, eos_ids);
         model.set_training(true);
         let mut out = Vec::with_capacity(answers.len());
         for ids in &answers {
-            out.push(tokenizer.decode(ids, true)?);
+            out.push(Answer {
+                text: tokenizer.decode(ids, true)?,
+                ended: ids.last().is_some_and(|t| eos_ids.contains(t)),
+            });
         }
         Ok(out)
     }

@@ -221,10 +221,11 @@ fn answer_keys(line: &serde_json::Value) -> std::result::Result<Vec<String>, Str
 
 /// Whether `answer` contains one of `keys` as whole words. Keys in lower case match in any case;
 /// a key with a capital letter must match exactly ("CAT" for "write cat in capitals", "Au" for
-/// gold, which would otherwise match inside French words).
+/// gold, which would otherwise match inside French words). Hyphens separate words, so "a 24-hour
+/// period" answers "24" and "twenty-four" matches the key "twenty four".
 pub fn answer_is_correct(answer: &str, keys: &[String]) -> bool {
     let words = |s: &str| -> Vec<String> {
-        s.split(|c: char| !(c.is_alphanumeric() || c == '-'))
+        s.split(|c: char| !c.is_alphanumeric())
             .filter(|w| !w.is_empty())
             .map(str::to_string)
             .collect()
@@ -435,6 +436,15 @@ mod tests {
             "twenty-four hours",
             &keys(&["twenty-four"])
         ));
+        assert!(answer_is_correct(
+            "twenty-four hours",
+            &keys(&["twenty four"])
+        ));
+        assert!(answer_is_correct(
+            "A day is a 24-hour period.",
+            &keys(&["24"])
+        ));
+        assert!(!answer_is_correct("It is 240-odd.", &keys(&["24"])));
         assert!(!answer_is_correct("anything", &[]));
     }
 

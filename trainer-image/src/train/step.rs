@@ -19,6 +19,8 @@ pub struct MicroBatch<'a> {
     pub attention_mask: Option<&'a Tensor>,
     pub tokens: i64,
     pub samples: usize,
+    /// Weight of this micro-batch's tokens in the step's loss (1 for training data).
+    pub weight: f64,
 }
 
 impl<'a> From<&'a Batch> for MicroBatch<'a> {
@@ -30,6 +32,7 @@ impl<'a> From<&'a Batch> for MicroBatch<'a> {
             attention_mask: b.attention_mask.as_ref(),
             tokens: b.tokens,
             samples: b.samples,
+            weight: 1.0,
         }
     }
 }
@@ -156,7 +159,18 @@ pub fn accumulate_gradients(
     seed: u64,
     step: i64,
 ) -> Result<StepStats, StepStats> {
-    let targets: i64 = micro_batches.iter().map(|m| count_targets(m.labels)).sum();
+    let counts: Vec<i64> = micro_batches
+        .iter()
+        .map(|m| count_targets(m.labels))
+        .collect();
+    let targets: i64 = counts.iter().sum();
+    // The token-weighted mean: Σ w·loss_sum / Σ w·targets (every w is 1 unless a guard's
+    // micro-batch is weighted).
+    let weighted_targets: f64 = micro_batches
+        .iter()
+        .zip(&counts)
+        .map(|(m, &n)| m.weight * n as f64)
+        .sum();
     let mut stats = StepStats {
         targets,
         tokens: micro_batches.iter().map(|m| m.tokens).sum(),
@@ -170,11 +184,11 @@ pub fn accumulate_gradients(
     let mut sum = 0.0;
     for (i, mb) in micro_batches.iter().enumerate() {
         tch::manual_seed(dropout_seed(seed, step, i));
-        let s = loss_sum(model, mb);
+        let s = loss_sum(model, mb) * mb.weight;
         sum += s.double_value(&[]);
-        (s / targets as f64).backward();
+        (s / weighted_targets).backward();
     }
-    stats.loss = sum / targets as f64;
+    stats.loss = sum / weighted_targets;
     if !stats.loss.is_finite() {
         return Err(stats);
     }
