@@ -61,6 +61,21 @@ struct Caches {
     claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
 }
 
+impl Caches {
+    /// Whether every child cache holds its first full list. Checked without waiting: the
+    /// caches fill from streams the controller polls between reconciles, so a reconcile that
+    /// awaited them could hold the slot they need.
+    fn ready(&self) -> bool {
+        use futures::FutureExt;
+        let filled = futures::future::try_join3(
+            self.pods.wait_until_ready(),
+            self.maps.wait_until_ready(),
+            self.claims.wait_until_ready(),
+        );
+        matches!(filled.now_or_never(), Some(Ok(_)))
+    }
+}
+
 /// What every reconcile shares.
 pub struct Context {
     /// The apiserver client.
@@ -292,6 +307,12 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
         ctx.progress.forget(&key);
         ctx.written.lock().expect("written lock").remove(&key);
         return Ok(Requeue::await_change());
+    }
+    // Until the child caches are filled, a missing pod means "not listed yet", not "gone":
+    // deriving from that (after a restart or a failover) would start attempt 0 again and drop
+    // the attempt history.
+    if !ctx.caches.ready() {
+        return Ok(Requeue::requeue(Duration::from_secs(1)));
     }
     let job = ctx.freshest(&key, job);
     let jobs: Api<FinetuneJob> = Api::namespaced(ctx.client.clone(), &namespace);

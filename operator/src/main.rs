@@ -89,6 +89,18 @@ struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "finetune-operator")]
     leader_election_lease_name: String,
+    /// How long a standby waits, after the lease last changed, before taking it (seconds;
+    /// client-go's default). Failover takes up to this long after a leader dies without
+    /// releasing the lease.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_lease_seconds: u64,
+    /// How long the leader keeps trying to renew before it steps down (seconds); below the
+    /// lease duration.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_renew_deadline_seconds: u64,
+    /// Pause between tries to acquire or renew the lease (seconds).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_retry_seconds: u64,
 }
 
 fn main() -> ExitCode {
@@ -123,6 +135,13 @@ async fn run(args: RunArgs) -> ExitCode {
                 .unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .init();
+    if args.leader_election_renew_deadline_seconds >= args.leader_election_lease_seconds {
+        // A leader still renewing when a standby may take the lease would make two leaders.
+        return fatal(&format!(
+            "--leader-election-renew-deadline-seconds ({}) must be below --leader-election-lease-seconds ({})",
+            args.leader_election_renew_deadline_seconds, args.leader_election_lease_seconds
+        ));
+    }
     // The endpoints are bound first: without them the probes fail and nothing is scraped, so a
     // port that cannot be bound ends the operator at once, saying why.
     let http_addr = args.http_addr;
@@ -194,7 +213,11 @@ async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -
             &args.leader_election_namespace,
             &args.leader_election_lease_name,
             leader::default_identity(),
-            Timings::default(),
+            Timings {
+                lease_duration: Duration::from_secs(args.leader_election_lease_seconds),
+                renew_deadline: Duration::from_secs(args.leader_election_renew_deadline_seconds),
+                retry_period: Duration::from_secs(args.leader_election_retry_seconds),
+            },
         )
     });
     if let Some(elector) = &elector {

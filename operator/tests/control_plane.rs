@@ -13,7 +13,7 @@ use finetune_crds::{Adapter, FinetuneJob, FinetuneJobStatus, JobPhase, parse_man
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota,
 };
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use serde_json::json;
 
@@ -236,6 +236,25 @@ async fn a_job_becomes_a_gpu_pod_and_its_status_follows() {
     })
     .await;
     assert!(reasons.iter().any(|r| r == "Created"), "{reasons:?}");
+
+    // An eviction through the API deletes the pod under the trainer: the job starts attempt 1
+    // without touching backoffLimit, and attempt 0's record says why it ended.
+    pods.evict("kubectl-sft-attempt-0", &EvictParams::default())
+        .await
+        .expect("eviction accepted");
+    let status = wait_for(
+        "attempt 1 after the eviction",
+        Duration::from_secs(60),
+        || async {
+            let status = jobs.get("kubectl-sft").await.ok()?.status?;
+            pods.get_opt("kubectl-sft-attempt-1").await.ok()??;
+            (status.preemptions == 1).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(status.failed_attempts, 0);
+    let evicted = status.attempts.iter().find(|a| a.index == 0).unwrap();
+    assert_eq!(evicted.reason.as_deref(), Some("Preempted"), "{evicted:?}");
     cleanup(&client, &ns).await;
 }
 
@@ -574,6 +593,20 @@ async fn create_adapter(client: &Client, ns: &str, name: &str, source_uri: &str)
 }
 
 /// A claim and a PersistentVolume pre-bound to it (no provisioner here), unless they exist.
+/// A volume reserved for the claim `claim` of `ns`, which the PV controller binds once the
+/// claim exists (the operator creates it, with the size it asks for).
+async fn volume_for_claim(client: &Client, ns: &str, claim: &str) {
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let pv = json!({"metadata": {"name": format!("{ns}-{claim}")}, "spec": {
+        "capacity": {"storage": "1Ti"}, "accessModes": ["ReadWriteOnce"],
+        "hostPath": {"path": format!("/tmp/{ns}-{claim}")}, "storageClassName": "",
+        "claimRef": {"namespace": ns, "name": claim}}});
+    volumes
+        .create(&PostParams::default(), &serde_json::from_value(pv).unwrap())
+        .await
+        .expect("PV created");
+}
+
 async fn bind_claim(client: &Client, ns: &str, claim: &str) {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     if claims.get_opt(claim).await.unwrap().is_none() {
@@ -1058,6 +1091,40 @@ async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() 
         "the resumed run's adapter differs from the undisturbed run's"
     );
     cleanup(&client, &ns).await;
+
+    // Bad input: a dataset file that does not exist. The trainer exits 2 naming it, and the job
+    // fails at once: no second attempt, nothing charged.
+    let ns = namespace(&client, "it-invalid").await;
+    create_example_data(&client, &ns).await;
+    let _operator = start_operator(&ns);
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    let mut job = short_real_job(&ns, &model, &node);
+    job.spec.dataset.train.uri = "configmap://finetune-examples-data/missing.jsonl".into();
+    jobs.create(&PostParams::default(), &job)
+        .await
+        .expect("job accepted");
+    let status = wait_for("phase Failed", Duration::from_secs(120), || async {
+        let status = jobs.get("kubectl-sft").await.ok()?.status?;
+        (status.phase == Some(JobPhase::Failed)).then_some(status)
+    })
+    .await;
+    let failed = status
+        .conditions
+        .iter()
+        .find(|c| c.status == "True")
+        .unwrap();
+    assert_eq!(failed.reason, "InvalidInput", "{failed:?}");
+    assert!(failed.message.contains("missing.jsonl"), "{failed:?}");
+    assert_eq!(status.attempts.len(), 1);
+    assert_eq!((status.failed_attempts, status.preemptions), (0, 0));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        pods.get_opt("kubectl-sft-attempt-1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    cleanup(&client, &ns).await;
 }
 
 fn start_executor(
@@ -1088,4 +1155,176 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     found
+}
+
+/// Stands in for the kubelet of the kwok nodes, whose pods never end by themselves: every trainer
+/// pod that has been Running for `after` is marked Succeeded (exit 0).
+async fn complete_running_pods(pods: Api<Pod>, after: Duration) {
+    loop {
+        if let Ok(list) = pods.list(&ListParams::default()).await {
+            for pod in list.items {
+                let status = pod.status.clone().unwrap_or_default();
+                let started = status.start_time.as_ref().map(|t| t.0);
+                let running_long_enough = status.phase.as_deref() == Some("Running")
+                    && started.is_some_and(|t| {
+                        k8s_openapi::jiff::Timestamp::now()
+                            .duration_since(t)
+                            .as_secs_f64()
+                            >= after.as_secs_f64()
+                    });
+                if !running_long_enough {
+                    continue;
+                }
+                let now = k8s_openapi::jiff::Timestamp::now()
+                    .strftime("%Y-%m-%dT%H:%M:%SZ")
+                    .to_string();
+                let done = json!({"status": {"phase": "Succeeded", "containerStatuses": [{
+                    "name": "trainer", "image": "trainer", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": {"terminated": {
+                        "exitCode": 0, "reason": "Completed",
+                        "startedAt": now, "finishedAt": now}}}]}});
+                let _ = pods
+                    .patch_status(
+                        &pod.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(done),
+                    )
+                    .await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn the_leader_sigkilled_twenty_times_loses_no_job_and_duplicates_no_pod() {
+    const JOBS: usize = 50;
+    const KILLS: usize = 20;
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "it-failover").await;
+    let lease = "finetune-operator-failover";
+    // A 3 s lease so that twenty failovers fit in a test run; each one waits it out.
+    let elect = [
+        "--leader-elect",
+        "--leader-election-namespace",
+        ns.as_str(),
+        "--leader-election-lease-name",
+        lease,
+        "--leader-election-lease-seconds",
+        "3",
+        "--leader-election-renew-deadline-seconds",
+        "2",
+        "--leader-election-retry-seconds",
+        "1",
+    ];
+    let mut started = 0usize;
+    let mut replicas: std::collections::BTreeMap<String, Operator> = Default::default();
+    let mut keep_two = |replicas: &mut std::collections::BTreeMap<String, Operator>| {
+        // A replica that stepped down on its own (a missed renewal) has exited: replace it.
+        replicas.retain(|_, op| matches!(op.child.try_wait(), Ok(None)));
+        while replicas.len() < 2 {
+            let id = format!("replica-{started}");
+            started += 1;
+            let op = start_operator_with(&ns, &elect, &[("POD_NAME", id.as_str())]);
+            replicas.insert(id, op);
+        }
+    };
+    keep_two(&mut replicas);
+
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for i in 0..JOBS {
+        let name = format!("chaos-{i:02}");
+        volume_for_claim(&client, &ns, &format!("{name}-storage")).await;
+        let mut job = example_job(&ns, 0);
+        job.metadata.name = Some(name);
+        jobs.create(&PostParams::default(), &job).await.unwrap();
+    }
+    let kubelet = tokio::spawn(complete_running_pods(pods.clone(), Duration::from_secs(4)));
+
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &ns);
+    let mut random = std::process::id() as u64 | 1;
+    let mut leaders = Vec::new();
+    for kill in 0..KILLS {
+        // The live replica holding the lease (after a kill, the standby once it takes over).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let leader = loop {
+            keep_two(&mut replicas);
+            let holder = leases
+                .get_opt(lease)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.spec?.holder_identity);
+            if let Some(holder) = holder.filter(|h| replicas.contains_key(h)) {
+                break holder;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no live leader after kill {kill}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // A random moment of its work: 0.2 to 2.7 s after it is seen leading.
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        tokio::time::sleep(Duration::from_millis(200 + random % 2500)).await;
+        drop(replicas.remove(&leader)); // SIGKILL: the lease is not released
+        leaders.push(leader);
+    }
+    eprintln!("  SIGKILLed {KILLS} leaders in turn: {leaders:?}");
+    keep_two(&mut replicas);
+
+    // Every job ends, each with exactly the one pod of its single attempt.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let list = jobs.list(&ListParams::default()).await.unwrap();
+        let done = list
+            .items
+            .iter()
+            .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Succeeded))
+            .count();
+        if done == JOBS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {JOBS} jobs succeeded after the kills"
+        );
+        keep_two(&mut replicas);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    kubelet.abort();
+    let mut names: Vec<String> = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    names.sort();
+    let expected: Vec<String> = (0..JOBS)
+        .map(|i| format!("chaos-{i:02}-attempt-0"))
+        .collect();
+    assert_eq!(names, expected, "one pod per job, none duplicated or lost");
+    for job in jobs.list(&ListParams::default()).await.unwrap().items {
+        let name = job.name_any();
+        let attempts = job.status.unwrap().attempts;
+        assert_eq!(attempts.len(), 1, "{name}: {attempts:?}");
+    }
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    for i in 0..JOBS {
+        let _ = volumes
+            .delete(
+                &format!("{ns}-chaos-{i:02}-storage"),
+                &DeleteParams::background(),
+            )
+            .await;
+    }
+    cleanup(&client, &ns).await;
 }

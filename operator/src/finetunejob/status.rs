@@ -168,14 +168,32 @@ pub fn derive(
     let generation = job.metadata.generation;
 
     // Each pod's state is read once; the attempt records, the counters and the action use it.
-    let mut attempts: Vec<(i32, &Pod, PodState)> = pods
+    let mut attempts: Vec<(i32, Option<&Pod>, PodState)> = pods
         .iter()
-        .filter_map(|pod| Some((attempt_of(pod)?, pod, pod_state(pod))))
+        .filter_map(|pod| Some((attempt_of(pod)?, Some(pod), pod_state(pod))))
         .collect();
+    // Attempts recorded earlier whose pods are gone. One that had not ended was deleted under the
+    // trainer (an eviction through the API, a drain, `kubectl delete`): a preemption.
+    let vanished: Vec<Attempt> = previous
+        .attempts
+        .iter()
+        .filter(|record| !attempts.iter().any(|(index, _, _)| *index == record.index))
+        .map(|record| vanished_attempt(record, now))
+        .collect();
+    for record in &vanished {
+        attempts.push((record.index, None, PodState::Failed(failure_of(record))));
+    }
     attempts.sort_by_key(|(attempt, _, _)| *attempt);
     status.attempts = attempts
         .iter()
-        .map(|(index, pod, state)| attempt_record(*index, pod, state))
+        .map(|(index, pod, state)| match pod {
+            Some(pod) => attempt_record(*index, pod, state),
+            None => vanished
+                .iter()
+                .find(|record| record.index == *index)
+                .cloned()
+                .expect("every attempt without a pod is a vanished record"),
+        })
         .collect();
     trim_attempts(&mut status.attempts);
     let failures: Vec<&Failure> = attempts
@@ -185,11 +203,17 @@ pub fn derive(
             _ => None,
         })
         .collect();
-    status.failed_attempts = failures.iter().filter(|f| f.counts_against_backoff).count() as i32;
-    status.preemptions = failures
-        .iter()
-        .filter(|f| f.retryable && !f.counts_against_backoff)
-        .count() as i32;
+    // Counters never go down: the records are bounded, and a pod removed long ago is no longer
+    // there to be counted.
+    status.failed_attempts = previous
+        .failed_attempts
+        .max(failures.iter().filter(|f| f.counts_against_backoff).count() as i32);
+    status.preemptions = previous.preemptions.max(
+        failures
+            .iter()
+            .filter(|f| f.retryable && !f.counts_against_backoff)
+            .count() as i32,
+    );
     for failure in failures {
         absorb_termination(&mut status, failure.termination.as_ref());
     }
@@ -237,7 +261,7 @@ pub fn derive(
     {
         // Past the deadline: stop whatever runs; the job fails and is never retried.
         let action = match latest {
-            Some((_, pod, PodState::Pending { .. } | PodState::Running)) => {
+            Some((_, Some(pod), PodState::Pending { .. } | PodState::Running)) => {
                 Action::DeletePod(pod_name(pod))
             }
             _ => Action::Wait,
@@ -282,7 +306,7 @@ pub fn derive(
             );
             Action::CreatePod(0)
         }
-        Some((_, pod, PodState::Pending { .. } | PodState::Running))
+        Some((_, Some(pod), PodState::Pending { .. } | PodState::Running))
             if job.spec.run_policy.suspend =>
         {
             set(
@@ -328,6 +352,7 @@ pub fn derive(
             Action::Wait
         }
         Some((attempt, pod, PodState::Running)) => {
+            let pod = pod.expect("only attempts whose pods are gone lack one, and they ended");
             status.start_time.get_or_insert(Time(now));
             set(
                 &mut status,
@@ -675,6 +700,46 @@ fn attempt_record(index: i32, pod: &Pod, state: &PodState) -> Attempt {
         message: termination
             .and_then(|t| t.error.as_ref())
             .map(|e| e.message.clone()),
+    }
+}
+
+/// Reason recorded for an attempt whose pod was deleted before it ended.
+pub const POD_DELETED_REASON: &str = "Preempted";
+
+/// The record of an attempt whose pod is gone: as it was when it had ended; one that had not
+/// ended is closed now as a preemption.
+fn vanished_attempt(record: &Attempt, now: Timestamp) -> Attempt {
+    let mut record = record.clone();
+    if record.reason.is_none() {
+        record.reason = Some(POD_DELETED_REASON.into());
+        record.end_time = Some(Time(now));
+        record.message = Some(
+            "the trainer pod was deleted before it finished (an eviction, a drain or by hand)"
+                .into(),
+        );
+    }
+    record
+}
+
+/// A recorded attempt classified again, for a pod that is no longer there to read: by the
+/// reason recorded when it ended (see [`classify_failure`]).
+fn failure_of(record: &Attempt) -> Failure {
+    let reason = record.reason.clone().unwrap_or_else(|| "Error".into());
+    let (retryable, charged) = match reason.as_str() {
+        "Preempted" => (true, false),
+        "OutOfMemory" | "Error" => (true, true),
+        // Completed, InvalidInput, Diverged, RetentionBelowMinimum: the job already finished
+        // on them; nothing to retry.
+        _ => (false, false),
+    };
+    Failure {
+        reason,
+        exit_code: record.exit_code,
+        message: record.message.clone(),
+        retryable,
+        counts_against_backoff: charged,
+        termination: None,
+        finished_at: record.end_time.as_ref().map(|t| t.0),
     }
 }
 
@@ -1286,6 +1351,49 @@ mod tests {
             None,
             "a running job does not expire"
         );
+    }
+
+    #[test]
+    fn a_pod_deleted_under_the_trainer_is_a_preemption_and_the_next_attempt_starts() {
+        let mut job = job();
+        job.spec.run_policy.backoff_limit = 0;
+        // Attempt 0 was seen running; now its pod is gone (evicted through the API).
+        let seen = derive(&job, &[pod(0, "Running")], None, now());
+        job.status = Some(seen.status);
+        let derived = derive(&job, &[], None, now());
+        assert_eq!(derived.action, Action::CreatePod(1));
+        assert_eq!(
+            (derived.status.preemptions, derived.status.failed_attempts),
+            (1, 0)
+        );
+        let record = &derived.status.attempts[0];
+        assert_eq!(record.reason.as_deref(), Some("Preempted"));
+        assert!(record.end_time.is_some() && record.message.is_some());
+
+        // Once attempt 1 runs, attempt 0's record and the count stay.
+        job.status = Some(derived.status);
+        let derived = derive(&job, &[pod(1, "Running")], None, now());
+        assert_eq!(derived.status.attempts.len(), 2);
+        assert_eq!(derived.status.preemptions, 1);
+        assert_eq!(derived.action, Action::PollProgress("j-attempt-1".into()));
+    }
+
+    #[test]
+    fn a_failed_pod_removed_while_backing_off_keeps_its_charge_and_its_wait() {
+        let mut job = job();
+        job.spec.run_policy.backoff_limit = 3;
+        let ended = now().checked_sub(Duration::from_secs(4)).unwrap();
+        let crashed = finished(exited(pod(0, "Failed"), 1, "Error", None), ended);
+        let backing_off = derive(&job, &[crashed], None, now());
+        assert_eq!(true_condition(&backing_off.status).1, "BackingOff");
+        let due = backing_off.status.next_retry_time.clone();
+        job.status = Some(backing_off.status);
+        // Someone deletes the failed pod: the attempt stays charged and the retry waits as before.
+        let derived = derive(&job, &[], None, now());
+        assert_eq!(derived.status.failed_attempts, 1);
+        assert_eq!(derived.status.attempts[0].reason.as_deref(), Some("Error"));
+        assert_eq!(derived.action, Action::Wait);
+        assert_eq!(derived.status.next_retry_time, due);
     }
 
     #[test]
