@@ -943,25 +943,51 @@ async fn adapter_weights_digest(client: &Client, ns: &str) -> (Adapter, String) 
 /// the tests that run one take turns.
 static ONE_REAL_TRAINER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-#[tokio::test]
-#[ignore = "needs the control plane: run `make test-cluster`"]
-async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() {
-    let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+/// What a test running the real trainer needs: a namespace with the example data, an executor
+/// node that runs pods as local processes under `work`, and an operator for the namespace.
+struct RealTrainerBed {
+    client: Client,
+    ns: String,
+    model: String,
+    node: String,
+    work: tempfile::TempDir,
+    _executor: Executor,
+    _operator: Operator,
+}
+
+async fn real_trainer_bed(namespace_prefix: &str, node_prefix: &str) -> RealTrainerBed {
     let trainer = required_path("FINETUNE_TRAINER_BIN");
     let executor_bin = required_path("FINETUNE_EXECUTOR_BIN");
     let model = required_path("FINETUNE_SMOLLM2_GGUF");
     let client = client().await;
     install_crds(&client).await;
-    let ns = namespace(&client, "it-e2e").await;
+    let ns = namespace(&client, namespace_prefix).await;
     create_example_data(&client, &ns).await;
-
     let work = tempfile::tempdir().unwrap();
-    let node = format!("executor-{}", std::process::id());
-    let _executor = start_executor(&executor_bin, &trainer, &node, work.path());
-    let _operator = start_operator(&ns);
+    let node = format!("{node_prefix}-{}", std::process::id());
+    let executor = start_executor(&executor_bin, &trainer, &node, work.path());
+    let operator = start_operator(&ns);
+    RealTrainerBed {
+        client,
+        ns,
+        model,
+        node,
+        work,
+        _executor: executor,
+        _operator: operator,
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() {
+    let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+    let bed = real_trainer_bed("it-e2e", "executor").await;
+    let (client, ns, model, node) = (bed.client.clone(), bed.ns.clone(), &bed.model, &bed.node);
+    let work = &bed.work;
 
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &short_real_job(&ns, &model, &node))
+    jobs.create(&PostParams::default(), &short_real_job(&ns, model, node))
         .await
         .expect("job accepted");
 
@@ -1027,7 +1053,7 @@ async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() 
     create_example_data(&client, &ns).await;
     let _operator = start_operator(&ns);
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &short_real_job(&ns, &model, &node))
+    jobs.create(&PostParams::default(), &short_real_job(&ns, model, node))
         .await
         .expect("job accepted");
     let claim_dir = work
@@ -1098,7 +1124,7 @@ async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() 
     create_example_data(&client, &ns).await;
     let _operator = start_operator(&ns);
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    let mut job = short_real_job(&ns, &model, &node);
+    let mut job = short_real_job(&ns, model, node);
     job.spec.dataset.train.uri = "configmap://finetune-examples-data/missing.jsonl".into();
     jobs.create(&PostParams::default(), &job)
         .await
@@ -1326,5 +1352,118 @@ async fn the_leader_sigkilled_twenty_times_loses_no_job_and_duplicates_no_pod() 
             )
             .await;
     }
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn suspending_a_running_job_checkpoints_it_and_resuming_continues_from_there() {
+    let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+    let bed = real_trainer_bed("it-suspend", "executor-suspend").await;
+    let (client, ns, model, node) = (bed.client.clone(), bed.ns.clone(), &bed.model, &bed.node);
+    let work = &bed.work;
+
+    // 12 steps and no periodic checkpoint: the only checkpoint before the end is SIGTERM's.
+    let mut job = short_real_job(&ns, model, node);
+    job.spec.hyperparameters.max_steps = Some(12);
+    job.spec.evaluation = None;
+    job.spec.checkpoint.every_steps = 1000;
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &job)
+        .await
+        .expect("job accepted");
+    let log = work
+        .path()
+        .join("pods")
+        .join(&ns)
+        .join("kubectl-sft-attempt-0")
+        .join("stdout.log");
+    wait_for(
+        "the trainer at step 3",
+        Duration::from_secs(300),
+        || async {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("step 3/12").then_some(())
+        },
+    )
+    .await;
+
+    let suspend = |on: bool| json!({"spec": {"runPolicy": {"suspend": on}}});
+    jobs.patch(
+        "kubectl-sft",
+        &PatchParams::default(),
+        &Patch::Merge(suspend(true)),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    wait_for(
+        "Suspended with the trainer pod gone",
+        Duration::from_secs(120),
+        || async {
+            let phase = job_phase(&jobs, "kubectl-sft").await;
+            let pod = pods.get_opt("kubectl-sft-attempt-0").await.ok()?;
+            (phase == Some(JobPhase::Suspended) && pod.is_none()).then_some(())
+        },
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("SIGTERM: checkpoint"), "{text}");
+    let claim_dir = work
+        .path()
+        .join("pvc")
+        .join(&ns)
+        .join("kubectl-sft-storage");
+    let suspended_at: i64 = walk(&claim_dir)
+        .iter()
+        .filter(|p| p.ends_with("manifest.json"))
+        .filter_map(|p| {
+            let dir = p.parent()?.file_name()?.to_str()?;
+            dir.strip_prefix("step-")?.parse().ok()
+        })
+        .max()
+        .expect("the checkpoint written on SIGTERM");
+    assert!(
+        (3..12).contains(&suspended_at),
+        "checkpointed at step {suspended_at}"
+    );
+    // Suspended stays suspended: no new attempt starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        pods.get_opt("kubectl-sft-attempt-1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    jobs.patch(
+        "kubectl-sft",
+        &PatchParams::default(),
+        &Patch::Merge(suspend(false)),
+    )
+    .await
+    .unwrap();
+    let status = wait_for_success(&jobs, "kubectl-sft", |_| {}).await;
+    let resumed = status.attempts.iter().find(|a| a.index == 1).unwrap();
+    assert_eq!(resumed.resumed_from_step, Some(suspended_at), "{resumed:?}");
+    assert_eq!((status.failed_attempts, status.preemptions), (0, 1));
+    // Attempt 1 trained the remaining steps only.
+    let resumed_log = std::fs::read_to_string(
+        work.path()
+            .join("pods")
+            .join(&ns)
+            .join("kubectl-sft-attempt-1")
+            .join("stdout.log"),
+    )
+    .unwrap();
+    let first_step = resumed_log.lines().find_map(|l| {
+        l.strip_prefix("step ")?
+            .split('/')
+            .next()?
+            .parse::<i64>()
+            .ok()
+    });
+    assert_eq!(first_step, Some(suspended_at + 1), "{resumed_log}");
+    assert!(resumed_log.contains("step 12/12"), "{resumed_log}");
     cleanup(&client, &ns).await;
 }

@@ -122,8 +122,11 @@ pub fn trainer_pod(
     let mut metadata = child_meta(job, names::trainer_pod(name, attempt))?;
     let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
     labels.insert(names::ATTEMPT_LABEL.into(), attempt.to_string());
-    if let Some(queue) = job.labels().get(names::KUEUE_QUEUE_LABEL) {
-        labels.insert(names::KUEUE_QUEUE_LABEL.into(), queue.clone());
+    // Kueue reads its queue and workload priority from labels on what it admits.
+    for key in [names::KUEUE_QUEUE_LABEL, names::KUEUE_PRIORITY_LABEL] {
+        if let Some(value) = job.labels().get(key) {
+            labels.insert(key.into(), value.clone());
+        }
     }
     let mounts = Mounts::for_job(job)?;
     let spec = &job.spec;
@@ -681,7 +684,11 @@ mod tests {
 
     #[test]
     fn placement_and_queue_settings_pass_through() {
-        let job = example("full-finetune.yaml");
+        let mut job = example("full-finetune.yaml");
+        job.metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(names::KUEUE_PRIORITY_LABEL.into(), "batch-low".into());
         let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.priority_class_name.as_deref(), Some("training-low"));
@@ -693,10 +700,9 @@ mod tests {
             spec.tolerations.as_ref().unwrap()[0].key.as_deref(),
             Some("nvidia.com/gpu")
         );
-        assert_eq!(
-            pod.metadata.labels.as_ref().unwrap()[names::KUEUE_QUEUE_LABEL],
-            "gpu-queue"
-        );
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[names::KUEUE_QUEUE_LABEL], "gpu-queue");
+        assert_eq!(labels[names::KUEUE_PRIORITY_LABEL], "batch-low");
     }
 
     #[test]

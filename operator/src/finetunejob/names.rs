@@ -9,6 +9,8 @@ pub const JOB_LABEL: &str = "finetune.dev/job";
 pub const ATTEMPT_LABEL: &str = "finetune.dev/attempt";
 /// Kueue's queue label, passed through from the job to its pods.
 pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
+/// Kueue's workload priority class, passed through like the queue name.
+pub const KUEUE_PRIORITY_LABEL: &str = "kueue.x-k8s.io/priority-class";
 
 /// The ConfigMap holding the job manifest.
 pub fn manifest_config_map(job: &str) -> String {
