@@ -1266,6 +1266,9 @@ async fn the_leader_sigkilled_twenty_times_loses_no_job_and_duplicates_no_pod() 
         volume_for_claim(&client, &ns, &format!("{name}-storage")).await;
         let mut job = example_job(&ns, 0);
         job.metadata.name = Some(name);
+        // On the kwok nodes only: a test running the real trainer may have an executor node up,
+        // which would try to run these pods.
+        job.spec.resources.node_selector = [("type".to_string(), "kwok".to_string())].into();
         jobs.create(&PostParams::default(), &job).await.unwrap();
     }
     let kubelet = tokio::spawn(complete_running_pods(pods.clone(), Duration::from_secs(4)));
