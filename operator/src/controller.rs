@@ -387,7 +387,7 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
         ctx.progress.forget(&key);
     }
     if let Some(expiry) = status::ttl_expiry(&job, &derived.status) {
-        let left = Duration::try_from(expiry.duration_since(Timestamp::now())).unwrap_or_default();
+        let left = time_until(expiry);
         if left.is_zero() {
             // ttlSecondsAfterFinished: the job goes; its children follow by owner reference.
             info!(job = %key, "ttlSecondsAfterFinished passed; deleting the job");
@@ -401,15 +401,20 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     }
     if let Some(at) = &derived.status.next_retry_time {
         // Backing off: come back when the next attempt is due.
-        let wait = at.0.duration_since(Timestamp::now());
-        let wait = Duration::try_from(wait).unwrap_or_default();
-        return Ok(Requeue::requeue(wait.max(Duration::from_millis(100))));
+        return Ok(Requeue::requeue(
+            time_until(at.0).max(Duration::from_millis(100)),
+        ));
     }
     Ok(match derived.status.phase {
         Some(JobPhase::Running) => Requeue::requeue(Duration::from_secs(10)),
         Some(JobPhase::Pending | JobPhase::Queued) => Requeue::requeue(Duration::from_secs(30)),
         _ => Requeue::await_change(),
     })
+}
+
+/// How long until `at` (zero once it has passed).
+fn time_until(at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or_default()
 }
 
 /// Carries out the derived action on the trainer pods.

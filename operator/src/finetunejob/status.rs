@@ -703,15 +703,12 @@ fn attempt_record(index: i32, pod: &Pod, state: &PodState) -> Attempt {
     }
 }
 
-/// Reason recorded for an attempt whose pod was deleted before it ended.
-pub const POD_DELETED_REASON: &str = "Preempted";
-
 /// The record of an attempt whose pod is gone: as it was when it had ended; one that had not
 /// ended is closed now as a preemption.
 fn vanished_attempt(record: &Attempt, now: Timestamp) -> Attempt {
     let mut record = record.clone();
     if record.reason.is_none() {
-        record.reason = Some(POD_DELETED_REASON.into());
+        record.reason = Some(ExitCode::Preempted.reason().into());
         record.end_time = Some(Time(now));
         record.message = Some(
             "the trainer pod was deleted before it finished (an eviction, a drain or by hand)"

@@ -851,7 +851,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     let model_source_dir = model_path.clone();
     let mut model = loaded.model;
 
-    // Self-replay: the base model's own answers join the training stream (before any update).
+    // Self-replay: the base model's own answers, recorded before any update, join every step.
     let mut replay: Option<Replay> = None;
     let lora_sft = !is_dpo && spec.adapter.kind == AdapterType::Lora;
     let (forgetting_guard, guard_source) = guard::effective(
@@ -1273,14 +1273,15 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         let t = Instant::now();
         let outcome = match &dpo {
             None => {
-                let mut batches: Vec<Batch> = (0..n_micro).map(|_| batcher.next_batch()).collect();
-                // Self-replay: the step's base conversations as one more micro-batch.
+                let batches: Vec<Batch> = (0..n_micro).map(|_| batcher.next_batch()).collect();
                 let replay_batch = replay.as_ref().and_then(|r| r.batch_for_step(st.step));
-                let replaying = replay_batch.is_some();
-                batches.extend(replay_batch);
                 let mut mbs: Vec<MicroBatch> = batches.iter().map(MicroBatch::from).collect();
-                if replaying && let (Some(last), Some(r)) = (mbs.last_mut(), replay.as_ref()) {
-                    last.weight = r.weight;
+                // Self-replay: the step's base conversations as one more, weighted micro-batch.
+                if let (Some(b), Some(r)) = (&replay_batch, &replay) {
+                    mbs.push(MicroBatch {
+                        weight: r.weight,
+                        ..MicroBatch::from(b)
+                    });
                 }
                 let anchors = (distill.as_ref(), l2.as_ref());
                 guarded_step(
