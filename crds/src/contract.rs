@@ -4,9 +4,11 @@
 //! through the environment; the trainer reports live state on `/status` and `/metrics`, and its
 //! outcome through the exit code and the termination message.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::FileDigest;
+use crate::adapter::{AdapterLora, FileDigest};
 use crate::finetunejob::TrainingMetrics;
 
 /// Environment variables the operator sets on the trainer container.
@@ -209,6 +211,85 @@ impl TerminationMessage {
     }
 }
 
+/// What the operator asks `finetune-trainer verify-adapter` to check, from the Adapter's spec
+/// (passed as JSON in `--expect`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterExpectations {
+    /// LoRA settings `adapter_config.json` must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<AdapterLora>,
+    /// sha256 each named file must have.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub expected_sha256: BTreeMap<String, String>,
+}
+
+/// Why an adapter was or was not verified; the operator uses it as the condition reason.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerificationReason {
+    /// Every check passed.
+    Verified,
+    /// The adapter directory, `adapter_config.json`, the weights or a file named in
+    /// `expectedSha256` is not there.
+    FileMissing,
+    /// The files are there but are not a PEFT LoRA adapter this trainer can read.
+    InvalidAdapter,
+    /// A file's sha256 differs from `expectedSha256`.
+    DigestMismatch,
+    /// `adapter_config.json` disagrees with `spec.lora`.
+    LoraMismatch,
+    /// The base model cannot be read.
+    BaseModelUnavailable,
+    /// The adapter's layers or shapes do not fit the base model: made for another model.
+    BaseModelMismatch,
+}
+
+/// The termination message of `verify-adapter` (exit 0 when verified, 2 when not).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterVerification {
+    /// Whether every check passed.
+    pub verified: bool,
+    /// The outcome, as a condition reason.
+    pub reason: VerificationReason,
+    /// What was found, for people: names the file, field or tensor at fault.
+    pub message: String,
+    /// The adapter directory's files with their sha256 (those hashed before a failure).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileDigest>,
+}
+
+impl AdapterVerification {
+    /// Serialises the report within Kubernetes' 4 KiB limit: a long message is shortened first,
+    /// then files are dropped from the end of the list (the message says how many).
+    pub fn to_bounded_json(&self) -> String {
+        let mut report = self.clone();
+        let mut dropped = 0usize;
+        loop {
+            let mut shown = report.clone();
+            if dropped > 0 {
+                shown.message = format!("{} ({dropped} more file(s) not listed)", shown.message);
+            }
+            let json = serde_json::to_string(&shown).expect("verification report serializes");
+            if json.len() <= TERMINATION_MESSAGE_LIMIT {
+                return json;
+            }
+            if report.message.len() > 512 {
+                let cut = (0..=512)
+                    .rev()
+                    .find(|&i| report.message.is_char_boundary(i))
+                    .unwrap_or(0);
+                report.message.truncate(cut);
+                report.message.push('…');
+            } else if report.files.pop().is_some() {
+                dropped += 1;
+            } else {
+                return json;
+            }
+        }
+    }
+}
+
 /// What the trainer is doing right now, served as JSON on `/status`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -303,5 +384,48 @@ mod tests {
         let back: TerminationMessage = serde_json::from_str(&json).unwrap();
         assert_eq!(back.checkpoint_step, Some(1200));
         assert!(!back.adapter.unwrap().files.is_empty());
+    }
+
+    #[test]
+    fn a_verification_report_stays_within_the_limit_and_says_what_it_left_out() {
+        let report = AdapterVerification {
+            verified: false,
+            reason: VerificationReason::DigestMismatch,
+            message: "é".repeat(3000),
+            files: (0..100)
+                .map(|i| FileDigest {
+                    name: format!("file-{i:03}.bin"),
+                    sha256: "b".repeat(64),
+                    size: i,
+                })
+                .collect(),
+        };
+        let json = report.to_bounded_json();
+        assert!(
+            json.len() <= TERMINATION_MESSAGE_LIMIT,
+            "{} bytes",
+            json.len()
+        );
+        let back: AdapterVerification = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.reason, VerificationReason::DigestMismatch);
+        assert!(!back.files.is_empty() && back.files.len() < 100);
+        assert!(
+            back.message.ends_with(&format!(
+                "({} more file(s) not listed)",
+                100 - back.files.len()
+            )),
+            "{}",
+            back.message
+        );
+        // A small report goes out whole.
+        let small = AdapterVerification {
+            message: "ok".into(),
+            files: report.files[..2].to_vec(),
+            ..report
+        };
+        assert_eq!(
+            serde_json::from_str::<AdapterVerification>(&small.to_bounded_json()).unwrap(),
+            small
+        );
     }
 }

@@ -1,6 +1,6 @@
-//! Command-line interface. `generate`, `eval`, `merge` and `export-gguf` are the user-facing commands; `logits`,
-//! `tokenize`, `render-chat` and `bench-forward` are developer commands used by the parity tests in
-//! `tests/reference/` and by `make bench-forward`.
+//! Command-line interface. `generate`, `eval`, `merge`, `export-gguf` and `verify-adapter` are the
+//! user-facing commands; `logits`, `tokenize`, `render-chat` and `bench-forward` are developer
+//! commands used by the parity tests in `tests/reference/` and by `make bench-forward`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -41,6 +41,10 @@ pub enum Command {
     /// (config.json, float32 model.safetensors, tokenizer files with the chat template,
     /// generation_config.json). The base may be an HF directory or a GGUF file.
     Merge(MergeArgs),
+    /// Check a PEFT LoRA adapter directory: its files (and their sha256 against --expect), its
+    /// settings, and that it fits the base model (from its config, no weights loaded). Prints the
+    /// report as JSON and writes it to the termination log; exits 0 when verified, 2 when not.
+    VerifyAdapter(VerifyAdapterArgs),
     /// Write a model (HF directory, e.g. a merged one, or GGUF) as a GGUF v3 file for llama.cpp:
     /// 2-D weights as q8_0, f16 or f32, norms in f32.
     ExportGguf(ExportGgufArgs),
@@ -143,6 +147,26 @@ pub struct MergeArgs {
     /// Output directory (created).
     #[arg(long)]
     pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyAdapterArgs {
+    /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The base model the adapter must fit: a .gguf file or a Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// What the adapter must be, as JSON: `{"lora": {"rank", "alpha", "targetModules",
+    /// "rslora"}, "expectedSha256": {"FILE": "HEX"}}` (both optional).
+    #[arg(long, default_value = "{}")]
+    pub expect: String,
+    /// How to name the adapter in messages (e.g. its pvc:// URI); default the directory.
+    #[arg(long)]
+    pub shown_as: Option<String>,
+    /// Where to write the report for the kubelet (default: $FINETUNE_TERMINATION_LOG, if set).
+    #[arg(long)]
+    pub termination_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -333,6 +357,29 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => {
             let summary = crate::export::merge::merge(&a.model, &a.adapter, &a.output)?;
             println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+        }
+        Command::VerifyAdapter(a) => {
+            let expect: finetune_crds::contract::AdapterExpectations =
+                serde_json::from_str(&a.expect)
+                    .map_err(|e| Error::Usage(format!("--expect: invalid JSON: {e}")))?;
+            let shown_as = a
+                .shown_as
+                .unwrap_or_else(|| a.adapter.display().to_string());
+            let report = crate::verify::verify_adapter(&a.adapter, &a.model, &expect, &shown_as);
+            let json = report.to_bounded_json();
+            println!("{json}");
+            let log = a.termination_log.or_else(|| {
+                std::env::var_os(finetune_crds::contract::env::TERMINATION_LOG)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            });
+            if let Some(path) = log {
+                std::fs::write(&path, &json).map_err(|e| Error::io(&path, e))?;
+            }
+            if !report.verified {
+                eprintln!("not verified ({:?}): {}", report.reason, report.message);
+                std::process::exit(2);
+            }
         }
         Command::ExportGguf(a) => {
             let summary = crate::export::gguf::export_gguf(&a.model, &a.output, a.ty)?;

@@ -7,7 +7,8 @@
 //! * [`text`] — tokenizer (incl. rebuilding one from GGUF metadata) and chat templates.
 //! * [`eval`], [`generate`] — the two inference workloads; [`cli`] — argument parsing and dispatch.
 //! * [`train`] — the SFT loop (AdamW, schedules, checkpoints, `run JOB.yaml`); [`export`] — PEFT
-//!   adapters and full models; [`serve`] — the `/status` and `/metrics` server.
+//!   adapters and full models; [`serve`] — the `/status` and `/metrics` server; [`verify`] — the
+//!   `verify-adapter` check of a registered adapter against its base model.
 
 pub mod cli;
 pub mod data;
@@ -20,5 +21,6 @@ pub mod model;
 pub mod serve;
 pub mod text;
 pub mod train;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::export::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter, write_full_model};
 use crate::load::ModelSource;
 use crate::model::lora::LINEAR_MODULES;
-use crate::model::{CausalLm, LoraConfig};
+use crate::model::{CausalLm, LoraConfig, ModelConfig};
 
 /// Every parameter under its Hugging Face name (tied head omitted), float32 on the CPU, contiguous,
 /// with each attached LoRA adapter folded into its layer's weight. Without adapters this is the
@@ -72,10 +72,12 @@ fn adapter_base_name(dir: &Path) -> Option<String> {
 }
 
 /// Checks that a PEFT adapter (`cfg`, `module path → (lora_A, lora_B)`, read from `dir`) fits
-/// `model`: every target module is a linear layer of the architecture and has weights, every weight
-/// names an existing layer, and the A/B shapes are `[r, in]` / `[out, r]` of that layer.
+/// the base model `c` whose linears have the shapes `layers` (`(out, in)` by module path): every
+/// target module is a linear layer of the architecture and has weights, every weight names an
+/// existing layer, and the A/B shapes are `[r, in]` / `[out, r]` of that layer.
 pub fn check_adapter(
-    model: &CausalLm,
+    c: &ModelConfig,
+    layers: &HashMap<String, (i64, i64)>,
     cfg: &LoraConfig,
     weights: &BTreeMap<String, (Tensor, Tensor)>,
     dir: &Path,
@@ -87,7 +89,6 @@ pub fn check_adapter(
         .map_or_else(String::new, |b| {
             format!(" (adapter_config.json says it was made for `{b}`)")
         });
-    let c = &model.config;
     for t in &cfg.target_modules {
         let plain = t.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
         if plain && !LINEAR_MODULES.contains(&t.as_str()) {
@@ -106,11 +107,6 @@ pub fn check_adapter(
             ));
         }
     }
-    let layers: HashMap<String, (i64, i64)> = model
-        .linears()
-        .into_iter()
-        .map(|(n, l)| (n, l.shape()))
-        .collect();
     for (name, (a, b)) in weights {
         let Some(&(out, inp)) = layers.get(name) else {
             let layer = name
@@ -176,7 +172,12 @@ pub fn check_adapter(
 /// of its `config_overrides.json` if it has one.
 pub fn attach_adapter(model: &mut CausalLm, dir: &Path) -> Result<usize> {
     let (cfg, weights) = read_peft_adapter(dir)?;
-    check_adapter(model, &cfg, &weights, dir)?;
+    let layers = model
+        .linears()
+        .into_iter()
+        .map(|(n, l)| (n, l.shape()))
+        .collect();
+    check_adapter(&model.config, &layers, &cfg, &weights, dir)?;
     let n = model.set_lora_weights(&cfg, weights, &dir.join(ADAPTER_WEIGHTS))?;
     if n == 0 {
         return Err(Error::format(dir, "the adapter holds no LoRA weights"));

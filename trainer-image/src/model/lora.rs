@@ -6,15 +6,15 @@
 //! leaves the model's outputs unchanged. The base weights stay frozen (`requires_grad=false`, so
 //! autograd allocates no gradient buffers for them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::CausalLm;
 use crate::model::linear::{Linear, Lora};
+use crate::model::{CausalLm, ModelConfig};
 
 /// Every module name LoRA may target, in the order parameters are listed: the API's list.
 pub use finetune_crds::training::LLAMA_LINEAR_MODULES as LINEAR_MODULES;
@@ -37,6 +37,33 @@ impl LoraConfig {
             self.alpha / self.rank as f64
         }
     }
+}
+
+/// `(out, in)` of every decoder linear as `c` describes it, under the names of
+/// [`CausalLm::linears`]: what an adapter must fit, known from the config alone (checking an
+/// adapter against a 70B base must not load 70B weights).
+pub fn linear_shapes(c: &ModelConfig) -> HashMap<String, (i64, i64)> {
+    let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+    let mut shapes = HashMap::new();
+    for i in 0..c.num_layers {
+        for (n, shape) in [
+            ("q_proj", (q, hidden)),
+            ("k_proj", (kv, hidden)),
+            ("v_proj", (kv, hidden)),
+            ("o_proj", (hidden, q)),
+        ] {
+            shapes.insert(format!("model.layers.{i}.self_attn.{n}"), shape);
+        }
+        for (n, shape) in [
+            ("gate_proj", (inter, hidden)),
+            ("up_proj", (inter, hidden)),
+            ("down_proj", (hidden, inter)),
+        ] {
+            shapes.insert(format!("model.layers.{i}.mlp.{n}"), shape);
+        }
+    }
+    shapes
 }
 
 impl CausalLm {

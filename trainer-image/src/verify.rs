@@ -1,0 +1,269 @@
+//! `verify-adapter`: checks a PEFT LoRA adapter directory that a user registered as an Adapter,
+//! before anything serves or trains from it. Run by the operator's short-lived verification pod;
+//! the outcome is the termination message ([`AdapterVerification`]) and the exit code (0 when
+//! verified, 2 when not).
+//!
+//! The checks go from cheapest to dearest and stop at the first failure, so the reason names the
+//! first thing to fix: the files are there → their sha256 match `expectedSha256` → the adapter
+//! parses → its LoRA settings match `spec.lora` → it fits the base model. The base model is
+//! checked from its config alone (`linear_shapes`), never by loading its weights.
+
+use std::path::Path;
+
+use finetune_crds::adapter::{AdapterLora, FileDigest};
+use finetune_crds::contract::{AdapterExpectations, AdapterVerification, VerificationReason};
+
+use crate::error::Error;
+use crate::export::merge::check_adapter;
+use crate::export::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter};
+use crate::load::ModelSource;
+use crate::model::LoraConfig;
+use crate::model::lora::linear_shapes;
+use crate::train::checkpoint::digest_file;
+
+/// Most files listed (the Adapter status's `files` holds at most 64).
+const MAX_FILES: usize = 64;
+
+/// Verifies the adapter in `dir` against `expect` and the base model at `model`. `shown_as`
+/// names the adapter in messages (its URI: the local path means nothing to the user).
+pub fn verify_adapter(
+    dir: &Path,
+    model: &Path,
+    expect: &AdapterExpectations,
+    shown_as: &str,
+) -> AdapterVerification {
+    let mut files = Vec::new();
+    match check(dir, model, expect, shown_as, &mut files) {
+        Ok(message) => AdapterVerification {
+            verified: true,
+            reason: VerificationReason::Verified,
+            message,
+            files,
+        },
+        Err((reason, message)) => AdapterVerification {
+            verified: false,
+            reason,
+            message,
+            files,
+        },
+    }
+}
+
+type Failure = (VerificationReason, String);
+
+fn check(
+    dir: &Path,
+    model: &Path,
+    expect: &AdapterExpectations,
+    shown_as: &str,
+    files: &mut Vec<FileDigest>,
+) -> Result<String, Failure> {
+    use VerificationReason::*;
+    if !dir.is_dir() {
+        return Err((
+            FileMissing,
+            format!("{shown_as}: the adapter directory does not exist"),
+        ));
+    }
+    for required in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+        if !dir.join(required).is_file() {
+            return Err((
+                FileMissing,
+                format!(
+                    "{shown_as}: {required} is missing (a PEFT LoRA adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+                ),
+            ));
+        }
+    }
+    if let Some(name) = expect
+        .expected_sha256
+        .keys()
+        .find(|name| !dir.join(name).is_file())
+    {
+        return Err((
+            FileMissing,
+            format!("{shown_as}: {name} is missing (spec.expectedSha256 names it)"),
+        ));
+    }
+    files.extend(digests(dir).map_err(|e| (FileMissing, format!("{shown_as}: {e}")))?);
+    for (name, wanted) in &expect.expected_sha256 {
+        let found = files.iter().find(|f| &f.name == name).map(|f| &f.sha256);
+        if found.map(|f| f.to_ascii_lowercase()) != Some(wanted.to_ascii_lowercase()) {
+            return Err((
+                DigestMismatch,
+                format!(
+                    "{shown_as}: {name} has sha256 {} but spec.expectedSha256 says {wanted}",
+                    found.map_or("(not hashed)", String::as_str)
+                ),
+            ));
+        }
+    }
+    let (lora, weights) =
+        read_peft_adapter(dir).map_err(|e| (InvalidAdapter, shown(&e, dir, shown_as)))?;
+    if let Some(wanted) = &expect.lora {
+        lora_matches(&lora, wanted).map_err(|m| {
+            (
+                LoraMismatch,
+                format!("{shown_as}: {ADAPTER_CONFIG} has {m}"),
+            )
+        })?;
+    }
+    let config = ModelSource::open(model)
+        .and_then(|source| source.config())
+        .map_err(|e| (BaseModelUnavailable, format!("base model: {e}")))?;
+    check_adapter(&config, &linear_shapes(&config), &lora, &weights, dir)
+        .map_err(|e| (BaseModelMismatch, shown(&e, dir, shown_as)))?;
+    Ok(format!(
+        "{} LoRA layer(s), r = {}, alpha = {}, fit the base model ({} layers, hidden size {}); {} file(s) hashed",
+        weights.len(),
+        lora.rank,
+        lora.alpha,
+        config.num_layers,
+        config.hidden_size,
+        files.len()
+    ))
+}
+
+/// sha256 of the directory's regular files (not hidden ones), by name.
+fn digests(dir: &Path) -> Result<Vec<FileDigest>, Error> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|entry| entry.path().is_file())
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    names.sort();
+    names.truncate(MAX_FILES);
+    names
+        .into_iter()
+        .map(|name| {
+            let (sha256, size) = digest_file(&dir.join(&name))?;
+            Ok(FileDigest { name, sha256, size })
+        })
+        .collect()
+}
+
+/// Where `lora` (read from the adapter) differs from what the spec expects, if anywhere.
+fn lora_matches(lora: &LoraConfig, wanted: &AdapterLora) -> Result<(), String> {
+    if lora.rank != i64::from(wanted.rank) {
+        return Err(format!(
+            "r = {} but spec.lora.rank is {}",
+            lora.rank, wanted.rank
+        ));
+    }
+    if (lora.alpha - wanted.alpha).abs() > 1e-9 * wanted.alpha.abs().max(1.0) {
+        return Err(format!(
+            "lora_alpha = {} but spec.lora.alpha is {}",
+            lora.alpha, wanted.alpha
+        ));
+    }
+    if lora.rslora != wanted.rslora {
+        return Err(format!(
+            "use_rslora = {} but spec.lora.rslora is {}",
+            lora.rslora, wanted.rslora
+        ));
+    }
+    if !wanted.target_modules.is_empty() {
+        let mut have = lora.target_modules.clone();
+        let mut want = wanted.target_modules.clone();
+        have.sort();
+        want.sort();
+        if have != want {
+            return Err(format!(
+                "target_modules {have:?} but spec.lora.targetModules is {want:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An error's text with the local directory replaced by the adapter's URI.
+fn shown(error: &Error, dir: &Path, shown_as: &str) -> String {
+    let local = dir.display().to_string();
+    error
+        .to_string()
+        .replace(
+            &format!("{local}/"),
+            &format!("{}/", shown_as.trim_end_matches('/')),
+        )
+        .replace(&local, shown_as)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lora() -> LoraConfig {
+        LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: vec!["v_proj".into(), "q_proj".into()],
+            rslora: false,
+        }
+    }
+
+    fn wanted() -> AdapterLora {
+        AdapterLora {
+            rank: 8,
+            alpha: 16.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            rslora: false,
+        }
+    }
+
+    #[test]
+    fn lora_settings_match_in_any_module_order_and_each_difference_is_named() {
+        assert_eq!(lora_matches(&lora(), &wanted()), Ok(()));
+        let any_modules = AdapterLora {
+            target_modules: vec![],
+            ..wanted()
+        };
+        assert_eq!(lora_matches(&lora(), &any_modules), Ok(()));
+        let cases = [
+            (
+                AdapterLora {
+                    rank: 16,
+                    ..wanted()
+                },
+                "spec.lora.rank is 16",
+            ),
+            (
+                AdapterLora {
+                    alpha: 32.0,
+                    ..wanted()
+                },
+                "spec.lora.alpha is 32",
+            ),
+            (
+                AdapterLora {
+                    rslora: true,
+                    ..wanted()
+                },
+                "spec.lora.rslora is true",
+            ),
+            (
+                AdapterLora {
+                    target_modules: vec!["q_proj".into()],
+                    ..wanted()
+                },
+                "spec.lora.targetModules",
+            ),
+        ];
+        for (spec, says) in cases {
+            let why = lora_matches(&lora(), &spec).unwrap_err();
+            assert!(why.contains(says), "{why}");
+        }
+    }
+
+    #[test]
+    fn messages_name_the_uri_not_the_pod_path() {
+        let dir = Path::new("/mnt/pvc/adapters/team/sft");
+        let error = Error::format(&dir.join(ADAPTER_CONFIG), "missing integer `r`");
+        assert_eq!(
+            shown(&error, dir, "pvc://adapters/team/sft"),
+            "pvc://adapters/team/sft/adapter_config.json: missing integer `r`"
+        );
+    }
+}
