@@ -154,9 +154,10 @@ pub struct VerifyAdapterArgs {
     /// The adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// The base model the adapter must fit: a .gguf file or a Hugging Face model directory.
+    /// The base model the adapter must fit: a .gguf file or a Hugging Face model directory
+    /// (without it the fit is not checked, and the report says so).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// What the adapter must be, as JSON: `{"lora": {"rank", "alpha", "targetModules",
     /// "rslora"}, "expectedSha256": {"FILE": "HEX"}}` (both optional).
     #[arg(long, default_value = "{}")]
@@ -365,7 +366,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let shown_as = a
                 .shown_as
                 .unwrap_or_else(|| a.adapter.display().to_string());
-            let report = crate::verify::verify_adapter(&a.adapter, &a.model, &expect, &shown_as);
+            let report =
+                crate::verify::verify_adapter(&a.adapter, a.model.as_deref(), &expect, &shown_as);
             let json = report.to_bounded_json();
             println!("{json}");
             let log = a.termination_log.or_else(|| {

@@ -24,11 +24,13 @@ use crate::train::checkpoint::digest_file;
 /// Most files listed (the Adapter status's `files` holds at most 64).
 const MAX_FILES: usize = 64;
 
-/// Verifies the adapter in `dir` against `expect` and the base model at `model`. `shown_as`
-/// names the adapter in messages (its URI: the local path means nothing to the user).
+/// Verifies the adapter in `dir` against `expect` and the base model at `model` (`None`: a base
+/// the trainer cannot read locally, such as `hf://`; the fit is then not checked and the message
+/// says so). `shown_as` names the adapter in messages (its URI: the local path means nothing to
+/// the user).
 pub fn verify_adapter(
     dir: &Path,
-    model: &Path,
+    model: Option<&Path>,
     expect: &AdapterExpectations,
     shown_as: &str,
 ) -> AdapterVerification {
@@ -53,7 +55,7 @@ type Failure = (VerificationReason, String);
 
 fn check(
     dir: &Path,
-    model: &Path,
+    model: Option<&Path>,
     expect: &AdapterExpectations,
     shown_as: &str,
     files: &mut Vec<FileDigest>,
@@ -108,16 +110,25 @@ fn check(
             )
         })?;
     }
+    let layers = format!(
+        "{} LoRA layer(s), r = {}, alpha = {}",
+        weights.len(),
+        lora.rank,
+        lora.alpha
+    );
+    let Some(model) = model else {
+        return Ok(format!(
+            "{layers}; {} file(s) hashed; fit to the base model not checked (no local copy of it)",
+            files.len()
+        ));
+    };
     let config = ModelSource::open(model)
         .and_then(|source| source.config())
         .map_err(|e| (BaseModelUnavailable, format!("base model: {e}")))?;
     check_adapter(&config, &linear_shapes(&config), &lora, &weights, dir)
         .map_err(|e| (BaseModelMismatch, shown(&e, dir, shown_as)))?;
     Ok(format!(
-        "{} LoRA layer(s), r = {}, alpha = {}, fit the base model ({} layers, hidden size {}); {} file(s) hashed",
-        weights.len(),
-        lora.rank,
-        lora.alpha,
+        "{layers}, fit the base model ({} layers, hidden size {}); {} file(s) hashed",
         config.num_layers,
         config.hidden_size,
         files.len()

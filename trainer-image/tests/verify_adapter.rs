@@ -79,13 +79,22 @@ fn a_fitting_adapter_is_verified_with_its_digests() {
         "adapter_model.safetensors".into(),
         weights_sha.to_uppercase(),
     );
-    let report = verify_adapter(&adapter, &base, &expect, URI);
+    let report = verify_adapter(&adapter, Some(&base), &expect, URI);
     assert!(report.verified, "{report:?}");
     assert_eq!(report.reason, VerificationReason::Verified);
     assert!(
         report.message.contains("4 LoRA layer(s), r = 4"),
         "{}",
         report.message
+    );
+    let without_base = verify_adapter(&adapter, None, &expect, URI);
+    assert!(without_base.verified, "{without_base:?}");
+    assert!(
+        without_base
+            .message
+            .contains("fit to the base model not checked"),
+        "{}",
+        without_base.message
     );
     let names: Vec<&str> = report.files.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
@@ -98,7 +107,7 @@ fn each_failure_has_its_reason_and_names_what_to_fix() {
     let dir = tempfile::tempdir().unwrap();
     let (base, adapter, other) = fixtures(dir.path());
     let check = |adapter: &Path, base: &Path, expect: &AdapterExpectations| {
-        verify_adapter(adapter, base, expect, URI)
+        verify_adapter(adapter, Some(base), expect, URI)
     };
     let none = AdapterExpectations::default();
 
