@@ -181,7 +181,7 @@ fn crd_check_hint(error: &kube::Error, namespace: Option<&str>) -> String {
     }
 }
 
-fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+pub(crate) fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     K::DynamicType: Default,
@@ -192,8 +192,8 @@ where
     }
 }
 
-/// Runs the controller until SIGTERM/SIGINT; `on_synced` is called once every cache has its
-/// initial list.
+/// Runs the FinetuneJob controller, and the Adapter controller beside it, until SIGTERM/SIGINT;
+/// `on_synced` is called once every FinetuneJob cache has its initial list.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
@@ -273,8 +273,14 @@ pub async fn run(
             Some(ObjectRef::<FinetuneJob>::new(name).within(namespace))
         });
     let caches = Caches { pods, maps, claims };
+    let adapters = crate::adapter_controller::run(
+        client.clone(),
+        metrics.clone(),
+        settings.clone(),
+        options.clone(),
+    );
     let ctx = Arc::new(Context::new(client, metrics, settings, progress, caches));
-    Controller::for_stream(job_events, jobs)
+    let jobs = Controller::for_stream(job_events, jobs)
         .owns_stream(pod_events)
         .owns_stream(map_events)
         .owns_stream(claim_events)
@@ -286,8 +292,8 @@ pub async fn run(
             if let Err(error) = result {
                 warn!(%error, "reconcile failed");
             }
-        })
-        .await;
+        });
+    futures::join!(jobs, adapters);
 }
 
 fn error_policy(job: Arc<FinetuneJob>, error: &Error, ctx: Arc<Context>) -> Requeue {
@@ -526,7 +532,7 @@ where
     cached.annotations().get(APPLIED_HASH_ANNOTATION).cloned()
 }
 
-async fn apply<K>(api: &Api<K>, name: &str, object: &K) -> Result<K, kube::Error>
+pub(crate) async fn apply<K>(api: &Api<K>, name: &str, object: &K) -> Result<K, kube::Error>
 where
     K: Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {

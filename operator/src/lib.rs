@@ -1,6 +1,8 @@
 //! The finetune-operator library: everything the `finetune-operator` binary runs, split so the
 //! pure parts (validation, building children, deriving status) are tested without an apiserver.
 
+pub mod adapter;
+pub mod adapter_controller;
 pub mod check;
 pub mod controller;
 pub mod error;

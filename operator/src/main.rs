@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (uses the in-cluster config or $KUBECONFIG).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CRDs as a multi-document YAML stream.
     Crd,
     /// Validate manifests (FinetuneJob or Adapter) as the apiserver would; exit 2 when any is invalid.
@@ -83,6 +83,10 @@ struct RunArgs {
     /// (a Kubernetes quantity, e.g. `16Gi`); none when omitted.
     #[arg(long, env = "FINETUNE_TRAINER_DEFAULT_MEMORY", value_parser = parse_quantity)]
     trainer_default_memory: Option<Quantity>,
+    /// Node selector of Adapter verification pods, as KEY=VALUE (repeat for more labels; comma
+    /// separated in the environment variable). Verification needs no GPU: point it at a CPU pool.
+    #[arg(long = "verification-node-selector", env = "FINETUNE_VERIFICATION_NODE_SELECTOR", value_delimiter = ',', value_parser = parse_label)]
+    verification_node_selector: Vec<(String, String)>,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     leader_election_namespace: String,
@@ -117,7 +121,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build();
             match runtime {
-                Ok(runtime) => runtime.block_on(run(args)),
+                Ok(runtime) => runtime.block_on(run(*args)),
                 Err(error) => {
                     eprintln!("finetune-operator: cannot start the async runtime: {error}");
                     ExitCode::FAILURE
@@ -195,6 +199,7 @@ async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -
         termination_grace_seconds: args.termination_grace,
         default_cpu: args.trainer_default_cpu,
         default_memory: args.trainer_default_memory,
+        verifier_node_selector: args.verification_node_selector.into_iter().collect(),
         ..BuildSettings::default()
     };
     let poller = ProgressPoller::new(
@@ -263,6 +268,14 @@ async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -
     }
     info!("finetune-operator stopped");
     ExitCode::SUCCESS
+}
+
+/// `KEY=VALUE` of a node label.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
 }
 
 /// SIGTERM or SIGINT.

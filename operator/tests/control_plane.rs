@@ -956,6 +956,15 @@ struct RealTrainerBed {
 }
 
 async fn real_trainer_bed(namespace_prefix: &str, node_prefix: &str) -> RealTrainerBed {
+    real_trainer_bed_with(namespace_prefix, node_prefix, |_| Vec::new()).await
+}
+
+/// [`real_trainer_bed`] with extra operator flags, chosen knowing the executor node's name.
+async fn real_trainer_bed_with(
+    namespace_prefix: &str,
+    node_prefix: &str,
+    operator_args: impl FnOnce(&str) -> Vec<String>,
+) -> RealTrainerBed {
     let trainer = required_path("FINETUNE_TRAINER_BIN");
     let executor_bin = required_path("FINETUNE_EXECUTOR_BIN");
     let model = required_path("FINETUNE_SMOLLM2_GGUF");
@@ -966,7 +975,9 @@ async fn real_trainer_bed(namespace_prefix: &str, node_prefix: &str) -> RealTrai
     let work = tempfile::tempdir().unwrap();
     let node = format!("{node_prefix}-{}", std::process::id());
     let executor = start_executor(&executor_bin, &trainer, &node, work.path());
-    let operator = start_operator(&ns);
+    let args = operator_args(&node);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let operator = start_operator_with(&ns, &args, &[]);
     RealTrainerBed {
         client,
         ns,
@@ -1468,5 +1479,265 @@ async fn suspending_a_running_job_checkpoints_it_and_resuming_continues_from_the
     });
     assert_eq!(first_step, Some(suspended_at + 1), "{resumed_log}");
     assert!(resumed_log.contains("step 12/12"), "{resumed_log}");
+    cleanup(&client, &ns).await;
+}
+
+/// A PEFT LoRA adapter directory with zero-valued `lora_A`/`lora_B` for `q_proj` of layer 0, as
+/// `[rank, inputs]` / `[outputs, rank]`; `weights: false` leaves the safetensors file out.
+fn write_peft_adapter(dir: &std::path::Path, inputs: usize, outputs: usize, weights: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = json!({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    if !weights {
+        return;
+    }
+    // safetensors: an 8-byte header length, the JSON header, then the raw little-endian data.
+    let prefix = "base_model.model.model.layers.0.self_attn.q_proj";
+    let (a_bytes, b_bytes) = (4 * inputs * 4, outputs * 4 * 4);
+    let header = json!({
+        format!("{prefix}.lora_A.weight"):
+            {"dtype": "F32", "shape": [4, inputs], "data_offsets": [0, a_bytes]},
+        format!("{prefix}.lora_B.weight"):
+            {"dtype": "F32", "shape": [outputs, 4], "data_offsets": [a_bytes, a_bytes + b_bytes]},
+    })
+    .to_string();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    file.extend(std::iter::repeat_n(0u8, a_bytes + b_bytes));
+    std::fs::write(dir.join("adapter_model.safetensors"), file).unwrap();
+}
+
+fn sha256_hex(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(std::fs::read(path).unwrap());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn registered_adapters_are_verified_by_a_pod_or_say_why_not() {
+    let bed = real_trainer_bed_with("it-adapters", "verifier", |node| {
+        vec![format!(
+            "--verification-node-selector=kubernetes.io/hostname={node}"
+        )]
+    })
+    .await;
+    let (client, ns) = (bed.client.clone(), bed.ns.clone());
+    // Not under /tmp: a pod's /tmp is its scratch volume, which hides the host's.
+    let files = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let work = files.path();
+    // SmolLM2-135M: hidden size 576, q_proj 576 → 576. "other" was made for a 64-wide model.
+    write_peft_adapter(&work.join("good"), 576, 576, true);
+    write_peft_adapter(&work.join("no-weights"), 576, 576, false);
+    write_peft_adapter(&work.join("other"), 64, 64, true);
+    let weights_sha = sha256_hex(&work.join("good/adapter_model.safetensors"));
+
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
+    let register = |name: &str, dir: &str, expected: serde_json::Value| {
+        let adapter = json!({
+            "apiVersion": "finetune.dev/v1alpha1", "kind": "Adapter",
+            "metadata": {"name": name},
+            "spec": {
+                "baseModel": {"uri": format!("file://{}", bed.model)},
+                "source": {"uri": format!("file://{}", work.join(dir).display())},
+                "lora": {"rank": 4, "alpha": 8.0, "targetModules": ["q_proj"]},
+                "expectedSha256": expected,
+            }
+        });
+        serde_json::from_value::<Adapter>(adapter).unwrap()
+    };
+    for adapter in [
+        register(
+            "good",
+            "good",
+            json!({"adapter_model.safetensors": weights_sha}),
+        ),
+        register("no-weights", "no-weights", json!({})),
+        register("other-base", "other", json!({})),
+        register(
+            "tampered",
+            "good",
+            json!({"adapter_model.safetensors": "0".repeat(64)}),
+        ),
+    ] {
+        adapters
+            .create(&PostParams::default(), &adapter)
+            .await
+            .expect("adapter accepted");
+    }
+    let started = Instant::now();
+    let settled = |name: &'static str| {
+        let adapters = adapters.clone();
+        async move {
+            wait_for(
+                &format!("Adapter {name} to be Ready or Failed"),
+                Duration::from_secs(120),
+                || async {
+                    let adapter = adapters.get(name).await.ok()?;
+                    let status = adapter.status?;
+                    matches!(
+                        status.phase,
+                        Some(AdapterPhase::Ready | AdapterPhase::Failed)
+                    )
+                    .then_some(status)
+                },
+            )
+            .await
+        }
+    };
+    let verified_condition = |status: &finetune_crds::AdapterStatus| {
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Verified")
+            .expect("a Verified condition")
+            .clone();
+        (c.status, c.reason, c.message)
+    };
+
+    let good = settled("good").await;
+    eprintln!(
+        "  good: {:?} in {:.1}s, {:?}",
+        good.phase,
+        started.elapsed().as_secs_f64(),
+        verified_condition(&good)
+    );
+    assert_eq!(good.phase, Some(AdapterPhase::Ready));
+    let (status, reason, message) = verified_condition(&good);
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Verified"));
+    assert!(
+        message.contains("fit the base model (30 layers, hidden size 576)"),
+        "{message}"
+    );
+    let weights = good
+        .files
+        .iter()
+        .find(|f| f.name == "adapter_model.safetensors")
+        .expect("the weights are listed");
+    assert_eq!(weights.sha256, weights_sha);
+    assert!(
+        good.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    );
+
+    let expectations = [
+        (
+            "no-weights",
+            "FileMissing",
+            "adapter_model.safetensors is missing",
+        ),
+        (
+            "other-base",
+            "BaseModelMismatch",
+            "adapter for another base model",
+        ),
+        (
+            "tampered",
+            "DigestMismatch",
+            "but spec.expectedSha256 says 0000",
+        ),
+    ];
+    for (name, want_reason, want_message) in expectations {
+        let status = settled(name).await;
+        let (condition, reason, message) = verified_condition(&status);
+        eprintln!("  {name}: {:?} {reason}: {message}", status.phase);
+        assert_eq!(status.phase, Some(AdapterPhase::Failed), "{name}");
+        assert_eq!(
+            (condition.as_str(), reason.as_str()),
+            ("False", want_reason),
+            "{name}"
+        );
+        assert!(message.contains(want_message), "{name}: {message}");
+        let source = format!("file://{}/", work.display());
+        assert!(
+            message.starts_with(&source),
+            "the message names the URI: {message}"
+        );
+    }
+
+    // The verified adapter's pod goes; a failed one stays for its logs, with a Warning Event.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    wait_for(
+        "the verified pod to be deleted",
+        Duration::from_secs(30),
+        || async {
+            pods.get_opt("good-verify-1")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    let kept = pods
+        .get("other-base-verify-1")
+        .await
+        .expect("the failed pod is kept");
+    assert_eq!(kept.status.unwrap().phase.as_deref(), Some("Failed"));
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let warning = wait_for(
+        "a VerificationFailed event",
+        Duration::from_secs(30),
+        || async {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("VerificationFailed")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some("no-weights")
+                })
+        },
+    )
+    .await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(
+        warning
+            .note
+            .unwrap_or_default()
+            .starts_with("FileMissing: ")
+    );
+
+    // Fixing the files and editing the spec verifies the new generation.
+    write_peft_adapter(&work.join("no-weights"), 576, 576, true);
+    adapters
+        .patch(
+            "no-weights",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"lora": {"alpha": 8.5}}})),
+        )
+        .await
+        .unwrap();
+    let mismatch = wait_for(
+        "generation 2 to be verified",
+        Duration::from_secs(120),
+        || async {
+            let status = adapters.get("no-weights").await.ok()?.status?;
+            (status.observed_generation == Some(2)
+                && matches!(
+                    status.phase,
+                    Some(AdapterPhase::Ready | AdapterPhase::Failed)
+                ))
+            .then_some(status)
+        },
+    )
+    .await;
+    let (_, reason, message) = verified_condition(&mismatch);
+    assert_eq!(reason, "LoraMismatch", "{message}");
+    assert!(
+        message.contains("lora_alpha = 8 but spec.lora.alpha is 8.5"),
+        "{message}"
+    );
+    assert!(
+        pods.get_opt("no-weights-verify-1").await.unwrap().is_none(),
+        "the first generation's pod is replaced"
+    );
     cleanup(&client, &ns).await;
 }

@@ -192,13 +192,13 @@ fn lora_matches(lora: &LoraConfig, wanted: &AdapterLora) -> Result<(), String> {
 /// An error's text with the local directory replaced by the adapter's URI.
 fn shown(error: &Error, dir: &Path, shown_as: &str) -> String {
     let local = dir.display().to_string();
+    let local = local.trim_end_matches('/');
+    // In one pass: a file:// URI contains the local path itself.
     error
         .to_string()
-        .replace(
-            &format!("{local}/"),
-            &format!("{}/", shown_as.trim_end_matches('/')),
-        )
-        .replace(&local, shown_as)
+        .split(local)
+        .collect::<Vec<_>>()
+        .join(shown_as.trim_end_matches('/'))
 }
 
 #[cfg(test)]
@@ -275,6 +275,12 @@ mod tests {
         assert_eq!(
             shown(&error, dir, "pvc://adapters/team/sft"),
             "pvc://adapters/team/sft/adapter_config.json: missing integer `r`"
+        );
+        let local = Path::new("/data/adapters/sft");
+        let error = Error::format(&local.join(ADAPTER_WEIGHTS), "bad");
+        assert_eq!(
+            shown(&error, local, "file:///data/adapters/sft"),
+            "file:///data/adapters/sft/adapter_model.safetensors: bad"
         );
     }
 }

@@ -33,6 +33,8 @@ pub struct BuildSettings {
     pub default_cpu: Option<Quantity>,
     /// Memory requested and limited when the job sets no `spec.resources.memory`.
     pub default_memory: Option<Quantity>,
+    /// Node selector of Adapter verification pods (none: any node).
+    pub verifier_node_selector: BTreeMap<String, String>,
 }
 
 impl Default for BuildSettings {
@@ -43,6 +45,7 @@ impl Default for BuildSettings {
             termination_grace_seconds: 120,
             default_cpu: None,
             default_memory: None,
+            verifier_node_selector: BTreeMap::new(),
         }
     }
 }
@@ -59,7 +62,7 @@ pub enum BuildError {
 }
 
 /// The UID of the trainer's non-root user in the image.
-const TRAINER_UID: i64 = 65532;
+pub(crate) const TRAINER_UID: i64 = 65532;
 /// Name of the trainer container.
 pub const TRAINER_CONTAINER: &str = "trainer";
 
@@ -143,17 +146,7 @@ pub fn trainer_pod(
                 .then(|| resources.node_selector.clone()),
             tolerations: (!resources.tolerations.is_empty()).then(|| resources.tolerations.clone()),
             priority_class_name: resources.priority_class_name.clone(),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(TRAINER_UID),
-                run_as_group: Some(TRAINER_UID),
-                fs_group: Some(TRAINER_UID),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..SeccompProfile::default()
-                }),
-                ..PodSecurityContext::default()
-            }),
+            security_context: Some(pod_security_context()),
             containers: vec![trainer_container(job, attempt, settings, &mounts.mounts)?],
             volumes: Some(mounts.volumes),
             ..PodSpec::default()
@@ -294,18 +287,39 @@ fn trainer_container(
         termination_message_path: Some(paths::TERMINATION_LOG.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(mounts.to_vec()),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(container_security_context()),
         ..Container::default()
     })
+}
+
+/// The trainer image's non-root user, the runtime's default seccomp profile; shared by every pod
+/// that runs the trainer image.
+pub(crate) fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(TRAINER_UID),
+        run_as_group: Some(TRAINER_UID),
+        fs_group: Some(TRAINER_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// No privilege escalation, a read-only root filesystem, every capability dropped.
+pub(crate) fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
 }
 
 /// GPUs go in both requests and limits (extended resources must match); CPU and memory are
@@ -378,9 +392,9 @@ pub fn parse_quantity(text: &str) -> Result<Quantity, String> {
 
 /// The pod's volumes and the trainer's mounts: the manifest, the job's storage, a scratch
 /// `/tmp` (the root filesystem is read-only), and every PVC or ConfigMap a URI names.
-struct Mounts {
-    volumes: Vec<Volume>,
-    mounts: Vec<VolumeMount>,
+pub(crate) struct Mounts {
+    pub(crate) volumes: Vec<Volume>,
+    pub(crate) mounts: Vec<VolumeMount>,
 }
 
 impl Mounts {
@@ -423,42 +437,73 @@ impl Mounts {
             false,
         );
         for (field, uri) in data_uris(job) {
-            match StorageUri::parse(uri) {
-                Some(StorageUri::Pvc { claim, .. }) => {
-                    let volume = format!("pvc-{claim}");
-                    if claim != storage_claim && !this.has(&volume) {
-                        this.add(
-                            pvc_volume(&volume, &claim, true),
-                            &format!("{PVC_MOUNT_ROOT}/{claim}"),
-                            true,
-                        );
-                    }
-                }
-                Some(StorageUri::ConfigMap { name: map, .. }) => {
-                    let volume = format!("configmap-{map}");
-                    if !this.has(&volume) {
-                        let source = ConfigMapVolumeSource {
-                            name: map.clone(),
-                            ..ConfigMapVolumeSource::default()
-                        };
-                        let volume_def = Volume {
-                            name: volume,
-                            config_map: Some(source),
-                            ..Volume::default()
-                        };
-                        this.add(volume_def, &format!("{CONFIGMAP_MOUNT_ROOT}/{map}"), true);
-                    }
-                }
-                Some(StorageUri::File { .. } | StorageUri::HuggingFace { .. }) => {}
-                None => {
-                    return Err(BuildError::BadUri {
-                        field,
-                        uri: uri.to_string(),
-                    });
-                }
-            }
+            this.add_uri(field, uri, Some(&storage_claim))?;
         }
         Ok(this)
+    }
+
+    /// Just a scratch `/tmp`: the root filesystem is read-only.
+    pub(crate) fn scratch_only() -> Self {
+        let mut this = Self {
+            volumes: Vec::new(),
+            mounts: Vec::new(),
+        };
+        this.add(
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+            "/tmp",
+            false,
+        );
+        this
+    }
+
+    /// Mounts, read-only, the PVC or ConfigMap `uri` names where `StorageUri::local_path` looks
+    /// for it (once per claim or map; `mounted_claim` is already mounted elsewhere). `file://`
+    /// and `hf://` need no volume.
+    pub(crate) fn add_uri(
+        &mut self,
+        field: &'static str,
+        uri: &str,
+        mounted_claim: Option<&str>,
+    ) -> Result<(), BuildError> {
+        match StorageUri::parse(uri) {
+            Some(StorageUri::Pvc { claim, .. }) => {
+                let volume = format!("pvc-{claim}");
+                if Some(claim.as_str()) != mounted_claim && !self.has(&volume) {
+                    self.add(
+                        pvc_volume(&volume, &claim, true),
+                        &format!("{PVC_MOUNT_ROOT}/{claim}"),
+                        true,
+                    );
+                }
+            }
+            Some(StorageUri::ConfigMap { name: map, .. }) => {
+                let volume = format!("configmap-{map}");
+                if !self.has(&volume) {
+                    let source = ConfigMapVolumeSource {
+                        name: map.clone(),
+                        ..ConfigMapVolumeSource::default()
+                    };
+                    let volume_def = Volume {
+                        name: volume,
+                        config_map: Some(source),
+                        ..Volume::default()
+                    };
+                    self.add(volume_def, &format!("{CONFIGMAP_MOUNT_ROOT}/{map}"), true);
+                }
+            }
+            Some(StorageUri::File { .. } | StorageUri::HuggingFace { .. }) => {}
+            None => {
+                return Err(BuildError::BadUri {
+                    field,
+                    uri: uri.to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn has(&self, volume: &str) -> bool {
@@ -510,7 +555,7 @@ fn data_uris(job: &FinetuneJob) -> Vec<(&'static str, &str)> {
     uris
 }
 
-fn plain_env(name: &str, value: &str) -> EnvVar {
+pub(crate) fn plain_env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: Some(value.into()),

@@ -1,0 +1,185 @@
+//! The Adapter controller: verifies Adapters that users register from existing files
+//! (`spec.source.uri`) with a short-lived verification pod (see `adapter::build`) and writes the
+//! outcome (see `adapter::status`): Ready with the files' sha256, or Failed with a condition whose
+//! reason says what is wrong (FileMissing, DigestMismatch, LoraMismatch, BaseModelMismatch, ...).
+//!
+//! Adapters produced by a FinetuneJob are registered, already verified, by the job controller.
+//! Verification pods are read from a watch cache of their own (label
+//! `app.kubernetes.io/component=adapter-verification`), owned by their Adapter, and collected
+//! with it by the garbage collector.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use finetune_crds::Adapter;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::adapter::build::{COMPONENT, COMPONENT_LABEL, verification_pod};
+use crate::adapter::status::{self, PodAction};
+use crate::controller::{MANAGER, Options, api, apply};
+use crate::error::Error;
+use crate::finetunejob::build::BuildSettings;
+use crate::metrics::Metrics;
+
+const KIND: &str = "Adapter";
+
+struct Context {
+    client: Client,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    settings: BuildSettings,
+    /// Verification pods, without their spec.
+    pods: Store<Pod>,
+}
+
+/// Runs the Adapter controller until SIGTERM/SIGINT.
+pub async fn run(client: Client, metrics: Arc<Metrics>, settings: BuildSettings, options: Options) {
+    let namespace = &options.namespace;
+    let (adapters, adapters_writer) = reflector::store::<Adapter>();
+    let adapter_events = watcher(
+        api::<Adapter>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|adapter| adapter.metadata.managed_fields = None)
+    .reflect(adapters_writer)
+    .applied_objects()
+    // Our status writes do not change the generation; a spec edit does (a new verification).
+    .predicate_filter(predicates::generation, PredicateConfig::default());
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    let pod_events = watcher(
+        api::<Pod>(&client, namespace),
+        watcher::Config::default().labels(&format!("{COMPONENT_LABEL}={COMPONENT}")),
+    )
+    .default_backoff()
+    .modify(|pod| {
+        pod.metadata.managed_fields = None;
+        pod.spec = None;
+    })
+    .reflect(pods_writer)
+    .touched_objects();
+
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        metrics,
+        settings,
+        pods,
+    });
+    Controller::for_stream(adapter_events, adapters)
+        .owns_stream(pod_events)
+        .with_config(ControllerConfig::default().concurrency(options.concurrency))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                warn!(%error, "adapter reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(adapter: Arc<Adapter>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics.reconcile_failed(KIND, error.metric_label());
+    warn!(adapter = %adapter.name_any(), %error, "adapter reconcile error; retrying");
+    Requeue::requeue(Duration::from_secs(10))
+}
+
+async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    if adapter.metadata.deletion_timestamp.is_some() {
+        return Ok(Requeue::await_change());
+    }
+    // Before the pod cache is filled, "no pod" would start a second verification.
+    if !matches!(ctx.pods.wait_until_ready().now_or_never(), Some(Ok(()))) {
+        return Ok(Requeue::requeue(Duration::from_secs(1)));
+    }
+    let namespace = adapter.namespace().unwrap_or_default();
+    let uid = adapter.uid();
+    let pods: Vec<Pod> = ctx
+        .pods
+        .state_filter(|pod| {
+            pod.namespace().as_deref() == Some(namespace.as_str())
+                && pod
+                    .owner_references()
+                    .iter()
+                    .any(|owner| Some(&owner.uid) == uid.as_ref())
+        })
+        .into_iter()
+        .map(Arc::unwrap_or_clone)
+        .collect();
+    let Some(derived) = status::derive(&adapter, &pods, Timestamp::now()) else {
+        return Ok(Requeue::await_change());
+    };
+
+    let adapters: Api<Adapter> = Api::namespaced(ctx.client.clone(), &namespace);
+    if adapter.status.as_ref() != Some(&derived.status) {
+        let patch = json!({
+            "apiVersion": Adapter::api_version(&()),
+            "kind": Adapter::kind(&()),
+            "status": derived.status,
+        });
+        adapters
+            .patch_status(
+                &adapter.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+    }
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    for action in &derived.actions {
+        match action {
+            PodAction::Create => {
+                let pod = verification_pod(&adapter, &ctx.settings)?;
+                let name = pod.name_any();
+                apply(&pods_api, &name, &pod).await?;
+                info!(adapter = %format!("{namespace}/{}", adapter.name_any()), pod = %name, "verification pod created");
+            }
+            PodAction::Delete(name) => {
+                match pods_api.delete(name, &DeleteParams::background()).await {
+                    Ok(_) | Err(kube::Error::Api(_)) => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+    }
+    let reference = adapter.object_ref(&());
+    for transition in derived.transitions {
+        let event = Event {
+            type_: if transition.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: transition.reason,
+            note: Some(transition.message.chars().take(1000).collect()),
+            action: "Verify".into(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+            warn!(%error, "cannot publish adapter event");
+        }
+    }
+    // The pod watch brings the result; the requeue only guards against a missed event.
+    Ok(match derived.status.phase {
+        Some(finetune_crds::adapter::AdapterPhase::Verifying) => {
+            Requeue::requeue(Duration::from_secs(30))
+        }
+        _ => Requeue::await_change(),
+    })
+}
