@@ -67,20 +67,22 @@ pub fn adapter_status(
         .as_ref()
         .map(|a| a.files.clone())
         .unwrap_or_default();
+    let condition = |type_: &str| Condition {
+        type_: type_.into(),
+        status: "True".into(),
+        reason: "ReportedByTrainer".into(),
+        message: format!(
+            "{} file(s) with sha256 reported by the trainer of FinetuneJob {}",
+            files.len(),
+            job.name_any()
+        ),
+        observed_generation: None,
+        last_transition_time: Time(now),
+    };
     AdapterStatus {
         phase: Some(AdapterPhase::Ready),
-        conditions: vec![Condition {
-            type_: "Verified".into(),
-            status: "True".into(),
-            reason: "ReportedByTrainer".into(),
-            message: format!(
-                "{} file(s) with sha256 reported by the trainer of FinetuneJob {}",
-                files.len(),
-                job.name_any()
-            ),
-            observed_generation: None,
-            last_transition_time: Time(now),
-        }],
+        // Ready as for user-registered Adapters, so `kubectl wait --for=condition=Ready` serves both.
+        conditions: vec![condition("Verified"), condition("Ready")],
         files,
         lineage: Some(Lineage {
             job: Some(job.name_any()),
