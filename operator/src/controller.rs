@@ -49,6 +49,9 @@ pub struct Options {
     /// Most reconciles in flight. Each holds one HTTP/1 connection to the apiserver while it
     /// waits, so this also bounds the operator's connections and memory.
     pub concurrency: u16,
+    /// Failed trainer pods kept per job for their logs (the newest); older ones are deleted
+    /// once their attempt is recorded in the job's status.
+    pub failed_pods_to_keep: usize,
 }
 
 /// The children a reconcile reads, cached by the watches that trigger reconciles.
@@ -88,6 +91,8 @@ pub struct Context {
     pub settings: BuildSettings,
     /// Rate-limited `/status` polling of running trainers.
     pub progress: ProgressPoller,
+    /// Failed trainer pods kept per job.
+    pub failed_pods_to_keep: usize,
     caches: Caches,
     /// Jobs as returned by our last status write, kept until the job cache has caught up: a
     /// reconcile that runs before the watch delivers our own write must not derive the same
@@ -101,6 +106,7 @@ impl Context {
         metrics: Arc<Metrics>,
         settings: BuildSettings,
         progress: ProgressPoller,
+        options: &Options,
         caches: Caches,
     ) -> Self {
         let instance = std::env::var("POD_NAME").ok();
@@ -114,6 +120,7 @@ impl Context {
             metrics,
             settings,
             progress,
+            failed_pods_to_keep: options.failed_pods_to_keep,
             caches,
             written: Mutex::new(HashMap::new()),
         }
@@ -279,7 +286,9 @@ pub async fn run(
         settings.clone(),
         options.clone(),
     );
-    let ctx = Arc::new(Context::new(client, metrics, settings, progress, caches));
+    let ctx = Arc::new(Context::new(
+        client, metrics, settings, progress, &options, caches,
+    ));
     let jobs = Controller::for_stream(job_events, jobs)
         .owns_stream(pod_events)
         .owns_stream(map_events)
@@ -376,6 +385,16 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     record_timings(&ctx, &job, &derived.status, &namespace);
     if job.status.as_ref() != Some(&derived.status) {
         write_status(&ctx, &jobs, &job, &derived.status).await?;
+    }
+    for pod_name in status::failed_pods_to_prune(&pods, &derived.status, ctx.failed_pods_to_keep) {
+        // Its attempt is in the status just written; its logs are no longer the newest.
+        match Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+            .delete(&pod_name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) | Err(kube::Error::Api(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
     }
     if derived.status.phase == Some(JobPhase::Succeeded)
         && let Some(termination) = status::succeeded_termination(&pods)

@@ -87,6 +87,11 @@ struct RunArgs {
     /// separated in the environment variable). Verification needs no GPU: point it at a CPU pool.
     #[arg(long = "verification-node-selector", env = "FINETUNE_VERIFICATION_NODE_SELECTOR", value_delimiter = ',', value_parser = parse_label)]
     verification_node_selector: Vec<(String, String)>,
+    /// Failed trainer pods kept per job for their logs (the newest ones); older ones are deleted
+    /// once their attempt is recorded in the job's status. The current attempt's pod is always
+    /// kept.
+    #[arg(long, env = "FINETUNE_FAILED_PODS_TO_KEEP", default_value_t = 1)]
+    failed_pods_to_keep: usize,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     leader_election_namespace: String,
@@ -209,6 +214,7 @@ async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -
     let options = Options {
         namespace: args.namespace,
         concurrency: args.concurrency,
+        failed_pods_to_keep: args.failed_pods_to_keep,
     };
     info!(namespace = ?options.namespace, http_addr = %args.http_addr, leader_elect = args.leader_elect, "finetune-operator starting");
 

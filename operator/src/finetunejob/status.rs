@@ -740,6 +740,47 @@ fn failure_of(record: &Attempt) -> Failure {
     }
 }
 
+/// Failed trainer pods to delete so that only the newest `keep` stay (for their logs): older
+/// ones whose attempt is on record in `status` (ended), never the newest attempt's pod, which
+/// the next derivation reads. Their attempts stay in `status.attempts` with exit code and reason.
+pub fn failed_pods_to_prune(pods: &[Pod], status: &FinetuneJobStatus, keep: usize) -> Vec<String> {
+    let attempt_of = |pod: &Pod| {
+        pod.metadata
+            .labels
+            .as_ref()?
+            .get(names::ATTEMPT_LABEL)?
+            .parse::<i32>()
+            .ok()
+    };
+    let newest = pods.iter().filter_map(attempt_of).max();
+    let mut failed: Vec<(i32, String)> = pods
+        .iter()
+        .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed"))
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter_map(|pod| Some((attempt_of(pod)?, pod.metadata.name.clone()?)))
+        .filter(|(attempt, _)| Some(*attempt) != newest)
+        .collect();
+    failed.sort_by(|a, b| b.0.cmp(&a.0));
+    let on_record = |attempt: i32| {
+        status
+            .attempts
+            .iter()
+            .any(|a| a.index == attempt && a.end_time.is_some())
+    };
+    // The newest attempt's pod counts toward `keep` when it failed too.
+    let newest_failed = pods.iter().any(|pod| {
+        attempt_of(pod) == newest
+            && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+    });
+    let keep = keep.saturating_sub(usize::from(newest_failed));
+    failed
+        .into_iter()
+        .skip(keep)
+        .filter(|(attempt, _)| on_record(*attempt))
+        .map(|(_, name)| name)
+        .collect()
+}
+
 /// Keeps the first attempt (how the job began) and the most recent ones.
 fn trim_attempts(attempts: &mut Vec<Attempt>) {
     if attempts.len() > MAX_ATTEMPTS_RECORDED {
@@ -1549,5 +1590,50 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn only_the_newest_failed_pods_are_kept_once_their_attempts_are_on_record() {
+        let failed = |attempt| exited(pod(attempt, "Failed"), 1, "Error", None);
+        let recorded = |indices: &[i32]| FinetuneJobStatus {
+            attempts: indices
+                .iter()
+                .map(|&index| Attempt {
+                    index,
+                    pod_name: format!("j-attempt-{index}"),
+                    end_time: Some(Time(now())),
+                    ..Attempt::default()
+                })
+                .collect(),
+            ..FinetuneJobStatus::default()
+        };
+        let pods = [failed(0), failed(1), failed(2), pod(3, "Running")];
+        let status = recorded(&[0, 1, 2]);
+        assert_eq!(
+            failed_pods_to_prune(&pods, &status, 1),
+            ["j-attempt-1", "j-attempt-0"]
+        );
+        assert_eq!(failed_pods_to_prune(&pods, &status, 2), ["j-attempt-0"]);
+        assert!(failed_pods_to_prune(&pods, &status, 5).is_empty());
+        assert_eq!(failed_pods_to_prune(&pods, &status, 0).len(), 3);
+        // Not on record yet (the status write failed): nothing is lost by waiting.
+        assert_eq!(
+            failed_pods_to_prune(&pods, &recorded(&[1, 2]), 1),
+            ["j-attempt-1"]
+        );
+        // The newest attempt's failed pod is never deleted, and it is the one kept.
+        let all_failed = [failed(0), failed(1)];
+        assert_eq!(
+            failed_pods_to_prune(&all_failed, &recorded(&[0, 1]), 1),
+            ["j-attempt-0"]
+        );
+        assert!(failed_pods_to_prune(&all_failed, &recorded(&[0, 1]), 0) == ["j-attempt-0"]);
+        // Succeeded pods are never pruned.
+        let done = [failed(0), pod(1, "Succeeded")];
+        assert_eq!(
+            failed_pods_to_prune(&done, &recorded(&[0, 1]), 0),
+            ["j-attempt-0"]
+        );
+        assert!(failed_pods_to_prune(&done, &recorded(&[0, 1]), 1).is_empty());
     }
 }
