@@ -760,7 +760,7 @@ pub fn failed_pods_to_prune(pods: &[Pod], status: &FinetuneJobStatus, keep: usiz
         .filter_map(|pod| Some((attempt_of(pod)?, pod.metadata.name.clone()?)))
         .filter(|(attempt, _)| Some(*attempt) != newest)
         .collect();
-    failed.sort_by(|a, b| b.0.cmp(&a.0));
+    failed.sort_by_key(|(attempt, _)| std::cmp::Reverse(*attempt));
     let on_record = |attempt: i32| {
         status
             .attempts
