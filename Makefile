@@ -24,7 +24,7 @@ help:
 	@echo "make bench-forgetting narrow-task LoRA SFT with each forgetting guard: task score, retention, wall time, memory (JSON)"
 	@echo "make bench-dpo      DPO steps/s and peak RSS: ours vs TRL DPOTrainer + PEFT on the same pairs (JSON)"
 	@echo "make bench-trainer  LoRA chat-SFT tokens/s and peak RSS: ours vs transformers+PEFT fp32/bf16 (JSON in \$$CARGO_TARGET_DIR/bench)"
-	@echo "make bench-operator 1000 FinetuneJobs against 50 kwok GPU nodes: latency, RSS, CPU (JSON in \$$CARGO_TARGET_DIR/bench)"
+	@echo "make bench-operator 1000 FinetuneJobs against 50 kwok GPU nodes: latency, RSS, CPU; then 1000 run to the end with 10% failing or evicted: drain time, retries (JSON in \$$CARGO_TARGET_DIR/bench)"
 
 setup:
 	@scripts/setup-venv.sh >/dev/null
@@ -112,6 +112,16 @@ bench-operator: cluster-build build
 	      cargo bench -p finetune-operator --bench operator_scale; \
 	    status=$$?; tests/cluster/down.sh; [ $$status = 0 ] || exit $$status; } || exit 1; \
 	done
+	@# Churn: every job runs to the end while 10% of first attempts fail or are evicted.
+	@tests/cluster/down.sh >/dev/null 2>&1 || true
+	@FINETUNE_CLUSTER_NODES=50 tests/cluster/up.sh && { \
+	  "$(OPERATOR)" crd | $(CACHE)/cluster/bin/kubectl --kubeconfig $(KUBECONFIG_TEST) apply -f - >/dev/null && \
+	  $(CACHE)/cluster/bin/kubectl --kubeconfig $(KUBECONFIG_TEST) wait --for=condition=Established \
+	    crd/finetunejobs.finetune.dev crd/adapters.finetune.dev --timeout=60s >/dev/null && \
+	  KUBECONFIG=$(KUBECONFIG_TEST) FINETUNE_OPERATOR_BIN=$(OPERATOR) BENCH_RATE=$(BENCH_RATE) \
+	    BENCH_OUT=$(CARGO_TARGET_DIR)/bench/operator-churn.json \
+	    cargo bench -p finetune-operator --bench operator_churn; \
+	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
 clean-cache:
 	rm -rf $(CACHE)
