@@ -86,13 +86,12 @@ async fn main() {
             let mut stream = stream.boxed();
             while let Ok(Some(pod)) = stream.try_next().await {
                 let name = pod.name_any();
-                pods_seen.lock().unwrap().insert(name.clone());
+                // By UID: a pod deleted and created again under its name is a second pod.
+                let uid = pod.uid().unwrap_or_default();
+                pods_seen.lock().unwrap().insert(uid.clone());
                 let running =
                     pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-                if !running
-                    || pod.metadata.deletion_timestamp.is_some()
-                    || !handled.insert(name.clone())
-                {
+                if !running || pod.metadata.deletion_timestamp.is_some() || !handled.insert(uid) {
                     continue;
                 }
                 let Some((index, attempt)) = job_and_attempt(&pod) else {

@@ -360,6 +360,19 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
         .into_iter()
         .map(Arc::unwrap_or_clone)
         .collect();
+    let mut pods = pods;
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    for record in status::unended_attempts_without_pods(&job, &pods) {
+        // Not in the cache: just created and not yet watched, or really gone. Ask.
+        if let Some(pod) = pods_api.get_opt(&record.pod_name).await?
+            && pod
+                .owner_references()
+                .iter()
+                .any(|owner| Some(&owner.uid) == uid.as_ref())
+        {
+            pods.push(pod);
+        }
+    }
     let report = match running_trainer_address(&pods) {
         Some(address) => ctx.progress.report(&key, &address),
         None => None,

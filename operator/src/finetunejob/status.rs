@@ -484,11 +484,40 @@ pub fn derive(
         }
     };
     transitions.extend(stopped_early);
+    if let Action::CreatePod(attempt) = action {
+        // On record before its pod is first seen: a pod evicted or deleted before the next
+        // reconcile would otherwise leave no trace, and attempt 0 would start again under the
+        // same name, its history and the preemption lost. The controller confirms with the
+        // apiserver that an unended attempt's pod is really gone before it counts as vanished.
+        if !status.attempts.iter().any(|a| a.index == attempt) {
+            status.attempts.push(Attempt {
+                index: attempt,
+                pod_name: names::trainer_pod(
+                    &job.metadata.name.clone().unwrap_or_default(),
+                    attempt,
+                ),
+                ..Attempt::default()
+            });
+            trim_attempts(&mut status.attempts);
+        }
+    }
     Derived {
         status,
         action,
         transitions,
     }
+}
+
+/// Recorded attempts that had not ended and whose pods are not among `pods`: before they count
+/// as vanished (a preemption), the controller asks the apiserver for these pods, since a pod
+/// created moments ago may not have reached the watch cache yet.
+pub fn unended_attempts_without_pods<'a>(job: &'a FinetuneJob, pods: &[Pod]) -> Vec<&'a Attempt> {
+    job.status
+        .iter()
+        .flat_map(|s| s.attempts.iter())
+        .filter(|record| record.reason.is_none())
+        .filter(|record| !pods.iter().any(|pod| attempt_of(pod) == Some(record.index)))
+        .collect()
 }
 
 /// When a job with `status` is due for deletion (`runPolicy.ttlSecondsAfterFinished` after its
@@ -1014,6 +1043,36 @@ mod tests {
         assert_eq!(true_condition(&derived.status), ("Created", "Created"));
         assert_eq!(derived.status.observed_generation, Some(1));
         assert_eq!(derived.transitions.len(), 1);
+        // On record at once, not yet started.
+        let record = &derived.status.attempts[0];
+        assert_eq!(
+            (record.index, record.pod_name.as_str()),
+            (0, "smollm2-kubectl-sft-attempt-0")
+        );
+        assert!(record.start_time.is_none() && record.reason.is_none());
+    }
+
+    #[test]
+    fn a_pod_gone_before_it_was_first_seen_is_a_preemption_not_a_second_attempt_zero() {
+        let mut job = job();
+        job.status = Some(derive(&job, &[], None, now()).status);
+        // The controller asks the apiserver about this pod before it counts as gone.
+        let unseen = unended_attempts_without_pods(&job, &[]);
+        assert_eq!(unseen.len(), 1);
+        assert_eq!(unseen[0].pod_name, "smollm2-kubectl-sft-attempt-0");
+        assert!(unended_attempts_without_pods(&job, &[pod(0, "Pending")]).is_empty());
+
+        let derived = derive(&job, &[], None, now());
+        assert_eq!(derived.action, Action::CreatePod(1));
+        assert_eq!(
+            (derived.status.preemptions, derived.status.failed_attempts),
+            (1, 0)
+        );
+        assert_eq!(
+            derived.status.attempts[0].reason.as_deref(),
+            Some("Preempted")
+        );
+        assert_eq!(derived.status.attempts[1].index, 1);
     }
 
     #[test]
