@@ -22,7 +22,11 @@ pub fn start_operator(operator_bin: &str) -> std::process::Child {
             "127.0.0.1:0",
         ])
         .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
+        // Its warnings (failed reconciles) go to BENCH_OPERATOR_LOG when set.
+        .stdout(match std::env::var_os("BENCH_OPERATOR_LOG") {
+            Some(path) => std::fs::File::create(path).expect("operator log").into(),
+            None => std::process::Stdio::null(),
+        })
         .spawn()
         .expect("operator starts")
 }
