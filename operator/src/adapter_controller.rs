@@ -8,7 +8,8 @@
 //! `app.kubernetes.io/component=adapter-verification`), owned by their Adapter, and collected
 //! with it by the garbage collector.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use finetune_crds::Adapter;
@@ -40,6 +41,38 @@ struct Context {
     settings: BuildSettings,
     /// Verification pods, without their spec.
     pods: Store<Pod>,
+    /// Adapters as our last status write returned them, until the cache has caught up: a
+    /// reconcile that runs first (the verified pod's deletion triggers one) must not see the
+    /// Adapter as still Verifying and verify it again.
+    written: Mutex<HashMap<String, Arc<Adapter>>>,
+}
+
+impl Context {
+    /// The newer of the cached Adapter and the one our last status write returned.
+    fn freshest(&self, key: &str, cached: Arc<Adapter>) -> Arc<Adapter> {
+        let mut written = self.written.lock().expect("written lock");
+        let version = |adapter: &Adapter| {
+            adapter
+                .metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        match written.get(key) {
+            Some(ours)
+                if ours.uid() == cached.uid()
+                    && version(ours)
+                        .zip(version(&cached))
+                        .is_some_and(|(o, c)| o > c) =>
+            {
+                ours.clone()
+            }
+            _ => {
+                written.remove(key);
+                cached
+            }
+        }
+    }
 }
 
 /// Runs the Adapter controller until SIGTERM/SIGINT.
@@ -79,6 +112,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: BuildSettings,
         metrics,
         settings,
         pods,
+        written: Mutex::new(HashMap::new()),
     });
     Controller::for_stream(adapter_events, adapters)
         .owns_stream(pod_events)
@@ -102,6 +136,12 @@ fn error_policy(adapter: Arc<Adapter>, error: &Error, ctx: Arc<Context>) -> Requ
 async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let _timer = ctx.metrics.reconcile_started(KIND);
     if adapter.metadata.deletion_timestamp.is_some() {
+        let key = format!(
+            "{}/{}",
+            adapter.namespace().unwrap_or_default(),
+            adapter.name_any()
+        );
+        ctx.written.lock().expect("written lock").remove(&key);
         return Ok(Requeue::await_change());
     }
     // Before the pod cache is filled, "no pod" would start a second verification.
@@ -109,6 +149,8 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
         return Ok(Requeue::requeue(Duration::from_secs(1)));
     }
     let namespace = adapter.namespace().unwrap_or_default();
+    let key = format!("{namespace}/{}", adapter.name_any());
+    let adapter = ctx.freshest(&key, adapter);
     let uid = adapter.uid();
     let pods: Vec<Pod> = ctx
         .pods
@@ -128,27 +170,37 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
 
     let adapters: Api<Adapter> = Api::namespaced(ctx.client.clone(), &namespace);
     if adapter.status.as_ref() != Some(&derived.status) {
-        let patch = json!({
-            "apiVersion": Adapter::api_version(&()),
-            "kind": Adapter::kind(&()),
-            "status": derived.status,
-        });
-        adapters
-            .patch_status(
-                &adapter.name_any(),
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
+        write_status(&ctx, &adapters, &key, &adapter, &derived.status).await?;
     }
+    let reference = adapter.object_ref(&());
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     for action in &derived.actions {
         match action {
             PodAction::Create => {
                 let pod = verification_pod(&adapter, &ctx.settings)?;
                 let name = pod.name_any();
-                apply(&pods_api, &name, &pod).await?;
-                info!(adapter = %format!("{namespace}/{}", adapter.name_any()), pod = %name, "verification pod created");
+                if let Err(error) = apply(&pods_api, &name, &pod).await {
+                    // Refused (admission, quota): say so on the Adapter, then retry.
+                    if let kube::Error::Api(refusal) = &error {
+                        let message =
+                            format!("cannot create verification pod {name}: {}", refusal.message);
+                        let mut status = derived.status.clone();
+                        status::pod_creation_failed(&mut status, &message, Timestamp::now());
+                        if status != derived.status {
+                            write_status(&ctx, &adapters, &key, &adapter, &status).await?;
+                        }
+                        publish(
+                            &ctx,
+                            &reference,
+                            EventType::Warning,
+                            "PodCreationFailed",
+                            message,
+                        )
+                        .await;
+                    }
+                    return Err(error.into());
+                }
+                info!(adapter = %key, pod = %name, "verification pod created");
             }
             PodAction::Delete(name) => {
                 match pods_api.delete(name, &DeleteParams::background()).await {
@@ -158,22 +210,20 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
             }
         }
     }
-    let reference = adapter.object_ref(&());
     for transition in derived.transitions {
-        let event = Event {
-            type_: if transition.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: transition.reason,
-            note: Some(transition.message.chars().take(1000).collect()),
-            action: "Verify".into(),
-            secondary: None,
+        let type_ = if transition.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
         };
-        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-            warn!(%error, "cannot publish adapter event");
-        }
+        publish(
+            &ctx,
+            &reference,
+            type_,
+            &transition.reason,
+            transition.message,
+        )
+        .await;
     }
     // The pod watch brings the result; the requeue only guards against a missed event.
     Ok(match derived.status.phase {
@@ -182,4 +232,51 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
         }
         _ => Requeue::await_change(),
     })
+}
+
+async fn write_status(
+    ctx: &Context,
+    adapters: &Api<Adapter>,
+    key: &str,
+    adapter: &Adapter,
+    status: &finetune_crds::AdapterStatus,
+) -> Result<(), Error> {
+    let patch = json!({
+        "apiVersion": Adapter::api_version(&()),
+        "kind": Adapter::kind(&()),
+        "status": status,
+    });
+    let mut written = adapters
+        .patch_status(
+            &adapter.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    written.metadata.managed_fields = None;
+    ctx.written
+        .lock()
+        .expect("written lock")
+        .insert(key.to_string(), Arc::new(written));
+    Ok(())
+}
+
+/// Publishes one Event on the Adapter; a failure is logged, never fails the reconcile.
+async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    message: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: "Verify".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, reference).await {
+        warn!(%error, "cannot publish adapter event");
+    }
 }

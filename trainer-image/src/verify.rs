@@ -77,31 +77,48 @@ fn check(
             ));
         }
     }
-    if let Some(name) = expect
-        .expected_sha256
-        .keys()
-        .find(|name| !dir.join(name).is_file())
-    {
-        return Err((
-            FileMissing,
-            format!("{shown_as}: {name} is missing (spec.expectedSha256 names it)"),
-        ));
+    for name in expect.expected_sha256.keys() {
+        // A relative path inside the directory: `/x` or `../x` would check another file.
+        let inside = Path::new(name)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside || !dir.join(name).is_file() {
+            let why = if inside {
+                "is missing"
+            } else {
+                "is not a path inside the adapter directory"
+            };
+            return Err((
+                FileMissing,
+                format!("{shown_as}: {name} {why} (spec.expectedSha256 names it)"),
+            ));
+        }
     }
     files.extend(digests(dir).map_err(|e| (FileMissing, format!("{shown_as}: {e}")))?);
     for (name, wanted) in &expect.expected_sha256 {
-        let found = files.iter().find(|f| &f.name == name).map(|f| &f.sha256);
-        if found.map(|f| f.to_ascii_lowercase()) != Some(wanted.to_ascii_lowercase()) {
+        // Files outside the listing (in a subdirectory, hidden, beyond MAX_FILES) are hashed
+        // on their own.
+        let found = match files.iter().find(|f| &f.name == name) {
+            Some(file) => file.sha256.clone(),
+            None => {
+                digest_file(&dir.join(name))
+                    .map_err(|e| (FileMissing, shown(&e, dir, shown_as)))?
+                    .0
+            }
+        };
+        if found.to_ascii_lowercase() != wanted.to_ascii_lowercase() {
             return Err((
                 DigestMismatch,
                 format!(
-                    "{shown_as}: {name} has sha256 {} but spec.expectedSha256 says {wanted}",
-                    found.map_or("(not hashed)", String::as_str)
+                    "{shown_as}: {name} has sha256 {found} but spec.expectedSha256 says {wanted}"
                 ),
             ));
         }
     }
     let (lora, weights) =
         read_peft_adapter(dir).map_err(|e| (InvalidAdapter, shown(&e, dir, shown_as)))?;
+    consistent(&lora, &weights)
+        .map_err(|m| (InvalidAdapter, format!("{shown_as}/{ADAPTER_WEIGHTS}: {m}")))?;
     if let Some(wanted) = &expect.lora {
         lora_matches(&lora, wanted).map_err(|m| {
             (
@@ -133,6 +150,40 @@ fn check(
         config.hidden_size,
         files.len()
     ))
+}
+
+/// Faults of the adapter itself, whatever the base: every LoRA pair is `[r, in]` / `[out, r]`
+/// with the config's `r`, and every plain target module has weights. What is left for
+/// `check_adapter` to find is then a misfit with the base model.
+fn consistent(
+    lora: &LoraConfig,
+    weights: &std::collections::BTreeMap<String, (tch::Tensor, tch::Tensor)>,
+) -> Result<(), String> {
+    for (name, (a, b)) in weights {
+        let (a, b) = (a.size(), b.size());
+        if a.len() != 2 || b.len() != 2 {
+            return Err(format!(
+                "{name}: lora_A/lora_B must be 2-D matrices, got {a:?} and {b:?}"
+            ));
+        }
+        if a[0] != lora.rank || b[1] != lora.rank {
+            return Err(format!(
+                "{name}: rank mismatch: {ADAPTER_CONFIG} has r = {}, the tensors are {a:?} and {b:?}",
+                lora.rank
+            ));
+        }
+    }
+    for target in &lora.target_modules {
+        let plain = target
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if plain && !weights.keys().any(|k| k.rsplit('.').next() == Some(target)) {
+            return Err(format!(
+                "target_modules lists `{target}` but the adapter holds no weights for it"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// sha256 of the directory's regular files (not hidden ones), by name.

@@ -167,6 +167,28 @@ fn each_failure_has_its_reason_and_names_what_to_fix() {
         report.message
     );
 
+    let mut outside = none.clone();
+    outside
+        .expected_sha256
+        .insert("../base/config.json".into(), "0".repeat(64));
+    let report = check(&adapter, &base, &outside);
+    assert_eq!(report.reason, VerificationReason::FileMissing);
+    assert!(
+        report.message.contains("not a path inside"),
+        "{}",
+        report.message
+    );
+
+    // A file outside the listing (a subdirectory) is hashed on its own.
+    std::fs::create_dir_all(adapter.join("extra")).unwrap();
+    std::fs::write(adapter.join("extra/notes.txt"), "hello").unwrap();
+    let mut nested = none.clone();
+    nested.expected_sha256.insert(
+        "extra/notes.txt".into(),
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824".into(),
+    );
+    assert!(check(&adapter, &base, &nested).verified);
+
     let report = check(&adapter, &dir.path().join("no-model"), &none);
     assert_eq!(report.reason, VerificationReason::BaseModelUnavailable);
     assert!(
@@ -174,6 +196,26 @@ fn each_failure_has_its_reason_and_names_what_to_fix() {
         "{}",
         report.message
     );
+
+    // A config that disagrees with its own tensors is the adapter's fault, with or without a base.
+    let config_path = adapter.join("adapter_config.json");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&original).unwrap();
+    config["r"] = 8.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    for base in [Some(base.as_path()), None] {
+        let report = verify_adapter(&adapter, base, &none, URI);
+        assert_eq!(
+            report.reason,
+            VerificationReason::InvalidAdapter,
+            "{report:?}"
+        );
+        assert!(
+            report.message.contains("rank mismatch"),
+            "{}",
+            report.message
+        );
+    }
 
     std::fs::write(
         adapter.join("adapter_config.json"),

@@ -91,7 +91,8 @@ pub fn verification_pod(adapter: &Adapter, settings: &BuildSettings) -> Result<P
     if let Some(model) = model {
         args.extend(["--model".into(), model]);
     }
-    // Reading headers and hashing files: a little CPU, memory for buffers only.
+    // Hashing streams files; reading the adapter loads its LoRA tensors (hundreds of MB for a
+    // high rank on a large model), so the limit leaves room for that.
     let amounts = |cpu: &str, memory: &str| {
         BTreeMap::from([
             ("cpu".to_string(), Quantity(cpu.into())),
@@ -137,8 +138,8 @@ pub fn verification_pod(adapter: &Adapter, settings: &BuildSettings) -> Result<P
                     paths::TERMINATION_LOG,
                 )]),
                 resources: Some(ResourceRequirements {
-                    requests: Some(amounts("100m", "128Mi")),
-                    limits: Some(amounts("1", "512Mi")),
+                    requests: Some(amounts("100m", "256Mi")),
+                    limits: Some(amounts("1", "2Gi")),
                     ..ResourceRequirements::default()
                 }),
                 termination_message_path: Some(paths::TERMINATION_LOG.into()),

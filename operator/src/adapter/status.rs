@@ -80,6 +80,8 @@ pub fn derive(adapter: &Adapter, pods: &[Pod], now: Timestamp) -> Option<Derived
         lineage: None,
         ..previous.clone()
     };
+    // Digests describe what was verified; a result in progress or without a report has none.
+    status.files.clear();
     let outcome = match (in_pod_paths(adapter), pod) {
         (Err(why), _) => Outcome::Failed {
             reason: "InvalidSource".into(),
@@ -87,37 +89,45 @@ pub fn derive(adapter: &Adapter, pods: &[Pod], now: Timestamp) -> Option<Derived
         },
         (Ok(_), None) => {
             actions.push(PodAction::Create);
-            Outcome::Verifying {
-                reason: "VerificationStarted".into(),
-                message: format!(
-                    "pod {current} checks {} against base model {}",
-                    adapter.spec.source.uri.as_deref().unwrap_or_default(),
-                    adapter.spec.base_model.uri
-                ),
+            let refused = previous
+                .conditions
+                .iter()
+                .find(|c| c.type_ == VERIFIED && c.reason == "PodCreationFailed")
+                .filter(|_| previous.observed_generation == generation);
+            match refused {
+                // Still the apiserver's refusal until a pod exists: no flip-flop per retry.
+                Some(c) => Outcome::Verifying {
+                    reason: c.reason.clone(),
+                    message: c.message.clone(),
+                },
+                None => Outcome::Verifying {
+                    reason: "VerificationStarted".into(),
+                    message: format!(
+                        "pod {current} checks {} against base model {}",
+                        adapter.spec.source.uri.as_deref().unwrap_or_default(),
+                        adapter.spec.base_model.uri
+                    ),
+                },
             }
         }
-        (Ok(_), Some(pod)) => pod_outcome(pod, &current),
+        (Ok(_), Some(pod)) => {
+            let outcome = pod_outcome(pod, &current);
+            // Deleted or evicted before it reported: not the adapter's fault. Once the pod is
+            // gone, a new one is created under the same name.
+            if matches!(outcome, Outcome::Interrupted { .. })
+                && pod.metadata.deletion_timestamp.is_none()
+            {
+                actions.push(PodAction::Delete(current.clone()));
+            }
+            outcome
+        }
     };
     match outcome {
         Outcome::Verifying { reason, message } => {
-            status.phase = Some(AdapterPhase::Verifying);
-            status.verified_time = None;
-            set_condition(
-                &mut status.conditions,
-                VERIFIED,
-                "Unknown",
-                &reason,
-                &message,
-                now,
-            );
-            set_condition(
-                &mut status.conditions,
-                READY,
-                "False",
-                &reason,
-                &message,
-                now,
-            );
+            set_verifying(&mut status, &reason, &message, now);
+        }
+        Outcome::Interrupted { message } => {
+            set_verifying(&mut status, "Interrupted", &message, now);
         }
         Outcome::Verified(report) => {
             status.phase = Some(AdapterPhase::Ready);
@@ -194,6 +204,7 @@ pub fn derive(adapter: &Adapter, pods: &[Pod], now: Timestamp) -> Option<Derived
 
 enum Outcome {
     Verifying { reason: String, message: String },
+    Interrupted { message: String },
     Verified(AdapterVerification),
     NotVerified(AdapterVerification),
     Failed { reason: String, message: String },
@@ -243,9 +254,25 @@ fn pod_outcome(pod: &Pod, name: &str) -> Outcome {
     let report: Option<AdapterVerification> = state
         .and_then(|t| t.message.as_deref())
         .and_then(|m| serde_json::from_str(m).ok());
+    let status = pod.status.as_ref();
+    let disrupted = pod.metadata.deletion_timestamp.is_some()
+        || matches!(
+            status.and_then(|s| s.reason.as_deref()),
+            Some("Evicted" | "Preempting" | "NodeLost" | "Terminated")
+        )
+        || status
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "DisruptionTarget" && c.status == "True");
     match report {
         Some(report) if report.verified && phase == "Succeeded" => Outcome::Verified(report),
         Some(report) if !report.verified => Outcome::NotVerified(report),
+        _ if disrupted => Outcome::Interrupted {
+            message: format!(
+                "verification pod {name} was stopped before it reported (deleted, evicted or its node lost); it runs again"
+            ),
+        },
         _ => {
             // No report: the verifier crashed, was killed, or never started (deadline).
             let pod_status = pod.status.as_ref();
@@ -276,6 +303,27 @@ fn pod_outcome(pod: &Pod, name: &str) -> Outcome {
             }
         }
     }
+}
+
+/// The apiserver refused the verification pod: still Verifying (the controller retries), with
+/// the apiserver's words in the conditions.
+pub fn pod_creation_failed(status: &mut AdapterStatus, message: &str, now: Timestamp) {
+    set_verifying(status, "PodCreationFailed", message, now);
+}
+
+/// Phase Verifying, not Ready, for `reason`.
+fn set_verifying(status: &mut AdapterStatus, reason: &str, message: &str, now: Timestamp) {
+    status.phase = Some(AdapterPhase::Verifying);
+    status.verified_time = None;
+    set_condition(
+        &mut status.conditions,
+        VERIFIED,
+        "Unknown",
+        reason,
+        message,
+        now,
+    );
+    set_condition(&mut status.conditions, READY, "False", reason, message, now);
 }
 
 /// The end of a log excerpt (the kubelet's fallback message is the log's tail; its end says most).
@@ -626,5 +674,78 @@ mod tests {
         let c = condition(&derived.status, VERIFIED);
         assert_eq!(c.reason, "InvalidSource");
         assert!(c.message.contains("spec.source.uri"), "{}", c.message);
+    }
+
+    #[test]
+    fn an_interrupted_verification_runs_again_instead_of_failing() {
+        let a = adapter(1);
+        let a = with_status(a.clone(), &derive(&a, &[], now()).unwrap());
+        // Evicted: the kubelet leaves it Failed with a DisruptionTarget condition, no report.
+        let mut evicted = pod("support-bot-verify-1", "Failed", Some((143, "")));
+        evicted.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
+            type_: "DisruptionTarget".into(),
+            status: "True".into(),
+            ..PodCondition::default()
+        }]);
+        let derived = derive(&a, std::slice::from_ref(&evicted), now()).unwrap();
+        assert_eq!(derived.status.phase, Some(AdapterPhase::Verifying));
+        assert_eq!(condition(&derived.status, VERIFIED).reason, "Interrupted");
+        assert_eq!(
+            derived.actions,
+            [PodAction::Delete("support-bot-verify-1".into())]
+        );
+        // Deleting: wait for it to go; gone: a new pod.
+        evicted.metadata.deletion_timestamp = Some(Time(now()));
+        let a = with_status(a, &derived);
+        assert!(derive(&a, &[evicted], now()).unwrap().actions.is_empty());
+        assert_eq!(derive(&a, &[], now()).unwrap().actions, [PodAction::Create]);
+    }
+
+    #[test]
+    fn a_new_generation_forgets_the_old_digests() {
+        let a = adapter(1);
+        let done = pod(
+            "support-bot-verify-1",
+            "Succeeded",
+            Some((0, &report(true, VerificationReason::Verified, "ok"))),
+        );
+        let a = with_status(a.clone(), &derive(&a, &[done], now()).unwrap());
+        assert_eq!(a.status.as_ref().unwrap().files.len(), 1);
+        let mut edited = a;
+        edited.metadata.generation = Some(2);
+        let derived = derive(&edited, &[], now()).unwrap();
+        assert!(derived.status.files.is_empty());
+        assert!(derived.status.verified_time.is_none());
+    }
+
+    #[test]
+    fn a_refused_pod_keeps_the_apiservers_words_while_it_is_retried() {
+        let a = adapter(1);
+        let mut status = derive(&a, &[], now()).unwrap().status;
+        pod_creation_failed(
+            &mut status,
+            "pods \"x\" is forbidden: exceeded quota",
+            now(),
+        );
+        let a = with_status(
+            a,
+            &Derived {
+                status,
+                actions: vec![],
+                transitions: vec![],
+            },
+        );
+        let retry = derive(&a, &[], now()).unwrap();
+        assert_eq!(retry.actions, [PodAction::Create]);
+        assert_eq!(
+            Some(&retry.status),
+            a.status.as_ref(),
+            "nothing new to write"
+        );
+        assert!(retry.transitions.is_empty());
+        assert_eq!(
+            condition(&retry.status, VERIFIED).reason,
+            "PodCreationFailed"
+        );
     }
 }

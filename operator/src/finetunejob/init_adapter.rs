@@ -13,6 +13,14 @@ use super::names;
 pub fn adapter_uri(adapter: &Adapter, producer: Option<&FinetuneJob>) -> Result<String, String> {
     let name = adapter.name_any();
     let source = &adapter.spec.source;
+    let status = adapter.status.as_ref();
+    if status.and_then(|s| s.phase) == Some(finetune_crds::adapter::AdapterPhase::Failed) {
+        let why = status
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Verified"))
+            .map(|c| format!("{}: {}", c.reason, c.message))
+            .unwrap_or_default();
+        return Err(format!("Adapter {name} failed verification ({why})"));
+    }
     if let Some(uri) = &source.uri {
         return Ok(uri.clone());
     }
@@ -87,6 +95,24 @@ mod tests {
             from_job: None,
         });
         assert_eq!(adapter_uri(&a, None).unwrap(), "pvc://adapters/sft");
+    }
+
+    #[test]
+    fn an_adapter_that_failed_verification_is_refused_with_the_reason() {
+        let mut a = adapter(AdapterSource {
+            uri: Some("pvc://adapters/sft".into()),
+            from_job: None,
+        });
+        a.status = Some(serde_json::from_value(serde_json::json!({
+            "phase": "Failed",
+            "conditions": [{"type": "Verified", "status": "False", "reason": "BaseModelMismatch",
+                "message": "adapter for another base model", "lastTransitionTime": "2026-11-27T00:00:00Z"}]
+        })).unwrap());
+        let why = adapter_uri(&a, None).unwrap_err();
+        assert_eq!(
+            why,
+            "Adapter sft failed verification (BaseModelMismatch: adapter for another base model)"
+        );
     }
 
     #[test]

@@ -514,6 +514,8 @@ pub fn derive(
 pub fn unended_attempts_without_pods<'a>(job: &'a FinetuneJob, pods: &[Pod]) -> Vec<&'a Attempt> {
     job.status
         .iter()
+        // A finished job's records are final (one stopped at its deadline may look unended).
+        .filter(|s| !matches!(s.phase, Some(JobPhase::Succeeded | JobPhase::Failed)))
         .flat_map(|s| s.attempts.iter())
         .filter(|record| record.reason.is_none())
         .filter(|record| !pods.iter().any(|pod| attempt_of(pod) == Some(record.index)))
