@@ -106,7 +106,7 @@ fn check(
                     .0
             }
         };
-        if found.to_ascii_lowercase() != wanted.to_ascii_lowercase() {
+        if !found.eq_ignore_ascii_case(wanted) {
             return Err((
                 DigestMismatch,
                 format!(
