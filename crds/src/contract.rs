@@ -274,7 +274,8 @@ impl AdapterVerification {
             if json.len() <= TERMINATION_MESSAGE_LIMIT {
                 return json;
             }
-            if report.message.len() > 512 {
+            // Above the cut plus the ellipsis, so a shortened message is not shortened again.
+            if report.message.len() > 512 + '…'.len_utf8() {
                 let cut = (0..=512)
                     .rev()
                     .find(|&i| report.message.is_char_boundary(i))
