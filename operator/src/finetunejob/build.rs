@@ -427,28 +427,16 @@ impl Mounts {
             paths::STORAGE_DIR,
             false,
         );
-        this.add(
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-            "/tmp",
-            false,
-        );
+        this.add_scratch();
         for (field, uri) in data_uris(job) {
             this.add_uri(field, uri, Some(&storage_claim))?;
         }
         Ok(this)
     }
 
-    /// Just a scratch `/tmp`: the root filesystem is read-only.
-    pub(crate) fn scratch_only() -> Self {
-        let mut this = Self {
-            volumes: Vec::new(),
-            mounts: Vec::new(),
-        };
-        this.add(
+    /// A scratch `/tmp` (an emptyDir): the root filesystem is read-only.
+    fn add_scratch(&mut self) {
+        self.add(
             Volume {
                 name: "tmp".into(),
                 empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -457,6 +445,15 @@ impl Mounts {
             "/tmp",
             false,
         );
+    }
+
+    /// Just a scratch `/tmp`.
+    pub(crate) fn scratch_only() -> Self {
+        let mut this = Self {
+            volumes: Vec::new(),
+            mounts: Vec::new(),
+        };
+        this.add_scratch();
         this
     }
 
