@@ -130,68 +130,30 @@ pub fn derive(adapter: &Adapter, pods: &[Pod], now: Timestamp) -> Option<Derived
             set_verifying(&mut status, "Interrupted", &message, now);
         }
         Outcome::Verified(report) => {
-            status.phase = Some(AdapterPhase::Ready);
+            set_result(
+                &mut status,
+                AdapterPhase::Ready,
+                "Verified",
+                &report.message,
+                now,
+            );
             status.files = report.files;
             status.verified_time = Some(Time(now));
-            set_condition(
-                &mut status.conditions,
-                VERIFIED,
-                "True",
-                "Verified",
-                &report.message,
-                now,
-            );
-            set_condition(
-                &mut status.conditions,
-                READY,
-                "True",
-                "Verified",
-                &report.message,
-                now,
-            );
             actions.push(PodAction::Delete(current));
         }
         Outcome::Failed { reason, message } => {
-            status.phase = Some(AdapterPhase::Failed);
-            status.verified_time = None;
-            set_condition(
-                &mut status.conditions,
-                VERIFIED,
-                "False",
-                &reason,
-                &message,
-                now,
-            );
-            set_condition(
-                &mut status.conditions,
-                READY,
-                "False",
-                &reason,
-                &message,
-                now,
-            );
+            set_result(&mut status, AdapterPhase::Failed, &reason, &message, now);
         }
         Outcome::NotVerified(report) => {
             let reason = reason_text(report.reason);
-            status.phase = Some(AdapterPhase::Failed);
+            set_result(
+                &mut status,
+                AdapterPhase::Failed,
+                &reason,
+                &report.message,
+                now,
+            );
             status.files = report.files;
-            status.verified_time = None;
-            set_condition(
-                &mut status.conditions,
-                VERIFIED,
-                "False",
-                &reason,
-                &report.message,
-                now,
-            );
-            set_condition(
-                &mut status.conditions,
-                READY,
-                "False",
-                &reason,
-                &report.message,
-                now,
-            );
         }
     }
     let transitions = transitions(&previous, &status);
@@ -313,17 +275,58 @@ pub fn pod_creation_failed(status: &mut AdapterStatus, message: &str, now: Times
 
 /// Phase Verifying, not Ready, for `reason`.
 fn set_verifying(status: &mut AdapterStatus, reason: &str, message: &str, now: Timestamp) {
-    status.phase = Some(AdapterPhase::Verifying);
-    status.verified_time = None;
-    set_condition(
-        &mut status.conditions,
-        VERIFIED,
+    set_phase(
+        status,
+        AdapterPhase::Verifying,
         "Unknown",
         reason,
         message,
         now,
     );
-    set_condition(&mut status.conditions, READY, "False", reason, message, now);
+}
+
+/// A final result: Ready (Verified and Ready True) or Failed (both False).
+fn set_result(
+    status: &mut AdapterStatus,
+    phase: AdapterPhase,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) {
+    let verified = if phase == AdapterPhase::Ready {
+        "True"
+    } else {
+        "False"
+    };
+    set_phase(status, phase, verified, reason, message, now);
+}
+
+/// The phase, the Verified condition as given, and Ready True only when the phase is Ready;
+/// `verifiedTime` is cleared (a Ready result sets it again).
+fn set_phase(
+    status: &mut AdapterStatus,
+    phase: AdapterPhase,
+    verified: &str,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) {
+    let ready = if phase == AdapterPhase::Ready {
+        "True"
+    } else {
+        "False"
+    };
+    status.phase = Some(phase);
+    status.verified_time = None;
+    set_condition(
+        &mut status.conditions,
+        VERIFIED,
+        verified,
+        reason,
+        message,
+        now,
+    );
+    set_condition(&mut status.conditions, READY, ready, reason, message, now);
 }
 
 /// The end of a log excerpt (the kubelet's fallback message is the log's tail; its end says most).
