@@ -27,8 +27,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use support::{
-    NAMESPACE, cpu_seconds, job_template, peak_rss_from_status, prepare_namespace, rss_kib,
-    start_operator,
+    NAMESPACE, cpu_seconds, job_template, operator_log_path, peak_rss_from_status,
+    prepare_namespace, rss_kib, start_operator,
 };
 
 /// One job in this many has its first attempt fail with exit 1; as many others are evicted.
@@ -68,7 +68,7 @@ async fn main() {
         .await
         .expect("KUBECONFIG points at the bench cluster");
     prepare_namespace(&client).await;
-    let mut operator = start_operator(&operator_bin);
+    let mut operator = start_operator(&operator_bin, &operator_log_path(&out));
     let pid = operator.id();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu_before = cpu_seconds(pid);

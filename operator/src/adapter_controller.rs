@@ -8,12 +8,11 @@
 //! `app.kubernetes.io/component=adapter-verification`), owned by their Adapter, and collected
 //! with it by the garbage collector.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use finetune_crds::Adapter;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -27,9 +26,10 @@ use tracing::{info, warn};
 
 use crate::adapter::build::{COMPONENT, COMPONENT_LABEL, verification_pod};
 use crate::adapter::status::{self, PodAction};
-use crate::controller::{MANAGER, Options, api, apply};
+use crate::controller::{MANAGER, Options, api, apply, observed_by};
 use crate::error::Error;
 use crate::finetunejob::build::BuildSettings;
+use crate::last_written::LastWritten;
 use crate::metrics::Metrics;
 
 const KIND: &str = "Adapter";
@@ -44,40 +44,13 @@ struct Context {
     /// Adapters as our last status write returned them, until the cache has caught up: a
     /// reconcile that runs first (the verified pod's deletion triggers one) must not see the
     /// Adapter as still Verifying and verify it again.
-    written: Mutex<HashMap<String, Arc<Adapter>>>,
-}
-
-impl Context {
-    /// The newer of the cached Adapter and the one our last status write returned.
-    fn freshest(&self, key: &str, cached: Arc<Adapter>) -> Arc<Adapter> {
-        let mut written = self.written.lock().expect("written lock");
-        let version = |adapter: &Adapter| {
-            adapter
-                .metadata
-                .resource_version
-                .as_deref()
-                .and_then(|v| v.parse::<u64>().ok())
-        };
-        match written.get(key) {
-            Some(ours)
-                if ours.uid() == cached.uid()
-                    && version(ours)
-                        .zip(version(&cached))
-                        .is_some_and(|(o, c)| o > c) =>
-            {
-                ours.clone()
-            }
-            _ => {
-                written.remove(key);
-                cached
-            }
-        }
-    }
+    written: Arc<LastWritten<Adapter>>,
 }
 
 /// Runs the Adapter controller until SIGTERM/SIGINT.
 pub async fn run(client: Client, metrics: Arc<Metrics>, settings: BuildSettings, options: Options) {
     let namespace = &options.namespace;
+    let written = Arc::new(LastWritten::<Adapter>::default());
     let (adapters, adapters_writer) = reflector::store::<Adapter>();
     let adapter_events = watcher(
         api::<Adapter>(&client, namespace),
@@ -86,6 +59,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: BuildSettings,
     .default_backoff()
     .modify(|adapter| adapter.metadata.managed_fields = None)
     .reflect(adapters_writer)
+    .inspect_ok(observed_by(&written))
     .applied_objects()
     // Our status writes do not change the generation; a spec edit does (a new verification).
     .predicate_filter(predicates::generation, PredicateConfig::default());
@@ -112,7 +86,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: BuildSettings,
         metrics,
         settings,
         pods,
-        written: Mutex::new(HashMap::new()),
+        written,
     });
     Controller::for_stream(adapter_events, adapters)
         .owns_stream(pod_events)
@@ -141,7 +115,7 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
             adapter.namespace().unwrap_or_default(),
             adapter.name_any()
         );
-        ctx.written.lock().expect("written lock").remove(&key);
+        ctx.written.forget(&key);
         return Ok(Requeue::await_change());
     }
     // Before the pod cache is filled, "no pod" would start a second verification.
@@ -150,7 +124,7 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
     }
     let namespace = adapter.namespace().unwrap_or_default();
     let key = format!("{namespace}/{}", adapter.name_any());
-    let adapter = ctx.freshest(&key, adapter);
+    let adapter = ctx.written.freshest(&key, adapter);
     let uid = adapter.uid();
     let pods: Vec<Pod> = ctx
         .pods
@@ -170,7 +144,7 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
 
     let adapters: Api<Adapter> = Api::namespaced(ctx.client.clone(), &namespace);
     if adapter.status.as_ref() != Some(&derived.status) {
-        write_status(&ctx, &adapters, &key, &adapter, &derived.status).await?;
+        write_status(&ctx, &adapters, &adapter, &derived.status).await?;
     }
     let reference = adapter.object_ref(&());
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -187,7 +161,7 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
                         let mut status = derived.status.clone();
                         status::pod_creation_failed(&mut status, &message, Timestamp::now());
                         if status != derived.status {
-                            write_status(&ctx, &adapters, &key, &adapter, &status).await?;
+                            write_status(&ctx, &adapters, &adapter, &status).await?;
                         }
                         publish(
                             &ctx,
@@ -237,7 +211,6 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
 async fn write_status(
     ctx: &Context,
     adapters: &Api<Adapter>,
-    key: &str,
     adapter: &Adapter,
     status: &finetune_crds::AdapterStatus,
 ) -> Result<(), Error> {
@@ -254,10 +227,7 @@ async fn write_status(
         )
         .await?;
     written.metadata.managed_fields = None;
-    ctx.written
-        .lock()
-        .expect("written lock")
-        .insert(key.to_string(), Arc::new(written));
+    ctx.written.record(written);
     Ok(())
 }
 

@@ -7,16 +7,17 @@
 //! cached copy differs (a content hash in an annotation), the status only when it differs, and
 //! Events only on transitions.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use finetune_crds::contract::{DEFAULT_STATUS_PORT, TerminationMessage};
 use finetune_crds::{Adapter, FinetuneJob, FinetuneJobStatus, JobPhase, validate_object};
-use futures::StreamExt;
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
+use kube::api::{
+    DeleteParams, ListParams, PartialObjectMeta, PartialObjectMetaExt, Patch, PatchParams,
+};
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -27,12 +28,16 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::error::Error;
+use crate::event_queue::EventQueue;
 use crate::finetunejob::build::{self, BuildSettings};
 use crate::finetunejob::names;
 use crate::finetunejob::status::{self, Action, Derived, Outcome};
 use crate::finetunejob::{init_adapter, produced};
+use crate::gate::{Gate, Priority};
+use crate::last_written::LastWritten;
 use crate::metrics::Metrics;
 use crate::progress::ProgressPoller;
+use crate::valid_specs::ValidSpecs;
 
 /// Field manager for server-side apply.
 pub const MANAGER: &str = "finetune-operator";
@@ -41,27 +46,36 @@ pub const MANAGER: &str = "finetune-operator";
 /// recognised from its cached metadata alone and not applied again.
 pub const APPLIED_HASH_ANNOTATION: &str = "finetune.dev/applied-hash";
 
+/// Reconciles in flight per write slot: those that find nothing to write finish without one,
+/// so they need not queue behind writers.
+pub const READERS_PER_WRITER: u16 = 256;
+
 /// How the controller runs.
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Watch only this namespace (all namespaces when `None`).
     pub namespace: Option<String>,
-    /// Most reconciles in flight. Each holds one HTTP/1 connection to the apiserver while it
-    /// waits, so this also bounds the operator's connections and memory.
+    /// Most reconciles writing to the apiserver at once (see `gate`). Each holds one HTTP/1
+    /// connection while it waits, so this also bounds the operator's connections. Reconciles
+    /// that only read caches run beside them, up to [`READERS_PER_WRITER`] times as many.
     pub concurrency: u16,
     /// Failed trainer pods kept per job for their logs (the newest); older ones are deleted
     /// once their attempt is recorded in the job's status.
     pub failed_pods_to_keep: usize,
 }
 
-/// The children a reconcile reads, cached by the watches that trigger reconciles.
+/// The children a reconcile reads, cached by the watches that trigger reconciles, each with our
+/// writes the watch has not delivered yet.
 struct Caches {
     /// Trainer pods, without their spec (status derivation reads metadata and status only).
     pods: Store<Pod>,
+    pods_written: Arc<LastWritten<Pod>>,
     /// Manifest ConfigMaps, metadata only.
     maps: Store<PartialObjectMeta<ConfigMap>>,
+    maps_written: Arc<LastWritten<PartialObjectMeta<ConfigMap>>>,
     /// Storage claims, metadata only.
     claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    claims_written: Arc<LastWritten<PartialObjectMeta<PersistentVolumeClaim>>>,
 }
 
 impl Caches {
@@ -83,8 +97,8 @@ impl Caches {
 pub struct Context {
     /// The apiserver client.
     pub client: Client,
-    /// Publishes Events on FinetuneJobs.
-    pub recorder: Recorder,
+    /// Publishes Events on FinetuneJobs, in the background.
+    events: EventQueue,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
     /// Image and defaults for children.
@@ -97,7 +111,11 @@ pub struct Context {
     /// Jobs as returned by our last status write, kept until the job cache has caught up: a
     /// reconcile that runs before the watch delivers our own write must not derive the same
     /// transition again (a second Event and a redundant write).
-    written: Mutex<HashMap<String, Arc<FinetuneJob>>>,
+    jobs_written: Arc<LastWritten<FinetuneJob>>,
+    /// Bounds the reconciles writing at once, new jobs' pods first.
+    gate: Arc<Gate>,
+    /// Spec generations that passed validation.
+    valid_specs: ValidSpecs,
 }
 
 impl Context {
@@ -108,46 +126,25 @@ impl Context {
         progress: ProgressPoller,
         options: &Options,
         caches: Caches,
+        jobs_written: Arc<LastWritten<FinetuneJob>>,
     ) -> Self {
         let instance = std::env::var("POD_NAME").ok();
         let reporter = Reporter {
             controller: MANAGER.into(),
             instance,
         };
+        let gate = Gate::new(options.concurrency.into());
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: EventQueue::start(Recorder::new(client.clone(), reporter), gate.clone()),
             client,
             metrics,
             settings,
             progress,
             failed_pods_to_keep: options.failed_pods_to_keep,
             caches,
-            written: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The newer of the cached job and the one our last status write returned.
-    fn freshest(&self, key: &str, cached: Arc<FinetuneJob>) -> Arc<FinetuneJob> {
-        let mut written = self.written.lock().expect("written lock");
-        let Some(ours) = written.get(key) else {
-            return cached;
-        };
-        let version = |job: &FinetuneJob| {
-            job.metadata
-                .resource_version
-                .as_deref()
-                .and_then(|v| v.parse::<u64>().ok())
-        };
-        match (version(ours), version(&cached)) {
-            (Some(ours_version), Some(cached_version))
-                if ours_version > cached_version && ours.uid() == cached.uid() =>
-            {
-                ours.clone()
-            }
-            _ => {
-                written.remove(key);
-                cached
-            }
+            jobs_written,
+            gate,
+            valid_specs: ValidSpecs::default(),
         }
     }
 }
@@ -214,7 +211,9 @@ pub async fn run(
         watcher::Config::default().labels("app.kubernetes.io/managed-by=finetune-operator");
 
     // managedFields and the last-applied annotation are most of an object's size and nothing
-    // here reads them; dropping them before the store keeps the caches small.
+    // here reads them; dropping them before the store keeps the caches small. Each watch also
+    // tells its LastWritten which of our writes it has delivered.
+    let jobs_written = Arc::new(LastWritten::<FinetuneJob>::default());
     let (jobs, jobs_writer) = reflector::store::<FinetuneJob>();
     let job_events = watcher(
         api::<FinetuneJob>(&client, namespace),
@@ -223,38 +222,43 @@ pub async fn run(
     .default_backoff()
     .modify(|job| job.metadata.managed_fields = None)
     .reflect(jobs_writer)
+    .inspect_ok(observed_by(&jobs_written))
     .applied_objects()
     // Our own status writes do not change the generation: reconciling on them would only
     // re-derive what was just written. Children's changes and requeues still trigger.
     .predicate_filter(predicates::generation, PredicateConfig::default());
+    let pods_written = Arc::new(LastWritten::<Pod>::default());
     let (pods, pods_writer) = reflector::store::<Pod>();
     let pod_events = watcher(api::<Pod>(&client, namespace), children.clone())
         .default_backoff()
-        .modify(|pod| {
-            pod.metadata.managed_fields = None;
-            pod.metadata.annotations = None;
-            pod.spec = None;
-        })
+        .modify(strip_pod)
         .reflect(pods_writer)
+        .inspect_ok(observed_by(&pods_written))
         .touched_objects();
+    let maps_written = Arc::new(LastWritten::default());
     let (maps, maps_writer) = reflector::store::<PartialObjectMeta<ConfigMap>>();
-    let map_events = watcher(
-        api::<PartialObjectMeta<ConfigMap>>(&client, namespace),
-        children.clone(),
-    )
-    .default_backoff()
-    .modify(|map| map.metadata.managed_fields = None)
-    .reflect(maps_writer)
-    .touched_objects();
+    let map_events = storage_changes(
+        watcher(
+            api::<PartialObjectMeta<ConfigMap>>(&client, namespace),
+            children.clone(),
+        )
+        .default_backoff()
+        .modify(|map| map.metadata.managed_fields = None)
+        .reflect(maps_writer)
+        .inspect_ok(observed_by(&maps_written)),
+    );
+    let claims_written = Arc::new(LastWritten::default());
     let (claims, claims_writer) = reflector::store::<PartialObjectMeta<PersistentVolumeClaim>>();
-    let claim_events = watcher(
-        api::<PartialObjectMeta<PersistentVolumeClaim>>(&client, namespace),
-        children,
-    )
-    .default_backoff()
-    .modify(|claim| claim.metadata.managed_fields = None)
-    .reflect(claims_writer)
-    .touched_objects();
+    let claim_events = storage_changes(
+        watcher(
+            api::<PartialObjectMeta<PersistentVolumeClaim>>(&client, namespace),
+            children,
+        )
+        .default_backoff()
+        .modify(|claim| claim.metadata.managed_fields = None)
+        .reflect(claims_writer)
+        .inspect_ok(observed_by(&claims_written)),
+    );
 
     {
         let stores = (jobs.clone(), pods.clone(), maps.clone(), claims.clone());
@@ -279,7 +283,14 @@ pub async fn run(
             let (namespace, name) = key.split_once('/')?;
             Some(ObjectRef::<FinetuneJob>::new(name).within(namespace))
         });
-    let caches = Caches { pods, maps, claims };
+    let caches = Caches {
+        pods,
+        pods_written,
+        maps,
+        maps_written,
+        claims,
+        claims_written,
+    };
     let adapters = crate::adapter_controller::run(
         client.clone(),
         metrics.clone(),
@@ -287,14 +298,23 @@ pub async fn run(
         options.clone(),
     );
     let ctx = Arc::new(Context::new(
-        client, metrics, settings, progress, &options, caches,
+        client,
+        metrics,
+        settings,
+        progress,
+        &options,
+        caches,
+        jobs_written,
     ));
     let jobs = Controller::for_stream(job_events, jobs)
         .owns_stream(pod_events)
         .owns_stream(map_events)
         .owns_stream(claim_events)
         .reconcile_on(progressed)
-        .with_config(ControllerConfig::default().concurrency(options.concurrency))
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(options.concurrency.saturating_mul(READERS_PER_WRITER)),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -303,6 +323,44 @@ pub async fn run(
             }
         });
     futures::join!(jobs, adapters);
+}
+
+/// What the pod cache keeps of a trainer pod: status derivation reads metadata and status only.
+fn strip_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.spec = None;
+}
+
+/// A watch-stream step that tells `written` which of our writes the watch has delivered.
+pub(crate) fn observed_by<K: Resource>(
+    written: &Arc<LastWritten<K>>,
+) -> impl FnMut(&watcher::Event<K>) + use<K> {
+    let written = written.clone();
+    move |event| written.observe(event)
+}
+
+/// The ConfigMap and claim events worth a reconcile: a deletion, or a copy that lost our
+/// applied-hash annotation (someone replaced it). Their creation and our own applies are not:
+/// the reconcile that applied them already holds the result, and reconciling again on each of
+/// them (two per new job) would queue new jobs behind work that finds nothing to do.
+fn storage_changes<K>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+{
+    events.try_filter_map(|event| async move {
+        Ok(match event {
+            watcher::Event::Delete(gone) => Some(gone),
+            watcher::Event::Apply(changed)
+                if !changed.annotations().contains_key(APPLIED_HASH_ANNOTATION) =>
+            {
+                Some(changed)
+            }
+            _ => None,
+        })
+    })
 }
 
 fn error_policy(job: Arc<FinetuneJob>, error: &Error, ctx: Arc<Context>) -> Requeue {
@@ -320,7 +378,8 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     if job.metadata.deletion_timestamp.is_some() {
         ctx.metrics.set_phase(&key, None);
         ctx.progress.forget(&key);
-        ctx.written.lock().expect("written lock").remove(&key);
+        ctx.jobs_written.forget(&key);
+        ctx.valid_specs.forget(&key);
         return Ok(Requeue::await_change());
     }
     // Until the child caches are filled, a missing pod means "not listed yet", not "gone":
@@ -329,38 +388,49 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     if !ctx.caches.ready() {
         return Ok(Requeue::requeue(Duration::from_secs(1)));
     }
-    let job = ctx.freshest(&key, job);
+    let job = ctx.jobs_written.freshest(&key, job);
     let jobs: Api<FinetuneJob> = Api::namespaced(ctx.client.clone(), &namespace);
     ctx.metrics.namespace_seen(&namespace);
     let phase_before = job.status.as_ref().and_then(|s| s.phase);
 
-    if let Err(invalid) = validate_object(job.as_ref()) {
-        let derived = status::invalid_spec(&job, &invalid.to_string(), Timestamp::now());
-        if job.status.as_ref() != Some(&derived.status) {
-            write_status(&ctx, &jobs, &job, &derived.status).await?;
+    // Validated once per spec generation: the CEL rules cost more than the rest of a
+    // reconcile.
+    if !ctx.valid_specs.passed(&key, job.as_ref()) {
+        if let Err(invalid) = validate_object(job.as_ref()) {
+            let derived = status::invalid_spec(&job, &invalid.to_string(), Timestamp::now());
+            if job.status.as_ref() != Some(&derived.status) {
+                write_status(&ctx, &jobs, &job, &derived.status).await?;
+            }
+            count_outcome(&ctx, &key, &namespace, phase_before, &derived);
+            publish(&ctx, &job, &derived);
+            ctx.metrics.set_phase(&key, derived.status.phase);
+            return Ok(Requeue::await_change());
         }
-        count_outcome(&ctx, &key, &namespace, phase_before, &derived);
-        publish(&ctx, &job, &derived);
-        ctx.metrics.set_phase(&key, derived.status.phase);
-        return Ok(Requeue::await_change());
+        ctx.valid_specs.remember(&key, job.as_ref());
     }
 
     let uid = job.uid();
-    let pods: Vec<Pod> = ctx
+    let of_this_job = |pod: &Pod| {
+        pod.namespace().as_deref() == Some(namespace.as_str())
+            && pod.labels().get(names::JOB_LABEL) == Some(&name)
+            && pod
+                .owner_references()
+                .iter()
+                .any(|owner| Some(&owner.uid) == uid.as_ref())
+    };
+    let mut pods: Vec<Pod> = ctx
         .caches
         .pods
-        .state_filter(|pod| {
-            pod.namespace().as_deref() == Some(namespace.as_str())
-                && pod.labels().get(names::JOB_LABEL) == Some(&name)
-                && pod
-                    .owner_references()
-                    .iter()
-                    .any(|owner| Some(&owner.uid) == uid.as_ref())
-        })
+        .state_filter(of_this_job)
         .into_iter()
         .map(Arc::unwrap_or_clone)
         .collect();
-    let mut pods = pods;
+    // Pods we created that the watch has not delivered yet.
+    for created in ctx.caches.pods_written.matching(of_this_job) {
+        if !pods.iter().any(|pod| pod.name_any() == created.name_any()) {
+            pods.push(Arc::unwrap_or_clone(created));
+        }
+    }
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     for record in status::unended_attempts_without_pods(&job, &pods) {
         // Not in the cache: just created and not yet watched, or really gone. Ask.
@@ -383,23 +453,42 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
         job.status.as_ref().and_then(|s| s.phase),
         Some(JobPhase::Succeeded | JobPhase::Failed)
     );
+    let stale = if finished {
+        Vec::new()
+    } else {
+        stale_storage(&ctx, &job)?
+    };
+    let status_changed = job.status.as_ref() != Some(&derived.status);
+    let to_prune = status::failed_pods_to_prune(&pods, &derived.status, ctx.failed_pods_to_keep);
+    let ttl_expiry = status::ttl_expiry(&job, &derived.status);
+    // Most reconciles write nothing; those that do wait for a slot, a job's first pod first.
+    let writes = !stale.is_empty()
+        || !matches!(derived.action, Action::Wait | Action::PollProgress(_))
+        || status_changed
+        || !to_prune.is_empty()
+        || derived.status.phase == Some(JobPhase::Succeeded)
+        || ttl_expiry.is_some_and(|at| time_until(at).is_zero());
+    let _slot = if writes {
+        let priority = match derived.action {
+            Action::CreatePod(_) => Priority::Urgent,
+            _ => Priority::Routine,
+        };
+        Some(ctx.gate.acquire(priority).await)
+    } else {
+        None
+    };
+
     // The storage and the pod do not depend on each other (the pod waits for its volumes),
     // so a new job's children are written concurrently: one round trip instead of two.
-    let storage = async {
-        if finished {
-            Ok(())
-        } else {
-            apply_storage(&ctx, &jobs, &job, &namespace).await
-        }
-    };
+    let storage = apply_storage(&ctx, &jobs, &job, &namespace, stale);
     let action = act(&ctx, &jobs, &job, &derived.action, &namespace);
     futures::try_join!(storage, action)?;
 
     record_timings(&ctx, &job, &derived.status, &namespace);
-    if job.status.as_ref() != Some(&derived.status) {
+    if status_changed {
         write_status(&ctx, &jobs, &job, &derived.status).await?;
     }
-    for pod_name in status::failed_pods_to_prune(&pods, &derived.status, ctx.failed_pods_to_keep) {
+    for pod_name in to_prune {
         // Its attempt is in the status just written; its logs are no longer the newest.
         match Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
             .delete(&pod_name, &DeleteParams::background())
@@ -424,7 +513,7 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     ) {
         ctx.progress.forget(&key);
     }
-    if let Some(expiry) = status::ttl_expiry(&job, &derived.status) {
+    if let Some(expiry) = ttl_expiry {
         let left = time_until(expiry);
         if left.is_zero() {
             // ttlSecondsAfterFinished: the job goes; its children follow by owner reference.
@@ -475,8 +564,16 @@ async fn act(
                 }
             }
             let pod_name = names::trainer_pod(&name, *attempt);
-            if let Err(error) = apply(&pods_api, &pod_name, &pod).await {
-                return Err(child_failed(ctx, jobs, job, &format!("pod {pod_name}"), error).await);
+            match apply(&pods_api, &pod_name, &pod).await {
+                Ok(mut created) => {
+                    strip_pod(&mut created);
+                    ctx.caches.pods_written.record(created);
+                }
+                Err(error) => {
+                    return Err(
+                        child_failed(ctx, jobs, job, &format!("pod {pod_name}"), error).await,
+                    );
+                }
             }
             info!(job = %format!("{namespace}/{name}"), attempt, "trainer pod created");
         }
@@ -493,41 +590,74 @@ async fn act(
     Ok(())
 }
 
-/// The manifest ConfigMap and the storage claim, server-side applied whenever the cached copy
-/// is missing or was applied from different content: self-healing, never duplicated, and free
-/// when nothing changed.
+/// A storage child whose cached copy is missing or was applied from other content.
+enum StaleStorage {
+    Map(Box<ConfigMap>),
+    Claim(Box<PersistentVolumeClaim>),
+}
+
+/// The manifest ConfigMap and the storage claim that need applying: those whose cached copy
+/// (or our last apply, until the watch delivers it) is missing or was applied from different
+/// content. Applying them is self-healing, never duplicates, and nothing when nothing changed.
+fn stale_storage(ctx: &Context, job: &FinetuneJob) -> Result<Vec<StaleStorage>, Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    let mut stale = Vec::new();
+    let mut map = build::manifest_config_map(job)?;
+    let map_hash = stamp_hash(&mut map);
+    let maps_cached = (&ctx.caches.maps, ctx.caches.maps_written.as_ref());
+    if applied_hash(maps_cached, &map.name_any(), &namespace) != Some(map_hash) {
+        stale.push(StaleStorage::Map(Box::new(map)));
+    }
+    if let Some(mut claim) = build::storage_claim(job, &ctx.settings)? {
+        let claim_hash = stamp_hash(&mut claim);
+        let claims_cached = (&ctx.caches.claims, ctx.caches.claims_written.as_ref());
+        if applied_hash(claims_cached, &claim.name_any(), &namespace) != Some(claim_hash) {
+            stale.push(StaleStorage::Claim(Box::new(claim)));
+        }
+    }
+    Ok(stale)
+}
+
+/// Server-side applies the stale storage children, recording each for read-your-writes.
 async fn apply_storage(
     ctx: &Context,
     jobs: &Api<FinetuneJob>,
     job: &FinetuneJob,
     namespace: &str,
+    stale: Vec<StaleStorage>,
 ) -> Result<(), Error> {
-    let mut map = build::manifest_config_map(job)?;
-    let map_name = map.name_any();
-    let map_hash = stamp_hash(&mut map);
-    if cached_hash(&ctx.caches.maps, &map_name, namespace) != Some(map_hash) {
-        let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-        if let Err(error) = apply(&maps, &map_name, &map).await {
-            return Err(
-                child_failed(ctx, jobs, job, &format!("configmap {map_name}"), error).await,
-            );
-        }
-    }
-    if let Some(mut claim) = build::storage_claim(job, &ctx.settings)? {
-        let claim_name = claim.name_any();
-        let claim_hash = stamp_hash(&mut claim);
-        if cached_hash(&ctx.caches.claims, &claim_name, namespace) != Some(claim_hash) {
-            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
-            if let Err(error) = apply(&claims, &claim_name, &claim).await {
-                return Err(child_failed(
-                    ctx,
-                    jobs,
-                    job,
-                    &format!("persistentvolumeclaim {claim_name}"),
-                    error,
-                )
-                .await);
+    for child in stale {
+        let applied = match &child {
+            StaleStorage::Map(map) => {
+                let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+                apply(&maps, &map.name_any(), map.as_ref())
+                    .await
+                    .map(|applied| {
+                        ctx.caches
+                            .maps_written
+                            .record(written_meta(applied.metadata));
+                    })
             }
+            StaleStorage::Claim(claim) => {
+                let claims: Api<PersistentVolumeClaim> =
+                    Api::namespaced(ctx.client.clone(), namespace);
+                apply(&claims, &claim.name_any(), claim.as_ref())
+                    .await
+                    .map(|applied| {
+                        ctx.caches
+                            .claims_written
+                            .record(written_meta(applied.metadata));
+                    })
+            }
+        };
+        if let Err(error) = applied {
+            let what = match &child {
+                StaleStorage::Map(map) => format!("configmap {}", map.name_any()),
+                StaleStorage::Claim(claim) => {
+                    format!("persistentvolumeclaim {}", claim.name_any())
+                }
+            };
+            return Err(child_failed(ctx, jobs, job, &what, error).await);
         }
     }
     Ok(())
@@ -552,16 +682,30 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn cached_hash<K>(
-    store: &Store<PartialObjectMeta<K>>,
+/// The applied-hash annotation of a child as we last applied it or the cache holds it,
+/// whichever is newer.
+fn applied_hash<K>(
+    (store, written): (
+        &Store<PartialObjectMeta<K>>,
+        &LastWritten<PartialObjectMeta<K>>,
+    ),
     name: &str,
     namespace: &str,
 ) -> Option<String>
 where
     PartialObjectMeta<K>: Resource<DynamicType = ()> + Clone,
 {
-    let cached = store.get(&ObjectRef::new(name).within(namespace))?;
-    cached.annotations().get(APPLIED_HASH_ANNOTATION).cloned()
+    let cached = store.get(&ObjectRef::new(name).within(namespace));
+    let current = written.freshest_or_ours(&format!("{namespace}/{name}"), cached)?;
+    current.annotations().get(APPLIED_HASH_ANNOTATION).cloned()
+}
+
+/// What the metadata-only child caches keep of an object an apply returned.
+fn written_meta<K: Resource<DynamicType = ()>>(
+    mut metadata: kube::api::ObjectMeta,
+) -> PartialObjectMeta<K> {
+    metadata.managed_fields = None;
+    metadata.into_request_partial::<K>()
 }
 
 pub(crate) async fn apply<K>(api: &Api<K>, name: &str, object: &K) -> Result<K, kube::Error>
@@ -726,11 +870,7 @@ async fn write_status(
         )
         .await?;
     written.metadata.managed_fields = None;
-    let key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
-    ctx.written
-        .lock()
-        .expect("written lock")
-        .insert(key, Arc::new(written));
+    ctx.jobs_written.record(written);
     Ok(())
 }
 
@@ -771,22 +911,9 @@ fn publish(ctx: &Context, job: &FinetuneJob, derived: &Derived) {
     publish_detached(ctx, job, events);
 }
 
-/// Publishes `events` on `job` in order, in a task of their own: an Event is best effort and
-/// never holds up the reconcile (nor its slot among the `concurrency` in flight) on a slow
-/// apiserver. A failure is logged.
+/// Queues `events` on `job` for the background dispatcher (see `event_queue`).
 fn publish_detached(ctx: &Context, job: &FinetuneJob, events: Vec<Event>) {
-    if events.is_empty() {
-        return;
-    }
-    let recorder = ctx.recorder.clone();
-    let reference = job.object_ref(&());
-    tokio::spawn(async move {
-        for event in events {
-            if let Err(error) = recorder.publish(&event, &reference).await {
-                warn!(%error, reason = %event.reason, "cannot publish event");
-            }
-        }
-    });
+    ctx.events.publish(job.object_ref(&()), events);
 }
 
 /// Queue wait (creation → running) and time to first step, each observed once per job.

@@ -2,8 +2,12 @@
 //! job they create, the operator process, and its memory and CPU from /proc.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
 use finetune_crds::{FinetuneJob, parse_manifest};
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
@@ -11,8 +15,9 @@ use serde_json::json;
 /// Where the benchmarks create their jobs.
 pub const NAMESPACE: &str = "bench";
 
-/// Starts the operator binary watching [`NAMESPACE`], quiet.
-pub fn start_operator(operator_bin: &str) -> std::process::Child {
+/// Starts the operator binary watching [`NAMESPACE`]: warnings, plus the controller's "trainer
+/// pod created" lines that [`pods_created_at`] reads, as JSON lines into `log`.
+pub fn start_operator(operator_bin: &str, log: &Path) -> std::process::Child {
     std::process::Command::new(operator_bin)
         .args([
             "run",
@@ -21,14 +26,115 @@ pub fn start_operator(operator_bin: &str) -> std::process::Child {
             "--http-addr",
             "127.0.0.1:0",
         ])
-        .env("RUST_LOG", "warn")
-        // Its warnings (failed reconciles) go to BENCH_OPERATOR_LOG when set.
-        .stdout(match std::env::var_os("BENCH_OPERATOR_LOG") {
-            Some(path) => std::fs::File::create(path).expect("operator log").into(),
-            None => std::process::Stdio::null(),
-        })
+        .env("RUST_LOG", "warn,finetune_operator::controller=info")
+        .stdout(std::fs::File::create(log).expect("operator log"))
         .spawn()
         .expect("operator starts")
+}
+
+/// Where the operator's log goes: BENCH_OPERATOR_LOG, else beside the JSON result.
+pub fn operator_log_path(out: &str) -> PathBuf {
+    match std::env::var_os("BENCH_OPERATOR_LOG") {
+        Some(path) => path.into(),
+        None => PathBuf::from(format!("{}.operator.log", out.trim_end_matches(".json"))),
+    }
+}
+
+/// When the operator's create call returned for each trainer pod (`NAME-attempt-N` → time), read
+/// from its log. The operator logs after the apiserver answered, so this is an upper bound of
+/// the pod's creation time with sub-second precision, on the same clock as the bench (one
+/// machine); the pod's creationTimestamp has whole seconds only.
+pub fn pods_created_at(log: &Path) -> HashMap<String, Timestamp> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|entry| entry["fields"]["message"] == "trainer pod created")
+        .filter_map(|entry| {
+            let job = entry["fields"]["job"]
+                .as_str()?
+                .split_once('/')?
+                .1
+                .to_string();
+            let attempt = entry["fields"]["attempt"].as_i64()?;
+            let at: Timestamp = entry["timestamp"].as_str()?.parse().ok()?;
+            Some((format!("{job}-attempt-{attempt}"), at))
+        })
+        .collect()
+}
+
+/// CPU seconds used so far by each control-plane process on this machine (by executable name),
+/// so a run can say where the cores went.
+pub fn control_plane_cpu() -> BTreeMap<String, f64> {
+    const NAMES: [&str; 5] = [
+        "etcd",
+        "kube-apiserver",
+        "kube-scheduler",
+        "kube-controller",
+        "kwok",
+    ];
+    let mut used = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if let Some(name) = NAMES.iter().find(|name| comm.trim().starts_with(*name)) {
+            *used.entry(name.to_string()).or_default() += cpu_seconds(pid);
+        }
+    }
+    used
+}
+
+/// The apiserver's request counters (`apiserver_request_total`) summed by verb and resource,
+/// e.g. `PATCH pods/status`: which writes the run cost.
+pub async fn apiserver_requests(client: &Client) -> BTreeMap<String, f64> {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap_or_default();
+    let mut counts = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |key: &str| {
+            labels
+                .split(',')
+                .find_map(|pair| pair.strip_prefix(&format!("{key}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let (resource, subresource) = (label("resource"), label("subresource"));
+        if resource.is_empty() {
+            continue;
+        }
+        let key = if subresource.is_empty() {
+            format!("{} {resource}", label("verb"))
+        } else {
+            format!("{} {resource}/{subresource}", label("verb"))
+        };
+        *counts.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    counts
+}
+
+/// `after − before` for each counter, largest first, without the ones that did not move.
+pub fn counter_increase(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> Vec<(String, f64)> {
+    let mut increase: Vec<(String, f64)> = after
+        .iter()
+        .map(|(key, value)| (key.clone(), value - before.get(key).copied().unwrap_or(0.0)))
+        .filter(|(_, delta)| *delta > 0.0)
+        .collect();
+    increase.sort_by(|a, b| b.1.total_cmp(&a.1));
+    increase
 }
 
 pub async fn prepare_namespace(client: &Client) {
