@@ -1,10 +1,14 @@
 //! `make bench-operator`: many FinetuneJobs against many kwok GPU nodes on the real control plane.
 //!
 //! Measures, for the operator as a separate process: latency from each job's creation (as the
-//! client saw its create return) to its trainer pod appearing in a watch (p50/p99/max) and to the
-//! job's first status (when the operator acted on it), the create calls' own latency, the time
-//! until every job is placed (pod bound to a node) or reported Queued, the operator's peak RSS and
-//! CPU seconds from /proc, and lost or duplicated pods. Prints a table and writes JSON.
+//! client saw its create return) to its trainer pod's creation, read from the operator's log
+//! (when its create call returned, sub-second, on the same machine's clock), p50/p99/max; the
+//! same latency as the bench's own pod watch sees it and on the apiserver's clock (whole
+//! seconds of creationTimestamp); the job's first status; the create calls' own latency; the
+//! time until every job is placed (pod bound to a node) or reported Queued; the operator's peak
+//! RSS and CPU seconds from /proc; lost or duplicated pods; and, to say where the machine's
+//! cores went, the CPU of each control-plane process and the apiserver's requests by verb and
+//! resource. Prints a table and writes JSON.
 //!
 //! Needs a running cluster with the nodes already created (the Makefile target does both) and
 //! env: KUBECONFIG, FINETUNE_OPERATOR_BIN; optional BENCH_JOBS (1000), BENCH_OUT, BENCH_RATE
