@@ -154,9 +154,33 @@ pub struct TerminationMessage {
     /// a retention floor with `action: stop`), naming the step whose weights are the result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<String>,
+    /// Which rule ended training early, typed so the operator matches on it instead of parsing
+    /// `stop_reason`; absent when training ran to its last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_kind: Option<StopKind>,
     /// What went wrong (on failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TrainerError>,
+}
+
+/// Why a successful run ended before its planned last step. The names are the `EarlyStopped`
+/// condition's reasons, so both sides use the same words.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopKind {
+    /// The eval loss did not improve within `evaluation.earlyStopping.patience`.
+    EarlyStopping,
+    /// The retention probe fell below `evaluation.retention.minScore` with `action: stop`.
+    RetentionFloor,
+}
+
+impl StopKind {
+    /// The `EarlyStopped` condition reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::EarlyStopping => "EarlyStopping",
+            Self::RetentionFloor => "RetentionFloor",
+        }
+    }
 }
 
 /// The adapter a successful run produced.
