@@ -100,28 +100,10 @@ bench-trainer: build
 BENCH_RATE ?= 20
 bench-operator: cluster-build build
 	@mkdir -p $(CARGO_TARGET_DIR)/bench
-	@for scenario in paced burst; do \
-	  rate=$$([ $$scenario = paced ] && echo $(BENCH_RATE) || echo 0); \
-	  tests/cluster/down.sh >/dev/null 2>&1 || true; \
-	  FINETUNE_CLUSTER_NODES=50 tests/cluster/up.sh && { \
-	    "$(OPERATOR)" crd | $(CACHE)/cluster/bin/kubectl --kubeconfig $(KUBECONFIG_TEST) apply -f - >/dev/null && \
-	    $(CACHE)/cluster/bin/kubectl --kubeconfig $(KUBECONFIG_TEST) wait --for=condition=Established \
-	      crd/finetunejobs.finetune.dev --timeout=60s >/dev/null && \
-	    KUBECONFIG=$(KUBECONFIG_TEST) FINETUNE_OPERATOR_BIN=$(OPERATOR) BENCH_RATE=$$rate \
-	      BENCH_OUT=$(CARGO_TARGET_DIR)/bench/operator-$$scenario.json \
-	      cargo bench -p finetune-operator --bench operator_scale; \
-	    status=$$?; tests/cluster/down.sh; [ $$status = 0 ] || exit $$status; } || exit 1; \
-	done
+	@FINETUNE_CACHE=$(CACHE) FINETUNE_OPERATOR_BIN=$(OPERATOR) tests/cluster/bench.sh operator_scale $(CARGO_TARGET_DIR)/bench/operator-paced.json $(BENCH_RATE)
+	@FINETUNE_CACHE=$(CACHE) FINETUNE_OPERATOR_BIN=$(OPERATOR) tests/cluster/bench.sh operator_scale $(CARGO_TARGET_DIR)/bench/operator-burst.json 0
 	@# Churn: every job runs to the end while 10% of first attempts fail or are evicted.
-	@tests/cluster/down.sh >/dev/null 2>&1 || true
-	@FINETUNE_CLUSTER_NODES=50 tests/cluster/up.sh && { \
-	  "$(OPERATOR)" crd | $(CACHE)/cluster/bin/kubectl --kubeconfig $(KUBECONFIG_TEST) apply -f - >/dev/null && \
-	  $(CACHE)/cluster/bin/kubectl --kubeconfig $(KUBECONFIG_TEST) wait --for=condition=Established \
-	    crd/finetunejobs.finetune.dev crd/adapters.finetune.dev --timeout=60s >/dev/null && \
-	  KUBECONFIG=$(KUBECONFIG_TEST) FINETUNE_OPERATOR_BIN=$(OPERATOR) BENCH_RATE=$(BENCH_RATE) \
-	    BENCH_OUT=$(CARGO_TARGET_DIR)/bench/operator-churn.json \
-	    cargo bench -p finetune-operator --bench operator_churn; \
-	  status=$$?; tests/cluster/down.sh; exit $$status; }
+	@FINETUNE_CACHE=$(CACHE) FINETUNE_OPERATOR_BIN=$(OPERATOR) tests/cluster/bench.sh operator_churn $(CARGO_TARGET_DIR)/bench/operator-churn.json $(BENCH_RATE)
 
 clean-cache:
 	rm -rf $(CACHE)
