@@ -36,6 +36,27 @@ async fn client() -> Client {
         .expect("KUBECONFIG must point at the test cluster (tests/cluster/up.sh)")
 }
 
+/// What every test starts from: a client, the CRDs installed, a fresh namespace (with a PV for
+/// the job's storage claim) and the job and pod APIs in it: `Bed(client, ns, jobs, pods)`.
+struct Bed(Client, String, Api<FinetuneJob>, Api<Pod>);
+
+impl Bed {
+    async fn new(namespace_prefix: &str) -> Self {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, namespace_prefix).await;
+        let jobs = Api::namespaced(client.clone(), &ns);
+        let pods = Api::namespaced(client.clone(), &ns);
+        Bed(client, ns, jobs, pods)
+    }
+}
+
+async fn create_job(jobs: &Api<FinetuneJob>, job: &FinetuneJob) {
+    jobs.create(&PostParams::default(), job)
+        .await
+        .expect("job accepted");
+}
+
 async fn install_crds(client: &Client) {
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());
@@ -166,16 +187,10 @@ async fn job_phase(jobs: &Api<FinetuneJob>, name: &str) -> Option<JobPhase> {
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
 async fn a_job_becomes_a_gpu_pod_and_its_status_follows() {
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "it-place").await;
+    let Bed(client, ns, jobs, pods) = Bed::new("it-place").await;
     let _operator = start_operator(&ns);
-    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &example_job(&ns, 1))
-        .await
-        .expect("job accepted");
+    create_job(&jobs, &example_job(&ns, 1)).await;
 
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod = wait_for(
         "the attempt-0 pod to be scheduled",
         Duration::from_secs(60),
@@ -261,14 +276,9 @@ async fn a_job_becomes_a_gpu_pod_and_its_status_follows() {
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
 async fn too_few_gpus_queue_the_job_with_the_schedulers_message() {
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "it-queue").await;
+    let Bed(client, ns, jobs, _) = Bed::new("it-queue").await;
     let operator = start_operator(&ns);
-    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &example_job(&ns, 16))
-        .await
-        .expect("job accepted");
+    create_job(&jobs, &example_job(&ns, 16)).await;
 
     // The pod and its storage claim are created together, so the scheduler's first verdict can
     // be about the claim it has not seen yet; its retry once the claim exists names the GPUs.
@@ -315,9 +325,7 @@ async fn too_few_gpus_queue_the_job_with_the_schedulers_message() {
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
 async fn a_refused_pod_is_reported_in_status() {
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "it-quota").await;
+    let Bed(client, ns, jobs, _) = Bed::new("it-quota").await;
     let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &ns);
     let quota = json!({"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}});
     quotas
@@ -335,10 +343,7 @@ async fn a_refused_pod_is_reported_in_status() {
     )
     .await;
     let _operator = start_operator(&ns);
-    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &example_job(&ns, 1))
-        .await
-        .expect("job accepted");
+    create_job(&jobs, &example_job(&ns, 1)).await;
     let condition = wait_for(
         "Created=False with the quota message",
         Duration::from_secs(60),
@@ -363,16 +368,11 @@ async fn a_refused_pod_is_reported_in_status() {
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
 async fn a_job_starting_from_an_adapter_waits_for_it_then_mounts_it() {
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "it-init-adapter").await;
+    let Bed(client, ns, jobs, pods) = Bed::new("it-init-adapter").await;
     let _operator = start_operator(&ns);
-    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
     let mut job = example_job(&ns, 1);
     job.spec.adapter.init_adapter = Some("sft-start".into());
-    jobs.create(&PostParams::default(), &job)
-        .await
-        .expect("job accepted");
+    create_job(&jobs, &job).await;
 
     // No such Adapter yet: no pod, and the job says why.
     let condition = wait_for(
@@ -394,7 +394,6 @@ async fn a_job_starting_from_an_adapter_waits_for_it_then_mounts_it() {
         "{}",
         condition.message
     );
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     assert!(
         pods.get_opt("kubectl-sft-attempt-0")
             .await
@@ -440,15 +439,9 @@ async fn a_job_starting_from_an_adapter_waits_for_it_then_mounts_it() {
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
 async fn deleting_a_job_collects_its_children() {
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "it-gc").await;
+    let Bed(client, ns, jobs, pods) = Bed::new("it-gc").await;
     let _operator = start_operator(&ns);
-    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &example_job(&ns, 1))
-        .await
-        .expect("job accepted");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    create_job(&jobs, &example_job(&ns, 1)).await;
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     wait_for("the pod", Duration::from_secs(60), || async {
         pods.get("kubectl-sft-attempt-0").await.ok()
@@ -475,9 +468,7 @@ async fn deleting_a_job_collects_its_children() {
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
 async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "it-leader").await;
+    let Bed(client, ns, jobs, pods) = Bed::new("it-leader").await;
     let elect = [
         "--leader-elect",
         "--leader-election-namespace",
@@ -502,8 +493,6 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
         (1, 0)
     };
 
-    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let mut first = example_job(&ns, 1);
     first.metadata.name = Some("first".into());
     jobs.create(&PostParams::default(), &first).await.unwrap();
@@ -637,9 +626,7 @@ async fn bind_claim(client: &Client, ns: &str, claim: &str) {
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
 async fn every_example_becomes_a_pod_on_a_gpu_node_with_its_resources() {
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "it-examples").await;
+    let Bed(client, ns, jobs, pods) = Bed::new("it-examples").await;
     // What the examples assume the cluster has: the full fine-tuning example's priority class,
     // and the Adapter the DPO example starts from (the SFT example registers it on success).
     let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(client.clone());
@@ -666,7 +653,6 @@ async fn every_example_becomes_a_pod_on_a_gpu_node_with_its_resources() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     paths.sort();
-    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
     let mut applied = Vec::new();
     for path in &paths {
         let text = std::fs::read_to_string(path).unwrap();
@@ -687,7 +673,6 @@ async fn every_example_becomes_a_pod_on_a_gpu_node_with_its_resources() {
         applied = applied.len()
     );
 
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     for (file, job) in &applied {
         let name = job.name_any();
         if job.spec.run_policy.suspend {
@@ -968,9 +953,7 @@ async fn real_trainer_bed_with(
     let trainer = required_path("FINETUNE_TRAINER_BIN");
     let executor_bin = required_path("FINETUNE_EXECUTOR_BIN");
     let model = required_path("FINETUNE_SMOLLM2_GGUF");
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, namespace_prefix).await;
+    let Bed(client, ns, _, _) = Bed::new(namespace_prefix).await;
     create_example_data(&client, &ns).await;
     let work = tempfile::tempdir().unwrap();
     let node = format!("{node_prefix}-{}", std::process::id());
@@ -998,9 +981,7 @@ async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() 
     let work = &bed.work;
 
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &short_real_job(&ns, model, node))
-        .await
-        .expect("job accepted");
+    create_job(&jobs, &short_real_job(&ns, model, node)).await;
 
     // Progress advances while it runs, then it succeeds.
     let mut steps_seen = std::collections::BTreeSet::new();
@@ -1064,9 +1045,7 @@ async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() 
     create_example_data(&client, &ns).await;
     let _operator = start_operator(&ns);
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &short_real_job(&ns, model, node))
-        .await
-        .expect("job accepted");
+    create_job(&jobs, &short_real_job(&ns, model, node)).await;
     let claim_dir = work
         .path()
         .join("pvc")
@@ -1137,9 +1116,7 @@ async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() 
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
     let mut job = short_real_job(&ns, model, node);
     job.spec.dataset.train.uri = "configmap://finetune-examples-data/missing.jsonl".into();
-    jobs.create(&PostParams::default(), &job)
-        .await
-        .expect("job accepted");
+    create_job(&jobs, &job).await;
     let status = wait_for("phase Failed", Duration::from_secs(120), || async {
         let status = jobs.get("kubectl-sft").await.ok()?.status?;
         (status.phase == Some(JobPhase::Failed)).then_some(status)
@@ -1238,9 +1215,7 @@ async fn complete_running_pods(pods: Api<Pod>, after: Duration) {
 async fn the_leader_sigkilled_twenty_times_loses_no_job_and_duplicates_no_pod() {
     const JOBS: usize = 50;
     const KILLS: usize = 20;
-    let client = client().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "it-failover").await;
+    let Bed(client, ns, jobs, pods) = Bed::new("it-failover").await;
     let lease = "finetune-operator-failover";
     // A 3 s lease so that twenty failovers fit in a test run; each one waits it out.
     let elect = [
@@ -1270,8 +1245,6 @@ async fn the_leader_sigkilled_twenty_times_loses_no_job_and_duplicates_no_pod() 
     };
     keep_two(&mut replicas);
 
-    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     for i in 0..JOBS {
         let name = format!("chaos-{i:02}");
         volume_for_claim(&client, &ns, &format!("{name}-storage")).await;
@@ -1383,9 +1356,7 @@ async fn suspending_a_running_job_checkpoints_it_and_resuming_continues_from_the
     job.spec.evaluation = None;
     job.spec.checkpoint.every_steps = 1000;
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
-    jobs.create(&PostParams::default(), &job)
-        .await
-        .expect("job accepted");
+    create_job(&jobs, &job).await;
     let log = work
         .path()
         .join("pods")
