@@ -664,7 +664,7 @@ async fn apply_storage(
 }
 
 /// Annotates `object` with a hash of its desired content and returns the hash.
-fn stamp_hash<K: Resource + Serialize>(object: &mut K) -> String {
+pub fn stamp_hash<K: Resource + Serialize>(object: &mut K) -> String {
     let content = serde_json::to_vec(&*object).expect("Kubernetes objects serialize to JSON");
     let hash = format!("{:016x}", fnv1a(&content));
     object
