@@ -1,6 +1,6 @@
 //! The operator's errors, each with a stable label for the errors metric.
 
-use crate::finetunejob::build::BuildError;
+use crate::pods::BuildError;
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]

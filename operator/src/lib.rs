@@ -1,10 +1,16 @@
 //! The finetune-operator library: everything the `finetune-operator` binary runs, split so the
 //! pure parts (validation, building children, deriving status) are tested without an apiserver.
+//!
+//! Each kind has a folder with its controller, its pure builders and its status derivation
+//! (`finetunejob`, `adapter`); what both controllers share sits beside them:
+//! - `api`: the API plumbing both controllers use: the field manager, server-side apply and
+//!   status writes, the applied-hash of children, cached watches and the start-up CRD check.
+//! - `pods`: what every pod the operator builds shares: build settings, security contexts and
+//!   read-only mounts of storage URIs.
 
 pub mod adapter;
-pub mod adapter_controller;
+pub mod api;
 pub mod check;
-pub mod controller;
 pub mod error;
 pub mod event_queue;
 pub mod finetunejob;
@@ -13,5 +19,6 @@ pub mod http;
 pub mod last_written;
 pub mod leader;
 pub mod metrics;
+pub mod pods;
 pub mod progress;
 pub mod valid_specs;

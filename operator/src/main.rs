@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use finetune_operator::controller::{self, Options};
-use finetune_operator::finetunejob::build::{BuildSettings, parse_quantity};
+use finetune_operator::adapter;
+use finetune_operator::api;
+use finetune_operator::finetunejob::controller::{self as jobs, Options};
 use finetune_operator::http::{self, HttpState};
 use finetune_operator::leader::{self, LeaderElector, Timings};
 use finetune_operator::metrics::Metrics;
+use finetune_operator::pods::{BuildSettings, parse_quantity};
 use finetune_operator::progress::ProgressPoller;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use tracing::{error, info};
@@ -222,7 +224,7 @@ async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -
             ));
         }
     };
-    if let Err(hint) = controller::ensure_crds_installed(&client, args.namespace.as_deref()).await {
+    if let Err(hint) = api::ensure_crds_installed(&client, args.namespace.as_deref()).await {
         return fatal(&hint);
     }
     let settings = BuildSettings {
@@ -274,7 +276,7 @@ async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -
     }
     metrics.set_leader(true);
     let synced = ready.clone();
-    let controller = controller::run(
+    let controller = run_controllers(
         client,
         metrics.clone(),
         settings,
@@ -300,6 +302,27 @@ async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -
     }
     info!("finetune-operator stopped");
     ExitCode::SUCCESS
+}
+
+/// The FinetuneJob and Adapter controllers side by side, until SIGTERM/SIGINT; `on_synced` is
+/// called once the FinetuneJob caches have their initial lists.
+async fn run_controllers(
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    settings: BuildSettings,
+    poller: ProgressPoller,
+    options: Options,
+    on_synced: impl FnOnce() + Send + 'static,
+) {
+    let adapters = adapter::controller::run(
+        client.clone(),
+        metrics.clone(),
+        settings.clone(),
+        options.namespace.clone(),
+        options.concurrency,
+    );
+    let jobs = jobs::run(client, metrics, settings, poller, options, on_synced);
+    futures::join!(jobs, adapters);
 }
 
 /// `KEY=VALUE` of a node label.

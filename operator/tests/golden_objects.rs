@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 
 use finetune_crds::{Adapter, FinetuneJob, parse_manifest};
 use finetune_operator::adapter::build::verification_pod;
-use finetune_operator::controller::stamp_hash;
-use finetune_operator::finetunejob::build::{self, BuildSettings};
+use finetune_operator::api::stamp_hash;
+use finetune_operator::finetunejob::build;
 use finetune_operator::finetunejob::names;
+use finetune_operator::pods::BuildSettings;
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 

@@ -26,7 +26,10 @@ pub fn start_operator(operator_bin: &str, log: &Path) -> std::process::Child {
             "--http-addr",
             "127.0.0.1:0",
         ])
-        .env("RUST_LOG", "warn,finetune_operator::controller=info")
+        .env(
+            "RUST_LOG",
+            "warn,finetune_operator::finetunejob::controller=info",
+        )
         .stdout(std::fs::File::create(log).expect("operator log"))
         .spawn()
         .expect("operator starts")

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::finetunejob::build::{
+use crate::pods::{
     BuildError, BuildSettings, Mounts, container_security_context, plain_env, pod_security_context,
 };
 

@@ -5,13 +5,11 @@ use std::collections::BTreeMap;
 
 use finetune_crds::FinetuneJob;
 use finetune_crds::contract::{DEFAULT_STATUS_PORT, env, paths};
-use finetune_crds::uri::{CONFIGMAP_MOUNT_ROOT, PVC_MOUNT_ROOT, StorageUri};
+use finetune_crds::uri::{PVC_MOUNT_ROOT, StorageUri};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodSpec, Probe,
+    ResourceRequirements, SecretKeySelector, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -19,50 +17,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use super::names;
+use crate::pods::{
+    BuildError, BuildSettings, Mounts, container_security_context, plain_env, pod_security_context,
+    pvc_volume,
+};
 
-/// Operator-wide settings the builders need.
-#[derive(Clone, Debug)]
-pub struct BuildSettings {
-    /// Trainer image used when the job names none.
-    pub trainer_image: String,
-    /// Size of the storage claim when the job names none.
-    pub default_storage_size: String,
-    /// Seconds the trainer gets after SIGTERM to finish its step and checkpoint.
-    pub termination_grace_seconds: i64,
-    /// CPU requested and limited when the job sets no `spec.resources.cpu`.
-    pub default_cpu: Option<Quantity>,
-    /// Memory requested and limited when the job sets no `spec.resources.memory`.
-    pub default_memory: Option<Quantity>,
-    /// Node selector of Adapter verification pods (none: any node).
-    pub verifier_node_selector: BTreeMap<String, String>,
-}
-
-impl Default for BuildSettings {
-    fn default() -> Self {
-        Self {
-            trainer_image: "ghcr.io/finetune-operator/trainer:latest".into(),
-            default_storage_size: "20Gi".into(),
-            termination_grace_seconds: 120,
-            default_cpu: None,
-            default_memory: None,
-            verifier_node_selector: BTreeMap::new(),
-        }
-    }
-}
-
-/// Why desired objects cannot be built for a job.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BuildError {
-    /// The job has no name or namespace yet (it was never stored by the apiserver).
-    #[error("the FinetuneJob has no {0}")]
-    MissingMetadata(&'static str),
-    /// A URI that validation should have refused.
-    #[error("{field}: cannot use URI {uri:?}")]
-    BadUri { field: &'static str, uri: String },
-}
-
-/// The UID of the trainer's non-root user in the image.
-pub(crate) const TRAINER_UID: i64 = 65532;
 /// Name of the trainer container.
 pub const TRAINER_CONTAINER: &str = "trainer";
 
@@ -131,7 +90,7 @@ pub fn trainer_pod(
             labels.insert(key.into(), value.clone());
         }
     }
-    let mounts = Mounts::for_job(job)?;
+    let mounts = job_mounts(job)?;
     let spec = &job.spec;
     let resources = &spec.resources;
     Ok(Pod {
@@ -292,36 +251,6 @@ fn trainer_container(
     })
 }
 
-/// The trainer image's non-root user, the runtime's default seccomp profile; shared by every pod
-/// that runs the trainer image.
-pub(crate) fn pod_security_context() -> PodSecurityContext {
-    PodSecurityContext {
-        run_as_non_root: Some(true),
-        run_as_user: Some(TRAINER_UID),
-        run_as_group: Some(TRAINER_UID),
-        fs_group: Some(TRAINER_UID),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            ..SeccompProfile::default()
-        }),
-        ..PodSecurityContext::default()
-    }
-}
-
-/// No privilege escalation, a read-only root filesystem, every capability dropped.
-pub(crate) fn container_security_context() -> SecurityContext {
-    SecurityContext {
-        allow_privilege_escalation: Some(false),
-        read_only_root_filesystem: Some(true),
-        run_as_non_root: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Capabilities::default()
-        }),
-        ..SecurityContext::default()
-    }
-}
-
 /// GPUs go in both requests and limits (extended resources must match); CPU and memory are
 /// requested and limited alike so a trainer is never the first to be OOM-killed for bursting.
 /// CPU and memory the job does not set come from the operator's defaults, when it has any.
@@ -351,182 +280,39 @@ fn resource_requirements(job: &FinetuneJob, settings: &BuildSettings) -> Resourc
     }
 }
 
-/// Parses a non-negative Kubernetes resource quantity (`4`, `500m`, `16Gi`, `1.5`, `2e3`), for
-/// the operator's default-resource flags: a typo fails at startup instead of in the creation of
-/// every trainer pod.
-pub fn parse_quantity(text: &str) -> Result<Quantity, String> {
-    let number_end = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(number_end);
-    let number_ok = number.chars().any(|c| c.is_ascii_digit()) && number.matches('.').count() <= 1;
-    let suffix_ok = matches!(
-        suffix,
-        "" | "n"
-            | "u"
-            | "m"
-            | "k"
-            | "M"
-            | "G"
-            | "T"
-            | "P"
-            | "E"
-            | "Ki"
-            | "Mi"
-            | "Gi"
-            | "Ti"
-            | "Pi"
-            | "Ei"
-    ) || suffix
-        .strip_prefix(['e', 'E'])
-        .map(|exponent| exponent.strip_prefix(['+', '-']).unwrap_or(exponent))
-        .is_some_and(|digits| !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()));
-    if number_ok && suffix_ok {
-        Ok(Quantity(text.to_string()))
-    } else {
-        Err(format!(
-            "{text:?} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi, 1.5)"
-        ))
+/// The trainer's volumes and mounts: the manifest, the job's storage, a scratch `/tmp` (the
+/// root filesystem is read-only), and every PVC or ConfigMap a URI names.
+fn job_mounts(job: &FinetuneJob) -> Result<Mounts, BuildError> {
+    let name = job_name(job)?;
+    let mut this = Mounts::empty();
+    this.add(
+        Volume {
+            name: "manifest".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names::manifest_config_map(name),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        paths::JOB_DIR,
+        true,
+    );
+    let storage_claim = job
+        .spec
+        .storage
+        .claim_name
+        .clone()
+        .unwrap_or_else(|| names::storage_claim(name));
+    this.add(
+        pvc_volume("storage", &storage_claim, false),
+        paths::STORAGE_DIR,
+        false,
+    );
+    this.add_scratch();
+    for (field, uri) in data_uris(job) {
+        this.add_uri(field, uri, Some(&storage_claim))?;
     }
-}
-
-/// The pod's volumes and the trainer's mounts: the manifest, the job's storage, a scratch
-/// `/tmp` (the root filesystem is read-only), and every PVC or ConfigMap a URI names.
-pub(crate) struct Mounts {
-    pub(crate) volumes: Vec<Volume>,
-    pub(crate) mounts: Vec<VolumeMount>,
-}
-
-impl Mounts {
-    fn for_job(job: &FinetuneJob) -> Result<Self, BuildError> {
-        let name = job_name(job)?;
-        let mut this = Self {
-            volumes: Vec::new(),
-            mounts: Vec::new(),
-        };
-        this.add(
-            Volume {
-                name: "manifest".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: names::manifest_config_map(name),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            paths::JOB_DIR,
-            true,
-        );
-        let storage_claim = job
-            .spec
-            .storage
-            .claim_name
-            .clone()
-            .unwrap_or_else(|| names::storage_claim(name));
-        this.add(
-            pvc_volume("storage", &storage_claim, false),
-            paths::STORAGE_DIR,
-            false,
-        );
-        this.add_scratch();
-        for (field, uri) in data_uris(job) {
-            this.add_uri(field, uri, Some(&storage_claim))?;
-        }
-        Ok(this)
-    }
-
-    /// A scratch `/tmp` (an emptyDir): the root filesystem is read-only.
-    fn add_scratch(&mut self) {
-        self.add(
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-            "/tmp",
-            false,
-        );
-    }
-
-    /// Just a scratch `/tmp`.
-    pub(crate) fn scratch_only() -> Self {
-        let mut this = Self {
-            volumes: Vec::new(),
-            mounts: Vec::new(),
-        };
-        this.add_scratch();
-        this
-    }
-
-    /// Mounts, read-only, the PVC or ConfigMap `uri` names where `StorageUri::local_path` looks
-    /// for it (once per claim or map; `mounted_claim` is already mounted elsewhere). `file://`
-    /// and `hf://` need no volume.
-    pub(crate) fn add_uri(
-        &mut self,
-        field: &'static str,
-        uri: &str,
-        mounted_claim: Option<&str>,
-    ) -> Result<(), BuildError> {
-        match StorageUri::parse(uri) {
-            Some(StorageUri::Pvc { claim, .. }) => {
-                let volume = format!("pvc-{claim}");
-                if Some(claim.as_str()) != mounted_claim && !self.has(&volume) {
-                    self.add(
-                        pvc_volume(&volume, &claim, true),
-                        &format!("{PVC_MOUNT_ROOT}/{claim}"),
-                        true,
-                    );
-                }
-            }
-            Some(StorageUri::ConfigMap { name: map, .. }) => {
-                let volume = format!("configmap-{map}");
-                if !self.has(&volume) {
-                    let source = ConfigMapVolumeSource {
-                        name: map.clone(),
-                        ..ConfigMapVolumeSource::default()
-                    };
-                    let volume_def = Volume {
-                        name: volume,
-                        config_map: Some(source),
-                        ..Volume::default()
-                    };
-                    self.add(volume_def, &format!("{CONFIGMAP_MOUNT_ROOT}/{map}"), true);
-                }
-            }
-            Some(StorageUri::File { .. } | StorageUri::HuggingFace { .. }) => {}
-            None => {
-                return Err(BuildError::BadUri {
-                    field,
-                    uri: uri.to_string(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn has(&self, volume: &str) -> bool {
-        self.volumes.iter().any(|v| v.name == volume)
-    }
-
-    fn add(&mut self, volume: Volume, mount_path: &str, read_only: bool) {
-        self.mounts.push(VolumeMount {
-            name: volume.name.clone(),
-            mount_path: mount_path.into(),
-            read_only: Some(read_only),
-            ..VolumeMount::default()
-        });
-        self.volumes.push(volume);
-    }
-}
-
-fn pvc_volume(volume: &str, claim: &str, read_only: bool) -> Volume {
-    Volume {
-        name: volume.into(),
-        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-            claim_name: claim.into(),
-            read_only: Some(read_only),
-        }),
-        ..Volume::default()
-    }
+    Ok(this)
 }
 
 /// Every URI in the spec the trainer reads, with the field it comes from.
@@ -550,14 +336,6 @@ fn data_uris(job: &FinetuneJob) -> Vec<(&'static str, &str)> {
         uris.push(("spec.vocabulary.tokenizer.uri", tokenizer.uri.as_str()));
     }
     uris
-}
-
-pub(crate) fn plain_env(name: &str, value: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    }
 }
 
 fn job_name(job: &FinetuneJob) -> Result<&str, BuildError> {
@@ -696,32 +474,6 @@ mod tests {
             container(&pod).resources,
             Some(ResourceRequirements::default())
         );
-    }
-
-    #[test]
-    fn default_resource_flags_take_kubernetes_quantities_only() {
-        for good in [
-            "4",
-            "500m",
-            "16Gi",
-            "1.5",
-            "0.5",
-            "2e3",
-            "1E-2",
-            "128974848",
-            "1k",
-        ] {
-            assert_eq!(parse_quantity(good), Ok(Quantity(good.into())), "{good}");
-        }
-        for bad in [
-            "", "16GB", "-1", "four", "1.2.3", "Gi", ".", "4 ", "1e", "16gi",
-        ] {
-            let error = parse_quantity(bad).unwrap_err();
-            assert!(
-                error.contains("not a Kubernetes quantity"),
-                "{bad}: {error}"
-            );
-        }
     }
 
     #[test]

@@ -12,25 +12,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use finetune_crds::Adapter;
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::DeleteParams;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
 use tracing::{info, warn};
 
-use crate::adapter::build::{COMPONENT, COMPONENT_LABEL, verification_pod};
-use crate::adapter::status::{self, PodAction};
-use crate::controller::{MANAGER, Options, api, apply, observed_by};
+use super::build::{COMPONENT, COMPONENT_LABEL, verification_pod};
+use super::status::{self, PodAction};
+use crate::api::{self, api, apply, cached_watch, write_status};
 use crate::error::Error;
-use crate::finetunejob::build::BuildSettings;
 use crate::last_written::LastWritten;
 use crate::metrics::Metrics;
+use crate::pods::BuildSettings;
 
 const KIND: &str = "Adapter";
 
@@ -47,39 +46,37 @@ struct Context {
     written: Arc<LastWritten<Adapter>>,
 }
 
-/// Runs the Adapter controller until SIGTERM/SIGINT.
-pub async fn run(client: Client, metrics: Arc<Metrics>, settings: BuildSettings, options: Options) {
-    let namespace = &options.namespace;
+/// Runs the Adapter controller until SIGTERM/SIGINT, watching `namespace` (all when `None`)
+/// with up to `concurrency` reconciles at once.
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    settings: BuildSettings,
+    namespace: Option<String>,
+    concurrency: u16,
+) {
+    let namespace = &namespace;
     let written = Arc::new(LastWritten::<Adapter>::default());
-    let (adapters, adapters_writer) = reflector::store::<Adapter>();
-    let adapter_events = watcher(
+    let (adapters, adapter_events) = cached_watch(
         api::<Adapter>(&client, namespace),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(|adapter| adapter.metadata.managed_fields = None)
-    .reflect(adapters_writer)
-    .inspect_ok(observed_by(&written))
-    .applied_objects()
-    // Our status writes do not change the generation; a spec edit does (a new verification).
-    .predicate_filter(predicates::generation, PredicateConfig::default());
-    let (pods, pods_writer) = reflector::store::<Pod>();
-    let pod_events = watcher(
+        |adapter| adapter.metadata.managed_fields = None,
+        Some(&written),
+    );
+    let adapter_events = adapter_events
+        .applied_objects()
+        // Our status writes do not change the generation; a spec edit does (a new verification).
+        .predicate_filter(predicates::generation, PredicateConfig::default());
+    let (pods, pod_events) = cached_watch(
         api::<Pod>(&client, namespace),
         watcher::Config::default().labels(&format!("{COMPONENT_LABEL}={COMPONENT}")),
-    )
-    .default_backoff()
-    .modify(|pod| {
-        pod.metadata.managed_fields = None;
-        pod.spec = None;
-    })
-    .reflect(pods_writer)
-    .touched_objects();
-
-    let reporter = Reporter {
-        controller: MANAGER.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
+        |pod| {
+            pod.metadata.managed_fields = None;
+            pod.spec = None;
+        },
+        None,
+    );
+    let reporter = api::reporter();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
@@ -89,8 +86,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: BuildSettings,
         written,
     });
     Controller::for_stream(adapter_events, adapters)
-        .owns_stream(pod_events)
-        .with_config(ControllerConfig::default().concurrency(options.concurrency))
+        .owns_stream(pod_events.touched_objects())
+        .with_config(ControllerConfig::default().concurrency(concurrency))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -144,7 +141,7 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
 
     let adapters: Api<Adapter> = Api::namespaced(ctx.client.clone(), &namespace);
     if adapter.status.as_ref() != Some(&derived.status) {
-        write_status(&ctx, &adapters, &adapter, &derived.status).await?;
+        write_status(&adapters, adapter.as_ref(), &derived.status, &ctx.written).await?;
     }
     let reference = adapter.object_ref(&());
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -161,7 +158,8 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
                         let mut status = derived.status.clone();
                         status::pod_creation_failed(&mut status, &message, Timestamp::now());
                         if status != derived.status {
-                            write_status(&ctx, &adapters, &adapter, &status).await?;
+                            write_status(&adapters, adapter.as_ref(), &status, &ctx.written)
+                                .await?;
                         }
                         publish(
                             &ctx,
@@ -206,29 +204,6 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
         }
         _ => Requeue::await_change(),
     })
-}
-
-async fn write_status(
-    ctx: &Context,
-    adapters: &Api<Adapter>,
-    adapter: &Adapter,
-    status: &finetune_crds::AdapterStatus,
-) -> Result<(), Error> {
-    let patch = json!({
-        "apiVersion": Adapter::api_version(&()),
-        "kind": Adapter::kind(&()),
-        "status": status,
-    });
-    let mut written = adapters
-        .patch_status(
-            &adapter.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    written.metadata.managed_fields = None;
-    ctx.written.record(written);
-    Ok(())
 }
 
 /// Publishes one Event on the Adapter; a failure is logged, never fails the reconcile.

@@ -1,5 +1,5 @@
 //! The FinetuneJob controller: validate → build (pure) → apply → derive status (pure) → write
-//! status and events. Only this file and `apply` talk to the apiserver.
+//! status and events. Only this file and `crate::api` talk to the apiserver.
 //!
 //! Reads come from watch caches, never from per-reconcile LISTs: the watches that trigger
 //! reconciles on children also keep them in stores, so a reconcile that finds nothing to change
@@ -15,36 +15,30 @@ use finetune_crds::{Adapter, FinetuneJob, FinetuneJobStatus, JobPhase, validate_
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{
-    DeleteParams, ListParams, PartialObjectMeta, PartialObjectMetaExt, Patch, PatchParams,
-};
+use kube::api::{DeleteParams, PartialObjectMeta};
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde::Serialize;
-use serde_json::json;
 use tracing::{info, warn};
 
+use crate::api::{
+    self, APPLIED_HASH_ANNOTATION, api, applied_hash, apply, cached_watch, stamp_hash,
+    write_status, written_meta,
+};
 use crate::error::Error;
 use crate::event_queue::EventQueue;
-use crate::finetunejob::build::{self, BuildSettings};
+use crate::finetunejob::build;
 use crate::finetunejob::names;
 use crate::finetunejob::status::{self, Action, Derived, Outcome};
 use crate::finetunejob::{init_adapter, produced};
 use crate::gate::{Gate, Priority};
 use crate::last_written::LastWritten;
 use crate::metrics::Metrics;
+use crate::pods::BuildSettings;
 use crate::progress::ProgressPoller;
 use crate::valid_specs::ValidSpecs;
-
-/// Field manager for server-side apply.
-pub const MANAGER: &str = "finetune-operator";
-
-/// Annotation on applied children holding a hash of what was applied, so an unchanged child is
-/// recognised from its cached metadata alone and not applied again.
-pub const APPLIED_HASH_ANNOTATION: &str = "finetune.dev/applied-hash";
 
 /// Reconciles in flight per write slot: those that find nothing to write finish without one,
 /// so they need not queue behind writers.
@@ -128,11 +122,7 @@ impl Context {
         caches: Caches,
         jobs_written: Arc<LastWritten<FinetuneJob>>,
     ) -> Self {
-        let instance = std::env::var("POD_NAME").ok();
-        let reporter = Reporter {
-            controller: MANAGER.into(),
-            instance,
-        };
+        let reporter = api::reporter();
         let gate = Gate::new(options.concurrency.into());
         Self {
             events: EventQueue::start(Recorder::new(client.clone(), reporter), gate.clone()),
@@ -149,55 +139,7 @@ impl Context {
     }
 }
 
-/// Fails with an install hint when the CRDs are not installed, or when the operator may not
-/// list FinetuneJobs where it watches them. With `namespace` the check lists in that namespace
-/// only, so a namespaced Role suffices, as for the watches.
-pub async fn ensure_crds_installed(client: &Client, namespace: Option<&str>) -> Result<(), String> {
-    let jobs: Api<FinetuneJob> = match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    };
-    match jobs.list(&ListParams::default().limit(1)).await {
-        Ok(_) => Ok(()),
-        Err(error) => Err(crd_check_hint(&error, namespace)),
-    }
-}
-
-/// What to tell the user when the startup list of FinetuneJobs fails.
-fn crd_check_hint(error: &kube::Error, namespace: Option<&str>) -> String {
-    let scope = match namespace {
-        Some(namespace) => format!("in namespace {namespace}"),
-        None => "in all namespaces".to_string(),
-    };
-    match error {
-        kube::Error::Api(status) if status.code == 404 => {
-            "the FinetuneJob CRD is not installed: run `finetune-operator crd | kubectl apply -f -` \
-             (or install the Helm chart with crds.enabled=true)"
-                .into()
-        }
-        kube::Error::Api(status) if status.code == 403 => format!(
-            "not allowed to list FinetuneJobs {scope}: grant list/watch on finetunejobs \
-             (the Helm chart's RBAC does; with watchNamespace set it is a Role in that namespace, \
-             so pass --namespace as well): {}",
-            status.message
-        ),
-        error => format!("cannot reach the apiserver: {error}"),
-    }
-}
-
-pub(crate) fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
-/// Runs the FinetuneJob controller, and the Adapter controller beside it, until SIGTERM/SIGINT;
-/// `on_synced` is called once every FinetuneJob cache has its initial list.
+/// Runs the FinetuneJob controller until SIGTERM/SIGINT; `on_synced` is called once every FinetuneJob cache has its initial list.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
@@ -214,50 +156,37 @@ pub async fn run(
     // here reads them; dropping them before the store keeps the caches small. Each watch also
     // tells its LastWritten which of our writes it has delivered.
     let jobs_written = Arc::new(LastWritten::<FinetuneJob>::default());
-    let (jobs, jobs_writer) = reflector::store::<FinetuneJob>();
-    let job_events = watcher(
+    let (jobs, job_events) = cached_watch(
         api::<FinetuneJob>(&client, namespace),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(|job| job.metadata.managed_fields = None)
-    .reflect(jobs_writer)
-    .inspect_ok(observed_by(&jobs_written))
-    .applied_objects()
-    // Our own status writes do not change the generation: reconciling on them would only
-    // re-derive what was just written. Children's changes and requeues still trigger.
-    .predicate_filter(predicates::generation, PredicateConfig::default());
+        |job| job.metadata.managed_fields = None,
+        Some(&jobs_written),
+    );
+    let job_events = job_events
+        .applied_objects()
+        // Our own status writes do not change the generation: reconciling on them would only
+        // re-derive what was just written. Children's changes and requeues still trigger.
+        .predicate_filter(predicates::generation, PredicateConfig::default());
     let pods_written = Arc::new(LastWritten::<Pod>::default());
-    let (pods, pods_writer) = reflector::store::<Pod>();
-    let pod_events = watcher(api::<Pod>(&client, namespace), children.clone())
-        .default_backoff()
-        .modify(strip_pod)
-        .reflect(pods_writer)
-        .inspect_ok(observed_by(&pods_written))
-        .touched_objects();
+    let (pods, pod_events) = cached_watch(
+        api::<Pod>(&client, namespace),
+        children.clone(),
+        strip_pod,
+        Some(&pods_written),
+    );
     let maps_written = Arc::new(LastWritten::default());
-    let (maps, maps_writer) = reflector::store::<PartialObjectMeta<ConfigMap>>();
-    let map_events = storage_changes(
-        watcher(
-            api::<PartialObjectMeta<ConfigMap>>(&client, namespace),
-            children.clone(),
-        )
-        .default_backoff()
-        .modify(|map| map.metadata.managed_fields = None)
-        .reflect(maps_writer)
-        .inspect_ok(observed_by(&maps_written)),
+    let (maps, map_events) = cached_watch(
+        api::<PartialObjectMeta<ConfigMap>>(&client, namespace),
+        children.clone(),
+        |map| map.metadata.managed_fields = None,
+        Some(&maps_written),
     );
     let claims_written = Arc::new(LastWritten::default());
-    let (claims, claims_writer) = reflector::store::<PartialObjectMeta<PersistentVolumeClaim>>();
-    let claim_events = storage_changes(
-        watcher(
-            api::<PartialObjectMeta<PersistentVolumeClaim>>(&client, namespace),
-            children,
-        )
-        .default_backoff()
-        .modify(|claim| claim.metadata.managed_fields = None)
-        .reflect(claims_writer)
-        .inspect_ok(observed_by(&claims_written)),
+    let (claims, claim_events) = cached_watch(
+        api::<PartialObjectMeta<PersistentVolumeClaim>>(&client, namespace),
+        children,
+        |claim| claim.metadata.managed_fields = None,
+        Some(&claims_written),
     );
 
     {
@@ -291,12 +220,6 @@ pub async fn run(
         claims,
         claims_written,
     };
-    let adapters = crate::adapter_controller::run(
-        client.clone(),
-        metrics.clone(),
-        settings.clone(),
-        options.clone(),
-    );
     let ctx = Arc::new(Context::new(
         client,
         metrics,
@@ -306,10 +229,10 @@ pub async fn run(
         caches,
         jobs_written,
     ));
-    let jobs = Controller::for_stream(job_events, jobs)
-        .owns_stream(pod_events)
-        .owns_stream(map_events)
-        .owns_stream(claim_events)
+    Controller::for_stream(job_events, jobs)
+        .owns_stream(pod_events.touched_objects())
+        .owns_stream(storage_changes(map_events))
+        .owns_stream(storage_changes(claim_events))
         .reconcile_on(progressed)
         .with_config(
             ControllerConfig::default()
@@ -321,8 +244,8 @@ pub async fn run(
             if let Err(error) = result {
                 warn!(%error, "reconcile failed");
             }
-        });
-    futures::join!(jobs, adapters);
+        })
+        .await;
 }
 
 /// What the pod cache keeps of a trainer pod: status derivation reads metadata and status only.
@@ -330,14 +253,6 @@ fn strip_pod(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
     pod.metadata.annotations = None;
     pod.spec = None;
-}
-
-/// A watch-stream step that tells `written` which of our writes the watch has delivered.
-pub(crate) fn observed_by<K: Resource>(
-    written: &Arc<LastWritten<K>>,
-) -> impl FnMut(&watcher::Event<K>) + use<K> {
-    let written = written.clone();
-    move |event| written.observe(event)
 }
 
 /// The ConfigMap and claim events worth a reconcile: a deletion, or a copy that lost our
@@ -399,7 +314,7 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
         if let Err(invalid) = validate_object(job.as_ref()) {
             let derived = status::invalid_spec(&job, &invalid.to_string(), Timestamp::now());
             if job.status.as_ref() != Some(&derived.status) {
-                write_status(&ctx, &jobs, &job, &derived.status).await?;
+                write_status(&jobs, job.as_ref(), &derived.status, &ctx.jobs_written).await?;
             }
             count_outcome(&ctx, &key, &namespace, phase_before, &derived);
             publish(&ctx, &job, &derived);
@@ -486,7 +401,7 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
 
     record_timings(&ctx, &job, &derived.status, &namespace);
     if status_changed {
-        write_status(&ctx, &jobs, &job, &derived.status).await?;
+        write_status(&jobs, job.as_ref(), &derived.status, &ctx.jobs_written).await?;
     }
     for pod_name in to_prune {
         // Its attempt is in the status just written; its logs are no longer the newest.
@@ -604,14 +519,25 @@ fn stale_storage(ctx: &Context, job: &FinetuneJob) -> Result<Vec<StaleStorage>, 
     let mut stale = Vec::new();
     let mut map = build::manifest_config_map(job)?;
     let map_hash = stamp_hash(&mut map);
-    let maps_cached = (&ctx.caches.maps, ctx.caches.maps_written.as_ref());
-    if applied_hash(maps_cached, &map.name_any(), &namespace) != Some(map_hash) {
+    let caches = &ctx.caches;
+    if applied_hash(
+        &caches.maps,
+        &caches.maps_written,
+        &map.name_any(),
+        &namespace,
+    ) != Some(map_hash)
+    {
         stale.push(StaleStorage::Map(Box::new(map)));
     }
     if let Some(mut claim) = build::storage_claim(job, &ctx.settings)? {
         let claim_hash = stamp_hash(&mut claim);
-        let claims_cached = (&ctx.caches.claims, ctx.caches.claims_written.as_ref());
-        if applied_hash(claims_cached, &claim.name_any(), &namespace) != Some(claim_hash) {
+        let claimed = applied_hash(
+            &caches.claims,
+            &caches.claims_written,
+            &claim.name_any(),
+            &namespace,
+        );
+        if claimed != Some(claim_hash) {
             stale.push(StaleStorage::Claim(Box::new(claim)));
         }
     }
@@ -663,63 +589,6 @@ async fn apply_storage(
     Ok(())
 }
 
-/// Annotates `object` with a hash of its desired content and returns the hash.
-pub fn stamp_hash<K: Resource + Serialize>(object: &mut K) -> String {
-    let content = serde_json::to_vec(&*object).expect("Kubernetes objects serialize to JSON");
-    let hash = format!("{:016x}", fnv1a(&content));
-    object
-        .meta_mut()
-        .annotations
-        .get_or_insert_with(Default::default)
-        .insert(APPLIED_HASH_ANNOTATION.into(), hash.clone());
-    hash
-}
-
-/// FNV-1a, 64 bits: stable across builds and platforms, unlike std's hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The applied-hash annotation of a child as we last applied it or the cache holds it,
-/// whichever is newer.
-fn applied_hash<K>(
-    (store, written): (
-        &Store<PartialObjectMeta<K>>,
-        &LastWritten<PartialObjectMeta<K>>,
-    ),
-    name: &str,
-    namespace: &str,
-) -> Option<String>
-where
-    PartialObjectMeta<K>: Resource<DynamicType = ()> + Clone,
-{
-    let cached = store.get(&ObjectRef::new(name).within(namespace));
-    let current = written.freshest_or_ours(&format!("{namespace}/{name}"), cached)?;
-    current.annotations().get(APPLIED_HASH_ANNOTATION).cloned()
-}
-
-/// What the metadata-only child caches keep of an object an apply returned.
-fn written_meta<K: Resource<DynamicType = ()>>(
-    mut metadata: kube::api::ObjectMeta,
-) -> PartialObjectMeta<K> {
-    metadata.managed_fields = None;
-    metadata.into_request_partial::<K>()
-}
-
-pub(crate) async fn apply<K>(api: &Api<K>, name: &str, object: &K) -> Result<K, kube::Error>
-where
-    K: Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    api.patch(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await
-}
-
 /// Registers the Adapter a succeeded job produced (see `produced`): spec by server-side apply,
 /// then its status with the lineage. Once per job (its UID); an Adapter of that name that comes
 /// from another job is left alone with a Warning on this one.
@@ -753,18 +622,7 @@ async fn register_adapter(
     apply(&adapters, &name, &desired).await?;
     let status = produced::adapter_status(job, termination, Timestamp::now());
     let files = status.files.len();
-    let patch = json!({
-        "apiVersion": Adapter::api_version(&()),
-        "kind": Adapter::kind(&()),
-        "status": status,
-    });
-    adapters
-        .patch_status(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+    api::patch_status(&adapters, &name, &status).await?;
     let event = Event {
         type_: EventType::Normal,
         reason: "AdapterRegistered".into(),
@@ -809,7 +667,7 @@ async fn init_adapter_unavailable(
     why: String,
 ) -> Error {
     let status = status::child_creation_failed(job, "the trainer pod", &why, Timestamp::now());
-    if let Err(status_error) = write_status(ctx, jobs, job, &status).await {
+    if let Err(status_error) = write_status(jobs, job, &status, &ctx.jobs_written).await {
         warn!(%status_error, "cannot record the initAdapter problem in status");
     }
     let event = Event {
@@ -837,7 +695,7 @@ async fn child_failed(
         other => other.to_string(),
     };
     let status = status::child_creation_failed(job, child, &message, Timestamp::now());
-    if let Err(status_error) = write_status(ctx, jobs, job, &status).await {
+    if let Err(status_error) = write_status(jobs, job, &status, &ctx.jobs_written).await {
         warn!(%status_error, "cannot record the child creation failure in status");
     }
     let event = Event {
@@ -849,29 +707,6 @@ async fn child_failed(
     };
     publish_detached(ctx, job, vec![event]);
     Error::Kube(error)
-}
-
-async fn write_status(
-    ctx: &Context,
-    jobs: &Api<FinetuneJob>,
-    job: &FinetuneJob,
-    status: &FinetuneJobStatus,
-) -> Result<(), Error> {
-    let patch = json!({
-        "apiVersion": FinetuneJob::api_version(&()),
-        "kind": FinetuneJob::kind(&()),
-        "status": status,
-    });
-    let mut written = jobs
-        .patch_status(
-            &job.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await?;
-    written.metadata.managed_fields = None;
-    ctx.jobs_written.record(written);
-    Ok(())
 }
 
 /// Counts a job's transition into Failed, or the retry it starts, in the metrics.
@@ -949,28 +784,4 @@ fn running_trainer_address(pods: &[Pod]) -> Option<String> {
     let status = newest.status.as_ref()?;
     (status.phase.as_deref() == Some("Running")).then_some(())?;
     Some(format!("{}:{DEFAULT_STATUS_PORT}", status.pod_ip.as_ref()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kube::core::Status;
-
-    fn api_error(code: u16, message: &str) -> kube::Error {
-        kube::Error::Api(Box::new(Status::failure(message, "reason").with_code(code)))
-    }
-
-    #[test]
-    fn the_startup_check_says_what_to_do() {
-        let missing = crd_check_hint(&api_error(404, "not found"), Some("team-a"));
-        assert!(missing.contains("CRD is not installed"), "{missing}");
-        let forbidden =
-            crd_check_hint(&api_error(403, "finetunejobs is forbidden"), Some("team-a"));
-        assert!(
-            forbidden.contains("in namespace team-a") && forbidden.contains("is forbidden"),
-            "{forbidden}"
-        );
-        let cluster = crd_check_hint(&api_error(403, "forbidden"), None);
-        assert!(cluster.contains("in all namespaces"), "{cluster}");
-    }
 }

@@ -1,0 +1,242 @@
+//! The API plumbing both controllers share: the field manager and server-side apply, status
+//! writes that feed read-your-writes, the applied-hash that spares unchanged children a write,
+//! the watches behind the caches, and the start-up check that the CRDs are there.
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use finetune_crds::FinetuneJob;
+use futures::{Stream, TryStreamExt};
+use kube::api::{ListParams, PartialObjectMeta, PartialObjectMetaExt, Patch, PatchParams};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::last_written::LastWritten;
+
+/// Field manager for server-side apply.
+pub const MANAGER: &str = "finetune-operator";
+
+/// Annotation on applied children holding a hash of what was applied, so an unchanged child is
+/// recognised from its cached metadata alone and not applied again.
+pub const APPLIED_HASH_ANNOTATION: &str = "finetune.dev/applied-hash";
+
+/// Who publishes the operator's Events: the field manager, and the pod when it is known.
+pub fn reporter() -> Reporter {
+    Reporter {
+        controller: MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    }
+}
+
+/// Fails with an install hint when the CRDs are not installed, or when the operator may not
+/// list FinetuneJobs where it watches them. With `namespace` the check lists in that namespace
+/// only, so a namespaced Role suffices, as for the watches.
+pub async fn ensure_crds_installed(client: &Client, namespace: Option<&str>) -> Result<(), String> {
+    let jobs: Api<FinetuneJob> = match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    match jobs.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(crd_check_hint(&error, namespace)),
+    }
+}
+
+/// What to tell the user when the startup list of FinetuneJobs fails.
+fn crd_check_hint(error: &kube::Error, namespace: Option<&str>) -> String {
+    let scope = match namespace {
+        Some(namespace) => format!("in namespace {namespace}"),
+        None => "in all namespaces".to_string(),
+    };
+    match error {
+        kube::Error::Api(status) if status.code == 404 => {
+            "the FinetuneJob CRD is not installed: run `finetune-operator crd | kubectl apply -f -` \
+             (or install the Helm chart with crds.enabled=true)"
+                .into()
+        }
+        kube::Error::Api(status) if status.code == 403 => format!(
+            "not allowed to list FinetuneJobs {scope}: grant list/watch on finetunejobs \
+             (the Helm chart's RBAC does; with watchNamespace set it is a Role in that namespace, \
+             so pass --namespace as well): {}",
+            status.message
+        ),
+        error => format!("cannot reach the apiserver: {error}"),
+    }
+}
+
+/// The API of `K` in `namespace`, or in all namespaces.
+pub fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A watch of `api` filling a store: `strip` drops what nothing reads before the store keeps
+/// it (managedFields and the last-applied annotation are most of an object's size), and
+/// `written`, when given, learns which of our writes the watch has delivered. The caller picks
+/// which of the returned events trigger reconciles.
+pub fn cached_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    strip: impl FnMut(&mut K) + Send + 'static,
+    written: Option<&Arc<LastWritten<K>>>,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store::<K>();
+    let written = written.cloned();
+    let events = watcher(api, config)
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer)
+        .inspect_ok(move |event| {
+            if let Some(written) = &written {
+                written.observe(event);
+            }
+        });
+    (store, events)
+}
+
+/// Server-side applies `object` as the operator.
+pub async fn apply<K>(api: &Api<K>, name: &str, object: &K) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    api.patch(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+}
+
+/// Server-side applies `status` to the status of `name`.
+pub async fn patch_status<K>(
+    api: &Api<K>,
+    name: &str,
+    status: &impl Serialize,
+) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+}
+
+/// Writes `status` to `object` and keeps the object the apiserver returned in `written` until
+/// the watch delivers it: a reconcile that runs before then must not derive the same
+/// transition again (a second Event and a redundant write).
+pub async fn write_status<K>(
+    api: &Api<K>,
+    object: &K,
+    status: &impl Serialize,
+    written: &LastWritten<K>,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let mut returned = patch_status(api, &object.name_any(), status).await?;
+    returned.meta_mut().managed_fields = None;
+    written.record(returned);
+    Ok(())
+}
+
+/// A watch-stream step that tells `written` which of our writes the watch has delivered.
+pub fn observed_by<K: Resource>(
+    written: &Arc<LastWritten<K>>,
+) -> impl FnMut(&watcher::Event<K>) + use<K> {
+    let written = written.clone();
+    move |event| written.observe(event)
+}
+
+/// Annotates `object` with a hash of its desired content and returns the hash.
+pub fn stamp_hash<K: Resource + Serialize>(object: &mut K) -> String {
+    let content = serde_json::to_vec(&*object).expect("Kubernetes objects serialize to JSON");
+    let hash = format!("{:016x}", fnv1a(&content));
+    object
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(APPLIED_HASH_ANNOTATION.into(), hash.clone());
+    hash
+}
+
+/// FNV-1a, 64 bits: stable across builds and platforms, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The applied-hash annotation of a child as we last applied it or the cache holds it,
+/// whichever is newer.
+pub fn applied_hash<K>(
+    store: &Store<PartialObjectMeta<K>>,
+    written: &LastWritten<PartialObjectMeta<K>>,
+    name: &str,
+    namespace: &str,
+) -> Option<String>
+where
+    PartialObjectMeta<K>: Resource<DynamicType = ()> + Clone,
+{
+    let cached = store.get(&ObjectRef::new(name).within(namespace));
+    let current = written.freshest_or_ours(&format!("{namespace}/{name}"), cached)?;
+    current.annotations().get(APPLIED_HASH_ANNOTATION).cloned()
+}
+
+/// What the metadata-only child caches keep of an object an apply returned.
+pub fn written_meta<K: Resource<DynamicType = ()>>(
+    mut metadata: kube::api::ObjectMeta,
+) -> PartialObjectMeta<K> {
+    metadata.managed_fields = None;
+    metadata.into_request_partial::<K>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    fn api_error(code: u16, message: &str) -> kube::Error {
+        kube::Error::Api(Box::new(Status::failure(message, "reason").with_code(code)))
+    }
+
+    #[test]
+    fn the_startup_check_says_what_to_do() {
+        let missing = crd_check_hint(&api_error(404, "not found"), Some("team-a"));
+        assert!(missing.contains("CRD is not installed"), "{missing}");
+        let forbidden =
+            crd_check_hint(&api_error(403, "finetunejobs is forbidden"), Some("team-a"));
+        assert!(
+            forbidden.contains("in namespace team-a") && forbidden.contains("is forbidden"),
+            "{forbidden}"
+        );
+        let cluster = crd_check_hint(&api_error(403, "forbidden"), None);
+        assert!(cluster.contains("in all namespaces"), "{cluster}");
+    }
+}
