@@ -1,4 +1,4 @@
-//! Events published in the background, behind new jobs' pods.
+//! Events of both controllers, published in the background, behind new jobs' pods.
 //!
 //! An Event is best effort: a reconcile queues it and goes on, never waiting on a slow
 //! apiserver for it. One dispatcher task takes the queued batches in order and publishes each
@@ -24,15 +24,18 @@ struct Batch {
 #[derive(Clone)]
 pub struct EventQueue {
     queued: mpsc::UnboundedSender<Batch>,
+    /// The gate the Events wait for; the job controller's writes share it.
+    gate: Arc<Gate>,
 }
 
 impl EventQueue {
     /// Starts the dispatcher; it runs until every `EventQueue` clone is dropped.
     pub fn start(recorder: Recorder, gate: Arc<Gate>) -> Self {
         let (queued, mut batches) = mpsc::unbounded_channel::<Batch>();
+        let slots = gate.clone();
         tokio::spawn(async move {
             while let Some(batch) = batches.recv().await {
-                let slot = gate.acquire(Priority::Routine).await;
+                let slot = slots.acquire(Priority::Routine).await;
                 let recorder = recorder.clone();
                 tokio::spawn(async move {
                     for event in &batch.events {
@@ -44,7 +47,12 @@ impl EventQueue {
                 });
             }
         });
-        Self { queued }
+        Self { queued, gate }
+    }
+
+    /// The write gate the Events are published behind.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
     }
 
     /// Queues `events` about `regarding`.

@@ -15,13 +15,16 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use finetune_operator::adapter;
 use finetune_operator::api;
+use finetune_operator::event_queue::EventQueue;
 use finetune_operator::finetunejob::controller::{self as jobs, Options};
+use finetune_operator::gate::Gate;
 use finetune_operator::http::{self, HttpState};
 use finetune_operator::leader::{self, LeaderElector, Timings};
 use finetune_operator::metrics::Metrics;
 use finetune_operator::pods::{BuildSettings, parse_quantity};
 use finetune_operator::progress::ProgressPoller;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::runtime::events::Recorder;
 use tracing::{error, info};
 
 #[derive(Parser)]
@@ -314,14 +317,20 @@ async fn run_controllers(
     options: Options,
     on_synced: impl FnOnce() + Send + 'static,
 ) {
+    // One queue for both kinds' Events, behind the slots that new jobs' pods are served first in.
+    let gate = Gate::new(options.concurrency.into());
+    let events = EventQueue::start(Recorder::new(client.clone(), api::reporter()), gate);
     let adapters = adapter::controller::run(
         client.clone(),
         metrics.clone(),
         settings.clone(),
         options.namespace.clone(),
         options.concurrency,
+        events.clone(),
     );
-    let jobs = jobs::run(client, metrics, settings, poller, options, on_synced);
+    let jobs = jobs::run(
+        client, metrics, settings, poller, options, events, on_synced,
+    );
     futures::join!(jobs, adapters);
 }
 

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::DeleteParams;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -25,8 +25,9 @@ use tracing::{info, warn};
 
 use super::build::{COMPONENT, COMPONENT_LABEL, verification_pod};
 use super::status::{self, PodAction};
-use crate::api::{self, api, apply, cached_watch, write_status};
+use crate::api::{api, apply, cached_watch, write_status};
 use crate::error::Error;
+use crate::event_queue::EventQueue;
 use crate::last_written::LastWritten;
 use crate::metrics::Metrics;
 use crate::pods::BuildSettings;
@@ -35,7 +36,8 @@ const KIND: &str = "Adapter";
 
 struct Context {
     client: Client,
-    recorder: Recorder,
+    /// Publishes Events on Adapters, in the background (see `event_queue`).
+    events: EventQueue,
     metrics: Arc<Metrics>,
     settings: BuildSettings,
     /// Verification pods, without their spec.
@@ -47,13 +49,15 @@ struct Context {
 }
 
 /// Runs the Adapter controller until SIGTERM/SIGINT, watching `namespace` (all when `None`)
-/// with up to `concurrency` reconciles at once.
+/// with up to `concurrency` reconciles at once; its Events go through `events`, as the job
+/// controller's do.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     settings: BuildSettings,
     namespace: Option<String>,
     concurrency: u16,
+    events: EventQueue,
 ) {
     let namespace = &namespace;
     let written = Arc::new(LastWritten::<Adapter>::default());
@@ -76,9 +80,8 @@ pub async fn run(
         },
         None,
     );
-    let reporter = api::reporter();
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        events,
         client,
         metrics,
         settings,
@@ -161,14 +164,9 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
                             write_status(&adapters, adapter.as_ref(), &status, &ctx.written)
                                 .await?;
                         }
-                        publish(
-                            &ctx,
-                            &reference,
-                            EventType::Warning,
-                            "PodCreationFailed",
-                            message,
-                        )
-                        .await;
+                        let refused =
+                            verify_event(EventType::Warning, "PodCreationFailed", &message);
+                        ctx.events.publish(reference, vec![refused]);
                     }
                     return Err(error.into());
                 }
@@ -182,21 +180,19 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
             }
         }
     }
-    for transition in derived.transitions {
-        let type_ = if transition.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(
-            &ctx,
-            &reference,
-            type_,
-            &transition.reason,
-            transition.message,
-        )
-        .await;
-    }
+    let events = derived
+        .transitions
+        .iter()
+        .map(|transition| {
+            let type_ = if transition.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            verify_event(type_, &transition.reason, &transition.message)
+        })
+        .collect();
+    ctx.events.publish(reference, events);
     // The pod watch brings the result; the requeue only guards against a missed event.
     Ok(match derived.status.phase {
         Some(finetune_crds::adapter::AdapterPhase::Verifying) => {
@@ -206,22 +202,13 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
     })
 }
 
-/// Publishes one Event on the Adapter; a failure is logged, never fails the reconcile.
-async fn publish(
-    ctx: &Context,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    message: String,
-) {
-    let event = Event {
+/// An Event about the verification, its note cut to what the Events API keeps.
+fn verify_event(type_: EventType, reason: &str, message: &str) -> Event {
+    Event {
         type_,
         reason: reason.into(),
         note: Some(message.chars().take(1000).collect()),
         action: "Verify".into(),
         secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, reference).await {
-        warn!(%error, "cannot publish adapter event");
     }
 }

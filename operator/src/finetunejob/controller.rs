@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, PartialObjectMeta};
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -112,40 +112,15 @@ pub struct Context {
     valid_specs: ValidSpecs,
 }
 
-impl Context {
-    fn new(
-        client: Client,
-        metrics: Arc<Metrics>,
-        settings: BuildSettings,
-        progress: ProgressPoller,
-        options: &Options,
-        caches: Caches,
-        jobs_written: Arc<LastWritten<FinetuneJob>>,
-    ) -> Self {
-        let reporter = api::reporter();
-        let gate = Gate::new(options.concurrency.into());
-        Self {
-            events: EventQueue::start(Recorder::new(client.clone(), reporter), gate.clone()),
-            client,
-            metrics,
-            settings,
-            progress,
-            failed_pods_to_keep: options.failed_pods_to_keep,
-            caches,
-            jobs_written,
-            gate,
-            valid_specs: ValidSpecs::default(),
-        }
-    }
-}
-
-/// Runs the FinetuneJob controller until SIGTERM/SIGINT; `on_synced` is called once every FinetuneJob cache has its initial list.
+/// Runs the FinetuneJob controller until SIGTERM/SIGINT, its writes in slots of the gate that
+/// `events` publishes behind; `on_synced` is called once every FinetuneJob cache has its initial list.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     settings: BuildSettings,
     progress: ProgressPoller,
     options: Options,
+    events: EventQueue,
     on_synced: impl FnOnce() + Send + 'static,
 ) {
     let namespace = &options.namespace;
@@ -220,15 +195,18 @@ pub async fn run(
         claims,
         claims_written,
     };
-    let ctx = Arc::new(Context::new(
+    let ctx = Arc::new(Context {
         client,
+        gate: events.gate().clone(),
+        events,
         metrics,
         settings,
         progress,
-        &options,
+        failed_pods_to_keep: options.failed_pods_to_keep,
         caches,
         jobs_written,
-    ));
+        valid_specs: ValidSpecs::default(),
+    });
     Controller::for_stream(job_events, jobs)
         .owns_stream(pod_events.touched_objects())
         .owns_stream(storage_changes(map_events))
