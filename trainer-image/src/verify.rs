@@ -19,6 +19,7 @@ use crate::export::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter};
 use crate::load::ModelSource;
 use crate::model::LoraConfig;
 use crate::model::lora::linear_shapes;
+use crate::model::lora::{LoraExpectation, LoraMismatch};
 use crate::train::checkpoint::digest_file;
 
 /// Most files listed (the Adapter status's `files` holds at most 64).
@@ -208,36 +209,23 @@ fn digests(dir: &Path) -> Result<Vec<FileDigest>, Error> {
 
 /// Where `lora` (read from the adapter) differs from what the spec expects, if anywhere.
 fn lora_matches(lora: &LoraConfig, wanted: &AdapterLora) -> Result<(), String> {
-    if lora.rank != i64::from(wanted.rank) {
-        return Err(format!(
-            "r = {} but spec.lora.rank is {}",
-            lora.rank, wanted.rank
-        ));
-    }
-    if (lora.alpha - wanted.alpha).abs() > 1e-9 * wanted.alpha.abs().max(1.0) {
-        return Err(format!(
+    let Some(mismatch) = lora.mismatch(&LoraExpectation::from(wanted)) else {
+        return Ok(());
+    };
+    Err(match mismatch {
+        LoraMismatch::Rank => format!("r = {} but spec.lora.rank is {}", lora.rank, wanted.rank),
+        LoraMismatch::Alpha => format!(
             "lora_alpha = {} but spec.lora.alpha is {}",
             lora.alpha, wanted.alpha
-        ));
-    }
-    if lora.rslora != wanted.rslora {
-        return Err(format!(
+        ),
+        LoraMismatch::Rslora => format!(
             "use_rslora = {} but spec.lora.rslora is {}",
             lora.rslora, wanted.rslora
-        ));
-    }
-    if !wanted.target_modules.is_empty() {
-        let mut have = lora.target_modules.clone();
-        let mut want = wanted.target_modules.clone();
-        have.sort();
-        want.sort();
-        if have != want {
-            return Err(format!(
-                "target_modules {have:?} but spec.lora.targetModules is {want:?}"
-            ));
+        ),
+        LoraMismatch::TargetModules(have, want) => {
+            format!("target_modules {have:?} but spec.lora.targetModules is {want:?}")
         }
-    }
-    Ok(())
+    })
 }
 
 /// An error's text with the local directory replaced by the adapter's URI.

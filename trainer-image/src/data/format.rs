@@ -42,6 +42,19 @@ pub enum DataFormat {
     Preference,
 }
 
+/// `spec.dataset.format` of a FinetuneJob: the same four layouts (this copy also derives
+/// `clap::ValueEnum` for the CLI, which the API crate does not depend on).
+impl From<finetune_crds::data::DataFormat> for DataFormat {
+    fn from(f: finetune_crds::data::DataFormat) -> Self {
+        match f {
+            finetune_crds::data::DataFormat::Chat => DataFormat::Chat,
+            finetune_crds::data::DataFormat::Instruction => DataFormat::Instruction,
+            finetune_crds::data::DataFormat::Text => DataFormat::Text,
+            finetune_crds::data::DataFormat::Preference => DataFormat::Preference,
+        }
+    }
+}
+
 impl DataFormat {
     pub fn name(self) -> &'static str {
         match self {

@@ -71,6 +71,16 @@ impl GgufType {
     }
 }
 
+/// `spec.output.gguf` of a FinetuneJob (the API offers no f32 export).
+impl From<finetune_crds::runtime::GgufType> for GgufType {
+    fn from(t: finetune_crds::runtime::GgufType) -> Self {
+        match t {
+            finetune_crds::runtime::GgufType::F16 => GgufType::F16,
+            finetune_crds::runtime::GgufType::Q8_0 => GgufType::Q8_0,
+        }
+    }
+}
+
 /// ggml type ids of the tensor types written here.
 const GGML_F32: u32 = 0;
 const GGML_F16: u32 = 1;

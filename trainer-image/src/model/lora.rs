@@ -29,7 +29,90 @@ pub struct LoraConfig {
     pub rslora: bool,
 }
 
+/// `spec.adapter.lora` of a FinetuneJob, as the trainer applies it.
+impl From<&finetune_crds::training::LoraSettings> for LoraConfig {
+    fn from(l: &finetune_crds::training::LoraSettings) -> Self {
+        LoraConfig {
+            rank: l.rank as i64,
+            alpha: l.alpha,
+            dropout: l.dropout,
+            target_modules: l.target_modules.clone(),
+            rslora: l.rslora,
+        }
+    }
+}
+
+/// What an existing adapter must agree with: a job's `spec.adapter.lora` against its
+/// `initAdapter`, or an Adapter's `spec.lora` against the files it names. Dropout is not part of
+/// it: it shapes training, not the weights.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraExpectation<'a> {
+    pub rank: i64,
+    pub alpha: f64,
+    pub rslora: bool,
+    /// `None`: any modules (an Adapter's `spec.lora.targetModules` may be left empty).
+    pub target_modules: Option<&'a [String]>,
+}
+
+impl<'a> From<&'a LoraConfig> for LoraExpectation<'a> {
+    fn from(c: &'a LoraConfig) -> Self {
+        LoraExpectation {
+            rank: c.rank,
+            alpha: c.alpha,
+            rslora: c.rslora,
+            target_modules: Some(&c.target_modules),
+        }
+    }
+}
+
+impl<'a> From<&'a finetune_crds::adapter::AdapterLora> for LoraExpectation<'a> {
+    fn from(l: &'a finetune_crds::adapter::AdapterLora) -> Self {
+        LoraExpectation {
+            rank: i64::from(l.rank),
+            alpha: l.alpha,
+            rslora: l.rslora,
+            target_modules: (!l.target_modules.is_empty()).then_some(l.target_modules.as_slice()),
+        }
+    }
+}
+
+/// The first setting in which an adapter differs from a [`LoraExpectation`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoraMismatch {
+    Rank,
+    Alpha,
+    Rslora,
+    /// Both lists sorted: `(have, want)`.
+    TargetModules(Vec<String>, Vec<String>),
+}
+
 impl LoraConfig {
+    /// The one comparison behind `initAdapter` and `verify-adapter`. Alpha is compared with a
+    /// relative tolerance of 1e-9 (at least 1e-9 absolute): alpha travels through JSON and YAML
+    /// as a decimal, so only a rounding-sized difference is forgiven. Target modules compare as
+    /// sets (PEFT writes them in no fixed order).
+    pub fn mismatch(&self, want: &LoraExpectation) -> Option<LoraMismatch> {
+        if self.rank != want.rank {
+            return Some(LoraMismatch::Rank);
+        }
+        if (self.alpha - want.alpha).abs() > 1e-9 * want.alpha.abs().max(1.0) {
+            return Some(LoraMismatch::Alpha);
+        }
+        if self.rslora != want.rslora {
+            return Some(LoraMismatch::Rslora);
+        }
+        if let Some(wanted) = want.target_modules {
+            let mut have = self.target_modules.clone();
+            let mut want = wanted.to_vec();
+            have.sort();
+            want.sort();
+            if have != want {
+                return Some(LoraMismatch::TargetModules(have, want));
+            }
+        }
+        None
+    }
+
     pub fn scaling(&self) -> f64 {
         if self.rslora {
             self.alpha / (self.rank as f64).sqrt()

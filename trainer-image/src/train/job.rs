@@ -34,6 +34,7 @@ use crate::data::{
 use crate::error::Error;
 use crate::export::{self, PEFT_PREFIX};
 use crate::load::ModelSource;
+use crate::model::lora::LoraExpectation;
 use crate::model::{CausalLm, LoraConfig};
 use crate::serve::{self, Live};
 use crate::train::anchor::{L2ToInit, SelfDistillation};
@@ -359,10 +360,8 @@ fn export_merged(
         files.extend(written.into_iter().map(|f| format!("merged/{f}")));
     }
     if let Some(ty) = output.gguf {
-        let (ty, name) = match ty {
-            finetune_crds::runtime::GgufType::F16 => (export::gguf::GgufType::F16, "f16"),
-            finetune_crds::runtime::GgufType::Q8_0 => (export::gguf::GgufType::Q8_0, "q8_0"),
-        };
+        let ty = export::gguf::GgufType::from(ty);
+        let name = ty.name();
         let file = format!("model-{name}.gguf");
         let t = Instant::now();
         export::gguf::export_gguf(&merged, &output_dir.join(&file), ty)?;
@@ -531,32 +530,26 @@ fn init_lora_config(
     spec_given: bool,
 ) -> Result<LoraConfig, Stop> {
     let (saved, _) = export::read_peft_adapter(dir)?;
-    if spec_given {
+    if spec_given && saved.mismatch(&LoraExpectation::from(&from_spec)).is_some() {
         let mut a = saved.target_modules.clone();
         let mut b = from_spec.target_modules.clone();
         a.sort();
         b.sort();
-        if saved.rank != from_spec.rank
-            || (saved.alpha - from_spec.alpha).abs() > 1e-9
-            || saved.rslora != from_spec.rslora
-            || a != b
-        {
-            return Err(invalid(
-                format!(
-                    "adapter.lora (rank {}, alpha {}, rslora {}, targets {:?}) disagrees with the initAdapter's adapter_config.json in {} (rank {}, alpha {}, rslora {}, targets {:?}); leave adapter.lora out to continue with the adapter's settings",
-                    from_spec.rank,
-                    from_spec.alpha,
-                    from_spec.rslora,
-                    b,
-                    dir.display(),
-                    saved.rank,
-                    saved.alpha,
-                    saved.rslora,
-                    a
-                ),
-                "spec.adapter.lora",
-            ));
-        }
+        return Err(invalid(
+            format!(
+                "adapter.lora (rank {}, alpha {}, rslora {}, targets {:?}) disagrees with the initAdapter's adapter_config.json in {} (rank {}, alpha {}, rslora {}, targets {:?}); leave adapter.lora out to continue with the adapter's settings",
+                from_spec.rank,
+                from_spec.alpha,
+                from_spec.rslora,
+                b,
+                dir.display(),
+                saved.rank,
+                saved.alpha,
+                saved.rslora,
+                a
+            ),
+            "spec.adapter.lora",
+        ));
     }
     Ok(LoraConfig {
         dropout: if spec_given {
@@ -713,12 +706,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         }
         None => None,
     };
-    let format = match spec.dataset.format {
-        finetune_crds::data::DataFormat::Chat => DataFormat::Chat,
-        finetune_crds::data::DataFormat::Instruction => DataFormat::Instruction,
-        finetune_crds::data::DataFormat::Text => DataFormat::Text,
-        finetune_crds::data::DataFormat::Preference => DataFormat::Preference,
-    };
+    let format = DataFormat::from(spec.dataset.format);
     let max_seq = hp.max_seq_length as usize;
     let contamination = evaluation.contamination.clone();
     let data_cfg = DataConfig {
@@ -926,14 +914,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     // Trainable parameters.
     let lora_cfg = match spec.adapter.kind {
         AdapterType::Lora => {
-            let l = spec.adapter.lora.clone().unwrap_or_default();
-            let from_spec = LoraConfig {
-                rank: l.rank as i64,
-                alpha: l.alpha,
-                dropout: l.dropout,
-                target_modules: l.target_modules,
-                rslora: l.rslora,
-            };
+            let from_spec = LoraConfig::from(&spec.adapter.lora.clone().unwrap_or_default());
             Some(match &init_adapter {
                 Some(dir) => init_lora_config(dir, from_spec, spec.adapter.lora.is_some())?,
                 None => from_spec,
