@@ -39,11 +39,7 @@ fn pretty<T: Serialize>(object: &T) -> String {
 
 /// The trainer pod as the controller applies it, with the starting adapter resolved to `init`.
 fn trainer_pod(job: &FinetuneJob, init: Option<&str>) -> Pod {
-    let mut pod = build::trainer_pod(job, ATTEMPT, &BuildSettings::default()).unwrap();
-    if let Some(uri) = init {
-        build::attach_init_adapter(&mut pod, job, uri).unwrap();
-    }
-    pod
+    build::trainer_pod(job, ATTEMPT, &BuildSettings::default(), init).unwrap()
 }
 
 /// Where the controller finds the files of the Adapter a job starts from: the output of the

@@ -74,11 +74,15 @@ pub fn storage_claim(
     }))
 }
 
-/// The trainer pod of one attempt.
+/// The trainer pod of one attempt. `init_adapter` is the storage URI of the Adapter the job
+/// starts from (`spec.adapter.initAdapter`, resolved by the controller, see `init_adapter`): it is
+/// mounted read-only like every other URI the trainer reads, and named to the trainer in
+/// `FINETUNE_INIT_ADAPTER_DIR`.
 pub fn trainer_pod(
     job: &FinetuneJob,
     attempt: i32,
     settings: &BuildSettings,
+    init_adapter: Option<&str>,
 ) -> Result<Pod, BuildError> {
     let name = job_name(job)?;
     let mut metadata = child_meta(job, names::trainer_pod(name, attempt))?;
@@ -90,7 +94,7 @@ pub fn trainer_pod(
             labels.insert(key.into(), value.clone());
         }
     }
-    let mounts = job_mounts(job)?;
+    let (mounts, init_adapter_dir) = job_mounts(job, init_adapter)?;
     let spec = &job.spec;
     let resources = &spec.resources;
     Ok(Pod {
@@ -106,7 +110,13 @@ pub fn trainer_pod(
             tolerations: (!resources.tolerations.is_empty()).then(|| resources.tolerations.clone()),
             priority_class_name: resources.priority_class_name.clone(),
             security_context: Some(pod_security_context()),
-            containers: vec![trainer_container(job, attempt, settings, &mounts.mounts)?],
+            containers: vec![trainer_container(
+                job,
+                attempt,
+                settings,
+                &mounts.mounts,
+                init_adapter_dir.as_deref(),
+            )?],
             volumes: Some(mounts.volumes),
             ..PodSpec::default()
         }),
@@ -114,61 +124,12 @@ pub fn trainer_pod(
     })
 }
 
-/// Mounts the adapter a job starts from (`spec.adapter.initAdapter`, resolved by the controller to
-/// the storage URI of the Adapter's files, see `init_adapter`) read-only, and tells the trainer
-/// where it is through `FINETUNE_INIT_ADAPTER_DIR`.
-pub fn attach_init_adapter(pod: &mut Pod, job: &FinetuneJob, uri: &str) -> Result<(), BuildError> {
-    let storage_claim = job
-        .spec
-        .storage
-        .claim_name
-        .clone()
-        .unwrap_or_else(|| names::storage_claim(job.name_any().as_str()));
-    let bad = || BuildError::BadUri {
-        field: "spec.adapter.initAdapter",
-        uri: uri.to_string(),
-    };
-    let spec = pod.spec.as_mut().ok_or_else(bad)?;
-    let dir = match StorageUri::parse(uri) {
-        // The job's own claim is already mounted (read-write) at the storage root.
-        Some(StorageUri::Pvc { claim, path }) if claim == storage_claim => {
-            format!("{}/{path}", paths::STORAGE_DIR)
-        }
-        Some(StorageUri::Pvc { claim, path }) => {
-            let volume = format!("pvc-{claim}");
-            let mount_path = format!("{PVC_MOUNT_ROOT}/{claim}");
-            let volumes = spec.volumes.get_or_insert_with(Vec::new);
-            if !volumes.iter().any(|v| v.name == volume) {
-                volumes.push(pvc_volume(&volume, &claim, true));
-                for c in &mut spec.containers {
-                    c.volume_mounts
-                        .get_or_insert_with(Vec::new)
-                        .push(VolumeMount {
-                            name: volume.clone(),
-                            mount_path: mount_path.clone(),
-                            read_only: Some(true),
-                            ..VolumeMount::default()
-                        });
-                }
-            }
-            format!("{mount_path}/{path}")
-        }
-        Some(StorageUri::File { path }) => path,
-        _ => return Err(bad()),
-    };
-    for c in &mut spec.containers {
-        c.env
-            .get_or_insert_with(Vec::new)
-            .push(plain_env(env::INIT_ADAPTER_DIR, &dir));
-    }
-    Ok(())
-}
-
 fn trainer_container(
     job: &FinetuneJob,
     attempt: i32,
     settings: &BuildSettings,
     mounts: &[VolumeMount],
+    init_adapter_dir: Option<&str>,
 ) -> Result<Container, BuildError> {
     let name = job_name(job)?;
     let port = i32::from(DEFAULT_STATUS_PORT);
@@ -209,6 +170,9 @@ fn trainer_container(
             }),
             ..EnvVar::default()
         });
+    }
+    if let Some(dir) = init_adapter_dir {
+        environment.push(plain_env(env::INIT_ADAPTER_DIR, dir));
     }
     let status_probe = |initial_delay| Probe {
         http_get: Some(HTTPGetAction {
@@ -281,8 +245,12 @@ fn resource_requirements(job: &FinetuneJob, settings: &BuildSettings) -> Resourc
 }
 
 /// The trainer's volumes and mounts: the manifest, the job's storage, a scratch `/tmp` (the
-/// root filesystem is read-only), and every PVC or ConfigMap a URI names.
-fn job_mounts(job: &FinetuneJob) -> Result<Mounts, BuildError> {
+/// root filesystem is read-only), and every PVC or ConfigMap a URI names, the starting adapter's
+/// last; with the directory where the trainer finds the starting adapter.
+fn job_mounts(
+    job: &FinetuneJob,
+    init_adapter: Option<&str>,
+) -> Result<(Mounts, Option<String>), BuildError> {
     let name = job_name(job)?;
     let mut this = Mounts::empty();
     this.add(
@@ -312,7 +280,34 @@ fn job_mounts(job: &FinetuneJob) -> Result<Mounts, BuildError> {
     for (field, uri) in data_uris(job) {
         this.add_uri(field, uri, Some(&storage_claim))?;
     }
-    Ok(this)
+    let init_adapter_dir = match init_adapter {
+        Some(uri) => {
+            let dir = init_adapter_dir(uri, &storage_claim)?;
+            this.add_uri(INIT_ADAPTER_FIELD, uri, Some(&storage_claim))?;
+            Some(dir)
+        }
+        None => None,
+    };
+    Ok((this, init_adapter_dir))
+}
+
+const INIT_ADAPTER_FIELD: &str = "spec.adapter.initAdapter";
+
+/// Where the trainer finds the starting adapter at `uri`: an adapter's files are a directory on
+/// a claim or on the node, never a ConfigMap or a Hub repository.
+fn init_adapter_dir(uri: &str, storage_claim: &str) -> Result<String, BuildError> {
+    match StorageUri::parse(uri) {
+        // The job's own claim is already mounted (read-write) at the storage root.
+        Some(StorageUri::Pvc { claim, path }) if claim == storage_claim => {
+            Ok(format!("{}/{path}", paths::STORAGE_DIR))
+        }
+        Some(StorageUri::Pvc { claim, path }) => Ok(format!("{PVC_MOUNT_ROOT}/{claim}/{path}")),
+        Some(StorageUri::File { path }) => Ok(path),
+        _ => Err(BuildError::BadUri {
+            field: INIT_ADAPTER_FIELD,
+            uri: uri.to_string(),
+        }),
+    }
 }
 
 /// Every URI in the spec the trainer reads, with the field it comes from.
@@ -395,7 +390,7 @@ mod tests {
     #[test]
     fn pod_is_named_per_attempt_and_owned_by_the_job() {
         let job = example("sft-lora-smollm2.yaml");
-        let pod = trainer_pod(&job, 2, &BuildSettings::default()).unwrap();
+        let pod = trainer_pod(&job, 2, &BuildSettings::default(), None).unwrap();
         assert_eq!(
             pod.metadata.name.as_deref(),
             Some("smollm2-kubectl-sft-attempt-2")
@@ -418,7 +413,7 @@ mod tests {
     #[test]
     fn gpus_cpu_and_memory_are_requested_and_limited() {
         let job = example("sft-lora-smollm2.yaml");
-        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let pod = trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap();
         let resources = container(&pod).resources.as_ref().unwrap();
         let limits = resources.limits.as_ref().unwrap();
         assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
@@ -426,7 +421,7 @@ mod tests {
         assert_eq!(resources.requests, resources.limits);
 
         let cpu_job = example("text-domain-adaptation.yaml");
-        let pod = trainer_pod(&cpu_job, 0, &BuildSettings::default()).unwrap();
+        let pod = trainer_pod(&cpu_job, 0, &BuildSettings::default(), None).unwrap();
         let limits = container(&pod)
             .resources
             .as_ref()
@@ -451,7 +446,7 @@ mod tests {
         // The SFT example sets memory (8Gi) and no CPU: memory stays, CPU comes from the default.
         let job = example("sft-lora-smollm2.yaml");
         assert!(job.spec.resources.cpu.is_none() && job.spec.resources.memory.is_some());
-        let pod = trainer_pod(&job, 0, &settings).unwrap();
+        let pod = trainer_pod(&job, 0, &settings, None).unwrap();
         let resources = container(&pod).resources.clone().unwrap();
         let limits = resources.limits.clone().unwrap();
         assert_eq!(limits["cpu"], Quantity("4".into()));
@@ -463,13 +458,13 @@ mod tests {
         let mut bare = example("sft-lora-smollm2.yaml");
         bare.spec.resources.memory = None;
         bare.spec.resources.gpus = 0;
-        let pod = trainer_pod(&bare, 0, &settings).unwrap();
+        let pod = trainer_pod(&bare, 0, &settings, None).unwrap();
         let requests = container(&pod).resources.clone().unwrap().requests.unwrap();
         assert_eq!(
             (&requests["cpu"], &requests["memory"]),
             (&Quantity("4".into()), &Quantity("16Gi".into()))
         );
-        let pod = trainer_pod(&bare, 0, &BuildSettings::default()).unwrap();
+        let pod = trainer_pod(&bare, 0, &BuildSettings::default(), None).unwrap();
         assert_eq!(
             container(&pod).resources,
             Some(ResourceRequirements::default())
@@ -483,7 +478,7 @@ mod tests {
             .labels
             .get_or_insert_with(BTreeMap::new)
             .insert(names::KUEUE_PRIORITY_LABEL.into(), "batch-low".into());
-        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let pod = trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap();
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.priority_class_name.as_deref(), Some("training-low"));
         assert_eq!(
@@ -502,7 +497,7 @@ mod tests {
     #[test]
     fn pods_are_locked_down() {
         let job = example("sft-lora-smollm2.yaml");
-        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let pod = trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap();
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.automount_service_account_token, Some(false));
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
@@ -524,7 +519,7 @@ mod tests {
     #[test]
     fn every_uri_is_mounted_where_the_trainer_looks() {
         let job = example("sft-lora-smollm2.yaml");
-        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let pod = trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap();
         let mounts: BTreeMap<String, (String, Option<bool>)> = container(&pod)
             .volume_mounts
             .as_ref()
@@ -556,8 +551,8 @@ mod tests {
     #[test]
     fn the_init_adapter_is_mounted_read_only_and_named_in_the_env() {
         let job = example("dpo-smollm2.yaml");
-        let mut pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
-        attach_init_adapter(&mut pod, &job, "pvc://adapters/team/sft").unwrap();
+        let settings = BuildSettings::default();
+        let pod = trainer_pod(&job, 0, &settings, Some("pvc://adapters/team/sft")).unwrap();
         assert_eq!(
             env_value(&pod, env::INIT_ADAPTER_DIR).and_then(|e| e.value.as_deref()),
             Some("/mnt/pvc/adapters/team/sft")
@@ -572,17 +567,16 @@ mod tests {
         assert_eq!(mount.read_only, Some(true));
 
         // An adapter on the job's own claim is read where that claim is already mounted.
-        let mut pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
         let own = format!(
             "pvc://{}/earlier/output",
             names::storage_claim("smollm2-kubectl-dpo")
         );
-        attach_init_adapter(&mut pod, &job, &own).unwrap();
+        let pod = trainer_pod(&job, 0, &settings, Some(&own)).unwrap();
         assert_eq!(
             env_value(&pod, env::INIT_ADAPTER_DIR).and_then(|e| e.value.as_deref()),
             Some("/var/lib/finetune/earlier/output")
         );
-        let bad = attach_init_adapter(&mut pod, &job, "configmap://x/y").unwrap_err();
+        let bad = trainer_pod(&job, 0, &settings, Some("configmap://x/y")).unwrap_err();
         assert!(
             bad.to_string().contains("spec.adapter.initAdapter"),
             "{bad}"
@@ -592,7 +586,7 @@ mod tests {
     #[test]
     fn hub_token_comes_from_the_secret_by_reference() {
         let job = example("full-finetune.yaml");
-        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let pod = trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap();
         let token = env_value(&pod, env::HF_TOKEN).unwrap();
         assert_eq!(token.value, None);
         let selector = token
@@ -638,7 +632,7 @@ mod tests {
             storage_claim(&job, &BuildSettings::default()).unwrap(),
             None
         );
-        let pod = trainer_pod(&job, 0, &BuildSettings::default()).unwrap();
+        let pod = trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap();
         let volumes = pod.spec.unwrap().volumes.unwrap();
         let storage = volumes.iter().find(|v| v.name == "storage").unwrap();
         assert_eq!(
@@ -652,7 +646,7 @@ mod tests {
         let mut job = example("sft-lora-smollm2.yaml");
         job.metadata.uid = None;
         assert_eq!(
-            trainer_pod(&job, 0, &BuildSettings::default()),
+            trainer_pod(&job, 0, &BuildSettings::default(), None),
             Err(BuildError::MissingMetadata("uid"))
         );
     }

@@ -449,13 +449,14 @@ async fn act(
     match action {
         Action::CreatePod(attempt) => {
             let name = job.name_any();
-            let mut pod = build::trainer_pod(job, *attempt, &ctx.settings)?;
-            if let Some(adapter) = &job.spec.adapter.init_adapter {
-                match init_adapter_uri(ctx, namespace, adapter).await? {
-                    Ok(uri) => build::attach_init_adapter(&mut pod, job, &uri)?,
+            let init_adapter = match &job.spec.adapter.init_adapter {
+                Some(adapter) => match init_adapter_uri(ctx, namespace, adapter).await? {
+                    Ok(uri) => Some(uri),
                     Err(why) => return Err(init_adapter_unavailable(ctx, jobs, job, why).await),
-                }
-            }
+                },
+                None => None,
+            };
+            let pod = build::trainer_pod(job, *attempt, &ctx.settings, init_adapter.as_deref())?;
             let pod_name = names::trainer_pod(&name, *attempt);
             match apply(&pods_api, &pod_name, &pod).await {
                 Ok(mut created) => {

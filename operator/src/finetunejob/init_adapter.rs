@@ -1,7 +1,7 @@
 //! `spec.adapter.initAdapter` names an Adapter in the job's namespace; the trainer needs the
 //! directory of its files. This module turns the Adapter (and, for `source.fromJob`, the job that
 //! produced it) into a storage URI, and says plainly why it cannot when it cannot. The controller
-//! fetches the objects; the pod builder mounts the URI (see `build::attach_init_adapter`).
+//! fetches the objects; the pod builder mounts the URI (see `build::trainer_pod`).
 
 use finetune_crds::{Adapter, FinetuneJob, JobPhase};
 use kube::ResourceExt;
