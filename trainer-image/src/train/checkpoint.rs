@@ -2,16 +2,29 @@
 //! renamed, parent fsynced) with a `manifest.json` holding each file's sha256 and size. Resuming
 //! picks the newest directory whose manifest verifies and skips (with a warning) corrupt, truncated
 //! or half-written ones.
+//!
+//! [`Saver::save`] and [`resume`] are the training run's pair on top of that: what a step's
+//! checkpoint holds (the trainable weights, the optimizer state, the [`Snapshots`] and
+//! `trainer_state.json`) and how a later attempt takes it back.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use finetune_crds::adapter::FileDigest;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tch::{Device, Tensor};
 
+use crate::data::{Batcher, Cursor};
 use crate::error::{Error, Result};
+use crate::export::{self, PEFT_PREFIX};
+use crate::model::{CausalLm, LoraConfig};
+use crate::train::optim::AdamW;
+use crate::train::state::TrainState;
+use crate::train::stop::{Stop, invalid};
 
 pub const MANIFEST: &str = "manifest.json";
 
@@ -173,4 +186,209 @@ pub fn prune(root: &Path, keep: usize, protect: Option<i64>) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// The weights a retention breach with `action: stop` falls back to, inside a checkpoint.
+const LAST_GOOD_FILE: &str = "last_good.safetensors";
+const BEST_FILE: &str = "best.safetensors";
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "trainer_state.json";
+
+/// Named trainable tensors on the CPU (as [`trainable_tensors`] returns them).
+pub type Weights = Vec<(String, Tensor)>;
+
+/// Copies of the weights that a run may end with instead of its last step's.
+#[derive(Default)]
+pub struct Snapshots {
+    /// The best evaluated step's (early stopping only).
+    pub best: Option<Weights>,
+    /// The newest step that passed the retention floor (`action: stop` only).
+    pub last_good: Option<Weights>,
+}
+
+/// Where and how a run writes its checkpoints.
+pub struct Saver<'a> {
+    pub root: &'a Path,
+    /// Checkpoints kept (at least 1).
+    pub keep_last: usize,
+    /// LoRA runs save the adapter in PEFT's layout; full runs the whole model.
+    pub lora: Option<&'a LoraConfig>,
+    /// `base_model_name_or_path` of the adapter's config.
+    pub base_model_name: &'a str,
+}
+
+impl Saver<'_> {
+    /// Writes checkpoint `st.step` (with the batcher at `cursor`) and prunes old ones; returns
+    /// its directory and the seconds it took.
+    pub fn save(
+        &self,
+        st: &TrainState,
+        model: &CausalLm,
+        opt: &AdamW,
+        snapshots: &Snapshots,
+        cursor: Cursor,
+    ) -> std::result::Result<(PathBuf, f64), Stop> {
+        let t = Instant::now();
+        let mut state = st.clone();
+        state.cursor = cursor;
+        let dir = write(self.root, st.step, |tmp| {
+            let mut names = Vec::new();
+            if let Some(c) = self.lora {
+                names.extend(export::write_peft_adapter(
+                    tmp,
+                    model,
+                    c,
+                    self.base_model_name,
+                )?);
+            } else {
+                export::write_safetensors(&tmp.join(MODEL_FILE), &trainable_tensors(model, false))?;
+                names.push(MODEL_FILE.into());
+            }
+            let ostate: Vec<(String, Tensor)> = opt
+                .state_tensors()
+                .into_iter()
+                .map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous()))
+                .collect();
+            export::write_safetensors(&tmp.join(OPTIMIZER_FILE), &ostate)?;
+            names.push(OPTIMIZER_FILE.into());
+            if let Some(b) = &snapshots.best {
+                export::write_safetensors(&tmp.join(BEST_FILE), b)?;
+                names.push(BEST_FILE.into());
+            }
+            if let Some(g) = &snapshots.last_good {
+                export::write_safetensors(&tmp.join(LAST_GOOD_FILE), g)?;
+                names.push(LAST_GOOD_FILE.into());
+            }
+            export::write_json(
+                &tmp.join(STATE_FILE),
+                &serde_json::to_value(&state).expect("state serializes"),
+            )?;
+            names.push(STATE_FILE.into());
+            Ok(names)
+        })?;
+        prune(self.root, self.keep_last, None);
+        Ok((dir, t.elapsed().as_secs_f64()))
+    }
+}
+
+/// A run taken back from its newest valid checkpoint.
+pub struct Resumed {
+    pub step: i64,
+    pub dir: PathBuf,
+    pub state: TrainState,
+    pub snapshots: Snapshots,
+}
+
+/// Loads the newest valid checkpoint under `root` into `model`, `opt` and `batcher`, if there is
+/// one; refuses a checkpoint written under another `config_digest`.
+pub fn resume(
+    root: &Path,
+    config_digest: &str,
+    model: &CausalLm,
+    lora: bool,
+    opt: &mut AdamW,
+    batcher: &mut Batcher,
+) -> std::result::Result<Option<Resumed>, Stop> {
+    let Some((step, dir)) = latest_valid(root) else {
+        return Ok(None);
+    };
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| Stop::Error(format!("{}: {e}", state_path.display())))?;
+    let mut saved: TrainState = serde_json::from_str(&text)
+        .map_err(|e| Stop::Error(format!("{}: {e}", state_path.display())))?;
+    if saved.config_digest != config_digest {
+        return Err(invalid(
+            format!(
+                "checkpoint {} belongs to a different configuration or data set; use a new checkpoint directory",
+                dir.display()
+            ),
+            "spec",
+        ));
+    }
+    saved.recover_stop_kind();
+    let wfile = dir.join(if lora {
+        export::ADAPTER_WEIGHTS
+    } else {
+        MODEL_FILE
+    });
+    load_trainable(model, lora, read_tensors(&wfile)?, &wfile)?;
+    let ofile = dir.join(OPTIMIZER_FILE);
+    opt.load_state(read_tensors(&ofile)?, saved.step)
+        .map_err(|e| Stop::Error(format!("{}: {e}", ofile.display())))?;
+    let mut snapshots = Snapshots::default();
+    let bfile = dir.join(BEST_FILE);
+    if bfile.exists() {
+        snapshots.best = Some(read_tensors(&bfile)?.into_iter().collect());
+    }
+    let gfile = dir.join(LAST_GOOD_FILE);
+    if gfile.exists() {
+        snapshots.last_good = Some(read_tensors(&gfile)?.into_iter().collect());
+    }
+    batcher.restore(saved.cursor);
+    Ok(Some(Resumed {
+        step,
+        dir,
+        state: saved,
+        snapshots,
+    }))
+}
+
+/// The trainable tensors as they are saved (PEFT names for LoRA, HF names for full), on the CPU.
+///
+/// Always copies: on the CPU, `to_device`/`contiguous` return the parameter's own storage, which
+/// the optimizer keeps updating in place — a snapshot (best or last good weights) must not move.
+pub fn trainable_tensors(model: &CausalLm, lora: bool) -> Weights {
+    let live = if lora {
+        export::peft_tensors(model)
+    } else {
+        model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
+            .collect()
+    };
+    live.into_iter().map(|(n, t)| (n, t.copy())).collect()
+}
+
+/// Copies saved tensors (as from [`trainable_tensors`]) into the model's parameters.
+pub fn load_trainable(
+    model: &CausalLm,
+    lora: bool,
+    mut saved: BTreeMap<String, Tensor>,
+    file: &Path,
+) -> std::result::Result<(), Stop> {
+    let params: Vec<(String, Tensor)> = if lora {
+        model
+            .lora_parameters()
+            .into_iter()
+            .map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t))
+            .collect()
+    } else {
+        model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.shallow_clone()))
+            .collect()
+    };
+    for (name, mut p) in params {
+        let src = saved
+            .remove(&name)
+            .ok_or_else(|| Stop::Error(format!("{}: missing tensor `{name}`", file.display())))?;
+        if src.size() != p.size() {
+            return Err(Stop::Error(format!(
+                "{}: tensor `{name}` has the wrong shape",
+                file.display()
+            )));
+        }
+        tch::no_grad(|| p.copy_(&src));
+    }
+    Ok(())
+}
+
+fn read_tensors(path: &Path) -> std::result::Result<BTreeMap<String, Tensor>, Stop> {
+    Tensor::read_safetensors(path)
+        .map(|v| v.into_iter().collect())
+        .map_err(|e| Stop::Error(format!("{}: {e}", path.display())))
 }

@@ -1,0 +1,586 @@
+//! Everything between the [`Plan`] and the first step, in the order it has always run (the RNG
+//! is seeded between the guards' generation and the adapter's initialisation, so the order is
+//! part of the result): the model ([`load_model`]), the data ([`load_data`]), the probes
+//! ([`probes`]), the forgetting guards ([`guards`]), the trainable parameters and the optimizer
+//! ([`trainable`]), the batches and the schedule ([`batches`]) and DPO's reference ([`dpo`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use finetune_crds::training::{
+    AdapterType, DEFAULT_REPLAY_RATIO, ForgettingGuard, GuardAction, Precision,
+};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{
+    Batch, BatchPlan, Batcher, Encoder, Origin, Prepared, PreparedPairs, Sample, build_batch,
+    prepare_preference, prepare_sft,
+};
+use crate::export;
+use crate::load::ModelSource;
+use crate::model::lora::LoraExpectation;
+use crate::model::{CausalLm, LoraConfig};
+use crate::text::{ChatTemplate, TextTokenizer};
+use crate::train::anchor::{L2ToInit, SelfDistillation};
+use crate::train::dpo::{Dpo, DpoConfig, PairSet, ReferenceMode};
+use crate::train::guard::{self, GuardSource, Replay};
+use crate::train::optim::AdamW;
+use crate::train::plan::{Plan, Schedule, config_digest};
+use crate::train::probe::Probe;
+use crate::train::retention::RetentionSet;
+use crate::train::stop::{Stop, invalid};
+use crate::train::vocab;
+
+/// Where a DPO run without an adapter to switch off caches its reference log-probs (in the
+/// checkpoint directory, so a resumed attempt measures rewards from the same reference).
+const DPO_REFERENCE_FILE: &str = "dpo_reference_logps.json";
+
+/// The loaded base model and what came with it.
+pub struct Loaded {
+    pub model: CausalLm,
+    pub tokenizer: TextTokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub eos_ids: Vec<i64>,
+    pub device: Device,
+    pub kind: Kind,
+    /// What `baseModel.ropeScaling` did (null when nothing), for the summary.
+    pub rope_scaling: Value,
+    pub vocab: Option<vocab::Expansion>,
+    /// When loading began: the summary's `load_seconds` run until the batches are ready.
+    pub started: Instant,
+}
+
+impl Loaded {
+    /// The data encoder. Built from the fields (not `&self`) so that the model can be borrowed
+    /// mutably beside it.
+    fn encoder<'a>(
+        tokenizer: &'a TextTokenizer,
+        template: Option<&'a ChatTemplate>,
+        plan: &Plan,
+    ) -> Encoder<'a> {
+        Encoder {
+            tokenizer,
+            template,
+            options: plan.data.load,
+        }
+    }
+}
+
+fn pick_device(plan: &Plan, precision: Precision) -> Result<(Device, Kind), Stop> {
+    let (device, auto_kind) = crate::load::pick_device(&plan.device)?;
+    let kind = match precision {
+        Precision::Auto => auto_kind,
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16 => Kind::BFloat16,
+    };
+    Ok((device, kind))
+}
+
+/// The base model, with `ropeScaling` applied and the vocabulary expanded (before any text is
+/// encoded: the added tokens must be in the tokenizer).
+pub fn load_model(plan: &Plan) -> Result<Loaded, Stop> {
+    let spec = plan.spec();
+    let hp = plan.hp();
+    let (device, kind) = pick_device(plan, hp.precision)?;
+    eprintln!(
+        "job {} (attempt {}): model {}, {device:?} {kind:?}",
+        plan.name,
+        plan.attempt,
+        plan.model_path.display()
+    );
+    let started = Instant::now();
+    let mut loaded = ModelSource::open(&plan.model_path)?.load(kind, device)?;
+    let rope_scaling = crate::train::long_context::apply(
+        &mut loaded.model,
+        spec.base_model.rope_scaling.as_ref(),
+        hp.max_seq_length.into(),
+        spec.output.gguf.is_some(),
+    )
+    .map_err(|e| invalid(e.message, e.field))?;
+    let vocab = match &spec.vocabulary {
+        Some(v) => {
+            let file = v
+                .tokenizer
+                .as_ref()
+                .map(|d| plan.resolve(&d.uri, "spec.vocabulary.tokenizer.uri"))
+                .transpose()?;
+            let lora = matches!(spec.adapter.kind, AdapterType::Lora);
+            Some(
+                vocab::expand(v, file.as_deref(), lora, &mut loaded, &plan.model_path)
+                    .map_err(|e| invalid(e.message, &e.field))?,
+            )
+        }
+        None => None,
+    };
+    Ok(Loaded {
+        model: loaded.model,
+        tokenizer: loaded.tokenizer,
+        chat_template: loaded.chat_template,
+        eos_ids: loaded.eos_ids,
+        device,
+        kind,
+        rope_scaling,
+        vocab,
+        started,
+    })
+}
+
+/// The prepared data. DPO: the pairs themselves go to the objective; `prepared` holds their
+/// chosen sides, which order the batches and feed the generation eval.
+pub struct Data {
+    pub prepared: Prepared,
+    pub pairs: Option<PreparedPairs>,
+}
+
+/// Reads, curates and splits the data; refuses contaminated eval data under `action: fail` and
+/// an empty training set.
+pub fn load_data(plan: &Plan, m: &Loaded) -> Result<Data, Stop> {
+    let spec = plan.spec();
+    let encoder = Loaded::encoder(&m.tokenizer, m.chat_template.as_ref(), plan);
+    let eval_path = plan.eval_path.as_deref();
+    let (mut prepared, mut pairs) = if plan.is_dpo {
+        let p = prepare_preference(&plan.train_path, eval_path, &encoder, &plan.data)?;
+        (Prepared::chosen_sides(&p), Some(p))
+    } else {
+        (
+            prepare_sft(&plan.train_path, eval_path, &encoder, &plan.data)?,
+            None,
+        )
+    };
+    if let Some(max) = spec.dataset.max_samples {
+        prepared.train.truncate(max as usize);
+        if let Some(p) = pairs.as_mut() {
+            p.train.truncate(max as usize);
+        }
+    }
+    eprintln!("train data: {}", prepared.train_stats.summary());
+    if let Some(s) = &prepared.eval_stats {
+        eprintln!("eval data: {}", s.summary());
+    }
+    if let Some(report) = &prepared.contamination
+        && !report.flagged.is_empty()
+    {
+        match plan.evaluation.contamination.as_ref().map(|c| c.action) {
+            Some(GuardAction::Fail) => {
+                return Err(Stop::Invalid {
+                    message: format!("eval data overlaps the training data: {}", report.summary()),
+                    param: Some(
+                        report
+                            .flagged
+                            .first()
+                            .map(|c| c.origin.clone())
+                            .unwrap_or_else(|| "spec.dataset.eval".into()),
+                    ),
+                });
+            }
+            _ => eprintln!("warning: contamination: {}", report.summary()),
+        }
+    }
+    if prepared.train.is_empty() {
+        return Err(invalid(
+            "no training samples left after curation",
+            "spec.dataset.train.uri",
+        ));
+    }
+    Ok(Data { prepared, pairs })
+}
+
+/// The retention and generation evaluations.
+#[derive(Default)]
+pub struct Probes {
+    /// The retention data set (`evaluation.retention`), if any.
+    pub retention: Option<RetentionSet>,
+    /// Its texts as samples, for the retention loss.
+    pub retention_set: Vec<Sample>,
+    /// Its questions, answered greedily (references: the base model's answers).
+    pub retention_probe: Probe,
+    pub retention_keys: Vec<Vec<String>>,
+    /// `minScore` and what to do below it.
+    pub retention_floor: Option<(f64, GuardAction)>,
+    pub generation_probe: Probe,
+    pub generation_tokens: usize,
+}
+
+pub fn probes(plan: &Plan, m: &Loaded, prepared: &Prepared) -> Result<Probes, Stop> {
+    let evaluation = &plan.evaluation;
+    let retention = match &evaluation.retention {
+        Some(r) => Some(match &r.data {
+            Some(d) => RetentionSet::from_jsonl(
+                &plan.resolve(&d.uri, "spec.evaluation.retention.data.uri")?,
+            )?,
+            None => RetentionSet::builtin(),
+        }),
+        None => None,
+    };
+    let retention_set = match &retention {
+        Some(r) => retention_samples(&m.tokenizer, r)?,
+        None => Vec::new(),
+    };
+    let retention_probe = match &retention {
+        Some(r) => Probe::from_questions(&r.questions, &m.tokenizer, m.chat_template.as_ref())?,
+        None => Probe::default(),
+    };
+    let retention_keys: Vec<Vec<String>> = retention
+        .as_ref()
+        .map(|r| r.answer_keys.clone())
+        .unwrap_or_default();
+    let retention_floor = evaluation
+        .retention
+        .as_ref()
+        .and_then(|r| r.min_score.map(|m| (m, r.action)));
+    let generation_probe = match &evaluation.generation {
+        Some(g) => {
+            let p = Probe::from_samples(&prepared.eval, &m.tokenizer, g.max_samples as usize)?;
+            if p.is_empty() {
+                eprintln!(
+                    "warning: evaluation.generation: no eval prompts (it needs chat or instruction eval data)"
+                );
+            }
+            p
+        }
+        None => Probe::default(),
+    };
+    let generation_tokens = evaluation
+        .generation
+        .as_ref()
+        .map_or(0, |g| g.max_new_tokens as usize);
+    Ok(Probes {
+        retention,
+        retention_set,
+        retention_probe,
+        retention_keys,
+        retention_floor,
+        generation_probe,
+        generation_tokens,
+    })
+}
+
+fn retention_samples(tok: &TextTokenizer, set: &RetentionSet) -> Result<Vec<Sample>, Stop> {
+    let origin_path: Arc<Path> = Arc::from(Path::new(&set.source));
+    set.texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let ids = tok.encode(t, true)?;
+            let sup = vec![true; ids.len()];
+            Ok(Sample::new(
+                ids,
+                sup,
+                Origin {
+                    path: origin_path.clone(),
+                    line: i + 1,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The forgetting guards in effect and what they recorded from the base model.
+pub struct Guards {
+    pub effective: ForgettingGuard,
+    pub source: GuardSource,
+    /// Self-replay: the base model's own answers, joined to every step.
+    pub replay: Option<Replay>,
+    pub distill: Option<SelfDistillation>,
+    /// Set by [`trainable`]: it needs the parameters before any update.
+    pub l2: Option<L2ToInit>,
+}
+
+/// The guards, with the base model's answers generated (or read from their cache) before any
+/// update.
+pub fn guards(plan: &Plan, m: &mut Loaded) -> Result<Guards, Stop> {
+    let spec = plan.spec();
+    let hp = plan.hp();
+    let max_seq = hp.max_seq_length as usize;
+    let encoder = Loaded::encoder(&m.tokenizer, m.chat_template.as_ref(), plan);
+    let lora_sft = !plan.is_dpo && spec.adapter.kind == AdapterType::Lora;
+    let (effective, source) = guard::effective(
+        spec.forgetting_guard.as_ref(),
+        lora_sft,
+        encoder.template.is_some(),
+    );
+    if source == GuardSource::Default {
+        eprintln!(
+            "forgetting guard: default selfReplay (ratio {}, answers up to {} tokens, weight {}); name a guard in spec.forgettingGuard, or set forgettingGuard.disabled: true to train without one",
+            DEFAULT_REPLAY_RATIO,
+            finetune_crds::training::default_replay_answer_tokens(),
+            finetune_crds::training::default_replay_weight()
+        );
+    }
+    let mut replay = None;
+    if let Some(r) = &effective.self_replay {
+        let t = Instant::now();
+        let mut samples = guard::replay_samples(
+            &mut m.model,
+            &encoder,
+            &m.eos_ids,
+            &guard::replay_cache_path(&plan.checkpoint_dir),
+            r.answer_tokens as usize,
+        )
+        .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfReplay"))?;
+        samples.retain(|s| s.len() <= max_seq);
+        let per_step = hp.batch_size as usize * hp.gradient_accumulation_steps as usize;
+        let r = Replay::new(samples, r.ratio, per_step, r.weight);
+        eprintln!(
+            "self-replay: {} base answers, {:.2} replayed per step at weight {} ({:.1}s)",
+            r.len(),
+            r.ratio_per_step(),
+            r.weight,
+            t.elapsed().as_secs_f64()
+        );
+        replay = Some(r);
+    }
+    // Self-distillation scores the base model's answers to the self-replay requests.
+    let distill = match &effective.self_distillation {
+        Some(g) => {
+            let t = Instant::now();
+            let cache = guard::distill_cache_path(&plan.checkpoint_dir);
+            let mut samples = guard::replay_samples(
+                &mut m.model,
+                &encoder,
+                &m.eos_ids,
+                &cache,
+                guard::DISTILL_TOKENS,
+            )
+            .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfDistillation"))?;
+            samples.retain(|s| s.len() <= max_seq);
+            if samples.is_empty() {
+                return Err(invalid(
+                    format!(
+                        "the base model gave no usable answer to the general requests (all empty or longer than maxSeqLength; see {}), so selfDistillation has nothing to anchor",
+                        cache.display()
+                    ),
+                    "spec.forgettingGuard.selfDistillation",
+                ));
+            }
+            eprintln!(
+                "self-distillation: {} base answers, weight {} ({:.1}s)",
+                samples.len(),
+                g.weight,
+                t.elapsed().as_secs_f64()
+            );
+            Some(SelfDistillation::new(samples, g.weight))
+        }
+        None => None,
+    };
+    Ok(Guards {
+        effective,
+        source,
+        replay,
+        distill,
+        l2: None,
+    })
+}
+
+/// The LoRA settings of the adapter a run starts from (`initAdapter`): its own
+/// `adapter_config.json` decides rank, alpha, targets and rsLoRA, since its weights have those
+/// shapes; settings also given in the spec must agree. The spec's dropout applies when given.
+fn init_lora_config(
+    dir: &Path,
+    from_spec: LoraConfig,
+    spec_given: bool,
+) -> Result<LoraConfig, Stop> {
+    let (saved, _) = export::read_peft_adapter(dir)?;
+    if spec_given && saved.mismatch(&LoraExpectation::from(&from_spec)).is_some() {
+        let mut a = saved.target_modules.clone();
+        let mut b = from_spec.target_modules.clone();
+        a.sort();
+        b.sort();
+        return Err(invalid(
+            format!(
+                "adapter.lora (rank {}, alpha {}, rslora {}, targets {:?}) disagrees with the initAdapter's adapter_config.json in {} (rank {}, alpha {}, rslora {}, targets {:?}); leave adapter.lora out to continue with the adapter's settings",
+                from_spec.rank,
+                from_spec.alpha,
+                from_spec.rslora,
+                b,
+                dir.display(),
+                saved.rank,
+                saved.alpha,
+                saved.rslora,
+                a
+            ),
+            "spec.adapter.lora",
+        ));
+    }
+    Ok(LoraConfig {
+        dropout: if spec_given {
+            from_spec.dropout
+        } else {
+            saved.dropout
+        },
+        ..saved
+    })
+}
+
+/// The trainable parameters and their optimizer: the RNG is seeded here, right before a fresh
+/// adapter is initialised. Sets `guards.l2` from the parameters before any update.
+pub fn trainable(
+    plan: &Plan,
+    model: &mut CausalLm,
+    guards: &mut Guards,
+) -> Result<(Option<LoraConfig>, AdamW), Stop> {
+    let hp = plan.hp();
+    let lora_cfg = match &plan.lora {
+        Some(from_spec) => Some(match &plan.init_adapter {
+            Some(dir) => {
+                init_lora_config(dir, from_spec.clone(), plan.spec().adapter.lora.is_some())?
+            }
+            None => from_spec.clone(),
+        }),
+        None => None,
+    };
+    tch::manual_seed(hp.seed);
+    let params: Vec<(String, Tensor, f64)> = if let Some(c) = &lora_cfg {
+        match &plan.init_adapter {
+            Some(dir) => {
+                let n = export::apply_peft_adapter(model, dir)?;
+                model.set_lora_trainable();
+                eprintln!("starting from adapter {} ({n} layers)", dir.display());
+            }
+            None => {
+                model.add_lora(c).map_err(|e| Stop::Invalid {
+                    message: e.to_string(),
+                    param: Some("spec.adapter.lora.targetModules".into()),
+                })?;
+            }
+        }
+        model
+            .lora_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t, hp.weight_decay))
+            .collect()
+    } else {
+        model.unfreeze_all();
+        model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| {
+                let decay = if n.ends_with("norm.weight") || n.ends_with(".bias") {
+                    0.0
+                } else {
+                    hp.weight_decay
+                };
+                (n, t.shallow_clone(), decay)
+            })
+            .collect()
+    };
+    // Before any update (and before a resume loads trained weights): the weights to pull toward.
+    guards.l2 = guards.effective.l2_to_init.as_ref().map(|g| {
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t, _)| t.shallow_clone()).collect();
+        L2ToInit::new(&tensors, g.weight)
+    });
+    let opt = AdamW::new(params);
+    model.set_training(true);
+    Ok((lora_cfg, opt))
+}
+
+/// The batches a run iterates over and evaluates on.
+pub struct Batches {
+    pub eval_set: Vec<Batch>,
+    pub retention_batches: Vec<Batch>,
+    pub batcher: Batcher,
+    /// Training samples (before packing).
+    pub n_train: usize,
+    pub schedule: Schedule,
+    pub config_digest: String,
+}
+
+/// Eval batches: samples in order, `batch_size` per batch, padded (no packing).
+pub fn eval_batches(samples: &[Sample], batch_size: usize) -> Vec<Batch> {
+    let rows: Vec<Vec<usize>> = (0..samples.len()).map(|i| vec![i]).collect();
+    rows.chunks(batch_size.max(1))
+        .map(|c| build_batch(samples, c))
+        .collect()
+}
+
+/// Moves the training samples into the batcher and fixes the schedule and the config digest.
+pub fn batches(
+    plan: &Plan,
+    prepared: &mut Prepared,
+    retention_set: &[Sample],
+    forgetting_guard: &ForgettingGuard,
+) -> Batches {
+    let hp = plan.hp();
+    let batch_size = hp.batch_size as usize;
+    let eval_set = if plan.is_dpo {
+        Vec::new()
+    } else {
+        eval_batches(&prepared.eval, batch_size)
+    };
+    let retention_batches = eval_batches(retention_set, batch_size);
+    let train_samples = std::mem::take(&mut prepared.train);
+    let n_train = train_samples.len();
+    let batcher = Batcher::new(
+        train_samples,
+        BatchPlan {
+            batch_size,
+            max_seq_length: hp.max_seq_length as usize,
+            packing: hp.packing,
+            seed: plan.seed,
+        },
+    );
+    let schedule = Schedule::new(hp, batcher.batches_per_epoch() as i64);
+    let config_digest = config_digest(
+        &plan.job,
+        forgetting_guard,
+        &prepared.train_digest,
+        plan.init_adapter.as_deref(),
+    );
+    Batches {
+        eval_set,
+        retention_batches,
+        batcher,
+        n_train,
+        schedule,
+        config_digest,
+    }
+}
+
+/// DPO: the pairs and where their reference log-probs come from (computed now, or read from
+/// the cache a previous attempt left in the checkpoint directory).
+pub fn dpo(
+    plan: &Plan,
+    pairs: Option<PreparedPairs>,
+    model: &mut CausalLm,
+    config_digest: &str,
+) -> Result<Option<Dpo>, Stop> {
+    let Some(p) = pairs else {
+        return Ok(None);
+    };
+    let o = plan.spec().method.dpo.clone().unwrap_or_default();
+    let mut d = Dpo {
+        cfg: DpoConfig {
+            beta: o.beta,
+            loss: o.loss,
+            label_smoothing: o.label_smoothing,
+        },
+        train: PairSet::new(&p.train),
+        eval: PairSet::new(&p.eval),
+        // Switching the adapter off gives the starting weights only for a fresh adapter.
+        mode: if plan.is_lora() && plan.init_adapter.is_none() {
+            ReferenceMode::AdapterOff
+        } else {
+            ReferenceMode::Precomputed
+        },
+        batch_size: plan.hp().batch_size as usize,
+    };
+    if d.mode == ReferenceMode::Precomputed {
+        let t = Instant::now();
+        let cache: PathBuf = plan.checkpoint_dir.join(DPO_REFERENCE_FILE);
+        let computed = d.precompute_reference(model, &cache, config_digest)?;
+        eprintln!(
+            "dpo reference log-probs {} for {} + {} pairs ({:.1}s)",
+            if computed {
+                "computed"
+            } else {
+                "read from the cache"
+            },
+            d.train.len(),
+            d.eval.len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(Some(d))
+}
