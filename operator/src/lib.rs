@@ -3,6 +3,11 @@
 //!
 //! Each kind has a folder with its controller, its pure builders and its status derivation
 //! (`finetunejob`, `adapter`); what both controllers share sits beside them:
+//! - `finetunejob::controller`: the FinetuneJob controller, a pipeline of `dereference` (every
+//!   read), `plan` (pure: the writes and the requeue, unit-tested with observed states) and
+//!   `apply` (every write, in a slot of the write gate), over a shared `context`.
+//! - `adapter::controller`: the Adapter controller, verifying user-registered Adapters with a
+//!   short-lived pod.
 //! - `api`: the API plumbing both controllers use: the field manager, server-side apply and
 //!   status writes, the applied-hash of children, cached watches and the start-up CRD check.
 //! - `pods`: what every pod the operator builds shares: build settings, security contexts and

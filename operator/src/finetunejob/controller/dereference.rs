@@ -1,0 +1,129 @@
+//! Every read of a job's reconcile: the child caches with our writes they have not delivered,
+//! a GET for each pod on record the cache lacks, the trainer's progress report, and the
+//! Adapter a new pod starts from. What is read here, `plan` decides on without a server.
+
+use std::sync::Arc;
+
+use finetune_crds::contract::DEFAULT_STATUS_PORT;
+use finetune_crds::{Adapter, FinetuneJob};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::{Api, ResourceExt};
+
+use super::context::Context;
+use super::plan::{self, Observed};
+use crate::api::applied_hash;
+use crate::error::Error;
+use crate::finetunejob::{init_adapter, names};
+
+/// Reads what `plan` needs about `job` (the freshest copy of it).
+pub(super) async fn dereference(ctx: &Context, job: Arc<FinetuneJob>) -> Result<Observed, Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let key = format!("{namespace}/{name}");
+    let mut pods = cached_pods(ctx, &job, &namespace);
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    for pod_name in plan::pods_to_confirm(&job, &pods) {
+        if let Some(pod) = pods_api.get_opt(&pod_name).await?
+            && owned_by(&pod, &job)
+        {
+            pods.push(pod);
+        }
+    }
+    let report = match running_trainer_address(&pods) {
+        Some(address) => ctx.progress.report(&key, &address),
+        None => None,
+    };
+    let now = Timestamp::now();
+    let init_adapter = match plan::starting_adapter_needed(&job, &pods, report.as_ref(), now) {
+        Some(adapter) => Some(init_adapter_uri(ctx, &namespace, adapter).await?),
+        None => None,
+    };
+    let caches = &ctx.caches;
+    let manifest_hash = applied_hash(
+        &caches.maps,
+        &caches.maps_written,
+        &names::manifest_config_map(&name),
+        &namespace,
+    );
+    let claim_hash = applied_hash(
+        &caches.claims,
+        &caches.claims_written,
+        &names::storage_claim(&name),
+        &namespace,
+    );
+    Ok(Observed {
+        job,
+        pods,
+        report,
+        manifest_hash,
+        claim_hash,
+        init_adapter,
+        now,
+    })
+}
+
+fn owned_by(pod: &Pod, job: &FinetuneJob) -> bool {
+    let uid = job.uid();
+    pod.owner_references()
+        .iter()
+        .any(|owner| Some(&owner.uid) == uid.as_ref())
+}
+
+/// The job's trainer pods in the cache, and those we created that the watch has not delivered.
+fn cached_pods(ctx: &Context, job: &FinetuneJob, namespace: &str) -> Vec<Pod> {
+    let name = job.name_any();
+    let of_this_job = |pod: &Pod| {
+        pod.namespace().as_deref() == Some(namespace)
+            && pod.labels().get(names::JOB_LABEL) == Some(&name)
+            && owned_by(pod, job)
+    };
+    let mut pods: Vec<Pod> = ctx
+        .caches
+        .pods
+        .state_filter(of_this_job)
+        .into_iter()
+        .map(Arc::unwrap_or_clone)
+        .collect();
+    for created in ctx.caches.pods_written.matching(of_this_job) {
+        if !pods.iter().any(|pod| pod.name_any() == created.name_any()) {
+            pods.push(Arc::unwrap_or_clone(created));
+        }
+    }
+    pods
+}
+
+/// The storage URI of the Adapter a job starts from, or why there is none yet.
+async fn init_adapter_uri(
+    ctx: &Context,
+    namespace: &str,
+    adapter: &str,
+) -> Result<Result<String, String>, Error> {
+    let adapters: Api<Adapter> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(found) = adapters.get_opt(adapter).await? else {
+        return Ok(Err(format!(
+            "Adapter {adapter} does not exist in namespace {namespace}"
+        )));
+    };
+    let producer = match &found.spec.source.from_job {
+        Some(job) => {
+            let jobs: Api<FinetuneJob> = Api::namespaced(ctx.client.clone(), namespace);
+            jobs.get_opt(job).await?
+        }
+        None => None,
+    };
+    Ok(init_adapter::adapter_uri(&found, producer.as_ref()))
+}
+
+/// `ip:port` of the newest trainer pod when it is running.
+fn running_trainer_address(pods: &[Pod]) -> Option<String> {
+    let newest = pods.iter().max_by_key(|pod| {
+        pod.labels()
+            .get(names::ATTEMPT_LABEL)
+            .and_then(|a| a.parse::<i32>().ok())
+            .unwrap_or(-1)
+    })?;
+    let status = newest.status.as_ref()?;
+    (status.phase.as_deref() == Some("Running")).then_some(())?;
+    Some(format!("{}:{DEFAULT_STATUS_PORT}", status.pod_ip.as_ref()?))
+}
