@@ -1,7 +1,7 @@
 //! The FinetuneJob controller, a pipeline in the Stackable shape: validate the spec (once per
 //! generation) → `dereference` (every read) → `plan` (pure: what to create, patch and delete, and
-//! when to look again) → `apply` (every write). Only `dereference` and `apply` talk to the
-//! apiserver, so every decision is unit-tested in `plan` without one.
+//! when to look again) → `apply` (every write). Only `dereference`, `apply` and the recording of
+//! an invalid spec talk to the apiserver, so every decision is unit-tested in `plan` without one.
 //!
 //! Reads come from watch caches, never from per-reconcile LISTs: the watches that trigger
 //! reconciles on children also keep them in stores, so a reconcile that finds nothing to change
