@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod adapter_controller;
 pub mod check;
+pub mod conditions;
 pub mod controller;
 pub mod error;
 pub mod event_queue;

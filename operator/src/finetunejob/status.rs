@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use super::names;
+use crate::conditions::{self, Transition};
 
 /// Most attempts kept in `status.attempts`.
 pub const MAX_ATTEMPTS_RECORDED: usize = 20;
@@ -27,17 +28,6 @@ pub enum Action {
     PollProgress(String),
     /// Nothing to do until something changes.
     Wait,
-}
-
-/// An Event to record about a transition.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    /// `Normal` or `Warning`.
-    pub warning: bool,
-    /// CamelCase reason, e.g. `Unschedulable`.
-    pub reason: String,
-    /// What happened, for people.
-    pub message: String,
 }
 
 /// The outcome of one derivation.
@@ -225,10 +215,9 @@ pub fn derive(
                    message: String,
                    warning: bool| {
         status.phase = Some(phase);
-        set_condition(
+        conditions::set_phase(
             &mut status.conditions,
-            phase_condition(phase),
-            "True",
+            phase,
             reason,
             &message,
             generation,
@@ -393,7 +382,7 @@ pub fn derive(
             );
             if let Some(stop_reason) = stop_reason {
                 let kind = stop_kind(&stop_reason);
-                upsert_condition(
+                conditions::set(
                     &mut status.conditions,
                     EARLY_STOPPED_CONDITION,
                     "True",
@@ -541,10 +530,9 @@ pub fn invalid_spec(job: &FinetuneJob, message: &str, now: Timestamp) -> Derived
     status.phase = Some(JobPhase::Failed);
     status.observed_generation = job.metadata.generation;
     status.completion_time.get_or_insert(Time(now));
-    set_condition(
+    conditions::set_phase(
         &mut status.conditions,
-        "Failed",
-        "True",
+        JobPhase::Failed,
         "InvalidSpec",
         message,
         job.metadata.generation,
@@ -579,18 +567,19 @@ pub fn child_creation_failed(
     status.observed_generation = job.metadata.generation;
     let message = format!("cannot create {child}: {error}");
     let generation = job.metadata.generation;
-    let condition = Condition {
-        type_: "Created".into(),
-        status: "False".into(),
-        reason: "ChildCreationFailed".into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: Time(now),
-    };
-    match status.conditions.iter_mut().find(|c| c.type_ == "Created") {
-        Some(existing) => *existing = condition,
-        None => status.conditions.push(condition),
-    }
+    // Written whole with this refusal's time (`put`), as it always was; `set` would keep the
+    // first refusal's time while the condition stays False.
+    conditions::put(
+        &mut status.conditions,
+        Condition {
+            type_: "Created".into(),
+            status: "False".into(),
+            reason: "ChildCreationFailed".into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: Time(now),
+        },
+    );
     status
 }
 
@@ -875,82 +864,6 @@ fn absorb_termination(status: &mut FinetuneJobStatus, termination: Option<&Termi
                 time,
             });
         }
-    }
-}
-
-/// The condition type that is True while a job is in `phase`.
-fn phase_condition(phase: JobPhase) -> &'static str {
-    match phase {
-        JobPhase::Pending => "Created",
-        JobPhase::Queued => "Queued",
-        JobPhase::Running => "Running",
-        JobPhase::Succeeded => "Succeeded",
-        JobPhase::Failed => "Failed",
-        JobPhase::Suspended => "Suspended",
-    }
-}
-
-/// Sets one condition, keeping `lastTransitionTime` when its status does not change, and marks
-/// the other phase conditions False so `kubectl describe` shows one current phase.
-fn set_condition(
-    conditions: &mut Vec<Condition>,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
-    for phase in [
-        "Created",
-        "Queued",
-        "Running",
-        "Succeeded",
-        "Failed",
-        "Suspended",
-    ] {
-        if phase == type_ {
-            continue;
-        }
-        if let Some(other) = conditions
-            .iter_mut()
-            .find(|c| c.type_ == phase && c.status == "True")
-        {
-            other.status = "False".into();
-            other.last_transition_time = Time(now);
-            other.observed_generation = generation;
-        }
-    }
-    upsert_condition(conditions, type_, status, reason, message, generation, now);
-}
-
-/// Sets one condition, keeping `lastTransitionTime` when its status does not change; other
-/// conditions are left alone.
-fn upsert_condition(
-    conditions: &mut Vec<Condition>,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
-    let transition = conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .filter(|c| c.status == status)
-        .map(|c| c.last_transition_time.clone());
-    let condition = Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: transition.unwrap_or(Time(now)),
-    };
-    match conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(existing) => *existing = condition,
-        None => conditions.push(condition),
     }
 }
 
