@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use finetune_crds::contract::{StatusReport, TerminationMessage};
+use finetune_crds::contract::{StatusReport, StopKind, TerminationMessage};
 use finetune_crds::finetunejob::{AdapterRef, CheckpointRef, Progress};
 use finetune_crds::{FinetuneJob, FinetuneJobStatus, JobPhase};
 use k8s_openapi::api::core::v1::Pod;
@@ -93,14 +93,20 @@ pub fn outcome(phase_before: Option<JobPhase>, derived: &Derived) -> Option<Outc
 /// The condition set (alongside Succeeded) when training ended before its planned last step.
 pub const EARLY_STOPPED_CONDITION: &str = "EarlyStopped";
 
-/// The `EarlyStopped` reason for a trainer's `stopReason`: `RetentionFloor` when the retention
-/// probe fell below `evaluation.retention.minScore` (`action: stop`), `EarlyStopping` otherwise
-/// (no eval loss improvement within the patience).
-pub fn stop_kind(stop_reason: &str) -> &'static str {
-    if stop_reason.contains("retention") {
-        "RetentionFloor"
-    } else {
-        "EarlyStopping"
+/// Which rule ended a successful run before its planned last step, from the trainer's typed
+/// `stopKind`: `RetentionFloor` when the retention probe fell below
+/// `evaluation.retention.minScore` (`action: stop`), `EarlyStopping` when the eval loss did not
+/// improve within the patience. `None` without a `stopReason`: the run reached its last step (the
+/// `EarlyStopped` condition's message is the `stopReason`, so a kind alone sets nothing).
+///
+/// A `stopReason` without a kind (a trainer older than the typed field) counts as
+/// `EarlyStopping`, the routine stop: a warning is raised only when the trainer said so, never
+/// guessed from its words.
+pub fn stop_kind(termination: &TerminationMessage) -> Option<StopKind> {
+    match (termination.stop_kind, &termination.stop_reason) {
+        (_, None) => None,
+        (Some(kind), Some(_)) => Some(kind),
+        (None, Some(_)) => Some(StopKind::EarlyStopping),
     }
 }
 
@@ -354,13 +360,14 @@ fn succeed(
         message.push_str(&format!("; stopped before the last step: {stop_reason}"));
     }
     phases.set(status, JobPhase::Succeeded, "Completed", message, false);
-    if let Some(stop_reason) = stop_reason {
-        let kind = stop_kind(&stop_reason);
+    if let Some(kind) = termination.as_ref().and_then(stop_kind)
+        && let Some(stop_reason) = stop_reason
+    {
         conditions::set(
             &mut status.conditions,
             EARLY_STOPPED_CONDITION,
             "True",
-            kind,
+            kind.reason(),
             &stop_reason,
             phases.generation,
             now,
@@ -368,8 +375,8 @@ fn succeed(
         // The model forgetting what it knew is worth a warning even though a result (an
         // earlier step) was kept; early stopping on the eval loss is routine.
         phases.transitions.push(Transition {
-            warning: kind == "RetentionFloor",
-            reason: kind.to_string(),
+            warning: kind == StopKind::RetentionFloor,
+            reason: kind.reason().to_string(),
             message: stop_reason,
         });
     }
@@ -742,11 +749,12 @@ mod tests {
         assert_eq!(derived.action, Action::Wait);
     }
 
-    fn stopped_early(stop_reason: &str) -> Derived {
+    fn stopped_early(kind: StopKind, stop_reason: &str) -> Derived {
         let message = TerminationMessage {
             checkpoint_step: Some(40),
             checkpoint_path: Some("/var/lib/finetune/j/checkpoints/step-40".into()),
             stop_reason: Some(stop_reason.into()),
+            stop_kind: Some(kind),
             ..TerminationMessage::default()
         };
         let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
@@ -765,7 +773,7 @@ mod tests {
     fn early_stopping_is_surfaced_in_conditions_and_events() {
         let why =
             "early stopping: no eval loss improvement in 3 evaluations; the result is step 40";
-        let derived = stopped_early(why);
+        let derived = stopped_early(StopKind::EarlyStopping, why);
         assert_eq!(derived.status.phase, Some(JobPhase::Succeeded));
         let succeeded = condition_of(&derived.status, "Succeeded");
         assert_eq!(
@@ -803,7 +811,7 @@ mod tests {
     fn a_retention_floor_stop_is_a_warning() {
         let why = "retention score 0.400 (2/5 base answers kept) fell below \
                    evaluation.retention.minScore 0.8 at step 30; the result is step 20";
-        let derived = stopped_early(why);
+        let derived = stopped_early(StopKind::RetentionFloor, why);
         assert_eq!(derived.status.phase, Some(JobPhase::Succeeded));
         let stopped = condition_of(&derived.status, EARLY_STOPPED_CONDITION);
         assert_eq!(stopped.reason, "RetentionFloor");
@@ -814,6 +822,29 @@ mod tests {
             .expect("a RetentionFloor event");
         assert!(event.warning);
         assert!(event.message.contains("the result is step 20"));
+    }
+
+    #[test]
+    fn a_stop_reason_without_a_kind_is_routine_early_stopping() {
+        // Words that mention retention decide nothing: only the typed kind raises a warning.
+        let message = TerminationMessage {
+            stop_reason: Some("retention score fell below the floor".into()),
+            ..TerminationMessage::default()
+        };
+        let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
+        let derived = derive(&job(), &[done], None, now());
+        let stopped = condition_of(&derived.status, EARLY_STOPPED_CONDITION);
+        assert_eq!(stopped.reason, "EarlyStopping");
+        assert!(derived.transitions.iter().all(|t| !t.warning));
+        let kind_only = TerminationMessage {
+            stop_kind: Some(StopKind::RetentionFloor),
+            ..TerminationMessage::default()
+        };
+        assert_eq!(
+            stop_kind(&kind_only),
+            None,
+            "no stopReason: ran to the last step"
+        );
     }
 
     #[test]
