@@ -2,7 +2,7 @@
 //! contract's exit codes, OOM kills, evictions) and whether another attempt may help, the
 //! records in `status.attempts` with the counters charged to `backoffLimit`, and which failed
 //! pods may go. Choosing the job's phase from the latest attempt is `status`'s part; this module
-//! does not know about phases, so `status` uses it and not the other way round.
+//! never sets a phase, so `status` uses it and not the other way round (no import circle).
 
 use finetune_crds::contract::{ExitCode, TerminationMessage};
 use finetune_crds::finetunejob::{Attempt, CheckpointRef};
