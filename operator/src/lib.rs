@@ -10,12 +10,15 @@
 //!   short-lived pod.
 //! - `api`: the API plumbing both controllers use: the field manager, server-side apply and
 //!   status writes, the applied-hash of children, cached watches and the start-up CRD check.
+//! - `conditions`: status conditions written one way for both kinds (`set`, the job's exclusive
+//!   `set_phase`, `put`) and the `Transition` Event that goes with a condition change.
 //! - `pods`: what every pod the operator builds shares: build settings, security contexts and
 //!   read-only mounts of storage URIs.
 
 pub mod adapter;
 pub mod api;
 pub mod check;
+pub mod conditions;
 pub mod error;
 pub mod event_queue;
 pub mod finetunejob;

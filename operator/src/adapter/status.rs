@@ -9,11 +9,11 @@ use finetune_crds::Adapter;
 use finetune_crds::adapter::{AdapterPhase, AdapterStatus};
 use finetune_crds::contract::{AdapterVerification, VerificationReason};
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::build::{in_pod_paths, verification_pod_name};
-use crate::finetunejob::status::Transition;
+use crate::conditions::{self, Transition};
 
 /// Condition saying whether the files were verified.
 pub const VERIFIED: &str = "Verified";
@@ -318,15 +318,12 @@ fn set_phase(
     };
     status.phase = Some(phase);
     status.verified_time = None;
-    set_condition(
-        &mut status.conditions,
-        VERIFIED,
-        verified,
-        reason,
-        message,
-        now,
-    );
-    set_condition(&mut status.conditions, READY, ready, reason, message, now);
+    // Bounded: a verifier's message can be long (a log tail, a list of mismatches).
+    let message: String = message.chars().take(1000).collect();
+    // No observedGeneration per condition: the Adapter's status records it once.
+    let conditions = &mut status.conditions;
+    conditions::set(conditions, VERIFIED, verified, reason, &message, None, now);
+    conditions::set(conditions, READY, ready, reason, &message, None, now);
 }
 
 /// The end of a log excerpt (the kubelet's fallback message is the log's tail; its end says most).
@@ -341,36 +338,6 @@ fn reason_text(reason: VerificationReason) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_else(|| format!("{reason:?}"))
-}
-
-/// Sets a condition, keeping its transition time when its status does not change.
-fn set_condition(
-    conditions: &mut Vec<Condition>,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    now: Timestamp,
-) {
-    let message: String = message.chars().take(1000).collect();
-    match conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(existing) => {
-            if existing.status != status {
-                existing.last_transition_time = Time(now);
-            }
-            existing.status = status.into();
-            existing.reason = reason.into();
-            existing.message = message;
-        }
-        None => conditions.push(Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: None,
-            last_transition_time: Time(now),
-        }),
-    }
 }
 
 /// An Event when the phase or the Verified reason changes.
@@ -412,6 +379,7 @@ mod tests {
     use finetune_crds::adapter::{AdapterSource, AdapterSpec, FileDigest};
     use finetune_crds::model::BaseModel;
     use k8s_openapi::api::core::v1::{ContainerState, ContainerStatus, PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     fn adapter(generation: i64) -> Adapter {
         let mut adapter = Adapter::new(

@@ -2,6 +2,7 @@
 //! objects (`build`), the status derivation (`status`), and the names and labels that tie
 //! children to their job.
 
+pub mod attempts;
 pub mod build;
 pub mod controller;
 pub mod init_adapter;

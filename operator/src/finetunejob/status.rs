@@ -1,20 +1,19 @@
 //! Pure status derivation: from a job and its trainer pods to the job's observed status and the
-//! next action. This is where attempts are classified (the contract's exit codes, OOM kills,
-//! evictions), so it is tested case by case without an apiserver.
+//! next action, tested case by case without an apiserver. [`derive`] is two steps: the attempts
+//! are brought on record (`attempts`: pod states, failure classification, counters), then the
+//! job's phase follows from the latest attempt (`next_phase`).
 
 use std::time::Duration;
 
-use finetune_crds::contract::{ExitCode, StatusReport, TerminationMessage};
-use finetune_crds::finetunejob::{AdapterRef, Attempt, CheckpointRef, Progress};
+use finetune_crds::contract::{StatusReport, StopKind, TerminationMessage};
+use finetune_crds::finetunejob::{AdapterRef, CheckpointRef, Progress};
 use finetune_crds::{FinetuneJob, FinetuneJobStatus, JobPhase};
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use super::names;
-
-/// Most attempts kept in `status.attempts`.
-pub const MAX_ATTEMPTS_RECORDED: usize = 20;
+use super::attempts::{self, Failure, Observed, PodState, pod_name};
+use crate::conditions::{self, Transition};
 
 /// What the reconciler should do after writing the status.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,17 +26,6 @@ pub enum Action {
     PollProgress(String),
     /// Nothing to do until something changes.
     Wait,
-}
-
-/// An Event to record about a transition.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    /// `Normal` or `Warning`.
-    pub warning: bool,
-    /// CamelCase reason, e.g. `Unschedulable`.
-    pub reason: String,
-    /// What happened, for people.
-    pub message: String,
 }
 
 /// The outcome of one derivation.
@@ -99,45 +87,26 @@ pub fn outcome(phase_before: Option<JobPhase>, derived: &Derived) -> Option<Outc
 /// The condition set (alongside Succeeded) when training ended before its planned last step.
 pub const EARLY_STOPPED_CONDITION: &str = "EarlyStopped";
 
-/// The `EarlyStopped` reason for a trainer's `stopReason`: `RetentionFloor` when the retention
-/// probe fell below `evaluation.retention.minScore` (`action: stop`), `EarlyStopping` otherwise
-/// (no eval loss improvement within the patience).
-pub fn stop_kind(stop_reason: &str) -> &'static str {
-    if stop_reason.contains("retention") {
-        "RetentionFloor"
-    } else {
-        "EarlyStopping"
+/// Which rule ended a successful run before its planned last step, from the trainer's typed
+/// `stopKind`: `RetentionFloor` when the retention probe fell below
+/// `evaluation.retention.minScore` (`action: stop`), `EarlyStopping` when the eval loss did not
+/// improve within the patience. `None` without a `stopReason`: the run reached its last step (the
+/// `EarlyStopped` condition's message is the `stopReason`, so a kind alone sets nothing).
+///
+/// A `stopReason` without a kind (a trainer older than the typed field) counts as
+/// `EarlyStopping`, the routine stop: a warning is raised only when the trainer said so, never
+/// guessed from its words.
+pub fn stop_kind(termination: &TerminationMessage) -> Option<StopKind> {
+    match (termination.stop_kind, &termination.stop_reason) {
+        (_, None) => None,
+        (Some(kind), Some(_)) => Some(kind),
+        (None, Some(_)) => Some(StopKind::EarlyStopping),
     }
-}
-
-/// The state of one trainer pod, read from its status.
-#[derive(Clone, Debug, PartialEq)]
-enum PodState {
-    /// Not yet bound; `Some(message)` when the scheduler reported it unschedulable.
-    Pending { unschedulable: Option<String> },
-    /// The trainer is running.
-    Running,
-    /// The trainer exited 0.
-    Succeeded(Option<TerminationMessage>),
-    /// The pod failed; why, and whether another attempt may help.
-    Failed(Failure),
-}
-
-/// A failed attempt, classified.
-#[derive(Clone, Debug, PartialEq)]
-struct Failure {
-    reason: String,
-    exit_code: Option<i32>,
-    message: Option<String>,
-    retryable: bool,
-    counts_against_backoff: bool,
-    termination: Option<TerminationMessage>,
-    /// When the trainer container ended (the kubelet's `finishedAt`).
-    finished_at: Option<Timestamp>,
 }
 
 /// First wait before retrying a failure charged to `backoffLimit`; it doubles with each one.
 pub const RETRY_DELAY_FIRST: Duration = Duration::from_secs(10);
+
 /// The longest wait between attempts.
 pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(300);
 
@@ -159,347 +128,22 @@ pub fn derive(
     progress: Option<&StatusReport>,
     now: Timestamp,
 ) -> Derived {
-    let previous = job.status.clone().unwrap_or_default();
-    let mut status = previous.clone();
-    status.observed_generation = job.metadata.generation;
-    // Set again below only while a retry is backing off.
-    status.next_retry_time = None;
-    let mut transitions = Vec::new();
-    let generation = job.metadata.generation;
-
-    // Each pod's state is read once; the attempt records, the counters and the action use it.
-    let mut attempts: Vec<(i32, Option<&Pod>, PodState)> = pods
-        .iter()
-        .filter_map(|pod| Some((attempt_of(pod)?, Some(pod), pod_state(pod))))
-        .collect();
-    // Attempts recorded earlier whose pods are gone. One that had not ended was deleted under the
-    // trainer (an eviction through the API, a drain, `kubectl delete`): a preemption.
-    let vanished: Vec<Attempt> = previous
-        .attempts
-        .iter()
-        .filter(|record| !attempts.iter().any(|(index, _, _)| *index == record.index))
-        .map(|record| vanished_attempt(record, now))
-        .collect();
-    for record in &vanished {
-        attempts.push((record.index, None, PodState::Failed(failure_of(record))));
-    }
-    attempts.sort_by_key(|(attempt, _, _)| *attempt);
-    status.attempts = attempts
-        .iter()
-        .map(|(index, pod, state)| match pod {
-            Some(pod) => attempt_record(*index, pod, state),
-            None => vanished
-                .iter()
-                .find(|record| record.index == *index)
-                .cloned()
-                .expect("every attempt without a pod is a vanished record"),
-        })
-        .collect();
-    trim_attempts(&mut status.attempts);
-    let failures: Vec<&Failure> = attempts
-        .iter()
-        .filter_map(|(_, _, state)| match state {
-            PodState::Failed(failure) => Some(failure),
-            _ => None,
-        })
-        .collect();
-    // Counters never go down: the records are bounded, and a pod removed long ago is no longer
-    // there to be counted.
-    status.failed_attempts = previous
-        .failed_attempts
-        .max(failures.iter().filter(|f| f.counts_against_backoff).count() as i32);
-    status.preemptions = previous.preemptions.max(
-        failures
-            .iter()
-            .filter(|f| f.retryable && !f.counts_against_backoff)
-            .count() as i32,
-    );
-    for failure in failures {
-        absorb_termination(&mut status, failure.termination.as_ref());
-    }
-
-    let phase_before = previous.phase;
-    let mut set = |status: &mut FinetuneJobStatus,
-                   phase: JobPhase,
-                   reason: &str,
-                   message: String,
-                   warning: bool| {
-        status.phase = Some(phase);
-        set_condition(
-            &mut status.conditions,
-            phase_condition(phase),
-            "True",
-            reason,
-            &message,
-            generation,
-            now,
-        );
-        if phase_before != Some(phase) {
-            transitions.push(Transition {
-                warning,
-                reason: reason.to_string(),
-                message,
-            });
-        }
-    };
-
-    if matches!(previous.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
+    let mut status = job.status.clone().unwrap_or_default();
+    // A finished job's status is final, whatever its pods do now.
+    if matches!(status.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
         return Derived {
-            status: previous,
+            status,
             action: Action::Wait,
             transitions: Vec::new(),
         };
     }
-
-    let latest = attempts.last();
-    if let Some(limit) = job.spec.run_policy.active_deadline_seconds
-        && let Some(started) = status.start_time.as_ref().map(|t| t.0)
-        && let Some(deadline) = started
-            .checked_add(Duration::from_secs(limit.max(0) as u64))
-            .ok()
-        && now >= deadline
-    {
-        // Past the deadline: stop whatever runs; the job fails and is never retried.
-        let action = match latest {
-            Some((_, Some(pod), PodState::Pending { .. } | PodState::Running)) => {
-                Action::DeletePod(pod_name(pod))
-            }
-            _ => Action::Wait,
-        };
-        status.completion_time = Some(Time(now));
-        status.next_retry_time = None;
-        set(
-            &mut status,
-            JobPhase::Failed,
-            "DeadlineExceeded",
-            format!(
-                "runPolicy.activeDeadlineSeconds {limit} passed at {deadline} (first started {started}); the trainer was stopped"
-            ),
-            true,
-        );
-        return Derived {
-            status,
-            action,
-            transitions,
-        };
-    }
-
-    let mut stopped_early = None;
-    let action = match latest.map(|(attempt, pod, state)| (*attempt, *pod, state.clone())) {
-        None if job.spec.run_policy.suspend => {
-            set(
-                &mut status,
-                JobPhase::Suspended,
-                "Suspended",
-                "runPolicy.suspend is true; no trainer pod runs".into(),
-                false,
-            );
-            Action::Wait
-        }
-        None => {
-            set(
-                &mut status,
-                JobPhase::Pending,
-                "Created",
-                "creating the trainer pod (attempt 0)".into(),
-                false,
-            );
-            Action::CreatePod(0)
-        }
-        Some((_, Some(pod), PodState::Pending { .. } | PodState::Running))
-            if job.spec.run_policy.suspend =>
-        {
-            set(
-                &mut status,
-                JobPhase::Suspended,
-                "Suspending",
-                "runPolicy.suspend is true; the trainer checkpoints and stops".into(),
-                false,
-            );
-            Action::DeletePod(pod_name(pod))
-        }
-        Some((
-            attempt,
-            _,
-            PodState::Pending {
-                unschedulable: Some(message),
-            },
-        )) => {
-            let message = format!("attempt {attempt} waits for resources: {message}");
-            set(
-                &mut status,
-                JobPhase::Queued,
-                "Unschedulable",
-                message,
-                false,
-            );
-            Action::Wait
-        }
-        Some((
-            attempt,
-            _,
-            PodState::Pending {
-                unschedulable: None,
-            },
-        )) => {
-            set(
-                &mut status,
-                JobPhase::Pending,
-                "PodCreated",
-                format!("trainer pod of attempt {attempt} created"),
-                false,
-            );
-            Action::Wait
-        }
-        Some((attempt, pod, PodState::Running)) => {
-            let pod = pod.expect("only attempts whose pods are gone lack one, and they ended");
-            status.start_time.get_or_insert(Time(now));
-            set(
-                &mut status,
-                JobPhase::Running,
-                "Running",
-                format!("attempt {attempt} is training"),
-                false,
-            );
-            if let Some(report) = progress {
-                absorb_progress(&mut status, report, now);
-            }
-            Action::PollProgress(pod_name(pod))
-        }
-        Some((_, _, PodState::Succeeded(termination))) => {
-            status.start_time.get_or_insert(Time(now));
-            absorb_termination(&mut status, termination.as_ref());
-            if let Some(progress) = status.progress.as_mut() {
-                progress.step = progress.total_steps.max(progress.step);
-                progress.percent = 100.0;
-                progress.percent_text = Some("100%".into());
-                progress.eta_seconds = Some(0);
-            }
-            status.adapter_ref = Some(AdapterRef {
-                name: adapter_name(job),
-            });
-            status.completion_time = Some(Time(now));
-            let stop_reason = termination.as_ref().and_then(|t| t.stop_reason.clone());
-            let mut message = format!("training finished; adapter {}", adapter_name(job));
-            if let Some(stop_reason) = &stop_reason {
-                message.push_str(&format!("; stopped before the last step: {stop_reason}"));
-            }
-            set(
-                &mut status,
-                JobPhase::Succeeded,
-                "Completed",
-                message,
-                false,
-            );
-            if let Some(stop_reason) = stop_reason {
-                let kind = stop_kind(&stop_reason);
-                upsert_condition(
-                    &mut status.conditions,
-                    EARLY_STOPPED_CONDITION,
-                    "True",
-                    kind,
-                    &stop_reason,
-                    generation,
-                    now,
-                );
-                // The model forgetting what it knew is worth a warning even though a result
-                // (an earlier step) was kept; early stopping on the eval loss is routine.
-                stopped_early = Some(Transition {
-                    warning: kind == "RetentionFloor",
-                    reason: kind.to_string(),
-                    message: stop_reason,
-                });
-            }
-            Action::Wait
-        }
-        Some((_, _, PodState::Failed(failure)))
-            if failure.retryable && job.spec.run_policy.suspend =>
-        {
-            // A suspended pod's SIGTERM exit (or any retryable end while suspended) waits for
-            // the resume instead of starting the next attempt.
-            set(
-                &mut status,
-                JobPhase::Suspended,
-                "Suspended",
-                "runPolicy.suspend is true; the next attempt resumes from the last checkpoint"
-                    .into(),
-                false,
-            );
-            Action::Wait
-        }
-        Some((attempt, _, PodState::Failed(failure))) => {
-            let budget_left = status.failed_attempts <= job.spec.run_policy.backoff_limit;
-            let retry_at = failure
-                .finished_at
-                .filter(|_| failure.counts_against_backoff)
-                .and_then(|end| end.checked_add(retry_delay(status.failed_attempts)).ok());
-            if failure.retryable && budget_left && retry_at.is_some_and(|at| now < at) {
-                let at = retry_at.expect("checked above");
-                status.next_retry_time = Some(Time(at));
-                let why = failure
-                    .message
-                    .clone()
-                    .unwrap_or_else(|| failure.reason.clone());
-                let message = format!(
-                    "attempt {attempt} ended ({}: {why}); attempt {} starts at {at} (backoff {} s after failure {} of backoffLimit {})",
-                    failure.reason,
-                    attempt + 1,
-                    retry_delay(status.failed_attempts).as_secs(),
-                    status.failed_attempts,
-                    job.spec.run_policy.backoff_limit,
-                );
-                set(&mut status, JobPhase::Pending, "BackingOff", message, true);
-                Action::Wait
-            } else if failure.retryable && budget_left {
-                let next = attempt + 1;
-                let why = failure
-                    .message
-                    .clone()
-                    .unwrap_or_else(|| failure.reason.clone());
-                let message = format!(
-                    "attempt {attempt} ended ({}: {why}); starting attempt {next}",
-                    failure.reason
-                );
-                set(&mut status, JobPhase::Pending, "Retrying", message, true);
-                Action::CreatePod(next)
-            } else {
-                let why = failure.message.clone().unwrap_or_default();
-                let message = if failure.retryable {
-                    format!(
-                        "backoffLimit {} reached; last attempt: {}: {why}",
-                        job.spec.run_policy.backoff_limit, failure.reason
-                    )
-                } else {
-                    format!("{} (not retried): {why}", failure.reason)
-                };
-                status.completion_time = Some(Time(now));
-                let reason = if failure.retryable {
-                    "BackoffLimitExceeded"
-                } else {
-                    failure.reason.as_str()
-                };
-                set(&mut status, JobPhase::Failed, reason, message, true);
-                Action::Wait
-            }
-        }
-    };
-    transitions.extend(stopped_early);
+    status.observed_generation = job.metadata.generation;
+    // Set again only while a retry is backing off.
+    status.next_retry_time = None;
+    let latest = attempts::record_attempts(&mut status, pods, now);
+    let (action, transitions) = next_phase(job, &mut status, latest, progress, now);
     if let Action::CreatePod(attempt) = action {
-        // On record before its pod is first seen: a pod evicted or deleted before the next
-        // reconcile would otherwise leave no trace, and attempt 0 would start again under the
-        // same name, its history and the preemption lost. The controller confirms with the
-        // apiserver that an unended attempt's pod is really gone before it counts as vanished.
-        if !status.attempts.iter().any(|a| a.index == attempt) {
-            status.attempts.push(Attempt {
-                index: attempt,
-                pod_name: names::trainer_pod(
-                    &job.metadata.name.clone().unwrap_or_default(),
-                    attempt,
-                ),
-                ..Attempt::default()
-            });
-            trim_attempts(&mut status.attempts);
-        }
+        attempts::record_created(job, &mut status, attempt);
     }
     Derived {
         status,
@@ -508,18 +152,294 @@ pub fn derive(
     }
 }
 
-/// Recorded attempts that had not ended and whose pods are not among `pods`: before they count
-/// as vanished (a preemption), the controller asks the apiserver for these pods, since a pod
-/// created moments ago may not have reached the watch cache yet.
-pub fn unended_attempts_without_pods<'a>(job: &'a FinetuneJob, pods: &[Pod]) -> Vec<&'a Attempt> {
-    job.status
-        .iter()
-        // A finished job's records are final (one stopped at its deadline may look unended).
-        .filter(|s| !matches!(s.phase, Some(JobPhase::Succeeded | JobPhase::Failed)))
-        .flat_map(|s| s.attempts.iter())
-        .filter(|record| record.reason.is_none())
-        .filter(|record| !pods.iter().any(|pod| attempt_of(pod) == Some(record.index)))
-        .collect()
+/// Sets a job's phase during one derivation: the phase, its condition (the other phase
+/// conditions turn False), and an Event when the phase differs from the one the derivation
+/// started from.
+struct PhaseSetter {
+    before: Option<JobPhase>,
+    generation: Option<i64>,
+    now: Timestamp,
+    transitions: Vec<Transition>,
+}
+
+impl PhaseSetter {
+    fn set(
+        &mut self,
+        status: &mut FinetuneJobStatus,
+        phase: JobPhase,
+        reason: &str,
+        message: String,
+        warning: bool,
+    ) {
+        status.phase = Some(phase);
+        conditions::set_phase(
+            &mut status.conditions,
+            phase,
+            reason,
+            &message,
+            self.generation,
+            self.now,
+        );
+        if self.before != Some(phase) {
+            self.transitions.push(Transition {
+                warning,
+                reason: reason.to_string(),
+                message,
+            });
+        }
+    }
+}
+
+/// The job's phase after its `latest` attempt (`None` before the first), and what to do next.
+/// `status` holds the attempts as [`attempts::record_attempts`] left them; the phase, the
+/// conditions and the times are set here. Returns the action and the Events to record.
+fn next_phase(
+    job: &FinetuneJob,
+    status: &mut FinetuneJobStatus,
+    latest: Option<Observed>,
+    progress: Option<&StatusReport>,
+    now: Timestamp,
+) -> (Action, Vec<Transition>) {
+    let mut phases = PhaseSetter {
+        before: status.phase,
+        generation: job.metadata.generation,
+        now,
+        transitions: Vec::new(),
+    };
+    if let Some(message) = deadline_passed(job, status, now) {
+        // Past the deadline: stop whatever runs; the job fails and is never retried.
+        let action = match &latest {
+            Some(Observed {
+                pod: Some(pod),
+                state: PodState::Pending { .. } | PodState::Running,
+                ..
+            }) => Action::DeletePod(pod_name(pod)),
+            _ => Action::Wait,
+        };
+        status.completion_time = Some(Time(now));
+        status.next_retry_time = None;
+        phases.set(status, JobPhase::Failed, "DeadlineExceeded", message, true);
+        return (action, phases.transitions);
+    }
+    let suspend = job.spec.run_policy.suspend;
+    let action = match latest {
+        None if suspend => {
+            let message = "runPolicy.suspend is true; no trainer pod runs".into();
+            phases.set(status, JobPhase::Suspended, "Suspended", message, false);
+            Action::Wait
+        }
+        None => {
+            let message = "creating the trainer pod (attempt 0)".into();
+            phases.set(status, JobPhase::Pending, "Created", message, false);
+            Action::CreatePod(0)
+        }
+        Some(Observed {
+            pod: Some(pod),
+            state: PodState::Pending { .. } | PodState::Running,
+            ..
+        }) if suspend => {
+            let message = "runPolicy.suspend is true; the trainer checkpoints and stops".into();
+            phases.set(status, JobPhase::Suspended, "Suspending", message, false);
+            Action::DeletePod(pod_name(pod))
+        }
+        Some(Observed {
+            index: attempt,
+            state: PodState::Pending {
+                unschedulable: Some(message),
+            },
+            ..
+        }) => {
+            let message = format!("attempt {attempt} waits for resources: {message}");
+            phases.set(status, JobPhase::Queued, "Unschedulable", message, false);
+            Action::Wait
+        }
+        Some(Observed {
+            index: attempt,
+            state: PodState::Pending {
+                unschedulable: None,
+            },
+            ..
+        }) => {
+            let message = format!("trainer pod of attempt {attempt} created");
+            phases.set(status, JobPhase::Pending, "PodCreated", message, false);
+            Action::Wait
+        }
+        Some(Observed {
+            index: attempt,
+            pod,
+            state: PodState::Running,
+        }) => {
+            let pod = pod.expect("only attempts whose pods are gone lack one, and they ended");
+            status.start_time.get_or_insert(Time(now));
+            let message = format!("attempt {attempt} is training");
+            phases.set(status, JobPhase::Running, "Running", message, false);
+            if let Some(report) = progress {
+                absorb_progress(status, report, now);
+            }
+            Action::PollProgress(pod_name(pod))
+        }
+        Some(Observed {
+            state: PodState::Succeeded(termination),
+            ..
+        }) => succeed(job, status, termination, &mut phases),
+        Some(Observed {
+            state: PodState::Failed(failure),
+            ..
+        }) if failure.retryable && suspend => {
+            // A suspended pod's SIGTERM exit (or any retryable end while suspended) waits for
+            // the resume instead of starting the next attempt.
+            let message =
+                "runPolicy.suspend is true; the next attempt resumes from the last checkpoint";
+            phases.set(
+                status,
+                JobPhase::Suspended,
+                "Suspended",
+                message.into(),
+                false,
+            );
+            Action::Wait
+        }
+        Some(Observed {
+            index: attempt,
+            state: PodState::Failed(failure),
+            ..
+        }) => after_failure(job, status, attempt, &failure, &mut phases),
+    };
+    (action, phases.transitions)
+}
+
+/// The Failed message once `runPolicy.activeDeadlineSeconds` has passed since the job first
+/// started; `None` before then or without a deadline.
+fn deadline_passed(
+    job: &FinetuneJob,
+    status: &FinetuneJobStatus,
+    now: Timestamp,
+) -> Option<String> {
+    let limit = job.spec.run_policy.active_deadline_seconds?;
+    let started = status.start_time.as_ref()?.0;
+    let deadline = started
+        .checked_add(Duration::from_secs(limit.max(0) as u64))
+        .ok()?;
+    (now >= deadline).then(|| {
+        format!(
+            "runPolicy.activeDeadlineSeconds {limit} passed at {deadline} (first started {started}); the trainer was stopped"
+        )
+    })
+}
+
+/// The job succeeded: the trainer's final report, full progress, the Adapter to register, and
+/// the `EarlyStopped` condition when training ended before its planned last step.
+fn succeed(
+    job: &FinetuneJob,
+    status: &mut FinetuneJobStatus,
+    termination: Option<TerminationMessage>,
+    phases: &mut PhaseSetter,
+) -> Action {
+    let now = phases.now;
+    status.start_time.get_or_insert(Time(now));
+    attempts::absorb_termination(status, termination.as_ref());
+    if let Some(progress) = status.progress.as_mut() {
+        progress.step = progress.total_steps.max(progress.step);
+        progress.percent = 100.0;
+        progress.percent_text = Some("100%".into());
+        progress.eta_seconds = Some(0);
+    }
+    status.adapter_ref = Some(AdapterRef {
+        name: adapter_name(job),
+    });
+    status.completion_time = Some(Time(now));
+    let stop_reason = termination.as_ref().and_then(|t| t.stop_reason.clone());
+    let mut message = format!("training finished; adapter {}", adapter_name(job));
+    if let Some(stop_reason) = &stop_reason {
+        message.push_str(&format!("; stopped before the last step: {stop_reason}"));
+    }
+    phases.set(status, JobPhase::Succeeded, "Completed", message, false);
+    if let Some(kind) = termination.as_ref().and_then(stop_kind)
+        && let Some(stop_reason) = stop_reason
+    {
+        conditions::set(
+            &mut status.conditions,
+            EARLY_STOPPED_CONDITION,
+            "True",
+            kind.reason(),
+            &stop_reason,
+            phases.generation,
+            now,
+        );
+        // The model forgetting what it knew is worth a warning even though a result (an
+        // earlier step) was kept; early stopping on the eval loss is routine.
+        phases.transitions.push(Transition {
+            warning: kind == StopKind::RetentionFloor,
+            reason: kind.reason().to_string(),
+            message: stop_reason,
+        });
+    }
+    Action::Wait
+}
+
+/// The latest attempt `attempt` failed: wait out the backoff, start the next attempt, or fail
+/// the job (not retryable, or `backoffLimit` spent).
+fn after_failure(
+    job: &FinetuneJob,
+    status: &mut FinetuneJobStatus,
+    attempt: i32,
+    failure: &Failure,
+    phases: &mut PhaseSetter,
+) -> Action {
+    let now = phases.now;
+    let backoff_limit = job.spec.run_policy.backoff_limit;
+    let budget_left = status.failed_attempts <= backoff_limit;
+    let retry_at = failure
+        .finished_at
+        .filter(|_| failure.counts_against_backoff)
+        .and_then(|end| end.checked_add(retry_delay(status.failed_attempts)).ok());
+    if failure.retryable && budget_left && retry_at.is_some_and(|at| now < at) {
+        let at = retry_at.expect("checked above");
+        status.next_retry_time = Some(Time(at));
+        let why = failure
+            .message
+            .clone()
+            .unwrap_or_else(|| failure.reason.clone());
+        let message = format!(
+            "attempt {attempt} ended ({}: {why}); attempt {} starts at {at} (backoff {} s after failure {} of backoffLimit {backoff_limit})",
+            failure.reason,
+            attempt + 1,
+            retry_delay(status.failed_attempts).as_secs(),
+            status.failed_attempts,
+        );
+        phases.set(status, JobPhase::Pending, "BackingOff", message, true);
+        Action::Wait
+    } else if failure.retryable && budget_left {
+        let next = attempt + 1;
+        let why = failure
+            .message
+            .clone()
+            .unwrap_or_else(|| failure.reason.clone());
+        let message = format!(
+            "attempt {attempt} ended ({}: {why}); starting attempt {next}",
+            failure.reason
+        );
+        phases.set(status, JobPhase::Pending, "Retrying", message, true);
+        Action::CreatePod(next)
+    } else {
+        let why = failure.message.clone().unwrap_or_default();
+        let message = if failure.retryable {
+            format!(
+                "backoffLimit {backoff_limit} reached; last attempt: {}: {why}",
+                failure.reason
+            )
+        } else {
+            format!("{} (not retried): {why}", failure.reason)
+        };
+        status.completion_time = Some(Time(now));
+        let reason = if failure.retryable {
+            "BackoffLimitExceeded"
+        } else {
+            failure.reason.as_str()
+        };
+        phases.set(status, JobPhase::Failed, reason, message, true);
+        Action::Wait
+    }
 }
 
 /// When a job with `status` is due for deletion (`runPolicy.ttlSecondsAfterFinished` after its
@@ -541,10 +461,9 @@ pub fn invalid_spec(job: &FinetuneJob, message: &str, now: Timestamp) -> Derived
     status.phase = Some(JobPhase::Failed);
     status.observed_generation = job.metadata.generation;
     status.completion_time.get_or_insert(Time(now));
-    set_condition(
+    conditions::set_phase(
         &mut status.conditions,
-        "Failed",
-        "True",
+        JobPhase::Failed,
         "InvalidSpec",
         message,
         job.metadata.generation,
@@ -579,18 +498,19 @@ pub fn child_creation_failed(
     status.observed_generation = job.metadata.generation;
     let message = format!("cannot create {child}: {error}");
     let generation = job.metadata.generation;
-    let condition = Condition {
-        type_: "Created".into(),
-        status: "False".into(),
-        reason: "ChildCreationFailed".into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: Time(now),
-    };
-    match status.conditions.iter_mut().find(|c| c.type_ == "Created") {
-        Some(existing) => *existing = condition,
-        None => status.conditions.push(condition),
-    }
+    // Written whole with this refusal's time (`put`), as it always was; `set` would keep the
+    // first refusal's time while the condition stays False.
+    conditions::put(
+        &mut status.conditions,
+        Condition {
+            type_: "Created".into(),
+            status: "False".into(),
+            reason: "ChildCreationFailed".into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: Time(now),
+        },
+    );
     status
 }
 
@@ -601,223 +521,6 @@ pub fn adapter_name(job: &FinetuneJob) -> String {
         .adapter_name
         .clone()
         .unwrap_or_else(|| job.metadata.name.clone().unwrap_or_default())
-}
-
-fn attempt_of(pod: &Pod) -> Option<i32> {
-    pod.metadata
-        .labels
-        .as_ref()?
-        .get(names::ATTEMPT_LABEL)?
-        .parse()
-        .ok()
-}
-
-/// The termination message of the job's succeeded trainer pod, if one succeeded and wrote one.
-pub fn succeeded_termination(pods: &[Pod]) -> Option<TerminationMessage> {
-    pods.iter().find_map(|pod| match pod_state(pod) {
-        PodState::Succeeded(termination) => termination,
-        _ => None,
-    })
-}
-
-fn pod_name(pod: &Pod) -> String {
-    pod.metadata.name.clone().unwrap_or_default()
-}
-
-fn trainer_termination(pod: &Pod) -> Option<&ContainerStateTerminated> {
-    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    statuses.first()?.state.as_ref()?.terminated.as_ref()
-}
-
-fn pod_state(pod: &Pod) -> PodState {
-    let status = pod.status.as_ref();
-    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
-    let terminated = trainer_termination(pod);
-    let termination: Option<TerminationMessage> = terminated
-        .and_then(|t| t.message.as_deref())
-        .and_then(|m| serde_json::from_str(m).ok());
-    match phase {
-        "Succeeded" => PodState::Succeeded(termination),
-        "Failed" => PodState::Failed(classify_failure(pod, terminated, termination)),
-        "Running" => PodState::Running,
-        _ => {
-            let conditions = status
-                .and_then(|s| s.conditions.as_deref())
-                .unwrap_or_default();
-            let unschedulable = conditions
-                .iter()
-                .find(|c| {
-                    c.type_ == "PodScheduled"
-                        && c.status == "False"
-                        && c.reason.as_deref() == Some("Unschedulable")
-                })
-                .map(|c| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
-            PodState::Pending { unschedulable }
-        }
-    }
-}
-
-/// Classifies a failed pod. Evictions and preemptions (a `DisruptionTarget` condition, the
-/// `Evicted`/`Preempting` reasons, or exit 143 after a checkpoint) are retried without charge;
-/// invalid input and divergence are never retried; everything else is charged.
-fn classify_failure(
-    pod: &Pod,
-    terminated: Option<&ContainerStateTerminated>,
-    termination: Option<TerminationMessage>,
-) -> Failure {
-    let status = pod.status.as_ref();
-    let disrupted = status
-        .and_then(|s| s.conditions.as_deref())
-        .unwrap_or_default()
-        .iter()
-        .any(|c| c.type_ == "DisruptionTarget" && c.status == "True");
-    let pod_reason = status.and_then(|s| s.reason.clone());
-    let exit_code = terminated.map(|t| t.exit_code);
-    let kubelet_reason = terminated.and_then(|t| t.reason.clone());
-    let trainer_message = termination
-        .as_ref()
-        .and_then(|t| t.error.as_ref())
-        .map(|e| match &e.param {
-            Some(param) => format!("{} ({param})", e.message),
-            None => e.message.clone(),
-        });
-    let message = trainer_message.or_else(|| status.and_then(|s| s.message.clone()));
-    let failure = |reason: &str, retryable, charged| Failure {
-        reason: reason.to_string(),
-        exit_code,
-        message: message.clone(),
-        retryable,
-        counts_against_backoff: charged,
-        termination: termination.clone(),
-        finished_at: terminated.and_then(|t| t.finished_at.as_ref()).map(|t| t.0),
-    };
-    if disrupted
-        || matches!(
-            pod_reason.as_deref(),
-            Some("Evicted" | "Preempting" | "Terminated" | "NodeLost")
-        )
-    {
-        return failure("Preempted", true, false);
-    }
-    if kubelet_reason.as_deref() == Some("OOMKilled") {
-        return failure("OutOfMemory", true, true);
-    }
-    let Some(code) = exit_code else {
-        return failure("Error", true, true);
-    };
-    let outcome = ExitCode::from_code(code);
-    failure(
-        outcome.reason(),
-        outcome.is_retryable(),
-        outcome.counts_against_backoff(),
-    )
-}
-
-fn attempt_record(index: i32, pod: &Pod, state: &PodState) -> Attempt {
-    let terminated = trainer_termination(pod);
-    let (reason, termination) = match state {
-        PodState::Failed(failure) => (Some(failure.reason.clone()), failure.termination.as_ref()),
-        PodState::Succeeded(termination) => (Some("Completed".to_string()), termination.as_ref()),
-        _ => (None, None),
-    };
-    Attempt {
-        index,
-        pod_name: pod_name(pod),
-        start_time: pod.status.as_ref().and_then(|s| s.start_time.clone()),
-        end_time: terminated.and_then(|t| t.finished_at.clone()),
-        reason,
-        exit_code: terminated.map(|t| t.exit_code),
-        resumed_from_step: termination.and_then(|t| t.resumed_from_step),
-        message: termination
-            .and_then(|t| t.error.as_ref())
-            .map(|e| e.message.clone()),
-    }
-}
-
-/// The record of an attempt whose pod is gone: as it was when it had ended; one that had not
-/// ended is closed now as a preemption.
-fn vanished_attempt(record: &Attempt, now: Timestamp) -> Attempt {
-    let mut record = record.clone();
-    if record.reason.is_none() {
-        record.reason = Some(ExitCode::Preempted.reason().into());
-        record.end_time = Some(Time(now));
-        record.message = Some(
-            "the trainer pod was deleted before it finished (an eviction, a drain or by hand)"
-                .into(),
-        );
-    }
-    record
-}
-
-/// A recorded attempt classified again, for a pod that is no longer there to read: by the
-/// reason recorded when it ended (see [`classify_failure`]).
-fn failure_of(record: &Attempt) -> Failure {
-    let reason = record.reason.clone().unwrap_or_else(|| "Error".into());
-    let (retryable, charged) = match reason.as_str() {
-        "Preempted" => (true, false),
-        "OutOfMemory" | "Error" => (true, true),
-        // Completed, InvalidInput, Diverged, RetentionBelowMinimum: the job already finished
-        // on them; nothing to retry.
-        _ => (false, false),
-    };
-    Failure {
-        reason,
-        exit_code: record.exit_code,
-        message: record.message.clone(),
-        retryable,
-        counts_against_backoff: charged,
-        termination: None,
-        finished_at: record.end_time.as_ref().map(|t| t.0),
-    }
-}
-
-/// Failed trainer pods to delete so that only the newest `keep` stay (for their logs): older
-/// ones whose attempt is on record in `status` (ended), never the newest attempt's pod, which
-/// the next derivation reads. Their attempts stay in `status.attempts` with exit code and reason.
-pub fn failed_pods_to_prune(pods: &[Pod], status: &FinetuneJobStatus, keep: usize) -> Vec<String> {
-    let attempt_of = |pod: &Pod| {
-        pod.metadata
-            .labels
-            .as_ref()?
-            .get(names::ATTEMPT_LABEL)?
-            .parse::<i32>()
-            .ok()
-    };
-    let newest = pods.iter().filter_map(attempt_of).max();
-    let mut failed: Vec<(i32, String)> = pods
-        .iter()
-        .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed"))
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .filter_map(|pod| Some((attempt_of(pod)?, pod.metadata.name.clone()?)))
-        .filter(|(attempt, _)| Some(*attempt) != newest)
-        .collect();
-    failed.sort_by_key(|(attempt, _)| std::cmp::Reverse(*attempt));
-    let on_record = |attempt: i32| {
-        status
-            .attempts
-            .iter()
-            .any(|a| a.index == attempt && a.end_time.is_some())
-    };
-    // The newest attempt's pod counts toward `keep` when it failed too.
-    let newest_failed = pods.iter().any(|pod| {
-        attempt_of(pod) == newest
-            && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
-    });
-    let keep = keep.saturating_sub(usize::from(newest_failed));
-    failed
-        .into_iter()
-        .skip(keep)
-        .filter(|(attempt, _)| on_record(*attempt))
-        .map(|(_, name)| name)
-        .collect()
-}
-
-/// Keeps the first attempt (how the job began) and the most recent ones.
-fn trim_attempts(attempts: &mut Vec<Attempt>) {
-    if attempts.len() > MAX_ATTEMPTS_RECORDED {
-        let excess = attempts.len() - MAX_ATTEMPTS_RECORDED;
-        attempts.drain(1..=excess);
-    }
 }
 
 fn absorb_progress(status: &mut FinetuneJobStatus, report: &StatusReport, now: Timestamp) {
@@ -852,116 +555,13 @@ fn absorb_progress(status: &mut FinetuneJobStatus, report: &StatusReport, now: T
     }
 }
 
-fn absorb_termination(status: &mut FinetuneJobStatus, termination: Option<&TerminationMessage>) {
-    let Some(termination) = termination else {
-        return;
-    };
-    if let Some(metrics) = &termination.metrics {
-        status.metrics = Some(metrics.clone());
-    }
-    if let (Some(step), Some(path)) = (termination.checkpoint_step, &termination.checkpoint_path) {
-        let newer = status
-            .latest_checkpoint
-            .as_ref()
-            .is_none_or(|c| c.step <= step);
-        if newer {
-            let time = status
-                .latest_checkpoint
-                .as_ref()
-                .and_then(|c| c.time.clone());
-            status.latest_checkpoint = Some(CheckpointRef {
-                step,
-                path: path.clone(),
-                time,
-            });
-        }
-    }
-}
-
-/// The condition type that is True while a job is in `phase`.
-fn phase_condition(phase: JobPhase) -> &'static str {
-    match phase {
-        JobPhase::Pending => "Created",
-        JobPhase::Queued => "Queued",
-        JobPhase::Running => "Running",
-        JobPhase::Succeeded => "Succeeded",
-        JobPhase::Failed => "Failed",
-        JobPhase::Suspended => "Suspended",
-    }
-}
-
-/// Sets one condition, keeping `lastTransitionTime` when its status does not change, and marks
-/// the other phase conditions False so `kubectl describe` shows one current phase.
-fn set_condition(
-    conditions: &mut Vec<Condition>,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
-    for phase in [
-        "Created",
-        "Queued",
-        "Running",
-        "Succeeded",
-        "Failed",
-        "Suspended",
-    ] {
-        if phase == type_ {
-            continue;
-        }
-        if let Some(other) = conditions
-            .iter_mut()
-            .find(|c| c.type_ == phase && c.status == "True")
-        {
-            other.status = "False".into();
-            other.last_transition_time = Time(now);
-            other.observed_generation = generation;
-        }
-    }
-    upsert_condition(conditions, type_, status, reason, message, generation, now);
-}
-
-/// Sets one condition, keeping `lastTransitionTime` when its status does not change; other
-/// conditions are left alone.
-fn upsert_condition(
-    conditions: &mut Vec<Condition>,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
-    let transition = conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .filter(|c| c.status == status)
-        .map(|c| c.last_transition_time.clone());
-    let condition = Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: transition.unwrap_or(Time(now)),
-    };
-    match conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(existing) => *existing = condition,
-        None => conditions.push(condition),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::finetunejob::attempts::fixtures::{condition, exited, finished, now, pod};
+    use crate::finetunejob::attempts::unended_attempts_without_pods;
     use finetune_crds::contract::TrainerError;
     use finetune_crds::finetunejob::TrainingMetrics;
-    use k8s_openapi::api::core::v1::{ContainerState, ContainerStatus, PodCondition, PodStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use std::collections::BTreeMap;
 
     fn job() -> FinetuneJob {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -970,62 +570,6 @@ mod tests {
             finetune_crds::parse_manifest(&std::fs::read_to_string(path).unwrap(), "x").unwrap();
         job.metadata.generation = Some(1);
         job
-    }
-
-    fn now() -> Timestamp {
-        "2026-11-26T12:00:00Z".parse().unwrap()
-    }
-
-    fn pod(attempt: i32, phase: &str) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(format!("j-attempt-{attempt}")),
-                labels: Some(BTreeMap::from([(
-                    names::ATTEMPT_LABEL.to_string(),
-                    attempt.to_string(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            spec: None,
-            status: Some(PodStatus {
-                phase: Some(phase.into()),
-                ..PodStatus::default()
-            }),
-        }
-    }
-
-    fn exited(mut pod: Pod, code: i32, reason: &str, message: Option<&TerminationMessage>) -> Pod {
-        let status = pod.status.as_mut().unwrap();
-        status.container_statuses = Some(vec![ContainerStatus {
-            name: "trainer".into(),
-            state: Some(ContainerState {
-                terminated: Some(ContainerStateTerminated {
-                    exit_code: code,
-                    reason: Some(reason.into()),
-                    message: message.map(|m| m.to_bounded_json()),
-                    ..ContainerStateTerminated::default()
-                }),
-                ..ContainerState::default()
-            }),
-            ..ContainerStatus::default()
-        }]);
-        pod
-    }
-
-    fn condition(mut pod: Pod, type_: &str, status: &str, reason: &str, message: &str) -> Pod {
-        pod.status
-            .as_mut()
-            .unwrap()
-            .conditions
-            .get_or_insert_with(Vec::new)
-            .push(PodCondition {
-                type_: type_.into(),
-                status: status.into(),
-                reason: Some(reason.into()),
-                message: Some(message.into()),
-                ..PodCondition::default()
-            });
-        pod
     }
 
     fn true_condition(status: &FinetuneJobStatus) -> (&str, &str) {
@@ -1200,11 +744,12 @@ mod tests {
         assert_eq!(derived.action, Action::Wait);
     }
 
-    fn stopped_early(stop_reason: &str) -> Derived {
+    fn stopped_early(kind: StopKind, stop_reason: &str) -> Derived {
         let message = TerminationMessage {
             checkpoint_step: Some(40),
             checkpoint_path: Some("/var/lib/finetune/j/checkpoints/step-40".into()),
             stop_reason: Some(stop_reason.into()),
+            stop_kind: Some(kind),
             ..TerminationMessage::default()
         };
         let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
@@ -1223,7 +768,7 @@ mod tests {
     fn early_stopping_is_surfaced_in_conditions_and_events() {
         let why =
             "early stopping: no eval loss improvement in 3 evaluations; the result is step 40";
-        let derived = stopped_early(why);
+        let derived = stopped_early(StopKind::EarlyStopping, why);
         assert_eq!(derived.status.phase, Some(JobPhase::Succeeded));
         let succeeded = condition_of(&derived.status, "Succeeded");
         assert_eq!(
@@ -1261,7 +806,7 @@ mod tests {
     fn a_retention_floor_stop_is_a_warning() {
         let why = "retention score 0.400 (2/5 base answers kept) fell below \
                    evaluation.retention.minScore 0.8 at step 30; the result is step 20";
-        let derived = stopped_early(why);
+        let derived = stopped_early(StopKind::RetentionFloor, why);
         assert_eq!(derived.status.phase, Some(JobPhase::Succeeded));
         let stopped = condition_of(&derived.status, EARLY_STOPPED_CONDITION);
         assert_eq!(stopped.reason, "RetentionFloor");
@@ -1272,6 +817,29 @@ mod tests {
             .expect("a RetentionFloor event");
         assert!(event.warning);
         assert!(event.message.contains("the result is step 20"));
+    }
+
+    #[test]
+    fn a_stop_reason_without_a_kind_is_routine_early_stopping() {
+        // Words that mention retention decide nothing: only the typed kind raises a warning.
+        let message = TerminationMessage {
+            stop_reason: Some("retention score fell below the floor".into()),
+            ..TerminationMessage::default()
+        };
+        let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
+        let derived = derive(&job(), &[done], None, now());
+        let stopped = condition_of(&derived.status, EARLY_STOPPED_CONDITION);
+        assert_eq!(stopped.reason, "EarlyStopping");
+        assert!(derived.transitions.iter().all(|t| !t.warning));
+        let kind_only = TerminationMessage {
+            stop_kind: Some(StopKind::RetentionFloor),
+            ..TerminationMessage::default()
+        };
+        assert_eq!(
+            stop_kind(&kind_only),
+            None,
+            "no stopReason: ran to the last step"
+        );
     }
 
     #[test]
@@ -1401,16 +969,6 @@ mod tests {
             derived.status.attempts[1].reason.as_deref(),
             Some("OutOfMemory")
         );
-    }
-
-    fn finished(mut pod: Pod, at: Timestamp) -> Pod {
-        let status = pod.status.as_mut().unwrap();
-        for c in status.container_statuses.iter_mut().flatten() {
-            if let Some(t) = c.state.as_mut().and_then(|s| s.terminated.as_mut()) {
-                t.finished_at = Some(Time(at));
-            }
-        }
-        pod
     }
 
     #[test]
@@ -1651,50 +1209,5 @@ mod tests {
                 .count(),
             1
         );
-    }
-
-    #[test]
-    fn only_the_newest_failed_pods_are_kept_once_their_attempts_are_on_record() {
-        let failed = |attempt| exited(pod(attempt, "Failed"), 1, "Error", None);
-        let recorded = |indices: &[i32]| FinetuneJobStatus {
-            attempts: indices
-                .iter()
-                .map(|&index| Attempt {
-                    index,
-                    pod_name: format!("j-attempt-{index}"),
-                    end_time: Some(Time(now())),
-                    ..Attempt::default()
-                })
-                .collect(),
-            ..FinetuneJobStatus::default()
-        };
-        let pods = [failed(0), failed(1), failed(2), pod(3, "Running")];
-        let status = recorded(&[0, 1, 2]);
-        assert_eq!(
-            failed_pods_to_prune(&pods, &status, 1),
-            ["j-attempt-1", "j-attempt-0"]
-        );
-        assert_eq!(failed_pods_to_prune(&pods, &status, 2), ["j-attempt-0"]);
-        assert!(failed_pods_to_prune(&pods, &status, 5).is_empty());
-        assert_eq!(failed_pods_to_prune(&pods, &status, 0).len(), 3);
-        // Not on record yet (the status write failed): nothing is lost by waiting.
-        assert_eq!(
-            failed_pods_to_prune(&pods, &recorded(&[1, 2]), 1),
-            ["j-attempt-1"]
-        );
-        // The newest attempt's failed pod is never deleted, and it is the one kept.
-        let all_failed = [failed(0), failed(1)];
-        assert_eq!(
-            failed_pods_to_prune(&all_failed, &recorded(&[0, 1]), 1),
-            ["j-attempt-0"]
-        );
-        assert!(failed_pods_to_prune(&all_failed, &recorded(&[0, 1]), 0) == ["j-attempt-0"]);
-        // Succeeded pods are never pruned.
-        let done = [failed(0), pod(1, "Succeeded")];
-        assert_eq!(
-            failed_pods_to_prune(&done, &recorded(&[0, 1]), 0),
-            ["j-attempt-0"]
-        );
-        assert!(failed_pods_to_prune(&done, &recorded(&[0, 1]), 1).is_empty());
     }
 }

@@ -17,9 +17,10 @@ use tracing::{info, warn};
 use super::context::{Context, strip_pod};
 use super::plan::{Plan, PodChange, Requeue, StaleStorage};
 use crate::api::{self, write_status, written_meta};
+use crate::conditions::Transition;
 use crate::error::Error;
 use crate::finetunejob::produced;
-use crate::finetunejob::status::{self, Outcome, Transition};
+use crate::finetunejob::status::{self, Outcome};
 
 /// Makes `plan`'s writes for `job` and says when to reconcile it again.
 pub(super) async fn apply(ctx: &Context, job: &FinetuneJob, plan: Plan) -> Result<Action, Error> {

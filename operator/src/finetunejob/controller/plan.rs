@@ -11,8 +11,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::stamp_hash;
-use crate::finetunejob::build;
-use crate::finetunejob::status::{self, Action, Outcome, Transition};
+use crate::conditions::Transition;
+use crate::finetunejob::status::{self, Action, Outcome};
+use crate::finetunejob::{attempts, build};
 use crate::gate::Priority;
 use crate::pods::{BuildError, BuildSettings};
 
@@ -130,7 +131,7 @@ impl Plan {
 /// created and not yet watched, or really gone. `dereference` asks the apiserver for each
 /// before `plan` may count it as gone (a preemption): after a failover the caches start empty.
 pub fn pods_to_confirm(job: &FinetuneJob, cached: &[Pod]) -> Vec<String> {
-    status::unended_attempts_without_pods(job, cached)
+    attempts::unended_attempts_without_pods(job, cached)
         .into_iter()
         .map(|record| record.pod_name.clone())
         .collect()
@@ -182,9 +183,10 @@ pub fn plan(
     };
     let phase = derived.status.phase;
     let register = (phase == Some(JobPhase::Succeeded))
-        .then(|| status::succeeded_termination(&observed.pods))
+        .then(|| attempts::succeeded_termination(&observed.pods))
         .flatten();
-    let prune = status::failed_pods_to_prune(&observed.pods, &derived.status, failed_pods_to_keep);
+    let prune =
+        attempts::failed_pods_to_prune(&observed.pods, &derived.status, failed_pods_to_keep);
     let ttl_expiry = status::ttl_expiry(job, &derived.status);
     let delete_job = ttl_expiry.is_some_and(|at| at <= now);
     let requeue = match (ttl_expiry, &derived.status.next_retry_time) {
