@@ -1,6 +1,14 @@
-//! Reconciling a FinetuneJob: the controller (`controller`), pure builders of the desired child
-//! objects (`build`), the status derivation (`status`), and the names and labels that tie
-//! children to their job.
+//! Reconciling a FinetuneJob, one module per concept:
+//! - `controller`: the watches and the reconcile, a pipeline of `dereference` (every read),
+//!   `plan` (pure: the writes and the requeue) and `apply` (every write).
+//! - `build`: pure builders of the desired ConfigMap, PVC and trainer pod.
+//! - `attempts`: each trainer pod read as an attempt: its state, the failure's classification,
+//!   the attempt records and counters, and which failed pods to prune.
+//! - `status`: the phase and next action chosen from those records (`derive` =
+//!   `record_attempts` + `next_phase`).
+//! - `init_adapter`: `adapter.initAdapter` resolved to the Adapter's files.
+//! - `produced`: the Adapter a successful job registers, with its lineage.
+//! - `names`: the names and labels that tie children to their job.
 
 pub mod attempts;
 pub mod build;
