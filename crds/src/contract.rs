@@ -155,8 +155,13 @@ pub struct TerminationMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<String>,
     /// Which rule ended training early, typed so the operator matches on it instead of parsing
-    /// `stop_reason`; absent when training ran to its last step.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `stop_reason`; absent when training ran to its last step. A kind this version does not
+    /// know reads as absent, so a newer trainer's message still delivers its checkpoint and files.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "known_stop_kind"
+    )]
     pub stop_kind: Option<StopKind>,
     /// What went wrong (on failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,6 +186,13 @@ impl StopKind {
             Self::RetentionFloor => "RetentionFloor",
         }
     }
+}
+
+fn known_stop_kind<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<StopKind>, D::Error> {
+    let kind = Option::<String>::deserialize(deserializer)?;
+    Ok(kind.and_then(|k| serde_json::from_value(serde_json::Value::String(k)).ok()))
 }
 
 /// The adapter a successful run produced.
@@ -363,6 +375,19 @@ pub struct StatusReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_kind_from_a_newer_trainer_loses_nothing_else() {
+        let json =
+            r#"{"step":20,"checkpointStep":20,"stopReason":"why","stopKind":"SomethingNew"}"#;
+        let message: TerminationMessage = serde_json::from_str(json).unwrap();
+        assert_eq!(message.checkpoint_step, Some(20));
+        assert_eq!(message.stop_kind, None);
+        let known = r#"{"stopReason":"why","stopKind":"RetentionFloor"}"#;
+        let message: TerminationMessage = serde_json::from_str(known).unwrap();
+        assert_eq!(message.stop_kind, Some(StopKind::RetentionFloor));
+        assert_eq!(serde_json::to_string(&message).unwrap(), known);
+    }
 
     #[test]
     fn exit_codes_round_trip_and_classify() {

@@ -129,6 +129,18 @@ pub enum JobPhase {
     Suspended,
 }
 
+impl JobPhase {
+    /// Every phase, in declaration order.
+    pub const ALL: [JobPhase; 6] = [
+        Self::Pending,
+        Self::Queued,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Suspended,
+    ];
+}
+
 /// The observed state of a FinetuneJob.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]

@@ -166,14 +166,6 @@ where
     Ok(())
 }
 
-/// A watch-stream step that tells `written` which of our writes the watch has delivered.
-pub fn observed_by<K: Resource>(
-    written: &Arc<LastWritten<K>>,
-) -> impl FnMut(&watcher::Event<K>) + use<K> {
-    let written = written.clone();
-    move |event| written.observe(event)
-}
-
 /// Annotates `object` with a hash of its desired content and returns the hash.
 pub fn stamp_hash<K: Resource + Serialize>(object: &mut K) -> String {
     let content = serde_json::to_vec(&*object).expect("Kubernetes objects serialize to JSON");

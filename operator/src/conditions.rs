@@ -9,6 +9,7 @@
 use finetune_crds::JobPhase;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::{Event, EventType};
 
 /// An Event to record about a transition.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,15 +22,27 @@ pub struct Transition {
     pub message: String,
 }
 
-/// Every job phase; each has one condition ([`job_phase_condition`]).
-const JOB_PHASES: [JobPhase; 6] = [
-    JobPhase::Pending,
-    JobPhase::Queued,
-    JobPhase::Running,
-    JobPhase::Succeeded,
-    JobPhase::Failed,
-    JobPhase::Suspended,
-];
+impl Transition {
+    /// The Event that records this transition for `action` (e.g. `Reconcile`, `Verify`).
+    pub fn event(&self, action: &str) -> Event {
+        event(self.warning, &self.reason, &self.message, action)
+    }
+}
+
+/// An Event, its note cut to the 1000 characters the Events API keeps.
+pub fn event(warning: bool, reason: &str, message: &str, action: &str) -> Event {
+    Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    }
+}
 
 /// The condition type that is True while a job is in `phase`.
 pub fn job_phase_condition(phase: JobPhase) -> &'static str {
@@ -55,7 +68,7 @@ pub fn set_phase(
     now: Timestamp,
 ) {
     let type_ = job_phase_condition(phase);
-    for other in JOB_PHASES.map(job_phase_condition) {
+    for other in JobPhase::ALL.map(job_phase_condition) {
         if other == type_ {
             continue;
         }

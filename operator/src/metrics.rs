@@ -41,15 +41,6 @@ pub const FAILURE_REASONS: [&str; 5] = [
     "BackoffLimitExceeded",
 ];
 
-const PHASES: [JobPhase; 6] = [
-    JobPhase::Pending,
-    JobPhase::Queued,
-    JobPhase::Running,
-    JobPhase::Succeeded,
-    JobPhase::Failed,
-    JobPhase::Suspended,
-];
-
 impl Metrics {
     /// Registers the metrics.
     pub fn new() -> Self {
@@ -147,7 +138,7 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
-        for phase in PHASES {
+        for phase in JobPhase::ALL {
             jobs_by_phase
                 .with_label_values(&[phase_label(phase)])
                 .set(0);
@@ -231,7 +222,7 @@ impl Metrics {
             Some(phase) => phases.insert(job.to_string(), phase),
             None => phases.remove(job),
         };
-        for candidate in PHASES {
+        for candidate in JobPhase::ALL {
             let count = phases.values().filter(|p| **p == candidate).count();
             self.jobs_by_phase
                 .with_label_values(&[phase_label(candidate)])

@@ -17,7 +17,6 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::DeleteParams;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -26,6 +25,7 @@ use tracing::{info, warn};
 use super::build::{COMPONENT, COMPONENT_LABEL, verification_pod};
 use super::status::{self, PodAction};
 use crate::api::{api, apply, cached_watch, write_status};
+use crate::conditions;
 use crate::error::Error;
 use crate::event_queue::EventQueue;
 use crate::last_written::LastWritten;
@@ -165,7 +165,7 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
                                 .await?;
                         }
                         let refused =
-                            verify_event(EventType::Warning, "PodCreationFailed", &message);
+                            conditions::event(true, "PodCreationFailed", &message, "Verify");
                         ctx.events.publish(reference, vec![refused]);
                     }
                     return Err(error.into());
@@ -183,14 +183,7 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
     let events = derived
         .transitions
         .iter()
-        .map(|transition| {
-            let type_ = if transition.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            };
-            verify_event(type_, &transition.reason, &transition.message)
-        })
+        .map(|transition| transition.event("Verify"))
         .collect();
     ctx.events.publish(reference, events);
     // The pod watch brings the result; the requeue only guards against a missed event.
@@ -200,15 +193,4 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
         }
         _ => Requeue::await_change(),
     })
-}
-
-/// An Event about the verification, its note cut to what the Events API keeps.
-fn verify_event(type_: EventType, reason: &str, message: &str) -> Event {
-    Event {
-        type_,
-        reason: reason.into(),
-        note: Some(message.chars().take(1000).collect()),
-        action: "Verify".into(),
-        secondary: None,
-    }
 }

@@ -414,9 +414,14 @@ pub(super) mod fixtures {
     }
 
     pub(in crate::finetunejob) fn pod(attempt: i32, phase: &str) -> Pod {
+        named_pod("j", attempt, phase)
+    }
+
+    /// The trainer pod of `job`'s `attempt`, in `phase`, as the cache shows it.
+    pub(in crate::finetunejob) fn named_pod(job: &str, attempt: i32, phase: &str) -> Pod {
         Pod {
             metadata: ObjectMeta {
-                name: Some(format!("j-attempt-{attempt}")),
+                name: Some(names::trainer_pod(job, attempt)),
                 labels: Some(BTreeMap::from([(
                     names::ATTEMPT_LABEL.to_string(),
                     attempt.to_string(),

@@ -93,13 +93,14 @@ pub const EARLY_STOPPED_CONDITION: &str = "EarlyStopped";
 /// improve within the patience. `None` without a `stopReason`: the run reached its last step (the
 /// `EarlyStopped` condition's message is the `stopReason`, so a kind alone sets nothing).
 ///
-/// A `stopReason` without a kind (a trainer older than the typed field) counts as
-/// `EarlyStopping`, the routine stop: a warning is raised only when the trainer said so, never
-/// guessed from its words.
+/// A `stopReason` without a kind comes from a trainer image older than the typed field (a job
+/// may pin one with `spec.image`); it is read as those trainers wrote it: their retention-floor
+/// stop was the only reason that named retention. Kept so that mixing versions loses no warning.
 pub fn stop_kind(termination: &TerminationMessage) -> Option<StopKind> {
     match (termination.stop_kind, &termination.stop_reason) {
         (_, None) => None,
         (Some(kind), Some(_)) => Some(kind),
+        (None, Some(reason)) if reason.contains("retention") => Some(StopKind::RetentionFloor),
         (None, Some(_)) => Some(StopKind::EarlyStopping),
     }
 }
@@ -820,17 +821,19 @@ mod tests {
     }
 
     #[test]
-    fn a_stop_reason_without_a_kind_is_routine_early_stopping() {
-        // Words that mention retention decide nothing: only the typed kind raises a warning.
-        let message = TerminationMessage {
-            stop_reason: Some("retention score fell below the floor".into()),
+    fn a_stop_reason_from_a_trainer_without_stop_kind_is_read_as_it_wrote_it() {
+        let legacy = |reason: &str| TerminationMessage {
+            stop_reason: Some(reason.into()),
             ..TerminationMessage::default()
         };
-        let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
+        let floor = legacy("retention score 0.400 (2/5 base answers kept) fell below 0.8");
+        let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&floor));
         let derived = derive(&job(), &[done], None, now());
         let stopped = condition_of(&derived.status, EARLY_STOPPED_CONDITION);
-        assert_eq!(stopped.reason, "EarlyStopping");
-        assert!(derived.transitions.iter().all(|t| !t.warning));
+        assert_eq!(stopped.reason, "RetentionFloor");
+        assert!(derived.transitions.iter().any(|t| t.warning));
+        let patience = legacy("no eval loss improvement in 3 evaluations; the result is step 20");
+        assert_eq!(stop_kind(&patience), Some(StopKind::EarlyStopping));
         let kind_only = TerminationMessage {
             stop_kind: Some(StopKind::RetentionFloor),
             ..TerminationMessage::default()

@@ -32,8 +32,8 @@ use crate::train::stop::is_oom;
 use crate::train::summary::{self, Outcome, TrainingSummary};
 use crate::train::trainer::{Clock, Finished, Trainer};
 
-pub use crate::train::plan::RunOptions;
-pub use crate::train::state::{EvalRecord, RetentionRecord, StepRecord, TrainState};
+use crate::train::plan::RunOptions;
+use crate::train::state::TrainState;
 use crate::train::stop::Stop;
 
 /// The manifest path the operator passes.

@@ -1,8 +1,9 @@
 //! The pure first stage of `run`: the FinetuneJob and the process environment resolved into a
 //! [`Plan`] — where to read and write, which device to ask for, the data and LoRA settings, the
 //! refusals that need no model — and the arithmetic that follows once the data is known
-//! ([`Schedule`], [`config_digest`]). Nothing here touches a model, a tensor or a socket, so it
-//! is unit-tested on its own.
+//! ([`Schedule`], [`config_digest`]). Only [`Plan::new`] reads a file (the manifest);
+//! [`Plan::from_manifest`] and the rest touch no file, model, tensor or socket, so they are
+//! unit-tested on their own.
 
 use std::path::{Path, PathBuf};
 
@@ -98,7 +99,8 @@ pub struct Plan {
 
 impl Plan {
     /// Reads the manifest and resolves it; the first refusal wins, in this order: the manifest,
-    /// the method/guard combinations, the `initAdapter` directory, the URIs, the status port.
+    /// self-replay with DPO, the `initAdapter` directory, a guard that needs an adapter, the
+    /// URIs, the status port.
     pub fn new(opts: &RunOptions, environment: &Environment) -> Result<Plan, Stop> {
         let job: FinetuneJob =
             finetune_crds::read_manifest(&opts.job).map_err(|e| Stop::Invalid {

@@ -164,6 +164,25 @@ impl Probe {
     pub fn score(&self, answers: &[String]) -> ProbeScore {
         score(answers, &self.references)
     }
+
+    /// The generation eval: answers every prompt, scores them against the references and logs
+    /// the exact match, saying `when` (before or after training) it ran.
+    pub fn generation_eval(
+        &self,
+        model: &mut CausalLm,
+        tokenizer: &TextTokenizer,
+        eos_ids: &[i64],
+        max_new_tokens: usize,
+        when: &str,
+    ) -> Result<(Vec<String>, ProbeScore)> {
+        let answers = self.answer(model, tokenizer, eos_ids, max_new_tokens)?;
+        let score = self.score(&answers);
+        eprintln!(
+            "generation eval {when} training: exact match {}/{} ({} normalized)",
+            score.exact, score.samples, score.normalized
+        );
+        Ok((answers, score))
+    }
 }
 
 /// The `[start, end)` token range of the last run of supervised positions.

@@ -185,14 +185,13 @@ impl Trainer {
         }
         if !p.generation_probe.is_empty() && st.generation_before.is_none() {
             let t = Instant::now();
-            let answers =
-                p.generation_probe
-                    .answer(model, tokenizer, eos_ids, p.generation_tokens)?;
-            let score = p.generation_probe.score(&answers);
-            eprintln!(
-                "generation eval before training: exact match {}/{} ({} normalized)",
-                score.exact, score.samples, score.normalized
-            );
+            let (_, score) = p.generation_probe.generation_eval(
+                model,
+                tokenizer,
+                eos_ids,
+                p.generation_tokens,
+                "before",
+            )?;
             st.generation_before = Some(score);
             clock.add("generation_seconds", t);
         }
@@ -627,14 +626,13 @@ impl Trainer {
         }
         if !p.generation_probe.is_empty() {
             let t = Instant::now();
-            let answers =
-                p.generation_probe
-                    .answer(model, tokenizer, eos_ids, p.generation_tokens)?;
-            let score = p.generation_probe.score(&answers);
-            eprintln!(
-                "generation eval after training: exact match {}/{} ({} normalized)",
-                score.exact, score.samples, score.normalized
-            );
+            let (answers, score) = p.generation_probe.generation_eval(
+                model,
+                tokenizer,
+                eos_ids,
+                p.generation_tokens,
+                "after",
+            )?;
             live.eval_exact_match.set(score.exact_match());
             f.generation_examples = answers
                 .iter()

@@ -285,17 +285,7 @@ pub(super) fn count_outcome(ctx: &Context, key: &str, namespace: &str, outcome: 
 pub(super) fn publish(ctx: &Context, job: &FinetuneJob, transitions: &[Transition]) {
     let events = transitions
         .iter()
-        .map(|transition| Event {
-            type_: if transition.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: transition.reason.clone(),
-            note: Some(transition.message.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        })
+        .map(|transition| transition.event("Reconcile"))
         .collect();
     publish_detached(ctx, job, events);
 }

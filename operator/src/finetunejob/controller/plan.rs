@@ -245,14 +245,10 @@ fn stale_storage(
 mod tests {
     use super::*;
     use finetune_crds::contract::env;
-    use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
-    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-    use std::collections::BTreeMap;
 
     use crate::api::APPLIED_HASH_ANNOTATION;
-    use crate::finetunejob::names;
+    use crate::finetunejob::attempts::fixtures::{self, now};
 
     fn job(example: &str) -> FinetuneJob {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -266,44 +262,12 @@ mod tests {
         job
     }
 
-    fn now() -> Timestamp {
-        "2026-11-26T12:00:00Z".parse().unwrap()
-    }
-
     fn pod(job: &FinetuneJob, attempt: i32, phase: &str) -> Pod {
-        let name = job.metadata.name.clone().unwrap();
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(names::trainer_pod(&name, attempt)),
-                labels: Some(BTreeMap::from([(
-                    names::ATTEMPT_LABEL.to_string(),
-                    attempt.to_string(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            spec: None,
-            status: Some(PodStatus {
-                phase: Some(phase.into()),
-                ..PodStatus::default()
-            }),
-        }
+        fixtures::named_pod(job.metadata.name.as_deref().unwrap(), attempt, phase)
     }
 
-    fn exited(mut pod: Pod, code: i32, at: Timestamp) -> Pod {
-        pod.status.as_mut().unwrap().container_statuses = Some(vec![ContainerStatus {
-            name: "trainer".into(),
-            state: Some(ContainerState {
-                terminated: Some(ContainerStateTerminated {
-                    exit_code: code,
-                    reason: Some("Error".into()),
-                    finished_at: Some(Time(at)),
-                    ..ContainerStateTerminated::default()
-                }),
-                ..ContainerState::default()
-            }),
-            ..ContainerStatus::default()
-        }]);
-        pod
+    fn exited(pod: Pod, code: i32, at: Timestamp) -> Pod {
+        fixtures::finished(fixtures::exited(pod, code, "Error", None), at)
     }
 
     fn observed(job: &FinetuneJob, pods: Vec<Pod>) -> Observed {
