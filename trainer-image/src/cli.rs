@@ -281,293 +281,337 @@ fn read_json(path: &std::path::Path) -> Result<Value> {
 
 /// Runs one command, writing its result to stdout.
 pub fn run(cli: Cli) -> Result<()> {
+    let device = cli.device.as_str();
     match cli.command {
-        Command::Run(a) => {
-            let job = a
-                .job
-                .or_else(|| std::env::var_os(crate::train::job::JOB_FILE_ENV).map(PathBuf::from))
-                .unwrap_or_else(|| {
-                    PathBuf::from(finetune_crds::contract::paths::JOB_DIR)
-                        .join(finetune_crds::contract::paths::JOB_FILE_NAME)
-                });
-            let code = crate::train::run_job(&crate::train::RunOptions {
-                job,
-                output: a.output,
-                checkpoint_dir: a.checkpoint_dir,
-                device: cli.device.clone(),
-                init_adapter: a.init_adapter,
-            });
-            if code != 0 {
-                std::process::exit(code);
-            }
+        Command::Run(a) => run_training_job(a, device),
+        Command::Generate(a) => run_generate(a, device),
+        Command::Eval(a) => run_eval(a, device),
+        Command::Merge(a) => run_merge(a),
+        Command::VerifyAdapter(a) => run_verify_adapter(a),
+        Command::ExportGguf(a) => run_export_gguf(a),
+        Command::Logits(a) => run_logits(a, device),
+        Command::DpoLoss(a) => run_dpo_loss(a, device),
+        Command::DistillKl(a) => run_distill_kl(a, device),
+        Command::Tokenize(a) => run_tokenize(a),
+        Command::RenderChat(a) => run_render_chat(a),
+        Command::BenchForward(a) => run_bench_forward(a, device),
+    }
+}
+
+/// Trains a manifest; exits with the contract's code when training did not succeed.
+fn run_training_job(a: RunArgs, device: &str) -> Result<()> {
+    let job = a
+        .job
+        .or_else(|| std::env::var_os(crate::train::job::JOB_FILE_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| {
+            PathBuf::from(finetune_crds::contract::paths::JOB_DIR)
+                .join(finetune_crds::contract::paths::JOB_FILE_NAME)
+        });
+    let code = crate::train::run_job(&crate::train::RunOptions {
+        job,
+        output: a.output,
+        checkpoint_dir: a.checkpoint_dir,
+        device: device.to_string(),
+        init_adapter: a.init_adapter,
+    });
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// One completion for a prompt.
+fn run_generate(a: GenerateArgs, device: &str) -> Result<()> {
+    let m = load(&a.model, device)?;
+    let prompt_ids = if a.chat {
+        let t = m
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Usage("--chat: the model has no chat template".into()))?;
+        let mut messages = Vec::new();
+        if let Some(system) = &a.system {
+            messages.push(json!({"role": "system", "content": system}));
         }
-        Command::Generate(a) => {
-            let m = load(&a.model, &cli.device)?;
-            let prompt_ids = if a.chat {
-                let t = m
-                    .chat_template
-                    .as_ref()
-                    .ok_or_else(|| Error::Usage("--chat: the model has no chat template".into()))?;
-                let mut messages = Vec::new();
-                if let Some(system) = &a.system {
-                    messages.push(json!({"role": "system", "content": system}));
-                }
-                messages.push(json!({"role": "user", "content": a.prompt}));
-                let text = t.render(&Value::Array(messages), true)?;
-                m.tokenizer.encode(&text, false)?
-            } else {
-                m.tokenizer.encode(&a.prompt, true)?
-            };
-            let sampling = Sampling {
-                temperature: a.temperature,
-                top_p: a.top_p,
-                seed: a.seed,
-            };
-            let ids = generate(
-                &m.model,
-                &prompt_ids,
-                a.max_new_tokens,
-                &m.eos_ids,
-                &sampling,
-            );
-            let text = m.tokenizer.decode(&ids, true)?;
-            if a.json {
-                println!(
-                    "{}",
-                    json!({"prompt_ids": prompt_ids, "ids": ids, "text": text})
-                );
-            } else {
-                println!("{text}");
-            }
+        messages.push(json!({"role": "user", "content": a.prompt}));
+        let text = t.render(&Value::Array(messages), true)?;
+        m.tokenizer.encode(&text, false)?
+    } else {
+        m.tokenizer.encode(&a.prompt, true)?
+    };
+    let sampling = Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let ids = generate(
+        &m.model,
+        &prompt_ids,
+        a.max_new_tokens,
+        &m.eos_ids,
+        &sampling,
+    );
+    let text = m.tokenizer.decode(&ids, true)?;
+    if a.json {
+        println!(
+            "{}",
+            json!({"prompt_ids": prompt_ids, "ids": ids, "text": text})
+        );
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+/// Loss and perplexity on a dataset.
+fn run_eval(a: EvalArgs, device: &str) -> Result<()> {
+    let m = load(&a.model, device)?;
+    let max_length = a
+        .max_length
+        .unwrap_or(m.model.config.max_position_embeddings as usize);
+    let examples = load_examples(
+        &a.data,
+        a.format,
+        &m.tokenizer,
+        m.chat_template.as_ref(),
+        max_length,
+    )?;
+    let report = evaluate(&m.model, &examples);
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    Ok(())
+}
+
+/// Folds a LoRA adapter into an HF-layout model.
+fn run_merge(a: MergeArgs) -> Result<()> {
+    let summary = crate::export::merge::merge(&a.model, &a.adapter, &a.output)?;
+    println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    Ok(())
+}
+
+/// Checks a registered adapter; exits 2 when it is not verified.
+fn run_verify_adapter(a: VerifyAdapterArgs) -> Result<()> {
+    let expect: finetune_crds::contract::AdapterExpectations = serde_json::from_str(&a.expect)
+        .map_err(|e| Error::Usage(format!("--expect: invalid JSON: {e}")))?;
+    let shown_as = a
+        .shown_as
+        .unwrap_or_else(|| a.adapter.display().to_string());
+    let report = crate::verify::verify_adapter(&a.adapter, a.model.as_deref(), &expect, &shown_as);
+    let json = report.to_bounded_json();
+    println!("{json}");
+    let log = a.termination_log.or_else(|| {
+        std::env::var_os(finetune_crds::contract::env::TERMINATION_LOG)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    if let Some(path) = log {
+        std::fs::write(&path, &json).map_err(|e| Error::io(&path, e))?;
+    }
+    if !report.verified {
+        eprintln!("not verified ({:?}): {}", report.reason, report.message);
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// Writes a model as a GGUF file.
+fn run_export_gguf(a: ExportGgufArgs) -> Result<()> {
+    let summary = crate::export::gguf::export_gguf(&a.model, &a.output, a.ty)?;
+    println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    Ok(())
+}
+
+/// The logits of one sequence, to a safetensors file.
+fn run_logits(a: LogitsArgs, device: &str) -> Result<()> {
+    let m = load(&a.model, device)?;
+    let ids: Vec<i64> = match (&a.ids, &a.prompt) {
+        (Some(s), _) => s
+            .split(',')
+            .map(|x| x.trim().parse::<i64>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Usage(format!("--ids: {e}")))?,
+        (None, Some(p)) => m.tokenizer.encode(p, true)?,
+        (None, None) => return Err(Error::Usage("give --ids or --prompt".into())),
+    };
+    if let Some(bad) = ids
+        .iter()
+        .find(|&&i| i < 0 || i >= m.model.config.vocab_size)
+    {
+        return Err(Error::Usage(format!(
+            "--ids: {bad} is outside the vocabulary"
+        )));
+    }
+    let input = Tensor::from_slice(&ids)
+        .to_device(m.model.device)
+        .unsqueeze(0);
+    let logits = tch::no_grad(|| m.model.forward(&input, None, None))
+        .to_kind(Kind::Float)
+        .to_device(tch::Device::Cpu);
+    Tensor::write_safetensors(
+        &[
+            ("logits", &logits),
+            ("input_ids", &input.to_device(tch::Device::Cpu)),
+        ],
+        &a.out,
+    )?;
+    println!("{}", json!({"ids": ids, "out": a.out}));
+    Ok(())
+}
+
+/// The DPO loss and the adapter's gradients on preference pairs.
+fn run_dpo_loss(a: DpoLossArgs, device: &str) -> Result<()> {
+    if a.model.adapter.is_none() {
+        return Err(Error::Usage(
+            "dpo-loss needs --adapter (the reference is the adapter switched off)".into(),
+        ));
+    }
+    let loss = match a.loss.as_str() {
+        "sigmoid" => finetune_crds::training::DpoLoss::Sigmoid,
+        "ipo" => finetune_crds::training::DpoLoss::Ipo,
+        other => {
+            return Err(Error::Usage(format!(
+                "--loss: `{other}` is not sigmoid or ipo"
+            )));
         }
-        Command::Eval(a) => {
-            let m = load(&a.model, &cli.device)?;
-            let max_length = a
-                .max_length
-                .unwrap_or(m.model.config.max_position_embeddings as usize);
-            let examples = load_examples(
-                &a.data,
-                a.format,
-                &m.tokenizer,
-                m.chat_template.as_ref(),
-                max_length,
-            )?;
-            let report = evaluate(&m.model, &examples);
-            println!("{}", serde_json::to_string(&report).unwrap_or_default());
-        }
-        Command::Merge(a) => {
-            let summary = crate::export::merge::merge(&a.model, &a.adapter, &a.output)?;
-            println!("{}", serde_json::to_string(&summary).unwrap_or_default());
-        }
-        Command::VerifyAdapter(a) => {
-            let expect: finetune_crds::contract::AdapterExpectations =
-                serde_json::from_str(&a.expect)
-                    .map_err(|e| Error::Usage(format!("--expect: invalid JSON: {e}")))?;
-            let shown_as = a
-                .shown_as
-                .unwrap_or_else(|| a.adapter.display().to_string());
-            let report =
-                crate::verify::verify_adapter(&a.adapter, a.model.as_deref(), &expect, &shown_as);
-            let json = report.to_bounded_json();
-            println!("{json}");
-            let log = a.termination_log.or_else(|| {
-                std::env::var_os(finetune_crds::contract::env::TERMINATION_LOG)
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-            });
-            if let Some(path) = log {
-                std::fs::write(&path, &json).map_err(|e| Error::io(&path, e))?;
-            }
-            if !report.verified {
-                eprintln!("not verified ({:?}): {}", report.reason, report.message);
-                std::process::exit(2);
-            }
-        }
-        Command::ExportGguf(a) => {
-            let summary = crate::export::gguf::export_gguf(&a.model, &a.output, a.ty)?;
-            println!("{}", serde_json::to_string(&summary).unwrap_or_default());
-        }
-        Command::Logits(a) => {
-            let m = load(&a.model, &cli.device)?;
-            let ids: Vec<i64> = match (&a.ids, &a.prompt) {
-                (Some(s), _) => s
-                    .split(',')
-                    .map(|x| x.trim().parse::<i64>())
-                    .collect::<std::result::Result<_, _>>()
-                    .map_err(|e| Error::Usage(format!("--ids: {e}")))?,
-                (None, Some(p)) => m.tokenizer.encode(p, true)?,
-                (None, None) => return Err(Error::Usage("give --ids or --prompt".into())),
-            };
-            if let Some(bad) = ids
-                .iter()
-                .find(|&&i| i < 0 || i >= m.model.config.vocab_size)
-            {
-                return Err(Error::Usage(format!(
-                    "--ids: {bad} is outside the vocabulary"
-                )));
-            }
-            let input = Tensor::from_slice(&ids)
-                .to_device(m.model.device)
-                .unsqueeze(0);
-            let logits = tch::no_grad(|| m.model.forward(&input, None, None))
-                .to_kind(Kind::Float)
-                .to_device(tch::Device::Cpu);
-            Tensor::write_safetensors(
-                &[
-                    ("logits", &logits),
-                    ("input_ids", &input.to_device(tch::Device::Cpu)),
-                ],
-                &a.out,
-            )?;
-            println!("{}", json!({"ids": ids, "out": a.out}));
-        }
-        Command::DpoLoss(a) => {
-            if a.model.adapter.is_none() {
-                return Err(Error::Usage(
-                    "dpo-loss needs --adapter (the reference is the adapter switched off)".into(),
-                ));
-            }
-            let loss = match a.loss.as_str() {
-                "sigmoid" => finetune_crds::training::DpoLoss::Sigmoid,
-                "ipo" => finetune_crds::training::DpoLoss::Ipo,
-                other => {
-                    return Err(Error::Usage(format!(
-                        "--loss: `{other}` is not sigmoid or ipo"
-                    )));
-                }
-            };
-            let mut m = load(&a.model, &cli.device)?;
-            m.model.set_lora_trainable();
-            let enc = crate::data::Encoder {
-                tokenizer: &m.tokenizer,
-                template: m.chat_template.as_ref(),
-                options: crate::data::LoadOptions::sft(),
-            };
-            let pairs = crate::data::load_preference(&a.data, &enc)?;
-            let cfg = crate::train::dpo::DpoConfig {
-                beta: a.beta,
-                loss,
-                label_smoothing: a.label_smoothing,
-            };
-            let (report, grads) = crate::train::dpo::batch_report(&mut m.model, &pairs, &cfg);
-            Tensor::write_safetensors(&grads, &a.grads)?;
-            println!("{report}");
-        }
-        Command::DistillKl(a) => {
-            if a.model.adapter.is_none() {
-                return Err(Error::Usage(
-                    "distill-kl needs --adapter (the base is the adapter switched off)".into(),
-                ));
-            }
-            let mut m = load(&a.model, &cli.device)?;
-            let enc = crate::data::Encoder {
-                tokenizer: &m.tokenizer,
-                template: m.chat_template.as_ref(),
-                options: crate::data::LoadOptions::sft(),
-            };
-            let samples = crate::data::load_samples(&a.data, crate::data::DataFormat::Chat, &enc)?;
-            let rows: Vec<Vec<usize>> = (0..samples.len()).map(|i| vec![i]).collect();
-            let batch = crate::data::build_batch(&samples, &rows);
-            m.model.set_training(false);
-            let kl = tch::no_grad(|| crate::train::anchor::distillation_kl(&mut m.model, &batch));
-            let tokens: Vec<Value> = samples
-                .iter()
-                .map(|s| json!({"ids": s.ids, "supervised": s.supervised}))
-                .collect();
-            println!("{}", json!({"kl": kl.double_value(&[]), "samples": tokens}));
-        }
-        Command::Tokenize(a) => {
-            // A directory with a tokenizer but no model (e.g. an adapter with added tokens).
-            let tok = if a.model.join("tokenizer.json").exists()
-                && !a.model.join("config.json").exists()
-            {
-                crate::text::TextTokenizer::from_hf_dir(&a.model)?
-            } else {
-                ModelSource::open(&a.model)?.tokenizer()?
-            };
-            match (&a.text, &a.input) {
-                (Some(t), _) => println!("{}", json!(tok.encode(t, a.add_special_tokens)?)),
-                (None, Some(p)) => {
-                    let v = read_json(p)?;
-                    let texts = v
-                        .as_array()
-                        .ok_or_else(|| Error::format(p, "expected a JSON array of strings"))?;
-                    let mut out = Vec::new();
-                    for t in texts {
-                        let s = t
-                            .as_str()
-                            .ok_or_else(|| Error::format(p, "expected a JSON array of strings"))?;
-                        out.push(tok.encode(s, a.add_special_tokens)?);
-                    }
-                    println!("{}", json!(out));
-                }
-                (None, None) => return Err(Error::Usage("give --text or --input".into())),
-            }
-        }
-        Command::RenderChat(a) => {
-            let src = ModelSource::open(&a.model)?;
-            let tok = src.tokenizer()?;
-            let t = src
-                .chat_template(&tok)?
-                .ok_or_else(|| Error::Usage("the model has no chat template".into()))?;
-            let v = read_json(&a.input)?;
-            let items = v
+    };
+    let mut m = load(&a.model, device)?;
+    m.model.set_lora_trainable();
+    let enc = crate::data::Encoder {
+        tokenizer: &m.tokenizer,
+        template: m.chat_template.as_ref(),
+        options: crate::data::LoadOptions::sft(),
+    };
+    let pairs = crate::data::load_preference(&a.data, &enc)?;
+    let cfg = crate::train::dpo::DpoConfig {
+        beta: a.beta,
+        loss,
+        label_smoothing: a.label_smoothing,
+    };
+    let (report, grads) = crate::train::dpo::batch_report(&mut m.model, &pairs, &cfg);
+    Tensor::write_safetensors(&grads, &a.grads)?;
+    println!("{report}");
+    Ok(())
+}
+
+/// The self-distillation term on chat samples.
+fn run_distill_kl(a: DistillKlArgs, device: &str) -> Result<()> {
+    if a.model.adapter.is_none() {
+        return Err(Error::Usage(
+            "distill-kl needs --adapter (the base is the adapter switched off)".into(),
+        ));
+    }
+    let mut m = load(&a.model, device)?;
+    let enc = crate::data::Encoder {
+        tokenizer: &m.tokenizer,
+        template: m.chat_template.as_ref(),
+        options: crate::data::LoadOptions::sft(),
+    };
+    let samples = crate::data::load_samples(&a.data, crate::data::DataFormat::Chat, &enc)?;
+    let rows: Vec<Vec<usize>> = (0..samples.len()).map(|i| vec![i]).collect();
+    let batch = crate::data::build_batch(&samples, &rows);
+    m.model.set_training(false);
+    let kl = tch::no_grad(|| crate::train::anchor::distillation_kl(&mut m.model, &batch));
+    let tokens: Vec<Value> = samples
+        .iter()
+        .map(|s| json!({"ids": s.ids, "supervised": s.supervised}))
+        .collect();
+    println!("{}", json!({"kl": kl.double_value(&[]), "samples": tokens}));
+    Ok(())
+}
+
+/// Token ids of texts.
+fn run_tokenize(a: TokenizeArgs) -> Result<()> {
+    // A directory with a tokenizer but no model (e.g. an adapter with added tokens).
+    let tok = if a.model.join("tokenizer.json").exists() && !a.model.join("config.json").exists() {
+        crate::text::TextTokenizer::from_hf_dir(&a.model)?
+    } else {
+        ModelSource::open(&a.model)?.tokenizer()?
+    };
+    match (&a.text, &a.input) {
+        (Some(t), _) => println!("{}", json!(tok.encode(t, a.add_special_tokens)?)),
+        (None, Some(p)) => {
+            let v = read_json(p)?;
+            let texts = v
                 .as_array()
-                .ok_or_else(|| Error::format(&a.input, "expected a JSON array"))?;
+                .ok_or_else(|| Error::format(p, "expected a JSON array of strings"))?;
             let mut out = Vec::new();
-            for item in items {
-                let messages = item.get("messages").cloned().unwrap_or(Value::Null);
-                let agp = item
-                    .get("add_generation_prompt")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                out.push(t.render(&messages, agp)?);
+            for t in texts {
+                let s = t
+                    .as_str()
+                    .ok_or_else(|| Error::format(p, "expected a JSON array of strings"))?;
+                out.push(tok.encode(s, a.add_special_tokens)?);
             }
             println!("{}", json!(out));
         }
-        Command::BenchForward(a) => {
-            let m = load(
-                &ModelArgs {
-                    model: a.model.clone(),
-                    adapter: None,
-                },
-                &cli.device,
-            )?;
-            let _guard = tch::no_grad_guard();
-            tch::manual_seed(0);
-            let input = Tensor::randint(
-                m.model.config.vocab_size,
-                [a.batch, a.seq],
-                (Kind::Int64, m.model.device),
-            );
-            let sync = || {
-                if let tch::Device::Cuda(i) = m.model.device {
-                    tch::Cuda::synchronize(i as i64);
-                }
-            };
-            for _ in 0..a.warmup {
-                let _ = m.model.forward(&input, None, None);
-            }
-            sync();
-            let start = Instant::now();
-            for _ in 0..a.iters {
-                let _ = m.model.forward(&input, None, None);
-            }
-            sync();
-            let secs = start.elapsed().as_secs_f64() / a.iters.max(1) as f64;
-            println!(
-                "{}",
-                json!({
-                    "impl": "finetune-trainer (tch)",
-                    "batch": a.batch, "seq": a.seq, "iters": a.iters,
-                    "seconds_per_forward": secs,
-                    "tokens_per_s": (a.batch * a.seq) as f64 / secs,
-                    "device": format!("{:?}", m.model.device),
-                    "dtype": format!("{:?}", m.model.kind),
-                    "threads": tch::get_num_threads(),
-                })
-            );
-        }
+        (None, None) => return Err(Error::Usage("give --text or --input".into())),
     }
+    Ok(())
+}
+
+/// Chat-template renderings.
+fn run_render_chat(a: RenderArgs) -> Result<()> {
+    let src = ModelSource::open(&a.model)?;
+    let tok = src.tokenizer()?;
+    let t = src
+        .chat_template(&tok)?
+        .ok_or_else(|| Error::Usage("the model has no chat template".into()))?;
+    let v = read_json(&a.input)?;
+    let items = v
+        .as_array()
+        .ok_or_else(|| Error::format(&a.input, "expected a JSON array"))?;
+    let mut out = Vec::new();
+    for item in items {
+        let messages = item.get("messages").cloned().unwrap_or(Value::Null);
+        let agp = item
+            .get("add_generation_prompt")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        out.push(t.render(&messages, agp)?);
+    }
+    println!("{}", json!(out));
+    Ok(())
+}
+
+/// Forward-pass tokens/s on random ids.
+fn run_bench_forward(a: BenchArgs, device: &str) -> Result<()> {
+    let m = load(
+        &ModelArgs {
+            model: a.model.clone(),
+            adapter: None,
+        },
+        device,
+    )?;
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(0);
+    let input = Tensor::randint(
+        m.model.config.vocab_size,
+        [a.batch, a.seq],
+        (Kind::Int64, m.model.device),
+    );
+    let sync = || {
+        if let tch::Device::Cuda(i) = m.model.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    for _ in 0..a.warmup {
+        let _ = m.model.forward(&input, None, None);
+    }
+    sync();
+    let start = Instant::now();
+    for _ in 0..a.iters {
+        let _ = m.model.forward(&input, None, None);
+    }
+    sync();
+    let secs = start.elapsed().as_secs_f64() / a.iters.max(1) as f64;
+    println!(
+        "{}",
+        json!({
+            "impl": "finetune-trainer (tch)",
+            "batch": a.batch, "seq": a.seq, "iters": a.iters,
+            "seconds_per_forward": secs,
+            "tokens_per_s": (a.batch * a.seq) as f64 / secs,
+            "device": format!("{:?}", m.model.device),
+            "dtype": format!("{:?}", m.model.kind),
+            "threads": tch::get_num_threads(),
+        })
+    );
     Ok(())
 }
