@@ -195,7 +195,7 @@ pub fn failed_pods_to_prune(pods: &[Pod], status: &FinetuneJobStatus, keep: usiz
 }
 
 /// The attempt a trainer pod runs, from its label; `None` for a pod that is not a trainer's.
-fn attempt_of(pod: &Pod) -> Option<i32> {
+pub fn attempt_of(pod: &Pod) -> Option<i32> {
     pod.metadata
         .labels
         .as_ref()?

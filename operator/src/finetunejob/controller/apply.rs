@@ -227,18 +227,17 @@ async fn init_adapter_unavailable(
     job: &FinetuneJob,
     why: String,
 ) -> Error {
-    let status = status::child_creation_failed(job, "the trainer pod", &why, Timestamp::now());
-    if let Err(status_error) = write_status(jobs, job, &status, &ctx.jobs_written).await {
-        warn!(%status_error, "cannot record the initAdapter problem in status");
-    }
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "InitAdapterUnavailable".into(),
-        note: Some(format!("spec.adapter.initAdapter: {why}")),
-        action: "Create".into(),
-        secondary: None,
-    };
-    publish_detached(ctx, job, vec![event]);
+    let note = format!("spec.adapter.initAdapter: {why}");
+    record_creation_failure(
+        ctx,
+        jobs,
+        job,
+        "the trainer pod",
+        &why,
+        "InitAdapterUnavailable",
+        note,
+    )
+    .await;
     Error::InitAdapter(why)
 }
 
@@ -255,19 +254,35 @@ async fn child_failed(
         kube::Error::Api(status) => status.message.clone(),
         other => other.to_string(),
     };
-    let status = status::child_creation_failed(job, child, &message, Timestamp::now());
+    let note = format!("cannot create {child}: {message}");
+    record_creation_failure(ctx, jobs, job, child, &message, "ChildCreationFailed", note).await;
+    Error::Kube(error)
+}
+
+/// Why `child` could not be created: the job's `Created` condition says it, and a Warning
+/// Event with `reason` and `note` goes with it. A status write that fails is only logged: the
+/// caller's error retries the reconcile anyway.
+async fn record_creation_failure(
+    ctx: &Context,
+    jobs: &Api<FinetuneJob>,
+    job: &FinetuneJob,
+    child: &str,
+    message: &str,
+    reason: &str,
+    note: String,
+) {
+    let status = status::child_creation_failed(job, child, message, Timestamp::now());
     if let Err(status_error) = write_status(jobs, job, &status, &ctx.jobs_written).await {
-        warn!(%status_error, "cannot record the child creation failure in status");
+        warn!(%status_error, %reason, "cannot record the creation failure in status");
     }
     let event = Event {
         type_: EventType::Warning,
-        reason: "ChildCreationFailed".into(),
-        note: Some(format!("cannot create {child}: {message}")),
+        reason: reason.into(),
+        note: Some(note),
         action: "Create".into(),
         secondary: None,
     };
     publish_detached(ctx, job, vec![event]);
-    Error::Kube(error)
 }
 
 /// Counts a job's transition into Failed, or the retry it starts, in the metrics.

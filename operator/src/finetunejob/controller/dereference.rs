@@ -14,7 +14,7 @@ use super::context::Context;
 use super::plan::{self, Observed};
 use crate::api::applied_hash;
 use crate::error::Error;
-use crate::finetunejob::{init_adapter, names};
+use crate::finetunejob::{attempts, init_adapter, names};
 
 /// Reads what `plan` needs about `job` (the freshest copy of it).
 pub(super) async fn dereference(ctx: &Context, job: Arc<FinetuneJob>) -> Result<Observed, Error> {
@@ -117,12 +117,9 @@ async fn init_adapter_uri(
 
 /// `ip:port` of the newest trainer pod when it is running.
 fn running_trainer_address(pods: &[Pod]) -> Option<String> {
-    let newest = pods.iter().max_by_key(|pod| {
-        pod.labels()
-            .get(names::ATTEMPT_LABEL)
-            .and_then(|a| a.parse::<i32>().ok())
-            .unwrap_or(-1)
-    })?;
+    let newest = pods
+        .iter()
+        .max_by_key(|pod| attempts::attempt_of(pod).unwrap_or(-1))?;
     let status = newest.status.as_ref()?;
     (status.phase.as_deref() == Some("Running")).then_some(())?;
     Some(format!("{}:{DEFAULT_STATUS_PORT}", status.pod_ip.as_ref()?))
