@@ -1,7 +1,9 @@
 # The one entry point: setup, demo, test, crds. Heavy one-time builds live in $(CACHE) and are
 # reused when present, so a clean clone on a machine that built them once is fast.
 
-CACHE ?= $(HOME)/.cache/finetune-operator
+CACHE ?= $(or $(FINETUNE_CACHE),$(HOME)/.cache/finetune-operator)
+# The scripts (venv, cluster, demo) read the cache from FINETUNE_CACHE: one cache for all.
+export FINETUNE_CACHE := $(CACHE)
 VENV := $(CACHE)/venv
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 # tch builds against the libtorch inside the venv's torch wheel.
@@ -36,7 +38,8 @@ crds:
 	cargo run -q -p finetune-crds --bin crdgen
 	cp crds/finetune.dev_*.yaml charts/finetune-operator/files/crds/
 
-demo: build
+# The demo runs on the local control plane, so its binaries are built (once) first.
+demo: cluster-build build
 	@scripts/demo.sh
 
 lint: setup
