@@ -249,6 +249,11 @@ pub struct TrainingMetrics {
     /// DPO: mean reward margin chosen − rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_margin: Option<f64>,
+    /// Eval samples that copy a training sample or share most of their specific n-grams with
+    /// training text (`evaluation.contamination`); the list, with the training lines they copy,
+    /// is in the run's `training_summary.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contaminated_eval_samples: Option<i64>,
 }
 
 /// A checkpoint on the job's storage.

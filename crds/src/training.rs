@@ -380,16 +380,20 @@ pub enum GuardAction {
     Fail,
 }
 
-/// Train/eval contamination check.
+/// Train/eval contamination check, on the lines' own words (message contents, not the chat
+/// template): eval samples that copy a training sample exactly or near-exactly (same words, other
+/// case, punctuation or spacing) are always reported, naming the training line; other samples are
+/// reported when at least `threshold` of their specific word n-grams occur in training text.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ContaminationCheck {
-    /// Length in tokens of the n-grams compared.
+    /// Length in words of the n-grams compared (n-grams a templated data set repeats across more
+    /// than 1% of its training samples are phrasing, not evidence, and not counted).
     #[serde(default = "default_ngram")]
     #[schemars(range(min = 4, max = 64))]
     pub ngram: i32,
-    /// Share of an eval sample's n-grams found in training data above which it counts as
-    /// contaminated, in (0, 1].
+    /// Share of an eval sample's specific n-grams found in training text at or above which it
+    /// counts as contaminated, in (0, 1].
     #[serde(default = "default_contamination_threshold")]
     #[schemars(extend("minimum" = 0.0, "exclusiveMinimum" = true, "maximum" = 1.0))]
     pub threshold: f64,
@@ -399,7 +403,7 @@ pub struct ContaminationCheck {
 }
 
 fn default_ngram() -> i32 {
-    13
+    8
 }
 fn default_contamination_threshold() -> f64 {
     0.5

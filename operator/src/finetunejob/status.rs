@@ -355,6 +355,9 @@ fn succeed(
         message.push_str(&format!("; stopped before the last step: {stop_reason}"));
     }
     phases.set(status, JobPhase::Succeeded, "Completed", message, false);
+    if let Some(event) = contamination_warning(termination.as_ref()) {
+        phases.transitions.push(event);
+    }
     if let Some(kind) = termination.as_ref().and_then(stop_kind)
         && let Some(stop_reason) = stop_reason
     {
@@ -376,6 +379,22 @@ fn succeed(
         });
     }
     Action::Wait
+}
+
+/// A Warning for eval data that copies training data: the job succeeded, but its eval numbers
+/// measure recall of training samples for that many prompts.
+fn contamination_warning(termination: Option<&TerminationMessage>) -> Option<Transition> {
+    let metrics = termination?.metrics.as_ref()?;
+    let count = metrics.contaminated_eval_samples.filter(|&n| n > 0)?;
+    Some(Transition {
+        warning: true,
+        reason: "EvalContaminated".into(),
+        message: format!(
+            "{count} eval samples copy or largely overlap training samples, so the eval results \
+             overstate the model on them; the list, with the training lines copied, is in the \
+             run's training_summary.json"
+        ),
+    })
 }
 
 /// The latest attempt `attempt` failed: wait out the backoff, start the next attempt, or fail
@@ -714,6 +733,34 @@ mod tests {
         assert_eq!(status.latest_checkpoint.unwrap().step, 30);
         assert_eq!(status.attempts[0].reason.as_deref(), Some("Completed"));
         assert!(status.completion_time.is_some());
+        assert!(
+            derived.transitions.iter().all(|t| !t.warning),
+            "a clean run warns of nothing"
+        );
+    }
+
+    #[test]
+    fn contaminated_eval_data_is_counted_in_status_and_warned_of_once() {
+        let message = TerminationMessage {
+            metrics: Some(TrainingMetrics {
+                contaminated_eval_samples: Some(5),
+                ..TrainingMetrics::default()
+            }),
+            ..TerminationMessage::default()
+        };
+        let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
+        let derived = derive(&job(), &[done.clone()], None, now());
+        let metrics = derived.status.metrics.as_ref().unwrap();
+        assert_eq!(metrics.contaminated_eval_samples, Some(5));
+        let warnings: Vec<&Transition> = derived.transitions.iter().filter(|t| t.warning).collect();
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].reason, "EvalContaminated");
+        assert!(warnings[0].message.starts_with("5 eval samples copy"));
+        // Derived again from the finished status: no second Event.
+        let mut finished = job();
+        finished.status = Some(derived.status.clone());
+        let again = derive(&finished, &[done], None, now());
+        assert!(again.transitions.is_empty(), "{:?}", again.transitions);
     }
 
     #[test]

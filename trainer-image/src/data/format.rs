@@ -367,7 +367,9 @@ impl Encoder<'_> {
         validate_messages(messages, origin, true)?;
         let r = self.render(messages, origin)?;
         let spans = r.spans.clone();
-        Ok(self.finish(r, &spans, !self.options.assistant_only_loss, origin))
+        Ok(self
+            .finish(r, &spans, !self.options.assistant_only_loss, origin)
+            .with_text(contents(messages)))
     }
 
     pub fn text(&self, text: &str, origin: &Origin) -> Result<Sample> {
@@ -385,7 +387,7 @@ impl Encoder<'_> {
             ids.push(eos);
         }
         let supervised = vec![true; ids.len()];
-        Ok(Sample::new(ids, supervised, origin.clone()))
+        Ok(Sample::new(ids, supervised, origin.clone()).with_text(text))
     }
 
     /// One line of `format` (not `preference`: see [`Encoder::preference`]).
@@ -493,7 +495,10 @@ impl Encoder<'_> {
                 .cloned()
                 .ok_or_else(|| data_error(origin, "the template rendered no assistant turn"))?;
             let prompt_len = r.starts.iter().take_while(|&&s| s < span.start).count();
-            Ok((self.finish(r, &[span], false, origin), prompt_len))
+            let sample = self
+                .finish(r, &[span], false, origin)
+                .with_text(contents(&messages));
+            Ok((sample, prompt_len))
         };
         let (chosen, n_chosen) = side(reply("chosen")?)?;
         let (rejected, n_rejected) = side(reply("rejected")?)?;
@@ -530,6 +535,15 @@ pub fn load_samples(path: &Path, format: DataFormat, enc: &Encoder) -> Result<Ve
         .iter()
         .map(|(origin, v)| enc.line(v, format, origin))
         .collect()
+}
+
+/// The messages' contents joined by newlines: a conversation's own words without its template.
+fn contents(messages: &[Value]) -> String {
+    messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_str))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Reads and tokenizes a preference JSONL file.

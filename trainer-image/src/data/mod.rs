@@ -103,7 +103,9 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use batch::{Batch, BatchPlan, Batcher, Cursor, build_batch};
-pub use contamination::{ContaminationOptions, ContaminationReport, check_contamination};
+pub use contamination::{
+    ContaminationOptions, ContaminationReport, CopiedSample, CopyKind, check_contamination,
+};
 pub use curate::{
     CurateOptions, DataStats, curate, curate_pairs, dataset_digest, pairs_digest, split_eval,
 };
@@ -133,6 +135,10 @@ pub struct Sample {
     pub ids: Vec<i64>,
     pub supervised: Vec<bool>,
     pub origin: Origin,
+    /// The line's own words: its messages' contents (or its `text`) joined by newlines, without
+    /// the chat template. What the contamination check compares, so that template scaffolding
+    /// never counts as overlap. Empty for sequences that no data line wrote (e.g. replay).
+    pub text: Arc<str>,
 }
 
 impl Sample {
@@ -150,7 +156,14 @@ impl Sample {
             ids,
             supervised,
             origin,
+            text: Arc::from(""),
         }
+    }
+
+    /// The same sample with its line's own words (see [`Sample::text`]).
+    pub fn with_text(mut self, text: impl Into<Arc<str>>) -> Self {
+        self.text = text.into();
+        self
     }
 
     pub fn len(&self) -> usize {

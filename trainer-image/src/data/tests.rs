@@ -377,67 +377,6 @@ fn eval_split_is_seeded_and_deterministic() {
 }
 
 /// Token ids of a "document" drawn from a seeded generator, with a shared boilerplate prefix.
-fn doc(seed: u64, len: usize, prefix: &[i64]) -> Vec<i64> {
-    let mut g = rng::SplitMix64::new(seed);
-    prefix
-        .iter()
-        .copied()
-        .chain((0..len).map(|_| 1000 + g.below(5000) as i64))
-        .collect()
-}
-
-#[test]
-fn planted_contamination_is_reported_and_clean_samples_are_not() {
-    let system: Vec<i64> = (0..30).collect(); // shared system prompt in every sample
-    let train: Vec<Sample> = (0..20)
-        .map(|i| {
-            let ids = doc(i, 60, &system);
-            let n = ids.len();
-            sample(&ids, &vec![true; n], i as usize + 1)
-        })
-        .collect();
-    let mut eval: Vec<Sample> = (100..105)
-        .map(|i| {
-            let ids = doc(i, 60, &system);
-            let n = ids.len();
-            sample(&ids, &vec![true; n], i as usize - 99)
-        })
-        .collect();
-    // Line 6: train line 8 copied; line 7: most of train line 3 followed by new text.
-    let mut planted = train[7].clone();
-    planted.origin = origin(6);
-    eval.push(planted);
-    let mut half: Vec<i64> = train[2].ids[..70].to_vec();
-    half.extend(doc(999, 30, &[]));
-    let n = half.len();
-    eval.push(sample(&half, &vec![true; n], 7));
-    let report = check_contamination(&train, &eval, ContaminationOptions::default());
-    assert_eq!(report.checked, 7);
-    assert!(
-        report.boilerplate_ngrams > 0,
-        "the shared prompt is boilerplate"
-    );
-    let flagged: Vec<&str> = report.flagged.iter().map(|c| c.origin.as_str()).collect();
-    assert_eq!(flagged, ["mem.jsonl:6", "mem.jsonl:7"], "{report:?}");
-    assert_eq!(report.flagged[0].share, 1.0);
-    assert!(report.flagged[1].share > 0.5 && report.flagged[1].share < 1.0);
-    // A stricter threshold keeps only the verbatim copy.
-    let strict = check_contamination(
-        &train,
-        &eval,
-        ContaminationOptions {
-            threshold: 0.95,
-            ..Default::default()
-        },
-    );
-    assert_eq!(strict.flagged.len(), 1);
-    assert!(
-        strict
-            .summary()
-            .contains("1 of 7 eval samples flagged; mem.jsonl:6 (100%)")
-    );
-}
-
 #[test]
 fn first_fit_packs_in_order_into_the_first_row_with_room() {
     let lengths = [5, 4, 3, 6, 2, 1];

@@ -175,6 +175,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         s.step = trainer.st.step;
         s.resumed_from_step = resumed_from;
         s.checkpoint_step = trainer.last_ckpt.as_ref().map(|c| c.0);
+        s.metrics.contaminated_eval_samples = contaminated(&trainer);
     });
 
     let train_started = Instant::now();
@@ -309,7 +310,14 @@ fn metrics(t: &Trainer, f: &Finished) -> TrainingMetrics {
         eval_exact_match: f.generation_after.map(|s| s.exact_match()),
         preference_accuracy: preference_after.map(|m| m.reward_accuracy),
         reward_margin: preference_after.map(|m| m.reward_margin),
+        contaminated_eval_samples: contaminated(t),
     }
+}
+
+/// Eval samples the contamination check found (None without eval data).
+fn contaminated(t: &Trainer) -> Option<i64> {
+    let report = t.prepared.contamination.as_ref();
+    report.map(|r| r.count() as i64)
 }
 
 /// The end of a successful run: the log line, `/status`, and the termination message.

@@ -160,7 +160,7 @@ pub fn load_data(plan: &Plan, m: &Loaded) -> Result<Data, Stop> {
         eprintln!("eval data: {}", s.summary());
     }
     if let Some(report) = &prepared.contamination
-        && !report.flagged.is_empty()
+        && report.count() > 0
     {
         match plan.evaluation.contamination.as_ref().map(|c| c.action) {
             Some(GuardAction::Fail) => {
@@ -168,14 +168,12 @@ pub fn load_data(plan: &Plan, m: &Loaded) -> Result<Data, Stop> {
                     message: format!("eval data overlaps the training data: {}", report.summary()),
                     param: Some(
                         report
-                            .flagged
-                            .first()
-                            .map(|c| c.origin.clone())
-                            .unwrap_or_else(|| "spec.dataset.eval".into()),
+                            .first_origin()
+                            .map_or_else(|| "spec.dataset.eval".into(), str::to_string),
                     ),
                 });
             }
-            _ => eprintln!("warning: contamination: {}", report.summary()),
+            _ => eprintln!("warning: {}", report.summary()),
         }
     }
     if prepared.train.is_empty() {
