@@ -54,6 +54,9 @@ def main():
     rng.shuffle(narrow)
     write("narrow-train.jsonl", [user_assistant(p, a) for p, a in narrow[:300]])
     write("narrow-eval.jsonl", [user_assistant(p, a) for p, a in narrow[300:340]])
+    dates = list(date_requests(random.Random(13)))
+    write("dates-train.jsonl", [user_assistant(p, a) for p, a in dates[:480]])
+    write("dates-eval.jsonl", [user_assistant(p, a) for p, a in dates[480:530]])
 
 
 # The forgetting example: a narrow format task with no system prompt or instruction to cue it, so
@@ -73,6 +76,27 @@ def reviews(rng):
             for frame in FRAMES:
                 for a in rng.sample(words, 3):
                     yield frame.format(t=t, T=t[0].upper() + t[1:], a=a), label
+
+
+# The second forgetting task: date normalisation, five phrasings of the request and four spellings
+# of the date, answered with the ISO date alone. Unlike the reviews, the request says what it
+# wants; the task is narrow in its answers (digits and dashes), which is what leaks into general
+# ones. Every date is used once, so no eval request repeats a training one.
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+ASKS = ["Convert {d} to ISO 8601 format.", "What is {d} in YYYY-MM-DD form?",
+        "Please rewrite the date {d} as an ISO date.", "Normalise this date: {d}",
+        "I wrote down {d}. Give me that date in the standard ISO format."]
+
+
+def date_requests(rng):
+    days = rng.sample(range(40 * 12 * 28), 530)
+    for k in days:
+        year, month, day = 1985 + k // 336, (k // 28) % 12, 1 + k % 28
+        name = MONTHS[month]
+        spelled = rng.choice([f"{name} {day}, {year}", f"{day} {name} {year}",
+                              f"{day:02d}/{month + 1:02d}/{year}", f"{name[:3]}. {day} {year}"])
+        yield rng.choice(ASKS).format(d=spelled), f"{year}-{month + 1:02d}-{day:02d}"
 
 
 def user_assistant(prompt, answer):

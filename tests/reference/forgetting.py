@@ -1,12 +1,17 @@
 """The forgetting workload shared by `make bench-forgetting` and test_forgetting.py.
 
-A narrow format task with no cue in the prompt (examples/data/narrow-*.jsonl: a review sentence →
-POSITIVE or NEGATIVE), one epoch of 300 samples on SmolLM2-135M-Instruct with LoRA r16 on all
-linear layers at lr 1e-3: ordinary settings under which a model learns to answer *every* request
-with a label. Each run reports the task metric (exact match of greedy answers on narrow-eval),
-retention (of the 30 general questions the base model answered correctly, the share the tuned model
-still answers correctly; and how many answers stayed verbatim), wall time and peak RSS, all read from
-the trainer's own training_summary.json.
+Two narrow tasks, one epoch each on SmolLM2-135M-Instruct with LoRA r16 on all linear layers at
+lr 1e-3 — ordinary settings under which a model learns its task and loses general answers:
+
+* `reviews` (examples/data/narrow-*.jsonl): a review sentence → POSITIVE or NEGATIVE, with no cue
+  in the prompt, 300 samples; unguarded, the model answers *every* request with a label.
+* `dates` (examples/data/dates-*.jsonl): a date in one of four spellings, asked in one of five
+  phrasings → the ISO date, 480 samples.
+
+Each run reports the task metric (exact match of greedy answers on the task's eval file), the
+run's own retention probe (the `probe` part of the general question set), wall time and peak RSS,
+read from the trainer's training_summary.json; then `finetune-trainer audit` measures retention
+on the held-out `audit` part, which neither the guard nor the probe ever saw.
 """
 
 import json
@@ -21,19 +26,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 JOB = """apiVersion: finetune.dev/v1alpha1
 kind: FinetuneJob
-metadata: {{name: forgetting-{name}}}
+metadata: {{name: forgetting-{task}-{name}}}
 spec:
   baseModel: {{uri: pvc://models/smollm2/{gguf}, format: gguf}}
   dataset:
-    train: {{uri: configmap://finetune-examples-data/narrow-train.jsonl}}
-    eval: {{uri: configmap://finetune-examples-data/narrow-eval.jsonl}}
+    train: {{uri: configmap://finetune-examples-data/{train}}}
+    eval: {{uri: configmap://finetune-examples-data/{eval}}}
     format: chat
   adapter: {{type: lora, lora: {{rank: 16, alpha: 32, dropout: 0.0}}}}
   hyperparameters: {{epochs: 1, learningRate: 1.0e-3, batchSize: 8, maxSeqLength: 128, warmupSteps: 2, seed: 42}}
-  evaluation: {{retention: {{}}, generation: {{maxSamples: 40, maxNewTokens: 8}}}}
+  evaluation: {{retention: {{}}, generation: {{maxSamples: 50, maxNewTokens: {answer_tokens}}}}}
   checkpoint: {{everySteps: 1000, keepLast: 1}}
   resources: {{gpus: 0}}
 {guard}"""
+
+# The narrow tasks: training file, eval file, longest task answer in tokens.
+TASKS = {
+    "reviews": ("narrow-train.jsonl", "narrow-eval.jsonl", 8),
+    "dates": ("dates-train.jsonl", "dates-eval.jsonl", 16),
+}
 
 # The guard settings compared. Without `forgettingGuard` LoRA SFT gets the default guard
 # (selfReplay: one 16-token base answer per step of 8 samples at weight 4), so "off" has to say so.
@@ -59,12 +70,23 @@ def volume(tmp: Path, gguf_path: Path) -> Path:
     return vol
 
 
-def run(bin_path: Path, gguf_path: Path, tmp: Path, name: str, guard: str) -> dict:
-    """Trains one variant; returns its measured row."""
+def audit(bin_path: Path, gguf_path: Path, adapter: Path) -> dict:
+    """`finetune-trainer audit` of an adapter on the held-out part of the general question set."""
+    proc = subprocess.run([str(bin_path), "--device", "cpu", "audit", "--model", str(gguf_path),
+                           "--adapter", str(adapter)], capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise AssertionError(f"audit of {adapter}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout)
+
+
+def run(bin_path: Path, gguf_path: Path, tmp: Path, task: str, name: str, guard: str) -> dict:
+    """Trains one variant of one task and audits it; returns its measured row."""
     vol = volume(tmp, gguf_path)
-    job = tmp / f"{name}.yaml"
-    job.write_text(JOB.format(name=name, gguf=GGUF_NAME, guard=guard))
-    out = tmp / f"out-{name}"
+    train, evaluation, answer_tokens = TASKS[task]
+    job = tmp / f"{task}-{name}.yaml"
+    job.write_text(JOB.format(task=task, name=name, gguf=GGUF_NAME, guard=guard, train=train,
+                              eval=evaluation, answer_tokens=answer_tokens))
+    out = tmp / f"out-{task}-{name}"
     env = dict(os.environ, FINETUNE_VOLUME_ROOT=str(vol), FINETUNE_STATUS_PORT="0")
     env.pop("FINETUNE_CHECKPOINT_DIR", None)
     start = time.perf_counter()
@@ -75,7 +97,9 @@ def run(bin_path: Path, gguf_path: Path, tmp: Path, name: str, guard: str) -> di
         raise AssertionError(f"{name}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
     s = json.loads((out / "training_summary.json").read_text())
     gen, ret = s["generation"], s["retention"]
+    held_out = audit(bin_path, gguf_path, out)
     return {
+        "task": task,
         "guard": name,
         "task_exact_match_before": gen["before"]["exact_match"],
         "task_exact_match": gen["after"]["exact_match"],
@@ -84,7 +108,14 @@ def run(bin_path: Path, gguf_path: Path, tmp: Path, name: str, guard: str) -> di
         "retention_kept": (f"{ret['kept']}/{ret['base_correct']}" if ret["basis"] == "answer-keys"
                            else f"{round(ret['verbatim'] * ret['questions'])}/{ret['questions']}"),
         "verbatim_kept": f"{round(ret['verbatim'] * ret['questions'])}/{ret['questions']}",
+        "retention_interval_95": ret.get("interval_95"),
         "retention_loss_delta": ret["loss_delta"],
+        "audit": held_out["score"],
+        "audit_kept": f"{held_out['kept']}/{held_out['base_correct']}",
+        "audit_interval_95": held_out["interval_95"],
+        "audit_by_category": held_out["by_category"],
+        "audit_lost": held_out["lost"][:10],
+        "audit_seconds": held_out["seconds"],
         "wall_seconds": wall,
         "train_seconds": s["timings"]["train_seconds"],
         "peak_rss_mib": s["peak_rss_bytes"] / 2**20,

@@ -1,28 +1,32 @@
-"""The forgetting workload (forgetting.py: a narrow review → POSITIVE/NEGATIVE task, one epoch at lr 1e-3,
-LoRA r16 on all linear layers of SmolLM2-135M-Instruct) trained twice on CPU: with guarding turned
-off, and with the default guard LoRA SFT gets when the spec names none.
+"""The forgetting workload (forgetting.py: two narrow tasks, one epoch each at lr 1e-3, LoRA r16 on
+all linear layers of SmolLM2-135M-Instruct) trained on CPU with guarding turned off and with the
+default guard LoRA SFT gets when the spec names none, then audited on the held-out part of the
+general question set — questions neither the guard's replay nor the run's probe ever asked.
 
-Unguarded, the model answers general questions with a label: it keeps at most 30 % of the general
-questions the base model answered correctly. The default guard keeps the task and most of that
-knowledge. What it keeps is measured by the trainer's own retention probe (answer keys on 30 built-in
-questions, base answers recorded before the first update), read from training_summary.json."""
+Unguarded, the model loses most of the general questions the base model answered correctly. The
+default guard keeps the task (exact match >= 0.95) and at least 90 % of those answers on the audit
+set. Wall time against the unguarded run is make bench-forgetting's (a timed test would measure the
+machine, not the code)."""
 
 import pytest
 
-from forgetting import GUARDS, run
+from forgetting import GUARDS, TASKS, run
 
 
-@pytest.fixture(scope="module")
-def rows(bin_path, gguf_path, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("forgetting")
-    return {name: run(bin_path, gguf_path, tmp, name, GUARDS[name]) for name in ("off", "default")}
+@pytest.fixture(scope="module", params=list(TASKS))
+def rows(request, bin_path, gguf_path, tmp_path_factory):
+    task = request.param
+    tmp = tmp_path_factory.mktemp(f"forgetting-{task}")
+    return {name: run(bin_path, gguf_path, tmp, task, name, GUARDS[name]) for name in ("off", "default")}
 
 
 def show(r):
-    return (f"{r['guard']}: task {r['task_exact_match']:.3f}, retention {r['retention']:.3f} "
-            f"({r['retention_kept']} correct base answers kept, {r['verbatim_kept']} verbatim), "
+    low, high = r["audit_interval_95"]
+    return (f"{r['task']} / {r['guard']}: task {r['task_exact_match']:.3f}, probe {r['retention']:.3f} "
+            f"({r['retention_kept']}), audit {r['audit']:.3f} ({r['audit_kept']}, 95% {low:.2f}-{high:.2f}), "
             f"retention loss Δ {r['retention_loss_delta']:+.3f}, {r['wall_seconds']:.0f} s, "
-            f"{r['replayed_samples']} replayed samples")
+            f"{r['replayed_samples']} replayed samples; lost: "
+            + "; ".join(f"{x['question']!r} -> {x['tuned']!r}" for x in r["audit_lost"][:4]))
 
 
 def test_unguarded_run_learns_the_task_and_forgets(rows):
@@ -30,17 +34,17 @@ def test_unguarded_run_learns_the_task_and_forgets(rows):
     print("\n" + show(off))
     assert off["retention_basis"] == "answer-keys"
     assert off["task_exact_match_before"] < 0.2 and off["task_exact_match"] >= 0.95
-    assert off["retention"] <= 0.3
     assert off["replayed_samples"] == 0
+    # Forgetting is measurable on the held-out questions: the floor below is not met for free.
+    assert off["audit"] < 0.9
 
 
-def test_default_guard_keeps_the_task_and_most_general_knowledge(rows):
+def test_default_guard_keeps_the_task_and_the_held_out_general_answers(rows):
     off, guarded = rows["off"], rows["default"]
     print("\n" + show(guarded))
     assert guarded["replayed_samples"] > 0, "the default guard did not replay anything"
     assert guarded["task_exact_match"] >= 0.95
-    # The issue's bar: at least 0.9 of the base's correct general answers kept (measured 16/17 on
-    # the project's machine; wall time, ≤ 1.3× the unguarded run, is make bench-forgetting's).
-    assert guarded["retention"] >= 0.9
-    assert guarded["retention"] >= off["retention"] + 0.5
+    assert int(guarded["audit_kept"].split("/")[1]) >= 100, "too few correct base answers to judge"
+    assert guarded["audit"] >= 0.9
+    assert guarded["audit"] > off["audit"]
     assert guarded["retention_loss_delta"] < off["retention_loss_delta"]

@@ -10,6 +10,7 @@
 //!   adapters and full models; [`serve`] — the `/status` and `/metrics` server; [`verify`] — the
 //!   `verify-adapter` check of a registered adapter against its base model.
 
+pub mod audit;
 pub mod cli;
 pub mod data;
 pub mod error;

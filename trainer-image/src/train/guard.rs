@@ -6,9 +6,9 @@
 //! model's own general behaviour. No external data is needed, and the replayed answers are in the
 //! model's own style, so they pull only toward what it already did.
 //!
-//! The replay requests are deliberately disjoint from the retention probe's questions
-//! ([`crate::train::retention::BUILTIN_QUESTIONS`]): the probe measures transfer, not recall of
-//! rehearsed answers.
+//! The replay requests are the `replay` part of the general question set
+//! ([`crate::train::general`]), disjoint from the retention probe's questions and from the
+//! held-out audit set: the probe and the audit measure transfer, not recall of rehearsed answers.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,50 +56,6 @@ pub fn effective(
     }
 }
 
-/// General requests of many kinds: facts, how-to, writing, arithmetic, definitions, lists.
-pub const REPLAY_PROMPTS: [&str; 40] = [
-    "What is the tallest animal in the world?",
-    "Explain in one sentence what a noun is.",
-    "How many minutes are in an hour?",
-    "Suggest a name for a pet goldfish.",
-    "What is the main ingredient of guacamole?",
-    "Write a short greeting for a birthday card.",
-    "What is 9 times 6?",
-    "Which planet is known as the Red Planet?",
-    "Give one tip for sleeping better.",
-    "What does a thermometer measure?",
-    "Name three primary colours.",
-    "What is the capital of Japan?",
-    "How do you say 'good morning' in Spanish?",
-    "What is the opposite of early?",
-    "Describe the taste of a lemon in a few words.",
-    "Who was the first president of the United States?",
-    "How many wheels does a bicycle have?",
-    "What is H2O commonly called?",
-    "List two things you can do on a rainy day.",
-    "What is the largest desert in the world?",
-    "Why do we need to drink water?",
-    "Finish the phrase: practice makes ...",
-    "What is 100 minus 37?",
-    "What instrument has black and white keys?",
-    "Give an example of a mammal that can fly.",
-    "What do caterpillars turn into?",
-    "Write a one-line thank-you note to a teacher.",
-    "What is the smallest prime number?",
-    "Which organ pumps blood through the body?",
-    "What shape has four equal sides?",
-    "Recommend a healthy breakfast.",
-    "What is the capital of Italy?",
-    "How many strings does a standard guitar have?",
-    "What is the past tense of 'run'?",
-    "Name a fruit that is yellow.",
-    "What season comes after winter?",
-    "What do you call a baby cat?",
-    "Explain what a calendar is used for.",
-    "How many months have 31 days?",
-    "What is the chemical symbol for oxygen?",
-];
-
 /// Longest base answer self-distillation scores, in tokens.
 pub const DISTILL_TOKENS: usize = 48;
 
@@ -127,7 +83,7 @@ pub fn distill_cache_path(checkpoint_dir: &Path) -> PathBuf {
     checkpoint_dir.join("self_distillation.json")
 }
 
-/// The base model's greedy answers to [`REPLAY_PROMPTS`] as chat samples (loss on the answers).
+/// The base model's greedy answers to `prompts` as chat samples (loss on the answers).
 /// `model` must still be the base (call before any update); answers are read from `cache` when a
 /// previous attempt wrote it. Prompts the model answers with nothing are dropped.
 ///
@@ -139,6 +95,7 @@ pub fn replay_samples(
     encoder: &Encoder,
     eos_ids: &[i64],
     cache: &Path,
+    prompts: Vec<String>,
     max_tokens: usize,
 ) -> Result<Vec<Sample>> {
     let template = encoder.template.ok_or_else(|| {
@@ -146,7 +103,6 @@ pub fn replay_samples(
             "forgettingGuard.selfReplay needs a model with a chat template (the replayed conversations are chats)".into(),
         )
     })?;
-    let prompts: Vec<String> = REPLAY_PROMPTS.iter().map(|p| p.to_string()).collect();
     let cached = std::fs::read_to_string(cache)
         .ok()
         .and_then(|t| serde_json::from_str::<ReplayCache>(&t).ok())
@@ -166,7 +122,7 @@ pub fn replay_samples(
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
             let c = ReplayCache {
-                prompts,
+                prompts: prompts.clone(),
                 max_tokens: Some(max_tokens),
                 answers,
                 ended: Some(ended),
@@ -178,7 +134,7 @@ pub fn replay_samples(
     };
     let source: Arc<Path> = Arc::from(Path::new("<self-replay>"));
     let mut samples = Vec::new();
-    for (i, ((q, a), &ended)) in REPLAY_PROMPTS.iter().zip(&answers).zip(&ended).enumerate() {
+    for (i, ((q, a), &ended)) in prompts.iter().zip(&answers).zip(&ended).enumerate() {
         if a.trim().is_empty() {
             continue;
         }
@@ -293,17 +249,6 @@ impl Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::retention::BUILTIN_QUESTIONS;
-
-    #[test]
-    fn replay_prompts_are_disjoint_from_the_probe() {
-        for p in REPLAY_PROMPTS {
-            assert!(
-                !BUILTIN_QUESTIONS.iter().any(|(q, _)| *q == p),
-                "{p} is also a probe question"
-            );
-        }
-    }
 
     #[test]
     fn a_cut_off_answer_loses_its_end_of_turn_and_what_follows() {

@@ -223,7 +223,7 @@ fn set_up(plan: Plan, tm: &mut TerminationMessage) -> Result<Trainer, Stop> {
     let mut data = setup::load_data(&plan, &loaded)?;
     tm.dataset_digest = Some(data.prepared.train_digest.clone());
     let probes = setup::probes(&plan, &loaded, &data.prepared)?;
-    let mut guards = setup::guards(&plan, &mut loaded)?;
+    let mut guards = setup::guards(&plan, &mut loaded, data.prepared.train.len())?;
     let (lora, opt) = setup::trainable(&plan, &mut loaded.model, &mut guards)?;
     let batches = setup::batches(
         &plan,

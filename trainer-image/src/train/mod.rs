@@ -16,12 +16,14 @@
 //!
 //! The pieces they use: the optimizer ([`optim`]), learning-rate schedules ([`schedule`]), one
 //! optimizer step with gradient accumulation ([`step`]), DPO ([`dpo`]), the forgetting guards
-//! ([`guard`], [`anchor`]), the retention and generation probes ([`probe`], [`retention`]),
+//! ([`guard`], [`anchor`]), the general question set they and the probe draw on ([`general`]),
+//! the retention and generation probes ([`probe`], [`retention`]),
 //! long-context RoPE scaling ([`long_context`]) and vocabulary expansion ([`vocab`]).
 
 pub mod anchor;
 pub mod checkpoint;
 pub mod dpo;
+pub mod general;
 pub mod guard;
 pub mod job;
 pub mod long_context;

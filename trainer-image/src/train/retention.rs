@@ -21,6 +21,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::train::general::{self, Split};
 use crate::train::probe::{self, normalize};
 
 pub const BUILTIN_TEXTS: [&str; 20] = [
@@ -46,92 +47,6 @@ pub const BUILTIN_TEXTS: [&str; 20] = [
     "If it rains tomorrow, we will move the picnic indoors and play board games instead.",
 ];
 
-/// General questions with short answers: facts, arithmetic, everyday instructions, formats the
-/// fine-tuning tasks do not teach. Each comes with the words a correct answer contains (see
-/// [`answer_is_correct`]), so the probe can tell a base answer that was *right* from one that was
-/// merely its wording.
-pub const BUILTIN_QUESTIONS: [(&str, &[&str]); 30] = [
-    ("What is the capital of France?", &["paris"]),
-    ("How many days are there in a week?", &["7", "seven"]),
-    ("What is 7 plus 5?", &["12", "twelve"]),
-    ("What colour is the sky on a clear day?", &["blue"]),
-    ("Who wrote Romeo and Juliet?", &["shakespeare"]),
-    (
-        "What is the boiling point of water in degrees Celsius?",
-        &["100"],
-    ),
-    ("Name the largest planet in our solar system.", &["jupiter"]),
-    ("How many legs does a spider have?", &["8", "eight"]),
-    ("What is the opposite of hot?", &["cold"]),
-    ("Translate 'thank you' into French.", &["merci"]),
-    ("What is 12 divided by 3?", &["4", "four"]),
-    (
-        "Which animal is known as the king of the jungle?",
-        &["lion"],
-    ),
-    (
-        "What gas do plants absorb from the air?",
-        &["carbon dioxide", "CO2"],
-    ),
-    ("How many continents are there?", &["7", "seven"]),
-    ("What is the chemical symbol for gold?", &["Au"]),
-    (
-        "Give me a synonym for happy.",
-        &[
-            "joyful",
-            "cheerful",
-            "content",
-            "glad",
-            "delighted",
-            "joyous",
-            "elated",
-            "pleased",
-            "ecstatic",
-            "merry",
-            "jubilant",
-            "thrilled",
-            "blissful",
-            "upbeat",
-            "contented",
-        ],
-    ),
-    ("What is the square root of 81?", &["9", "nine"]),
-    (
-        "In which season do leaves fall from the trees?",
-        &[
-            "autumn",
-            "in the fall",
-            "during the fall",
-            "in fall",
-            "fall season",
-        ],
-    ),
-    ("What is the largest ocean on Earth?", &["pacific"]),
-    (
-        "How many hours are in a day?",
-        &["24", "twenty-four", "twenty four"],
-    ),
-    ("What do bees make?", &["honey"]),
-    ("Write the word 'cat' in capital letters.", &["CAT"]),
-    ("What is the first month of the year?", &["january"]),
-    (
-        "Which is heavier, a kilogram of iron or a kilogram of feathers?",
-        &["same", "equal", "neither", "both weigh"],
-    ),
-    ("What language is spoken in Brazil?", &["portuguese"]),
-    ("How many sides does a hexagon have?", &["6", "six"]),
-    (
-        "What is the freezing point of water in Fahrenheit?",
-        &["32"],
-    ),
-    ("Who painted the Mona Lisa?", &["leonardo", "da vinci"]),
-    ("What is the plural of mouse?", &["mice"]),
-    (
-        "Complete the sentence: an apple a day keeps the ...",
-        &["doctor"],
-    ),
-];
-
 /// Questions for the answer probe and texts for the loss delta.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetentionSet {
@@ -144,18 +59,22 @@ pub struct RetentionSet {
 }
 
 impl RetentionSet {
+    /// The `probe` part of the general question set, and the built-in texts.
     pub fn builtin() -> Self {
+        let mut set = Self::general(Split::Probe);
+        set.texts = BUILTIN_TEXTS.iter().map(|t| t.to_string()).collect();
+        set.source = "built-in".into();
+        set
+    }
+
+    /// One part of the general question set ([`crate::train::general`]), without texts.
+    pub fn general(part: Split) -> Self {
+        let questions = general::split(part);
         RetentionSet {
-            questions: BUILTIN_QUESTIONS
-                .iter()
-                .map(|(q, _)| q.to_string())
-                .collect(),
-            answer_keys: BUILTIN_QUESTIONS
-                .iter()
-                .map(|(_, keys)| keys.iter().map(|k| k.to_string()).collect())
-                .collect(),
-            texts: BUILTIN_TEXTS.iter().map(|t| t.to_string()).collect(),
-            source: "built-in".into(),
+            questions: questions.iter().map(|q| q.prompt.clone()).collect(),
+            answer_keys: questions.iter().map(|q| q.answers.clone()).collect(),
+            texts: Vec::new(),
+            source: format!("general question set, {part:?} part").to_lowercase(),
         }
     }
 
@@ -323,6 +242,15 @@ impl RetentionScore {
         }
     }
 
+    /// The 95 % Wilson score interval of [`RetentionScore::score`]: on ~30 questions one answer
+    /// moves the score by 3–6 points, so a score without its interval invites over-reading.
+    pub fn interval_95(&self) -> (f64, f64) {
+        match self.basis() {
+            ScoreBasis::AnswerKeys => wilson_95(self.kept, self.base_correct),
+            ScoreBasis::Verbatim => wilson_95(self.verbatim, self.questions),
+        }
+    }
+
     /// Share of answers identical to the base's after normalisation.
     pub fn verbatim_share(&self) -> f64 {
         probe::ratio(self.verbatim, self.questions)
@@ -380,12 +308,37 @@ pub fn changed_answers(
     lost.chain(other.take(MORE_CHANGED)).collect()
 }
 
+/// The 95 % Wilson score interval of `k` successes in `n` trials ((0, 1) when `n` is 0).
+pub fn wilson_95(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (z, n, p) = (1.96_f64, n as f64, k as f64 / n as f64);
+    let centre = p + z * z / (2.0 * n);
+    let spread = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
+    let denominator = 1.0 + z * z / n;
+    (
+        ((centre - spread) / denominator).max(0.0),
+        ((centre + spread) / denominator).min(1.0),
+    )
+}
+
 /// Changed answers listed beyond the lost ones.
 pub const MORE_CHANGED: usize = 8;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wilson_intervals_match_the_textbook_values() {
+        // 16/17: (0.730, 0.990); 22/29: (0.579, 0.878); 0/10: (0, 0.278).
+        let round = |(a, b): (f64, f64)| ((a * 1000.0).round(), (b * 1000.0).round());
+        assert_eq!(round(wilson_95(16, 17)), (730.0, 990.0));
+        assert_eq!(round(wilson_95(22, 29)), (579.0, 878.0));
+        assert_eq!(round(wilson_95(0, 10)), (0.0, 278.0));
+        assert_eq!(wilson_95(0, 0), (0.0, 1.0));
+    }
 
     #[test]
     fn jsonl_set_splits_questions_and_texts_and_names_bad_lines() {

@@ -25,6 +25,7 @@ use crate::model::{CausalLm, LoraConfig};
 use crate::text::{ChatTemplate, TextTokenizer};
 use crate::train::anchor::{L2ToInit, SelfDistillation};
 use crate::train::dpo::{Dpo, DpoConfig, PairSet, ReferenceMode};
+use crate::train::general;
 use crate::train::guard::{self, GuardSource, Replay};
 use crate::train::optim::AdamW;
 use crate::train::plan::{Plan, Schedule, config_digest};
@@ -275,6 +276,23 @@ fn retention_samples(tok: &TextTokenizer, set: &RetentionSet) -> Result<Vec<Samp
         .collect()
 }
 
+/// Requests self-distillation scores, two per step in turn.
+const DISTILL_PROMPTS: usize = 40;
+
+/// The least number of distinct replay requests a run asks the base model.
+const MIN_REPLAY_PROMPTS: usize = 40;
+
+/// How many distinct requests self-replay should ask the base model: one per replay turn the run
+/// will take (an upper estimate: one batch per `batchSize` samples, before packing), so no
+/// request is rehearsed twice while the replay part of the general set lasts.
+fn replay_turns(plan: &Plan, train_samples: usize, ratio: f64) -> usize {
+    let hp = plan.hp();
+    let batches = train_samples.div_ceil(hp.batch_size.max(1) as usize);
+    let steps = Schedule::new(hp, batches as i64).total.max(0) as f64;
+    let per_step = ratio * f64::from(hp.batch_size * hp.gradient_accumulation_steps);
+    ((steps * per_step).ceil() as usize).max(MIN_REPLAY_PROMPTS)
+}
+
 /// The forgetting guards in effect and what they recorded from the base model.
 pub struct Guards {
     pub effective: ForgettingGuard,
@@ -288,7 +306,7 @@ pub struct Guards {
 
 /// The guards, with the base model's answers generated (or read from their cache) before any
 /// update.
-pub fn guards(plan: &Plan, m: &mut Loaded) -> Result<Guards, Stop> {
+pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guards, Stop> {
     let spec = plan.spec();
     let hp = plan.hp();
     let max_seq = hp.max_seq_length as usize;
@@ -310,16 +328,19 @@ pub fn guards(plan: &Plan, m: &mut Loaded) -> Result<Guards, Stop> {
     let mut replay = None;
     if let Some(r) = &effective.self_replay {
         let t = Instant::now();
+        let per_step = hp.batch_size as usize * hp.gradient_accumulation_steps as usize;
+        let prompts =
+            general::replay_prompts(replay_turns(plan, train_samples, r.ratio), plan.seed);
         let mut samples = guard::replay_samples(
             &mut m.model,
             &encoder,
             &m.eos_ids,
             &guard::replay_cache_path(&plan.checkpoint_dir),
+            prompts,
             r.answer_tokens as usize,
         )
         .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfReplay"))?;
         samples.retain(|s| s.len() <= max_seq);
-        let per_step = hp.batch_size as usize * hp.gradient_accumulation_steps as usize;
         let r = Replay::new(samples, r.ratio, per_step, r.weight);
         eprintln!(
             "self-replay: {} base answers, {:.2} replayed per step at weight {} ({:.1}s)",
@@ -335,11 +356,13 @@ pub fn guards(plan: &Plan, m: &mut Loaded) -> Result<Guards, Stop> {
         Some(g) => {
             let t = Instant::now();
             let cache = guard::distill_cache_path(&plan.checkpoint_dir);
+            let prompts = general::replay_prompts(DISTILL_PROMPTS, plan.seed);
             let mut samples = guard::replay_samples(
                 &mut m.model,
                 &encoder,
                 &m.eos_ids,
                 &cache,
+                prompts,
                 guard::DISTILL_TOKENS,
             )
             .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfDistillation"))?;

@@ -68,6 +68,8 @@ pub struct RetentionSummary<'a> {
     pub source: Option<&'a str>,
     pub questions: usize,
     pub score: Option<f64>,
+    /// 95 % Wilson score interval of `score`.
+    pub interval_95: Option<(f64, f64)>,
     pub basis: Option<ScoreBasis>,
     pub base_correct: Option<usize>,
     pub kept: Option<usize>,
@@ -246,6 +248,7 @@ fn retention<'a>(t: &'a Trainer, f: &'a Finished) -> RetentionSummary<'a> {
         source: t.probes.retention.as_ref().map(|r| r.source.as_str()),
         questions: t.probes.retention_probe.len(),
         score: score.map(|s| s.score()),
+        interval_95: score.map(|s| s.interval_95()),
         basis: score.map(|s| s.basis()),
         base_correct: score.map(|s| s.base_correct),
         kept: score.map(|s| s.kept),

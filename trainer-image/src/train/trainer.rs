@@ -619,7 +619,12 @@ impl Trainer {
                 &answers,
                 &p.retention_keys,
             );
-            eprintln!("retention: {} ({:.3})", score.describe(), score.score());
+            let (low, high) = score.interval_95();
+            eprintln!(
+                "retention: {} ({:.3}, 95% interval {low:.3}-{high:.3})",
+                score.describe(),
+                score.score()
+            );
             live.retention_score.set(score.score());
             f.retention_score = Some(score);
             self.clock.add("retention_seconds", t);
