@@ -15,18 +15,18 @@ pub const RETENTION_COLOR: &str = "#bf3989";
 
 /// The "Curves" section.
 pub fn section_html(run: &Run) -> String {
-    let figures: Vec<(Chart, bool)> = vec![
-        (loss_chart(run), true),
-        (lr_chart(run), false),
-        (throughput_chart(run), false),
-        (retention_chart(run), true),
+    let figures = [
+        loss_chart(run),
+        lr_chart(run),
+        throughput_chart(run),
+        retention_chart(run),
     ];
     let mut body = String::from(r#"<div class="charts">"#);
     let mut missing = Vec::new();
-    for (chart, wide) in &figures {
+    for chart in &figures {
         match svg::render(chart) {
             Some(svg) => {
-                let class = if *wide { r#" class="wide""# } else { "" };
+                let class = if chart.wide { r#" class="wide""# } else { "" };
                 body += &format!(
                     "<figure{class}><figcaption>{}</figcaption>{svg}</figure>",
                     esc(&chart.title)
@@ -67,6 +67,8 @@ fn loss_chart(run: &Run) -> Chart {
                 dashed: true,
             },
         ],
+        wide: true,
+        y_include: vec![],
     }
 }
 
@@ -88,6 +90,8 @@ fn lr_chart(run: &Run) -> Chart {
             markers: false,
             dashed: false,
         }],
+        wide: false,
+        y_include: vec![0.0],
     }
 }
 
@@ -109,6 +113,8 @@ fn throughput_chart(run: &Run) -> Chart {
             markers: false,
             dashed: false,
         }],
+        wide: false,
+        y_include: vec![0.0],
     }
 }
 
@@ -143,5 +149,7 @@ fn retention_chart(run: &Run) -> Chart {
         x_label: "optimizer step".into(),
         y_label: "score".into(),
         series,
+        wide: true,
+        y_include: vec![0.0, 1.0],
     }
 }

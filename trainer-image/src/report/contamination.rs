@@ -62,6 +62,12 @@ fn list_table(items: &[Value]) -> String {
     if columns.is_empty() {
         columns.push("value");
     }
+    // The JSON's keys come sorted; where a finding is from and how much of it overlaps read first.
+    columns.sort_by_key(|c| match *c {
+        "origin" => 0,
+        c if c.contains("share") => 1,
+        _ => 2,
+    });
     let rows: Vec<Vec<String>> = items
         .iter()
         .take(MAX_ROWS)

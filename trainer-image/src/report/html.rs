@@ -66,13 +66,17 @@ pub fn cell(v: &Value) -> String {
     esc(&text)
 }
 
-/// A table from a header row and rows of already-escaped HTML cells.
+/// A table from a header row (none when empty) and rows of already-escaped HTML cells.
 pub fn table(class: &str, header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut s = format!(r#"<table class="{class}"><thead><tr>"#);
-    for h in header {
-        let _ = write!(s, "<th>{}</th>", esc(h));
+    let mut s = format!(r#"<table class="{class}">"#);
+    if !header.is_empty() {
+        s += "<thead><tr>";
+        for h in header {
+            let _ = write!(s, "<th>{}</th>", esc(h));
+        }
+        s += "</tr></thead>";
     }
-    s += "</tr></thead><tbody>";
+    s += "<tbody>";
     for row in rows {
         s += "<tr>";
         for c in row {
@@ -123,7 +127,7 @@ h2 { font-size: 17px; margin: 0 0 12px; }
 .subtitle { color: var(--muted); margin: 0 0 16px; }
 section { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
   padding: 16px 20px; margin: 0 0 18px; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px;
+.cards { display: grid; grid-template-columns: repeat(4, 1fr); gap: 10px;
   margin: 0 0 18px; }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
 .card .label { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
@@ -143,6 +147,7 @@ table { border-collapse: collapse; width: 100%; margin: 0 0 8px; }
 th, td { border-bottom: 1px solid var(--line); padding: 6px 8px; text-align: left; vertical-align: top; }
 th { background: #eef1f5; font-weight: 600; }
 td { overflow-wrap: anywhere; white-space: pre-wrap; }
+table.details td:first-child { width: 180px; color: var(--muted); }
 table.numbers td:not(:first-child), table.numbers th:not(:first-child) { text-align: right;
   font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.lost td { background: #fdecec; }

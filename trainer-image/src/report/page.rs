@@ -100,7 +100,16 @@ fn model_card(run: &Run) -> String {
     let params = run.num("trainable_parameters").map_or(String::new(), |p| {
         format!("{:.2}M trainable parameters", p / 1e6)
     });
-    card("Model", base.as_deref().unwrap_or("—"), &params)
+    // The file or directory name is the model; the whole URI goes underneath.
+    let Some(base) = base else {
+        return card("Model", "—", &params);
+    };
+    let name = base
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(&base);
+    card("Model", name, &format!("{base}; {params}"))
 }
 
 fn method_card(run: &Run) -> String {
@@ -297,11 +306,14 @@ fn details(run: &Run) -> String {
         "threads",
         "warmup_steps",
         "steps_per_epoch",
-        "peak_rss_bytes",
     ]
     .iter()
     .filter_map(|k| Some(vec![esc(k), cell(get(s, k)?)]))
     .collect();
+    if let Some(rss) = num(s, "peak_rss_bytes") {
+        let mib = format!("{:.0} MiB", rss / f64::from(1 << 20));
+        rows.push(vec![esc("peak memory (RSS)"), esc(&mib)]);
+    }
     for split in ["train", "eval"] {
         if let Some(Value::Object(stats)) = get(s, &format!("dataset.{split}")) {
             let line: Vec<String> = stats.iter().map(|(k, v)| format!("{k} {v}")).collect();

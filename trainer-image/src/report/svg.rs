@@ -7,8 +7,10 @@ use std::fmt::Write;
 
 use super::html::esc;
 
-/// Drawing size in SVG units; the page scales the `viewBox` to its column width.
-const WIDTH: f64 = 560.0;
+/// Drawing size in SVG units, about the CSS pixels of a half-width figure on a 1200 px page (so
+/// text keeps its size); a wide chart is twice as wide, not taller.
+const HALF_WIDTH: f64 = 540.0;
+const WIDE_WIDTH: f64 = 1100.0;
 const HEIGHT: f64 = 300.0;
 /// Room for the y tick labels (left), the legend (top) and the x labels (bottom).
 const LEFT: f64 = 66.0;
@@ -37,6 +39,11 @@ pub struct Chart {
     pub x_label: String,
     pub y_label: String,
     pub series: Vec<Series>,
+    /// Spans the page's width (the main curve) instead of half of it.
+    pub wide: bool,
+    /// Values the y axis must include besides the data, e.g. 0 so a flat throughput does not
+    /// look like a swing, or 0 and 1 for a score.
+    pub y_include: Vec<f64>,
 }
 
 /// Maps a data interval onto a pixel interval.
@@ -135,12 +142,20 @@ pub fn render(chart: &Chart) -> Option<String> {
     if all.is_empty() {
         return None;
     }
-    let (x_ticks, y_ticks) = (ticks_of(&all, |p| p.0, 8), ticks_of(&all, |p| p.1, 5));
+    let width = if chart.wide { WIDE_WIDTH } else { HALF_WIDTH };
+    // Every x axis starts at step 0 (before training), so charts of one run line up.
+    let x_values = all.iter().map(|p| p.0).chain([0.0]);
+    let x_ticks = ticks_of(x_values, if chart.wide { 10 } else { 6 });
+    let y_values = all
+        .iter()
+        .map(|p| p.1)
+        .chain(chart.y_include.iter().copied());
+    let y_ticks = ticks_of(y_values, 5);
     let x = Scale {
         d0: x_ticks[0],
         d1: x_ticks[x_ticks.len() - 1],
         r0: LEFT,
-        r1: WIDTH - RIGHT,
+        r1: width - RIGHT,
     };
     let y = Scale {
         d0: y_ticks[0],
@@ -149,7 +164,7 @@ pub fn render(chart: &Chart) -> Option<String> {
         r1: TOP,
     };
     let mut s = format!(
-        r#"<svg id="{}" class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{}">"#,
+        r#"<svg id="{}" class="chart" viewBox="0 0 {width} {HEIGHT}" role="img" aria-label="{}">"#,
         chart.id,
         esc(&chart.title)
     );
@@ -162,9 +177,9 @@ pub fn render(chart: &Chart) -> Option<String> {
     Some(s)
 }
 
-fn ticks_of(points: &[(f64, f64)], f: impl Fn(&(f64, f64)) -> f64, target: usize) -> Vec<f64> {
-    let lo = points.iter().map(&f).fold(f64::INFINITY, f64::min);
-    let hi = points.iter().map(&f).fold(f64::NEG_INFINITY, f64::max);
+fn ticks_of(values: impl Iterator<Item = f64> + Clone, target: usize) -> Vec<f64> {
+    let lo = values.clone().fold(f64::INFINITY, f64::min);
+    let hi = values.fold(f64::NEG_INFINITY, f64::max);
     nice_ticks(lo, hi, target)
 }
 
@@ -351,8 +366,11 @@ mod tests {
                 markers: false,
                 dashed: false,
             }],
+            wide: false,
+            y_include: vec![0.0],
         };
         let svg = render(&chart).unwrap();
+        assert!(svg.contains(">0</text>"), "the y axis includes 0: {svg}");
         assert!(svg.contains(r#"data-series="train-loss""#), "{svg}");
         assert!(svg.contains("&lt;b&gt;") && !svg.contains("<b>"), "{svg}");
         let empty = Chart {
