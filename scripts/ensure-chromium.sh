@@ -13,5 +13,6 @@ fi
 echo "ensure-chromium: installing chromium (apt-get)" >&2
 apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 apt_get update -qq >&2
-DEBIAN_FRONTEND=noninteractive apt_get install -y -qq --no-install-recommends chromium >&2
+# A font too: without recommends nothing else brings one, and the report's text would not show.
+DEBIAN_FRONTEND=noninteractive apt_get install -y -qq --no-install-recommends chromium fonts-dejavu-core >&2
 test -x /usr/bin/chromium

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 pub const REPORT_FILE: &str = "report.html";
 
 /// What [`write_report`] wrote.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct Written {
     pub path: PathBuf,
     pub bytes: usize,
