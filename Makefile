@@ -49,7 +49,9 @@ lint: setup
 test-rust: setup
 	cargo test --workspace
 
+# test_report.py renders report.html in headless Chromium: installed here when missing.
 test-reference: build
+	scripts/ensure-chromium.sh
 	FINETUNE_TRAINER_BIN=$(TRAINER) python -m pytest -q tests/reference
 
 # On a real kube-apiserver with kwok GPU nodes: the CRDs and examples (CEL rules, printer

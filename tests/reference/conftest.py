@@ -14,10 +14,12 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def trainer_bin() -> Path:
@@ -80,3 +82,46 @@ def hf_model(gguf_dir):
     model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME, dtype=torch.float32)
     model.eval()
     return model
+
+
+# The example's FinetuneJob, with its pvc:// and configmap:// URIs mapped under FINETUNE_VOLUME_ROOT:
+# a LoRA adapter on SmolLM2-135M-Instruct (chat-train.jsonl, 20 steps, batch 4, seq 128).
+SMOLLM2_JOB = """apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {name: smollm2-e2e}
+spec:
+  baseModel: {uri: pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, format: gguf}
+  dataset:
+    train: {uri: configmap://finetune-examples-data/chat-train.jsonl}
+    eval: {uri: configmap://finetune-examples-data/chat-eval.jsonl}
+    format: chat
+  adapter: {type: lora, lora: {rank: 16, alpha: 32, dropout: 0.05}}
+  hyperparameters: {maxSteps: 20, learningRate: 1.0e-3, batchSize: 4, maxSeqLength: 128, warmupSteps: 2, seed: 42}
+  forgettingGuard: {disabled: true}
+  evaluation: {everySteps: 10, retention: {}, generation: {maxSamples: 12, maxNewTokens: 24}}
+  forgettingGuard: {}
+  checkpoint: {everySteps: 10, keepLast: 2}
+  resources: {gpus: 0}
+"""
+
+
+@pytest.fixture(scope="session")
+def smollm2_lora_run(tmp_path_factory, gguf_path, bin_path):
+    """One real `finetune-trainer run` of SMOLLM2_JOB on CPU, shared by the tests that inspect what
+    a run writes (test_train_smollm2.py, test_report.py), so the training happens once per session.
+    Returns out (the output directory), termination_log and stderr."""
+    root = tmp_path_factory.mktemp("smollm2-run")
+    vol = root / "vol"
+    (vol / "pvc/models/smollm2").mkdir(parents=True)
+    (vol / "configmap").mkdir()
+    os.symlink(gguf_path, vol / "pvc/models/smollm2" / GGUF_NAME)
+    os.symlink(REPO / "examples/data", vol / "configmap/finetune-examples-data")
+    job = root / "job.yaml"
+    job.write_text(SMOLLM2_JOB)
+    out, term = root / "out", root / "termination-log"
+    env = dict(os.environ, FINETUNE_VOLUME_ROOT=str(vol), FINETUNE_STATUS_PORT="0",
+               FINETUNE_TERMINATION_LOG=str(term))
+    proc = subprocess.run([str(bin_path), "--device", "cpu", "run", str(job), "--output", str(out)],
+                          capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return SimpleNamespace(out=out, termination_log=term, stderr=proc.stderr)

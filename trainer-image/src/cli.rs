@@ -1,5 +1,5 @@
-//! Command-line interface. `generate`, `eval`, `merge`, `export-gguf` and `verify-adapter` are the
-//! user-facing commands; `logits`, `tokenize`, `render-chat` and `bench-forward` are developer
+//! Command-line interface. `generate`, `eval`, `merge`, `export-gguf`, `verify-adapter` and
+//! `report` are the user-facing commands; `logits`, `tokenize`, `render-chat` and `bench-forward` are developer
 //! commands used by the parity tests in `tests/reference/` and by `make bench-forward`.
 
 use std::path::PathBuf;
@@ -53,6 +53,10 @@ pub enum Command {
     /// Write a model (HF directory, e.g. a merged one, or GGUF) as a GGUF v3 file for llama.cpp:
     /// 2-D weights as q8_0, f16 or f32, norms in f32.
     ExportGguf(ExportGgufArgs),
+    /// Write OUTPUT_DIR/report.html from the run's training_summary.json (and adapter_config.json):
+    /// loss, learning-rate and tokens/s curves, eval and retention before/after, changed retention
+    /// answers, contamination findings. One self-contained file; `run` writes it too.
+    Report(ReportArgs),
     /// [developer] Write the logits of one sequence to a safetensors file (key `logits`, [1, seq, vocab]).
     Logits(LogitsArgs),
     /// [developer] Print token ids as JSON for a string or a JSON array of strings.
@@ -189,6 +193,12 @@ pub struct ExportGgufArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// A finished run's output directory (the one holding training_summary.json).
+    pub output_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct LogitsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -311,6 +321,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => run_merge(a),
         Command::VerifyAdapter(a) => run_verify_adapter(a),
         Command::ExportGguf(a) => run_export_gguf(a),
+        Command::Report(a) => run_report(a),
         Command::Logits(a) => run_logits(a, device),
         Command::DpoLoss(a) => run_dpo_loss(a, device),
         Command::DistillKl(a) => run_distill_kl(a, device),
@@ -452,6 +463,18 @@ fn run_verify_adapter(a: VerifyAdapterArgs) -> Result<()> {
 fn run_export_gguf(a: ExportGgufArgs) -> Result<()> {
     let summary = crate::export::gguf::export_gguf(&a.model, &a.output, a.ty)?;
     println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    Ok(())
+}
+
+/// Writes report.html into a run's output directory; prints where, its size and the time taken.
+fn run_report(a: ReportArgs) -> Result<()> {
+    let started = Instant::now();
+    let written = crate::report::write_report(&a.output_dir)?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"report": written.path, "bytes": written.bytes, "steps": written.steps, "seconds": seconds})
+    );
     Ok(())
 }
 

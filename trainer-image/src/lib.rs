@@ -9,6 +9,8 @@
 //! * [`train`] — the SFT loop (AdamW, schedules, checkpoints, `run JOB.yaml`); [`export`] — PEFT
 //!   adapters and full models; [`serve`] — the `/status` and `/metrics` server; [`verify`] — the
 //!   `verify-adapter` check of a registered adapter against its base model.
+//! * [`report`] — `report.html`, a self-contained picture of a finished run (curves as inline SVG,
+//!   before/after tables), written by `report OUTPUT_DIR` and at the end of every run.
 
 pub mod audit;
 pub mod cli;
@@ -19,6 +21,7 @@ pub mod export;
 pub mod generate;
 pub mod load;
 pub mod model;
+pub mod report;
 pub mod serve;
 pub mod text;
 pub mod train;

@@ -4,7 +4,8 @@
 //!
 //! This module is the driver: [`plan`](crate::train::plan) → [`setup`](crate::train::setup) →
 //! [`resume`](crate::train::checkpoint::resume) → the loop ([`trainer`](crate::train::trainer))
-//! → finish and export → report ([`summary`](crate::train::summary) and the termination message).
+//! → finish and export → report ([`summary`](crate::train::summary), `report.html` from
+//! [`report`](crate::report), and the termination message).
 //!
 //! Exit codes ([`ExitCode`]): 0 done; 2 invalid manifest or data (the message names the field or
 //! `file:line`); 3 NaN/inf loss; 4 out of memory; 5 retention probe below `minScore` with
@@ -212,8 +213,19 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         &output_dir.join("training_summary.json"),
         &summary.to_value(),
     )?;
+    write_report(output_dir);
     report(&trainer, metrics, digests, live, tm);
     Ok(())
+}
+
+/// `report.html`, the picture of the run. It is for people: a run whose results are written has
+/// succeeded even when the picture cannot be drawn, so any failure, a panic included, is a warning.
+fn write_report(output_dir: &Path) {
+    match std::panic::catch_unwind(|| crate::report::write_report(output_dir)) {
+        Ok(Ok(w)) => eprintln!("report: {} ({} bytes)", w.path.display(), w.bytes),
+        Ok(Err(e)) => eprintln!("warning: report.html not written: {e}"),
+        Err(_) => eprintln!("warning: report.html not written: internal error"),
+    }
 }
 
 /// The setup stages in their fixed order. The data's digest goes into the termination message
