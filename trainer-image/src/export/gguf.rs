@@ -1,10 +1,18 @@
 //! Writing a model as a GGUF v3 file the way llama.cpp's `convert_hf_to_gguf.py` does for the
 //! `llama` (and `qwen2`) architecture: the `{arch}.*` hyper-parameter keys, the byte-level BPE
-//! tokenizer as `tokenizer.ggml.*` (model `gpt2`, tokens, token types, merges, special ids, chat
-//! template), and tensors under llama.cpp names (`token_embd`, `blk.N.attn_q`, …, `output_norm`,
+//! tokenizer as `tokenizer.ggml.*` (model `gpt2`, the pre-tokenizer name llama.cpp selects its
+//! text split by — see [`llama_cpp_pre_name`] —, tokens, token types, merges, special ids,
+//! add-BOS/EOS flags, chat template), and tensors under llama.cpp names (`token_embd`, `blk.N.attn_q`, …, `output_norm`,
 //! `output` unless the embeddings are tied) with the Q/K rotary row permutation llama.cpp applies
 //! (the inverse of [`crate::load::gguf::unpermute`]), so our loader, gguf-py and transformers read
-//! the file back as the same model.
+//! the file back as the same model, and llama.cpp loads it (`tests/reference/test_gguf_llama_cpp.py`).
+//!
+//! The tokenizer keys follow what llama.cpp's `llama_vocab::impl::load` (`src/llama-vocab.cpp`)
+//! reads for a BPE vocabulary: `pre` must be a name it knows (else it refuses the file); merges are
+//! `"a b"` split at the first space after the first byte; token types NORMAL (1), CONTROL (3, special
+//! added tokens), USER_DEFINED (4, other added tokens), UNUSED (5, padding rows); `add_bos_token` /
+//! `add_eos_token` decide what `tokenize(…, add_special)` adds (absent = false for BPE); the
+//! end-of-generation set is EOS plus tokens it recognizes by text (`<|im_end|>`, `<|endoftext|>`, …).
 //!
 //! Tensor types follow llama.cpp's converter: 1-D tensors (norms, biases) stay F32; 2-D tensors
 //! are F32, F16 or Q8_0 as asked. Q8_0 needs rows that are a multiple of 32 elements; a tensor
@@ -35,6 +43,7 @@ use crate::error::{Error, Result};
 use crate::model::rope::RopeScaling;
 use crate::model::{Architecture, CausalLm};
 use crate::text::TextTokenizer;
+use crate::text::pre_tokenizer::{self, PreName};
 
 /// Alignment of the data section and of every tensor in it (GGUF's default, `general.alignment`).
 pub const ALIGNMENT: u64 = 32;
@@ -264,6 +273,7 @@ pub fn permute(t: &Tensor, n_head: i64) -> Tensor {
 /// BPE only (`model.type == "BPE"` with a ByteLevel pre-tokenizer), as llama.cpp's `gpt2` model.
 fn tokenizer_metadata(
     tok: &TextTokenizer,
+    pre_name: &str,
     vocab_size: i64,
     source: &Path,
 ) -> Result<Vec<(String, Meta)>> {
@@ -340,17 +350,6 @@ fn tokenizer_metadata(
             _ => String::new(),
         })
         .collect();
-    // llama.cpp's pre-tokenizer names for the split patterns our GGUF loader (and transformers)
-    // understand; a plain ByteLevel split is GPT-2's.
-    let pre_name = if pre_text.contains("\\p{N}{1,3}") {
-        "llama-bpe"
-    } else if pre_text.contains("Split") && pre_text.contains("\\p{N}|") {
-        "qwen2"
-    } else if pre_text.contains("\"Digits\"") {
-        "smollm"
-    } else {
-        "gpt2"
-    };
     let mut out = vec![
         ("tokenizer.ggml.model".to_string(), Meta::Str("gpt2".into())),
         ("tokenizer.ggml.pre".to_string(), Meta::Str(pre_name.into())),
@@ -372,15 +371,26 @@ fn tokenizer_metadata(
             out.push((key.to_string(), Meta::U32(id as u32)));
         }
     }
-    // Whether the post-processor prepends BOS (what `add_special_tokens=True` does).
-    let adds_bos = tok.bos_token.as_deref().is_some_and(|b| {
-        tok.encode("", true)
-            .ok()
-            .is_some_and(|ids| ids.first().copied() == tok.token_to_id(b))
-    });
+    // Whether the post-processor prepends BOS / appends EOS (what `add_special_tokens=True` does):
+    // llama.cpp's `tokenize(…, add_special)` reads these two keys (defaults for BPE: false).
+    let with_special = tok.encode("a", true).unwrap_or_default();
+    let adds = |t: &Option<String>, at: Option<&i64>| {
+        t.as_deref()
+            .is_some_and(|t| at.copied() == tok.token_to_id(t))
+    };
     out.push((
         "tokenizer.ggml.add_bos_token".to_string(),
-        Meta::Bool(adds_bos),
+        Meta::Bool(adds(&tok.bos_token, with_special.first())),
+    ));
+    out.push((
+        "tokenizer.ggml.add_eos_token".to_string(),
+        Meta::Bool(adds(&tok.eos_token, with_special.last())),
+    ));
+    // Byte-level BPE marks spaces itself (`Ġ`): no SentencePiece-style leading space. llama.cpp's
+    // BPE default too; written because SmolLM2's converted GGUF states it.
+    out.push((
+        "tokenizer.ggml.add_space_prefix".to_string(),
+        Meta::Bool(false),
     ));
     Ok(out)
 }
@@ -432,12 +442,15 @@ fn model_metadata(model: &CausalLm, arch: &str, source: &Path) -> Result<Vec<(St
 }
 
 /// Writes `model` (with any LoRA adapters folded in, see [`crate::export::merge::merged_parameters`])
-/// as a GGUF v3 file of type `ty`. `tokenizer` and `chat_template` (the template's source text)
-/// become the `tokenizer.*` metadata; `name` is `general.name`; `source` names the model in errors.
+/// as a GGUF v3 file of type `ty`. `tokenizer`, its llama.cpp pre-tokenizer name `pre_name` (see
+/// [`llama_cpp_pre_name`]) and `chat_template` (the template's source text) become the
+/// `tokenizer.*` metadata; `name` is `general.name`; `source` names the model in errors.
+#[allow(clippy::too_many_arguments)]
 pub fn write_gguf(
     path: &Path,
     model: &CausalLm,
     tokenizer: &TextTokenizer,
+    pre_name: &str,
     chat_template: Option<&str>,
     name: &str,
     ty: GgufType,
@@ -456,6 +469,7 @@ pub fn write_gguf(
     metadata.push(("general.file_type".into(), Meta::U32(ty.file_type())));
     metadata.extend(tokenizer_metadata(
         tokenizer,
+        pre_name,
         model.config.vocab_size,
         source,
     )?);
@@ -508,6 +522,45 @@ pub fn write_gguf(
     })
 }
 
+/// The `tokenizer.ggml.pre` to write for a model read from `src` with tokenizer `tok`: a GGUF
+/// source's own value verbatim; otherwise derived as llama.cpp's converter does (the hash of the
+/// tokenizer's ids for its probe text, [`pre_tokenizer::derive_llama_cpp_pre`]), so a merged
+/// SmolLM2 written as a Hugging Face directory gets `smollm` back. An unknown hash falls back to
+/// the name of the split the `tokenizer.json` performs, when it is one llama.cpp names (with a
+/// warning); anything else is an error — llama.cpp refuses a file without a name it knows.
+pub fn llama_cpp_pre_name(src: &crate::load::ModelSource, tok: &TextTokenizer) -> Result<String> {
+    if let crate::load::ModelSource::Gguf(g) = src
+        && let Some(pre) = g
+            .get("tokenizer.ggml.pre")
+            .and_then(crate::load::gguf::MetaValue::as_str)
+    {
+        return Ok(pre.to_string());
+    }
+    let tokenizer_file = match src {
+        crate::load::ModelSource::HfDir(d) => d.join("tokenizer.json"),
+        crate::load::ModelSource::Gguf(g) => g.path.clone(),
+    };
+    match pre_tokenizer::derive_llama_cpp_pre(tok) {
+        Ok(PreName::Hash(name)) => Ok(name.to_string()),
+        Ok(PreName::Structure { name, chkhsh }) => {
+            eprintln!(
+                "warning: {}: llama.cpp's converter does not know this tokenizer (chkhsh {chkhsh}); \
+                 its pre-tokenizer splits text as llama.cpp's `{name}` does, so tokenizer.ggml.pre = {name}",
+                tokenizer_file.display()
+            );
+            Ok(name.to_string())
+        }
+        Err(why) => Err(Error::unsupported(
+            &tokenizer_file,
+            format!(
+                "cannot name the tokenizer's pre-tokenizer for llama.cpp (tokenizer.ggml.pre): {why}. \
+                 Export from the base model's GGUF file, or convert with llama.cpp's \
+                 convert_hf_to_gguf.py, which knows more tokenizers"
+            ),
+        )),
+    }
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -523,6 +576,7 @@ pub fn export_gguf(model_path: &Path, output: &Path, ty: GgufType) -> Result<Ggu
     let src = crate::load::ModelSource::open(model_path)?;
     let m = src.load(Kind::Float, tch::Device::Cpu)?;
     let template = src.chat_template_source()?;
+    let pre_name = llama_cpp_pre_name(&src, &m.tokenizer)?;
     let name = model_path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -534,6 +588,7 @@ pub fn export_gguf(model_path: &Path, output: &Path, ty: GgufType) -> Result<Ggu
         output,
         &m.model,
         &m.tokenizer,
+        &pre_name,
         template.as_deref(),
         &name,
         ty,

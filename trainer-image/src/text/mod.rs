@@ -1,6 +1,7 @@
 //! Text in and out of the model: tokenization and chat-template rendering.
 
 pub mod chat_template;
+pub mod pre_tokenizer;
 pub mod tokenizer;
 
 pub use chat_template::ChatTemplate;

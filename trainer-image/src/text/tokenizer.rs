@@ -1,7 +1,9 @@
 //! The tokenizer: Hugging Face `tokenizer.json` for model directories, and for GGUF files a
 //! byte-level BPE rebuilt from the `tokenizer.ggml.*` vocabulary and merges — the same
 //! `tokenizer.json` structure transformers' `integrations/gguf/gguf_tokenizer_mapping.py` builds,
-//! so both tokenize identically.
+//! except that the text split follows llama.cpp for every `tokenizer.ggml.pre` we rebuild
+//! ([`PreSplit`]): transformers 5.23 knows no `smollm` (digits one by one) and splits SmolLM2's
+//! numbers like GPT-2, unlike SmolLM2's own `tokenizer.json` and llama.cpp.
 
 use std::path::Path;
 
@@ -9,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::load::gguf::{GgufFile, MetaValue};
+use crate::text::pre_tokenizer::PreSplit;
 
 /// Byte range `[start, end)` of a token in the encoded text.
 pub type Offsets = (usize, usize);
@@ -96,7 +99,19 @@ impl TextTokenizer {
             .and_then(MetaValue::as_array)
             .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let pre = gguf.get("tokenizer.ggml.pre").and_then(MetaValue::as_str);
+        // How llama.cpp splits text for this file. A name outside the ones we rebuild keeps GPT-2's
+        // split (what transformers' GGUF loader does for every name it lacks), with a warning:
+        // llama.cpp itself would refuse or split differently.
+        let pre_name = gguf.get("tokenizer.ggml.pre").and_then(MetaValue::as_str);
+        let pre = pre_name.and_then(PreSplit::of_llama_cpp).unwrap_or_else(|| {
+            eprintln!(
+                "warning: {}: tokenizer.ggml.pre {:?} is not a llama.cpp pre-tokenizer rebuilt here; \
+                 splitting text like GPT-2",
+                path.display(),
+                pre_name.unwrap_or("(absent)")
+            );
+            PreSplit::Gpt2
+        });
         let special = |key: &str| {
             gguf.get(key)
                 .and_then(MetaValue::as_u64)
@@ -250,25 +265,12 @@ pub fn bytes_to_unicode() -> [char; 256] {
     table
 }
 
-/// Pre-tokenizer split patterns for `tokenizer.ggml.pre` values that are not GPT-2's default
-/// (`GGUF_PRE_TOKENIZER_SPLITS` in transformers).
-fn split_pattern(pre: &str) -> Option<&'static str> {
-    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    Some(match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2,
-        _ => return None,
-    })
-}
-
 /// The `tokenizer.json` document for a byte-level BPE vocabulary.
 fn byte_level_json(
     tokens: &[String],
     merges: &[String],
     types: &[i64],
-    pre: Option<&str>,
+    pre: PreSplit,
     bos: Option<(&str, usize)>,
 ) -> Value {
     let table = bytes_to_unicode();
@@ -304,14 +306,7 @@ fn byte_level_json(
             "normalized": false, "special": special
         }));
     }
-    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
-    let pre_tokenizer = match pre.and_then(split_pattern) {
-        Some(pattern) => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
-            byte_level(false)
-        ]}),
-        None => byte_level(true),
-    };
+    let pre_tokenizer = pre.tokenizer_json();
     let (single, special_tokens) = match bos {
         Some((b, id)) => (
             json!([{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]),
@@ -344,6 +339,61 @@ fn byte_level_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A vocabulary whose merges join "2024" into one token.
+    fn digits_tokenizer(pre: PreSplit) -> tokenizers::Tokenizer {
+        let tokens: Vec<String> = ["Ġ", "2", "0", "4", "20", "202", "2024", "Ġ2024"]
+            .map(String::from)
+            .to_vec();
+        let merges: Vec<String> = ["2 0", "20 2", "202 4", "Ġ 2024"]
+            .map(String::from)
+            .to_vec();
+        let json = byte_level_json(&tokens, &merges, &[1; 8], pre, None);
+        tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn smollm_splits_digits_one_by_one_like_llama_cpp() {
+        // llama.cpp's SMOLLM (and STARCODER, …) split `\p{N}` first: merges never cross digits.
+        let pre = PreSplit::of_llama_cpp("smollm").unwrap();
+        assert_eq!(pre, PreSplit::DigitsThenGpt2);
+        let ids = digits_tokenizer(pre).encode(" 2024", false).unwrap();
+        assert_eq!(ids.get_ids(), &[0, 1, 2, 1, 3]);
+        // GPT-2's split keeps the number (with its space) whole.
+        let ids = digits_tokenizer(PreSplit::Gpt2)
+            .encode(" 2024", false)
+            .unwrap();
+        assert_eq!(ids.get_ids(), &[7]);
+    }
+
+    #[test]
+    fn pre_name_of_an_unknown_vocabulary_comes_from_its_split() {
+        use crate::text::pre_tokenizer::{PreName, derive_llama_cpp_pre};
+        let wrap = |inner| TextTokenizer {
+            inner,
+            bos_token: None,
+            eos_token: None,
+            unk_token: None,
+            pad_token: None,
+        };
+        // This vocabulary is in no llama.cpp table: the name is that of its split.
+        for (split, name) in [
+            (PreSplit::DigitsThenGpt2, "smollm"),
+            (PreSplit::Gpt2, "gpt-2"),
+        ] {
+            let got = derive_llama_cpp_pre(&wrap(digits_tokenizer(split))).unwrap();
+            assert!(matches!(got, PreName::Structure { .. }), "{got:?}");
+            assert_eq!(got.name(), name);
+        }
+        // A split llama.cpp has no name for is an error, never a guessed `gpt2`.
+        let mut other = digits_tokenizer(PreSplit::Gpt2);
+        other.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace));
+        let err = derive_llama_cpp_pre(&wrap(other)).unwrap_err();
+        assert!(
+            err.contains("Whitespace") && err.contains("chkhsh"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn byte_table_matches_gpt2() {
