@@ -256,6 +256,7 @@ fn the_example_eval_sets_are_clean() {
     for (train, eval) in [
         ("chat-train.jsonl", "chat-eval.jsonl"),
         ("narrow-train.jsonl", "narrow-eval.jsonl"),
+        ("dates-train.jsonl", "dates-eval.jsonl"),
     ] {
         let (train, eval) = (example_chat(train), example_chat(eval));
         let report = check_contamination(&train, &eval, ContaminationOptions::default());
