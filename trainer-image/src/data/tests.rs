@@ -69,6 +69,8 @@ fn chatml_supervises_exactly_replies_and_im_end() {
     let text = f.tok.decode(&s.ids, false).unwrap();
     assert!(text.ends_with("ok then<|im_end|>\n"), "{text:?}");
     assert!(!s.supervised[0]);
+    // What the contamination check compares: the messages' contents, no template.
+    assert_eq!(&*s.text, "Be brief.\nhi\nyo\nagain\nok then");
 }
 
 #[test]
@@ -428,6 +430,8 @@ fn prepare_sft_splits_dedupes_and_checks_contamination() {
     assert_eq!(p2.train_digest, p.train_digest);
     assert_eq!(p.contamination.as_ref().unwrap().checked, 4);
     assert_ne!(p.train_digest, p.eval_digest);
+    // The contamination check compares the lines' own words, which every sample carries.
+    assert!(p.train.iter().all(|s| s.text.starts_with("document number ")));
 }
 
 #[test]
