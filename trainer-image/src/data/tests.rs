@@ -431,7 +431,11 @@ fn prepare_sft_splits_dedupes_and_checks_contamination() {
     assert_eq!(p.contamination.as_ref().unwrap().checked, 4);
     assert_ne!(p.train_digest, p.eval_digest);
     // The contamination check compares the lines' own words, which every sample carries.
-    assert!(p.train.iter().all(|s| s.text.starts_with("document number ")));
+    assert!(
+        p.train
+            .iter()
+            .all(|s| s.text.starts_with("document number "))
+    );
 }
 
 #[test]
