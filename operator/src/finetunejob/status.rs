@@ -749,7 +749,7 @@ mod tests {
             ..TerminationMessage::default()
         };
         let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
-        let derived = derive(&job(), &[done.clone()], None, now());
+        let derived = derive(&job(), std::slice::from_ref(&done), None, now());
         let metrics = derived.status.metrics.as_ref().unwrap();
         assert_eq!(metrics.contaminated_eval_samples, Some(5));
         let warnings: Vec<&Transition> = derived.transitions.iter().filter(|t| t.warning).collect();
