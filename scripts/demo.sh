@@ -75,7 +75,9 @@ kubectl apply -k examples/data
 
 step "5/6  kubectl apply -f examples/sft-lora-smollm2.yaml, followed until it finishes"
 kubectl apply -f examples/sft-lora-smollm2.yaml
-deadline=$((SECONDS + ${DEMO_TIMEOUT:-1800}))
+# The training takes a few minutes on an idle 2-core machine; a loaded one can take many times
+# that (measured: 30 min to 93 % of the steps with a test suite running beside it).
+deadline=$((SECONDS + ${DEMO_TIMEOUT:-3600}))
 last=""
 while :; do
     line=$(kubectl get ftj "$job" --no-headers 2>/dev/null || true)
