@@ -6,7 +6,7 @@ our GGUF files and our SmolLM2 tokenizer.
   before digits, "Steps:\\n\\n1."); so does the test reference `hf_tokenizer` (conftest). Our ids for
   llama.cpp's probe text hash to the `smollm` entry of llama.cpp's converter table.
 * The example job's export: `finetune-trainer run` on examples/sft-lora-smollm2.yaml (shortened,
-  its `output: {merge: true, gguf: q8_0}` as written; train/job.rs `export_merged`: merged HF
+  with `output: {merge: true, gguf: q8_0}` added; train/job.rs `export_merged`: merged HF
   directory, then `export_gguf` of it), plus `export-gguf --type f16` of the same merged directory (the same
   function). Both files load in llama.cpp, carry the base's `tokenizer.ggml.pre` and tokenizer keys,
   and give the greedy answers of `finetune-trainer generate --chat` on the merged model for the
@@ -60,12 +60,14 @@ EXAMPLE = REPO / "examples" / "sft-lora-smollm2.yaml"
 
 
 def example_job():
-    """examples/sft-lora-smollm2.yaml as this test runs it: its model, data, method, LoRA and
-    `output` (merge + q8_0 GGUF: the files a user of the example gets) unchanged; 8 short steps at lr 1e-3 on
+    """examples/sft-lora-smollm2.yaml as this test runs it: its model, data, method and LoRA
+    unchanged, with `output: {merge: true, gguf: q8_0}` added (what `output.gguf` gives a user of
+    the example; the example itself does not ask for it yet: its end-to-end runs under the
+    operator have not been measured with a merged model on the claim); 8 short steps at lr 1e-3 on
     CPU without the example's guard, probes and early stopping, which do not touch the export."""
     job = yaml.safe_load(EXAMPLE.read_text())
     spec = job["spec"]
-    assert spec["output"].get("merge") is True and spec["output"].get("gguf") == "q8_0", spec["output"]
+    spec["output"].update(merge=True, gguf="q8_0")
     hp = spec["hyperparameters"]
     hp.pop("epochs", None)
     hp.update(maxSteps=8, batchSize=4, gradientAccumulationSteps=1, maxSeqLength=128, learningRate=1.0e-3)
