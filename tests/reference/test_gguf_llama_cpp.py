@@ -5,9 +5,9 @@ our GGUF files and our SmolLM2 tokenizer.
   digit split off first) gives llama.cpp's ids, also where GPT-2's split differs (whitespace runs
   before digits, "Steps:\\n\\n1."); so does the test reference `hf_tokenizer` (conftest). Our ids for
   llama.cpp's probe text hash to the `smollm` entry of llama.cpp's converter table.
-* The example job's export: `finetune-trainer run` on examples/sft-lora-smollm2.yaml (shortened,
-  with `output: {merge: true, gguf: q8_0}` added; train/job.rs `export_merged`: merged HF
-  directory, then `export_gguf` of it), plus `export-gguf --type f16` of the same merged directory (the same
+* The example job's export path: `finetune-trainer run` on a SmolLM2 LoRA job with
+  `output: {merge: true, gguf: q8_0}` (train/job.rs `export_merged`: merged HF directory, then
+  `export_gguf` of it), plus `export-gguf --type f16` of the same merged directory (the same
   function). Both files load in llama.cpp, carry the base's `tokenizer.ggml.pre` and tokenizer keys,
   and give the greedy answers of `finetune-trainer generate --chat` on the merged model for the
   eval prompts (prompt ids and generated ids): f16 on all 8 prompts, q8_0 on 7 of 8 as measured, the
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from conftest import GGUF_NAME, run_json, run_trainer
 
@@ -56,26 +55,23 @@ DIGITS = [
     "<|im_start|>user\nWhat is 12+30?<|im_end|>\n",
 ]
 
-EXAMPLE = REPO / "examples" / "sft-lora-smollm2.yaml"
-
-
-def example_job():
-    """examples/sft-lora-smollm2.yaml as this test runs it: its model, data, method and LoRA
-    unchanged, with `output: {merge: true, gguf: q8_0}` added (what `output.gguf` gives a user of
-    the example; the example itself does not ask for it yet: its end-to-end runs under the
-    operator have not been measured with a merged model on the claim); 8 short steps at lr 1e-3 on
-    CPU without the example's guard, probes and early stopping, which do not touch the export."""
-    job = yaml.safe_load(EXAMPLE.read_text())
-    spec = job["spec"]
-    spec["output"].update(merge=True, gguf="q8_0")
-    hp = spec["hyperparameters"]
-    hp.pop("epochs", None)
-    hp.update(maxSteps=8, batchSize=4, gradientAccumulationSteps=1, maxSeqLength=128, learningRate=1.0e-3)
-    spec["evaluation"] = {"everySteps": 8, "generation": {"maxSamples": 2, "maxNewTokens": 8}}
-    spec["forgettingGuard"] = {"disabled": True}
-    spec["checkpoint"] = {"everySteps": 8, "keepLast": 1}
-    spec["resources"] = {"gpus": 0}
-    return yaml.safe_dump(job)
+JOB = """apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {name: smollm2-gguf}
+spec:
+  baseModel: {uri: pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, format: gguf}
+  dataset:
+    train: {uri: configmap://finetune-examples-data/chat-train.jsonl}
+    eval: {uri: configmap://finetune-examples-data/chat-eval.jsonl}
+    format: chat
+  adapter: {type: lora, lora: {rank: 16, alpha: 32, dropout: 0.05}}
+  hyperparameters: {maxSteps: 8, learningRate: 1.0e-3, batchSize: 4, maxSeqLength: 128, warmupSteps: 2, seed: 42}
+  forgettingGuard: {disabled: true}
+  evaluation: {everySteps: 8, generation: {maxSamples: 2, maxNewTokens: 8}}
+  checkpoint: {everySteps: 8, keepLast: 1}
+  resources: {gpus: 0}
+  output: {merge: true, gguf: q8_0}
+"""
 
 
 def _vocab_only(path):
@@ -136,7 +132,7 @@ def job_output(tmp_path_factory, gguf_path, bin_path):
     os.symlink(gguf_path, vol / "pvc/models/smollm2" / GGUF_NAME)
     os.symlink(REPO / "examples/data", vol / "configmap/finetune-examples-data")
     job = root / "job.yaml"
-    job.write_text(example_job())
+    job.write_text(JOB)
     out = root / "out"
     env = dict(os.environ, FINETUNE_VOLUME_ROOT=str(vol), FINETUNE_STATUS_PORT="0",
                FINETUNE_TERMINATION_LOG=str(root / "termination-log"))
