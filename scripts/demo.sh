@@ -7,7 +7,8 @@
 #     GPU so the example schedules as written; the trainer itself runs on this machine's CPU;
 #  4. the model PVC and the example datasets ConfigMap are created;
 #  5. examples/sft-lora-smollm2.yaml is applied and followed until it finishes;
-#  6. the result: status, the adapter's files, and the same question answered before and after.
+#  6. the result: status, the adapter's files, and the same question answered before and after
+#     (and by llama.cpp from the job's GGUF export).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -120,3 +121,10 @@ printf 'base model: '
 "$bin/finetune-trainer" generate --model "$model" --chat --system "$system" --max-new-tokens 32 --prompt "$question"
 printf 'fine-tuned: '
 "$bin/finetune-trainer" generate --model "$model" --adapter "$adapter" --chat --system "$system" --max-new-tokens 32 --prompt "$question"
+# The job's GGUF export (output.gguf), answered by llama.cpp itself.
+gguf=$adapter/model-f16.gguf
+if [ -f "$gguf" ]; then
+    printf 'llama.cpp:  '
+    "${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/venv/bin/python" scripts/llama-cpp-answer.py \
+        "$gguf" "$system" "$question" 32
+fi

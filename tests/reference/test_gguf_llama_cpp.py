@@ -5,13 +5,14 @@ our GGUF files and our SmolLM2 tokenizer.
   digit split off first) gives llama.cpp's ids, also where GPT-2's split differs (whitespace runs
   before digits, "Steps:\\n\\n1."); so does the test reference `hf_tokenizer` (conftest). Our ids for
   llama.cpp's probe text hash to the `smollm` entry of llama.cpp's converter table.
-* The example job's export path: `finetune-trainer run` on a SmolLM2 LoRA job with
-  `output: {merge: true, gguf: q8_0}` (train/job.rs `export_merged`: merged HF directory, then
-  `export_gguf` of it), plus `export-gguf --type f16` of the same merged directory (the same
-  function). Both files load in llama.cpp, carry the base's `tokenizer.ggml.pre` and tokenizer keys,
-  and give the greedy answers of `finetune-trainer generate --chat` on the merged model for the
-  eval prompts (prompt ids and generated ids): f16 on all 8 prompts, q8_0 on 7 of 8 as measured, the
-  other diverging only at a float32 near-tie (see MIN_AGREE).
+* The example job's export path: `finetune-trainer run` on examples/sft-lora-smollm2.yaml as
+  written but for its length and evaluations (`example_job`), whose `output: {merge: true, gguf:
+  f16}` writes merged/ and model-f16.gguf (train/job.rs `export_merged`), plus `export-gguf --type
+  q8_0` of the same merged directory (the same function). Both files load in llama.cpp, carry the
+  base's `tokenizer.ggml.pre` and tokenizer keys, and give the greedy answers of `finetune-trainer
+  generate --chat` on the merged model for the eval prompts (prompt ids and generated ids): f16 on
+  every prompt but at a near-tie of our float32 logits, which the file's rounding can flip (see
+  MIN_AGREE).
 """
 
 import hashlib
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import GGUF_NAME, run_json, run_trainer
 
@@ -55,23 +57,24 @@ DIGITS = [
     "<|im_start|>user\nWhat is 12+30?<|im_end|>\n",
 ]
 
-JOB = """apiVersion: finetune.dev/v1alpha1
-kind: FinetuneJob
-metadata: {name: smollm2-gguf}
-spec:
-  baseModel: {uri: pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, format: gguf}
-  dataset:
-    train: {uri: configmap://finetune-examples-data/chat-train.jsonl}
-    eval: {uri: configmap://finetune-examples-data/chat-eval.jsonl}
-    format: chat
-  adapter: {type: lora, lora: {rank: 16, alpha: 32, dropout: 0.05}}
-  hyperparameters: {maxSteps: 8, learningRate: 1.0e-3, batchSize: 4, maxSeqLength: 128, warmupSteps: 2, seed: 42}
-  forgettingGuard: {disabled: true}
-  evaluation: {everySteps: 8, generation: {maxSamples: 2, maxNewTokens: 8}}
-  checkpoint: {everySteps: 8, keepLast: 1}
-  resources: {gpus: 0}
-  output: {merge: true, gguf: q8_0}
-"""
+EXAMPLE = REPO / "examples/sft-lora-smollm2.yaml"
+
+
+def example_job():
+    """examples/sft-lora-smollm2.yaml as written (model, data, method, adapter, guard, schedule,
+    output: merge + GGUF), cut to 8 steps and to the evaluations this test reads, on CPU."""
+    job = yaml.safe_load(EXAMPLE.read_text())
+    spec = job["spec"]
+    assert spec["output"].get("merge") and spec["output"].get("gguf"), \
+        f"{EXAMPLE} no longer asks for a merged model and a GGUF file"
+    hp = spec["hyperparameters"]
+    hp.pop("epochs", None)
+    hp["maxSteps"] = 8
+    spec["evaluation"] = {"everySteps": 8, "generation": {"maxSamples": 2, "maxNewTokens": 8}}
+    spec["checkpoint"] = {"everySteps": 8, "keepLast": 1}
+    spec["resources"] = {"gpus": 0}
+    spec.pop("runPolicy", None)
+    return job
 
 
 def _vocab_only(path):
@@ -123,8 +126,8 @@ def _gguf_fields(path):
 
 @pytest.fixture(scope="module")
 def job_output(tmp_path_factory, gguf_path, bin_path):
-    """The example job's outputs: merged/ and model-q8_0.gguf from `run`, model-f16.gguf from
-    `export-gguf` of merged/."""
+    """The example job's outputs: merged/ and model-f16.gguf (its `output.gguf`) from `run`,
+    model-q8_0.gguf from `export-gguf` of merged/."""
     root = tmp_path_factory.mktemp("gguf-job")
     vol = root / "vol"
     (vol / "pvc/models/smollm2").mkdir(parents=True)
@@ -132,15 +135,17 @@ def job_output(tmp_path_factory, gguf_path, bin_path):
     os.symlink(gguf_path, vol / "pvc/models/smollm2" / GGUF_NAME)
     os.symlink(REPO / "examples/data", vol / "configmap/finetune-examples-data")
     job = root / "job.yaml"
-    job.write_text(JOB)
+    job.write_text(yaml.safe_dump(example_job()))
+    gguf_type = example_job()["spec"]["output"]["gguf"]
     out = root / "out"
     env = dict(os.environ, FINETUNE_VOLUME_ROOT=str(vol), FINETUNE_STATUS_PORT="0",
                FINETUNE_TERMINATION_LOG=str(root / "termination-log"))
     proc = subprocess.run([str(bin_path), "--device", "cpu", "run", str(job), "--output", str(out)],
                           capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "model-q8_0.gguf").exists() and (out / "merged/config.json").exists()
-    res = run_trainer("export-gguf", "--model", out / "merged", "--output", out / "model-f16.gguf", "--type", "f16")
+    assert gguf_type == "f16", "the agreement below is asserted for the example's f16 file"
+    assert (out / "model-f16.gguf").exists() and (out / "merged/config.json").exists()
+    res = run_trainer("export-gguf", "--model", out / "merged", "--output", out / "model-q8_0.gguf", "--type", "q8_0")
     # The pre-tokenizer name was found by llama.cpp's hash, not by the structural fallback.
     assert "warning" not in res.stderr, res.stderr
     return out
@@ -200,13 +205,15 @@ def ours_answers(job_output):
     return answers
 
 
-# Greedy answers of llama.cpp equal to ours, of N_PROMPTS. f16: all (measured 8/8). q8_0: measured
-# 7/8 — the one divergence ("List all services in the prod namespace.", step 4: ` get` vs ` describe`)
-# is a near-tie in the float32 merged model (logits 17.983 vs 17.956, gap 0.027) that q8_0's logit
-# error (up to ~1.4 on this model, test_merge_export.py) flips. So q8_0 may diverge only there:
-# at a step where our top-2 gap is below NEAR_TIE, and on at most one prompt.
-MIN_AGREE = {"f16": N_PROMPTS, "q8_0": N_PROMPTS - 1}
-NEAR_TIE = 0.25
+# Greedy answers of llama.cpp equal to ours, of N_PROMPTS. A divergence is allowed only at a
+# near-tie of the float32 merged model: a step where our top-2 logit gap is below what the file's
+# rounding can move a logit by (test_merge_export.py measured SmolLM2's largest logit error at
+# 3.9e-2 for f16 and ~1.4 for q8_0). Measured on the example job: f16 8 prompts, 7 equal, the
+# other at a gap of 0.003 ("List all finetunejobs in the prod namespace.", step 5); q8_0 4/8, every
+# other one at a gap below 0.25: after 8 steps at the example's learning rate the model is still
+# undecided between many continuations (on an earlier job trained harder, q8_0 agreed on 7/8).
+MIN_AGREE = {"f16": N_PROMPTS - 1, "q8_0": N_PROMPTS // 4}
+NEAR_TIE = {"f16": 0.08, "q8_0": 0.25}
 
 
 def _top_gap(merged, ids, a, b, tmp_path):
@@ -246,7 +253,7 @@ def test_llama_cpp_answers_like_generate(ty, job_output, ours_answers, tmp_path)
             a, b = ours["ids"][k], ids[k]
             gap = _top_gap(job_output / "merged", prompt_ids + ours["ids"][:k], a, b, tmp_path)
             line += f" ours {ours['text']!r}; step {k}: ours {a} vs llama.cpp {b}, float32 logit gap {gap:.3f}"
-            assert gap < NEAR_TIE, line
+            assert gap < NEAR_TIE[ty], line
         lines.append(line)
     print(f"\n{ty}: llama.cpp greedy answers equal to `generate` on the merged model: {agree}/{len(ours_answers)}")
     print("\n".join(lines))
