@@ -157,8 +157,7 @@ fn push_named(s: &mut String, items: impl Iterator<Item = String>, total: usize)
 
 /// The lowercase runs of letters and digits of `text`.
 pub fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
+    crate::text::word_runs(text)
         .map(str::to_lowercase)
         .collect()
 }

@@ -105,20 +105,10 @@ pub fn generation_html(run: &Run) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::path::PathBuf;
-
-    fn run(summary: Value) -> Run {
-        Run {
-            dir: PathBuf::new(),
-            summary,
-            adapter_config: None,
-            notes: vec![],
-        }
-    }
 
     #[test]
     fn hostile_answers_are_escaped_and_lost_rows_marked() {
-        let r = run(json!({"retention": {"questions": 2, "changed": [
+        let r = Run::from_summary(json!({"retention": {"questions": 2, "changed": [
             {"question": "Q?", "base": "Paris", "tuned": "<script>x()</script>",
              "base_correct": true, "tuned_correct": false, "lost": true},
         ]}}));
@@ -132,7 +122,7 @@ mod tests {
 
     #[test]
     fn absent_sections_say_so() {
-        let r = run(json!({}));
+        let r = Run::from_summary(json!({}));
         assert!(retention_html(&r).contains("no retention section"));
         assert!(generation_html(&r).contains("No generation examples"));
     }

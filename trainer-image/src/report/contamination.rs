@@ -101,20 +101,10 @@ fn field(column: &str, v: Option<&Value>) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::path::PathBuf;
-
-    fn run(summary: Value) -> Run {
-        Run {
-            dir: PathBuf::new(),
-            summary,
-            adapter_config: None,
-            notes: vec![],
-        }
-    }
 
     #[test]
     fn every_list_becomes_a_table_whatever_its_fields() {
-        let r = run(json!({"dataset": {"contamination": {
+        let r = Run::from_summary(json!({"dataset": {"contamination": {
             "n": 13, "checked": 30,
             "flagged": [{"origin": "eval.jsonl:3", "share": 0.625}],
             "copies": [{"origin": "eval.jsonl:8", "copies_of": "<train.jsonl:1>"}],
@@ -133,8 +123,10 @@ mod tests {
 
     #[test]
     fn absent_or_odd_contamination_is_a_note_not_an_error() {
-        assert!(section_html(&run(json!({}))).contains("Not checked"));
-        let odd = section_html(&run(json!({"dataset": {"contamination": "<x>"}})));
+        assert!(section_html(&Run::from_summary(json!({}))).contains("Not checked"));
+        let odd = section_html(&Run::from_summary(
+            json!({"dataset": {"contamination": "<x>"}}),
+        ));
         assert!(
             odd.contains("Unrecognised") && odd.contains("&lt;x&gt;"),
             "{odd}"

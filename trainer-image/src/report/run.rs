@@ -35,6 +35,17 @@ pub struct Step {
 }
 
 impl Run {
+    /// A run made of a summary alone (the unit tests' pages).
+    #[cfg(test)]
+    pub fn from_summary(summary: Value) -> Self {
+        Self {
+            dir: PathBuf::new(),
+            summary,
+            adapter_config: None,
+            notes: vec![],
+        }
+    }
+
     /// Reads the run in `dir`; a missing or malformed summary is an error naming the file.
     pub fn read(dir: &Path) -> Result<Run> {
         let path = dir.join(SUMMARY_FILE);

@@ -143,12 +143,8 @@ fn answer_keys(line: &serde_json::Value) -> std::result::Result<Vec<String>, Str
 /// gold, which would otherwise match inside French words). Hyphens separate words, so "a 24-hour
 /// period" answers "24" and "twenty-four" matches the key "twenty four".
 pub fn answer_is_correct(answer: &str, keys: &[String]) -> bool {
-    let words = |s: &str| -> Vec<String> {
-        s.split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty())
-            .map(str::to_string)
-            .collect()
-    };
+    let words =
+        |s: &str| -> Vec<String> { crate::text::word_runs(s).map(str::to_string).collect() };
     let answer_words = words(answer);
     let answer_lower: Vec<String> = answer_words.iter().map(|w| w.to_lowercase()).collect();
     keys.iter().any(|key| {
