@@ -121,10 +121,10 @@ printf 'base model: '
 "$bin/finetune-trainer" generate --model "$model" --chat --system "$system" --max-new-tokens 32 --prompt "$question"
 printf 'fine-tuned: '
 "$bin/finetune-trainer" generate --model "$model" --adapter "$adapter" --chat --system "$system" --max-new-tokens 32 --prompt "$question"
-# The job's GGUF export (output.gguf), answered by llama.cpp itself.
-gguf=$adapter/model-f16.gguf
-if [ -f "$gguf" ]; then
+# The job's GGUF export (output.gguf: model-f16.gguf or model-q8_0.gguf), answered by llama.cpp.
+for gguf in "$adapter"/model-*.gguf; do
+    [ -f "$gguf" ] || continue
     printf 'llama.cpp:  '
-    "${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/venv/bin/python" scripts/llama-cpp-answer.py \
+    "${PYTHON:-${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/venv/bin/python}" scripts/llama-cpp-answer.py \
         "$gguf" "$system" "$question" 32
-fi
+done

@@ -134,16 +134,16 @@ def job_output(tmp_path_factory, gguf_path, bin_path):
     (vol / "configmap").mkdir()
     os.symlink(gguf_path, vol / "pvc/models/smollm2" / GGUF_NAME)
     os.symlink(REPO / "examples/data", vol / "configmap/finetune-examples-data")
+    spec = example_job()
+    assert spec["spec"]["output"]["gguf"] == "f16", "the agreement below is asserted for the example's f16 file"
     job = root / "job.yaml"
-    job.write_text(yaml.safe_dump(example_job()))
-    gguf_type = example_job()["spec"]["output"]["gguf"]
+    job.write_text(yaml.safe_dump(spec))
     out = root / "out"
     env = dict(os.environ, FINETUNE_VOLUME_ROOT=str(vol), FINETUNE_STATUS_PORT="0",
                FINETUNE_TERMINATION_LOG=str(root / "termination-log"))
     proc = subprocess.run([str(bin_path), "--device", "cpu", "run", str(job), "--output", str(out)],
                           capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert gguf_type == "f16", "the agreement below is asserted for the example's f16 file"
     assert (out / "model-f16.gguf").exists() and (out / "merged/config.json").exists()
     res = run_trainer("export-gguf", "--model", out / "merged", "--output", out / "model-q8_0.gguf", "--type", "q8_0")
     # The pre-tokenizer name was found by llama.cpp's hash, not by the structural fallback.
