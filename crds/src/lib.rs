@@ -27,7 +27,9 @@ pub mod validate;
 pub use adapter::{Adapter, AdapterSpec, AdapterStatus};
 pub use errors::{FieldError, InvalidManifest};
 pub use finetunejob::{FinetuneJob, FinetuneJobSpec, FinetuneJobStatus, JobPhase};
-pub use validate::{parse_manifest, read_manifest, validate_object};
+pub use validate::{
+    MAX_MANIFEST_BYTES, parse_manifest, read_manifest, read_manifest_text, validate_object,
+};
 
 use kube::CustomResourceExt;
 

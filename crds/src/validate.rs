@@ -30,6 +30,9 @@ where
         kind: K::kind(&()).into_owned(),
         errors,
     };
+    if let Some(message) = too_deep(text) {
+        return Err(fail(vec![FieldError::new("", message)]));
+    }
     let document: Value = serde_yaml::from_str(text).map_err(|e| {
         fail(vec![FieldError::new(
             "",
@@ -52,12 +55,68 @@ where
     K: CustomResourceExt + Resource<DynamicType = ()> + DeserializeOwned,
 {
     let source = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| InvalidManifest {
+    let text = read_manifest_text(path).map_err(|message| InvalidManifest {
         source: source.clone(),
         kind: K::kind(&()).into_owned(),
-        errors: vec![FieldError::new("", format!("cannot read the file: {e}"))],
+        errors: vec![FieldError::new("", message)],
     })?;
     parse_manifest(&text, &source)
+}
+
+/// The apiserver refuses request bodies over 3 MiB, so no valid manifest is larger.
+pub const MAX_MANIFEST_BYTES: u64 = 3 << 20;
+
+/// Flow collections (`[`, `{`) nested deeper than this are refused before parsing: the YAML
+/// parser's time grows steeply with depth, and no manifest of ours nests beyond ten.
+const MAX_FLOW_DEPTH: usize = 100;
+
+/// Reads a manifest file of at most [`MAX_MANIFEST_BYTES`]; the error is a sentence for the user.
+pub fn read_manifest_text(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read the file: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "the file is larger than {MAX_MANIFEST_BYTES} bytes, the apiserver's limit"
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to() + 1))
+}
+
+/// The nesting of `[`/`{` outside quoted scalars and comments, checked against [`MAX_FLOW_DEPTH`].
+/// Conservative: a bracket inside a plain scalar counts too, which only matters past the limit.
+fn too_deep(text: &str) -> Option<String> {
+    let mut depth = 0usize;
+    for (i, line) in text.lines().enumerate() {
+        let (mut quote, mut escaped, mut prev) = (None, false, ' ');
+        for c in line.chars() {
+            match quote {
+                Some('"') if escaped => escaped = false,
+                Some('"') if c == '\\' => escaped = true,
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '#' if prev.is_whitespace() => break,
+                    '\'' | '"' => quote = Some(c),
+                    '[' | '{' => depth += 1,
+                    ']' | '}' => depth = depth.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            if depth > MAX_FLOW_DEPTH {
+                return Some(format!(
+                    "line {}: collections nested deeper than {MAX_FLOW_DEPTH}",
+                    i + 1
+                ));
+            }
+            prev = c;
+        }
+    }
+    None
 }
 
 /// Validates an object the operator already holds (e.g. from a watch), for objects that reached

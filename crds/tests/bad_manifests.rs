@@ -371,3 +371,30 @@ fn label_smoothing_must_stay_below_one_half() {
     let yaml = serde_yaml::to_string(&job).unwrap();
     parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap();
 }
+
+#[test]
+fn deep_flow_nesting_is_refused_before_parsing() {
+    let yaml = format!("spec: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let start = std::time::Instant::now();
+    let error = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").expect_err("too deep");
+    assert!(start.elapsed().as_secs() < 2, "{:?}", start.elapsed());
+    assert!(
+        error.to_string().contains("nested deeper than 100"),
+        "{error}"
+    );
+    // Brackets inside quoted scalars and comments do not count.
+    let mut job = valid_job();
+    job["metadata"]["annotations"] = json!({"note": "[".repeat(500)});
+    let yaml = serde_yaml::to_string(&job).unwrap() + &format!("# {}\n", "{".repeat(500));
+    parse_manifest::<FinetuneJob>(&yaml, "job.yaml").expect("quoted brackets are text");
+}
+
+#[test]
+fn oversized_manifest_file_is_refused_without_reading_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(4 << 30).unwrap(); // sparse: 4 GiB of NUL bytes
+    let error = finetune_crds::read_manifest::<FinetuneJob>(&path).expect_err("too large");
+    assert!(error.to_string().contains("apiserver's limit"), "{error}");
+}

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use finetune_crds::{Adapter, FinetuneJob, InvalidManifest, read_manifest};
+use finetune_crds::{Adapter, FinetuneJob, InvalidManifest, read_manifest, read_manifest_text};
 
 /// Exit status when a manifest is invalid (the trainer contract's "invalid input").
 const INVALID: u8 = 2;
@@ -30,7 +30,7 @@ pub fn run(files: &[PathBuf]) -> ExitCode {
 
 /// Validates one manifest according to its `kind` and describes it in a few words.
 fn check_file(path: &Path) -> Result<String, InvalidManifest> {
-    let kind = std::fs::read_to_string(path)
+    let kind = read_manifest_text(path)
         .ok()
         .and_then(|text| kind_of(&text));
     match kind.as_deref() {

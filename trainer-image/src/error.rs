@@ -87,3 +87,28 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+thread_local! {
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, a call into a library that panics on some hostile inputs instead of returning an
+/// error (oniguruma panics when a pattern exceeds its backtracking limit), and turns that panic
+/// into `Err(message)`. While it runs, [`panic_is_contained`] tells the panic hook to stay quiet.
+pub fn contain_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let outer = CONTAINING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINING.with(|c| c.set(outer));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the library panicked".into())
+    })
+}
+
+/// Whether the current thread is inside [`contain_panic`] (for the binary's panic hook).
+pub fn panic_is_contained() -> bool {
+    CONTAINING.with(|c| c.get())
+}

@@ -19,6 +19,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod limits;
 pub mod load;
 pub mod model;
 pub mod report;

@@ -7,6 +7,9 @@ use finetune_trainer::cli;
 fn main() {
     // A panic is a bug, not bad input: report it in one line, without a backtrace.
     std::panic::set_hook(Box::new(|info| {
+        if finetune_trainer::error::panic_is_contained() {
+            return; // reported as an input error by the caller
+        }
         eprintln!("internal error: {info}");
     }));
     let cli = cli::Cli::parse();

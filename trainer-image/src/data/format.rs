@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 
 use super::{Origin, Sample};
 use crate::error::{Error, Result};
+use crate::limits::{Lines, MAX_DATA_LINE};
 use crate::text::{ChatTemplate, TextTokenizer};
 
 /// The line format of a data set (the manifest's `spec.dataset.format`).
@@ -170,20 +171,21 @@ pub(crate) fn data_error(origin: &Origin, message: impl Into<String>) -> Error {
     }
 }
 
-/// The non-blank lines of a JSONL file, parsed, with their 1-based line numbers.
+/// The non-blank lines of a JSONL file, parsed, with their 1-based line numbers. Lines are streamed
+/// and capped at [`MAX_DATA_LINE`] bytes, so one huge line cannot take gigabytes of parsed JSON.
 pub fn read_jsonl(path: &Path) -> Result<Vec<(Origin, Value)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let file: Arc<Path> = Arc::from(path);
     let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
+    for item in Lines::open(path, MAX_DATA_LINE)? {
+        let (line, raw) = item?;
         if raw.trim().is_empty() {
             continue;
         }
         let origin = Origin {
             path: file.clone(),
-            line: i + 1,
+            line,
         };
-        let v: Value = serde_json::from_str(raw)
+        let v: Value = serde_json::from_str(&raw)
             .map_err(|e| data_error(&origin, format!("invalid JSON: {e}")))?;
         if !v.is_object() {
             return Err(data_error(&origin, "expected a JSON object"));
@@ -197,6 +199,11 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(Origin, Value)>> {
 }
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// Messages in one conversation. Each assistant turn costs two renders of the conversation up to
+/// it (to locate its span), so the work grows with the square of the length; real multi-turn
+/// samples have tens of messages.
+pub const MAX_MESSAGES: usize = 512;
 
 fn mismatch(origin: &Origin, v: &Value, format: DataFormat, expected: &str) -> Error {
     let hint = match DataFormat::detect(v) {
@@ -231,6 +238,15 @@ fn string_field<'v>(
 fn validate_messages(messages: &[Value], origin: &Origin, need_assistant: bool) -> Result<()> {
     if messages.is_empty() {
         return Err(data_error(origin, "`messages` is empty"));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(data_error(
+            origin,
+            format!(
+                "{} messages in one conversation, more than the limit of {MAX_MESSAGES}",
+                messages.len()
+            ),
+        ));
     }
     let mut assistant = false;
     for (i, m) in messages.iter().enumerate() {

@@ -133,8 +133,8 @@ impl TensorInfo {
     pub fn torch_shape(&self) -> Vec<i64> {
         self.dims.iter().rev().map(|&d| d as i64).collect()
     }
-    fn numel(&self) -> u64 {
-        self.dims.iter().product()
+    fn numel(&self) -> Option<u64> {
+        self.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
     }
 }
 
@@ -149,18 +149,40 @@ pub struct GgufFile {
     file_len: u64,
 }
 
+/// Reads the header, tracking the position so that every declared length or count can be checked
+/// against the bytes that remain: a corrupt length fails at once instead of allocating.
 struct Reader<'a> {
     inner: BufReader<File>,
     path: &'a Path,
     file_len: u64,
+    pos: u64,
 }
 
+/// Elements preallocated for a declared array length; beyond that the vector grows as items parse.
+const PREALLOC_ITEMS: usize = 1 << 16;
+
+/// Metadata plus tensor directory. The largest real headers (256k-token vocabularies with merges
+/// and scores) are ~15 MB; the cap bounds what a header can make us allocate even when the file
+/// is large (or sparse) enough to back any declared length.
+pub const MAX_HEADER_BYTES: u64 = 64 << 20;
+
 impl Reader<'_> {
+    /// Bytes the header may still use: up to the end of the file or of [`MAX_HEADER_BYTES`].
+    fn remaining(&self) -> u64 {
+        self.file_len.min(MAX_HEADER_BYTES).saturating_sub(self.pos)
+    }
+    fn corrupt(&self, what: String) -> Error {
+        Error::format(
+            self.path,
+            format!("corrupt GGUF header at byte {}: {what}", self.pos),
+        )
+    }
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N]> {
         let mut b = [0u8; N];
         self.inner
             .read_exact(&mut b)
             .map_err(|_| Error::format(self.path, "truncated GGUF header"))?;
+        self.pos += N as u64;
         Ok(b)
     }
     fn u32(&mut self) -> Result<u32> {
@@ -169,18 +191,25 @@ impl Reader<'_> {
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
-    fn string(&mut self) -> Result<String> {
+    /// A count of items of at least `min_item_bytes` each, which must fit in what remains.
+    fn count(&mut self, what: &str, min_item_bytes: u64) -> Result<u64> {
         let n = self.u64()?;
-        if n > self.file_len {
-            return Err(Error::format(
-                self.path,
-                format!("corrupt GGUF header: string length {n}"),
-            ));
+        if n.saturating_mul(min_item_bytes) > self.remaining() {
+            return Err(self.corrupt(format!(
+                "{what} {n} does not fit in the {} header bytes that remain (file size, at most \
+                 {MAX_HEADER_BYTES})",
+                self.remaining()
+            )));
         }
+        Ok(n)
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.count("string length", 1)?;
         let mut b = vec![0u8; n as usize];
         self.inner
             .read_exact(&mut b)
             .map_err(|_| Error::format(self.path, "truncated GGUF header"))?;
+        self.pos += n;
         String::from_utf8(b).map_err(|_| Error::format(self.path, "GGUF string is not UTF-8"))
     }
     fn value(&mut self, ty: u32, depth: u32) -> Result<MetaValue> {
@@ -196,14 +225,8 @@ impl Reader<'_> {
             8 => MetaValue::Str(self.string()?),
             9 if depth == 0 => {
                 let item = self.u32()?;
-                let n = self.u64()?;
-                if n > self.file_len {
-                    return Err(Error::format(
-                        self.path,
-                        format!("corrupt GGUF header: array length {n}"),
-                    ));
-                }
-                let mut v = Vec::with_capacity(n as usize);
+                let n = self.count("array length", 1)?;
+                let mut v = Vec::with_capacity((n as usize).min(PREALLOC_ITEMS));
                 for _ in 0..n {
                     v.push(self.value(item, depth + 1)?);
                 }
@@ -231,6 +254,7 @@ impl GgufFile {
             inner: BufReader::with_capacity(1 << 20, f),
             path,
             file_len,
+            pos: 0,
         };
         let magic: [u8; 4] = r
             .bytes()
@@ -245,14 +269,9 @@ impl GgufFile {
                 format!("GGUF version {version} (supported: 2, 3)"),
             ));
         }
-        let n_tensors = r.u64()?;
-        let n_kv = r.u64()?;
-        if n_tensors > file_len || n_kv > file_len {
-            return Err(Error::format(
-                path,
-                "corrupt GGUF header: implausible counts",
-            ));
-        }
+        // A tensor entry is at least 24 bytes (name length, dims, type, offset); a key-value pair 13.
+        let n_tensors = r.count("tensor count", 24)?;
+        let n_kv = r.count("metadata count", 13)?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = r.string()?;
@@ -260,7 +279,7 @@ impl GgufFile {
             let v = r.value(ty, 0)?;
             metadata.insert(key, v);
         }
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity((n_tensors as usize).min(PREALLOC_ITEMS));
         for _ in 0..n_tensors {
             let name = r.string()?;
             let n_dims = r.u32()?;
@@ -272,6 +291,13 @@ impl GgufFile {
                 ));
             }
             let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
+            if dims.iter().any(|&d| d > i64::MAX as u64) {
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("corrupt GGUF header: dimensions {dims:?}"),
+                ));
+            }
             let type_id = r.u32()?;
             let offset = r.u64()?;
             tensors.push(TensorInfo {
@@ -281,13 +307,19 @@ impl GgufFile {
                 offset,
             });
         }
-        let pos = r.inner.stream_position().map_err(|e| Error::io(path, e))?;
-        let align = metadata
-            .get("general.alignment")
-            .and_then(MetaValue::as_u64)
-            .unwrap_or(32)
-            .max(1);
-        let data_offset = pos.div_ceil(align) * align;
+        let align = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two() && *a <= 1 << 20)
+                .ok_or_else(|| {
+                    Error::format(
+                        path,
+                        format!("general.alignment {v:?} is not a power of two up to 1 MiB"),
+                    )
+                })?,
+        };
+        let data_offset = r.pos.div_ceil(align) * align;
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,
@@ -341,8 +373,9 @@ impl GgufFile {
             })?;
         // `rope.dimension_count` is the head size for llama (transformers maps it to head_dim only there).
         let head_dim = match architecture {
-            Architecture::Llama => int("rope.dimension_count").unwrap_or(hidden_size / num_heads),
-            Architecture::Qwen2 => hidden_size / num_heads,
+            Architecture::Llama => int("rope.dimension_count")
+                .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0)),
+            Architecture::Qwen2 => hidden_size.checked_div(num_heads).unwrap_or(0),
         };
         let token_id = |k: &str| self.get(k).and_then(MetaValue::as_i64);
         let cfg = ModelConfig {
@@ -396,7 +429,13 @@ impl GgufFile {
                     ),
                 )
             })?;
-            let numel = info.numel();
+            let numel = info.numel().ok_or_else(|| {
+                Error::tensor(
+                    &self.path,
+                    &info.name,
+                    format!("dimensions {:?} overflow", info.dims),
+                )
+            })?;
             let (block_elems, block_bytes) = ty.block();
             if numel % block_elems != 0 {
                 return Err(Error::tensor(
@@ -408,14 +447,21 @@ impl GgufFile {
                 ));
             }
             let nbytes = numel / block_elems * block_bytes;
-            let start = self.data_offset + info.offset;
-            if start + nbytes > self.file_len {
+            let start = self.data_offset.checked_add(info.offset);
+            let end = start.and_then(|s| s.checked_add(nbytes));
+            let (Some(start), Some(end)) = (start, end) else {
+                return Err(Error::tensor(
+                    &self.path,
+                    &info.name,
+                    format!("offset {} overflows", info.offset),
+                ));
+            };
+            if end > self.file_len {
                 return Err(Error::tensor(
                     &self.path,
                     &info.name,
                     format!(
-                        "data ends at byte {} but the file has {} bytes (truncated?)",
-                        start + nbytes,
+                        "data ends at byte {end} but the file has {} bytes (truncated?)",
                         self.file_len
                     ),
                 ));
@@ -436,16 +482,16 @@ impl GgufFile {
             }
             .map_err(|e| Error::tensor(&self.path, &info.name, e.to_string()))?;
             let t = t.to_kind(Kind::Float);
-            let t = if cfg.architecture == Architecture::Llama {
-                if info.name.contains(".attn_q.") {
-                    unpermute(&t, cfg.num_heads)
-                } else if info.name.contains(".attn_k.") {
-                    unpermute(&t, cfg.num_kv_heads)
-                } else {
-                    t
+            let heads = match cfg.architecture {
+                Architecture::Llama if info.name.contains(".attn_q.") => Some(cfg.num_heads),
+                Architecture::Llama if info.name.contains(".attn_k.") => Some(cfg.num_kv_heads),
+                _ => None,
+            };
+            let t = match heads {
+                Some(n_head) => {
+                    unpermute(&t, n_head).map_err(|m| Error::tensor(&self.path, &info.name, m))?
                 }
-            } else {
-                t
+                None => t,
             };
             weights.insert(hf_name, t.to_kind(kind).to_device(device), &self.path);
         }
@@ -455,12 +501,18 @@ impl GgufFile {
 
 /// Undoes llama.cpp's rotary permutation of Q/K rows (`_reverse_permute_weights` in transformers):
 /// rows are stored per head as interleaved pairs; HF expects the two halves one after the other.
-pub fn unpermute(t: &Tensor, n_head: i64) -> Tensor {
+/// Fails when the rows are not a whole number of head pairs.
+pub fn unpermute(t: &Tensor, n_head: i64) -> std::result::Result<Tensor, String> {
     let shape = t.size();
-    let dim = shape[0] / n_head / 2;
-    let mut grouped = vec![n_head, dim, 2];
+    let rows = shape.first().copied().unwrap_or(0);
+    if n_head <= 0 || rows % (2 * n_head) != 0 {
+        return Err(format!(
+            "shape {shape:?}: rows are not a whole number of pairs for {n_head} heads"
+        ));
+    }
+    let mut grouped = vec![n_head, rows / n_head / 2, 2];
     grouped.extend_from_slice(&shape[1..]);
-    t.reshape(&grouped).transpose(1, 2).reshape(&shape)
+    Ok(t.reshape(&grouped).transpose(1, 2).reshape(&shape))
 }
 
 /// The Hugging Face parameter name of a GGUF tensor, `None` for tensors the model does not use.

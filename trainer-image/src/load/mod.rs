@@ -10,6 +10,7 @@ use serde_json::Value;
 use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
+use crate::limits::{MAX_SIDE_FILE, read_text};
 use crate::model::{CausalLm, ModelConfig};
 use crate::text::tokenizer::read_tokenizer_config;
 use crate::text::{ChatTemplate, TextTokenizer};
@@ -109,7 +110,7 @@ impl ModelSource {
             ModelSource::HfDir(d) => {
                 let jinja = d.join("chat_template.jinja");
                 if jinja.exists() {
-                    Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+                    Some(read_text(&jinja, MAX_SIDE_FILE, "chat_template.jinja")?)
                 } else {
                     match read_tokenizer_config(d)?.and_then(|c| c.get("chat_template").cloned()) {
                         Some(Value::String(s)) => Some(s),
@@ -137,7 +138,8 @@ impl ModelSource {
         let mut eos_ids = config.eos_token_ids.clone();
         if let ModelSource::HfDir(d) = self {
             let gen_config = d.join("generation_config.json");
-            if let Ok(text) = std::fs::read_to_string(&gen_config) {
+            if gen_config.exists() {
+                let text = read_text(&gen_config, MAX_SIDE_FILE, "generation_config.json")?;
                 let v: Value = serde_json::from_str(&text)
                     .map_err(|e| Error::format(&gen_config, format!("invalid JSON: {e}")))?;
                 match v.get("eos_token_id") {

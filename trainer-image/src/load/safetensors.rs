@@ -12,6 +12,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::limits::{MAX_SIDE_FILE, read_text};
 use crate::model::weights::WeightMap;
 
 /// Largest header accepted; real headers are kilobytes to a few megabytes.
@@ -93,7 +94,7 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorEntry>> {
             .and_then(Value::as_array)
             .ok_or_else(|| bad("no shape"))?
             .iter()
-            .map(|d| d.as_u64().map(|d| d as i64))
+            .map(|d| d.as_u64().and_then(|d| i64::try_from(d).ok()))
             .collect::<Option<_>>()
             .ok_or_else(|| bad("shape is not a list of non-negative integers"))?;
         let offsets = entry
@@ -111,10 +112,10 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorEntry>> {
                 "data_offsets {offsets:?} do not hold a {dtype} tensor of shape {shape:?}"
             )));
         }
-        if data_start + offsets.1 > file_len {
+        if offsets.1 > file_len - data_start {
             return Err(bad(&format!(
                 "data ends at byte {} but the file has {file_len} bytes (truncated?)",
-                data_start + offsets.1
+                data_start.saturating_add(offsets.1)
             )));
         }
         out.push(TensorEntry {
@@ -125,7 +126,46 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorEntry>> {
             end: data_start + offsets.1,
         });
     }
+    check_tiling(path, &mut out, data_start, file_len)?;
     Ok(out)
+}
+
+/// The tensors must tile the data section exactly, as the safetensors format requires: no two
+/// share bytes (one tensor's data read as another's) and no byte is left unowned (a header that
+/// describes less than the file, e.g. one spliced from another checkpoint).
+fn check_tiling(
+    path: &Path,
+    entries: &mut [TensorEntry],
+    data_start: u64,
+    file_len: u64,
+) -> Result<()> {
+    entries.sort_by_key(|e| (e.start, e.end));
+    let mut expected = data_start;
+    for e in entries.iter() {
+        if e.start != expected {
+            let what = if e.start < expected {
+                "overlaps the tensor before it"
+            } else {
+                "leaves a gap before it"
+            };
+            return Err(Error::tensor(
+                path,
+                &e.name,
+                format!("corrupt safetensors header: its data_offsets {what}"),
+            ));
+        }
+        expected = e.end;
+    }
+    if expected != file_len {
+        return Err(Error::format(
+            path,
+            format!(
+                "corrupt safetensors file: {} bytes after the last tensor's data",
+                file_len - expected
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads every tensor of one file into `weights`, converted to `kind` on `device`.
@@ -157,7 +197,7 @@ pub fn load_file(path: &Path, weights: &mut WeightMap, kind: Kind, device: Devic
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let text = read_text(&index, MAX_SIDE_FILE, "the shard index")?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(&index, format!("invalid JSON: {e}")))?;
         let map = v
@@ -165,7 +205,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .and_then(Value::as_object)
             .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
         let files: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        return files
+            .into_iter()
+            .map(|f| shard_path(dir, &index, f))
+            .collect();
     }
     let single = dir.join("model.safetensors");
     if single.exists() {
@@ -175,6 +218,21 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         dir,
         "no model.safetensors or model.safetensors.index.json in the model directory",
     ))
+}
+
+/// A shard named by the index: a plain file name inside the model directory, never a path that
+/// leaves it (`../`, absolute) or reaches into a subdirectory.
+fn shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
+    let mut parts = Path::new(name).components();
+    match (parts.next(), parts.next()) {
+        (Some(std::path::Component::Normal(file)), None) => Ok(dir.join(file)),
+        _ => Err(Error::format(
+            index,
+            format!(
+                "weight_map names `{name}`: shards must be plain file names in the model directory"
+            ),
+        )),
+    }
 }
 
 /// Loads every tensor of a Hugging Face model directory.

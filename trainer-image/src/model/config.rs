@@ -62,7 +62,7 @@ fn ids(v: Option<&Value>) -> Vec<i64> {
 impl ModelConfig {
     /// Reads a Hugging Face `config.json`. Missing optional keys take `LlamaConfig`'s defaults.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::limits::read_text(path, crate::limits::MAX_SIDE_FILE, "config.json")?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
         Self::from_hf_value(path, &v)
@@ -99,7 +99,9 @@ impl ModelConfig {
         let hidden_size = need("hidden_size")?;
         let num_heads = need("num_attention_heads")?;
         let num_kv_heads = get_i64(v, "num_key_value_heads").unwrap_or(num_heads);
-        let head_dim = get_i64(v, "head_dim").unwrap_or(hidden_size / num_heads);
+        // A zero head count is caught by `validate`; 0 here only keeps the division total.
+        let head_dim =
+            get_i64(v, "head_dim").unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0));
         let max_position_embeddings = get_i64(v, "max_position_embeddings").unwrap_or(2048);
         // transformers v5 writes `rope_parameters` (with rope_theta inside); older files write a
         // top-level `rope_theta` and an optional `rope_scaling`.
@@ -158,10 +160,32 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Rejects configurations the attention code cannot run, before any weight is read.
+    /// Rejects configurations the attention code cannot run, before any weight is read. Sizes are
+    /// bounded so that nothing derived from them (rotary tables, masks, layer lists) can overflow
+    /// or allocate without limit; the bounds are far above any published model.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        if self.num_heads <= 0 || self.num_kv_heads <= 0 || self.num_heads % self.num_kv_heads != 0
-        {
+        let bounded = [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_layers, 1024),
+            ("num_attention_heads", self.num_heads, 1024),
+            ("head_dim", self.head_dim, 4096),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 24,
+            ),
+        ];
+        for (name, value, max) in bounded {
+            if !(1..=max).contains(&value) {
+                return Err(Error::format(
+                    path,
+                    format!("{name} is {value}; expected 1 to {max}"),
+                ));
+            }
+        }
+        if self.num_kv_heads <= 0 || self.num_heads % self.num_kv_heads != 0 {
             return Err(Error::format(
                 path,
                 format!(
@@ -174,6 +198,16 @@ impl ModelConfig {
             return Err(Error::format(
                 path,
                 "head_dim must be even for rotary embeddings",
+            ));
+        }
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "rms_norm_eps ({}) and rope_theta ({}) must be finite and positive",
+                    self.rms_norm_eps, self.rope_theta
+                ),
             ));
         }
         Ok(())

@@ -61,8 +61,13 @@ fn py_json(
     sort_keys: bool,
     level: usize,
     out: &mut String,
-) {
+) -> std::result::Result<(), minijinja::Error> {
     use serde_json::Value as J;
+    if out.len() > MAX_TOJSON_BYTES {
+        return Err(template_limit(format!(
+            "tojson output exceeds {MAX_TOJSON_BYTES} bytes"
+        )));
+    }
     let newline = |out: &mut String, level: usize| {
         if let Some(n) = indent {
             out.push('\n');
@@ -78,7 +83,7 @@ fn py_json(
                     out.push_str(sep);
                 }
                 newline(out, level + 1);
-                py_json(x, indent, sort_keys, level + 1, out);
+                py_json(x, indent, sort_keys, level + 1, out)?;
             }
             newline(out, level);
             out.push(']');
@@ -96,13 +101,50 @@ fn py_json(
                 newline(out, level + 1);
                 out.push_str(&serde_json::to_string(k).unwrap_or_default());
                 out.push_str(": ");
-                py_json(&o[k], indent, sort_keys, level + 1, out);
+                py_json(&o[k], indent, sort_keys, level + 1, out)?;
             }
             newline(out, level);
             out.push('}');
         }
         other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
     }
+    Ok(())
+}
+
+/// Work one render may do: about one unit per VM instruction or per 64 bytes the template creates
+/// (minijinja's fuel), so this bounds both time and memory (~64 MB). Stock templates spend a few
+/// dozen units per message.
+const FUEL: u64 = 1_000_000;
+/// Nesting `tojson` walks: real tool schemas are a few levels deep; serialisation recurses.
+const MAX_TOJSON_DEPTH: usize = 64;
+/// `tojson(indent=…)`: Python accepts any width, but a huge one is only a way to allocate.
+const MAX_TOJSON_INDENT: usize = 16;
+const MAX_TOJSON_BYTES: usize = 16 << 20;
+
+fn template_limit(message: String) -> minijinja::Error {
+    minijinja::Error::new(ErrorKind::InvalidOperation, message)
+}
+
+/// Depth of a template value, walked with an explicit stack (a deep value must not overflow ours).
+fn depth_exceeds(v: &Value, max: usize) -> bool {
+    let mut stack = vec![(v.clone(), 1usize)];
+    while let Some((v, depth)) = stack.pop() {
+        if depth > max {
+            return true;
+        }
+        let children: Vec<Value> = match v.kind() {
+            minijinja::value::ValueKind::Map => v
+                .try_iter()
+                .map(|keys| keys.filter_map(|k| v.get_item(&k).ok()).collect())
+                .unwrap_or_default(),
+            minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Iterable => {
+                v.try_iter().map(Iterator::collect).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        stack.extend(children.into_iter().map(|c| (c, depth + 1)));
+    }
+    false
 }
 
 fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<String, minijinja::Error> {
@@ -110,10 +152,20 @@ fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<String, minijinja::Er
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
+    if indent.is_some_and(|n| n > MAX_TOJSON_INDENT) {
+        return Err(template_limit(format!(
+            "tojson indent above {MAX_TOJSON_INDENT}"
+        )));
+    }
+    if depth_exceeds(&v, MAX_TOJSON_DEPTH) {
+        return Err(template_limit(format!(
+            "tojson value nested deeper than {MAX_TOJSON_DEPTH}"
+        )));
+    }
     let json = serde_json::to_value(&v)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut out = String::new();
-    py_json(&json, indent, sort_keys.unwrap_or(false), 0, &mut out);
+    py_json(&json, indent, sort_keys.unwrap_or(false), 0, &mut out)?;
     Ok(out)
 }
 
@@ -201,6 +253,16 @@ impl ChatTemplate {
         pad_token: Option<String>,
     ) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
+        // Printing a value recurses through it: refuse one too deep for our stack.
+        env.set_formatter(|out, state, value| {
+            if depth_exceeds(value, MAX_TOJSON_DEPTH) {
+                return Err(template_limit(format!(
+                    "printed value nested deeper than {MAX_TOJSON_DEPTH}"
+                )));
+            }
+            minijinja::escape_formatter(out, state, value)
+        });
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
             .lstrip_blocks(true)
@@ -249,8 +311,14 @@ impl ChatTemplate {
             tools => Value::from(()),
             documents => Value::from(()),
         };
-        tmpl.render(ctx)
-            .map_err(|e| Error::Template(format!("{e:#}")))
+        tmpl.render(ctx).map_err(|e| match e.kind() {
+            ErrorKind::OutOfFuel => Error::Template(format!(
+                "rendering exceeded its budget ({FUEL} steps, about {} MB): the template loops \
+                 or builds values without bound",
+                (FUEL * 64) >> 20
+            )),
+            _ => Error::Template(format!("{e:#}")),
+        })
     }
 
     /// Renders the whole conversation and returns, with it, the byte ranges of each assistant turn.

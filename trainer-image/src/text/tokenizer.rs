@@ -9,7 +9,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, contain_panic};
+use crate::limits::{MAX_SIDE_FILE, MAX_TOKENIZER_FILE, read_text};
 use crate::load::gguf::{GgufFile, MetaValue};
 use crate::text::pre_tokenizer::PreSplit;
 
@@ -54,7 +55,8 @@ impl TextTokenizer {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let text = read_text(&path, MAX_TOKENIZER_FILE, "tokenizer.json")?;
+        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| Error::format(&path, format!("invalid tokenizer: {e}")))?;
         let config = read_tokenizer_config(dir)?;
         let get = |k: &str| token_string(config.as_ref().and_then(|c| c.get(k)));
@@ -158,9 +160,8 @@ impl TextTokenizer {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<(Vec<i64>, Vec<Offsets>)> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
+        let enc = contain_panic(|| self.inner.encode(text, add_special_tokens))
+            .map_err(|p| Error::Tokenizer(format!("encoding failed: {p}")))?
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok((
             enc.get_ids().iter().map(|&i| i as i64).collect(),
@@ -242,7 +243,7 @@ pub fn read_tokenizer_config(dir: &Path) -> Result<Option<Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = read_text(&path, MAX_SIDE_FILE, "tokenizer_config.json")?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))
