@@ -12,13 +12,14 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build crds demo test test-rust test-reference test-hostile test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: setup build crds demo test test-rust test-reference test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
 	@echo "make demo           the main job (see README)"
 	@echo "make test           every test: formatting, clippy, Rust tests, parity tests, control-plane and e2e tests"
 	@echo "make test-hostile   the malformed-input suite: broken model files, tokenizers, templates, data, manifests"
+	@echo "make fuzz           coverage-guided fuzzing of every parser, FUZZ_SECONDS (300) per target (make test runs 10 s each)"
 	@echo "make test-helm      the Helm chart, alerts and dashboards, installed and scraped on a local control plane"
 	@echo "make crds           regenerate crds/*.yaml from the Rust types"
 	@echo "make cluster-up     start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes)"
@@ -59,6 +60,14 @@ test-reference: build
 test-hostile: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python -m pytest -q tests/hostile
 
+# libFuzzer (cargo-fuzz, nightly) on the GGUF, safetensors, tokenizer, chat-template, dataset and
+# manifest parsers; a crash, a run over 5 s or over 1 GiB fails. The corpus grows in $(CACHE)/fuzz.
+test-fuzz: setup
+	scripts/fuzz.sh 10
+
+fuzz: setup
+	scripts/fuzz.sh $(or $(FUZZ_SECONDS),300)
+
 # On a real kube-apiserver with kwok GPU nodes: the CRDs and examples (CEL rules, printer
 # columns, GC, GPU scheduling), then the operator's control-plane tests, ending with the real
 # trainer run by the test-only executor node under the real operator.
@@ -75,7 +84,7 @@ test-cluster: cluster-build build
 	  cargo test -p finetune-operator --test control_plane -- --ignored; \
 	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
-test: lint test-rust test-reference test-hostile test-cluster test-helm
+test: lint test-rust test-reference test-hostile test-fuzz test-cluster test-helm
 
 # The Helm chart: lint/template/schema checks, promtool rule tests, hadolint; then on its own
 # control plane (cluster/run-helm) install/upgrade/uninstall with the operator running on the

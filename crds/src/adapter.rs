@@ -56,8 +56,13 @@ pub struct AdapterSpec {
 /// Where an adapter's files are: exactly one of `uri` and `fromJob`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.uri) != has(self.fromJob)")
-    .message("adapter source needs exactly one of uri or fromJob"))]
+#[x_kube(
+    validation = Rule::new("has(self.uri) != has(self.fromJob)")
+        .message("adapter source needs exactly one of uri or fromJob"),
+    validation = Rule::new("!has(self.uri) || self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+)$')")
+        .message("adapter source.uri must be pvc://CLAIM/PATH (no . or .. segments) or file:///PATH")
+        .field_path(".uri"),
+)]
 pub struct AdapterSource {
     /// A directory in PEFT layout (`adapter_config.json`, `adapter_model.safetensors`):
     /// `pvc://CLAIM/PATH` or `file:///PATH`.

@@ -39,8 +39,8 @@ pub struct DatasetSpec {
 /// A JSON Lines file the trainer reads.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+|file:///.+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/[-._a-zA-Z0-9]+)$')")
-    .message("dataset URIs must be pvc://CLAIM/PATH, file:///PATH or configmap://NAME/KEY")
+#[x_kube(validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
+    .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH or configmap://NAME/KEY")
     .field_path(".uri"))]
 pub struct DataSource {
     /// `pvc://CLAIM/PATH`, `file:///PATH` or `configmap://NAME/KEY`.

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+|file:///.+|hf://[^/@]+/[^/@]+(@[^@]+)?)$')")
-        .message("baseModel.uri must be pvc://CLAIM/PATH, file:///PATH or hf://ORG/NAME[@REVISION]")
+    validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|hf://[^/@]+/[^/@]+(@[^@]+)?)$')")
+        .message("baseModel.uri must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH or hf://ORG/NAME[@REVISION]")
         .field_path(".uri"),
     validation = Rule::new("!has(self.tokenSecretRef) || self.uri.startsWith('hf://')")
         .message("baseModel.tokenSecretRef is only used with hf:// model URIs")

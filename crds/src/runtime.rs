@@ -11,9 +11,14 @@ use serde::{Deserialize, Serialize};
 /// Storage for checkpoints and outputs.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.claimName) || (!has(self.size) && !has(self.storageClassName))")
-    .message("storage.claimName uses an existing claim; size and storageClassName only apply when the operator creates one")
-    .field_path(".claimName"))]
+#[x_kube(
+    validation = Rule::new("!has(self.claimName) || (!has(self.size) && !has(self.storageClassName))")
+        .message("storage.claimName uses an existing claim; size and storageClassName only apply when the operator creates one")
+        .field_path(".claimName"),
+    validation = Rule::new("!has(self.size) || string(self.size).matches('^([0-9]+([.][0-9]*)?|[.][0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$')")
+        .message("storage.size must be a Kubernetes quantity such as 20Gi")
+        .field_path(".size"),
+)]
 pub struct Storage {
     /// An existing PersistentVolumeClaim to use; otherwise the operator creates one owned by the
     /// job.
@@ -30,8 +35,16 @@ pub struct Storage {
 }
 
 /// Compute resources and placement of the trainer pod.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.cpu) || string(self.cpu).matches('^([0-9]+([.][0-9]*)?|[.][0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$')")
+        .message("resources.cpu must be a Kubernetes quantity such as 4 or 500m")
+        .field_path(".cpu"),
+    validation = Rule::new("!has(self.memory) || string(self.memory).matches('^([0-9]+([.][0-9]*)?|[.][0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$')")
+        .message("resources.memory must be a Kubernetes quantity such as 16Gi")
+        .field_path(".memory"),
+)]
 pub struct Resources {
     /// GPUs for the trainer (0 trains on CPU).
     #[serde(default = "default_gpus")]

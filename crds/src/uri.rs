@@ -30,9 +30,12 @@ impl StorageUri {
     /// so `None` here means a URI that never passed validation.
     pub fn parse(uri: &str) -> Option<Self> {
         let (scheme, rest) = uri.split_once("://")?;
+        // The path stays under its volume: no empty, `.` or `..` segment (the CRD's rule says
+        // the same; this also covers objects and local runs that never met the apiserver).
         let split = |rest: &str| {
             let (head, tail) = rest.split_once('/')?;
-            (!head.is_empty() && !tail.is_empty()).then(|| (head.to_string(), tail.to_string()))
+            let inside = tail.split('/').all(|seg| !matches!(seg, "" | "." | ".."));
+            (!head.is_empty() && inside).then(|| (head.to_string(), tail.to_string()))
         };
         match scheme {
             "pvc" => split(rest).map(|(claim, path)| Self::Pvc { claim, path }),
@@ -132,6 +135,10 @@ mod tests {
             "pvc:///path",
             "file://relative",
             "hf://name",
+            "pvc://claim/../x",
+            "pvc://claim/a//b",
+            "pvc://claim/a/.",
+            "configmap://map/..",
         ] {
             assert_eq!(StorageUri::parse(bad), None, "{bad}");
         }

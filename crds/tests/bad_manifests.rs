@@ -200,8 +200,65 @@ fn model_uri_scheme_is_checked() {
     assert_rejected(
         &job,
         "spec.baseModel.uri",
-        "pvc://CLAIM/PATH, file:///PATH or hf://ORG/NAME",
+        "pvc://CLAIM/PATH (no . or .. segments), file:///PATH or hf://ORG/NAME",
     );
+}
+
+#[test]
+fn uris_that_leave_their_volume_are_refused() {
+    for (pointer, uri) in [
+        ("/spec/baseModel/uri", "pvc://models/../other/model.gguf"),
+        ("/spec/baseModel/uri", "pvc://models/./model.gguf"),
+        ("/spec/baseModel/uri", "pvc://models//etc/passwd"),
+        ("/spec/baseModel/uri", "pvc://models/.."),
+        ("/spec/dataset/train/uri", "pvc://data/a/../../b.jsonl"),
+        ("/spec/dataset/train/uri", "configmap://examples/.."),
+        ("/spec/dataset/train/uri", "configmap://examples/."),
+    ] {
+        let job = edit(valid_job(), pointer, Some(json!(uri)));
+        let field = pointer[1..].replace('/', ".");
+        assert_rejected(&job, &field, "no . or .. segments");
+    }
+    // Dots inside a name are fine, and so are dotted claim and ConfigMap names.
+    for (pointer, uri) in [
+        (
+            "/spec/baseModel/uri",
+            "pvc://team.models/smollm2/..model.v2.gguf",
+        ),
+        (
+            "/spec/dataset/train/uri",
+            "configmap://team.data/.hidden.jsonl",
+        ),
+    ] {
+        let job = edit(valid_job(), pointer, Some(json!(uri)));
+        let yaml = serde_yaml::to_string(&job).unwrap();
+        parse_manifest::<FinetuneJob>(&yaml, "job.yaml").expect(uri);
+    }
+}
+
+#[test]
+fn quantities_are_checked() {
+    for (pointer, value) in [
+        ("/spec/resources/cpu", json!("banana")),
+        ("/spec/resources/memory", json!("16 GiB")),
+        ("/spec/resources/cpu", json!("-2")),
+        ("/spec/storage/size", json!("20GB")),
+    ] {
+        let job = edit(valid_job(), pointer, Some(value));
+        let field = pointer[1..].replace('/', ".");
+        assert_rejected(&job, &field, "Kubernetes quantity");
+    }
+    for (pointer, value) in [
+        ("/spec/resources/cpu", json!("500m")),
+        ("/spec/resources/cpu", json!(4)),
+        ("/spec/resources/memory", json!("16Gi")),
+        ("/spec/resources/memory", json!("1e9")),
+        ("/spec/storage/size", json!("1.5Ti")),
+    ] {
+        let job = edit(valid_job(), pointer, Some(value.clone()));
+        let yaml = serde_yaml::to_string(&job).unwrap();
+        parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap_or_else(|e| panic!("{value}: {e}"));
+    }
 }
 
 #[test]

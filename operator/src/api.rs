@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use finetune_crds::FinetuneJob;
 use futures::{Stream, TryStreamExt};
-use kube::api::{ListParams, PartialObjectMeta, PartialObjectMetaExt, Patch, PatchParams};
+use kube::api::{
+    ApiResource, DynamicObject, ListParams, PartialObjectMeta, PartialObjectMetaExt, Patch,
+    PatchParams,
+};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -99,10 +102,25 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
+    cache(watcher(api, config).default_backoff(), strip, written)
+}
+
+/// Fills a store from `events` after `strip`, telling `written` what the watch delivered.
+fn cache<K>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    strip: impl FnMut(&mut K) + Send + 'static,
+    written: Option<&Arc<LastWritten<K>>>,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource + Clone + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
     let (store, writer) = reflector::store::<K>();
     let written = written.cloned();
-    let events = watcher(api, config)
-        .default_backoff()
+    let events = events
         .modify(strip)
         .reflect(writer)
         .inspect_ok(move |event| {
@@ -111,6 +129,66 @@ where
             }
         });
     (store, events)
+}
+
+/// [`cached_watch`] for a custom resource whose objects may not all decode (a status edited by
+/// hand past a field's range, an object stored under another schema). The watch reads them as
+/// untyped objects and decodes each on its own: one that fails is reported through
+/// `undecodable` and left out, and every other object keeps being reconciled. A typed watch
+/// would fail its whole list on that one object and retry forever.
+pub fn cached_watch_lenient<K>(
+    client: &Client,
+    namespace: &Option<String>,
+    config: watcher::Config,
+    strip: impl FnMut(&mut K) + Send + 'static,
+    written: Option<&Arc<LastWritten<K>>>,
+    undecodable: impl Fn(&DynamicObject, &serde_json::Error) + Send + Sync + 'static,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let untyped: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let events = watcher(untyped, config)
+        .default_backoff()
+        .try_filter_map(move |event| futures::future::ready(Ok(typed_event(event, &undecodable))));
+    cache(events, strip, written)
+}
+
+/// The event with its object decoded as `K`; `None` (and `undecodable` told) when it does not
+/// decode.
+pub fn typed_event<K: DeserializeOwned>(
+    event: watcher::Event<DynamicObject>,
+    undecodable: &impl Fn(&DynamicObject, &serde_json::Error),
+) -> Option<watcher::Event<K>> {
+    let decode = |object: DynamicObject| match serde_json::to_value(&object)
+        .and_then(serde_json::from_value::<K>)
+    {
+        Ok(typed) => Some(typed),
+        Err(error) => {
+            undecodable(&object, &error);
+            None
+        }
+    };
+    match event {
+        watcher::Event::Apply(o) => decode(o).map(watcher::Event::Apply),
+        watcher::Event::Delete(o) => decode(o).map(watcher::Event::Delete),
+        watcher::Event::InitApply(o) => decode(o).map(watcher::Event::InitApply),
+        watcher::Event::Init => Some(watcher::Event::Init),
+        watcher::Event::InitDone => Some(watcher::Event::InitDone),
+    }
 }
 
 /// Server-side applies `object` as the operator.
@@ -179,7 +257,7 @@ pub fn stamp_hash<K: Resource + Serialize>(object: &mut K) -> String {
 }
 
 /// FNV-1a, 64 bits: stable across builds and platforms, unlike std's hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -212,6 +290,41 @@ pub fn written_meta<K: Resource<DynamicType = ()>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_that_does_not_decode_is_reported_and_left_out() {
+        let job = |failed: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(json!({
+                "apiVersion": "finetune.dev/v1alpha1", "kind": "FinetuneJob",
+                "metadata": {"name": "j", "namespace": "n"},
+                "spec": serde_yaml::from_str::<serde_json::Value>(
+                    &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/sft-lora-smollm2.yaml")).unwrap()
+                ).unwrap()["spec"],
+                "status": {"failedAttempts": failed}
+            }))
+            .unwrap()
+        };
+        let reported = std::cell::RefCell::new(Vec::new());
+        let report = |o: &DynamicObject, e: &serde_json::Error| {
+            reported.borrow_mut().push(format!("{}: {e}", o.name_any()));
+        };
+        let ok = typed_event::<FinetuneJob>(watcher::Event::Apply(job(json!(2))), &report);
+        assert!(
+            matches!(ok, Some(watcher::Event::Apply(j)) if j.status.as_ref().unwrap().failed_attempts == 2)
+        );
+        // Stored under a looser schema: a string, or a number past int32.
+        for bad in [json!("many"), json!(1u64 << 40)] {
+            assert!(
+                typed_event::<FinetuneJob>(watcher::Event::InitApply(job(bad)), &report).is_none()
+            );
+        }
+        assert_eq!(reported.borrow().len(), 2, "{:?}", reported.borrow());
+        assert!(reported.borrow()[0].starts_with("j: "));
+        assert!(matches!(
+            typed_event::<FinetuneJob>(watcher::Event::InitDone, &report),
+            Some(watcher::Event::InitDone)
+        ));
+    }
     use kube::core::Status;
 
     fn api_error(code: u16, message: &str) -> kube::Error {

@@ -14,6 +14,9 @@ pub enum Error {
     /// `spec.adapter.initAdapter` cannot be used (yet): missing Adapter, producer not done, ...
     #[error("spec.adapter.initAdapter: {0}")]
     InitAdapter(String),
+    /// A child's name is held by an object that is not this job's (never adopted).
+    #[error("name conflict: {0}")]
+    NameConflict(String),
 }
 
 impl Error {
@@ -26,6 +29,7 @@ impl Error {
             Self::Kube(_) => "kube",
             Self::Build(_) => "build",
             Self::InitAdapter(_) => "init_adapter",
+            Self::NameConflict(_) => "name_conflict",
         }
     }
 }

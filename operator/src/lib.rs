@@ -27,6 +27,7 @@ pub mod http;
 pub mod last_written;
 pub mod leader;
 pub mod metrics;
+pub mod ours;
 pub mod pods;
 pub mod progress;
 pub mod valid_specs;

@@ -171,7 +171,7 @@ impl Mounts {
     ) -> Result<(), BuildError> {
         match StorageUri::parse(uri) {
             Some(StorageUri::Pvc { claim, .. }) => {
-                let volume = format!("pvc-{claim}");
+                let volume = volume_name("pvc", &claim);
                 if Some(claim.as_str()) != mounted_claim && !self.has(&volume) {
                     self.add(
                         pvc_volume(&volume, &claim, true),
@@ -181,7 +181,7 @@ impl Mounts {
                 }
             }
             Some(StorageUri::ConfigMap { name: map, .. }) => {
-                let volume = format!("configmap-{map}");
+                let volume = volume_name("configmap", &map);
                 if !self.has(&volume) {
                     let source = ConfigMapVolumeSource {
                         name: map.clone(),
@@ -240,9 +240,64 @@ pub(crate) fn plain_env(name: &str, value: &str) -> EnvVar {
     }
 }
 
+/// The name of the pod volume for object `name`: `PREFIX-NAME` when that is a valid volume name
+/// (a DNS-1123 label), else a readable prefix of it plus a hash. Claim and ConfigMap names may be
+/// 253 characters with dots; volume names may not, and an invalid one makes the kubelet (or the
+/// apiserver) refuse a pod that `check` accepted.
+pub fn volume_name(prefix: &str, name: &str) -> String {
+    let plain = format!("{prefix}-{name}");
+    let is_label = plain.len() <= 63
+        && plain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !plain.ends_with('-');
+    if is_label {
+        return plain;
+    }
+    let readable: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(63 - prefix.len() - 18)
+        .collect();
+    let hash = crate::api::fnv1a(name.as_bytes());
+    format!("{prefix}-{}-{hash:016x}", readable.trim_matches('-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_volume_name(name: &str) -> bool {
+        name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-')
+    }
+
+    #[test]
+    fn volume_names_are_valid_for_any_claim_or_map_name() {
+        assert_eq!(volume_name("pvc", "models"), "pvc-models");
+        let long = "a".repeat(60);
+        for name in [long.as_str(), "team.data.models", "x.y", &"b.".repeat(126)] {
+            for prefix in ["pvc", "configmap"] {
+                let v = volume_name(prefix, name);
+                assert!(is_volume_name(&v), "{prefix} {name} -> {v}");
+            }
+        }
+        assert_ne!(
+            volume_name("pvc", "a.b"),
+            volume_name("pvc", "a-b"),
+            "distinct names stay distinct"
+        );
+    }
 
     #[test]
     fn default_resource_flags_take_kubernetes_quantities_only() {

@@ -84,15 +84,21 @@ async fn install_crds(client: &Client) {
     .await;
 }
 
-/// A fresh namespace named after the test, plus a hostPath PV for the job's storage claim.
+/// A fresh namespace named after the test, plus a hostPath PV for the job's storage claim. The
+/// namespace enforces Pod Security `restricted`, so the apiserver's own admission plugin checks
+/// every pod the operator builds (trainer and verification pods alike) in every test.
 async fn namespace(client: &Client, name: &str) -> String {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let suffix = std::process::id();
     let ns = format!("{name}-{suffix}");
+    let labels = json!({
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest"
+    });
     namespaces
         .create(
             &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            &serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}})).unwrap(),
         )
         .await
         .expect("namespace created");
@@ -401,12 +407,36 @@ async fn a_job_starting_from_an_adapter_waits_for_it_then_mounts_it() {
             .is_none()
     );
 
-    // Once the Adapter exists, the pod is created with its files mounted read-only.
+    // Once the Adapter exists it must also be verified: Pending is not enough.
     create_adapter(&client, &ns, "sft-start", "pvc://adapters/team/sft-start").await;
+    wait_for(
+        "Created=False saying the Adapter is not Ready",
+        Duration::from_secs(60),
+        || async {
+            let status = jobs.get("kubectl-sft").await.ok()?.status?;
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Created" && c.message.contains("not Ready"))
+        },
+    )
+    .await;
+    assert!(
+        pods.get_opt("kubectl-sft-attempt-0")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Verified (here by hand: kwok nodes run no verification pod), the pod is created with its
+    // files mounted read-only. The mark is repeated until it holds: a status write of the
+    // operator's own verification can land after it.
     let pod = wait_for(
-        "the pod once the Adapter exists",
+        "the pod once the Adapter is Ready",
         Duration::from_secs(120),
-        || async { pods.get_opt("kubectl-sft-attempt-0").await.ok()? },
+        || async {
+            mark_adapter_verified(&client, &ns, "sft-start").await;
+            pods.get_opt("kubectl-sft-attempt-0").await.ok()?
+        },
     )
     .await;
     let spec = pod.spec.unwrap();
@@ -433,6 +463,384 @@ async fn a_job_starting_from_an_adapter_waits_for_it_then_mounts_it() {
         .and_then(|v| v.persistent_volume_claim)
         .unwrap();
     assert_eq!(claim.claim_name, "adapters");
+    cleanup(&client, &ns).await;
+}
+
+/// Deletes the job `kubectl-sft` in the foreground, waits until it is gone, then gives the
+/// garbage collector a moment to act on what it owned.
+async fn delete_job_and_wait(jobs: &Api<FinetuneJob>) {
+    jobs.delete("kubectl-sft", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    wait_for("the job gone", Duration::from_secs(60), || async {
+        jobs.get_opt("kubectl-sft")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
+/// Waits for the job's `Created` condition to say `NameConflict` and returns its message.
+async fn name_conflict(jobs: &Api<FinetuneJob>) -> String {
+    let condition = wait_for(
+        "Created=False with reason NameConflict",
+        Duration::from_secs(60),
+        || async {
+            let status = jobs.get("kubectl-sft").await.ok()?.status?;
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Created" && c.reason == "NameConflict")
+        },
+    )
+    .await;
+    condition.message
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_users_configmap_with_a_childs_name_is_never_adopted() {
+    let Bed(client, ns, jobs, pods) = Bed::new("it-name-map").await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let theirs = json!({"metadata": {"name": "kubectl-sft-manifest"}, "data": {"notes": "mine"}});
+    maps.create(
+        &PostParams::default(),
+        &serde_json::from_value(theirs).unwrap(),
+    )
+    .await
+    .unwrap();
+    let _operator = start_operator(&ns);
+    create_job(&jobs, &example_job(&ns, 1)).await;
+    let message = name_conflict(&jobs).await;
+    assert!(
+        message.contains("configmap kubectl-sft-manifest already exists"),
+        "{message}"
+    );
+    // Untouched: no owner reference, no key of ours merged in, and no pod without its manifest.
+    let map = maps.get("kubectl-sft-manifest").await.unwrap();
+    assert!(map.metadata.owner_references.unwrap_or_default().is_empty());
+    let data = map.data.unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["notes"]);
+    assert!(
+        pods.get_opt("kubectl-sft-attempt-0")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Deleting the job leaves the user's ConfigMap in place.
+    delete_job_and_wait(&jobs).await;
+    assert!(
+        maps.get_opt("kubectl-sft-manifest")
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // Once the user renames theirs away, a job of that name proceeds.
+    maps.delete("kubectl-sft-manifest", &DeleteParams::default())
+        .await
+        .unwrap();
+    create_job(&jobs, &example_job(&ns, 1)).await;
+    wait_for(
+        "the pod once the name is free",
+        Duration::from_secs(120),
+        || async { pods.get_opt("kubectl-sft-attempt-0").await.ok()? },
+    )
+    .await;
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_users_claim_with_a_childs_name_is_never_adopted() {
+    let Bed(client, ns, jobs, pods) = Bed::new("it-name-claim").await;
+    // A claim whose spec is exactly the one the operator would apply.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let theirs = json!({"metadata": {"name": "kubectl-sft-storage", "labels": {"owner": "team-data"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}}});
+    claims
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(theirs).unwrap(),
+        )
+        .await
+        .unwrap();
+    let _operator = start_operator(&ns);
+    create_job(&jobs, &example_job(&ns, 1)).await;
+    let message = name_conflict(&jobs).await;
+    assert!(
+        message.contains("persistentvolumeclaim kubectl-sft-storage already exists"),
+        "{message}"
+    );
+    let claim = claims.get("kubectl-sft-storage").await.unwrap();
+    assert!(
+        claim
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert_eq!(
+        claim.metadata.labels.unwrap_or_default().len(),
+        1,
+        "no label of ours merged in"
+    );
+    assert!(
+        pods.get_opt("kubectl-sft-attempt-0")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    delete_job_and_wait(&jobs).await;
+    let claim = claims.get_opt("kubectl-sft-storage").await.unwrap();
+    assert!(
+        claim.is_some_and(|c| c.metadata.deletion_timestamp.is_none()),
+        "the user's claim survives the job"
+    );
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_hand_edited_status_at_its_limits_stops_only_that_job() {
+    let Bed(client, ns, jobs, pods) = Bed::new("it-limits").await;
+    let mut operator = start_operator(&ns);
+    create_job(&jobs, &example_job(&ns, 1)).await;
+    wait_for("the first pod", Duration::from_secs(60), || async {
+        pods.get_opt("kubectl-sft-attempt-0").await.ok()?
+    })
+    .await;
+    // Counters at the int32 limit, steps at the int64 limit, percentages at f64's.
+    let edited = json!({"status": {
+        "failedAttempts": i32::MAX, "preemptions": i32::MAX,
+        "progress": {"step": i64::MAX, "totalSteps": i64::MAX, "epoch": 1e308, "percent": 1e308}}});
+    jobs.patch_status(
+        "kubectl-sft",
+        &PatchParams::default(),
+        &Patch::Merge(edited),
+    )
+    .await
+    .unwrap();
+    // Its pod vanishes: the attempt must be judged with those counters, without overflow.
+    pods.delete(
+        "kubectl-sft-attempt-0",
+        &DeleteParams::default().grace_period(0),
+    )
+    .await
+    .unwrap();
+    let phase = wait_for(
+        "the edited job to settle",
+        Duration::from_secs(60),
+        || async {
+            let phase = job_phase(&jobs, "kubectl-sft").await?;
+            matches!(
+                phase,
+                JobPhase::Failed | JobPhase::Pending | JobPhase::Running
+            )
+            .then_some(phase)
+        },
+    )
+    .await;
+    eprintln!("  the edited job is {phase:?}");
+    assert!(
+        operator.child.try_wait().unwrap().is_none(),
+        "the operator is still running"
+    );
+
+    // Another job is reconciled as usual, before and after an operator restart.
+    let mut other = example_job(&ns, 1);
+    other.metadata.name = Some("other-sft".into());
+    create_job(&jobs, &other).await;
+    wait_for("the other job's pod", Duration::from_secs(60), || async {
+        pods.get_opt("other-sft-attempt-0").await.ok()?
+    })
+    .await;
+    drop(operator);
+    let operator = start_operator(&ns);
+    let mut third = example_job(&ns, 1);
+    third.metadata.name = Some("third-sft".into());
+    create_job(&jobs, &third).await;
+    wait_for(
+        "a third job's pod after a restart",
+        Duration::from_secs(60),
+        || async { pods.get_opt("third-sft-attempt-0").await.ok()? },
+    )
+    .await;
+    let mut operator = operator;
+    assert!(operator.child.try_wait().unwrap().is_none());
+    cleanup(&client, &ns).await;
+}
+
+/// Sets the value at a JSON pointer of `object`, creating objects on the way.
+fn set_at(object: &mut serde_json::Value, pointer: &str, value: serde_json::Value) {
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    let mut target = object;
+    for part in parent.split('/').skip(1) {
+        target = target
+            .as_object_mut()
+            .unwrap()
+            .entry(part)
+            .or_insert_with(|| json!({}));
+    }
+    target.as_object_mut().unwrap().insert(key.into(), value);
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn check_and_the_apiserver_agree_on_bad_and_good_manifests() {
+    use kube::api::{ApiResource, DynamicObject};
+    let Bed(client, ns, _, _) = Bed::new("it-verdicts").await;
+    let example = serde_json::to_value(example_job(&ns, 1)).unwrap();
+    let adapter = json!({
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "Adapter",
+        "metadata": {"name": "verdict", "namespace": ns},
+        "spec": {"baseModel": {"uri": "pvc://models/m.gguf"}, "source": {"uri": "pvc://adapters/a"}}
+    });
+    // (what, base object, pointer, value, accepted?)
+    let cases = [
+        (
+            "cpu: banana",
+            &example,
+            "/spec/resources/cpu",
+            json!("banana"),
+            false,
+        ),
+        (
+            "memory with a space",
+            &example,
+            "/spec/resources/memory",
+            json!("16 Gi"),
+            false,
+        ),
+        (
+            "storage size in GB",
+            &example,
+            "/spec/storage/size",
+            json!("20GB"),
+            false,
+        ),
+        (
+            "cpu 500m",
+            &example,
+            "/spec/resources/cpu",
+            json!("500m"),
+            true,
+        ),
+        (
+            "cpu as a number",
+            &example,
+            "/spec/resources/cpu",
+            json!(4),
+            true,
+        ),
+        (
+            "model path with ..",
+            &example,
+            "/spec/baseModel/uri",
+            json!("pvc://models/../x.gguf"),
+            false,
+        ),
+        (
+            "model path with an empty segment",
+            &example,
+            "/spec/baseModel/uri",
+            json!("pvc://models//x"),
+            false,
+        ),
+        (
+            "data key ..",
+            &example,
+            "/spec/dataset/train/uri",
+            json!("configmap://data/.."),
+            false,
+        ),
+        (
+            "dotted ConfigMap name",
+            &example,
+            "/spec/dataset/train/uri",
+            json!("configmap://team.data/train.jsonl"),
+            true,
+        ),
+        (
+            "60-character claim",
+            &example,
+            "/spec/baseModel/uri",
+            json!(format!("pvc://{}/m.gguf", "c".repeat(60))),
+            true,
+        ),
+        (
+            "adapter from s3",
+            &adapter,
+            "/spec/source/uri",
+            json!("s3://bucket/adapter"),
+            false,
+        ),
+        (
+            "adapter from http",
+            &adapter,
+            "/spec/source/uri",
+            json!("https://example.com/a"),
+            false,
+        ),
+        (
+            "adapter path with ..",
+            &adapter,
+            "/spec/source/uri",
+            json!("pvc://adapters/../x"),
+            false,
+        ),
+        (
+            "adapter on a claim",
+            &adapter,
+            "/spec/source/uri",
+            json!("pvc://adapters/team/a"),
+            true,
+        ),
+    ];
+    let mut disagreements = Vec::new();
+    for (what, base, pointer, value, accepted) in cases {
+        let mut object = base.clone();
+        set_at(&mut object, pointer, value);
+        let yaml = serde_yaml::to_string(&object).unwrap();
+        let offline = if object["kind"] == "Adapter" {
+            parse_manifest::<Adapter>(&yaml, what)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        } else {
+            parse_manifest::<FinetuneJob>(&yaml, what)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let resource = if object["kind"] == "Adapter" {
+            ApiResource::erase::<Adapter>(&())
+        } else {
+            ApiResource::erase::<FinetuneJob>(&())
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
+        let dry_run = PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        };
+        let server = api
+            .create(&dry_run, &serde_json::from_value(object).unwrap())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        eprintln!(
+            "  {what}: check {}, apiserver {}",
+            offline.is_ok(),
+            server.is_ok()
+        );
+        if offline.is_ok() != server.is_ok() || offline.is_ok() != accepted {
+            disagreements.push(format!(
+                "{what}: expected {accepted}, check {offline:?}, apiserver {server:?}"
+            ));
+        }
+    }
+    assert!(disagreements.is_empty(), "{disagreements:#?}");
     cleanup(&client, &ns).await;
 }
 
@@ -562,6 +970,22 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
 }
 
 /// A user-registered Adapter for the SmolLM2 base whose files are at `source_uri`.
+/// Marks an Adapter verified for its current generation, as its verification pod would (kwok
+/// nodes run none); the Adapter controller then treats it as settled.
+async fn mark_adapter_verified(client: &Client, ns: &str, name: &str) {
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), ns);
+    let adapter = adapters.get(name).await.unwrap();
+    if adapter.status.as_ref().and_then(|s| s.phase) == Some(AdapterPhase::Ready) {
+        return;
+    }
+    let status =
+        json!({"status": {"phase": "Ready", "observedGeneration": adapter.metadata.generation}});
+    adapters
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .unwrap();
+}
+
 async fn create_adapter(client: &Client, ns: &str, name: &str, source_uri: &str) {
     let adapters: Api<Adapter> = Api::namespaced(client.clone(), ns);
     let adapter = json!({
@@ -644,6 +1068,8 @@ async fn every_example_becomes_a_pod_on_a_gpu_node_with_its_resources() {
         "pvc://adapters/smollm2-kubectl",
     )
     .await;
+    // Verified before the operator starts (kwok nodes run no verification pod).
+    mark_adapter_verified(&client, &ns, "smollm2-kubectl").await;
     let _operator = start_operator(&ns);
 
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The rendered operator Deployment has the chart's secure defaults: non-root, read-only root
 filesystem, no privilege escalation, all capabilities dropped, seccomp RuntimeDefault, resource
-requests, probes, and the leader-election flags with 2 replicas."""
+requests, probes, and the leader-election flags with 2 replicas; and RBAC whose verbs are exactly
+the calls the operator's code makes (the table below names them: change both together)."""
 import sys
 
 import yaml
@@ -27,6 +28,40 @@ expect = {
         for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]
     ),
 }
+# (group, resource) -> verbs, from the operator's API calls:
+CALLS = {
+    # controller watch (list, watch); init_adapter producer lookup (get); ttlSecondsAfterFinished (delete)
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "delete"},
+    # adapter controller watch; register_adapter get_opt + server-side apply (patch, create when new)
+    ("finetune.dev", "adapters"): {"get", "list", "watch", "create", "patch"},
+    # api::patch_status (server-side apply of status)
+    ("finetune.dev", "finetunejobs/status"): {"patch"},
+    ("finetune.dev", "adapters/status"): {"patch"},
+    # blockOwnerDeletion on children's owner references
+    ("finetune.dev", "finetunejobs/finalizers"): {"update"},
+    ("finetune.dev", "adapters/finalizers"): {"update"},
+    # ours::create (create; get on a name conflict), watches, pruning/suspend/preemption deletes
+    ("", "pods"): {"get", "list", "watch", "create", "delete"},
+    # ours::create_or_update (create, get, then server-side apply), metadata watches
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
+    # event_queue (kube Recorder: create, patch for a series)
+    ("events.k8s.io", "events"): {"create", "patch"},
+    # leader::Lease (get_opt, create, replace)
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+}
+granted = {}
+for d in docs:
+    if d["kind"] in ("ClusterRole", "Role"):
+        for r in d["rules"]:
+            for group in r.get("apiGroups", []):
+                for resource in r.get("resources", []):
+                    granted.setdefault((group, resource), set()).update(r.get("verbs", []))
+expect["RBAC verbs are exactly the calls the code makes"] = granted == CALLS
+if granted != CALLS:
+    for key in sorted(set(granted) | set(CALLS)):
+        if granted.get(key) != CALLS.get(key):
+            print(f"RBAC {key}: granted {sorted(granted.get(key, []))}, code calls {sorted(CALLS.get(key, []))}")
 for name, ok in expect.items():
     if not ok:
         problems.append(name)

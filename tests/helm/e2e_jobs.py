@@ -4,7 +4,9 @@
 usage: e2e_jobs.py EXAMPLE.yaml MODEL.gguf EXECUTOR_NODE [quota]
 Prints (YAML) in namespace e2e: `tiny-sft`, a short real run on the executor node (CPU, the
 SmolLM2 GGUF from a local path, 6 steps, eval and checkpoint every 3) and `bad-data`, whose
-training file does not exist (the trainer exits with "invalid data", never retried). With
+training file does not exist (the trainer exits with "invalid data", never retried), and `ttl`,
+which fails the same way and is deleted 3 s later by `ttlSecondsAfterFinished` (under the chart's
+RBAC, which must grant `delete` on FinetuneJobs). With
 `quota`: only `refused` in namespace quota, whose pod the namespace's quota refuses. Each e2e job
 gets a PersistentVolume pre-bound to its storage claim.
 """
@@ -50,8 +52,13 @@ def main():
         bad = tiny(example, "bad-data", "e2e", model, node)
         bad["spec"]["dataset"]["train"]["uri"] = "configmap://finetune-examples-data/missing.jsonl"
         bad["spec"]["runPolicy"] = {"backoffLimit": 0}
-        jobs = [tiny(example, "tiny-sft", "e2e", model, node), bad,
-                volume("e2e", "tiny-sft-storage"), volume("e2e", "bad-data-storage")]
+        ttl = copy.deepcopy(bad)
+        ttl["metadata"]["name"] = "ttl"
+        ttl["spec"]["output"] = {"adapterName": "ttl-adapter"}
+        ttl["spec"]["runPolicy"] = {"backoffLimit": 0, "ttlSecondsAfterFinished": 3}
+        jobs = [tiny(example, "tiny-sft", "e2e", model, node), bad, ttl,
+                volume("e2e", "tiny-sft-storage"), volume("e2e", "bad-data-storage"),
+                volume("e2e", "ttl-storage")]
     yaml.safe_dump_all(jobs, sys.stdout, sort_keys=False)
 
 

@@ -328,6 +328,11 @@ cluster_checks() {
     check "a real trainer job runs on the executor and succeeds" wait_for 600 "e2e/tiny-sft Succeeded" phase_is e2e tiny-sft Succeeded ||
         { kubectl_ -n e2e get ftj tiny-sft -o yaml | tail -40; tail -30 "$WORK"/executor/pods/e2e/tiny-sft-attempt-0/stdout.log; }
     check "a job with bad data ends Failed" wait_for 120 "e2e/bad-data Failed" phase_is e2e bad-data Failed
+    check "ttlSecondsAfterFinished deletes a finished job under the chart's RBAC" \
+        wait_for 120 "e2e/ttl deleted" bash -c '
+            ! "$0" --kubeconfig "$1" -n e2e get ftj ttl >/dev/null 2>&1 &&
+            ! "$0" --kubeconfig "$1" -n e2e get events --field-selector reason=TTLDeleteFailed -o name | grep -q .' \
+        "$KUBECTL" "$KUBECONFIG_FILE"
     check "a refused pod is a reconcile error (quota)" wait_for 60 "reconcile error counted" bash -c '
         curl -fsS "$0/api/v1/query" --data-urlencode "query=sum(finetune_operator_reconcile_errors_total)" | grep -q "\"value\""' "$PROM"
     sleep 20 # a few more scrapes after the end

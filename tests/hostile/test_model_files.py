@@ -248,6 +248,17 @@ def test_tokenizer_not_json(tmp_path, bases):
     assert_refused(eval_on(d, bases.data), "tokenizer.json")
 
 
+def test_tokenizer_malformed_decoder_does_not_panic(tmp_path, bases):
+    # Found by the tokenizer_json fuzz target: the tokenizers crate unwraps the error of a broken
+    # decoder object (a panic inside the library); it must be a named error like any other.
+    d = write_hf_model(tmp_path / "m")
+    text = json.dumps(byte_tokenizer_json())
+    decoder = text.index('"decoder": {"type": "ByteLevel"')
+    text = text[:decoder] + text[decoder:].replace('"ByteLevel"', '"Byte"eLvle', 1)
+    (d / "tokenizer.json").write_text(text)
+    assert_refused(eval_on(d, bases.data), "tokenizer.json", "invalid tokenizer")
+
+
 def test_tokenizer_sparse_gigabytes(tmp_path, bases):
     d = write_hf_model(tmp_path / "m")
     os.truncate(d / "tokenizer.json", 4 << 30)

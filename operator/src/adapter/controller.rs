@@ -24,12 +24,13 @@ use tracing::{info, warn};
 
 use super::build::{COMPONENT, COMPONENT_LABEL, verification_pod};
 use super::status::{self, PodAction};
-use crate::api::{api, apply, cached_watch, write_status};
+use crate::api::{api, cached_watch, write_status};
 use crate::conditions;
 use crate::error::Error;
 use crate::event_queue::EventQueue;
 use crate::last_written::LastWritten;
 use crate::metrics::Metrics;
+use crate::ours::{self, Refused};
 use crate::pods::BuildSettings;
 
 const KIND: &str = "Adapter";
@@ -153,11 +154,23 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
             PodAction::Create => {
                 let pod = verification_pod(&adapter, &ctx.settings)?;
                 let name = pod.name_any();
-                if let Err(error) = apply(&pods_api, &name, &pod).await {
-                    // Refused (admission, quota): say so on the Adapter, then retry.
-                    if let kube::Error::Api(refusal) = &error {
-                        let message =
-                            format!("cannot create verification pod {name}: {}", refusal.message);
+                let uid = adapter.uid().unwrap_or_default();
+                let error = match ours::create(&pods_api, &uid, &pod).await {
+                    Ok(_) => None,
+                    // Ours already: created by an earlier reconcile the cache has not shown.
+                    Err(Refused::Api(error)) if ours::is_already_exists(&error) => None,
+                    Err(refused) => Some(refused),
+                };
+                if let Some(refused) = error {
+                    // Refused (admission, quota, a pod of that name that is not ours): say so on
+                    // the Adapter, then retry.
+                    let refusal = match &refused {
+                        Refused::Api(kube::Error::Api(status)) => Some(status.message.clone()),
+                        Refused::NameConflict(message) => Some(message.clone()),
+                        Refused::Api(_) => None,
+                    };
+                    if let Some(refusal) = refusal {
+                        let message = format!("cannot create verification pod {name}: {refusal}");
                         let mut status = derived.status.clone();
                         status::pod_creation_failed(&mut status, &message, Timestamp::now());
                         if status != derived.status {
@@ -168,15 +181,15 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
                             conditions::event(true, "PodCreationFailed", &message, "Verify");
                         ctx.events.publish(reference, vec![refused]);
                     }
-                    return Err(error.into());
+                    return Err(match refused {
+                        Refused::Api(error) => error.into(),
+                        Refused::NameConflict(message) => Error::NameConflict(message),
+                    });
                 }
                 info!(adapter = %key, pod = %name, "verification pod created");
             }
             PodAction::Delete(name) => {
-                match pods_api.delete(name, &DeleteParams::background()).await {
-                    Ok(_) | Err(kube::Error::Api(_)) => {}
-                    Err(error) => return Err(error.into()),
-                }
+                ours::deleted(pods_api.delete(name, &DeleteParams::background()).await)?;
             }
         }
     }

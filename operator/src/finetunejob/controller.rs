@@ -31,7 +31,7 @@ use tracing::warn;
 use self::apply::{apply, count_outcome, publish};
 use self::context::{Caches, Context, strip_pod};
 use self::dereference::dereference;
-use crate::api::{APPLIED_HASH_ANNOTATION, api, cached_watch, write_status};
+use crate::api::{APPLIED_HASH_ANNOTATION, api, cached_watch, cached_watch_lenient, write_status};
 use crate::error::Error;
 use crate::event_queue::EventQueue;
 use crate::finetunejob::status;
@@ -78,11 +78,23 @@ pub async fn run(
     // here reads them; dropping them before the store keeps the caches small. Each watch also
     // tells its LastWritten which of our writes it has delivered.
     let jobs_written = Arc::new(LastWritten::<FinetuneJob>::default());
-    let (jobs, job_events) = cached_watch(
-        api::<FinetuneJob>(&client, namespace),
+    let undecodable_metrics = metrics.clone();
+    let (jobs, job_events) = cached_watch_lenient(
+        &client,
+        namespace,
         watcher::Config::default(),
-        |job| job.metadata.managed_fields = None,
+        |job: &mut FinetuneJob| job.metadata.managed_fields = None,
         Some(&jobs_written),
+        move |object, error| {
+            // Reported and left out; the other jobs keep reconciling.
+            let key = format!(
+                "{}/{}",
+                object.namespace().unwrap_or_default(),
+                object.name_any()
+            );
+            warn!(job = %key, %error, "cannot decode this FinetuneJob; skipping it until it changes");
+            undecodable_metrics.reconcile_failed("FinetuneJob", "undecodable");
+        },
     );
     let job_events = job_events
         .applied_objects()

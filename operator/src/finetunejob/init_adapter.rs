@@ -3,23 +3,32 @@
 //! produced it) into a storage URI, and says plainly why it cannot when it cannot. The controller
 //! fetches the objects; the pod builder mounts the URI (see `build::trainer_pod`).
 
+use finetune_crds::adapter::AdapterPhase;
 use finetune_crds::{Adapter, FinetuneJob, JobPhase};
 use kube::ResourceExt;
 
 use super::names;
 
 /// The storage URI of `adapter`'s files. `producer` is the FinetuneJob named by
-/// `source.fromJob`, looked up by the caller (`None` when it does not exist).
+/// `source.fromJob`, looked up by the caller (`None` when it does not exist). Only a Ready
+/// Adapter is used, and one from a job only while that very job (its UID in the lineage) exists:
+/// a job re-created under the same name writes other files to the same place.
 pub fn adapter_uri(adapter: &Adapter, producer: Option<&FinetuneJob>) -> Result<String, String> {
     let name = adapter.name_any();
     let source = &adapter.spec.source;
     let status = adapter.status.as_ref();
-    if status.and_then(|s| s.phase) == Some(finetune_crds::adapter::AdapterPhase::Failed) {
+    let phase = status.and_then(|s| s.phase).unwrap_or_default();
+    if phase == AdapterPhase::Failed {
         let why = status
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Verified"))
             .map(|c| format!("{}: {}", c.reason, c.message))
             .unwrap_or_default();
         return Err(format!("Adapter {name} failed verification ({why})"));
+    }
+    if phase != AdapterPhase::Ready {
+        return Err(format!(
+            "Adapter {name} is {phase:?}, not Ready: it is used once verified"
+        ));
     }
     if let Some(uri) = &source.uri {
         return Ok(uri.clone());
@@ -34,6 +43,17 @@ pub fn adapter_uri(adapter: &Adapter, producer: Option<&FinetuneJob>) -> Result<
             "Adapter {name} comes from FinetuneJob {job_name}, which does not exist"
         ));
     };
+    let recorded = status
+        .and_then(|s| s.lineage.as_ref())
+        .and_then(|l| l.job_uid.as_deref());
+    if recorded.is_none() || recorded != job.metadata.uid.as_deref() {
+        return Err(format!(
+            "Adapter {name} was produced by FinetuneJob {job_name} with UID {}, and the job of \
+             that name now has UID {}: its files are not this adapter's",
+            recorded.unwrap_or("(none recorded)"),
+            job.metadata.uid.as_deref().unwrap_or("(none)")
+        ));
+    }
     let phase = job.status.as_ref().and_then(|s| s.phase);
     if phase != Some(JobPhase::Succeeded) {
         let phase = phase.map_or_else(|| "not started".to_string(), |p| format!("{p:?}"));
@@ -71,6 +91,12 @@ mod tests {
             },
         );
         a.metadata.namespace = Some("team".into());
+        a.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "phase": "Ready", "lineage": {"jobUid": "uid-producer"}
+            }))
+            .unwrap(),
+        );
         a
     }
 
@@ -85,6 +111,7 @@ mod tests {
             phase,
             ..Default::default()
         });
+        job.metadata.uid = Some("uid-producer".into());
         job
     }
 
@@ -133,5 +160,27 @@ mod tests {
         );
         let missing = adapter_uri(&a, None).unwrap_err();
         assert!(missing.contains("does not exist"), "{missing}");
+    }
+
+    #[test]
+    fn only_a_ready_adapter_of_the_same_job_uid_is_used() {
+        let mut a = adapter(AdapterSource {
+            uri: Some("pvc://adapters/sft".into()),
+            from_job: None,
+        });
+        a.status.as_mut().unwrap().phase = Some(AdapterPhase::Pending);
+        let pending = adapter_uri(&a, None).unwrap_err();
+        assert!(pending.contains("is Pending, not Ready"), "{pending}");
+        let a = adapter(AdapterSource {
+            uri: None,
+            from_job: Some("smollm2-kubectl".into()),
+        });
+        let mut recreated = job(Some(JobPhase::Succeeded));
+        recreated.metadata.uid = Some("uid-new".into());
+        let why = adapter_uri(&a, Some(&recreated)).unwrap_err();
+        assert!(
+            why.contains("UID uid-producer") && why.contains("now has UID uid-new"),
+            "{why}"
+        );
     }
 }

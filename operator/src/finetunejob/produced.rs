@@ -99,9 +99,16 @@ pub fn adapter_status(
 }
 
 /// Whether an existing Adapter of that name may be (re)written for `job`: it is this job's (same
-/// `source.fromJob`). Somebody else's Adapter of the same name is left alone.
+/// `source.fromJob`, and no lineage from another job UID). Somebody else's Adapter of the same
+/// name, or the one an earlier job of the same name produced, is left alone.
 pub fn belongs_to(existing: &Adapter, job: &FinetuneJob) -> bool {
+    let producer = existing
+        .status
+        .as_ref()
+        .and_then(|s| s.lineage.as_ref())
+        .and_then(|l| l.job_uid.as_ref());
     existing.spec.source.from_job.as_deref() == Some(job.name_any().as_str())
+        && producer.is_none_or(|uid| job.uid().as_ref() == Some(uid))
 }
 
 /// Whether `existing` already records this very job (same UID): nothing to write.
@@ -190,5 +197,10 @@ mod tests {
         assert!(!is_registered(&mine, &job));
         mine.status = Some(adapter_status(&job, &term, Timestamp::now()));
         assert!(is_registered(&mine, &job));
+        // A job re-created under the same name has a new UID: the first one's Adapter stays.
+        let mut recreated = job.clone();
+        recreated.metadata.uid = Some("uid-2".into());
+        assert!(belongs_to(&mine, &job));
+        assert!(!belongs_to(&mine, &recreated));
     }
 }

@@ -511,6 +511,7 @@ pub fn child_creation_failed(
     job: &FinetuneJob,
     child: &str,
     error: &str,
+    reason: &str,
     now: Timestamp,
 ) -> FinetuneJobStatus {
     let mut status = job.status.clone().unwrap_or_default();
@@ -525,7 +526,7 @@ pub fn child_creation_failed(
         Condition {
             type_: "Created".into(),
             status: "False".into(),
-            reason: "ChildCreationFailed".into(),
+            reason: reason.into(),
             message,
             observed_generation: generation,
             last_transition_time: Time(now),
@@ -1204,7 +1205,13 @@ mod tests {
 
     #[test]
     fn child_creation_failures_are_visible_in_status() {
-        let status = child_creation_failed(&job(), "pod j-attempt-0", "exceeded quota: gpu", now());
+        let status = child_creation_failed(
+            &job(),
+            "pod j-attempt-0",
+            "exceeded quota: gpu",
+            "ChildCreationFailed",
+            now(),
+        );
         let created = status
             .conditions
             .iter()

@@ -34,16 +34,18 @@ fn strip_generation_tags(src: &str) -> String {
     let mut out = String::with_capacity(src.len());
     let mut rest = src;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else {
+        // The closing `%}` is searched after the opening `{%`: in `{%}` they share the `%`.
+        let Some(len) = rest[start + 2..].find("%}") else {
             break;
         };
-        let inner = rest[start + 2..start + len]
-            .trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let end = start + 2 + len;
+        let inner =
+            rest[start + 2..end].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         out.push_str(&rest[..start]);
         if inner != "generation" && inner != "endgeneration" {
-            out.push_str(&rest[start..start + len + 2]);
+            out.push_str(&rest[start..end + 2]);
         }
-        rest = &rest[start + len + 2..];
+        rest = &rest[end + 2..];
     }
     out.push_str(rest);
     out
@@ -407,6 +409,18 @@ mod tests {
             t.render(&json!([{"content": "<a>", "role": "user"}]), false)
                 .unwrap(),
             r#"{"content": "<a>", "role": "user"}"#
+        );
+    }
+
+    #[test]
+    fn overlapping_tag_delimiters_do_not_panic() {
+        // Found by the chat_template fuzz target: `{%}` made the tag scanner slice backwards.
+        let found = "{% for message in messages %}{{'<|im_start|>' + message['rol% endfor %{%} if add_generation_1prompt %}";
+        assert!(ChatTemplate::new(found, None, None, None, None).is_err());
+        assert_eq!(strip_generation_tags("a{%}b"), "a{%}b");
+        assert_eq!(
+            strip_generation_tags("{%%}{% generation %}x{%- endgeneration -%}"),
+            "{%%}x"
         );
     }
 

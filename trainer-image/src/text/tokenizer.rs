@@ -56,8 +56,7 @@ impl TextTokenizer {
             ));
         }
         let text = read_text(&path, MAX_TOKENIZER_FILE, "tokenizer.json")?;
-        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes())
-            .map_err(|e| Error::format(&path, format!("invalid tokenizer: {e}")))?;
+        let inner = parse_tokenizer(&path, text.as_bytes(), "invalid tokenizer")?;
         let config = read_tokenizer_config(dir)?;
         let get = |k: &str| token_string(config.as_ref().and_then(|c| c.get(k)));
         Ok(TextTokenizer {
@@ -133,13 +132,11 @@ impl TextTokenizer {
             _ => None,
         };
         let json = byte_level_json(&tokens, &merges, &types, pre, prepend_bos);
-        let inner =
-            tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(|e| {
-                Error::format(
-                    path,
-                    format!("cannot build tokenizer from GGUF vocabulary: {e}"),
-                )
-            })?;
+        let inner = parse_tokenizer(
+            path,
+            json.to_string().as_bytes(),
+            "cannot build tokenizer from GGUF vocabulary",
+        )?;
         Ok(TextTokenizer {
             inner,
             bos_token,
@@ -171,8 +168,8 @@ impl TextTokenizer {
 
     pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.inner
-            .decode(&ids, skip_special_tokens)
+        contain_panic(|| self.inner.decode(&ids, skip_special_tokens))
+            .map_err(|p| Error::Tokenizer(format!("decoding failed: {p}")))?
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
@@ -196,8 +193,8 @@ impl TextTokenizer {
     /// A bare `tokenizer.json` (no `tokenizer_config.json`: no special-token strings), e.g. the
     /// file `spec.vocabulary.tokenizer` names.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::format(path, format!("invalid tokenizer: {e}")))?;
+        let text = read_text(path, MAX_TOKENIZER_FILE, "tokenizer.json")?;
+        let inner = parse_tokenizer(path, text.as_bytes(), "invalid tokenizer")?;
         Ok(TextTokenizer {
             inner,
             bos_token: None,
@@ -235,6 +232,15 @@ impl TextTokenizer {
         self.token_to_id(token)
             .ok_or_else(|| Error::Tokenizer(format!("added token `{token}` has no id")))
     }
+}
+
+/// Parses a `tokenizer.json` document. The tokenizers crate panics on some malformed documents
+/// (an `unwrap` in its decoder deserialisation, found by fuzzing) instead of returning an error;
+/// both become an error naming `path`.
+fn parse_tokenizer(path: &Path, json: &[u8], what: &str) -> Result<tokenizers::Tokenizer> {
+    contain_panic(|| tokenizers::Tokenizer::from_bytes(json))
+        .map_err(|p| Error::format(path, format!("{what}: {p}")))?
+        .map_err(|e| Error::format(path, format!("{what}: {e}")))
 }
 
 /// `tokenizer_config.json` if the directory has one.

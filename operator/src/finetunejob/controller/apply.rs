@@ -21,6 +21,7 @@ use crate::conditions::Transition;
 use crate::error::Error;
 use crate::finetunejob::produced;
 use crate::finetunejob::status::{self, Outcome};
+use crate::ours::{self, Refused};
 
 /// Makes `plan`'s writes for `job` and says when to reconcile it again.
 pub(super) async fn apply(ctx: &Context, job: &FinetuneJob, plan: Plan) -> Result<Action, Error> {
@@ -33,11 +34,12 @@ pub(super) async fn apply(ctx: &Context, job: &FinetuneJob, plan: Plan) -> Resul
     } else {
         Some(ctx.gate.acquire(plan.priority()).await)
     };
-    // The storage and the pod do not depend on each other (the pod waits for its volumes),
-    // so a new job's children are written concurrently: one round trip instead of two.
-    let storage = apply_storage(ctx, &jobs, job, &namespace, plan.storage);
-    let pod = change_pod(ctx, &jobs, job, plan.pod, &namespace);
-    futures::try_join!(storage, pod)?;
+    // Storage first: the pod mounts the manifest ConfigMap and the claim by name, so it is
+    // created only once both are known to be this job's. Were they written concurrently, a
+    // user's object holding one of those names (a `NameConflict`) would be mounted into our
+    // pod, and the trainer would read its manifest from it or write checkpoints into it.
+    apply_storage(ctx, &jobs, job, &namespace, plan.storage).await?;
+    change_pod(ctx, &jobs, job, plan.pod, &namespace).await?;
 
     // Only a changed status can hold a job's first start or first step.
     if let Some(status) = &plan.status {
@@ -62,10 +64,23 @@ pub(super) async fn apply(ctx: &Context, job: &FinetuneJob, plan: Plan) -> Resul
     if plan.delete_job {
         // ttlSecondsAfterFinished: the job goes; its children follow by owner reference.
         info!(job = %key, "ttlSecondsAfterFinished passed; deleting the job");
-        tolerate_api_error(
-            jobs.delete(&job.name_any(), &DeleteParams::background())
-                .await,
-        )?;
+        let deleted = jobs
+            .delete(&job.name_any(), &DeleteParams::background())
+            .await;
+        if let Err(error) = tolerate_api_error(deleted) {
+            // Say it where the user looks: a 403 here means the operator's RBAC lacks `delete`.
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "TTLDeleteFailed".into(),
+                note: Some(format!(
+                    "ttlSecondsAfterFinished passed but the job cannot be deleted: {error}"
+                )),
+                action: "Delete".into(),
+                secondary: None,
+            };
+            publish_detached(ctx, job, vec![event]);
+            return Err(error);
+        }
         return Ok(Action::await_change());
     }
     Ok(match plan.requeue {
@@ -75,13 +90,10 @@ pub(super) async fn apply(ctx: &Context, job: &FinetuneJob, plan: Plan) -> Resul
     })
 }
 
-/// A deletion the apiserver refused or found nothing to do for is done; a transport error is
-/// retried.
+/// A deletion is done when it succeeded or the object is already gone; any other refusal
+/// (403 from RBAC, a webhook) is an error that the reconcile logs, counts and retries.
 fn tolerate_api_error<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
-    match result {
-        Ok(_) | Err(kube::Error::Api(_)) => Ok(()),
-        Err(error) => Err(error.into()),
-    }
+    ours::deleted(result).map_err(Error::from)
 }
 
 /// How long until `at` (zero once it has passed).
@@ -101,14 +113,16 @@ async fn change_pod(
     match change {
         PodChange::Create { attempt, pod } => {
             let pod_name = pod.name_any();
-            match api::apply(&pods_api, &pod_name, &pod).await {
+            match ours::create(&pods_api, &job_uid(job), &pod).await {
                 Ok(mut created) => {
                     strip_pod(&mut created);
                     ctx.caches.pods_written.record(created);
                 }
-                Err(error) => {
+                // Ours already: created by an earlier reconcile the cache has not shown yet.
+                Err(Refused::Api(error)) if ours::is_already_exists(&error) => {}
+                Err(refused) => {
                     return Err(
-                        child_failed(ctx, jobs, job, &format!("pod {pod_name}"), error).await,
+                        refused_child(ctx, jobs, job, &format!("pod {pod_name}"), refused).await,
                     );
                 }
             }
@@ -127,7 +141,8 @@ async fn change_pod(
     Ok(())
 }
 
-/// Server-side applies the stale storage children, recording each for read-your-writes.
+/// Creates or updates the stale storage children (never one that is not ours), recording each
+/// for read-your-writes.
 async fn apply_storage(
     ctx: &Context,
     jobs: &Api<FinetuneJob>,
@@ -135,41 +150,66 @@ async fn apply_storage(
     namespace: &str,
     stale: Vec<StaleStorage>,
 ) -> Result<(), Error> {
+    let uid = job_uid(job);
     for child in stale {
-        let applied = match &child {
+        let (what, written) = match &child {
             StaleStorage::Map(map) => {
                 let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-                api::apply(&maps, &map.name_any(), map.as_ref())
-                    .await
-                    .map(|applied| {
-                        ctx.caches
-                            .maps_written
-                            .record(written_meta(applied.metadata));
-                    })
+                let written =
+                    ours::create_or_update(&maps, &uid, map.as_ref())
+                        .await
+                        .map(|applied| {
+                            ctx.caches
+                                .maps_written
+                                .record(written_meta(applied.metadata));
+                        });
+                (format!("configmap {}", map.name_any()), written)
             }
             StaleStorage::Claim(claim) => {
                 let claims: Api<PersistentVolumeClaim> =
                     Api::namespaced(ctx.client.clone(), namespace);
-                api::apply(&claims, &claim.name_any(), claim.as_ref())
+                let written = ours::create_or_update(&claims, &uid, claim.as_ref())
                     .await
                     .map(|applied| {
                         ctx.caches
                             .claims_written
                             .record(written_meta(applied.metadata));
-                    })
+                    });
+                (
+                    format!("persistentvolumeclaim {}", claim.name_any()),
+                    written,
+                )
             }
         };
-        if let Err(error) = applied {
-            let what = match &child {
-                StaleStorage::Map(map) => format!("configmap {}", map.name_any()),
-                StaleStorage::Claim(claim) => {
-                    format!("persistentvolumeclaim {}", claim.name_any())
-                }
-            };
-            return Err(child_failed(ctx, jobs, job, &what, error).await);
+        if let Err(refused) = written {
+            return Err(refused_child(ctx, jobs, job, &what, refused).await);
         }
     }
     Ok(())
+}
+
+fn job_uid(job: &FinetuneJob) -> String {
+    job.uid().unwrap_or_default()
+}
+
+/// Records a child that was not written on the job and returns the error that retries the
+/// reconcile with backoff: a name held by someone else's object is `NameConflict` (it clears
+/// once they rename or delete it), anything else `ChildCreationFailed`.
+async fn refused_child(
+    ctx: &Context,
+    jobs: &Api<FinetuneJob>,
+    job: &FinetuneJob,
+    child: &str,
+    refused: Refused,
+) -> Error {
+    match refused {
+        Refused::Api(error) => child_failed(ctx, jobs, job, child, error).await,
+        Refused::NameConflict(message) => {
+            let note = format!("cannot create {child}: {message}");
+            record_creation_failure(ctx, jobs, job, child, &message, "NameConflict", note).await;
+            Error::NameConflict(message)
+        }
+    }
 }
 
 /// Registers the Adapter a succeeded job produced (see `produced`): spec by server-side apply,
@@ -271,7 +311,7 @@ async fn record_creation_failure(
     reason: &str,
     note: String,
 ) {
-    let status = status::child_creation_failed(job, child, message, Timestamp::now());
+    let status = status::child_creation_failed(job, child, message, reason, Timestamp::now());
     if let Err(status_error) = write_status(jobs, job, &status, &ctx.jobs_written).await {
         warn!(%status_error, %reason, "cannot record the creation failure in status");
     }

@@ -115,12 +115,13 @@ async fn init_adapter_uri(
     Ok(init_adapter::adapter_uri(&found, producer.as_ref()))
 }
 
-/// `ip:port` of the newest trainer pod when it is running.
+/// `ip:port` (`[ip]:port` for IPv6) of the newest trainer pod when it is running.
 fn running_trainer_address(pods: &[Pod]) -> Option<String> {
     let newest = pods
         .iter()
         .max_by_key(|pod| attempts::attempt_of(pod).unwrap_or(-1))?;
     let status = newest.status.as_ref()?;
     (status.phase.as_deref() == Some("Running")).then_some(())?;
-    Some(format!("{}:{DEFAULT_STATUS_PORT}", status.pod_ip.as_ref()?))
+    let ip: std::net::IpAddr = status.pod_ip.as_ref()?.parse().ok()?;
+    Some(std::net::SocketAddr::new(ip, DEFAULT_STATUS_PORT).to_string())
 }
