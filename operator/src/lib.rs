@@ -29,5 +29,6 @@ pub mod leader;
 pub mod metrics;
 pub mod ours;
 pub mod pods;
+pub mod policy;
 pub mod progress;
 pub mod valid_specs;

@@ -22,6 +22,7 @@ use finetune_operator::http::{self, HttpState};
 use finetune_operator::leader::{self, LeaderElector, Timings};
 use finetune_operator::metrics::Metrics;
 use finetune_operator::pods::{BuildSettings, parse_quantity};
+use finetune_operator::policy::Policy;
 use finetune_operator::progress::ProgressPoller;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::runtime::events::Recorder;
@@ -92,6 +93,23 @@ struct RunArgs {
     /// separated in the environment variable). Verification needs no GPU: point it at a CPU pool.
     #[arg(long = "verification-node-selector", env = "FINETUNE_VERIFICATION_NODE_SELECTOR", value_delimiter = ',', value_parser = parse_label)]
     verification_node_selector: Vec<(String, String)>,
+    /// Trainer images a FinetuneJob's spec.image may name (repeat; comma separated in the
+    /// environment variable); a trailing `*` matches a prefix, e.g. `registry.corp/ml/*`. Only
+    /// --trainer-image when none is given: a tenant cannot run an arbitrary image.
+    #[arg(
+        long = "allowed-trainer-image",
+        env = "FINETUNE_ALLOWED_TRAINER_IMAGES",
+        value_delimiter = ','
+    )]
+    allowed_trainer_images: Vec<String>,
+    /// PriorityClasses a FinetuneJob may name (repeat; comma separated in the environment
+    /// variable). Any when none is given.
+    #[arg(
+        long = "allowed-priority-class",
+        env = "FINETUNE_ALLOWED_PRIORITY_CLASSES",
+        value_delimiter = ','
+    )]
+    allowed_priority_classes: Vec<String>,
     /// Failed trainer pods kept per job for their logs (the newest ones); older ones are deleted
     /// once their attempt is recorded in the job's status. The current attempt's pod is always
     /// kept.
@@ -236,6 +254,10 @@ async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -
         default_cpu: args.trainer_default_cpu,
         default_memory: args.trainer_default_memory,
         verifier_node_selector: args.verification_node_selector.into_iter().collect(),
+        policy: Policy {
+            images: args.allowed_trainer_images,
+            priority_classes: args.allowed_priority_classes,
+        },
         ..BuildSettings::default()
     };
     let poller = ProgressPoller::new(

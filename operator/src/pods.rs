@@ -27,6 +27,8 @@ pub struct BuildSettings {
     pub default_memory: Option<Quantity>,
     /// Node selector of Adapter verification pods (none: any node).
     pub verifier_node_selector: BTreeMap<String, String>,
+    /// Which images and PriorityClasses jobs may ask for.
+    pub policy: crate::policy::Policy,
 }
 
 impl Default for BuildSettings {
@@ -38,6 +40,7 @@ impl Default for BuildSettings {
             default_cpu: None,
             default_memory: None,
             verifier_node_selector: BTreeMap::new(),
+            policy: crate::policy::Policy::default(),
         }
     }
 }

@@ -846,6 +846,49 @@ async fn check_and_the_apiserver_agree_on_bad_and_good_manifests() {
 
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_job_outside_the_clusters_policy_fails_not_allowed() {
+    let Bed(client, ns, jobs, pods) = Bed::new("it-policy").await;
+    let _operator = start_operator_with(&ns, &["--allowed-priority-class=training-low"], &[]);
+    let mut foreign = example_job(&ns, 1);
+    foreign.spec.image = Some("docker.io/someone/miner:latest".into());
+    create_job(&jobs, &foreign).await;
+    let mut greedy = example_job(&ns, 1);
+    greedy.metadata.name = Some("greedy-sft".into());
+    greedy.spec.resources.priority_class_name = Some("system-cluster-critical".into());
+    create_job(&jobs, &greedy).await;
+    for (name, field) in [
+        ("kubectl-sft", "spec.image"),
+        ("greedy-sft", "spec.resources.priorityClassName"),
+    ] {
+        let condition = wait_for(
+            &format!("{name} Failed NotAllowed"),
+            Duration::from_secs(60),
+            || async {
+                let status = jobs.get(name).await.ok()?.status?;
+                (status.phase == Some(JobPhase::Failed))
+                    .then(|| {
+                        status
+                            .conditions
+                            .into_iter()
+                            .find(|c| c.reason == "NotAllowed")
+                    })
+                    .flatten()
+            },
+        )
+        .await;
+        assert!(condition.message.contains(field), "{}", condition.message);
+        assert!(
+            pods.get_opt(&format!("{name}-attempt-0"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
 async fn deleting_a_job_collects_its_children() {
     let Bed(client, ns, jobs, pods) = Bed::new("it-gc").await;
     let _operator = start_operator(&ns);

@@ -62,6 +62,14 @@ if granted != CALLS:
     for key in sorted(set(granted) | set(CALLS)):
         if granted.get(key) != CALLS.get(key):
             print(f"RBAC {key}: granted {sorted(granted.get(key, []))}, code calls {sorted(CALLS.get(key, []))}")
+policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+expect["a NetworkPolicy lets only the operator and Prometheus reach trainer pods"] = bool(policies) and all(
+    p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "finetune-trainer"
+    and p["spec"]["policyTypes"] == ["Ingress"]
+    and len(p["spec"]["ingress"]) == 1
+    and all("podSelector" in peer for peer in p["spec"]["ingress"][0]["from"])
+    for p in policies
+)
 for name, ok in expect.items():
     if not ok:
         problems.append(name)

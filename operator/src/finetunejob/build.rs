@@ -174,9 +174,12 @@ fn trainer_container(
     if let Some(dir) = init_adapter_dir {
         environment.push(plain_env(env::INIT_ADAPTER_DIR, dir));
     }
-    let status_probe = |initial_delay| Probe {
+    // The kubelet probes `/healthz`, which says only that the server answers; `/status` (the
+    // run's progress and metrics) is for the operator, and the chart's NetworkPolicy lets only
+    // the operator and Prometheus reach the port.
+    let health_probe = |initial_delay| Probe {
         http_get: Some(HTTPGetAction {
-            path: Some("/status".into()),
+            path: Some("/healthz".into()),
             port: IntOrString::String("status".into()),
             ..HTTPGetAction::default()
         }),
@@ -205,8 +208,8 @@ fn trainer_container(
             ..ContainerPort::default()
         }]),
         resources: Some(resource_requirements(job, settings)),
-        readiness_probe: Some(status_probe(5)),
-        liveness_probe: Some(status_probe(60)),
+        readiness_probe: Some(health_probe(5)),
+        liveness_probe: Some(health_probe(60)),
         termination_message_path: Some(paths::TERMINATION_LOG.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(mounts.to_vec()),

@@ -241,7 +241,11 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     // reconcile.
     if !ctx.valid_specs.passed(&key, job.as_ref()) {
         if let Err(invalid) = validate_object(job.as_ref()) {
-            return reject_invalid_spec(&ctx, &job, &invalid.to_string()).await;
+            return reject_spec(&ctx, &job, "InvalidSpec", &invalid.to_string()).await;
+        }
+        let settings = &ctx.settings;
+        if let Some(why) = settings.policy.refusal(&job, &settings.trainer_image) {
+            return reject_spec(&ctx, &job, "NotAllowed", &why).await;
         }
         ctx.valid_specs.remember(&key, job.as_ref());
     }
@@ -250,16 +254,18 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     apply(&ctx, &observed.job, plan).await
 }
 
-/// Records a spec that fails validation: phase Failed with every problem named, once.
-async fn reject_invalid_spec(
+/// Records a spec that fails validation (`InvalidSpec`) or the cluster's policy (`NotAllowed`):
+/// phase Failed with every problem named, once.
+async fn reject_spec(
     ctx: &Context,
     job: &FinetuneJob,
+    reason: &str,
     problems: &str,
 ) -> Result<Requeue, Error> {
     let namespace = job.namespace().unwrap_or_default();
     let key = format!("{namespace}/{}", job.name_any());
     let phase_before = job.status.as_ref().and_then(|s| s.phase);
-    let derived = status::invalid_spec(job, problems, Timestamp::now());
+    let derived = status::rejected_spec(job, reason, problems, Timestamp::now());
     if job.status.as_ref() != Some(&derived.status) {
         let jobs: Api<FinetuneJob> = Api::namespaced(ctx.client.clone(), &namespace);
         write_status(&jobs, job, &derived.status, &ctx.jobs_written).await?;

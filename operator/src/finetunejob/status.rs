@@ -474,8 +474,9 @@ pub fn ttl_expiry(job: &FinetuneJob, status: &FinetuneJobStatus) -> Option<Times
         .ok()
 }
 
-/// The status of a job whose spec fails validation: Failed at once, with every problem named.
-pub fn invalid_spec(job: &FinetuneJob, message: &str, now: Timestamp) -> Derived {
+/// The status of a job whose spec fails validation (`InvalidSpec`) or the cluster policy
+/// (`NotAllowed`): Failed at once, with every problem named.
+pub fn rejected_spec(job: &FinetuneJob, reason: &str, message: &str, now: Timestamp) -> Derived {
     let mut status = job.status.clone().unwrap_or_default();
     let was = status.phase;
     status.phase = Some(JobPhase::Failed);
@@ -484,7 +485,7 @@ pub fn invalid_spec(job: &FinetuneJob, message: &str, now: Timestamp) -> Derived
     conditions::set_phase(
         &mut status.conditions,
         JobPhase::Failed,
-        "InvalidSpec",
+        reason,
         message,
         job.metadata.generation,
         now,
@@ -494,7 +495,7 @@ pub fn invalid_spec(job: &FinetuneJob, message: &str, now: Timestamp) -> Derived
     } else {
         vec![Transition {
             warning: true,
-            reason: "InvalidSpec".into(),
+            reason: reason.into(),
             message: message.to_string(),
         }]
     };
@@ -979,7 +980,7 @@ mod tests {
             })
         );
         assert_eq!(outcome(None, &derive(&job(), &[], None, now())), None);
-        let invalid = invalid_spec(&job(), "spec.x: bad", now());
+        let invalid = rejected_spec(&job(), "InvalidSpec", "spec.x: bad", now());
         assert_eq!(
             outcome(None, &invalid),
             Some(Outcome::Failed {
@@ -1195,12 +1196,21 @@ mod tests {
 
     #[test]
     fn invalid_specs_fail_once_with_the_problems() {
-        let derived = invalid_spec(&job(), "spec.adapter.lora.rank: Invalid value: 0", now());
+        let derived = rejected_spec(
+            &job(),
+            "InvalidSpec",
+            "spec.adapter.lora.rank: Invalid value: 0",
+            now(),
+        );
         assert_eq!(derived.status.phase, Some(JobPhase::Failed));
         assert_eq!(true_condition(&derived.status), ("Failed", "InvalidSpec"));
         let mut failed = job();
         failed.status = Some(derived.status);
-        assert!(invalid_spec(&failed, "same", now()).transitions.is_empty());
+        assert!(
+            rejected_spec(&failed, "InvalidSpec", "same", now())
+                .transitions
+                .is_empty()
+        );
     }
 
     #[test]
