@@ -125,3 +125,30 @@ fn running_trainer_address(pods: &[Pod]) -> Option<String> {
     let ip: std::net::IpAddr = status.pod_ip.as_ref()?.parse().ok()?;
     Some(std::net::SocketAddr::new(ip, DEFAULT_STATUS_PORT).to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(attempt: i32, ip: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("j-attempt-{attempt}"),
+                         "labels": {names::ATTEMPT_LABEL: attempt.to_string()}},
+            "status": {"phase": "Running", "podIP": ip}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_newest_running_trainers_address_is_ipv4_or_bracketed_ipv6() {
+        assert_eq!(
+            running_trainer_address(&[running(0, "10.0.0.1"), running(1, "10.0.0.2")]).as_deref(),
+            Some("10.0.0.2:8080")
+        );
+        assert_eq!(
+            running_trainer_address(&[running(0, "fd00::2a")]).as_deref(),
+            Some("[fd00::2a]:8080")
+        );
+        assert_eq!(running_trainer_address(&[running(0, "not-an-ip")]), None);
+    }
+}
