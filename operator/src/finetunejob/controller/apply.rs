@@ -49,7 +49,7 @@ pub(super) async fn apply(ctx: &Context, job: &FinetuneJob, plan: Plan) -> Resul
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     for pod_name in plan.prune {
         // Its attempt is in the status just written; its logs are no longer the newest.
-        tolerate_api_error(pods.delete(&pod_name, &DeleteParams::background()).await)?;
+        ours::deleted(pods.delete(&pod_name, &DeleteParams::background()).await)?;
     }
     if let Some(termination) = plan.register {
         register_adapter(ctx, job, &termination, &namespace).await?;
@@ -67,7 +67,7 @@ pub(super) async fn apply(ctx: &Context, job: &FinetuneJob, plan: Plan) -> Resul
         let deleted = jobs
             .delete(&job.name_any(), &DeleteParams::background())
             .await;
-        if let Err(error) = tolerate_api_error(deleted) {
+        if let Err(error) = ours::deleted(deleted) {
             // Say it where the user looks: a 403 here means the operator's RBAC lacks `delete`.
             let event = Event {
                 type_: EventType::Warning,
@@ -79,7 +79,7 @@ pub(super) async fn apply(ctx: &Context, job: &FinetuneJob, plan: Plan) -> Resul
                 secondary: None,
             };
             publish_detached(ctx, job, vec![event]);
-            return Err(error);
+            return Err(error.into());
         }
         return Ok(Action::await_change());
     }
@@ -88,12 +88,6 @@ pub(super) async fn apply(ctx: &Context, job: &FinetuneJob, plan: Plan) -> Resul
         Requeue::After(wait) => Action::requeue(wait),
         Requeue::At { time, at_least } => Action::requeue(time_until(time).max(at_least)),
     })
-}
-
-/// A deletion is done when it succeeded or the object is already gone; any other refusal
-/// (403 from RBAC, a webhook) is an error that the reconcile logs, counts and retries.
-fn tolerate_api_error<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
-    ours::deleted(result).map_err(Error::from)
 }
 
 /// How long until `at` (zero once it has passed).
@@ -134,7 +128,7 @@ async fn change_pod(
         PodChange::Delete(pod_name) => {
             let grace =
                 DeleteParams::default().grace_period(ctx.settings.termination_grace_seconds as u32);
-            tolerate_api_error(pods_api.delete(&pod_name, &grace).await)?;
+            ours::deleted(pods_api.delete(&pod_name, &grace).await)?;
         }
         PodChange::None => {}
     }
