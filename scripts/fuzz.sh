@@ -20,6 +20,9 @@ export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo +nightly fuzz build "${flags[@]}"
 
 targets=$(cargo +nightly fuzz list --fuzz-dir tests/fuzz)
+# Binary seeds (a tiny GGUF, safetensors) are written here rather than kept in the repository.
+generated="$cache/fuzz/seeds-generated"
+python tests/fuzz/make_seeds.py "$generated"
 summary="$cache/fuzz/fuzz-summary.json"
 mkdir -p "$cache/fuzz"
 echo "[" > "$summary.tmp"
@@ -29,7 +32,9 @@ for t in $targets; do
   corpus="$cache/fuzz/corpus/$t" artifacts="$cache/fuzz/artifacts/$t"
   mkdir -p "$corpus" "$artifacts"
   log="$cache/fuzz/$t.log"
-  if ! cargo +nightly fuzz run "${flags[@]}" "$t" "$corpus" "tests/fuzz/seeds/$t" -- \
+  seeds=()
+  for dir in "tests/fuzz/seeds/$t" "$generated/$t"; do [ -d "$dir" ] && seeds+=("$dir"); done
+  if ! cargo +nightly fuzz run "${flags[@]}" "$t" "$corpus" "${seeds[@]}" -- \
       -max_total_time="$seconds" -timeout=5 -rss_limit_mb=1024 -print_final_stats=1 \
       -artifact_prefix="$artifacts/" >"$log" 2>&1; then
     failures=$((failures + 1))
