@@ -12,12 +12,13 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build crds demo test test-rust test-reference test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: setup build crds demo test test-rust test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
 	@echo "make demo           the main job (see README)"
 	@echo "make test           every test: formatting, clippy, Rust tests, parity tests, control-plane and e2e tests"
+	@echo "make test-hub       hf:// base models through a local Hub mirror (olah behind a token-checking nginx)"
 	@echo "make test-hostile   the malformed-input suite: broken model files, tokenizers, templates, data, manifests"
 	@echo "make fuzz           coverage-guided fuzzing of every parser, FUZZ_SECONDS (300) per target (make test runs 10 s each)"
 	@echo "make test-helm      the Helm chart, alerts and dashboards, installed and scraped on a local control plane"
@@ -56,6 +57,13 @@ test-reference: build
 	scripts/ensure-chromium.sh
 	FINETUNE_TRAINER_BIN=$(TRAINER) python -m pytest -q tests/reference
 
+# hf:// base models against olah (a Hub mirror from PyPI, in its own cached venv) serving SmolLM2
+# through the Hub's API behind nginx checking a bearer token: download, cache reuse, refusals,
+# a corrupted byte on the server. nginx comes from Debian when missing.
+test-hub: build
+	scripts/ensure-nginx.sh
+	FINETUNE_TRAINER_BIN=$(TRAINER) python -m pytest -q tests/hub
+
 # Broken and hostile inputs to the real binary: each must exit 2 within 5 s and 1 GiB peak RSS.
 test-hostile: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python -m pytest -q tests/hostile
@@ -75,6 +83,7 @@ fuzz: setup
 export FINETUNE_CLUSTER_DIR ?= $(CACHE)/cluster/run
 KUBECONFIG_TEST := $(FINETUNE_CLUSTER_DIR)/kubeconfig
 test-cluster: cluster-build build
+	@scripts/ensure-nginx.sh
 	@tests/cluster/down.sh >/dev/null 2>&1 || true
 	@tests/cluster/up.sh && { \
 	  tests/cluster/smoke.sh && \
@@ -84,7 +93,7 @@ test-cluster: cluster-build build
 	  cargo test -p finetune-operator --test control_plane -- --ignored; \
 	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
-test: lint test-rust test-reference test-hostile test-fuzz test-cluster test-helm
+test: lint test-rust test-reference test-hub test-hostile test-fuzz test-cluster test-helm
 
 # The Helm chart: lint/template/schema checks, promtool rule tests, hadolint; then on its own
 # control plane (cluster/run-helm) install/upgrade/uninstall with the operator running on the

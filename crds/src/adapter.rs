@@ -159,6 +159,9 @@ pub struct Lineage {
     /// The base model URI it was trained from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<String>,
+    /// The commit an `hf://` base's revision resolved to when it was trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_commit: Option<String>,
     /// sha256 over the training data after deduplication and formatting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset_digest: Option<String>,

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{AdapterLora, FileDigest};
@@ -31,6 +32,12 @@ pub mod env {
     pub const TERMINATION_LOG: &str = "FINETUNE_TERMINATION_LOG";
     /// Hugging Face token from `baseModel.tokenSecretRef` (never logged).
     pub const HF_TOKEN: &str = "HF_TOKEN";
+    /// Base URL of the Hugging Face Hub or a mirror of its API (`https://huggingface.co` unset),
+    /// the variable `huggingface_hub` itself reads.
+    pub const HF_ENDPOINT: &str = "HF_ENDPOINT";
+    /// Directory of downloaded `hf://` models, keyed by repository and commit: the shared model
+    /// cache when the operator has one, else a directory on the job's storage.
+    pub const MODEL_CACHE_DIR: &str = "FINETUNE_MODEL_CACHE_DIR";
 }
 
 /// Where the operator mounts things inside the trainer pod.
@@ -41,6 +48,8 @@ pub mod paths {
     pub const JOB_FILE_NAME: &str = "job.yaml";
     /// Mount point of the job's storage.
     pub const STORAGE_DIR: &str = "/var/lib/finetune";
+    /// Mount point of the shared model cache, when the operator has one.
+    pub const MODEL_CACHE_DIR: &str = "/var/cache/finetune-models";
     /// The kubelet's default termination-message path.
     pub const TERMINATION_LOG: &str = "/dev/termination-log";
 }
@@ -150,6 +159,9 @@ pub struct TerminationMessage {
     /// sha256 over the formatted training data, for the Adapter's lineage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset_digest: Option<String>,
+    /// The commit an `hf://` base model's revision resolved to, for status and the lineage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_commit: Option<String>,
     /// Why training ended before its planned last step although it succeeded (early stopping,
     /// a retention floor with `action: stop`), naming the step whose weights are the result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,6 +343,9 @@ impl AdapterVerification {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum TrainerPhase {
+    /// Downloading the base model (`hf://`) into the model cache, or waiting for another job
+    /// that is downloading the same one.
+    Downloading,
     /// Loading the model and data.
     #[default]
     Loading,
@@ -370,6 +385,22 @@ pub struct StatusReport {
     /// The step training resumed from in this attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from_step: Option<i64>,
+    /// Bytes of the base model fetched so far, while downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadProgress>,
+    /// The commit an `hf://` base model resolved to, once fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_commit: Option<String>,
+}
+
+/// How far the download of an `hf://` base model has come.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadProgress {
+    /// Bytes of the needed files in the cache (verified or being written).
+    pub bytes_done: i64,
+    /// Bytes of all the files the model's format needs.
+    pub bytes_total: i64,
 }
 
 #[cfg(test)]

@@ -175,6 +175,10 @@ pub struct FinetuneJobStatus {
     /// When the next attempt starts, while backing off after a failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_retry_time: Option<Time>,
+    /// The commit an `hf://` base model's revision resolved to (set once the trainer has
+    /// fetched it; every later attempt loads the same commit from the cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_commit: Option<String>,
     /// The Adapter this job produced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_ref: Option<AdapterRef>,
@@ -207,6 +211,9 @@ pub struct Progress {
     /// Estimated seconds until training ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<i64>,
+    /// While the trainer downloads an `hf://` base model: bytes done and total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<crate::contract::DownloadProgress>,
     /// When the trainer last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update_time: Option<Time>,

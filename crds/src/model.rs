@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 pub struct BaseModel {
     /// Location of the model: `pvc://CLAIM/PATH` (a directory or file on a PersistentVolumeClaim),
     /// `file:///PATH` (a path inside the trainer image or a local run), or `hf://ORG/NAME[@REVISION]`
-    /// (downloaded from the Hugging Face Hub into the job's storage).
+    /// (downloaded through the Hub's API, from the Hub or the operator's mirror, into the model
+    /// cache before training; the commit it resolves to is recorded in status and lineage).
     #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
     /// Weight format. `auto` picks GGUF for a `.gguf` file and Hugging Face safetensors for a

@@ -110,6 +110,15 @@ struct RunArgs {
         value_delimiter = ','
     )]
     allowed_priority_classes: Vec<String>,
+    /// The Hugging Face Hub API base trainers download `hf://` models from: an enterprise
+    /// mirror such as olah, or the Hub itself (the default).
+    #[arg(long, env = "FINETUNE_HF_ENDPOINT")]
+    hf_endpoint: Option<String>,
+    /// A ReadWriteMany PersistentVolumeClaim, present under this name in every namespace that
+    /// runs `hf://` jobs, that holds the shared model cache: each base commit is downloaded once
+    /// and reused. Without it each job downloads onto its own storage.
+    #[arg(long, env = "FINETUNE_MODEL_CACHE_CLAIM")]
+    model_cache_claim: Option<String>,
     /// Failed trainer pods kept per job for their logs (the newest ones); older ones are deleted
     /// once their attempt is recorded in the job's status. The current attempt's pod is always
     /// kept.
@@ -258,6 +267,8 @@ async fn operate(args: RunArgs, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -
             images: args.allowed_trainer_images,
             priority_classes: args.allowed_priority_classes,
         },
+        hf_endpoint: args.hf_endpoint,
+        model_cache_claim: args.model_cache_claim,
         ..BuildSettings::default()
     };
     let poller = ProgressPoller::new(

@@ -29,6 +29,13 @@ pub struct BuildSettings {
     pub verifier_node_selector: BTreeMap<String, String>,
     /// Which images and PriorityClasses jobs may ask for.
     pub policy: crate::policy::Policy,
+    /// `HF_ENDPOINT` for trainers: the Hub or an (enterprise) mirror of its API; the trainer's
+    /// default, the Hugging Face Hub, when none.
+    pub hf_endpoint: Option<String>,
+    /// A claim, in each namespace that runs `hf://` jobs, on one ReadWriteMany share: the
+    /// model cache every such job mounts, so one base is downloaded once. Each job caches on
+    /// its own storage when none.
+    pub model_cache_claim: Option<String>,
 }
 
 impl Default for BuildSettings {
@@ -41,6 +48,8 @@ impl Default for BuildSettings {
             default_memory: None,
             verifier_node_selector: BTreeMap::new(),
             policy: crate::policy::Policy::default(),
+            hf_endpoint: None,
+            model_cache_claim: None,
         }
     }
 }

@@ -2181,3 +2181,200 @@ async fn registered_adapters_are_verified_by_a_pod_or_say_why_not() {
     );
     cleanup(&client, &ns).await;
 }
+
+/// The local Hub of tests/hub/server.py (olah behind an nginx that wants `token`), run as a
+/// child process for one test.
+struct LocalHub {
+    child: Child,
+    endpoint: String,
+    access_log: std::path::PathBuf,
+    repo: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalHub {
+    fn start(token: &str) -> LocalHub {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready.json");
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/hub/server.py");
+        let child = Command::new("python")
+            .arg(script)
+            .args(["serve", "--token", token, "--ready-file"])
+            .arg(&ready)
+            .spawn()
+            .expect("python runs tests/hub/server.py (the venv is on PATH under make)");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let info: serde_json::Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                break serde_json::from_str(&text).unwrap();
+            }
+            assert!(Instant::now() < deadline, "the local Hub did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let field = |k: &str| info[k].as_str().unwrap().to_string();
+        LocalHub {
+            child,
+            endpoint: field("endpoint"),
+            access_log: field("access_log").into(),
+            repo: field("repo").into(),
+            _dir: dir,
+        }
+    }
+
+    /// The paths of the file downloads (`resolve`) the gateway let through so far.
+    fn downloads(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.access_log).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                let ok = fields.get(2).is_some_and(|s| s.starts_with('2'));
+                (ok && fields[1].contains("/resolve/")).then(|| fields[1].to_string())
+            })
+            .collect()
+    }
+
+    fn head_commit(&self) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&self.repo)
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+impl Drop for LocalHub {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// The short real job on an `hf://` base read through the token in Secret `secret`.
+fn hub_job(bed: &RealTrainerBed, name: &str, secret: &str) -> FinetuneJob {
+    let mut job = short_real_job(&bed.ns, &bed.model, &bed.node);
+    job.metadata.name = Some(name.into());
+    job.spec.output.adapter_name = Some(format!("{name}-adapter"));
+    job.spec.base_model.uri = "hf://HuggingFaceTB/SmolLM2-135M-Instruct@main".into();
+    job.spec.base_model.format = finetune_crds::model::ModelFormat::Safetensors;
+    job.spec.base_model.token_secret_ref = Some(finetune_crds::model::SecretKeyRef {
+        name: secret.into(),
+        key: "token".into(),
+    });
+    job.spec.hyperparameters.max_steps = Some(2);
+    job.spec.checkpoint.every_steps = 2;
+    job.spec.evaluation = None;
+    job
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn an_hf_base_is_downloaded_once_through_the_mirror_and_its_commit_kept() {
+    let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+    let token = "hf_cluster_test_token_1";
+    let hub = LocalHub::start(token);
+    let endpoint = hub.endpoint.clone();
+    let bed = real_trainer_bed_with("it-hub", "executor-hub", |_| {
+        vec![
+            format!("--hf-endpoint={endpoint}"),
+            "--model-cache-claim=model-cache".into(),
+        ]
+    })
+    .await;
+    let (client, ns) = (bed.client.clone(), bed.ns.clone());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    for (name, value) in [("hf-token", token), ("hf-wrong", "hf_not_the_token")] {
+        let secret = json!({"metadata": {"name": name}, "stringData": {"token": value}});
+        let secret = serde_json::from_value(secret).unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let claim = json!({"metadata": {"name": "model-cache"}, "spec": {
+        "accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "10Gi"}}}});
+    let claim = serde_json::from_value(claim).unwrap();
+    claims.create(&PostParams::default(), &claim).await.unwrap();
+    bind_claim(&client, &ns, "model-cache").await;
+    for job in ["hub-first", "hub-second", "hub-wrong"] {
+        volume_for_claim(&client, &ns, &format!("{job}-storage")).await;
+    }
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+
+    // The first job downloads through the mirror, showing the bytes while it does.
+    create_job(&jobs, &hub_job(&bed, "hub-first", "hf-token")).await;
+    let mut downloading = None;
+    let status = wait_for_success(&jobs, "hub-first", |status| {
+        let running = status.conditions.iter().find(|c| c.type_ == "Running");
+        if let Some(c) = running.filter(|c| c.reason == "Downloading") {
+            downloading = Some(c.message.clone());
+        }
+    })
+    .await;
+    eprintln!("  Downloading condition seen: {downloading:?}");
+    assert!(
+        downloading.is_some_and(|m| m.contains(" of ") && m.contains("MiB")),
+        "status never said Downloading with the bytes"
+    );
+    let commit = hub.head_commit();
+    assert_eq!(status.base_model_commit.as_deref(), Some(commit.as_str()));
+    let weights = |d: &Vec<String>| {
+        d.iter()
+            .filter(|p| p.ends_with("/model.safetensors"))
+            .count()
+    };
+    let after_first = hub.downloads();
+    assert_eq!(weights(&after_first), 1, "{after_first:?}");
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
+    let lineage = wait_for("the Adapter's lineage", Duration::from_secs(60), || async {
+        adapters
+            .get_opt("hub-first-adapter")
+            .await
+            .ok()??
+            .status?
+            .lineage
+    })
+    .await;
+    assert_eq!(lineage.base_model_commit.as_deref(), Some(commit.as_str()));
+
+    // A second job on the same base finds it in the shared cache: no file is downloaded again.
+    create_job(&jobs, &hub_job(&bed, "hub-second", "hf-token")).await;
+    let status = wait_for_success(&jobs, "hub-second", |_| {}).await;
+    assert_eq!(status.base_model_commit.as_deref(), Some(commit.as_str()));
+    assert_eq!(
+        hub.downloads(),
+        after_first,
+        "the second job downloaded again"
+    );
+
+    // A wrong token: refused at once, naming the Secret, and not retried.
+    create_job(&jobs, &hub_job(&bed, "hub-wrong", "hf-wrong")).await;
+    let failed = wait_for(
+        "the wrong token to fail",
+        Duration::from_secs(120),
+        || async {
+            let status = jobs.get("hub-wrong").await.ok()?.status?;
+            (status.phase == Some(JobPhase::Failed)).then_some(status)
+        },
+    )
+    .await;
+    let reason = failed
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert_eq!(reason.reason, "InvalidInput", "{}", reason.message);
+    assert!(
+        reason.message.contains("Secret `hf-wrong`"),
+        "{}",
+        reason.message
+    );
+    assert!(!reason.message.contains("hf_not_the_token"));
+    assert_eq!(failed.attempts.len(), 1, "{:?}", failed.attempts);
+    cleanup(&client, &ns).await;
+}

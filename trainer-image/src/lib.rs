@@ -9,6 +9,7 @@
 //! * [`train`] — the SFT loop (AdamW, schedules, checkpoints, `run JOB.yaml`); [`export`] — PEFT
 //!   adapters and full models; [`serve`] — the `/status` and `/metrics` server; [`verify`] — the
 //!   `verify-adapter` check of a registered adapter against its base model.
+//! * [`fetch`] — `hf://` base models downloaded (verified, resumable) into the model cache.
 //! * [`report`] — `report.html`, a self-contained picture of a finished run (curves as inline SVG,
 //!   before/after tables), written by `report OUTPUT_DIR` and at the end of every run.
 
@@ -18,6 +19,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod fetch;
 pub mod generate;
 pub mod limits;
 pub mod load;

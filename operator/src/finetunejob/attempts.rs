@@ -375,6 +375,9 @@ pub(super) fn absorb_termination(
     if let Some(metrics) = &termination.metrics {
         status.metrics = Some(metrics.clone());
     }
+    if let Some(commit) = &termination.base_model_commit {
+        status.base_model_commit = Some(commit.clone());
+    }
     if let (Some(step), Some(path)) = (termination.checkpoint_step, &termination.checkpoint_path) {
         let newer = status
             .latest_checkpoint

@@ -94,7 +94,7 @@ pub fn trainer_pod(
             labels.insert(key.into(), value.clone());
         }
     }
-    let (mounts, init_adapter_dir) = job_mounts(job, init_adapter)?;
+    let (mounts, init_adapter_dir) = job_mounts(job, init_adapter, settings)?;
     let spec = &job.spec;
     let resources = &spec.resources;
     Ok(Pod {
@@ -173,6 +173,14 @@ fn trainer_container(
     }
     if let Some(dir) = init_adapter_dir {
         environment.push(plain_env(env::INIT_ADAPTER_DIR, dir));
+    }
+    let model_cache = match model_cache_claim(job, settings) {
+        Some(_) => paths::MODEL_CACHE_DIR.to_string(),
+        None => format!("{storage}/model-cache"),
+    };
+    environment.push(plain_env(env::MODEL_CACHE_DIR, &model_cache));
+    if let Some(endpoint) = &settings.hf_endpoint {
+        environment.push(plain_env(env::HF_ENDPOINT, endpoint));
     }
     // The kubelet probes `/healthz`, which says only that the server answers; `/status` (the
     // run's progress and metrics) is for the operator, and the chart's NetworkPolicy lets only
@@ -253,6 +261,7 @@ fn resource_requirements(job: &FinetuneJob, settings: &BuildSettings) -> Resourc
 fn job_mounts(
     job: &FinetuneJob,
     init_adapter: Option<&str>,
+    settings: &BuildSettings,
 ) -> Result<(Mounts, Option<String>), BuildError> {
     let name = job_name(job)?;
     let mut this = Mounts::empty();
@@ -280,6 +289,14 @@ fn job_mounts(
         false,
     );
     this.add_scratch();
+    if let Some(claim) = model_cache_claim(job, settings) {
+        // Written by the trainer under a per-commit lock; see the trainer's `fetch::cache`.
+        this.add(
+            pvc_volume("model-cache", claim, false),
+            paths::MODEL_CACHE_DIR,
+            false,
+        );
+    }
     for (field, uri) in data_uris(job) {
         this.add_uri(field, uri, Some(&storage_claim))?;
     }
@@ -295,6 +312,15 @@ fn job_mounts(
 }
 
 const INIT_ADAPTER_FIELD: &str = "spec.adapter.initAdapter";
+
+/// The shared model cache's claim, for a job whose base comes from the Hub.
+fn model_cache_claim<'a>(job: &FinetuneJob, settings: &'a BuildSettings) -> Option<&'a str> {
+    let from_hub = matches!(
+        StorageUri::parse(&job.spec.base_model.uri),
+        Some(StorageUri::HuggingFace { .. })
+    );
+    settings.model_cache_claim.as_deref().filter(|_| from_hub)
+}
 
 /// Where the trainer finds the starting adapter at `uri`: an adapter's files are a directory on
 /// a claim or on the node, never a ConfigMap or a Hub repository.
@@ -602,6 +628,49 @@ mod tests {
         assert_eq!(
             (selector.name.as_str(), selector.key.as_str()),
             ("hf-token", "token")
+        );
+    }
+
+    #[test]
+    fn hub_jobs_share_the_model_cache_and_others_do_not_mount_it() {
+        let settings = BuildSettings {
+            hf_endpoint: Some("http://hub-mirror.ml:8090".into()),
+            model_cache_claim: Some("model-cache".into()),
+            ..BuildSettings::default()
+        };
+        let hub = trainer_pod(&example("full-finetune.yaml"), 0, &settings, None).unwrap();
+        let value = |pod: &Pod, name| env_value(pod, name).and_then(|e| e.value.clone());
+        assert_eq!(
+            value(&hub, env::MODEL_CACHE_DIR).as_deref(),
+            Some(paths::MODEL_CACHE_DIR)
+        );
+        assert_eq!(
+            value(&hub, env::HF_ENDPOINT).as_deref(),
+            Some("http://hub-mirror.ml:8090")
+        );
+        let spec = hub.spec.as_ref().unwrap();
+        let volume = spec.volumes.as_ref().unwrap();
+        let cache = volume.iter().find(|v| v.name == "model-cache").unwrap();
+        assert_eq!(
+            cache.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "model-cache"
+        );
+        let mounts = spec.containers[0].volume_mounts.as_ref().unwrap();
+        let mount = mounts.iter().find(|m| m.name == "model-cache").unwrap();
+        assert_eq!(mount.mount_path, paths::MODEL_CACHE_DIR);
+        let local = trainer_pod(&example("sft-lora-smollm2.yaml"), 0, &settings, None).unwrap();
+        let volumes = local.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        assert!(volumes.iter().all(|v| v.name != "model-cache"));
+        // Without a shared cache, a job keeps what it downloads on its own storage.
+        let own = trainer_pod(
+            &example("full-finetune.yaml"),
+            0,
+            &BuildSettings::default(),
+            None,
+        );
+        assert_eq!(
+            value(&own.unwrap(), env::MODEL_CACHE_DIR).as_deref(),
+            Some("/var/lib/finetune/smollm2-full-instruct/model-cache")
         );
     }
 

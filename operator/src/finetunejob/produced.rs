@@ -89,6 +89,7 @@ pub fn adapter_status(
             job_uid: job.uid(),
             base_model: Some(job.spec.base_model.uri.clone()),
             dataset_digest: termination.dataset_digest.clone(),
+            base_model_commit: termination.base_model_commit.clone(),
             hyperparameters: Some(job.spec.hyperparameters.clone()),
             metrics: termination.metrics.clone(),
             checkpoint_step: termination.checkpoint_step.or(termination.step),

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use finetune_crds::contract::{StatusReport, StopKind, TerminationMessage};
+use finetune_crds::contract::{StatusReport, StopKind, TerminationMessage, TrainerPhase};
 use finetune_crds::finetunejob::{AdapterRef, CheckpointRef, Progress};
 use finetune_crds::{FinetuneJob, FinetuneJobStatus, JobPhase};
 use k8s_openapi::api::core::v1::Pod;
@@ -272,8 +272,8 @@ fn next_phase(
         }) => {
             let pod = pod.expect("only attempts whose pods are gone lack one, and they ended");
             status.start_time.get_or_insert(Time(now));
-            let message = format!("attempt {attempt} is training");
-            phases.set(status, JobPhase::Running, "Running", message, false);
+            let (reason, message) = running_reason(attempt, progress);
+            phases.set(status, JobPhase::Running, reason, message, false);
             if let Some(report) = progress {
                 absorb_progress(status, report, now);
             }
@@ -545,6 +545,35 @@ pub fn adapter_name(job: &FinetuneJob) -> String {
         .unwrap_or_else(|| job.metadata.name.clone().unwrap_or_default())
 }
 
+/// The Running condition's reason: `Downloading` (with the bytes) while the trainer fetches an
+/// `hf://` base, `Running` otherwise.
+fn running_reason(attempt: i32, progress: Option<&StatusReport>) -> (&'static str, String) {
+    match progress {
+        Some(StatusReport {
+            phase: TrainerPhase::Downloading,
+            download,
+            ..
+        }) => {
+            let mib = |b: i64| b as f64 / f64::from(1 << 20);
+            let bytes = download
+                .as_ref()
+                .map(|d| {
+                    format!(
+                        ": {:.0} of {:.0} MiB",
+                        mib(d.bytes_done),
+                        mib(d.bytes_total)
+                    )
+                })
+                .unwrap_or_default();
+            (
+                "Downloading",
+                format!("attempt {attempt} is downloading the base model{bytes}"),
+            )
+        }
+        _ => ("Running", format!("attempt {attempt} is training")),
+    }
+}
+
 fn absorb_progress(status: &mut FinetuneJobStatus, report: &StatusReport, now: Timestamp) {
     let percent = if report.total_steps > 0 {
         100.0 * report.step as f64 / report.total_steps as f64
@@ -558,8 +587,12 @@ fn absorb_progress(status: &mut FinetuneJobStatus, report: &StatusReport, now: T
         percent: (percent * 10.0).round() / 10.0,
         percent_text: Some(format!("{}%", percent.floor() as i64)),
         eta_seconds: report.eta_seconds.map(|s| s.round() as i64),
+        download: report.download.clone(),
         last_update_time: Some(Time(now)),
     });
+    if let Some(commit) = &report.base_model_commit {
+        status.base_model_commit = Some(commit.clone());
+    }
     status.metrics = Some(report.metrics.clone());
     if let Some(step) = report.checkpoint_step {
         let path = status
@@ -679,6 +712,49 @@ mod tests {
             "{}",
             queued.message
         );
+    }
+
+    #[test]
+    fn a_trainer_downloading_its_base_shows_the_bytes_and_then_the_commit() {
+        let report = StatusReport {
+            phase: TrainerPhase::Downloading,
+            download: Some(finetune_crds::contract::DownloadProgress {
+                bytes_done: 64 << 20,
+                bytes_total: 256 << 20,
+            }),
+            ..StatusReport::default()
+        };
+        let derived = derive(&job(), &[pod(0, "Running")], Some(&report), now());
+        let running = derived
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Running")
+            .unwrap();
+        assert_eq!(running.reason, "Downloading");
+        assert!(
+            running
+                .message
+                .ends_with("downloading the base model: 64 of 256 MiB"),
+            "{}",
+            running.message
+        );
+        let download = derived.status.progress.unwrap().download.unwrap();
+        assert_eq!(download.bytes_total, 256 << 20);
+        let training = StatusReport {
+            phase: TrainerPhase::Training,
+            base_model_commit: Some("c".repeat(40)),
+            ..StatusReport::default()
+        };
+        let derived = derive(&job(), &[pod(0, "Running")], Some(&training), now());
+        assert_eq!(derived.status.base_model_commit, Some("c".repeat(40)));
+        let running = derived
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Running");
+        assert_eq!(running.unwrap().reason, "Running");
+        assert_eq!(derived.status.progress.unwrap().download, None);
     }
 
     #[test]

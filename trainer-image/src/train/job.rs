@@ -26,6 +26,7 @@ use finetune_crds::finetunejob::TrainingMetrics;
 use crate::export;
 use crate::model::CausalLm;
 use crate::serve::{self, Live};
+use crate::train::base;
 use crate::train::checkpoint::{self, Snapshots};
 use crate::train::plan::{Environment, Plan};
 use crate::train::setup;
@@ -134,7 +135,7 @@ pub fn run_job(opts: &RunOptions) -> i32 {
 /// plan → setup → resume → loop → finish → report.
 fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Result<(), Stop> {
     let started = Instant::now();
-    let plan = Plan::new(opts, &Environment::from_process())?;
+    let mut plan = Plan::new(opts, &Environment::from_process())?;
 
     // Signals: a flag checked between steps.
     let term = Arc::new(AtomicBool::new(false));
@@ -147,6 +148,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         Ok(addr) => eprintln!("status server on http://{addr} (/status, /metrics)"),
         Err(e) => eprintln!("warning: status server not started on {host}:{port}: {e}"),
     }
+    tm.base_model_commit = base::fetch_base(&mut plan, live)?;
     live.update(|s| s.phase = TrainerPhase::Loading);
 
     let mut trainer = set_up(plan, tm)?;

@@ -6,6 +6,7 @@
 //! - [`plan`]: the pure first stage, the FinetuneJob and the environment resolved into paths,
 //!   device, data and LoRA settings, schedule and config digest, with the refusals that need no
 //!   model; unit-tested without one.
+//! - [`base`]: an `hf://` base model fetched into the model cache, with progress.
 //! - [`setup`]: model, data, probes, forgetting guards, trainable parameters, optimizer, batches
 //!   and DPO's reference, in the fixed order that the RNG seeding depends on.
 //! - [`checkpoint`]: atomic, verified `step-N/` directories, and the run's `save`/`resume` pair.
@@ -21,6 +22,7 @@
 //! long-context RoPE scaling ([`long_context`]) and vocabulary expansion ([`vocab`]).
 
 pub mod anchor;
+pub mod base;
 pub mod checkpoint;
 pub mod dpo;
 pub mod general;

@@ -15,9 +15,13 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::data::{ContaminationOptions, CurateOptions, DataConfig, LoadOptions};
+use crate::fetch::HubModel;
 use crate::model::LoraConfig;
 use crate::train::schedule::warmup_steps;
 use crate::train::stop::{Stop, invalid};
+
+/// The Hugging Face Hub, when `HF_ENDPOINT` names no mirror.
+pub const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";
 
 /// Where `run` reads and writes; flags win over the environment.
 #[derive(Debug, Clone)]
@@ -45,6 +49,12 @@ pub struct Environment {
     pub attempt: Option<String>,
     pub status_port: Option<String>,
     pub pod_ip: Option<String>,
+    /// `FINETUNE_MODEL_CACHE_DIR`: where `hf://` models are downloaded.
+    pub model_cache_dir: Option<PathBuf>,
+    /// `HF_ENDPOINT`: the Hub or a mirror of its API.
+    pub hf_endpoint: Option<String>,
+    /// `$HOME`, for the model cache of a local run.
+    pub home: Option<PathBuf>,
 }
 
 impl Environment {
@@ -57,6 +67,11 @@ impl Environment {
             attempt: std::env::var(env::ATTEMPT).ok(),
             status_port: std::env::var(env::STATUS_PORT).ok(),
             pod_ip: std::env::var(env::POD_IP).ok(),
+            model_cache_dir: env_path(env::MODEL_CACHE_DIR),
+            hf_endpoint: std::env::var(env::HF_ENDPOINT)
+                .ok()
+                .filter(|v| !v.is_empty()),
+            home: env_path("HOME"),
         }
     }
 }
@@ -83,7 +98,15 @@ pub struct Plan {
     /// resolved where they are used (after the model and the data load), so that a run with
     /// several faults still reports the same one first.
     pub roots: MountRoots,
+    /// The model to load. For an `hf://` base this is the repository's directory in the model
+    /// cache until `fetch` replaces it with the downloaded commit (see [`Plan::hub`]).
     pub model_path: PathBuf,
+    /// The `hf://` base to download before loading, if the base is one.
+    pub hub: Option<HubModel>,
+    /// Where `hf://` models are cached (shared by jobs when the operator mounts a model cache).
+    pub model_cache: PathBuf,
+    /// The Hub's API base (`HF_ENDPOINT`, else the Hugging Face Hub).
+    pub hf_endpoint: String,
     pub train_path: PathBuf,
     pub eval_path: Option<PathBuf>,
     pub output_dir: PathBuf,
@@ -148,12 +171,6 @@ impl Plan {
             Some(base) => MountRoots::under(base),
             None => MountRoots::in_pod(),
         };
-        let model_path = resolve(&spec.base_model.uri, &roots, "spec.baseModel.uri")?;
-        let train_path = resolve(&spec.dataset.train.uri, &roots, "spec.dataset.train.uri")?;
-        let eval_path = match &spec.dataset.eval {
-            Some(d) => Some(resolve(&d.uri, &roots, "spec.dataset.eval.uri")?),
-            None => None,
-        };
         let output_dir = opts
             .output
             .clone()
@@ -165,6 +182,22 @@ impl Plan {
             .or_else(|| environment.checkpoint_dir.clone())
             .unwrap_or_else(|| output_dir.join("checkpoints"));
         let attempt = environment.attempt.clone().unwrap_or_else(|| "0".into());
+        let model_cache = environment
+            .model_cache_dir
+            .clone()
+            .or_else(|| {
+                environment
+                    .home
+                    .as_ref()
+                    .map(|h| h.join(".cache/finetune/models"))
+            })
+            .unwrap_or_else(|| output_dir.join("model-cache"));
+        let (model_path, hub) = base_model(spec, &roots, &model_cache)?;
+        let train_path = resolve(&spec.dataset.train.uri, &roots, "spec.dataset.train.uri")?;
+        let eval_path = match &spec.dataset.eval {
+            Some(d) => Some(resolve(&d.uri, &roots, "spec.dataset.eval.uri")?),
+            None => None,
+        };
 
         let port = match &environment.status_port {
             Some(p) if !p.is_empty() => p
@@ -199,6 +232,12 @@ impl Plan {
             evaluation,
             roots,
             model_path,
+            hub,
+            model_cache,
+            hf_endpoint: environment
+                .hf_endpoint
+                .clone()
+                .unwrap_or_else(|| DEFAULT_HF_ENDPOINT.into()),
             train_path,
             eval_path,
             output_dir,
@@ -274,10 +313,32 @@ fn resolve(uri: &str, roots: &MountRoots, field: &str) -> Result<PathBuf, Stop> 
         StorageUri::parse(uri).ok_or_else(|| invalid(format!("bad URI `{uri}`"), field))?;
     parsed.local_path(roots).ok_or_else(|| {
         invalid(
-            format!("`{uri}`: hf:// models must be downloaded to the job's storage first (not supported by `run` yet)"),
+            format!("`{uri}`: hf:// names a model repository; only spec.baseModel.uri takes one"),
             field,
         )
     })
+}
+
+/// The base model's path, and for `hf://` the repository to fetch into the model cache first.
+fn base_model(
+    spec: &finetune_crds::FinetuneJobSpec,
+    roots: &MountRoots,
+    model_cache: &Path,
+) -> Result<(PathBuf, Option<HubModel>), Stop> {
+    let uri = &spec.base_model.uri;
+    let field = "spec.baseModel.uri";
+    match StorageUri::parse(uri) {
+        Some(StorageUri::HuggingFace { repo, revision }) => {
+            let cache = model_cache.join("hf/models").join(&repo);
+            let hub = HubModel {
+                repo,
+                revision: revision.unwrap_or_else(|| "main".into()),
+                format: spec.base_model.format,
+            };
+            Ok((cache, Some(hub)))
+        }
+        _ => Ok((resolve(uri, roots, field)?, None)),
+    }
 }
 
 fn data_config(
@@ -458,6 +519,35 @@ spec:
         assert_eq!(plan.output_dir, Path::new("/flag-out"));
         assert_eq!(plan.checkpoint_dir, Path::new("/ckpt"));
         assert_eq!(plan.device, "cuda");
+    }
+
+    #[test]
+    fn an_hf_base_is_fetched_into_the_model_cache_from_the_endpoint() {
+        let mut manifest = job("");
+        manifest.spec.base_model.uri = "hf://org/model".into();
+        let environment = Environment {
+            model_cache_dir: Some("/cache".into()),
+            hf_endpoint: Some("http://mirror:8090".into()),
+            ..Environment::default()
+        };
+        let plan = Plan::from_manifest(manifest.clone(), &opts(), &environment).unwrap();
+        let hub = plan.hub.as_ref().unwrap();
+        assert_eq!(
+            (hub.repo.as_str(), hub.revision.as_str()),
+            ("org/model", "main")
+        );
+        assert_eq!(plan.model_cache, PathBuf::from("/cache"));
+        assert_eq!(plan.hf_endpoint, "http://mirror:8090");
+        let local = Environment {
+            home: Some("/home/u".into()),
+            ..Environment::default()
+        };
+        let plan = Plan::from_manifest(manifest, &opts(), &local).unwrap();
+        assert_eq!(
+            plan.model_cache,
+            PathBuf::from("/home/u/.cache/finetune/models")
+        );
+        assert_eq!(plan.hf_endpoint, DEFAULT_HF_ENDPOINT);
     }
 
     #[test]

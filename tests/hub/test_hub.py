@@ -1,0 +1,207 @@
+"""`hf://` base models against a real Hub-compatible server: olah serving SmolLM2 through the
+Hub's API, behind an nginx gateway that wants a bearer token (see server.py). Each case runs the
+real `finetune-trainer run` for one optimizer step and reads the contract's termination message.
+
+Run: `make test-hub` (part of `make test`), or with the project venv:
+    python -m pytest -q tests/hub
+"""
+
+import json
+import os
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from server import REPO_ID, Hub, repo_dir
+
+TOKEN = "hf_test_0123456789abcdef"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def trainer_bin() -> Path:
+    explicit = os.environ.get("FINETUNE_TRAINER_BIN")
+    if explicit:
+        return Path(explicit)
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/finetune-operator/target"))
+    return Path(target) / "release" / "finetune-trainer"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with Hub(TOKEN) as h:
+        yield h
+
+
+def job_yaml(tmp: Path, uri: str, secret: bool = True, fmt: str = "auto") -> Path:
+    secret_ref = "\n    tokenSecretRef:\n      name: hf-token" if secret else ""
+    path = tmp / "job.yaml"
+    path.write_text(f"""apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata:
+  name: hub-test
+spec:
+  baseModel:
+    uri: {uri}
+    format: {fmt}{secret_ref}
+  dataset:
+    train:
+      uri: file://{ROOT}/examples/data/chat-train.jsonl
+    format: chat
+  adapter:
+    type: lora
+  forgettingGuard:
+    disabled: true
+  hyperparameters:
+    maxSteps: 1
+    batchSize: 2
+    maxSeqLength: 64
+""")
+    return path
+
+
+class Run:
+    """One `finetune-trainer run`, its stderr read as it comes (a test may act on a line)."""
+
+    def __init__(self, tmp: Path, job: Path, endpoint: str, cache: Path, token: str | None,
+                 wait_for: str | None = None):
+        env = dict(os.environ, HF_ENDPOINT=endpoint, FINETUNE_MODEL_CACHE_DIR=str(cache),
+                   FINETUNE_TERMINATION_LOG=str(tmp / "termination-log"), FINETUNE_STATUS_PORT="0")
+        env.pop("HF_TOKEN", None)
+        if token is not None:
+            env["HF_TOKEN"] = token
+        self.tmp = tmp
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [str(trainer_bin()), "--device", "cpu", "run", str(job), "--output", str(tmp / "out")],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.seen = threading.Event()
+        self.pattern = wait_for
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if self.pattern and self.pattern in line:
+                self.seen.set()
+
+    def wait(self, timeout: float = 600) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        self.seconds = time.monotonic() - self.started
+        return code
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def termination(self) -> dict:
+        return json.loads((self.tmp / "termination-log").read_text())
+
+
+def run(tmp, job, hub, cache, token=TOKEN, wait_for=None) -> Run:
+    return Run(tmp, job, hub.endpoint, cache, token, wait_for)
+
+
+def head_commit() -> str:
+    return subprocess.run(["git", "-C", str(repo_dir()), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_a_token_downloads_only_the_format_and_a_second_run_reuses_the_cache(hub, tmp_path):
+    cache = tmp_path / "cache"
+    job = job_yaml(tmp_path, f"hf://{REPO_ID}@main", fmt="safetensors")
+    before = len(hub.downloads())
+    first = run(tmp_path, job, hub, cache)
+    assert first.wait() == 0, first.stderr
+    commit = head_commit()
+    assert first.termination()["baseModelCommit"] == commit
+    got = [path.rsplit("/", 1)[-1] for _, path, _, _ in hub.downloads()[before:]]
+    assert "model.safetensors" in got and "config.json" in got and "tokenizer.json" in got
+    assert not any(name.endswith(".gguf") for name in got), got  # another format: left alone
+    model_dir = cache / "hf" / "models" / REPO_ID / commit
+    weights = model_dir / "model.safetensors"
+    assert not weights.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    assert not list(model_dir.parent.glob(".*.partial")), "the partial directory was published"
+    # A second job on the same base: the revision is resolved again, no file is downloaded.
+    mid = len(hub.requests())
+    second_tmp = tmp_path / "second"
+    second_tmp.mkdir()
+    second = run(second_tmp, job_yaml(second_tmp, f"hf://{REPO_ID}@main"), hub, cache)
+    assert second.wait() == 0, second.stderr
+    assert second.termination()["baseModelCommit"] == commit
+    new = hub.requests()[mid:]
+    assert [r for r in new if "/resolve/" in r[1]] == [], new
+    assert "from the cache" in second.stderr
+
+
+def test_a_commit_already_cached_needs_no_network(hub, tmp_path):
+    cache = tmp_path / "cache"
+    commit = head_commit()
+    first = run(tmp_path, job_yaml(tmp_path, f"hf://{REPO_ID}@{commit}"), hub, cache)
+    assert first.wait() == 0, first.stderr
+    # The endpoint now points nowhere: the pinned commit still loads.
+    second_tmp = tmp_path / "second"
+    second_tmp.mkdir()
+    job = job_yaml(second_tmp, f"hf://{REPO_ID}@{commit}")
+    offline = Run(second_tmp, job, "http://127.0.0.1:9", cache, TOKEN)
+    assert offline.wait() == 0, offline.stderr
+    assert offline.termination()["baseModelCommit"] == commit
+
+
+def test_a_wrong_token_fails_fast_naming_the_secret_and_never_showing_the_token(hub, tmp_path):
+    wrong = "hf_wrong_token_value_42"
+    r = run(tmp_path, job_yaml(tmp_path, f"hf://{REPO_ID}@main"), hub, tmp_path / "cache", token=wrong)
+    assert r.wait() == 2, r.stderr
+    assert r.seconds < 15, r.seconds
+    error = r.termination()["error"]
+    assert error["param"] == "spec.baseModel.tokenSecretRef"
+    assert "Secret `hf-token`" in error["message"] and "401" in error["message"], error
+    for text in (r.stderr, (tmp_path / "termination-log").read_text()):
+        assert wrong not in text and TOKEN not in text
+
+
+def test_no_token_is_refused_with_the_field_to_set(hub, tmp_path):
+    r = run(tmp_path, job_yaml(tmp_path, f"hf://{REPO_ID}@main", secret=False), hub,
+            tmp_path / "cache", token=None)
+    assert r.wait() == 2, r.stderr
+    error = r.termination()["error"]
+    assert error["param"] == "spec.baseModel.uri"
+    assert "tokenSecretRef" in error["message"], error
+
+
+def test_a_missing_repository_is_refused_naming_it(hub, tmp_path):
+    r = run(tmp_path, job_yaml(tmp_path, f"hf://{REPO_ID}-nope@main"), hub, tmp_path / "cache")
+    assert r.wait() == 2, r.stderr
+    assert f"{REPO_ID}-nope" in r.termination()["error"]["message"]
+
+
+def test_a_byte_flipped_on_the_server_is_caught_by_its_hash_and_fetched_again(hub, tmp_path):
+    """The mirror serves tokenizer.json with one byte flipped; the trainer must refuse those
+    bytes, say so, and fetch again; the test repairs the server's copy once it has."""
+    commit = head_commit()
+    info = subprocess.run(["git", "-C", str(repo_dir()), "show", f"{commit}:tokenizer.json"],
+                          check=True, capture_output=True, text=True).stdout
+    oid = info.split("oid sha256:")[1].split()[0]
+    obj = repo_dir() / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+    original = obj.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01
+    obj.write_bytes(bytes(flipped))
+    try:
+        before = len(hub.downloads("tokenizer.json"))
+        r = run(tmp_path, job_yaml(tmp_path, f"hf://{REPO_ID}@main"), hub, tmp_path / "cache",
+                wait_for="sha256 mismatch")
+        assert r.seen.wait(120), r.stderr
+    finally:
+        obj.write_bytes(original)
+    assert r.wait() == 0, r.stderr
+    assert "fetching tokenizer.json again" in r.stderr
+    assert len(hub.downloads("tokenizer.json")) - before >= 2
+    cached = tmp_path / "cache" / "hf" / "models" / REPO_ID / commit / "tokenizer.json"
+    assert cached.read_bytes() == original
