@@ -146,6 +146,19 @@ pub struct FileDigest {
     pub size: i64,
 }
 
+/// One source of a training mixture, as trained on.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceDigest {
+    /// The source's URI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// sha256 over its curated samples, before the draw.
+    pub digest: String,
+    /// Its samples in each epoch of the mixture.
+    pub samples: i64,
+}
+
 /// Where an adapter came from.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -165,6 +178,10 @@ pub struct Lineage {
     /// sha256 over the training data after deduplication and formatting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset_digest: Option<String>,
+    /// For a mixture (`dataset.train.sources`): each source's digest and samples per epoch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub dataset_sources: Vec<SourceDigest>,
     /// The hyperparameters it was trained with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hyperparameters: Option<Hyperparameters>,

@@ -162,6 +162,10 @@ pub struct TerminationMessage {
     /// The commit an `hf://` base model's revision resolved to, for status and the lineage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model_commit: Option<String>,
+    /// For a mixture, each source's digest and share, in `dataset.train.sources` order (the
+    /// operator adds the URIs for the lineage).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dataset_sources: Vec<crate::adapter::SourceDigest>,
     /// Why training ended before its planned last step although it succeeded (early stopping,
     /// a retention floor with `action: stop`), naming the step whose weights are the result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,6 +256,8 @@ impl TerminationMessage {
                 error.message.push('…');
             } else if let Some(adapter) = message.adapter.as_mut().filter(|a| !a.files.is_empty()) {
                 adapter.files.pop();
+            } else if !message.dataset_sources.is_empty() {
+                message.dataset_sources.pop();
             } else {
                 message.metrics = None;
             }

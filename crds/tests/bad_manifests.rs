@@ -455,3 +455,53 @@ fn oversized_manifest_file_is_refused_without_reading_it_all() {
     let error = finetune_crds::read_manifest::<FinetuneJob>(&path).expect_err("too large");
     assert!(error.to_string().contains("apiserver's limit"), "{error}");
 }
+
+fn mixture(sources: Value) -> Value {
+    edit(
+        valid_job(),
+        "/spec/dataset/train",
+        Some(json!({"sources": sources})),
+    )
+}
+
+#[test]
+fn a_mixture_parses_and_its_rules_name_the_field() {
+    let ok = mixture(json!([
+        {"uri": "configmap://d/a.jsonl", "weight": 3},
+        {"uri": "pvc://data/b.jsonl", "format": "instruction", "samples": 500}
+    ]));
+    let yaml = serde_yaml::to_string(&ok).unwrap();
+    let job = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").expect("a valid mixture");
+    assert_eq!(job.spec.dataset.train.sources.len(), 2);
+    assert_eq!(job.spec.dataset.train.uris().len(), 2);
+
+    let both = edit(
+        ok.clone(),
+        "/spec/dataset/train/uri",
+        Some(json!("file:///x.jsonl")),
+    );
+    assert_rejected(&both, "spec.dataset.train", "uri (one file) or sources");
+    let neither = edit(valid_job(), "/spec/dataset/train", Some(json!({})));
+    assert_rejected(&neither, "spec.dataset.train", "uri (one file) or sources");
+    let one = mixture(json!([{"uri": "configmap://d/a.jsonl"}]));
+    assert_rejected(&one, "spec.dataset.train.sources", "");
+    let twice = mixture(json!([
+        {"uri": "configmap://d/a.jsonl", "weight": 1, "samples": 10},
+        {"uri": "configmap://d/b.jsonl"}
+    ]));
+    assert_rejected(&twice, "spec.dataset.train.sources[0].samples", "not both");
+    let escape = mixture(json!([
+        {"uri": "pvc://data/../etc/passwd"}, {"uri": "configmap://d/b.jsonl"}
+    ]));
+    assert_rejected(
+        &escape,
+        "spec.dataset.train.sources[0].uri",
+        "no . or .. segments",
+    );
+    let dpo = edit(
+        edit(ok, "/spec/method", Some(json!({"type": "dpo"}))),
+        "/spec/dataset/format",
+        Some(json!("preference")),
+    );
+    assert_rejected(&dpo, "spec.dataset.train.sources", "for SFT data");
+}

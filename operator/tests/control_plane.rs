@@ -1584,7 +1584,7 @@ async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() 
     let _operator = start_operator(&ns);
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
     let mut job = short_real_job(&ns, model, node);
-    job.spec.dataset.train.uri = "configmap://finetune-examples-data/missing.jsonl".into();
+    job.spec.dataset.train.uri = Some("configmap://finetune-examples-data/missing.jsonl".into());
     create_job(&jobs, &job).await;
     let status = wait_for("phase Failed", Duration::from_secs(120), || async {
         let status = jobs.get("kubectl-sft").await.ok()?.status?;

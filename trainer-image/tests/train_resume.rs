@@ -26,14 +26,37 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(|root| {
+        train_support::write_text_data(&root.join("train.jsonl"), 40);
+        format!("{{uri: \"file://{}\"}}", root.join("train.jsonl").display())
+    })
+}
+
+/// [`setup`] training on a 3:1 mixture of two text files of 12 and 36 lines.
+fn setup_mixture() -> Setup {
+    setup_with(|root| {
+        let (a, b) = (root.join("a.jsonl"), root.join("b.jsonl"));
+        train_support::write_text_data_seeded(&a, 12, 1);
+        train_support::write_text_data_seeded(&b, 36, 2);
+        format!(
+            "{{sources: [{{uri: \"file://{}\", weight: 3}}, {{uri: \"file://{}\", weight: 1}}]}}",
+            a.display(),
+            b.display()
+        )
+    })
+}
+
+/// The tiny model and a job on the data `write_data` writes under the root; it returns the YAML
+/// of `spec.dataset.train`.
+fn setup_with(write_data: impl FnOnce(&Path) -> String) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     train_support::write_tiny_model(&root.join("model"), 3);
-    train_support::write_text_data(&root.join("train.jsonl"), 40);
-    let job = train_support::write_job(
+    let train = write_data(&root);
+    let job = train_support::write_job_training_on(
         &root.join("job.yaml"),
         &root.join("model"),
-        &root.join("train.jsonl"),
+        &train,
         HYPER,
         EXTRA,
     );
@@ -186,6 +209,39 @@ fn sigkill_twice_then_resume_is_bitwise_identical() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("skipping corrupt checkpoint"), "{err}");
     assert!(reference == bytes(&s.root.join("killed/adapter_model.safetensors")));
+}
+
+#[test]
+fn a_mixture_killed_and_resumed_ends_bitwise_identical_and_reports_its_sources() {
+    let s = setup_mixture();
+    let (code, err) = run(&s, "straight");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("mixture source 0"), "{err}");
+    let reference = bytes(&s.root.join("straight/adapter_model.safetensors"));
+    let kill_at = 4 + random_below(5) as i64; // 4..=8
+    let kill = |c: &mut Child, _: &str| c.kill().unwrap();
+    let (code, err) = run_until(&s, "killed", kill_at, kill);
+    assert_eq!(code, None, "the run should die by signal: {err}");
+    let (code, err) = run(&s, "killed");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resumed from"), "{err}");
+    assert!(
+        reference == bytes(&s.root.join("killed/adapter_model.safetensors")),
+        "adapter after a kill at step {kill_at} differs from the uninterrupted run"
+    );
+    // Each source's digest and samples per epoch, in spec order, drawn 3:1 (to the nearest
+    // sample) from what the two files hold after the eval split.
+    let term: serde_json::Value =
+        serde_json::from_slice(&bytes(&s.root.join("killed.term"))).unwrap();
+    let sources = term["datasetSources"].as_array().unwrap();
+    let samples: Vec<f64> = sources
+        .iter()
+        .map(|x| x["samples"].as_f64().unwrap())
+        .collect();
+    assert_eq!(samples.len(), 2, "{term}");
+    assert!((samples[0] / samples[1] - 3.0).abs() <= 0.15, "{term}");
+    let digest = |i: usize| sources[i]["digest"].as_str().unwrap().to_string();
+    assert!(digest(0).len() == 64 && digest(0) != digest(1), "{term}");
 }
 
 fn http_get(addr: &str, path: &str) -> String {

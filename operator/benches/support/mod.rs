@@ -173,7 +173,7 @@ pub fn job_template() -> FinetuneJob {
         parse_manifest(&std::fs::read_to_string(path).unwrap(), "example").unwrap();
     job.metadata.namespace = Some(NAMESPACE.into());
     job.spec.base_model.uri = "file:///models/SmolLM2-135M-Instruct.Q4_1.gguf".into();
-    job.spec.dataset.train.uri = "file:///data/chat-train.jsonl".into();
+    job.spec.dataset.train.uri = Some("file:///data/chat-train.jsonl".into());
     job.spec.dataset.eval = Some(finetune_crds::data::DataSource {
         uri: "file:///data/chat-eval.jsonl".into(),
     });

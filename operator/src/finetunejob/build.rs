@@ -342,10 +342,8 @@ fn init_adapter_dir(uri: &str, storage_claim: &str) -> Result<String, BuildError
 /// Every URI in the spec the trainer reads, with the field it comes from.
 fn data_uris(job: &FinetuneJob) -> Vec<(&'static str, &str)> {
     let spec = &job.spec;
-    let mut uris = vec![
-        ("spec.baseModel.uri", spec.base_model.uri.as_str()),
-        ("spec.dataset.train.uri", spec.dataset.train.uri.as_str()),
-    ];
+    let mut uris = vec![("spec.baseModel.uri", spec.base_model.uri.as_str())];
+    uris.extend(spec.dataset.train.uris());
     if let Some(eval) = &spec.dataset.eval {
         uris.push(("spec.dataset.eval.uri", eval.uri.as_str()));
     }

@@ -6,7 +6,9 @@
 //! owned by it: deleting or expiring the job must not erase the record of what it produced, nor
 //! break a later job that starts from it (`initAdapter`).
 
-use finetune_crds::adapter::{AdapterLora, AdapterPhase, AdapterSource, AdapterSpec, Lineage};
+use finetune_crds::adapter::{
+    AdapterLora, AdapterPhase, AdapterSource, AdapterSpec, Lineage, SourceDigest,
+};
 use finetune_crds::contract::TerminationMessage;
 use finetune_crds::training::AdapterType;
 use finetune_crds::{Adapter, AdapterStatus, FinetuneJob};
@@ -90,6 +92,7 @@ pub fn adapter_status(
             base_model: Some(job.spec.base_model.uri.clone()),
             dataset_digest: termination.dataset_digest.clone(),
             base_model_commit: termination.base_model_commit.clone(),
+            dataset_sources: lineage_sources(job, &termination.dataset_sources),
             hyperparameters: Some(job.spec.hyperparameters.clone()),
             metrics: termination.metrics.clone(),
             checkpoint_step: termination.checkpoint_step.or(termination.step),
@@ -97,6 +100,19 @@ pub fn adapter_status(
         verified_time: Some(Time(now)),
         observed_generation: None,
     }
+}
+
+/// The trainer's per-source digests with the URIs of `dataset.train.sources` (same order).
+fn lineage_sources(job: &FinetuneJob, reported: &[SourceDigest]) -> Vec<SourceDigest> {
+    let specs = &job.spec.dataset.train.sources;
+    reported
+        .iter()
+        .enumerate()
+        .map(|(i, r)| SourceDigest {
+            uri: specs.get(i).map(|s| s.uri.clone()),
+            ..r.clone()
+        })
+        .collect()
 }
 
 /// Whether an existing Adapter of that name may be (re)written for `job`: it is this job's (same

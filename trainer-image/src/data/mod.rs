@@ -6,6 +6,7 @@
 //! * [`format`] — formats, validation, chat-template rendering and assistant masks.
 //! * [`curate`] — duplicates, truncation, drops, eval split, [`DataStats`], [`dataset_digest`].
 //! * [`contamination`] — n-gram overlap of eval samples against train.
+//! * [`mixture`] — several training files drawn into one set by weight or count, seeded.
 //! * [`batch`] — [`BatchPlan`], [`Batcher`], [`Batch`], [`Cursor`].
 //!
 //! [`prepare_sft`] runs the whole pipeline for a training run.
@@ -14,6 +15,7 @@ pub mod batch;
 pub mod contamination;
 pub mod curate;
 pub mod format;
+pub mod mixture;
 pub mod rng;
 #[doc(hidden)]
 pub mod testing;
@@ -242,15 +244,29 @@ pub fn prepare_sft(
         }
         (None, _) => (train, Vec::new(), None),
     };
-    let contamination =
-        (!eval.is_empty()).then(|| check_contamination(&train, &eval, cfg.contamination));
-    Ok(Prepared {
-        train_digest: dataset_digest(&train),
-        eval_digest: dataset_digest(&eval),
-        train,
-        eval,
-        train_stats,
-        eval_stats,
-        contamination,
-    })
+    Ok(Prepared::checked(train, eval, train_stats, eval_stats, cfg))
+}
+
+impl Prepared {
+    /// The training and eval sets with their digests and, when there is eval data, the
+    /// contamination check of eval against train.
+    pub fn checked(
+        train: Vec<Sample>,
+        eval: Vec<Sample>,
+        train_stats: DataStats,
+        eval_stats: Option<DataStats>,
+        cfg: &DataConfig,
+    ) -> Self {
+        let contamination =
+            (!eval.is_empty()).then(|| check_contamination(&train, &eval, cfg.contamination));
+        Prepared {
+            train_digest: dataset_digest(&train),
+            eval_digest: dataset_digest(&eval),
+            train,
+            eval,
+            train_stats,
+            eval_stats,
+            contamination,
+        }
+    }
 }

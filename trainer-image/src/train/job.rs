@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use finetune_crds::adapter::FileDigest;
+use finetune_crds::adapter::{FileDigest, SourceDigest};
 use finetune_crds::contract::{
     ExitCode, ProducedAdapter, TerminationMessage, TrainerError, TrainerPhase, env,
 };
@@ -236,6 +236,15 @@ fn set_up(plan: Plan, tm: &mut TerminationMessage) -> Result<Trainer, Stop> {
     let mut loaded = setup::load_model(&plan)?;
     let mut data = setup::load_data(&plan, &loaded)?;
     tm.dataset_digest = Some(data.prepared.train_digest.clone());
+    tm.dataset_sources = data
+        .sources
+        .iter()
+        .map(|r| SourceDigest {
+            uri: None,
+            digest: r.digest.clone(),
+            samples: r.drawn as i64,
+        })
+        .collect();
     let probes = setup::probes(&plan, &loaded, &data.prepared)?;
     let mut guards = setup::guards(&plan, &mut loaded, data.prepared.train.len())?;
     let (lora, opt) = setup::trainable(&plan, &mut loaded.model, &mut guards)?;

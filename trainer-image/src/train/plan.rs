@@ -14,6 +14,7 @@ use finetune_crds::uri::{MountRoots, StorageUri};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::data::mixture::{MixSource, Share};
 use crate::data::{ContaminationOptions, CurateOptions, DataConfig, LoadOptions};
 use crate::fetch::HubModel;
 use crate::model::LoraConfig;
@@ -107,7 +108,8 @@ pub struct Plan {
     pub model_cache: PathBuf,
     /// The Hub's API base (`HF_ENDPOINT`, else the Hugging Face Hub).
     pub hf_endpoint: String,
-    pub train_path: PathBuf,
+    /// The training file, or the files of a mixture.
+    pub train: TrainFiles,
     pub eval_path: Option<PathBuf>,
     pub output_dir: PathBuf,
     pub checkpoint_dir: PathBuf,
@@ -193,7 +195,7 @@ impl Plan {
             })
             .unwrap_or_else(|| output_dir.join("model-cache"));
         let (model_path, hub) = base_model(spec, &roots, &model_cache)?;
-        let train_path = resolve(&spec.dataset.train.uri, &roots, "spec.dataset.train.uri")?;
+        let train = train_files(spec, &roots)?;
         let eval_path = match &spec.dataset.eval {
             Some(d) => Some(resolve(&d.uri, &roots, "spec.dataset.eval.uri")?),
             None => None,
@@ -238,7 +240,7 @@ impl Plan {
                 .hf_endpoint
                 .clone()
                 .unwrap_or_else(|| DEFAULT_HF_ENDPOINT.into()),
-            train_path,
+            train,
             eval_path,
             output_dir,
             checkpoint_dir,
@@ -317,6 +319,50 @@ fn resolve(uri: &str, roots: &MountRoots, field: &str) -> Result<PathBuf, Stop> 
             field,
         )
     })
+}
+
+/// Where the training data is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainFiles {
+    /// `dataset.train.uri`.
+    One(PathBuf),
+    /// `dataset.train.sources`.
+    Mixture(Vec<MixSource>),
+}
+
+fn train_files(
+    spec: &finetune_crds::FinetuneJobSpec,
+    roots: &MountRoots,
+) -> Result<TrainFiles, Stop> {
+    let train = &spec.dataset.train;
+    if let Some(uri) = &train.uri {
+        return Ok(TrainFiles::One(resolve(
+            uri,
+            roots,
+            "spec.dataset.train.uri",
+        )?));
+    }
+    if train.sources.is_empty() {
+        return Err(invalid(
+            "dataset.train needs uri (one file) or sources (a mixture)",
+            "spec.dataset.train",
+        ));
+    }
+    let mut sources = Vec::with_capacity(train.sources.len());
+    for (i, source) in train.sources.iter().enumerate() {
+        let field = format!("spec.dataset.train.sources[{i}].uri");
+        let share = match (source.weight, source.samples) {
+            (_, Some(n)) => Share::Samples(n.max(1) as usize),
+            (Some(w), None) => Share::Weight(w),
+            (None, None) => Share::Weight(1.0),
+        };
+        sources.push(MixSource {
+            path: resolve(&source.uri, roots, &field)?,
+            format: source.format.unwrap_or(spec.dataset.format).into(),
+            share,
+        });
+    }
+    Ok(TrainFiles::Mixture(sources))
 }
 
 /// The base model's path, and for `hf://` the repository to fetch into the model cache first.
@@ -484,7 +530,10 @@ spec:
         };
         let plan = Plan::from_manifest(job(""), &opts(), &environment).unwrap();
         assert_eq!(plan.model_path, Path::new("/vol/pvc/models/base"));
-        assert_eq!(plan.train_path, Path::new("/vol/pvc/data/train.jsonl"));
+        assert_eq!(
+            plan.train,
+            TrainFiles::One(PathBuf::from("/vol/pvc/data/train.jsonl"))
+        );
         assert_eq!(plan.output_dir, Path::new("finetune-output/planned"));
         assert_eq!(
             plan.checkpoint_dir,

@@ -14,6 +14,7 @@ use finetune_crds::training::{
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
+use crate::data::mixture::{SourceReport, prepare_mixture};
 use crate::data::{
     Batch, BatchPlan, Batcher, Encoder, Origin, Prepared, PreparedPairs, Sample, build_batch,
     prepare_preference, prepare_sft,
@@ -28,7 +29,7 @@ use crate::train::dpo::{Dpo, DpoConfig, PairSet, ReferenceMode};
 use crate::train::general;
 use crate::train::guard::{self, GuardSource, Replay};
 use crate::train::optim::AdamW;
-use crate::train::plan::{Plan, Schedule, config_digest};
+use crate::train::plan::{Plan, Schedule, TrainFiles, config_digest};
 use crate::train::probe::Probe;
 use crate::train::retention::RetentionSet;
 use crate::train::stop::{Stop, invalid};
@@ -133,6 +134,8 @@ pub fn load_model(plan: &Plan) -> Result<Loaded, Stop> {
 pub struct Data {
     pub prepared: Prepared,
     pub pairs: Option<PreparedPairs>,
+    /// What each source of a mixture gave (empty for one file).
+    pub sources: Vec<SourceReport>,
 }
 
 /// Reads, curates and splits the data; refuses contaminated eval data under `action: fail` and
@@ -141,14 +144,33 @@ pub fn load_data(plan: &Plan, m: &Loaded) -> Result<Data, Stop> {
     let spec = plan.spec();
     let encoder = Loaded::encoder(&m.tokenizer, m.chat_template.as_ref(), plan);
     let eval_path = plan.eval_path.as_deref();
-    let (mut prepared, mut pairs) = if plan.is_dpo {
-        let p = prepare_preference(&plan.train_path, eval_path, &encoder, &plan.data)?;
-        (Prepared::chosen_sides(&p), Some(p))
-    } else {
-        (
-            prepare_sft(&plan.train_path, eval_path, &encoder, &plan.data)?,
-            None,
-        )
+    let mut sources = Vec::new();
+    let (mut prepared, mut pairs) = match &plan.train {
+        TrainFiles::One(path) if plan.is_dpo => {
+            let p = prepare_preference(path, eval_path, &encoder, &plan.data)?;
+            (Prepared::chosen_sides(&p), Some(p))
+        }
+        TrainFiles::One(path) => (prepare_sft(path, eval_path, &encoder, &plan.data)?, None),
+        TrainFiles::Mixture(_) if plan.is_dpo => {
+            return Err(invalid(
+                "DPO reads one preference file: use dataset.train.uri, not sources",
+                "spec.dataset.train.sources",
+            ));
+        }
+        TrainFiles::Mixture(mix) => {
+            let (prepared, reports) = prepare_mixture(mix, eval_path, &encoder, &plan.data)?;
+            for (i, r) in reports.iter().enumerate() {
+                eprintln!(
+                    "mixture source {i} ({}): {} samples, {} drawn per epoch; digest {}",
+                    r.path.display(),
+                    r.available,
+                    r.drawn,
+                    r.digest
+                );
+            }
+            sources = reports;
+            (prepared, None)
+        }
     };
     if let Some(max) = spec.dataset.max_samples {
         prepared.train.truncate(max as usize);
@@ -183,7 +205,11 @@ pub fn load_data(plan: &Plan, m: &Loaded) -> Result<Data, Stop> {
             "spec.dataset.train.uri",
         ));
     }
-    Ok(Data { prepared, pairs })
+    Ok(Data {
+        prepared,
+        pairs,
+        sources,
+    })
 }
 
 /// The retention and generation evaluations.

@@ -102,7 +102,12 @@ pub fn load_tiny(dir: &Path) -> CausalLm {
 
 /// `n` lines of `{"text": ...}` of 4–14 words, deterministic.
 pub fn write_text_data(path: &Path, n: usize) {
-    let mut state = 12345u64;
+    write_text_data_seeded(path, n, 12345);
+}
+
+/// [`write_text_data`] with another sequence of words for each `seed`.
+pub fn write_text_data_seeded(path: &Path, n: usize, seed: u64) {
+    let mut state = seed;
     let mut next = || {
         state = state
             .wrapping_mul(6364136223846793005)
@@ -121,6 +126,18 @@ pub fn write_text_data(path: &Path, n: usize) {
 
 /// A FinetuneJob on `file://` URIs; `extra` is appended to `spec.hyperparameters`' siblings.
 pub fn write_job(path: &Path, model: &Path, data: &Path, hyper: &str, extra: &str) -> PathBuf {
+    let train = format!("{{uri: \"file://{}\"}}", data.display());
+    write_job_training_on(path, model, &train, hyper, extra)
+}
+
+/// [`write_job`] with `train` as the YAML of `spec.dataset.train` (e.g. a mixture).
+pub fn write_job_training_on(
+    path: &Path,
+    model: &Path,
+    train: &str,
+    hyper: &str,
+    extra: &str,
+) -> PathBuf {
     let yaml = format!(
         "apiVersion: finetune.dev/v1alpha1
 kind: FinetuneJob
@@ -128,7 +145,7 @@ metadata: {{name: tiny}}
 spec:
   baseModel: {{uri: \"file://{}\"}}
   dataset:
-    train: {{uri: \"file://{}\"}}
+    train: {train}
     evalSplit: 0.2
     format: text
   adapter: {{type: lora, lora: {{rank: 4, alpha: 8, dropout: 0.1}}}}
@@ -136,7 +153,6 @@ spec:
   resources: {{gpus: 0}}
 {extra}",
         model.display(),
-        data.display()
     );
     std::fs::write(path, yaml).unwrap();
     path.to_path_buf()
