@@ -7,7 +7,8 @@ API (`/api/models/…/revision`, `paths-info`, `resolve`).
     python tests/hub/make_repo.py OUT_DIR     # writes OUT_DIR/models/HuggingFaceTB/SmolLM2-135M-Instruct
 
 The GGUF itself is committed beside the safetensors too (as LFS), so a test can check that a
-`format: safetensors` download leaves it alone. Idempotent: an existing repository is kept.
+`format: safetensors` download leaves it alone. Idempotent: an existing repository is kept
+while its LFS objects still match their hashes.
 """
 
 import hashlib
@@ -66,10 +67,21 @@ def git(repo: Path, *args: str) -> None:
     subprocess.run(["git", "-C", str(repo), *args], check=True, env=env, capture_output=True)
 
 
+def intact(repo: Path) -> bool:
+    """Every LFS object still hashes to its name (a test that flips a byte restores it, but one
+    killed halfway would leave the mirror corrupt for every later run)."""
+    for obj in (repo / ".git" / "lfs" / "objects").rglob("*"):
+        if obj.is_file() and hashlib.sha256(obj.read_bytes()).hexdigest() != obj.name:
+            return False
+    return True
+
+
 def build(out: Path) -> Path:
     repo = out / "models" / ORG / NAME
     if (repo / ".git").is_dir():
-        return repo
+        if intact(repo):
+            return repo
+        shutil.rmtree(repo)
     tmp = Path(tempfile.mkdtemp(prefix="hub-repo-", dir=out))
     git(tmp, "init", "-q", "-b", "main")
     hf_layout(tmp)

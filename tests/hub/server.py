@@ -52,7 +52,8 @@ def mirror_root() -> Path:
 
 
 def repo_dir() -> Path:
-    return mirror_root() / "models" / REPO_ID
+    """The served repository (built by `mirror_root`, which `Hub` calls)."""
+    return cache_dir() / "hub-mirror" / "models" / REPO_ID
 
 
 def free_port() -> int:

@@ -124,7 +124,7 @@ def test_a_token_downloads_only_the_format_and_a_second_run_reuses_the_cache(hub
     got = [path.rsplit("/", 1)[-1] for _, path, _, _ in hub.downloads()[before:]]
     assert "model.safetensors" in got and "config.json" in got and "tokenizer.json" in got
     assert not any(name.endswith(".gguf") for name in got), got  # another format: left alone
-    model_dir = cache / "hf" / "models" / REPO_ID / commit
+    model_dir = cache / "hf" / "models" / REPO_ID / f"{commit}.safetensors"
     weights = model_dir / "model.safetensors"
     assert not weights.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
     assert not list(model_dir.parent.glob(".*.partial")), "the partial directory was published"
@@ -138,6 +138,32 @@ def test_a_token_downloads_only_the_format_and_a_second_run_reuses_the_cache(hub
     new = hub.requests()[mid:]
     assert [r for r in new if "/resolve/" in r[1]] == [], new
     assert "from the cache" in second.stderr
+    # The same commit as GGUF is another entry: only the .gguf file is downloaded, and loaded.
+    mid = len(hub.requests())
+    third_tmp = tmp_path / "third"
+    third_tmp.mkdir()
+    third = run(third_tmp, job_yaml(third_tmp, f"hf://{REPO_ID}@main", fmt="gguf"), hub, cache)
+    assert third.wait() == 0, third.stderr
+    new = [r[1].rsplit("/", 1)[-1] for r in hub.requests()[mid:] if "/resolve/" in r[1]]
+    assert new == ["SmolLM2-135M-Instruct.Q4_1.gguf"], new
+    gguf = cache / "hf" / "models" / REPO_ID / f"{commit}.gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert f"model {gguf}" in third.stderr, third.stderr
+
+
+def test_two_jobs_at_once_download_once_and_the_second_waits(hub, tmp_path):
+    cache = tmp_path / "shared-cache"
+    before = len(hub.downloads("model.safetensors"))
+    runs = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        runs.append(run(d, job_yaml(d, f"hf://{REPO_ID}@main", fmt="safetensors"), hub, cache))
+    for r in runs:
+        assert r.wait() == 0, r.stderr
+    assert len(hub.downloads("model.safetensors")) - before == 1
+    waited = [r for r in runs if "another job is downloading it" in r.stderr]
+    assert len(waited) == 1, [r.stderr for r in runs]
+    assert all(r.termination()["baseModelCommit"] == head_commit() for r in runs)
 
 
 def test_a_commit_already_cached_needs_no_network(hub, tmp_path):
@@ -203,5 +229,5 @@ def test_a_byte_flipped_on_the_server_is_caught_by_its_hash_and_fetched_again(hu
     assert r.wait() == 0, r.stderr
     assert "fetching tokenizer.json again" in r.stderr
     assert len(hub.downloads("tokenizer.json")) - before >= 2
-    cached = tmp_path / "cache" / "hf" / "models" / REPO_ID / commit / "tokenizer.json"
+    cached = tmp_path / "cache" / "hf" / "models" / REPO_ID / f"{commit}.safetensors" / "tokenizer.json"
     assert cached.read_bytes() == original

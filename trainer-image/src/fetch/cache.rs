@@ -1,14 +1,15 @@
 //! The model cache on disk, shared by every job that mounts it:
 //!
 //! ```text
-//! CACHE/hf/models/ORG/NAME/COMMIT/          complete, verified, read-only: the model
-//! CACHE/hf/models/ORG/NAME/.COMMIT.partial/ being downloaded (kept across attempts: resume)
-//! CACHE/hf/models/ORG/NAME/.COMMIT.lock     held (flock) by the one job downloading COMMIT
+//! CACHE/hf/models/ORG/NAME/ENTRY/          complete, verified, read-only: the model
+//! CACHE/hf/models/ORG/NAME/.ENTRY.partial/ being downloaded (kept across attempts: resume)
+//! CACHE/hf/models/ORG/NAME/.ENTRY.lock     held (flock) by the one job downloading ENTRY
 //! ```
 //!
-//! A commit never changes, so a complete directory is used as is; it appears by one `rename`,
-//! so no job sees half of one. Jobs that want the same commit take the lock in turn: the first
-//! downloads, the others wait and then find it complete.
+//! An entry is a commit in one layout (`COMMIT.safetensors`, `COMMIT.gguf`). A commit never
+//! changes, so a complete directory is used as is; it appears by one `rename`, so no job sees
+//! half of one. Jobs that want the same entry take the lock in turn: the first downloads, the
+//! others wait and then find it complete.
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -20,8 +21,8 @@ pub struct RepoCache {
     dir: PathBuf,
 }
 
-/// The lock on one commit's download, released on drop.
-pub struct CommitLock {
+/// The lock on one entry's download, released on drop.
+pub struct EntryLock {
     _file: File,
 }
 
@@ -32,25 +33,25 @@ impl RepoCache {
         }
     }
 
-    /// The complete model of `commit`.
-    pub fn complete(&self, commit: &str) -> PathBuf {
-        self.dir.join(commit)
+    /// The complete model of `entry`.
+    pub fn complete(&self, entry: &str) -> PathBuf {
+        self.dir.join(entry)
     }
 
-    pub fn is_complete(&self, commit: &str) -> bool {
-        self.complete(commit).is_dir()
+    pub fn is_complete(&self, entry: &str) -> bool {
+        self.complete(entry).is_dir()
     }
 
-    /// Where `commit` is downloaded before it is complete.
-    pub fn partial(&self, commit: &str) -> PathBuf {
-        self.dir.join(format!(".{commit}.partial"))
+    /// Where `entry` is downloaded before it is complete.
+    pub fn partial(&self, entry: &str) -> PathBuf {
+        self.dir.join(format!(".{entry}.partial"))
     }
 
-    /// Takes the download lock of `commit`, waiting while another process holds it.
+    /// Takes the download lock of `entry`, waiting while another process holds it.
     /// `waiting` is called once if the lock is busy, before blocking.
-    pub fn lock(&self, commit: &str, waiting: impl FnOnce()) -> Result<CommitLock, FetchError> {
+    pub fn lock(&self, entry: &str, waiting: impl FnOnce()) -> Result<EntryLock, FetchError> {
         fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
-        let path = self.dir.join(format!(".{commit}.lock"));
+        let path = self.dir.join(format!(".{entry}.lock"));
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -65,21 +66,21 @@ impl RepoCache {
             }
             Err(fs::TryLockError::Error(e)) => return Err(io(&path, e)),
         }
-        Ok(CommitLock { _file: file })
+        Ok(EntryLock { _file: file })
     }
 
     /// Publishes a finished download: files made read-only, then one rename.
-    pub fn publish(&self, commit: &str) -> Result<PathBuf, FetchError> {
-        let partial = self.partial(commit);
-        for entry in fs::read_dir(&partial).map_err(|e| io(&partial, e))? {
-            let path = entry.map_err(|e| io(&partial, e))?.path();
+    pub fn publish(&self, entry: &str) -> Result<PathBuf, FetchError> {
+        let partial = self.partial(entry);
+        for file in fs::read_dir(&partial).map_err(|e| io(&partial, e))? {
+            let path = file.map_err(|e| io(&partial, e))?.path();
             if path.is_file() {
                 let mut perms = fs::metadata(&path).map_err(|e| io(&path, e))?.permissions();
                 perms.set_readonly(true);
                 fs::set_permissions(&path, perms).map_err(|e| io(&path, e))?;
             }
         }
-        let complete = self.complete(commit);
+        let complete = self.complete(entry);
         fs::rename(&partial, &complete).map_err(|e| io(&complete, e))?;
         Ok(complete)
     }
@@ -114,7 +115,7 @@ mod tests {
     }
 
     #[test]
-    fn publishing_makes_the_commit_complete_and_read_only() {
+    fn publishing_makes_the_entry_complete_and_read_only() {
         let root = tempfile::tempdir().unwrap();
         let cache = RepoCache::new(root.path(), "org/m");
         fs::create_dir_all(cache.partial("c1")).unwrap();

@@ -175,7 +175,7 @@ impl HubClient {
         commit: &str,
         path: &str,
         from: u64,
-    ) -> Result<Download, FetchError> {
+    ) -> Result<Body, FetchError> {
         let encoded: Vec<String> = path.split('/').map(encode_segment).collect();
         let url = format!(
             "{}/{repo}/resolve/{commit}/{}",
@@ -186,14 +186,10 @@ impl HubClient {
         let response = self.get(&url, range.as_deref())?;
         let status = response.status().as_u16();
         match status {
-            206 => Ok(Download::Partial(Box::new(
-                response.into_body().into_reader(),
-            ))),
-            200 => Ok(Download::Whole(Box::new(
-                response.into_body().into_reader(),
-            ))),
+            206 => Ok(Body::Partial(Box::new(response.into_body().into_reader()))),
+            200 => Ok(Body::Whole(Box::new(response.into_body().into_reader()))),
             // The part already held is the whole file: nothing left to send.
-            416 => Ok(Download::Partial(Box::new(std::io::empty()))),
+            416 => Ok(Body::Partial(Box::new(std::io::empty()))),
             _ => Err(self.refusal(response, repo, Some(commit))),
         }
     }
@@ -294,7 +290,7 @@ impl HubClient {
 }
 
 /// A download's body: from the requested byte on, or the whole file.
-pub enum Download {
+pub enum Body {
     Partial(Box<dyn Read + Send>),
     Whole(Box<dyn Read + Send>),
 }

@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 
 use cache::{RepoCache, io};
 pub use hub::HubClient;
-use hub::{Check, Download, RemoteFile};
+use hub::{Body, Check, RemoteFile};
+use select::Selection;
 
 /// Tries per file before the attempt fails (the operator's retry then resumes the download).
 const TRIES: u32 = 4;
@@ -110,105 +111,155 @@ pub fn fetch_model(
     report: &mut dyn FnMut(Event),
 ) -> Result<Fetched, FetchError> {
     let cache = RepoCache::new(cache_root, &model.repo);
-    // A commit already complete needs no network at all (a mirror outage does not stop it).
-    if hub::is_commit_hash(&model.revision) && cache.is_complete(&model.revision) {
-        return found(&cache, &model.revision, model.format, report);
+    // A pinned commit already complete needs no network at all (a mirror outage does not stop it).
+    if hub::is_commit_hash(&model.revision) {
+        let layouts: &[ModelFormat] = match model.format {
+            ModelFormat::Auto => &[ModelFormat::Safetensors, ModelFormat::Gguf],
+            ref one => std::slice::from_ref(one),
+        };
+        for &layout in layouts {
+            if let Some(fetched) = cached(&cache, &model.revision, layout, report)? {
+                return Ok(fetched);
+            }
+        }
     }
     let revision = with_tries(&model.revision, report, || {
         client.revision(&model.repo, &model.revision)
     })?;
     let commit = revision.commit.clone();
-    if cache.is_complete(&commit) {
-        return found(&cache, &commit, model.format, report);
-    }
     let selection =
         select::select(model.format, &revision.files).map_err(|e| unusable(model, &e))?;
-    let _lock = cache.lock(&commit, || report(Event::Waiting))?;
-    if cache.is_complete(&commit) {
-        // Another job finished it while this one waited.
-        return found(&cache, &commit, model.format, report);
+    if let Some(fetched) = cached(&cache, &commit, selection.format, report)? {
+        return Ok(fetched);
+    }
+    let entry = entry_name(&commit, selection.format);
+    let _lock = cache.lock(&entry, || report(Event::Waiting))?;
+    // Another job may have finished it while this one waited.
+    if let Some(fetched) = cached(&cache, &commit, selection.format, report)? {
+        return Ok(fetched);
     }
     report(Event::Resolved {
         commit: commit.clone(),
         cached: false,
     });
-    let partial = cache.partial(&commit);
-    fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
-    let mut files = with_tries("paths-info", report, || {
-        client.paths_info(&model.repo, &commit, &selection.files)
-    })?;
-    let mut progress = Progress::new(&files, &partial);
-    download_all(
+    let download = Download {
         client,
         model,
-        &commit,
-        &files,
-        &partial,
-        &mut progress,
-        report,
-    )?;
-    if let Some(index) = files.iter().find(|f| f.path.ends_with(".index.json")) {
-        let text = fs::read_to_string(partial.join(&index.path))
-            .map_err(|e| io(&partial.join(&index.path), e))?;
-        let shards = select::shards_from_index(&text).map_err(|e| unusable(model, &e))?;
-        files = with_tries("paths-info", report, || {
-            client.paths_info(&model.repo, &commit, &shards)
-        })?;
-        progress.add(&files, &partial);
-        download_all(
-            client,
-            model,
-            &commit,
-            &files,
-            &partial,
-            &mut progress,
-            report,
-        )?;
-    }
-    let dir = cache.publish(&commit)?;
+        commit: &commit,
+        partial: cache.partial(&entry),
+    };
+    let downloaded = download.run(&selection, report)?;
+    let dir = cache.publish(&entry)?;
     Ok(Fetched {
         path: model_path(&dir, selection.gguf.as_deref()),
         commit,
-        downloaded: progress.downloaded,
+        downloaded,
     })
+}
+
+/// One commit in one layout: `COMMIT.safetensors` or `COMMIT.gguf` (a repository may hold both).
+fn entry_name(commit: &str, layout: ModelFormat) -> String {
+    match layout {
+        ModelFormat::Gguf => format!("{commit}.gguf"),
+        _ => format!("{commit}.safetensors"),
+    }
 }
 
 fn unusable(model: &HubModel, why: &str) -> FetchError {
     FetchError::Unusable(format!("`{}@{}`: {why}", model.repo, model.revision))
 }
 
-/// A cached commit: the directory, or its one `.gguf` file when the format is GGUF.
-fn found(
+/// The cached `commit` in `layout`, if complete: its directory, or for GGUF its one `.gguf` file.
+fn cached(
     cache: &RepoCache,
     commit: &str,
-    format: ModelFormat,
+    layout: ModelFormat,
     report: &mut dyn FnMut(Event),
-) -> Result<Fetched, FetchError> {
-    report(Event::Resolved {
-        commit: commit.to_string(),
-        cached: true,
-    });
-    let dir = cache.complete(commit);
-    let gguf = match format {
-        ModelFormat::Safetensors => None,
-        _ if dir.join("config.json").is_file() => None,
-        _ => fs::read_dir(&dir)
+) -> Result<Option<Fetched>, FetchError> {
+    let entry = entry_name(commit, layout);
+    if !cache.is_complete(&entry) {
+        return Ok(None);
+    }
+    let dir = cache.complete(&entry);
+    let gguf = match layout {
+        ModelFormat::Gguf => fs::read_dir(&dir)
             .map_err(|e| io(&dir, e))?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .find(|n| n.ends_with(".gguf")),
+        _ => None,
     };
-    Ok(Fetched {
+    report(Event::Resolved {
+        commit: commit.to_string(),
+        cached: true,
+    });
+    Ok(Some(Fetched {
         path: model_path(&dir, gguf.as_deref()),
         commit: commit.to_string(),
         downloaded: 0,
-    })
+    }))
 }
 
 fn model_path(dir: &Path, gguf: Option<&str>) -> PathBuf {
     match gguf {
         Some(name) => dir.join(name),
         None => dir.to_path_buf(),
+    }
+}
+
+/// The download of one cache entry's files into its partial directory.
+struct Download<'a> {
+    client: &'a HubClient,
+    model: &'a HubModel,
+    commit: &'a str,
+    partial: PathBuf,
+}
+
+impl Download<'_> {
+    /// The selected files, then the shards a safetensors index names; returns the bytes that
+    /// travelled.
+    fn run(&self, selection: &Selection, report: &mut dyn FnMut(Event)) -> Result<u64, FetchError> {
+        let partial = &self.partial;
+        fs::create_dir_all(partial).map_err(|e| io(partial, e))?;
+        let files = self.paths_info(&selection.files, report)?;
+        let mut progress = Progress::new(&files, partial);
+        self.files(&files, &mut progress, report)?;
+        if let Some(index) = files.iter().find(|f| f.path.ends_with(".index.json")) {
+            let path = partial.join(&index.path);
+            let text = fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+            let shards = select::shards_from_index(&text).map_err(|e| unusable(self.model, &e))?;
+            let shard_files = self.paths_info(&shards, report)?;
+            progress.add(&shard_files, partial);
+            self.files(&shard_files, &mut progress, report)?;
+        }
+        Ok(progress.downloaded)
+    }
+
+    fn paths_info(
+        &self,
+        paths: &[String],
+        report: &mut dyn FnMut(Event),
+    ) -> Result<Vec<RemoteFile>, FetchError> {
+        with_tries("paths-info", report, || {
+            self.client.paths_info(&self.model.repo, self.commit, paths)
+        })
+    }
+
+    fn files(
+        &self,
+        files: &[RemoteFile],
+        progress: &mut Progress,
+        report: &mut dyn FnMut(Event),
+    ) -> Result<(), FetchError> {
+        download_all(
+            self.client,
+            self.model,
+            self.commit,
+            files,
+            &self.partial,
+            progress,
+            report,
+        )
     }
 }
 
@@ -297,7 +348,7 @@ fn download_one(
     let from = if have <= file.size { have } else { 0 };
     let (mut out, mut hasher, body, mut written) =
         match client.open(&model.repo, commit, &file.path, from)? {
-            Download::Partial(body) if from > 0 => {
+            Body::Partial(body) if from > 0 => {
                 let hasher = FileHasher::over_prefix(&file.check, &incomplete, file.size)?;
                 let out = OpenOptions::new()
                     .append(true)
@@ -305,7 +356,7 @@ fn download_one(
                     .map_err(|e| io(&incomplete, e))?;
                 (out, hasher, body, from)
             }
-            Download::Partial(body) | Download::Whole(body) => {
+            Body::Partial(body) | Body::Whole(body) => {
                 let out = File::create(&incomplete).map_err(|e| io(&incomplete, e))?;
                 (out, FileHasher::new(&file.check, file.size), body, 0)
             }
