@@ -10,6 +10,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,12 @@ import pytest
 from server import REPO_ID, Hub, repo_dir
 
 TOKEN = "hf_test_0123456789abcdef"
+# Loads an adapter directory with PEFT, which downloads its base from HF_ENDPOINT.
+PEFT_LOAD = """
+import sys
+from peft import AutoPeftModelForCausalLM
+AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
+"""
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -128,6 +135,17 @@ def test_a_token_downloads_only_the_format_and_a_second_run_reuses_the_cache(hub
     weights = model_dir / "model.safetensors"
     assert not weights.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
     assert not list(model_dir.parent.glob(".*.partial")), "the partial directory was published"
+    # The adapter names its base as PEFT does: the repository and the commit trained on; PEFT's
+    # own AutoPeftModel then fetches that base through huggingface_hub from the same mirror.
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (REPO_ID, commit)
+    load = subprocess.run(
+        [sys.executable, "-c", PEFT_LOAD, str(tmp_path / "out")], capture_output=True, text=True,
+        env=dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN,
+                 HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1"), timeout=600)
+    assert load.returncode == 0, load.stderr[-3000:]
+    snapshots = tmp_path / "hf-home" / "hub" / f"models--{REPO_ID.replace('/', '--')}" / "snapshots"
+    assert [p.name for p in snapshots.iterdir()] == [commit]
     # A second job on the same base: the revision is resolved again, no file is downloaded.
     mid = len(hub.requests())
     second_tmp = tmp_path / "second"

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use finetune_crds::adapter::AdapterLora;
 use finetune_crds::contract::{AdapterExpectations, AdapterVerification, VerificationReason};
-use finetune_trainer::export::write_peft_adapter;
+use finetune_trainer::export::{BaseModelRef, write_peft_adapter};
 use finetune_trainer::model::LoraConfig;
 use finetune_trainer::model::lora::linear_shapes;
 use finetune_trainer::train::checkpoint::digest_file;
@@ -34,7 +34,7 @@ fn fixtures(root: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::
     };
     model.add_lora(&lora).unwrap();
     let adapter = root.join("adapter");
-    write_peft_adapter(&adapter, &model, &lora, "tiny-base").unwrap();
+    write_peft_adapter(&adapter, &model, &lora, &BaseModelRef::named("tiny-base")).unwrap();
     let other = root.join("other-base");
     std::fs::create_dir_all(&other).unwrap();
     let mut config = train_support::config();

@@ -30,12 +30,31 @@ pub const TOKENS_DELTA_SUFFIX: &str = ".token_adapter.trainable_tokens_delta";
 /// [`apply_peft_adapter`] (`merge`, `logits`, `generate` with `--adapter`).
 pub const CONFIG_OVERRIDES: &str = "config_overrides.json";
 
+/// The base model an adapter names in `adapter_config.json` (PEFT's `base_model_name_or_path`
+/// and `revision`): a Hub repository and the commit it was trained on, so that
+/// `AutoPeftModelForCausalLM` finds that very base, or the job's URI for other bases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseModelRef {
+    pub name: String,
+    pub revision: Option<String>,
+}
+
+impl BaseModelRef {
+    /// A base known by name only (a URI or a path).
+    pub fn named(name: impl Into<String>) -> Self {
+        BaseModelRef {
+            name: name.into(),
+            revision: None,
+        }
+    }
+}
+
 /// `adapter_config.json` for `cfg`, as PEFT 0.21 writes it for a CAUSAL_LM LoRA.
-pub fn adapter_config_json(cfg: &LoraConfig, base_model: &str) -> Value {
+pub fn adapter_config_json(cfg: &LoraConfig, base: &BaseModelRef) -> Value {
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": base.name,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
@@ -51,7 +70,7 @@ pub fn adapter_config_json(cfg: &LoraConfig, base_model: &str) -> Value {
         "rank_pattern": {},
         "alpha_pattern": {},
         "use_dora": false,
-        "revision": null,
+        "revision": base.revision,
     })
 }
 
@@ -95,10 +114,10 @@ pub fn write_peft_adapter(
     dir: &Path,
     model: &CausalLm,
     cfg: &LoraConfig,
-    base_model: &str,
+    base: &BaseModelRef,
 ) -> Result<Vec<String>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut config = adapter_config_json(cfg, base_model);
+    let mut config = adapter_config_json(cfg, base);
     if let Some(t) = model.trainable_token_indices_json() {
         config["trainable_token_indices"] = t;
     }

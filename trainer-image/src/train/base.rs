@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use finetune_crds::contract::{DownloadProgress, TrainerPhase, env};
 
+use crate::export::BaseModelRef;
 use crate::fetch::{self, Event, FetchError, HubClient};
 use crate::serve::Live;
 use crate::train::plan::Plan;
@@ -14,8 +15,9 @@ use crate::train::stop::{Stop, invalid};
 /// Seconds between progress lines on stderr.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Fetches the plan's `hf://` base, points `plan.model_path` at it and returns its commit;
-/// `None` for a base that is already a path.
+/// Fetches the plan's `hf://` base, points `plan.model_path` at it, names it in
+/// `plan.base_ref` as PEFT does (repository and commit) and returns the commit; `None` for a
+/// base that is already a path.
 pub fn fetch_base(plan: &mut Plan, live: &Live) -> Result<Option<String>, Stop> {
     let Some(hub) = plan.hub.clone() else {
         return Ok(None);
@@ -62,6 +64,10 @@ pub fn fetch_base(plan: &mut Plan, live: &Live) -> Result<Option<String>, Stop> 
         s.base_model_commit = Some(fetched.commit.clone());
     });
     plan.model_path = fetched.path;
+    plan.base_ref = BaseModelRef {
+        name: hub.repo.clone(),
+        revision: Some(fetched.commit.clone()),
+    };
     Ok(Some(fetched.commit))
 }
 

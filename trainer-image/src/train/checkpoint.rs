@@ -214,8 +214,8 @@ pub struct Saver<'a> {
     pub keep_last: usize,
     /// LoRA runs save the adapter in PEFT's layout; full runs the whole model.
     pub lora: Option<&'a LoraConfig>,
-    /// `base_model_name_or_path` of the adapter's config.
-    pub base_model_name: &'a str,
+    /// The base the adapter's config names.
+    pub base_model: &'a export::BaseModelRef,
 }
 
 impl Saver<'_> {
@@ -235,12 +235,7 @@ impl Saver<'_> {
         let dir = write(self.root, st.step, |tmp| {
             let mut names = Vec::new();
             if let Some(c) = self.lora {
-                names.extend(export::write_peft_adapter(
-                    tmp,
-                    model,
-                    c,
-                    self.base_model_name,
-                )?);
+                names.extend(export::write_peft_adapter(tmp, model, c, self.base_model)?);
             } else {
                 export::write_safetensors(&tmp.join(MODEL_FILE), &trainable_tensors(model, false))?;
                 names.push(MODEL_FILE.into());

@@ -300,9 +300,8 @@ fn set_up(plan: Plan, tm: &mut TerminationMessage) -> Result<Trainer, Stop> {
 fn export_result(t: &Trainer) -> Result<Vec<FileDigest>, Stop> {
     let plan = &t.plan;
     let (output_dir, model) = (&plan.output_dir, &t.loaded.model);
-    let base_model_name = &plan.spec().base_model.uri;
     let mut files = match &t.lora {
-        Some(c) => export::write_peft_adapter(output_dir, model, c, base_model_name)?,
+        Some(c) => export::write_peft_adapter(output_dir, model, c, &plan.base_ref)?,
         None => export::write_full_model(output_dir, model, Some(&plan.model_path))?,
     };
     files.extend(export_merged(

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::mixture::{MixSource, Share};
 use crate::data::{ContaminationOptions, CurateOptions, DataConfig, LoadOptions};
+use crate::export::BaseModelRef;
 use crate::fetch::HubModel;
 use crate::model::LoraConfig;
 use crate::train::schedule::warmup_steps;
@@ -104,6 +105,8 @@ pub struct Plan {
     pub model_path: PathBuf,
     /// The `hf://` base to download before loading, if the base is one.
     pub hub: Option<HubModel>,
+    /// What adapters name as their base: the URI, or once fetched the Hub repository and commit.
+    pub base_ref: BaseModelRef,
     /// Where `hf://` models are cached (shared by jobs when the operator mounts a model cache).
     pub model_cache: PathBuf,
     /// The Hub's API base (`HF_ENDPOINT`, else the Hugging Face Hub).
@@ -235,6 +238,7 @@ impl Plan {
             roots,
             model_path,
             hub,
+            base_ref: BaseModelRef::named(&spec.base_model.uri),
             model_cache,
             hf_endpoint: environment
                 .hf_endpoint

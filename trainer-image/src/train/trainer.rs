@@ -139,7 +139,7 @@ impl Trainer {
             root: &self.plan.checkpoint_dir,
             keep_last: self.plan.spec().checkpoint.keep_last.max(1) as usize,
             lora: self.lora.as_ref(),
-            base_model_name: &self.plan.spec().base_model.uri,
+            base_model: &self.plan.base_ref,
         }
     }
 
