@@ -42,9 +42,14 @@ def olah_cli() -> Path:
     return cli
 
 
+def mirror_dir() -> Path:
+    """Where the mirror's repositories live, built or not."""
+    return cache_dir() / "hub-mirror"
+
+
 def mirror_root() -> Path:
-    """The directory olah serves as a local mirror (`models/ORG/NAME` git repositories)."""
-    root = cache_dir() / "hub-mirror"
+    """The directory olah serves as a local mirror (`models/ORG/NAME` git repositories), built."""
+    root = mirror_dir()
     root.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, str(HERE / "make_repo.py"), str(root)], check=True,
                    stdout=subprocess.DEVNULL)
@@ -53,7 +58,7 @@ def mirror_root() -> Path:
 
 def repo_dir() -> Path:
     """The served repository (built by `mirror_root`, which `Hub` calls)."""
-    return cache_dir() / "hub-mirror" / "models" / REPO_ID
+    return mirror_dir() / "models" / REPO_ID
 
 
 def free_port() -> int:

@@ -123,7 +123,7 @@ pub fn fetch_model(
             }
         }
     }
-    let revision = with_tries(&model.revision, report, || {
+    let revision = with_tries(&model.revision, report, |_| {
         client.revision(&model.repo, &model.revision)
     })?;
     let commit = revision.commit.clone();
@@ -240,26 +240,32 @@ impl Download<'_> {
         paths: &[String],
         report: &mut dyn FnMut(Event),
     ) -> Result<Vec<RemoteFile>, FetchError> {
-        with_tries("paths-info", report, || {
+        with_tries("paths-info", report, |_| {
             self.client.paths_info(&self.model.repo, self.commit, paths)
         })
     }
 
+    /// Downloads the files not yet in the partial directory, each with its own tries.
     fn files(
         &self,
         files: &[RemoteFile],
         progress: &mut Progress,
         report: &mut dyn FnMut(Event),
     ) -> Result<(), FetchError> {
-        download_all(
-            self.client,
-            self.model,
-            self.commit,
-            files,
-            &self.partial,
-            progress,
-            report,
-        )
+        for file in files {
+            if self.partial.join(&file.path).is_file() {
+                continue;
+            }
+            with_tries(&file.path, report, |report| {
+                self.one(file, progress, report)
+            })?;
+            progress.finished += file.size;
+            report(Event::Bytes {
+                done: progress.finished,
+                total: progress.total,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -292,108 +298,73 @@ impl Progress {
     }
 }
 
-fn download_all(
-    client: &HubClient,
-    model: &HubModel,
-    commit: &str,
-    files: &[RemoteFile],
-    partial: &Path,
-    progress: &mut Progress,
-    report: &mut dyn FnMut(Event),
-) -> Result<(), FetchError> {
-    for file in files {
-        let done = partial.join(&file.path);
-        if done.is_file() {
-            continue;
-        }
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match download_one(client, model, commit, file, partial, progress, report) {
-                Ok(()) => break,
-                Err(e @ (FetchError::Transport(_) | FetchError::Corrupt(_))) if tries < TRIES => {
-                    report(Event::Retry {
-                        file: file.path.clone(),
-                        reason: format!("{e} (try {} of {TRIES} next)", tries + 1),
-                    });
-                    std::thread::sleep(FIRST_BACKOFF * 2u32.pow(tries - 1));
+impl Download<'_> {
+    /// Downloads one file to `PARTIAL/PATH.incomplete` (resuming what is there when the server
+    /// honours `Range`), checks its hash, and renames it to `PARTIAL/PATH`. A mismatch deletes the
+    /// bytes, so the next try starts from zero.
+    fn one(
+        &self,
+        file: &RemoteFile,
+        progress: &mut Progress,
+        report: &mut dyn FnMut(Event),
+    ) -> Result<(), FetchError> {
+        let partial = &self.partial;
+        let target = partial.join(&file.path);
+        let incomplete = partial.join(format!("{}.incomplete", file.path));
+        let have = fs::metadata(&incomplete).map(|m| m.len()).unwrap_or(0);
+        let from = if have <= file.size { have } else { 0 };
+        let (mut out, mut hasher, body, mut written) =
+            match self
+                .client
+                .open(&self.model.repo, self.commit, &file.path, from)?
+            {
+                Body::Partial(body) if from > 0 => {
+                    let hasher = FileHasher::over_prefix(&file.check, &incomplete, file.size)?;
+                    let out = OpenOptions::new()
+                        .append(true)
+                        .open(&incomplete)
+                        .map_err(|e| io(&incomplete, e))?;
+                    (out, hasher, body, from)
                 }
-                Err(e) => return Err(e),
-            }
+                Body::Partial(body) | Body::Whole(body) => {
+                    let out = File::create(&incomplete).map_err(|e| io(&incomplete, e))?;
+                    (out, FileHasher::new(&file.check, file.size), body, 0)
+                }
+            };
+        copy_capped(
+            body,
+            &mut out,
+            &mut hasher,
+            file,
+            &mut written,
+            &mut |delta, written| {
+                progress.downloaded += delta;
+                report(Event::Bytes {
+                    done: progress.finished + written,
+                    total: progress.total,
+                });
+            },
+        )?;
+        out.sync_all().map_err(|e| io(&incomplete, e))?;
+        if written < file.size {
+            return Err(FetchError::Transport(format!(
+                "{}: the connection ended after {written} of {} bytes",
+                file.path, file.size
+            )));
         }
-        progress.finished += file.size;
-        report(Event::Bytes {
-            done: progress.finished,
-            total: progress.total,
-        });
+        let got = hasher.finish();
+        if !got.matches(&file.check) {
+            let _ = fs::remove_file(&incomplete);
+            return Err(FetchError::Corrupt(format!(
+                "{}: {} mismatch (the Hub publishes {}, the download has {})",
+                file.path,
+                got.kind(),
+                file.check.hex(),
+                got.hex()
+            )));
+        }
+        fs::rename(&incomplete, &target).map_err(|e| io(&target, e))
     }
-    Ok(())
-}
-
-/// Downloads one file to `PARTIAL/PATH.incomplete` (resuming what is there when the server
-/// honours `Range`), checks its hash, and renames it to `PARTIAL/PATH`. A mismatch deletes the
-/// bytes, so the next try starts from zero.
-fn download_one(
-    client: &HubClient,
-    model: &HubModel,
-    commit: &str,
-    file: &RemoteFile,
-    partial: &Path,
-    progress: &mut Progress,
-    report: &mut dyn FnMut(Event),
-) -> Result<(), FetchError> {
-    let target = partial.join(&file.path);
-    let incomplete = partial.join(format!("{}.incomplete", file.path));
-    let have = fs::metadata(&incomplete).map(|m| m.len()).unwrap_or(0);
-    let from = if have <= file.size { have } else { 0 };
-    let (mut out, mut hasher, body, mut written) =
-        match client.open(&model.repo, commit, &file.path, from)? {
-            Body::Partial(body) if from > 0 => {
-                let hasher = FileHasher::over_prefix(&file.check, &incomplete, file.size)?;
-                let out = OpenOptions::new()
-                    .append(true)
-                    .open(&incomplete)
-                    .map_err(|e| io(&incomplete, e))?;
-                (out, hasher, body, from)
-            }
-            Body::Partial(body) | Body::Whole(body) => {
-                let out = File::create(&incomplete).map_err(|e| io(&incomplete, e))?;
-                (out, FileHasher::new(&file.check, file.size), body, 0)
-            }
-        };
-    copy_capped(
-        body,
-        &mut out,
-        &mut hasher,
-        file,
-        &mut written,
-        &mut |delta, written| {
-            progress.downloaded += delta;
-            report(Event::Bytes {
-                done: progress.finished + written,
-                total: progress.total,
-            });
-        },
-    )?;
-    out.sync_all().map_err(|e| io(&incomplete, e))?;
-    if written < file.size {
-        return Err(FetchError::Transport(format!(
-            "{}: the connection ended after {written} of {} bytes",
-            file.path, file.size
-        )));
-    }
-    let got = hasher.finish();
-    if !got.matches(&file.check) {
-        let _ = fs::remove_file(&incomplete);
-        return Err(FetchError::Corrupt(format!(
-            "{}: {} mismatch (the Hub publishes {}, the download has {})",
-            file.path,
-            got.kind(),
-            file.check.hex(),
-            got.hex()
-        )));
-    }
-    fs::rename(&incomplete, &target).map_err(|e| io(&target, e))
 }
 
 /// Copies `body` to `out` through the hasher, refusing more bytes than the Hub declared (a
@@ -518,17 +489,19 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Retries an API call that failed in transport (the server may be restarting).
+/// Retries `call` after a broken connection or server error (the server may be restarting) or
+/// a hash mismatch (the next download starts from zero), with a doubling backoff; `call` gets
+/// the reporter for its own events.
 fn with_tries<T>(
     what: &str,
     report: &mut dyn FnMut(Event),
-    mut call: impl FnMut() -> Result<T, FetchError>,
+    mut call: impl FnMut(&mut dyn FnMut(Event)) -> Result<T, FetchError>,
 ) -> Result<T, FetchError> {
     let mut tries = 0;
     loop {
         tries += 1;
-        match call() {
-            Err(e @ FetchError::Transport(_)) if tries < TRIES => {
+        match call(report) {
+            Err(e @ (FetchError::Transport(_) | FetchError::Corrupt(_))) if tries < TRIES => {
                 report(Event::Retry {
                     file: what.to_string(),
                     reason: format!("{e} (try {} of {TRIES} next)", tries + 1),
@@ -592,15 +565,13 @@ mod tests {
         };
         let files = vec![file.clone()];
         let mut progress = Progress::new(&files, partial);
-        download_one(
-            &client,
-            &model,
-            "c",
-            file,
-            partial,
-            &mut progress,
-            &mut |_| {},
-        )?;
+        let download = Download {
+            client: &client,
+            model: &model,
+            commit: "c",
+            partial: partial.to_path_buf(),
+        };
+        download.one(file, &mut progress, &mut |_| {})?;
         Ok(progress.downloaded)
     }
 
