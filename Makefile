@@ -12,7 +12,7 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build crds demo test test-rust test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: setup build crds demo test test-rust s3-server test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
@@ -49,8 +49,12 @@ lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test-rust: setup
+# The s3:// tests run the trainer against versitygw, built once into the cache.
+test-rust: setup s3-server
 	cargo test --workspace
+
+s3-server:
+	@tests/cluster/build.sh versitygw
 
 # test_report.py renders report.html in headless Chromium: installed here when missing.
 test-reference: build

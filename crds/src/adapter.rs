@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::finetunejob::TrainingMetrics;
 use crate::model::BaseModel;
+use crate::s3::S3Access;
 use crate::training::Hyperparameters;
 
 /// A LoRA adapter (or fully tuned model) that a FinetuneJob produced or a user registered.
@@ -51,6 +52,9 @@ pub struct AdapterSpec {
     /// Expected sha256 of files, by file name; verification fails on a mismatch.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub expected_sha256: BTreeMap<String, String>,
+    /// Endpoint and credentials when `source.uri` is `s3://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Access>,
 }
 
 /// Where an adapter's files are: exactly one of `uri` and `fromJob`.
@@ -59,13 +63,14 @@ pub struct AdapterSpec {
 #[x_kube(
     validation = Rule::new("has(self.uri) != has(self.fromJob)")
         .message("adapter source needs exactly one of uri or fromJob"),
-    validation = Rule::new("!has(self.uri) || self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+)$')")
-        .message("adapter source.uri must be pvc://CLAIM/PATH (no . or .. segments) or file:///PATH")
+    validation = Rule::new("!has(self.uri) || self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+)$')")
+        .message("adapter source.uri must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH or s3://BUCKET/PREFIX")
         .field_path(".uri"),
 )]
 pub struct AdapterSource {
     /// A directory in PEFT layout (`adapter_config.json`, `adapter_model.safetensors`):
-    /// `pvc://CLAIM/PATH` or `file:///PATH`.
+    /// `pvc://CLAIM/PATH`, `file:///PATH`, or `s3://BUCKET/PREFIX` holding a job's uploaded
+    /// `output.uri` (its `finetune-manifest.json` lists the files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub uri: Option<String>,

@@ -38,6 +38,13 @@ pub mod env {
     /// Directory of downloaded `hf://` models, keyed by repository and commit: the shared model
     /// cache when the operator has one, else a directory on the job's storage.
     pub const MODEL_CACHE_DIR: &str = "FINETUNE_MODEL_CACHE_DIR";
+    /// `s3.endpoint`, in the variable the AWS SDKs read.
+    pub const S3_ENDPOINT: &str = "AWS_ENDPOINT_URL";
+    /// `s3.region`, in the variable the AWS SDKs read.
+    pub const S3_REGION: &str = "AWS_REGION";
+    /// The name of `s3.credentialsSecretRef`, so that refusals can name the Secret to fix (its
+    /// keys arrive as `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`).
+    pub const S3_CREDENTIALS_SECRET: &str = "FINETUNE_S3_CREDENTIALS_SECRET";
 }
 
 /// Where the operator mounts things inside the trainer pod.

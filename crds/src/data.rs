@@ -46,12 +46,13 @@ pub struct DatasetSpec {
 #[x_kube(
     validation = Rule::new("has(self.uri) != has(self.sources)")
         .message("dataset.train needs uri (one file) or sources (a mixture of files), not both"),
-    validation = Rule::new("!has(self.uri) || self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
-        .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH or configmap://NAME/KEY")
+    validation = Rule::new("!has(self.uri) || self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
+        .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, s3://BUCKET/KEY or configmap://NAME/KEY")
         .field_path(".uri"),
 )]
 pub struct TrainData {
-    /// One file: `pvc://CLAIM/PATH.jsonl`, `file:///PATH.jsonl` or `configmap://NAME/KEY`.
+    /// One file: `pvc://CLAIM/PATH.jsonl`, `file:///PATH.jsonl`, `s3://BUCKET/KEY.jsonl` or
+    /// `configmap://NAME/KEY`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub uri: Option<String>,
@@ -90,8 +91,8 @@ impl TrainData {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
-        .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH or configmap://NAME/KEY")
+    validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
+        .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, s3://BUCKET/KEY or configmap://NAME/KEY")
         .field_path(".uri"),
     validation = Rule::new("!(has(self.weight) && has(self.samples))")
         .message("a mixture source takes weight (its share of an epoch) or samples (a count), not both")
@@ -101,7 +102,8 @@ impl TrainData {
         .field_path(".format"),
 )]
 pub struct MixtureSource {
-    /// `pvc://CLAIM/PATH.jsonl`, `file:///PATH.jsonl` or `configmap://NAME/KEY`.
+    /// `pvc://CLAIM/PATH.jsonl`, `file:///PATH.jsonl`, `s3://BUCKET/KEY.jsonl` or
+    /// `configmap://NAME/KEY`.
     #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
     /// What each of its lines holds; `dataset.format` when absent.
@@ -122,11 +124,11 @@ pub struct MixtureSource {
 /// A JSON Lines file the trainer reads.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
-    .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH or configmap://NAME/KEY")
+#[x_kube(validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
+    .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, s3://BUCKET/KEY or configmap://NAME/KEY")
     .field_path(".uri"))]
 pub struct DataSource {
-    /// `pvc://CLAIM/PATH`, `file:///PATH` or `configmap://NAME/KEY`.
+    /// `pvc://CLAIM/PATH`, `file:///PATH`, `s3://BUCKET/KEY` or `configmap://NAME/KEY`.
     #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DatasetSpec;
 use crate::model::BaseModel;
 use crate::runtime::{Output, Resources, RunPolicy, Storage};
+use crate::s3::S3Access;
 use crate::training::{
     AdapterSettings, CheckpointPolicy, Evaluation, ForgettingGuard, Hyperparameters, Method,
     Vocabulary,
@@ -105,6 +106,9 @@ pub struct FinetuneJobSpec {
     /// The result's name and extra exports.
     #[serde(default)]
     pub output: Output,
+    /// Endpoint and credentials for the job's `s3://` URIs (datasets, `output.uri`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Access>,
     /// Trainer image; the operator's default when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]

@@ -19,6 +19,7 @@ mod errors;
 pub mod finetunejob;
 pub mod model;
 pub mod runtime;
+pub mod s3;
 mod schema_check;
 pub mod training;
 pub mod uri;

@@ -136,14 +136,26 @@ impl Default for RunPolicy {
 /// What the job produces.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.adapterName) || self.adapterName.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
-    .message("output.adapterName must be a lowercase DNS label: letters, digits and '-', starting and ending with a letter or digit")
-    .field_path(".adapterName"))]
+#[x_kube(
+    validation = Rule::new("!has(self.adapterName) || self.adapterName.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("output.adapterName must be a lowercase DNS label: letters, digits and '-', starting and ending with a letter or digit")
+        .field_path(".adapterName"),
+    validation = Rule::new("!has(self.uri) || self.uri.matches('^s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+$')")
+        .message("output.uri must be s3://BUCKET/PREFIX (no empty, . or .. segments)")
+        .field_path(".uri"),
+)]
 pub struct Output {
     /// Name of the `Adapter` created on success; the job's name when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub adapter_name: Option<String>,
+    /// Also upload the results (adapter or model files, exports, `training_summary.json`,
+    /// `report.html`) to `s3://BUCKET/PREFIX/` once training succeeds, with
+    /// `finetune-manifest.json` (every file's size and sha256) written last: a prefix without
+    /// it is incomplete. An Adapter's `source.uri` can then point at the prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub uri: Option<String>,
     /// Also write a merged Hugging Face model (base + adapter folded in).
     #[serde(default)]
     pub merge: bool,

@@ -1,5 +1,5 @@
-//! Storage URIs (`pvc://`, `configmap://`, `file://`, `hf://`) and where they appear inside the
-//! trainer pod. The operator mounts volumes at these places and the trainer reads from them, so
+//! Storage URIs (`pvc://`, `configmap://`, `file://`, `hf://`, `s3://`) and where they appear
+//! inside the trainer pod. The operator mounts volumes at these places and the trainer reads from them, so
 //! both sides use this one mapping; a local run points the roots somewhere else.
 
 use std::path::{Path, PathBuf};
@@ -23,6 +23,8 @@ pub enum StorageUri {
         repo: String,
         revision: Option<String>,
     },
+    /// `s3://BUCKET/KEY`: an object, or for outputs and adapters a prefix.
+    S3 { bucket: String, key: String },
 }
 
 impl StorageUri {
@@ -40,6 +42,9 @@ impl StorageUri {
         match scheme {
             "pvc" => split(rest).map(|(claim, path)| Self::Pvc { claim, path }),
             "configmap" => split(rest).map(|(name, key)| Self::ConfigMap { name, key }),
+            "s3" => split(rest)
+                .filter(|(bucket, _)| valid_bucket(bucket))
+                .map(|(bucket, key)| Self::S3 { bucket, key }),
             "file" => rest.starts_with('/').then(|| Self::File {
                 path: rest.to_string(),
             }),
@@ -57,16 +62,28 @@ impl StorageUri {
         }
     }
 
-    /// The local path of this URI under the given mount roots; `None` for `hf://`, which must
-    /// be downloaded first.
+    /// The local path of this URI under the given mount roots; `None` for `hf://` and `s3://`,
+    /// which must be downloaded first.
     pub fn local_path(&self, roots: &MountRoots) -> Option<PathBuf> {
         match self {
             Self::Pvc { claim, path } => Some(roots.pvc.join(claim).join(path)),
             Self::ConfigMap { name, key } => Some(roots.configmap.join(name).join(key)),
             Self::File { path } => Some(PathBuf::from(path)),
-            Self::HuggingFace { .. } => None,
+            Self::HuggingFace { .. } | Self::S3 { .. } => None,
         }
     }
+}
+
+/// S3's bucket naming rules, as far as a URI shows them: 3 to 63 lowercase letters, digits,
+/// `.` and `-`, starting and ending with a letter or digit (the CRD's rule says the same).
+fn valid_bucket(name: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    (3..=63).contains(&name.len())
+        && edge(name.chars().next())
+        && edge(name.chars().last())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
 }
 
 /// The directories under which PVCs and ConfigMaps named in URIs appear.
@@ -129,8 +146,21 @@ mod tests {
                 revision: Some("v1".into())
             })
         );
+        assert_eq!(
+            StorageUri::parse("s3://my-bucket/data/train.jsonl"),
+            Some(StorageUri::S3 {
+                bucket: "my-bucket".into(),
+                key: "data/train.jsonl".into()
+            })
+        );
         for bad in [
             "s3://b/k",
+            "s3://Bucket/k",
+            "s3://bucket-/k",
+            "s3://bucket",
+            "s3://bucket/",
+            "s3://bucket/a//b",
+            "s3://bucket/../k",
             "pvc://claim",
             "pvc:///path",
             "file://relative",

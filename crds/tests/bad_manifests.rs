@@ -505,3 +505,73 @@ fn a_mixture_parses_and_its_rules_name_the_field() {
     );
     assert_rejected(&dpo, "spec.dataset.train.sources", "for SFT data");
 }
+
+#[test]
+fn s3_uris_datasets_outputs_and_the_store_settings_are_checked() {
+    // Accepted: an s3:// dataset and output, with an http endpoint and a credentials Secret.
+    let job = edit(
+        valid_job(),
+        "/spec/dataset/train/uri",
+        Some(json!("s3://team-data/sets/train.jsonl")),
+    );
+    let job = edit(
+        job,
+        "/spec/output/uri",
+        Some(json!("s3://team-results/runs/one")),
+    );
+    let job = edit(
+        job,
+        "/spec/s3",
+        Some(
+            json!({"endpoint": "http://minio.storage:9000", "credentialsSecretRef": {"name": "s3"}}),
+        ),
+    );
+    let yaml = serde_yaml::to_string(&job).unwrap();
+    let parsed = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap();
+    assert_eq!(
+        parsed.spec.s3.unwrap().credentials_secret_ref.unwrap().name,
+        "s3"
+    );
+
+    for (pointer, uri, field, words) in [
+        (
+            "/spec/dataset/train/uri",
+            "s3://Team/k.jsonl",
+            "spec.dataset.train.uri",
+            "s3://BUCKET/KEY",
+        ),
+        (
+            "/spec/dataset/train/uri",
+            "s3://team/a/../k",
+            "spec.dataset.train.uri",
+            "s3://BUCKET/KEY",
+        ),
+        (
+            "/spec/output/uri",
+            "pvc://results/run",
+            "spec.output.uri",
+            "s3://BUCKET/PREFIX",
+        ),
+        (
+            "/spec/output/uri",
+            "s3://team-results",
+            "spec.output.uri",
+            "s3://BUCKET/PREFIX",
+        ),
+        (
+            "/spec/s3/endpoint",
+            "minio:9000",
+            "spec.s3.endpoint",
+            "http:// or https://",
+        ),
+        (
+            "/spec/s3/endpoint",
+            "https://key:secret@minio",
+            "spec.s3.endpoint",
+            "without credentials",
+        ),
+    ] {
+        let job = edit(valid_job(), pointer, Some(json!(uri)));
+        assert_rejected(&job, field, words);
+    }
+}

@@ -4,11 +4,13 @@
 
 use std::collections::BTreeMap;
 
+use finetune_crds::contract::env;
+use finetune_crds::s3::{self, S3Access};
 use finetune_crds::uri::{CONFIGMAP_MOUNT_ROOT, PVC_MOUNT_ROOT, StorageUri};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, EmptyDirVolumeSource, EnvVar,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, SeccompProfile, SecurityContext, Volume,
-    VolumeMount,
+    Capabilities, ConfigMapVolumeSource, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, SeccompProfile, SecretKeySelector,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -174,7 +176,7 @@ impl Mounts {
 
     /// Mounts, read-only, the PVC or ConfigMap `uri` names where `StorageUri::local_path` looks
     /// for it (once per claim or map; `mounted_claim` is already mounted elsewhere). `file://`
-    /// and `hf://` need no volume.
+    /// `hf://` and `s3://` need no volume.
     pub(crate) fn add_uri(
         &mut self,
         field: &'static str,
@@ -207,7 +209,9 @@ impl Mounts {
                     self.add(volume_def, &format!("{CONFIGMAP_MOUNT_ROOT}/{map}"), true);
                 }
             }
-            Some(StorageUri::File { .. } | StorageUri::HuggingFace { .. }) => {}
+            Some(
+                StorageUri::File { .. } | StorageUri::HuggingFace { .. } | StorageUri::S3 { .. },
+            ) => {}
             None => {
                 return Err(BuildError::BadUri {
                     field,
@@ -250,6 +254,47 @@ pub(crate) fn plain_env(name: &str, value: &str) -> EnvVar {
         value: Some(value.into()),
         ..EnvVar::default()
     }
+}
+
+/// `key` of Secret `name` as the variable of the same name; `optional` keys may be absent.
+pub(crate) fn secret_env(name: &str, key: &str, optional: bool) -> EnvVar {
+    EnvVar {
+        name: key.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: name.into(),
+                key: key.into(),
+                optional: Some(optional),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// The variables the trainer reads its `s3:` settings from: endpoint and region as values, the
+/// credentials by reference to their Secret (the kubelet resolves them; their values never
+/// appear in the pod spec), and the Secret's name for refusals to name.
+pub(crate) fn s3_env(access: Option<&S3Access>) -> Vec<EnvVar> {
+    let Some(access) = access else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(endpoint) = &access.endpoint {
+        out.push(plain_env(env::S3_ENDPOINT, endpoint));
+    }
+    if let Some(region) = &access.region {
+        out.push(plain_env(env::S3_REGION, region));
+    }
+    if let Some(secret) = &access.credentials_secret_ref {
+        out.extend([
+            secret_env(&secret.name, s3::keys::ACCESS_KEY_ID, false),
+            secret_env(&secret.name, s3::keys::SECRET_ACCESS_KEY, false),
+            secret_env(&secret.name, s3::keys::SESSION_TOKEN, true),
+            plain_env(env::S3_CREDENTIALS_SECRET, &secret.name),
+        ]);
+    }
+    out
 }
 
 /// The name of the pod volume for object `name`: `PREFIX-NAME` when that is a valid volume name

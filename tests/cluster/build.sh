@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build the pinned upstream binaries for the local test cluster
 # (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# kwok, helm) from the Go module proxy into a cache outside the repo:
+# kwok, helm, and versitygw: the S3-compatible server of the s3:// tests)
+# from the Go module proxy into a cache outside the repo:
 #
 #   ${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/cluster/bin
 #
-# Pins live in the committed wrapper modules tests/cluster/{k8s,etcd,kwok,helm}
+# Pins live in the committed wrapper modules tests/cluster/{k8s,etcd,kwok,helm,versitygw}
 # (go.mod + go.sum). Each binary has a stamp file keyed by its pin, the
 # wrapper's go.mod/go.sum hash, the Go version and this script's build flags;
 # a binary is rebuilt only when that key changes. Idempotent.
@@ -34,6 +35,7 @@ K8S_STAGING_VERSION=v0.36.3
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
+VERSITYGW_VERSION=v1.8.0
 
 log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { printf '[build] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -51,6 +53,7 @@ grep -q "k8s.io/api => k8s.io/api $K8S_STAGING_VERSION" "$HERE/k8s/go.mod" ||
 check_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin kwok sigs.k8s.io/kwok "$KWOK_VERSION"
 check_pin helm helm.sh/helm/v3 "$HELM_VERSION"
+check_pin versitygw github.com/versity/versitygw "$VERSITYGW_VERSION"
 
 BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 k8s_ldflags() {
@@ -72,6 +75,7 @@ spec() {
         echo "k8s|k8s.io/kubernetes/cmd/$1|$K8S_VERSION|K8S" ;;
     kwok) echo "kwok|sigs.k8s.io/kwok/cmd/kwok|$KWOK_VERSION|-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" ;;
     helm) echo "helm|helm.sh/helm/v3/cmd/helm|$HELM_VERSION|-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" ;;
+    versitygw) echo "versitygw|github.com/versity/versitygw/cmd/versitygw|$VERSITYGW_VERSION|-s -w" ;;
     *) die "unknown binary: $1" ;;
     esac
 }
@@ -117,7 +121,7 @@ build_one() {
 mkdir -p "$BIN" "$STAMPS"
 log "cache: $CACHE ($GOVER, GOMODCACHE=$("$GO" env GOMODCACHE))"
 log "disk: $(df -h "$CACHE" | awk 'NR==2{print $4" free on "$6}')"
-ALL=(etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kwok helm)
+ALL=(etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kwok versitygw helm)
 if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL[@]}"); fi
 T0=$(date +%s)
 for n in "${TARGETS[@]}"; do build_one "$n"; done

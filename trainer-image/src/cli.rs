@@ -160,9 +160,14 @@ pub struct MergeArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyAdapterArgs {
-    /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+    /// The adapter directory (adapter_config.json + adapter_model.safetensors), or
+    /// `s3://BUCKET/PREFIX` holding a job's uploaded results (credentials and endpoint from the
+    /// `AWS_*` variables), downloaded into --scratch first.
     #[arg(long)]
     pub adapter: PathBuf,
+    /// Where an `s3://` adapter is downloaded to.
+    #[arg(long, default_value = "/tmp/finetune-verify")]
+    pub scratch: PathBuf,
     /// The base model the adapter must fit: a .gguf file or a Hugging Face model directory
     /// (without it the fit is not checked, and the report says so).
     #[arg(long)]
@@ -441,7 +446,15 @@ fn run_verify_adapter(a: VerifyAdapterArgs) -> Result<()> {
     let shown_as = a
         .shown_as
         .unwrap_or_else(|| a.adapter.display().to_string());
-    let report = crate::verify::verify_adapter(&a.adapter, a.model.as_deref(), &expect, &shown_as);
+    let remote = a.adapter.to_str().filter(|s| s.starts_with("s3://"));
+    let dir = match remote {
+        Some(uri) => crate::verify::fetch_adapter(uri, &a.scratch, &expect),
+        None => Ok(a.adapter.clone()),
+    };
+    let report = match dir {
+        Ok(dir) => crate::verify::verify_adapter(&dir, a.model.as_deref(), &expect, &shown_as),
+        Err(failed) => failed,
+    };
     let json = report.to_bounded_json();
     println!("{json}");
     let log = a.termination_log.or_else(|| {

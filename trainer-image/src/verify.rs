@@ -153,6 +153,49 @@ fn check(
     ))
 }
 
+/// Downloads the adapter at `uri` (`s3://BUCKET/PREFIX`, a job's uploaded `output.uri`) into
+/// `scratch`: the PEFT files and those `expectedSha256` names, each checked against the
+/// prefix's manifest. Returns the directory to verify.
+pub fn fetch_adapter(
+    uri: &str,
+    scratch: &Path,
+    expect: &AdapterExpectations,
+) -> Result<std::path::PathBuf, AdapterVerification> {
+    use crate::fetch::FetchError;
+    use crate::fetch::prefix::{self, MANIFEST};
+    use crate::fetch::s3::{S3Bucket, S3Settings};
+    use finetune_crds::uri::StorageUri;
+    let fail = |reason, message: String| AdapterVerification {
+        verified: false,
+        reason,
+        message,
+        files: Vec::new(),
+    };
+    let Some(StorageUri::S3 { bucket, key }) = StorageUri::parse(uri) else {
+        return Err(fail(
+            VerificationReason::FileMissing,
+            format!("{uri}: not s3://BUCKET/PREFIX"),
+        ));
+    };
+    let fetched = (|| {
+        let bucket = S3Bucket::open(&bucket, &S3Settings::from_env())?;
+        let manifest = prefix::read_manifest(&bucket, &key)?;
+        let mut wanted = vec![ADAPTER_CONFIG, ADAPTER_WEIGHTS];
+        wanted.extend(expect.expected_sha256.keys().map(String::as_str));
+        std::fs::create_dir_all(scratch)
+            .map_err(|e| FetchError::Cache(format!("{}: {e}", scratch.display())))?;
+        prefix::download_listed(&bucket, &key, &manifest, &wanted, scratch)
+    })();
+    match fetched {
+        Ok(_) => Ok(scratch.to_path_buf()),
+        Err(e @ FetchError::Corrupt(_)) => Err(fail(
+            VerificationReason::DigestMismatch,
+            format!("{e} (checked against {MANIFEST})"),
+        )),
+        Err(e) => Err(fail(VerificationReason::FileMissing, e.to_string())),
+    }
+}
+
 /// Faults of the adapter itself, whatever the base: every LoRA pair is `[r, in]` / `[out, r]`
 /// with the config's `r`, and every plain target module has weights. What is left for
 /// `check_adapter` to find is then a misfit with the base model.

@@ -14,6 +14,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::pods::{
     BuildError, BuildSettings, Mounts, container_security_context, plain_env, pod_security_context,
+    s3_env,
 };
 
 /// Label selecting verification pods (the operator's watch on them).
@@ -48,9 +49,15 @@ pub fn in_pod_paths(adapter: &Adapter) -> Result<(String, Option<String>), Strin
         Some(parsed @ (StorageUri::Pvc { .. } | StorageUri::File { .. })) => {
             parsed.local_path(&roots).map(|p| p.display().to_string())
         }
+        // The verifier downloads it into its scratch `/tmp` itself.
+        Some(StorageUri::S3 { .. }) => Some(uri.to_string()),
         _ => None,
     }
-    .ok_or_else(|| format!("spec.source.uri: {uri:?} is not pvc://CLAIM/PATH or file:///PATH"))?;
+    .ok_or_else(|| {
+        format!(
+            "spec.source.uri: {uri:?} is not pvc://CLAIM/PATH, file:///PATH or s3://BUCKET/PREFIX"
+        )
+    })?;
     let base = &adapter.spec.base_model.uri;
     let model = match StorageUri::parse(base) {
         Some(StorageUri::HuggingFace { .. }) => None,
@@ -133,10 +140,12 @@ pub fn verification_pod(adapter: &Adapter, settings: &BuildSettings) -> Result<P
                 name: VERIFIER_CONTAINER.into(),
                 image: Some(settings.trainer_image.clone()),
                 args: Some(args),
-                env: Some(vec![plain_env(
-                    env::TERMINATION_LOG,
-                    paths::TERMINATION_LOG,
-                )]),
+                env: Some(
+                    [plain_env(env::TERMINATION_LOG, paths::TERMINATION_LOG)]
+                        .into_iter()
+                        .chain(s3_env(adapter.spec.s3.as_ref()))
+                        .collect(),
+                ),
                 resources: Some(ResourceRequirements {
                     requests: Some(amounts("100m", "256Mi")),
                     limits: Some(amounts("1", "2Gi")),
@@ -181,6 +190,7 @@ mod tests {
                     target_modules: vec!["q_proj".into()],
                     rslora: false,
                 }),
+                s3: None,
                 expected_sha256: [("adapter_model.safetensors".to_string(), "ab".repeat(32))]
                     .into(),
             },
@@ -193,6 +203,42 @@ mod tests {
 
     fn container(pod: &Pod) -> &Container {
         &pod.spec.as_ref().unwrap().containers[0]
+    }
+
+    #[test]
+    fn an_s3_adapter_is_passed_as_its_uri_with_the_stores_settings() {
+        let mut adapter = adapter("s3://results/runs/one", "pvc://models/smollm2/m.gguf");
+        adapter.spec.s3 = Some(finetune_crds::s3::S3Access {
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            region: None,
+            credentials_secret_ref: Some(finetune_crds::s3::SecretName {
+                name: "s3-credentials".into(),
+            }),
+        });
+        let pod = verification_pod(&adapter, &BuildSettings::default()).unwrap();
+        let args = container(&pod).args.clone().unwrap();
+        let i = args.iter().position(|a| a == "--adapter").unwrap();
+        assert_eq!(args[i + 1], "s3://results/runs/one");
+        let env = container(&pod).env.clone().unwrap();
+        let named = |name: &str| env.iter().find(|e| e.name == name).cloned();
+        assert_eq!(
+            named("AWS_ENDPOINT_URL").and_then(|e| e.value).as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        let key = named("AWS_SECRET_ACCESS_KEY").unwrap();
+        assert_eq!(key.value, None);
+        assert_eq!(
+            key.value_from.unwrap().secret_key_ref.unwrap().name,
+            "s3-credentials"
+        );
+        // No volume for the adapter: only the base model's claim and the scratch space.
+        let mounts: Vec<String> = container(&pod)
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.clone())
+            .collect();
+        assert!(!mounts.iter().any(|m| m.contains("results")), "{mounts:?}");
     }
 
     #[test]

@@ -397,6 +397,7 @@ mod tests {
                 },
                 lora: None,
                 expected_sha256: Default::default(),
+                s3: None,
             },
         );
         adapter.metadata.namespace = Some("team".into());
@@ -638,7 +639,7 @@ mod tests {
         assert!(derive(&from_job, &[], now()).is_none());
 
         let mut bad = adapter(1);
-        bad.spec.source.uri = Some("s3://bucket/adapter".into());
+        bad.spec.source.uri = Some("configmap://maps/adapter".into());
         let derived = derive(&bad, &[], now()).unwrap();
         assert!(derived.actions.is_empty());
         assert_eq!(derived.status.phase, Some(AdapterPhase::Failed));

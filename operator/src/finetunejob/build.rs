@@ -9,7 +9,7 @@ use finetune_crds::uri::{PVC_MOUNT_ROOT, StorageUri};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodSpec, Probe,
-    ResourceRequirements, SecretKeySelector, Volume, VolumeMount, VolumeResourceRequirements,
+    ResourceRequirements, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -19,7 +19,7 @@ use kube::{Resource, ResourceExt};
 use super::names;
 use crate::pods::{
     BuildError, BuildSettings, Mounts, container_security_context, plain_env, pod_security_context,
-    pvc_volume,
+    pvc_volume, s3_env, secret_env,
 };
 
 /// Name of the trainer container.
@@ -158,19 +158,11 @@ fn trainer_container(
     ];
     if let Some(secret) = &job.spec.base_model.token_secret_ref {
         // The token travels by reference; its value never appears in the pod spec or logs.
-        environment.push(EnvVar {
-            name: env::HF_TOKEN.into(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: secret.name.clone(),
-                    key: secret.key.clone(),
-                    optional: Some(false),
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        });
+        let mut token = secret_env(&secret.name, &secret.key, false);
+        token.name = env::HF_TOKEN.into();
+        environment.push(token);
     }
+    environment.extend(s3_env(job.spec.s3.as_ref()));
     if let Some(dir) = init_adapter_dir {
         environment.push(plain_env(env::INIT_ADAPTER_DIR, dir));
     }
@@ -627,6 +619,55 @@ mod tests {
             (selector.name.as_str(), selector.key.as_str()),
             ("hf-token", "token")
         );
+    }
+
+    #[test]
+    fn s3_credentials_come_from_the_secret_by_reference_and_the_endpoint_by_value() {
+        let mut job = example("sft-mixture.yaml");
+        job.spec.s3 = Some(finetune_crds::s3::S3Access {
+            endpoint: Some("http://minio.storage:9000".into()),
+            region: Some("eu-west-1".into()),
+            credentials_secret_ref: Some(finetune_crds::s3::SecretName {
+                name: "s3-credentials".into(),
+            }),
+        });
+        let pod = trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap();
+        let value = |name| env_value(&pod, name).and_then(|e| e.value.clone());
+        assert_eq!(
+            value(env::S3_ENDPOINT).as_deref(),
+            Some("http://minio.storage:9000")
+        );
+        assert_eq!(value(env::S3_REGION).as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            value(env::S3_CREDENTIALS_SECRET).as_deref(),
+            Some("s3-credentials")
+        );
+        for (key, optional) in [
+            ("AWS_ACCESS_KEY_ID", false),
+            ("AWS_SECRET_ACCESS_KEY", false),
+            ("AWS_SESSION_TOKEN", true),
+        ] {
+            let var = env_value(&pod, key).unwrap();
+            assert_eq!(var.value, None, "{key} is passed by reference");
+            let selector = var.value_from.as_ref().unwrap().secret_key_ref.as_ref();
+            let selector = selector.unwrap();
+            assert_eq!(
+                (
+                    selector.name.as_str(),
+                    selector.key.as_str(),
+                    selector.optional
+                ),
+                ("s3-credentials", key, Some(optional))
+            );
+        }
+        // Without s3 settings the pod names none of it.
+        let plain = trainer_pod(
+            &example("sft-mixture.yaml"),
+            0,
+            &BuildSettings::default(),
+            None,
+        );
+        assert!(env_value(&plain.unwrap(), "AWS_ACCESS_KEY_ID").is_none());
     }
 
     #[test]

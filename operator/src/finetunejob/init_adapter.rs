@@ -31,6 +31,12 @@ pub fn adapter_uri(adapter: &Adapter, producer: Option<&FinetuneJob>) -> Result<
         ));
     }
     if let Some(uri) = &source.uri {
+        if uri.starts_with("s3://") {
+            return Err(format!(
+                "Adapter {name} is on s3:// ({uri}); initAdapter reads an adapter from a volume \
+                 (pvc:// or file://, or a job's own output), not from object storage yet"
+            ));
+        }
         return Ok(uri.clone());
     }
     let Some(job_name) = &source.from_job else {
@@ -88,6 +94,7 @@ mod tests {
                 source,
                 lora: None,
                 expected_sha256: Default::default(),
+                s3: None,
             },
         );
         a.metadata.namespace = Some("team".into());
@@ -113,6 +120,19 @@ mod tests {
         });
         job.metadata.uid = Some("uid-producer".into());
         job
+    }
+
+    #[test]
+    fn an_s3_source_is_refused_with_what_initadapter_reads() {
+        let a = adapter(AdapterSource {
+            uri: Some("s3://results/runs/one".into()),
+            from_job: None,
+        });
+        let why = adapter_uri(&a, None).unwrap_err();
+        assert!(
+            why.contains("s3://results/runs/one") && why.contains("pvc://"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub fn adapter(job: &FinetuneJob, termination: &TerminationMessage) -> Adapter {
                 .iter()
                 .map(|f| (f.name.clone(), f.sha256.clone()))
                 .collect(),
+            // Verified by its job, not by a pod that would read the files.
+            s3: None,
         },
     );
     adapter.metadata.namespace = job.namespace();

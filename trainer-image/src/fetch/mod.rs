@@ -9,6 +9,8 @@
 
 pub mod cache;
 pub mod hub;
+pub mod prefix;
+pub mod s3;
 pub mod select;
 
 use std::fs::{self, File, OpenOptions};

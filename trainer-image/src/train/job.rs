@@ -29,10 +29,10 @@ use crate::serve::{self, Live};
 use crate::train::base;
 use crate::train::checkpoint::{self, Snapshots};
 use crate::train::plan::{Environment, Plan};
-use crate::train::setup;
 use crate::train::stop::is_oom;
 use crate::train::summary::{self, Outcome, TrainingSummary};
 use crate::train::trainer::{Clock, Finished, Trainer};
+use crate::train::{setup, transfer};
 
 use crate::train::plan::RunOptions;
 use crate::train::state::TrainState;
@@ -149,6 +149,10 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         Err(e) => eprintln!("warning: status server not started on {host}:{port}: {e}"),
     }
     tm.base_model_commit = base::fetch_base(&mut plan, live)?;
+    if !plan.remote_inputs.is_empty() {
+        live.update(|s| s.phase = TrainerPhase::Downloading);
+        transfer::fetch_inputs(&plan)?;
+    }
     live.update(|s| s.phase = TrainerPhase::Loading);
 
     let mut trainer = set_up(plan, tm)?;
@@ -216,6 +220,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         &summary.to_value(),
     )?;
     write_report(output_dir);
+    transfer::upload_outputs(&trainer.plan)?;
     report(&trainer, metrics, digests, live, tm);
     Ok(())
 }

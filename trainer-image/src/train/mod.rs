@@ -40,6 +40,7 @@ pub mod step;
 pub mod stop;
 pub mod summary;
 pub mod trainer;
+pub mod transfer;
 pub mod vocab;
 
 pub use job::run_job;

@@ -113,6 +113,11 @@ pub struct Plan {
     pub hf_endpoint: String,
     /// The training file, or the files of a mixture.
     pub train: TrainFiles,
+    /// Dataset files on `s3://`, to download before the data loads (their paths in `train` and
+    /// `eval_path` are where they land).
+    pub remote_inputs: Vec<RemoteInput>,
+    /// `output.uri`: the `s3://` prefix results are uploaded to after training.
+    pub output_uri: Option<(String, String)>,
     pub eval_path: Option<PathBuf>,
     pub output_dir: PathBuf,
     pub checkpoint_dir: PathBuf,
@@ -198,10 +203,26 @@ impl Plan {
             })
             .unwrap_or_else(|| output_dir.join("model-cache"));
         let (model_path, hub) = base_model(spec, &roots, &model_cache)?;
-        let train = train_files(spec, &roots)?;
+        let mut inputs = Inputs {
+            roots: &roots,
+            staging: checkpoint_dir.join("inputs"),
+            remote: Vec::new(),
+        };
+        let train = train_files(spec, &mut inputs)?;
         let eval_path = match &spec.dataset.eval {
-            Some(d) => Some(resolve(&d.uri, &roots, "spec.dataset.eval.uri")?),
+            Some(d) => Some(inputs.resolve(&d.uri, "spec.dataset.eval.uri")?),
             None => None,
+        };
+        let remote_inputs = inputs.remote;
+        let output_uri = match spec.output.uri.as_deref().map(StorageUri::parse) {
+            None => None,
+            Some(Some(StorageUri::S3 { bucket, key })) => Some((bucket, key)),
+            Some(_) => {
+                return Err(invalid(
+                    "output.uri must be s3://BUCKET/PREFIX",
+                    "spec.output.uri",
+                ));
+            }
         };
 
         let port = match &environment.status_port {
@@ -245,6 +266,8 @@ impl Plan {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_HF_ENDPOINT.into()),
             train,
+            remote_inputs,
+            output_uri,
             eval_path,
             output_dir,
             checkpoint_dir,
@@ -314,14 +337,57 @@ fn refuse_guard_for_adapter(job: &FinetuneJob, is_dpo: bool) -> Result<(), Stop>
     Ok(())
 }
 
+/// A dataset file on `s3://` and where it is downloaded to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteInput {
+    pub uri: String,
+    /// The spec field naming it, for refusals.
+    pub field: String,
+    pub bucket: String,
+    pub key: String,
+    pub path: PathBuf,
+}
+
+/// Resolves dataset URIs: mounted ones to their paths, `s3://` ones to a file in `staging`
+/// (noted in `remote` for the download before the data loads).
+struct Inputs<'a> {
+    roots: &'a MountRoots,
+    staging: PathBuf,
+    remote: Vec<RemoteInput>,
+}
+
+impl Inputs<'_> {
+    fn resolve(&mut self, uri: &str, field: &str) -> Result<PathBuf, Stop> {
+        let Some(StorageUri::S3 { bucket, key }) = StorageUri::parse(uri) else {
+            return resolve(uri, self.roots, field);
+        };
+        // Named by the URI's digest, so that two sources ending in the same file name differ
+        // and a retry finds the same path; the file name stays for people reading messages.
+        let digest = &digest_hex(uri.as_bytes())[..16];
+        let name = key.rsplit('/').next().unwrap_or("data");
+        let path = self.staging.join(format!("{digest}-{name}"));
+        self.remote.push(RemoteInput {
+            uri: uri.to_string(),
+            field: field.to_string(),
+            bucket,
+            key,
+            path: path.clone(),
+        });
+        Ok(path)
+    }
+}
+
 fn resolve(uri: &str, roots: &MountRoots, field: &str) -> Result<PathBuf, Stop> {
     let parsed =
         StorageUri::parse(uri).ok_or_else(|| invalid(format!("bad URI `{uri}`"), field))?;
     parsed.local_path(roots).ok_or_else(|| {
-        invalid(
-            format!("`{uri}`: hf:// names a model repository; only spec.baseModel.uri takes one"),
-            field,
-        )
+        let why = match parsed {
+            StorageUri::S3 { .. } => {
+                "s3:// models are not supported yet; use pvc://, file:// or hf://"
+            }
+            _ => "hf:// names a model repository; only spec.baseModel.uri takes one",
+        };
+        invalid(format!("`{uri}`: {why}"), field)
     })
 }
 
@@ -336,15 +402,13 @@ pub enum TrainFiles {
 
 fn train_files(
     spec: &finetune_crds::FinetuneJobSpec,
-    roots: &MountRoots,
+    inputs: &mut Inputs,
 ) -> Result<TrainFiles, Stop> {
     let train = &spec.dataset.train;
     if let Some(uri) = &train.uri {
-        return Ok(TrainFiles::One(resolve(
-            uri,
-            roots,
-            "spec.dataset.train.uri",
-        )?));
+        return Ok(TrainFiles::One(
+            inputs.resolve(uri, "spec.dataset.train.uri")?,
+        ));
     }
     if train.sources.is_empty() {
         return Err(invalid(
@@ -361,7 +425,7 @@ fn train_files(
             (None, None) => Share::Weight(1.0),
         };
         sources.push(MixSource {
-            path: resolve(&source.uri, roots, &field)?,
+            path: inputs.resolve(&source.uri, &field)?,
             format: source.format.unwrap_or(spec.dataset.format).into(),
             share,
         });

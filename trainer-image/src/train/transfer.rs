@@ -1,0 +1,107 @@
+//! The stages around training that move data to and from `s3://`: dataset files downloaded
+//! before the data loads, results uploaded after they are written. Refusals name the field or
+//! Secret to fix; the rest is retried by the operator like any other failure.
+
+use std::collections::BTreeMap;
+
+use crate::fetch::FetchError;
+use crate::fetch::prefix::{self, Manifest};
+use crate::fetch::s3::{S3Bucket, S3Settings};
+use crate::limits::MAX_REMOTE_DATASET;
+use crate::train::plan::Plan;
+use crate::train::stop::{Stop, invalid};
+
+/// Downloads the plan's `s3://` dataset files to the paths the plan gave them.
+pub fn fetch_inputs(plan: &Plan) -> Result<(), Stop> {
+    if plan.remote_inputs.is_empty() {
+        return Ok(());
+    }
+    let settings = S3Settings::from_env();
+    let mut buckets = Buckets::new(&settings);
+    for input in &plan.remote_inputs {
+        if let Some(dir) = input.path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Stop::Error(format!("{}: {e}", dir.display())))?;
+        }
+        let size = buckets
+            .get(&input.bucket)
+            .and_then(|b| b.download(&input.key, &input.path, MAX_REMOTE_DATASET))
+            .map_err(|e| refusal(e, &input.field, &settings))?;
+        eprintln!(
+            "dataset {}: {:.1} MiB downloaded to {}",
+            input.uri,
+            size as f64 / (1 << 20) as f64,
+            input.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Uploads the results in `plan.output_dir` to `output.uri` (checkpoints and staged inputs
+/// left out), the manifest last. Nothing to do without an `output.uri`.
+pub fn upload_outputs(plan: &Plan) -> Result<Option<Manifest>, Stop> {
+    let Some((bucket, prefix)) = &plan.output_uri else {
+        return Ok(None);
+    };
+    let settings = S3Settings::from_env();
+    let field = "spec.output.uri";
+    let bucket = S3Bucket::open(bucket, &settings).map_err(|e| refusal(e, field, &settings))?;
+    let uri = format!("s3://{}/{prefix}", bucket.name());
+    eprintln!("output: uploading {} to {uri}", plan.output_dir.display());
+    // Local runs keep checkpoints (with the staged inputs) and the model cache inside the
+    // output directory; they are not results.
+    let skip = [plan.checkpoint_dir.as_path(), plan.model_cache.as_path()];
+    let manifest = prefix::upload_dir(&bucket, prefix, &plan.output_dir, &skip, &mut |name| {
+        eprintln!("output: {uri}/{name}")
+    })
+    .map_err(|e| refusal(e, field, &settings))?;
+    let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+    eprintln!(
+        "output: {} file(s), {:.1} MiB, then {} written to {uri}",
+        manifest.files.len(),
+        bytes as f64 / (1 << 20) as f64,
+        prefix::MANIFEST
+    );
+    Ok(Some(manifest))
+}
+
+/// One client per bucket a job names.
+struct Buckets<'a> {
+    settings: &'a S3Settings,
+    open: BTreeMap<String, S3Bucket>,
+}
+
+impl<'a> Buckets<'a> {
+    fn new(settings: &'a S3Settings) -> Self {
+        Buckets {
+            settings,
+            open: BTreeMap::new(),
+        }
+    }
+
+    fn get(&mut self, name: &str) -> Result<&S3Bucket, FetchError> {
+        if !self.open.contains_key(name) {
+            let bucket = S3Bucket::open(name, self.settings)?;
+            self.open.insert(name.to_string(), bucket);
+        }
+        Ok(&self.open[name])
+    }
+}
+
+/// A refusal (exit 2, not retried) for what only a new spec or Secret can fix: wrong keys name
+/// the Secret, a missing object the field; an error (retried) for the rest.
+fn refusal(e: FetchError, field: &str, settings: &S3Settings) -> Stop {
+    let message = e.to_string();
+    match e {
+        FetchError::Refused(_) if settings.secret_name.is_some() => {
+            invalid(message, "spec.s3.credentialsSecretRef")
+        }
+        FetchError::Refused(_) | FetchError::NotFound(_) | FetchError::Unusable(_) => {
+            invalid(message, field)
+        }
+        FetchError::Transport(_)
+        | FetchError::Protocol(_)
+        | FetchError::Corrupt(_)
+        | FetchError::Cache(_) => Stop::Error(message),
+    }
+}
