@@ -2354,11 +2354,235 @@ async fn an_hf_base_is_downloaded_once_through_the_mirror_and_its_commit_kept() 
 
     // A wrong token: refused at once, naming the Secret, and not retried.
     create_job(&jobs, &hub_job(&bed, "hub-wrong", "hf-wrong")).await;
+    assert_refused_naming_the_secret(&jobs, "hub-wrong", "hf-wrong", "hf_not_the_token").await;
+    cleanup(&client, &ns).await;
+}
+
+/// versitygw (an S3-compatible server built by tests/cluster/build.sh) on a free local port,
+/// serving the directories under a temporary root as buckets.
+struct LocalS3 {
+    child: Child,
+    endpoint: String,
+    root: tempfile::TempDir,
+}
+
+impl LocalS3 {
+    const ACCESS_KEY: &'static str = "finetune-cluster-test";
+    const SECRET_KEY: &'static str = "finetune-cluster-test-secret";
+
+    fn start() -> LocalS3 {
+        let bin = std::env::var_os("FINETUNE_VERSITYGW_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                let cache = std::env::var_os("FINETUNE_CACHE")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| {
+                        std::path::PathBuf::from(std::env::var_os("HOME").unwrap())
+                            .join(".cache/finetune-operator")
+                    });
+                cache.join("cluster/bin/versitygw")
+            });
+        assert!(
+            bin.is_file(),
+            "{} is missing: run tests/cluster/build.sh versitygw",
+            bin.display()
+        );
+        // Not under /tmp: pods see their own scratch /tmp.
+        let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin)
+            .args(["--port", &format!("127.0.0.1:{port}"), "posix"])
+            .arg(root.path())
+            .env("ROOT_ACCESS_KEY", Self::ACCESS_KEY)
+            .env("ROOT_SECRET_KEY", Self::SECRET_KEY)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("versitygw starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "versitygw did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        LocalS3 {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            root,
+        }
+    }
+
+    /// The bucket's directory (created).
+    fn bucket(&self, name: &str) -> std::path::PathBuf {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// `spec.s3` for this store with the keys in Secret `secret`.
+    fn access(&self, secret: &str) -> finetune_crds::s3::S3Access {
+        finetune_crds::s3::S3Access {
+            endpoint: Some(self.endpoint.clone()),
+            region: None,
+            credentials_secret_ref: Some(finetune_crds::s3::SecretName {
+                name: secret.into(),
+            }),
+        }
+    }
+}
+
+impl Drop for LocalS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn an_s3_dataset_and_output_round_trip_and_the_adapter_registered_from_it_verifies() {
+    let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+    let store = LocalS3::start();
+    let data = store.bucket("team-data").join("chat");
+    std::fs::create_dir_all(&data).unwrap();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data");
+    std::fs::copy(examples.join("chat-train.jsonl"), data.join("train.jsonl")).unwrap();
+    let results = store.bucket("team-results");
+    let bed = real_trainer_bed_with("it-s3", "executor-s3", |node| {
+        vec![format!(
+            "--verification-node-selector=kubernetes.io/hostname={node}"
+        )]
+    })
+    .await;
+    let (client, ns) = (bed.client.clone(), bed.ns.clone());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    for (name, key) in [
+        ("s3-credentials", LocalS3::SECRET_KEY),
+        ("s3-wrong", "not-the-key"),
+    ] {
+        let secret = json!({"metadata": {"name": name}, "stringData": {
+            "AWS_ACCESS_KEY_ID": LocalS3::ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": key}});
+        let secret = serde_json::from_value(secret).unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    for job in ["s3-sft", "s3-wrong"] {
+        volume_for_claim(&client, &ns, &format!("{job}-storage")).await;
+    }
+    let s3_job = |name: &str, secret: &str| {
+        let mut job = short_real_job(&ns, &bed.model, &bed.node);
+        job.metadata.name = Some(name.into());
+        job.spec.output.adapter_name = Some(format!("{name}-adapter"));
+        job.spec.dataset.train.uri = Some("s3://team-data/chat/train.jsonl".into());
+        job.spec.dataset.eval = None;
+        job.spec.dataset.eval_split = Some(0.2);
+        job.spec.output.uri = Some(format!("s3://team-results/runs/{name}"));
+        job.spec.s3 = Some(store.access(secret));
+        job.spec.hyperparameters.max_steps = Some(4);
+        job.spec.evaluation = None;
+        job
+    };
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+
+    // The job reads its data from the bucket and uploads its results, manifest last.
+    create_job(&jobs, &s3_job("s3-sft", "s3-credentials")).await;
+    wait_for_success(&jobs, "s3-sft", |_| {}).await;
+    let uploaded = results.join("runs/s3-sft");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(uploaded.join("finetune-manifest.json")).unwrap())
+            .unwrap();
+    let listed: Vec<&str> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    eprintln!("  uploaded: {listed:?}");
+    assert!(listed.contains(&"adapter_model.safetensors"), "{listed:?}");
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
+    let produced = wait_for("the job's Adapter", Duration::from_secs(60), || async {
+        adapters.get_opt("s3-sft-adapter").await.ok()??.status
+    })
+    .await;
+    let expected: serde_json::Map<String, serde_json::Value> = produced
+        .files
+        .iter()
+        .map(|f| (f.name.clone(), json!(f.sha256)))
+        .collect();
+    assert!(expected.contains_key("adapter_model.safetensors"));
+
+    // An Adapter registered from the uploaded prefix: its pod downloads and verifies it.
+    let adapter = json!({
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "Adapter",
+        "metadata": {"name": "from-s3"},
+        "spec": {
+            "baseModel": {"uri": format!("file://{}", bed.model)},
+            "source": {"uri": "s3://team-results/runs/s3-sft"},
+            "s3": serde_json::to_value(store.access("s3-credentials")).unwrap(),
+            "expectedSha256": expected,
+        }
+    });
+    adapters
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(adapter).unwrap(),
+        )
+        .await
+        .expect("adapter accepted");
+    let verified = wait_for(
+        "Adapter from-s3 to settle",
+        Duration::from_secs(180),
+        || async {
+            let status = adapters.get("from-s3").await.ok()?.status?;
+            matches!(
+                status.phase,
+                Some(AdapterPhase::Ready | AdapterPhase::Failed)
+            )
+            .then_some(status)
+        },
+    )
+    .await;
+    let condition = verified
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Verified")
+        .unwrap();
+    eprintln!("  from-s3: {:?}: {}", verified.phase, condition.message);
+    assert_eq!(
+        verified.phase,
+        Some(AdapterPhase::Ready),
+        "{}",
+        condition.message
+    );
+    assert!(
+        condition.message.contains("fit the base model"),
+        "{}",
+        condition.message
+    );
+
+    // Wrong keys: refused at once naming the Secret, not retried.
+    create_job(&jobs, &s3_job("s3-wrong", "s3-wrong")).await;
+    assert_refused_naming_the_secret(&jobs, "s3-wrong", "s3-wrong", "not-the-key").await;
+    cleanup(&client, &ns).await;
+}
+
+/// Waits for job `name` to fail with `InvalidInput` naming Secret `secret`, after one attempt
+/// (a refusal is not retried) and without `value`, the Secret's content, in the message.
+async fn assert_refused_naming_the_secret(
+    jobs: &Api<FinetuneJob>,
+    name: &str,
+    secret: &str,
+    value: &str,
+) {
     let failed = wait_for(
-        "the wrong token to fail",
+        &format!("{name} to be refused"),
         Duration::from_secs(120),
         || async {
-            let status = jobs.get("hub-wrong").await.ok()?.status?;
+            let status = jobs.get(name).await.ok()?.status?;
             (status.phase == Some(JobPhase::Failed)).then_some(status)
         },
     )
@@ -2370,11 +2594,10 @@ async fn an_hf_base_is_downloaded_once_through_the_mirror_and_its_commit_kept() 
         .unwrap();
     assert_eq!(reason.reason, "InvalidInput", "{}", reason.message);
     assert!(
-        reason.message.contains("Secret `hf-wrong`"),
+        reason.message.contains(&format!("Secret `{secret}`")),
         "{}",
         reason.message
     );
-    assert!(!reason.message.contains("hf_not_the_token"));
+    assert!(!reason.message.contains(value), "{}", reason.message);
     assert_eq!(failed.attempts.len(), 1, "{:?}", failed.attempts);
-    cleanup(&client, &ns).await;
 }

@@ -488,12 +488,12 @@ async fn environment(
                         .get(&key.name)
                         .await
                         .map_err(|e| format!("env {}: {e}", var.name))?;
-                    let bytes = secret
-                        .data
-                        .unwrap_or_default()
-                        .remove(&key.key)
-                        .ok_or(format!("env {}: no key {}", var.name, key.key))?;
-                    String::from_utf8_lossy(&bytes.0).into_owned()
+                    match secret.data.unwrap_or_default().remove(&key.key) {
+                        Some(bytes) => String::from_utf8_lossy(&bytes.0).into_owned(),
+                        // As the kubelet does: an optional key that is absent sets no variable.
+                        None if key.optional == Some(true) => continue,
+                        None => return Err(format!("env {}: no key {}", var.name, key.key)),
+                    }
                 } else if let Some(key) = &from.config_map_key_ref {
                     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
                     let map = maps
