@@ -1093,7 +1093,11 @@ async fn bind_claim(client: &Client, ns: &str, claim: &str) {
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
 async fn every_example_becomes_a_pod_on_a_gpu_node_with_its_resources() {
+    let _h100 = ONE_H100_NODE_AT_A_TIME.lock().await;
     let Bed(client, ns, jobs, pods) = Bed::new("it-examples").await;
+    let h100 = format!("kwok-gpu-h100-{}", std::process::id());
+    offer_only_this_h100_node(&client, &h100).await;
+    create_kwok_h100_node(&client, &h100).await;
     // What the examples assume the cluster has: the full fine-tuning example's priority class,
     // and the Adapter the DPO example starts from (the SFT example registers it on success).
     let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(client.clone());
@@ -1236,6 +1240,8 @@ async fn every_example_becomes_a_pod_on_a_gpu_node_with_its_resources() {
                 .await;
         }
     }
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let _ = nodes.delete(&h100, &DeleteParams::default()).await;
     cleanup(&client, &ns).await;
 }
 
@@ -1285,13 +1291,20 @@ fn required_path(variable: &str) -> String {
 /// The example datasets as the ConfigMap the example URIs name.
 async fn create_example_data(client: &Client, ns: &str) {
     let data_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data");
-    let files: serde_json::Map<String, serde_json::Value> = ["chat-train.jsonl", "chat-eval.jsonl"]
+    // Every file `kubectl apply -k examples/data` puts in the ConfigMap.
+    let kustomization: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(data_dir.join("kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let names = kustomization["configMapGenerator"][0]["files"]
+        .as_array()
+        .unwrap()
         .iter()
+        .map(|f| f.as_str().unwrap().to_string());
+    let files: serde_json::Map<String, serde_json::Value> = names
         .map(|f| {
-            (
-                f.to_string(),
-                json!(std::fs::read_to_string(data_dir.join(f)).unwrap()),
-            )
+            let text = std::fs::read_to_string(data_dir.join(&f)).unwrap();
+            (f, json!(text))
         })
         .collect();
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
@@ -1419,6 +1432,17 @@ async fn real_trainer_bed_with(
     node_prefix: &str,
     operator_args: impl FnOnce(&str) -> Vec<String>,
 ) -> RealTrainerBed {
+    real_trainer_bed_on(namespace_prefix, node_prefix, operator_args, &[]).await
+}
+
+/// [`real_trainer_bed_with`] on an executor node started with `executor_args` (labels, taints,
+/// GPUs).
+async fn real_trainer_bed_on(
+    namespace_prefix: &str,
+    node_prefix: &str,
+    operator_args: impl FnOnce(&str) -> Vec<String>,
+    executor_args: &[String],
+) -> RealTrainerBed {
     let trainer = required_path("FINETUNE_TRAINER_BIN");
     let executor_bin = required_path("FINETUNE_EXECUTOR_BIN");
     let model = required_path("FINETUNE_SMOLLM2_GGUF");
@@ -1426,7 +1450,7 @@ async fn real_trainer_bed_with(
     create_example_data(&client, &ns).await;
     let work = tempfile::tempdir().unwrap();
     let node = format!("{node_prefix}-{}", std::process::id());
-    let executor = start_executor(&executor_bin, &trainer, &node, work.path());
+    let executor = start_executor(&executor_bin, &trainer, &node, work.path(), executor_args);
     let args = operator_args(&node);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let operator = start_operator_with(&ns, &args, &[]);
@@ -1615,12 +1639,14 @@ fn start_executor(
     trainer: &str,
     node: &str,
     work: &std::path::Path,
+    extra: &[String],
 ) -> Executor {
     Executor {
         child: Command::new(executor_bin)
             .args(["--node-name", node, "--default-binary", trainer])
             .arg("--work-dir")
             .arg(work)
+            .args(extra)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("executor starts"),
@@ -2252,6 +2278,160 @@ impl Drop for LocalHub {
             .status();
         let _ = self.child.wait();
     }
+}
+
+/// `examples/full-finetune.yaml` selects an H100 node. The shared kwok nodes are A100s
+/// (tests/cluster/nodes.sh), so each test that runs the example offers one H100 node of its own
+/// (a kwok node, or the executor that really runs it), and those tests take turns.
+static ONE_H100_NODE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const H100: &str = "NVIDIA-H100-80GB-HBM3";
+
+/// Deletes every H100-labelled node but `keep`: ones an earlier run left behind (an executor's
+/// stays NotReady, yet schedulable for a while) would catch the example's pod.
+async fn offer_only_this_h100_node(client: &Client, keep: &str) {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let selector = format!("nvidia.com/gpu.product={H100}");
+    for node in nodes
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+    {
+        if node.name_any() != keep {
+            let _ = nodes
+                .delete(&node.name_any(), &DeleteParams::default())
+                .await;
+        }
+    }
+}
+
+/// A kwok-managed fake node with 8 H100s, as tests/cluster/nodes.sh makes the A100 ones.
+async fn create_kwok_h100_node(client: &Client, name: &str) {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let capacity = json!({"cpu": "64", "memory": "512Gi", "pods": "110",
+        "ephemeral-storage": "1Ti", "nvidia.com/gpu": "8"});
+    let node = json!({
+        "metadata": {"name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {"type": "kwok", "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                "nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": H100}},
+        "status": {"capacity": capacity, "allocatable": capacity},
+    });
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(node).unwrap(),
+        )
+        .await
+        .expect("H100 node created");
+    wait_for(
+        "the kwok H100 node to be Ready",
+        Duration::from_secs(60),
+        || async {
+            let node = nodes.get(name).await.ok()?;
+            let conditions = node.status?.conditions?;
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn the_full_finetune_example_runs_as_written_against_the_hub_mirror() {
+    let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+    let _h100 = ONE_H100_NODE_AT_A_TIME.lock().await;
+    let token = "hf_cluster_test_token_full";
+    let hub = LocalHub::start(token);
+    let endpoint = hub.endpoint.clone();
+    // The node the example asks for: an H100 (by label), tainted for GPU work, one GPU. The
+    // trainer runs on its CPU (no CUDA here), as `device: auto` does.
+    let node_args = [
+        format!("--label=nvidia.com/gpu.product={H100}"),
+        "--taint=nvidia.com/gpu:NoSchedule".into(),
+        "--gpus=1".into(),
+    ];
+    let bed = real_trainer_bed_on(
+        "it-full",
+        "executor-h100",
+        |_| vec![format!("--hf-endpoint={endpoint}")],
+        &node_args,
+    )
+    .await;
+    let (client, ns) = (bed.client.clone(), bed.ns.clone());
+    // What the example expects to exist: its token Secret, its PriorityClass, the example data
+    // (the bed's ConfigMap), a volume for its storage claim.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = json!({"metadata": {"name": "hf-token"}, "stringData": {"token": token}});
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(secret).unwrap(),
+        )
+        .await
+        .unwrap();
+    let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(client.clone());
+    let class = json!({"metadata": {"name": "training-low"}, "value": 100});
+    let _ = classes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(class).unwrap(),
+        )
+        .await;
+    volume_for_claim(&client, &ns, "smollm2-full-instruct-storage").await;
+    offer_only_this_h100_node(&client, &bed.node).await;
+
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/full-finetune.yaml");
+    let job: FinetuneJob = parse_manifest(
+        &std::fs::read_to_string(path).unwrap(),
+        "full-finetune.yaml",
+    )
+    .unwrap();
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    create_job(&jobs, &job).await;
+    let name = "smollm2-full-instruct";
+    wait_for(
+        "the suspended example to say so",
+        Duration::from_secs(60),
+        || async {
+            let status = jobs.get(name).await.ok()?.status?;
+            (status.phase == Some(JobPhase::Suspended)).then_some(())
+        },
+    )
+    .await;
+    // Admission: what Kueue does to a job it admits from `gpu-queue` (it unsuspends it).
+    let admit = json!({"spec": {"runPolicy": {"suspend": false}}});
+    jobs.patch(name, &PatchParams::default(), &Patch::Merge(&admit))
+        .await
+        .unwrap();
+    let status = wait_for_success(&jobs, name, |_| {}).await;
+    assert_eq!(
+        status.base_model_commit.as_deref(),
+        Some(hub.head_commit().as_str())
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = pods.get(&format!("{name}-attempt-0")).await.unwrap();
+    assert_eq!(
+        pod.spec.unwrap().node_name.as_deref(),
+        Some(bed.node.as_str()),
+        "the example ran on the node it selects"
+    );
+    let adapters: Api<Adapter> = Api::namespaced(client.clone(), &ns);
+    let adapter = wait_for("the example's Adapter", Duration::from_secs(60), || async {
+        adapters.get_opt(name).await.ok()??.status
+    })
+    .await;
+    let files: Vec<&str> = adapter.files.iter().map(|f| f.name.as_str()).collect();
+    eprintln!("  files: {files:?}");
+    for wanted in ["model.safetensors", "model-q8_0.gguf"] {
+        assert!(files.contains(&wanted), "{wanted} not in {files:?}");
+    }
+    cleanup(&client, &ns).await;
 }
 
 /// The short real job on an `hf://` base read through the token in Secret `secret`.

@@ -5,7 +5,9 @@
 #
 # Usage: tests/cluster/nodes.sh [N]      (default 2)
 # Env:   GPUS_PER_NODE (8), NODE_CPU (64), NODE_MEMORY (512Gi), NODE_PODS (110),
-#        GPU_PRODUCT (NVIDIA-H100-80GB-HBM3)
+#        GPU_PRODUCT (NVIDIA-A100-SXM4-80GB: not the H100 examples/full-finetune.yaml
+#        selects, so that the control-plane test running that example as written lands on
+#        its executor node, labelled H100, and not on these)
 set -euo pipefail
 LOG_TAG=nodes
 # shellcheck source=lib.sh
@@ -16,7 +18,7 @@ GPUS="${GPUS_PER_NODE:-8}"
 CPU="${NODE_CPU:-64}"
 MEM="${NODE_MEMORY:-512Gi}"
 PODS="${NODE_PODS:-110}"
-PRODUCT="${GPU_PRODUCT:-NVIDIA-H100-80GB-HBM3}"
+PRODUCT="${GPU_PRODUCT:-NVIDIA-A100-SXM4-80GB}"
 
 manifest() {
     local i name

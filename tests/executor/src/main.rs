@@ -36,6 +36,12 @@ pub struct Args {
     /// Binary for images not mapped with --image.
     #[arg(long)]
     pub default_binary: Option<PathBuf>,
+    /// An extra node label, `KEY=VALUE` (repeatable), e.g. the GPU product a manifest selects.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// A node taint, `KEY[=VALUE]:EFFECT` (repeatable), e.g. `nvidia.com/gpu:NoSchedule`.
+    #[arg(long = "taint", value_parser = parse_taint)]
+    pub taints: Vec<Taint>,
     /// `nvidia.com/gpu` capacity the node advertises.
     #[arg(long, default_value_t = 0)]
     pub gpus: u32,
@@ -52,6 +58,38 @@ pub struct Args {
     /// The apiserver URL as pods see it (in-cluster config); set from the executor's own config.
     #[arg(skip)]
     pub api_server: Option<String>,
+}
+
+/// A node taint as the Node object spells it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Taint {
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    pub effect: String,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or("expected KEY=VALUE")?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+fn parse_taint(text: &str) -> Result<Taint, String> {
+    let (pair, effect) = text.rsplit_once(':').ok_or("expected KEY[=VALUE]:EFFECT")?;
+    if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+        return Err(format!(
+            "{effect}: expected NoSchedule, PreferNoSchedule or NoExecute"
+        ));
+    }
+    let (key, value) = match pair.split_once('=') {
+        Some((key, value)) => (key, Some(value.to_string())),
+        None => (pair, None),
+    };
+    Ok(Taint {
+        key: key.to_string(),
+        value,
+        effect: effect.to_string(),
+    })
 }
 
 fn parse_image_mapping(text: &str) -> Result<(String, PathBuf), String> {

@@ -19,16 +19,18 @@ pub async fn register(client: &Client, args: &Args) -> Result<(), kube::Error> {
         "cpu": args.cpu, "memory": args.memory, "pods": "32",
         "nvidia.com/gpu": args.gpus.to_string(),
     });
+    let mut labels = json!({
+        "kubernetes.io/hostname": args.node_name,
+        "kubernetes.io/os": "linux",
+        "finetune.dev/executor": "true",
+    });
+    for (key, value) in &args.labels {
+        labels[key] = json!(value);
+    }
     let node = json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {
-            "name": args.node_name,
-            "labels": {
-                "kubernetes.io/hostname": args.node_name,
-                "kubernetes.io/os": "linux",
-                "finetune.dev/executor": "true",
-            },
-        },
+        "metadata": {"name": args.node_name, "labels": labels},
+        "spec": {"taints": args.taints},
     });
     let node: Node = serde_json::from_value(node).expect("valid node");
     match nodes.create(&PostParams::default(), &node).await {
