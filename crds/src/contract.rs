@@ -35,8 +35,9 @@ pub mod env {
     /// Base URL of the Hugging Face Hub or a mirror of its API (`https://huggingface.co` unset),
     /// the variable `huggingface_hub` itself reads.
     pub const HF_ENDPOINT: &str = "HF_ENDPOINT";
-    /// Directory of downloaded `hf://` models, keyed by repository and commit: the shared model
-    /// cache when the operator has one, else a directory on the job's storage.
+    /// Directory of downloaded `hf://` and `s3://` models, keyed by repository and commit (or
+    /// bucket, key and the objects' ETags): the shared model cache when the operator has one,
+    /// else a directory on the job's storage.
     pub const MODEL_CACHE_DIR: &str = "FINETUNE_MODEL_CACHE_DIR";
     /// `s3.endpoint`, in the variable the AWS SDKs read.
     pub const S3_ENDPOINT: &str = "AWS_ENDPOINT_URL";

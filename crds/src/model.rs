@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|hf://[^/@]+/[^/@]+(@[^@]+)?)$')")
-        .message("baseModel.uri must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH or hf://ORG/NAME[@REVISION]")
+    validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|hf://[^/@]+/[^/@]+(@[^@]+)?|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+)$')")
+        .message("baseModel.uri must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, hf://ORG/NAME[@REVISION] or s3://BUCKET/KEY")
         .field_path(".uri"),
     validation = Rule::new("!has(self.tokenSecretRef) || self.uri.startsWith('hf://')")
         .message("baseModel.tokenSecretRef is only used with hf:// model URIs")
@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 )]
 pub struct BaseModel {
     /// Location of the model: `pvc://CLAIM/PATH` (a directory or file on a PersistentVolumeClaim),
-    /// `file:///PATH` (a path inside the trainer image or a local run), or `hf://ORG/NAME[@REVISION]`
+    /// `file:///PATH` (a path inside the trainer image or a local run), `hf://ORG/NAME[@REVISION]`
     /// (downloaded through the Hub's API, from the Hub or the operator's mirror, into the model
-    /// cache before training; the commit it resolves to is recorded in status and lineage).
+    /// cache before training; the commit it resolves to is recorded in status and lineage), or
+    /// `s3://BUCKET/KEY` (a `.gguf` object or a prefix holding a Hugging Face layout, downloaded
+    /// into the model cache with `spec.s3`'s settings, keyed by the objects' ETags).
     #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
     /// Weight format. `auto` picks GGUF for a `.gguf` file and Hugging Face safetensors for a

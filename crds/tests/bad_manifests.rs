@@ -195,12 +195,12 @@ fn model_uri_scheme_is_checked() {
     let job = edit(
         valid_job(),
         "/spec/baseModel/uri",
-        Some(json!("s3://bucket/model.gguf")),
+        Some(json!("gs://bucket/model.gguf")),
     );
     assert_rejected(
         &job,
         "spec.baseModel.uri",
-        "pvc://CLAIM/PATH (no . or .. segments), file:///PATH or hf://ORG/NAME",
+        "pvc://CLAIM/PATH (no . or .. segments), file:///PATH, hf://ORG/NAME[@REVISION] or s3://BUCKET/KEY",
     );
 }
 

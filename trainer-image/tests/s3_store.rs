@@ -128,18 +128,27 @@ fn setup() -> Setup {
     }
 }
 
-/// Trains `train` (YAML of `spec.dataset.train`) into `out`, with `extra` spec lines.
+/// Trains `train` (YAML of `spec.dataset.train`) into `name`, with `extra` spec lines.
 fn train(s: &Setup, name: &str, train: &str, extra: &str, secret_key: &str) -> Output {
-    let job = train_support::write_job_training_on(
+    let job = write_job(s, name, train, extra);
+    run_job(s, name, &job, secret_key)
+}
+
+fn write_job(s: &Setup, name: &str, train: &str, extra: &str) -> PathBuf {
+    train_support::write_job_training_on(
         &s.root.join(format!("{name}.yaml")),
         &s.root.join("model"),
         train,
         HYPER,
         extra,
-    );
+    )
+}
+
+/// Runs the trainer on `job` with the store's settings, the model cache under the root.
+fn run_job(s: &Setup, name: &str, job: &Path, secret_key: &str) -> Output {
     let mut cmd = Command::new(bin());
     cmd.args(["--device", "cpu", "run"])
-        .arg(&job)
+        .arg(job)
         .arg("--output")
         .arg(s.root.join(name))
         .env("FINETUNE_STATUS_PORT", "0")
@@ -147,10 +156,24 @@ fn train(s: &Setup, name: &str, train: &str, extra: &str, secret_key: &str) -> O
             "FINETUNE_TERMINATION_LOG",
             s.root.join(format!("{name}.term")),
         )
+        .env("FINETUNE_MODEL_CACHE_DIR", s.root.join("model-cache"))
         .env_remove("FINETUNE_CHECKPOINT_DIR")
         .env_remove("FINETUNE_OUTPUT_DIR");
     s.store.env(&mut cmd, secret_key);
     cmd.output().unwrap()
+}
+
+/// Trains the local data on the base model at `base` (a URI) instead of the local one.
+fn train_on_base(s: &Setup, name: &str, base: &str) -> Output {
+    let local = format!(
+        "{{uri: \"file://{}\"}}",
+        s.root.join("train.jsonl").display()
+    );
+    let job = write_job(s, name, &local, "");
+    let model = format!("file://{}", s.root.join("model").display());
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, text.replace(&model, base)).unwrap();
+    run_job(s, name, &job, SECRET_KEY)
 }
 
 fn termination(s: &Setup, name: &str) -> serde_json::Value {
@@ -351,4 +374,87 @@ fn a_file_larger_than_a_part_goes_up_in_parts_and_comes_back_whole() {
         .download("large/big.bin", &back, 1 << 20)
         .unwrap_err();
     assert!(refused.to_string().contains("more than the"), "{refused}");
+}
+
+#[test]
+fn an_s3_base_model_trains_like_the_local_one_and_is_cached_until_an_object_changes() {
+    use finetune_trainer::fetch::s3::{S3Bucket, S3Settings};
+    let s = setup();
+    // Uploaded through the API, so that each object has the MD5 ETag of a single-part PUT.
+    let settings = S3Settings {
+        endpoint: Some(s.store.endpoint.clone()),
+        access_key_id: Some(ACCESS_KEY.into()),
+        secret_access_key: Some(SECRET_KEY.into()),
+        ..S3Settings::default()
+    };
+    s.store.bucket("models");
+    let bucket = S3Bucket::open("models", &settings).unwrap();
+    for entry in std::fs::read_dir(s.root.join("model")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        bucket.upload(&format!("tiny/{name}"), &path).unwrap();
+    }
+    let prefix = s.store.root.join("models/tiny");
+    let local = format!(
+        "{{uri: \"file://{}\"}}",
+        s.root.join("train.jsonl").display()
+    );
+    let out = train(&s, "local", &local, "", SECRET_KEY);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A byte flipped on the server (its ETag unchanged): caught by the MD5, and the attempt
+    // fails as one the operator retries, not as a refusal.
+    let weights_on_server = prefix.join("model.safetensors");
+    let good = std::fs::read(&weights_on_server).unwrap();
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x01;
+    std::fs::write(&weights_on_server, &flipped).unwrap();
+    let out = train_on_base(&s, "corrupt", "s3://models/tiny");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("has MD5"), "{}", stderr(&out));
+    std::fs::write(&weights_on_server, &good).unwrap();
+
+    // Repaired: the retry finishes the download (the files that passed are kept).
+    let out = train_on_base(&s, "first", "s3://models/tiny");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("MiB downloaded"), "{}", stderr(&out));
+    let weights =
+        |dir: &str| std::fs::read(s.root.join(dir).join("adapter_model.safetensors")).unwrap();
+    assert!(
+        weights("local") == weights("first"),
+        "the same base trains the same adapter"
+    );
+
+    // Unchanged objects: found in the cache, nothing downloaded.
+    let out = train_on_base(&s, "second", "s3://models/tiny");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("from the cache"), "{}", stderr(&out));
+
+    // A new upload of one object (another ETag and size) is another version: downloaded again,
+    // beside the first in the cache.
+    let config = s.root.join("model/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let edited = s.root.join("config.json");
+    std::fs::write(&edited, format!("{text}\n")).unwrap();
+    bucket.upload("tiny/config.json", &edited).unwrap();
+    let out = train_on_base(&s, "third", "s3://models/tiny");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("MiB downloaded"), "{}", stderr(&out));
+    let entries: Vec<_> = std::fs::read_dir(s.root.join("model-cache/s3/models/tiny"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert!(
+        entries.iter().all(|e| e.ends_with(".safetensors")),
+        "{entries:?}"
+    );
+
+    // A prefix with nothing under it names the field.
+    let out = train_on_base(&s, "empty", "s3://models/absent");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let tm = &termination(&s, "empty")["error"];
+    assert_eq!(tm["param"], "spec.baseModel.uri", "{tm}");
 }

@@ -36,7 +36,7 @@ pub fn verification_pod_name(adapter: &Adapter) -> String {
 }
 
 /// Where the adapter's directory and its base model are inside the pod (`None` for a base the
-/// trainer cannot read locally, `hf://`), or why the spec cannot be verified.
+/// trainer cannot read locally, `hf://` or `s3://`), or why the spec cannot be verified.
 pub fn in_pod_paths(adapter: &Adapter) -> Result<(String, Option<String>), String> {
     let roots = MountRoots::in_pod();
     let uri = adapter
@@ -60,7 +60,7 @@ pub fn in_pod_paths(adapter: &Adapter) -> Result<(String, Option<String>), Strin
     })?;
     let base = &adapter.spec.base_model.uri;
     let model = match StorageUri::parse(base) {
-        Some(StorageUri::HuggingFace { .. }) => None,
+        Some(StorageUri::HuggingFace { .. } | StorageUri::S3 { .. }) => None,
         Some(parsed @ (StorageUri::Pvc { .. } | StorageUri::File { .. })) => {
             parsed.local_path(&roots).map(|p| p.display().to_string())
         }

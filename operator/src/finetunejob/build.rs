@@ -305,13 +305,13 @@ fn job_mounts(
 
 const INIT_ADAPTER_FIELD: &str = "spec.adapter.initAdapter";
 
-/// The shared model cache's claim, for a job whose base comes from the Hub.
+/// The shared model cache's claim, for a job whose base is downloaded (from the Hub or `s3://`).
 fn model_cache_claim<'a>(job: &FinetuneJob, settings: &'a BuildSettings) -> Option<&'a str> {
-    let from_hub = matches!(
+    let downloaded = matches!(
         StorageUri::parse(&job.spec.base_model.uri),
-        Some(StorageUri::HuggingFace { .. })
+        Some(StorageUri::HuggingFace { .. } | StorageUri::S3 { .. })
     );
-    settings.model_cache_claim.as_deref().filter(|_| from_hub)
+    settings.model_cache_claim.as_deref().filter(|_| downloaded)
 }
 
 /// Where the trainer finds the starting adapter at `uri`: an adapter's files are a directory on
@@ -700,6 +700,12 @@ mod tests {
         let local = trainer_pod(&example("sft-lora-smollm2.yaml"), 0, &settings, None).unwrap();
         let volumes = local.spec.as_ref().unwrap().volumes.as_ref().unwrap();
         assert!(volumes.iter().all(|v| v.name != "model-cache"));
+        // A base in object storage is downloaded too, so it shares the cache.
+        let mut s3 = example("sft-lora-smollm2.yaml");
+        s3.spec.base_model.uri = "s3://team-models/smollm2".into();
+        let s3 = trainer_pod(&s3, 0, &settings, None).unwrap();
+        let volumes = s3.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        assert!(volumes.iter().any(|v| v.name == "model-cache"));
         // Without a shared cache, a job keeps what it downloads on its own storage.
         let own = trainer_pod(
             &example("full-finetune.yaml"),

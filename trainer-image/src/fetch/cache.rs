@@ -27,10 +27,18 @@ pub struct EntryLock {
 }
 
 impl RepoCache {
+    /// The place of Hub repository `repo` (`ORG/NAME`).
     pub fn new(cache_root: &Path, repo: &str) -> Self {
-        RepoCache {
-            dir: cache_root.join("hf").join("models").join(repo),
-        }
+        RepoCache::at(cache_root.join("hf").join("models").join(repo))
+    }
+
+    /// The place of the model at `s3://BUCKET/KEY`: `CACHE/s3/BUCKET/KEY/`.
+    pub fn for_object(cache_root: &Path, bucket: &str, key: &str) -> Self {
+        RepoCache::at(cache_root.join("s3").join(bucket).join(key))
+    }
+
+    fn at(dir: PathBuf) -> Self {
+        RepoCache { dir }
     }
 
     /// The complete model of `entry`.

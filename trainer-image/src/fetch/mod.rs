@@ -6,11 +6,16 @@
 //! * [`hub`] — the Hub's HTTP API (`HF_ENDPOINT` for a mirror, the token only to that host).
 //! * [`select`] — which files a format needs.
 //! * [`cache`] — the cache layout and the per-commit download lock.
+//!
+//! `s3://` objects have their own modules: [`s3`] (the store's client), [`s3_model`] (base
+//! models into the same cache, keyed by ETags) and [`prefix`] (a directory of results uploaded
+//! under a prefix and committed by its manifest).
 
 pub mod cache;
 pub mod hub;
 pub mod prefix;
 pub mod s3;
+pub mod s3_model;
 pub mod select;
 
 use std::fs::{self, File, OpenOptions};

@@ -14,7 +14,7 @@ use finetune_crds::s3::keys;
 use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
 
 use super::FetchError;
 
@@ -67,6 +67,29 @@ impl S3Settings {
             }
             (None, Some(_)) => "the credentials in AWS_ACCESS_KEY_ID".into(),
             (None, None) => "anonymous access (no s3.credentialsSecretRef)".into(),
+        }
+    }
+}
+
+/// What a listing or a HEAD says about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The key.
+    pub key: String,
+    pub size: u64,
+    /// The store's ETag (unquoted), when it gives one.
+    pub etag: Option<String>,
+    /// Last-Modified, RFC 3339: what identifies a version when there is no ETag.
+    pub modified: String,
+}
+
+impl ObjectInfo {
+    fn from_meta(meta: object_store::ObjectMeta) -> Self {
+        ObjectInfo {
+            key: meta.location.to_string(),
+            size: meta.size,
+            etag: meta.e_tag.map(|e| e.trim_matches('"').to_string()),
+            modified: meta.last_modified.to_rfc3339(),
         }
     }
 }
@@ -240,6 +263,40 @@ impl S3Bucket {
                 .await
                 .map(|_| ())
                 .map_err(|e| self.classify(e, key))
+        })
+    }
+
+    /// The object at `key`, without its content.
+    pub fn head(&self, key: &str) -> Result<ObjectInfo, FetchError> {
+        self.runtime.block_on(async {
+            let meta = self
+                .store
+                .head(&ObjectPath::from(key))
+                .await
+                .map_err(|e| self.classify(e, key))?;
+            Ok(ObjectInfo::from_meta(meta))
+        })
+    }
+
+    /// The objects directly under `prefix/` (not in its subdirectories), at most `max`.
+    pub fn list_top(&self, prefix: &str, max: usize) -> Result<Vec<ObjectInfo>, FetchError> {
+        self.runtime.block_on(async {
+            let listed = self
+                .store
+                .list_with_delimiter(Some(&ObjectPath::from(prefix)))
+                .await
+                .map_err(|e| self.classify(e, prefix))?;
+            if listed.objects.len() > max {
+                return Err(FetchError::Unusable(format!(
+                    "{}/: more than {max} objects",
+                    self.uri(prefix)
+                )));
+            }
+            Ok(listed
+                .objects
+                .into_iter()
+                .map(ObjectInfo::from_meta)
+                .collect())
         })
     }
 

@@ -1,27 +1,38 @@
-//! The stage before loading for an `hf://` base: fetch it into the model cache (see
-//! [`crate::fetch`]), with progress on `/status` and stderr, and the Hub's refusals turned into
-//! refusals that name the field (or Secret) to fix.
+//! The stage before loading for an `hf://` or `s3://` base: fetch it into the model cache (see
+//! [`crate::fetch`]), with progress on `/status` and stderr, and the refusals of the Hub or the
+//! store turned into refusals that name the field (or Secret) to fix.
 
 use std::time::{Duration, Instant};
 
 use finetune_crds::contract::{DownloadProgress, TrainerPhase, env};
 
 use crate::export::BaseModelRef;
-use crate::fetch::{self, Event, FetchError, HubClient};
+use crate::fetch::s3::{S3Bucket, S3Settings};
+use crate::fetch::s3_model::{S3Model, fetch_s3_model};
+use crate::fetch::{self, Event, FetchError, Fetched, HubClient, HubModel};
 use crate::serve::Live;
-use crate::train::plan::Plan;
+use crate::train::plan::{Plan, RemoteBase};
 use crate::train::stop::{Stop, invalid};
+use crate::train::transfer;
 
 /// Seconds between progress lines on stderr.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Fetches the plan's `hf://` base, points `plan.model_path` at it, names it in
-/// `plan.base_ref` as PEFT does (repository and commit) and returns the commit; `None` for a
-/// base that is already a path.
+/// Fetches the plan's `hf://` or `s3://` base and points `plan.model_path` at it. For the Hub
+/// it also names the base in `plan.base_ref` as PEFT does (repository and commit) and returns
+/// the commit; `None` for any other base.
 pub fn fetch_base(plan: &mut Plan, live: &Live) -> Result<Option<String>, Stop> {
-    let Some(hub) = plan.hub.clone() else {
-        return Ok(None);
-    };
+    match plan.remote_base.clone() {
+        None => Ok(None),
+        Some(RemoteBase::Hub(hub)) => fetch_hub_base(plan, live, &hub).map(Some),
+        Some(RemoteBase::S3(model)) => {
+            fetch_s3_base(plan, live, &model)?;
+            Ok(None)
+        }
+    }
+}
+
+fn fetch_hub_base(plan: &mut Plan, live: &Live, hub: &HubModel) -> Result<String, Stop> {
     let secret = plan.spec().base_model.token_secret_ref.clone();
     // Read here, never stored in the plan: the plan is Debug-printed, the token must not be.
     let token = std::env::var(env::HF_TOKEN).ok();
@@ -35,9 +46,43 @@ pub fn fetch_base(plan: &mut Plan, live: &Live) -> Result<Option<String>, Stop> 
         client.endpoint(),
         plan.model_cache.display()
     );
+    let fetched = downloading(live, &uri, |report| {
+        fetch::fetch_model(hub, &client, &plan.model_cache, report)
+    })
+    .map_err(|e| refusal(e, secret.is_some()))?;
+    done(live, &uri, &fetched, Some(&fetched.commit));
+    plan.model_path = fetched.path;
+    plan.base_ref = BaseModelRef {
+        name: hub.repo.clone(),
+        revision: Some(fetched.commit.clone()),
+    };
+    Ok(fetched.commit)
+}
+
+fn fetch_s3_base(plan: &mut Plan, live: &Live, model: &S3Model) -> Result<(), Stop> {
+    let settings = S3Settings::from_env();
+    let field = "spec.baseModel.uri";
+    let uri = plan.spec().base_model.uri.clone();
+    eprintln!("base model {uri}: into {}", plan.model_cache.display());
+    let fetched = downloading(live, &uri, |report| {
+        let bucket = S3Bucket::open(&model.bucket, &settings)?;
+        fetch_s3_model(model, &bucket, &plan.model_cache, report)
+    })
+    .map_err(|e| transfer::refusal(e, field, &settings))?;
+    done(live, &uri, &fetched, None);
+    plan.model_path = fetched.path;
+    Ok(())
+}
+
+/// Runs `fetch` in the `Downloading` phase, its bytes on `/status` and its progress on stderr.
+fn downloading(
+    live: &Live,
+    uri: &str,
+    fetch: impl FnOnce(&mut dyn FnMut(Event)) -> Result<Fetched, FetchError>,
+) -> Result<Fetched, FetchError> {
     live.update(|s| s.phase = TrainerPhase::Downloading);
-    let mut logger = ProgressLog::new(&uri);
-    let fetched = fetch::fetch_model(&hub, &client, &plan.model_cache, &mut |event| {
+    let mut logger = ProgressLog::new(uri);
+    fetch(&mut |event| {
         if let Event::Bytes { done, total } = &event {
             live.update(|s| {
                 s.download = Some(DownloadProgress {
@@ -48,9 +93,12 @@ pub fn fetch_base(plan: &mut Plan, live: &Live) -> Result<Option<String>, Stop> 
         }
         logger.log(&event);
     })
-    .map_err(|e| refusal(e, secret.is_some()))?;
+}
+
+/// Says where the model came from and leaves the `Downloading` phase.
+fn done(live: &Live, uri: &str, fetched: &Fetched, commit: Option<&String>) {
     eprintln!(
-        "base model {uri}: commit {} ({}), {}",
+        "base model {uri}: {} ({}), {}",
         fetched.commit,
         fetched.path.display(),
         match fetched.downloaded {
@@ -61,14 +109,8 @@ pub fn fetch_base(plan: &mut Plan, live: &Live) -> Result<Option<String>, Stop> 
     live.update(|s| {
         s.phase = TrainerPhase::Loading;
         s.download = None;
-        s.base_model_commit = Some(fetched.commit.clone());
+        s.base_model_commit = commit.cloned();
     });
-    plan.model_path = fetched.path;
-    plan.base_ref = BaseModelRef {
-        name: hub.repo.clone(),
-        revision: Some(fetched.commit.clone()),
-    };
-    Ok(Some(fetched.commit))
 }
 
 /// What the operator does next: a refusal (exit 2, not retried) for what only a new spec or
@@ -110,7 +152,7 @@ impl<'a> ProgressLog<'a> {
         let uri = self.uri;
         match event {
             Event::Resolved { commit, cached } if !cached => {
-                eprintln!("base model {uri}: downloading commit {commit}")
+                eprintln!("base model {uri}: downloading version {commit}")
             }
             Event::Resolved { .. } => {}
             Event::Waiting => eprintln!(

@@ -18,6 +18,7 @@ use crate::data::mixture::{MixSource, Share};
 use crate::data::{ContaminationOptions, CurateOptions, DataConfig, LoadOptions};
 use crate::export::BaseModelRef;
 use crate::fetch::HubModel;
+use crate::fetch::s3_model::S3Model;
 use crate::model::LoraConfig;
 use crate::train::schedule::warmup_steps;
 use crate::train::stop::{Stop, invalid};
@@ -100,11 +101,11 @@ pub struct Plan {
     /// resolved where they are used (after the model and the data load), so that a run with
     /// several faults still reports the same one first.
     pub roots: MountRoots,
-    /// The model to load. For an `hf://` base this is the repository's directory in the model
-    /// cache until `fetch` replaces it with the downloaded commit (see [`Plan::hub`]).
+    /// The model to load. For an `hf://` or `s3://` base this is its directory in the model
+    /// cache until `fetch` replaces it with the downloaded version (see [`Plan::remote_base`]).
     pub model_path: PathBuf,
-    /// The `hf://` base to download before loading, if the base is one.
-    pub hub: Option<HubModel>,
+    /// The `hf://` or `s3://` base to download before loading, if the base is one.
+    pub remote_base: Option<RemoteBase>,
     /// What adapters name as their base: the URI, or once fetched the Hub repository and commit.
     pub base_ref: BaseModelRef,
     /// Where `hf://` models are cached (shared by jobs when the operator mounts a model cache).
@@ -202,7 +203,7 @@ impl Plan {
                     .map(|h| h.join(".cache/finetune/models"))
             })
             .unwrap_or_else(|| output_dir.join("model-cache"));
-        let (model_path, hub) = base_model(spec, &roots, &model_cache)?;
+        let (model_path, remote_base) = base_model(spec, &roots, &model_cache)?;
         let mut inputs = Inputs {
             roots: &roots,
             staging: checkpoint_dir.join("inputs"),
@@ -258,7 +259,7 @@ impl Plan {
             evaluation,
             roots,
             model_path,
-            hub,
+            remote_base,
             base_ref: BaseModelRef::named(&spec.base_model.uri),
             model_cache,
             hf_endpoint: environment
@@ -383,7 +384,7 @@ fn resolve(uri: &str, roots: &MountRoots, field: &str) -> Result<PathBuf, Stop> 
     parsed.local_path(roots).ok_or_else(|| {
         let why = match parsed {
             StorageUri::S3 { .. } => {
-                "s3:// models are not supported yet; use pvc://, file:// or hf://"
+                "s3:// is read for dataset files and spec.baseModel.uri only; use pvc:// or file:// here"
             }
             _ => "hf:// names a model repository; only spec.baseModel.uri takes one",
         };
@@ -433,23 +434,42 @@ fn train_files(
     Ok(TrainFiles::Mixture(sources))
 }
 
-/// The base model's path, and for `hf://` the repository to fetch into the model cache first.
+/// A base model fetched into the model cache before loading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteBase {
+    Hub(HubModel),
+    S3(S3Model),
+}
+
+/// The base model's path, and for `hf://` and `s3://` what to fetch into the model cache first.
 fn base_model(
     spec: &finetune_crds::FinetuneJobSpec,
     roots: &MountRoots,
     model_cache: &Path,
-) -> Result<(PathBuf, Option<HubModel>), Stop> {
+) -> Result<(PathBuf, Option<RemoteBase>), Stop> {
     let uri = &spec.base_model.uri;
     let field = "spec.baseModel.uri";
+    let format = spec.base_model.format;
     match StorageUri::parse(uri) {
         Some(StorageUri::HuggingFace { repo, revision }) => {
             let cache = model_cache.join("hf/models").join(&repo);
             let hub = HubModel {
                 repo,
                 revision: revision.unwrap_or_else(|| "main".into()),
-                format: spec.base_model.format,
+                format,
             };
-            Ok((cache, Some(hub)))
+            Ok((cache, Some(RemoteBase::Hub(hub))))
+        }
+        Some(StorageUri::S3 { bucket, key }) => {
+            let cache = model_cache.join("s3").join(&bucket).join(&key);
+            Ok((
+                cache,
+                Some(RemoteBase::S3(S3Model {
+                    bucket,
+                    key,
+                    format,
+                })),
+            ))
         }
         _ => Ok((resolve(uri, roots, field)?, None)),
     }
@@ -648,7 +668,9 @@ spec:
             ..Environment::default()
         };
         let plan = Plan::from_manifest(manifest.clone(), &opts(), &environment).unwrap();
-        let hub = plan.hub.as_ref().unwrap();
+        let Some(RemoteBase::Hub(hub)) = plan.remote_base.as_ref() else {
+            panic!("{:?}", plan.remote_base)
+        };
         assert_eq!(
             (hub.repo.as_str(), hub.revision.as_str()),
             ("org/model", "main")

@@ -90,7 +90,7 @@ impl<'a> Buckets<'a> {
 
 /// A refusal (exit 2, not retried) for what only a new spec or Secret can fix: wrong keys name
 /// the Secret, a missing object the field; an error (retried) for the rest.
-fn refusal(e: FetchError, field: &str, settings: &S3Settings) -> Stop {
+pub(crate) fn refusal(e: FetchError, field: &str, settings: &S3Settings) -> Stop {
     let message = e.to_string();
     match e {
         FetchError::Refused(_) if settings.secret_name.is_some() => {
