@@ -32,6 +32,9 @@ pub mod env {
     pub const TERMINATION_LOG: &str = "FINETUNE_TERMINATION_LOG";
     /// Hugging Face token from `baseModel.tokenSecretRef` (never logged).
     pub const HF_TOKEN: &str = "HF_TOKEN";
+    /// Hugging Face token from `dataset.tokenSecretRef`, for `hf://datasets/...` files (never
+    /// logged).
+    pub const HF_DATASET_TOKEN: &str = "FINETUNE_HF_DATASET_TOKEN";
     /// Base URL of the Hugging Face Hub or a mirror of its API (`https://huggingface.co` unset),
     /// the variable `huggingface_hub` itself reads.
     pub const HF_ENDPOINT: &str = "HF_ENDPOINT";

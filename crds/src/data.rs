@@ -4,6 +4,8 @@ use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::model::SecretKeyRef;
+
 /// Training and evaluation data. Every file is JSON Lines; what a line holds depends on `format`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -37,6 +39,11 @@ pub struct DatasetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_samples: Option<i64>,
+    /// Secret holding a Hugging Face token (key `token` unless given) for gated or private
+    /// `hf://datasets/...` files; passed to the trainer by reference and never logged. Public
+    /// datasets need none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
 }
 
 /// The training data: `uri`, one JSON Lines file, or `sources`, a seeded mixture of 2 to 16
@@ -46,13 +53,13 @@ pub struct DatasetSpec {
 #[x_kube(
     validation = Rule::new("has(self.uri) != has(self.sources)")
         .message("dataset.train needs uri (one file) or sources (a mixture of files), not both"),
-    validation = Rule::new("!has(self.uri) || self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
-        .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, s3://BUCKET/KEY or configmap://NAME/KEY")
+    validation = Rule::new("!has(self.uri) || self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|hf://datasets/[^/@]+/[^/@]+(@[^/@]+)?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
+        .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, s3://BUCKET/KEY, hf://datasets/ORG/NAME[@REVISION]/PATH or configmap://NAME/KEY")
         .field_path(".uri"),
 )]
 pub struct TrainData {
-    /// One file: `pvc://CLAIM/PATH.jsonl`, `file:///PATH.jsonl`, `s3://BUCKET/KEY.jsonl` or
-    /// `configmap://NAME/KEY`.
+    /// One file: `pvc://CLAIM/PATH.jsonl`, `file:///PATH.jsonl`, `s3://BUCKET/KEY.jsonl`,
+    /// `hf://datasets/ORG/NAME[@REVISION]/PATH.jsonl` or `configmap://NAME/KEY`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub uri: Option<String>,
@@ -91,8 +98,8 @@ impl TrainData {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
-        .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, s3://BUCKET/KEY or configmap://NAME/KEY")
+    validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|hf://datasets/[^/@]+/[^/@]+(@[^/@]+)?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
+        .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, s3://BUCKET/KEY, hf://datasets/ORG/NAME[@REVISION]/PATH or configmap://NAME/KEY")
         .field_path(".uri"),
     validation = Rule::new("!(has(self.weight) && has(self.samples))")
         .message("a mixture source takes weight (its share of an epoch) or samples (a count), not both")
@@ -102,8 +109,8 @@ impl TrainData {
         .field_path(".format"),
 )]
 pub struct MixtureSource {
-    /// `pvc://CLAIM/PATH.jsonl`, `file:///PATH.jsonl`, `s3://BUCKET/KEY.jsonl` or
-    /// `configmap://NAME/KEY`.
+    /// `pvc://CLAIM/PATH.jsonl`, `file:///PATH.jsonl`, `s3://BUCKET/KEY.jsonl`,
+    /// `hf://datasets/ORG/NAME[@REVISION]/PATH.jsonl` or `configmap://NAME/KEY`.
     #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
     /// What each of its lines holds; `dataset.format` when absent.
@@ -124,11 +131,12 @@ pub struct MixtureSource {
 /// A JSON Lines file the trainer reads.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
-    .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, s3://BUCKET/KEY or configmap://NAME/KEY")
+#[x_kube(validation = Rule::new("self.uri.matches('^(pvc://[a-z0-9]([-.a-z0-9]*[a-z0-9])?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|file:///.+|s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|hf://datasets/[^/@]+/[^/@]+(@[^/@]+)?(/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+))+|configmap://[a-z0-9]([-.a-z0-9]*[a-z0-9])?/([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][.][-._a-zA-Z0-9]+))$')")
+    .message("dataset URIs must be pvc://CLAIM/PATH (no . or .. segments), file:///PATH, s3://BUCKET/KEY, hf://datasets/ORG/NAME[@REVISION]/PATH or configmap://NAME/KEY")
     .field_path(".uri"))]
 pub struct DataSource {
-    /// `pvc://CLAIM/PATH`, `file:///PATH`, `s3://BUCKET/KEY` or `configmap://NAME/KEY`.
+    /// `pvc://CLAIM/PATH`, `file:///PATH`, `s3://BUCKET/KEY`,
+    /// `hf://datasets/ORG/NAME[@REVISION]/PATH` or `configmap://NAME/KEY`.
     #[schemars(length(min = 1, max = 2048))]
     pub uri: String,
 }

@@ -23,6 +23,13 @@ pub enum StorageUri {
         repo: String,
         revision: Option<String>,
     },
+    /// `hf://datasets/ORG/NAME[@REVISION]/PATH`: one file of a Hub dataset repository (the
+    /// form `huggingface_hub`'s file system takes); `repo` is `datasets/ORG/NAME`.
+    HuggingFaceFile {
+        repo: String,
+        revision: Option<String>,
+        path: String,
+    },
     /// `s3://BUCKET/KEY`: an object, or for outputs and adapters a prefix.
     S3 { bucket: String, key: String },
 }
@@ -48,6 +55,7 @@ impl StorageUri {
             "file" => rest.starts_with('/').then(|| Self::File {
                 path: rest.to_string(),
             }),
+            "hf" if rest.starts_with("datasets/") => hub_file(rest),
             "hf" => {
                 let (repo, revision) = match rest.split_once('@') {
                     Some((repo, revision)) => (repo, Some(revision.to_string())),
@@ -69,9 +77,26 @@ impl StorageUri {
             Self::Pvc { claim, path } => Some(roots.pvc.join(claim).join(path)),
             Self::ConfigMap { name, key } => Some(roots.configmap.join(name).join(key)),
             Self::File { path } => Some(PathBuf::from(path)),
-            Self::HuggingFace { .. } | Self::S3 { .. } => None,
+            Self::HuggingFace { .. } | Self::HuggingFaceFile { .. } | Self::S3 { .. } => None,
         }
     }
+}
+
+/// `datasets/ORG/NAME[@REVISION]/PATH` (the part after `hf://`).
+fn hub_file(rest: &str) -> Option<StorageUri> {
+    let mut parts = rest.splitn(4, '/');
+    let (kind, org, name_rev, path) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (name, revision) = match name_rev.split_once('@') {
+        Some((name, revision)) => (name, Some(revision.to_string())),
+        None => (name_rev, None),
+    };
+    let inside = path.split('/').all(|seg| !matches!(seg, "" | "." | ".."));
+    let named = !org.is_empty() && !name.is_empty() && revision.as_deref() != Some("");
+    (named && inside).then(|| StorageUri::HuggingFaceFile {
+        repo: format!("{kind}/{org}/{name}"),
+        revision,
+        path: path.to_string(),
+    })
 }
 
 /// S3's bucket naming rules, as far as a URI shows them: 3 to 63 lowercase letters, digits,
@@ -153,7 +178,26 @@ mod tests {
                 key: "data/train.jsonl".into()
             })
         );
+        assert_eq!(
+            StorageUri::parse("hf://datasets/org/chat@v2/data/train.jsonl"),
+            Some(StorageUri::HuggingFaceFile {
+                repo: "datasets/org/chat".into(),
+                revision: Some("v2".into()),
+                path: "data/train.jsonl".into()
+            })
+        );
+        assert_eq!(
+            StorageUri::parse("hf://datasets/org/chat/train.jsonl"),
+            Some(StorageUri::HuggingFaceFile {
+                repo: "datasets/org/chat".into(),
+                revision: None,
+                path: "train.jsonl".into()
+            })
+        );
         for bad in [
+            "hf://datasets/org/chat",
+            "hf://datasets/org/chat@/x.jsonl",
+            "hf://datasets/org/chat/../x.jsonl",
             "s3://b/k",
             "s3://Bucket/k",
             "s3://bucket-/k",

@@ -507,7 +507,7 @@ fn a_mixture_parses_and_its_rules_name_the_field() {
 }
 
 #[test]
-fn s3_uris_datasets_outputs_and_the_store_settings_are_checked() {
+fn s3_and_hub_dataset_uris_outputs_and_the_store_settings_are_checked() {
     // Accepted: an s3:// dataset and output, with an http endpoint and a credentials Secret.
     let job = edit(
         valid_job(),
@@ -532,6 +532,20 @@ fn s3_uris_datasets_outputs_and_the_store_settings_are_checked() {
         parsed.spec.s3.unwrap().credentials_secret_ref.unwrap().name,
         "s3"
     );
+    // And a file of a Hub dataset, with its own token.
+    let job = edit(
+        valid_job(),
+        "/spec/dataset/train/uri",
+        Some(json!("hf://datasets/team/support-chat@v2/data/train.jsonl")),
+    );
+    let job = edit(
+        job,
+        "/spec/dataset/tokenSecretRef",
+        Some(json!({"name": "hf-data"})),
+    );
+    let yaml = serde_yaml::to_string(&job).unwrap();
+    let parsed = parse_manifest::<FinetuneJob>(&yaml, "job.yaml").unwrap();
+    assert_eq!(parsed.spec.dataset.token_secret_ref.unwrap().key, "token");
 
     for (pointer, uri, field, words) in [
         (
@@ -569,6 +583,18 @@ fn s3_uris_datasets_outputs_and_the_store_settings_are_checked() {
             "https://key:secret@minio",
             "spec.s3.endpoint",
             "without credentials",
+        ),
+        (
+            "/spec/dataset/train/uri",
+            "hf://datasets/org/chat",
+            "spec.dataset.train.uri",
+            "hf://datasets/ORG/NAME[@REVISION]/PATH",
+        ),
+        (
+            "/spec/dataset/train/uri",
+            "hf://org/model",
+            "spec.dataset.train.uri",
+            "hf://datasets/ORG/NAME[@REVISION]/PATH",
         ),
     ] {
         let job = edit(valid_job(), pointer, Some(json!(uri)));

@@ -210,7 +210,10 @@ impl Mounts {
                 }
             }
             Some(
-                StorageUri::File { .. } | StorageUri::HuggingFace { .. } | StorageUri::S3 { .. },
+                StorageUri::File { .. }
+                | StorageUri::HuggingFace { .. }
+                | StorageUri::HuggingFaceFile { .. }
+                | StorageUri::S3 { .. },
             ) => {}
             None => {
                 return Err(BuildError::BadUri {

@@ -5,6 +5,7 @@ objects under `.git/lfs/objects` — the layout `olah` serves as a local mirror 
 API (`/api/models/…/revision`, `paths-info`, `resolve`).
 
     python tests/hub/make_repo.py OUT_DIR     # writes OUT_DIR/models/HuggingFaceTB/SmolLM2-135M-Instruct
+                                              # and OUT_DIR/datasets/finetune-tests/chat-examples
 
 The GGUF itself is committed beside the safetensors too (as LFS), so a test can check that a
 `format: safetensors` download leaves it alone. Idempotent: an existing repository is kept
@@ -20,6 +21,9 @@ import tempfile
 from pathlib import Path
 
 ORG, NAME = "HuggingFaceTB", "SmolLM2-135M-Instruct"
+# A dataset repository of the example chat data: data/train.jsonl as an LFS object (checked by
+# its sha256), data/eval.jsonl as a plain git file (checked by its git blob id).
+DATASET = "finetune-tests/chat-examples"
 # Files bigger than this become LFS pointers, as the Hub's .gitattributes does for weights.
 LFS_MIN = 1 << 20
 
@@ -97,5 +101,28 @@ def build(out: Path) -> Path:
     return repo
 
 
+def build_dataset(out: Path) -> Path:
+    repo = out / "datasets" / DATASET
+    if (repo / ".git").is_dir():
+        if intact(repo):
+            return repo
+        shutil.rmtree(repo)
+    tmp = Path(tempfile.mkdtemp(prefix="hub-dataset-", dir=out))
+    git(tmp, "init", "-q", "-b", "main")
+    examples = Path(__file__).resolve().parents[2] / "examples" / "data"
+    (tmp / "data").mkdir()
+    shutil.copyfile(examples / "chat-train.jsonl", tmp / "data" / "train.jsonl")
+    shutil.copyfile(examples / "chat-eval.jsonl", tmp / "data" / "eval.jsonl")
+    (tmp / ".gitattributes").write_text("data/train.jsonl filter=lfs diff=lfs merge=lfs -text\n")
+    lfs_pointer(tmp, tmp / "data" / "train.jsonl")
+    git(tmp, "add", "-A")
+    git(tmp, "commit", "-q", "-m", "the example chat data")
+    repo.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(repo)
+    return repo
+
+
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1]).resolve()))
+    out = Path(sys.argv[1]).resolve()
+    print(build(out))
+    print(build_dataset(out))

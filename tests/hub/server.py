@@ -1,5 +1,5 @@
 """A local Hugging Face Hub for the `hf://` tests: olah (a self-hosted Hub mirror from PyPI)
-serving the SmolLM2 repository built by make_repo.py as a local mirror, behind nginx that does
+serving the SmolLM2 repository and the example chat dataset built by make_repo.py as a local mirror, behind nginx that does
 what an enterprise mirror's gateway does — refuse requests without the right bearer token — and
 logs every request, so a test can count downloads.
 
@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OLAH_VERSION = "0.5.4"
 REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DATASET_ID = "finetune-tests/chat-examples"
 
 
 def cache_dir() -> Path:
@@ -59,6 +60,11 @@ def mirror_root() -> Path:
 def repo_dir() -> Path:
     """The served repository (built by `mirror_root`, which `Hub` calls)."""
     return mirror_dir() / "models" / REPO_ID
+
+
+def dataset_dir() -> Path:
+    """The served dataset repository (built by `mirror_root` too)."""
+    return mirror_dir() / "datasets" / DATASET_ID
 
 
 def free_port() -> int:

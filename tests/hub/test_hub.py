@@ -1,6 +1,7 @@
-"""`hf://` base models against a real Hub-compatible server: olah serving SmolLM2 through the
-Hub's API, behind an nginx gateway that wants a bearer token (see server.py). Each case runs the
-real `finetune-trainer run` for one optimizer step and reads the contract's termination message.
+"""`hf://` base models and dataset files against a real Hub-compatible server: olah serving
+SmolLM2 and a dataset of the example chat data through the Hub's API, behind an nginx gateway that
+wants a bearer token (see server.py). Each case runs the real `finetune-trainer run` for one
+optimizer step and reads the contract's termination message.
 
 Run: `make test-hub` (part of `make test`), or with the project venv:
     python -m pytest -q tests/hub
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from server import REPO_ID, Hub, repo_dir
+from server import DATASET_ID, REPO_ID, Hub, dataset_dir, repo_dir
 
 TOKEN = "hf_test_0123456789abcdef"
 # Loads an adapter directory with PEFT, which downloads its base from HF_ENDPOINT.
@@ -249,3 +250,68 @@ def test_a_byte_flipped_on_the_server_is_caught_by_its_hash_and_fetched_again(hu
     assert len(hub.downloads("tokenizer.json")) - before >= 2
     cached = tmp_path / "cache" / "hf" / "models" / REPO_ID / f"{commit}.safetensors" / "tokenizer.json"
     assert cached.read_bytes() == original
+
+
+def dataset_run(tmp: Path, hub, train: str, eval_: str, token: str | None) -> subprocess.CompletedProcess:
+    """One optimizer step on the local SmolLM2 GGUF with these data URIs; the token, if any,
+    as the operator passes `dataset.tokenSecretRef` (Secret `hf-data`)."""
+    from make_repo import gguf_path
+    secret = "\n    tokenSecretRef: {name: hf-data}" if token else ""
+    job = tmp / "job.yaml"
+    job.write_text(f"""apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {{name: hub-dataset}}
+spec:
+  baseModel: {{uri: "file://{gguf_path()}"}}
+  dataset:
+    train: {{uri: "{train}"}}
+    eval: {{uri: "{eval_}"}}
+    format: chat{secret}
+  adapter: {{type: lora}}
+  forgettingGuard: {{disabled: true}}
+  hyperparameters: {{maxSteps: 1, batchSize: 2, maxSeqLength: 64}}
+""")
+    env = dict(os.environ, HF_ENDPOINT=hub.endpoint, FINETUNE_TERMINATION_LOG=str(tmp / "termination-log"),
+               FINETUNE_STATUS_PORT="0")
+    env.pop("HF_TOKEN", None)
+    env.pop("FINETUNE_HF_DATASET_TOKEN", None)
+    if token:
+        env["FINETUNE_HF_DATASET_TOKEN"] = token
+    return subprocess.run([str(trainer_bin()), "--device", "cpu", "run", str(job), "--output", str(tmp / "out")],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_dataset_file_from_the_hub_trains_like_the_same_file_and_a_wrong_token_is_refused(hub, tmp_path):
+    data = ROOT / "examples" / "data"
+    local_dir, hub_dir = tmp_path / "local", tmp_path / "hub"
+    local_dir.mkdir()
+    hub_dir.mkdir()
+    local = dataset_run(local_dir, hub, f"file://{data}/chat-train.jsonl", f"file://{data}/chat-eval.jsonl", None)
+    assert local.returncode == 0, local.stderr
+    base = f"hf://datasets/{DATASET_ID}@main/data"
+    remote = dataset_run(hub_dir, hub, f"{base}/train.jsonl", f"{base}/eval.jsonl", TOKEN)
+    assert remote.returncode == 0, remote.stderr
+    # The same bytes (train.jsonl through LFS and its sha256, eval.jsonl as a git blob): the same
+    # data digest, and the commit the revision resolved to in the log.
+    digest = lambda d: json.loads((d / "termination-log").read_text())["datasetDigest"]
+    assert digest(local_dir) == digest(hub_dir)
+    commit = subprocess.run(["git", "-C", str(dataset_dir()), "rev-parse", "HEAD"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    assert f"dataset {base}/train.jsonl: commit {commit}" in remote.stderr, remote.stderr
+
+    wrong_dir = tmp_path / "wrong"
+    wrong_dir.mkdir()
+    wrong = dataset_run(wrong_dir, hub, f"{base}/train.jsonl", f"{base}/eval.jsonl", "hf_not_the_token")
+    assert wrong.returncode == 2, wrong.stderr
+    error = json.loads((wrong_dir / "termination-log").read_text())["error"]
+    assert error["param"] == "spec.dataset.tokenSecretRef", error
+    assert "Secret `hf-data`" in error["message"]
+    assert "hf_not_the_token" not in error["message"] + wrong.stderr
+
+    missing_dir = tmp_path / "missing"
+    missing_dir.mkdir()
+    missing = dataset_run(missing_dir, hub, f"{base}/absent.jsonl", f"{base}/eval.jsonl", TOKEN)
+    assert missing.returncode == 2, missing.stderr
+    error = json.loads((missing_dir / "termination-log").read_text())["error"]
+    assert error["param"] == "spec.dataset.train.uri", error
+    assert "absent.jsonl" in error["message"]

@@ -162,6 +162,11 @@ fn trainer_container(
         token.name = env::HF_TOKEN.into();
         environment.push(token);
     }
+    if let Some(secret) = &job.spec.dataset.token_secret_ref {
+        let mut token = secret_env(&secret.name, &secret.key, false);
+        token.name = env::HF_DATASET_TOKEN.into();
+        environment.push(token);
+    }
     environment.extend(s3_env(job.spec.s3.as_ref()));
     if let Some(dir) = init_adapter_dir {
         environment.push(plain_env(env::INIT_ADAPTER_DIR, dir));
@@ -619,6 +624,18 @@ mod tests {
             (selector.name.as_str(), selector.key.as_str()),
             ("hf-token", "token")
         );
+        // A dataset's token is another variable, from its own Secret.
+        let mut job = example("sft-lora-smollm2.yaml");
+        job.spec.dataset.token_secret_ref = Some(finetune_crds::model::SecretKeyRef {
+            name: "hf-data".into(),
+            key: "token".into(),
+        });
+        let pod = trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap();
+        assert!(env_value(&pod, env::HF_TOKEN).is_none());
+        let token = env_value(&pod, env::HF_DATASET_TOKEN).unwrap();
+        assert_eq!(token.value, None);
+        let selector = token.value_from.as_ref().unwrap().secret_key_ref.as_ref();
+        assert_eq!(selector.unwrap().name, "hf-data");
     }
 
     #[test]

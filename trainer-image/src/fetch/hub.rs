@@ -107,13 +107,18 @@ impl HubClient {
         &self.endpoint
     }
 
-    /// Resolves `revision` (a branch, tag or commit) of a model repository.
+    /// The API base of `repo`: `ORG/NAME` is a model, `datasets/ORG/NAME` a dataset (files of
+    /// both are at `/{repo}/resolve/...`).
+    fn api(&self, repo: &str) -> String {
+        match repo.strip_prefix("datasets/") {
+            Some(dataset) => format!("{}/api/datasets/{dataset}", self.endpoint),
+            None => format!("{}/api/models/{repo}", self.endpoint),
+        }
+    }
+
+    /// Resolves `revision` (a branch, tag or commit) of a repository.
     pub fn revision(&self, repo: &str, revision: &str) -> Result<Revision, FetchError> {
-        let url = format!(
-            "{}/api/models/{repo}/revision/{}",
-            self.endpoint,
-            encode_segment(revision)
-        );
+        let url = format!("{}/revision/{}", self.api(repo), encode_segment(revision));
         let mut response = self.check(self.get(&url, None)?, repo, Some(revision))?;
         let text = read_api_body(&mut response, &url)?;
         let parsed: RevisionJson = serde_json::from_str(&text)
@@ -136,7 +141,7 @@ impl HubClient {
         commit: &str,
         paths: &[String],
     ) -> Result<Vec<RemoteFile>, FetchError> {
-        let url = format!("{}/api/models/{repo}/paths-info/{commit}", self.endpoint);
+        let url = format!("{}/paths-info/{commit}", self.api(repo));
         let form: Vec<(&str, &str)> = paths.iter().map(|p| ("paths", p.as_str())).collect();
         let mut request = self.agent.post(&url);
         if let Some(token) = &self.token {
@@ -267,17 +272,21 @@ impl HubClient {
             .unwrap_or_default();
         let at = revision.map(|r| format!("@{r}")).unwrap_or_default();
         let endpoint = &self.endpoint;
+        let (what, token_field) = match repo.starts_with("datasets/") {
+            true => ("dataset", "spec.dataset.tokenSecretRef"),
+            false => ("model", "spec.baseModel.tokenSecretRef"),
+        };
         match status {
             401 | 403 => FetchError::Refused(match &self.token_source {
                 Some(source) => format!(
                     "{endpoint} refused the token from {source} for `{repo}{at}` (HTTP {status}{said}): the token is invalid or cannot read the repository, or the repository or revision does not exist"
                 ),
                 None => format!(
-                    "{endpoint} refused `{repo}{at}` without a token (HTTP {status}{said}): the repository is gated, private or does not exist; give a token with spec.baseModel.tokenSecretRef"
+                    "{endpoint} refused `{repo}{at}` without a token (HTTP {status}{said}): the repository is gated, private or does not exist; give a token with {token_field}"
                 ),
             }),
             404 => FetchError::NotFound(format!(
-                "{endpoint} has no model `{repo}{at}` (HTTP 404{said})"
+                "{endpoint} has no {what} `{repo}{at}` (HTTP 404{said})"
             )),
             429 | 500..=599 => FetchError::Transport(format!(
                 "{endpoint} answered HTTP {status} for `{repo}{at}`{said}"

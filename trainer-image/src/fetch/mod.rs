@@ -164,6 +164,48 @@ pub fn fetch_model(
     })
 }
 
+/// One file of a Hub repository (a dataset's JSON Lines file, `repo` = `datasets/ORG/NAME`)
+/// downloaded to `dir/PATH`, checked against the hash the Hub publishes and retried as a model's
+/// files are. Always fetched afresh: the revision may have moved since an earlier attempt.
+/// Returns the commit the revision resolved to and the file's bytes.
+pub fn fetch_file(
+    client: &HubClient,
+    repo: &str,
+    revision: &str,
+    path: &str,
+    dir: &Path,
+    report: &mut dyn FnMut(Event),
+) -> Result<(String, u64), FetchError> {
+    let model = HubModel {
+        repo: repo.to_string(),
+        revision: revision.to_string(),
+        format: ModelFormat::Auto,
+    };
+    let commit = with_tries(revision, report, |_| client.revision(repo, revision))?.commit;
+    let download = Download {
+        client,
+        model: &model,
+        commit: &commit,
+        partial: dir.to_path_buf(),
+    };
+    let files = download.paths_info(&[path.to_string()], report)?;
+    let Some(file) = files.iter().find(|f| f.path == path) else {
+        return Err(FetchError::NotFound(format!(
+            "`{repo}@{revision}` (commit {commit}) has no file `{path}`"
+        )));
+    };
+    let target = dir.join(path);
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    }
+    if target.exists() {
+        fs::remove_file(&target).map_err(|e| io(&target, e))?;
+    }
+    let mut progress = Progress::new(std::slice::from_ref(file), dir);
+    download.files(std::slice::from_ref(file), &mut progress, report)?;
+    Ok((commit, file.size))
+}
+
 /// One commit in one layout: `COMMIT.safetensors` or `COMMIT.gguf` (a repository may hold both).
 fn entry_name(commit: &str, layout: ModelFormat) -> String {
     match layout {

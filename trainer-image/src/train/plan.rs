@@ -114,8 +114,8 @@ pub struct Plan {
     pub hf_endpoint: String,
     /// The training file, or the files of a mixture.
     pub train: TrainFiles,
-    /// Dataset files on `s3://`, to download before the data loads (their paths in `train` and
-    /// `eval_path` are where they land).
+    /// Dataset files on `s3://` or the Hub, to download before the data loads (their paths in
+    /// `train` and `eval_path` are where they land).
     pub remote_inputs: Vec<RemoteInput>,
     /// `output.uri`: the `s3://` prefix results are uploaded to after training.
     pub output_uri: Option<(String, String)>,
@@ -338,19 +338,35 @@ fn refuse_guard_for_adapter(job: &FinetuneJob, is_dpo: bool) -> Result<(), Stop>
     Ok(())
 }
 
-/// A dataset file on `s3://` and where it is downloaded to.
+/// A dataset file on `s3://` or the Hub and where it is downloaded to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RemoteInput {
     pub uri: String,
     /// The spec field naming it, for refusals.
     pub field: String,
-    pub bucket: String,
-    pub key: String,
+    pub source: RemoteSource,
+    /// Where the file lands: `dir` + the file's own path (a Hub file keeps its path in the
+    /// repository, an object its last segment).
+    pub dir: PathBuf,
     pub path: PathBuf,
 }
 
-/// Resolves dataset URIs: mounted ones to their paths, `s3://` ones to a file in `staging`
-/// (noted in `remote` for the download before the data loads).
+/// Where a [`RemoteInput`] comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RemoteSource {
+    S3 {
+        bucket: String,
+        key: String,
+    },
+    Hub {
+        repo: String,
+        revision: String,
+        path: String,
+    },
+}
+
+/// Resolves dataset URIs: mounted ones to their paths, `s3://` and `hf://datasets/` ones to a
+/// file in `staging` (noted in `remote` for the download before the data loads).
 struct Inputs<'a> {
     roots: &'a MountRoots,
     staging: PathBuf,
@@ -359,19 +375,39 @@ struct Inputs<'a> {
 
 impl Inputs<'_> {
     fn resolve(&mut self, uri: &str, field: &str) -> Result<PathBuf, Stop> {
-        let Some(StorageUri::S3 { bucket, key }) = StorageUri::parse(uri) else {
-            return resolve(uri, self.roots, field);
+        let (source, name) = match StorageUri::parse(uri) {
+            Some(StorageUri::S3 { bucket, key }) => {
+                let name = key.rsplit('/').next().unwrap_or("data").to_string();
+                (RemoteSource::S3 { bucket, key }, name)
+            }
+            Some(StorageUri::HuggingFaceFile {
+                repo,
+                revision,
+                path,
+            }) => {
+                let revision = revision.unwrap_or_else(|| "main".into());
+                let name = path.clone();
+                (
+                    RemoteSource::Hub {
+                        repo,
+                        revision,
+                        path,
+                    },
+                    name,
+                )
+            }
+            _ => return resolve(uri, self.roots, field),
         };
-        // Named by the URI's digest, so that two sources ending in the same file name differ
-        // and a retry finds the same path; the file name stays for people reading messages.
-        let digest = &digest_hex(uri.as_bytes())[..16];
-        let name = key.rsplit('/').next().unwrap_or("data");
-        let path = self.staging.join(format!("{digest}-{name}"));
+        // A directory named by the URI's digest, so that two sources ending in the same file
+        // name differ and a retry finds the same path; the file keeps its name for people
+        // reading messages.
+        let dir = self.staging.join(&digest_hex(uri.as_bytes())[..16]);
+        let path = dir.join(&name);
         self.remote.push(RemoteInput {
             uri: uri.to_string(),
             field: field.to_string(),
-            bucket,
-            key,
+            source,
+            dir,
             path: path.clone(),
         });
         Ok(path)
@@ -385,6 +421,9 @@ fn resolve(uri: &str, roots: &MountRoots, field: &str) -> Result<PathBuf, Stop> 
         let why = match parsed {
             StorageUri::S3 { .. } => {
                 "s3:// is read for dataset files and spec.baseModel.uri only; use pvc:// or file:// here"
+            }
+            StorageUri::HuggingFaceFile { .. } => {
+                "hf://datasets/ files are read for dataset.train and dataset.eval only; use pvc:// or file:// here"
             }
             _ => "hf:// names a model repository; only spec.baseModel.uri takes one",
         };

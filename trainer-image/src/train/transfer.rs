@@ -1,32 +1,50 @@
-//! The stages around training that move data to and from `s3://`: dataset files downloaded
-//! before the data loads, results uploaded after they are written. Refusals name the field or
-//! Secret to fix; the rest is retried by the operator like any other failure.
+//! The stages around training that move data: dataset files downloaded from `s3://` or the Hub
+//! before the data loads, results uploaded to `s3://` after they are written. Refusals name the
+//! field or Secret to fix; the rest is retried by the operator like any other failure.
 
 use std::collections::BTreeMap;
 
-use crate::fetch::FetchError;
+use finetune_crds::contract::env;
+
 use crate::fetch::prefix::{self, Manifest};
 use crate::fetch::s3::{S3Bucket, S3Settings};
+use crate::fetch::{self, Event, FetchError, HubClient};
 use crate::limits::MAX_REMOTE_DATASET;
-use crate::train::plan::Plan;
+use crate::train::plan::{Plan, RemoteSource};
 use crate::train::stop::{Stop, invalid};
 
-/// Downloads the plan's `s3://` dataset files to the paths the plan gave them.
+/// Downloads the plan's `s3://` and `hf://datasets/` files to the paths the plan gave them.
 pub fn fetch_inputs(plan: &Plan) -> Result<(), Stop> {
     if plan.remote_inputs.is_empty() {
         return Ok(());
     }
     let settings = S3Settings::from_env();
     let mut buckets = Buckets::new(&settings);
+    let hub = hub_client(plan);
     for input in &plan.remote_inputs {
-        if let Some(dir) = input.path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Stop::Error(format!("{}: {e}", dir.display())))?;
-        }
-        let size = buckets
-            .get(&input.bucket)
-            .and_then(|b| b.download(&input.key, &input.path, MAX_REMOTE_DATASET))
-            .map_err(|e| refusal(e, &input.field, &settings))?;
+        std::fs::create_dir_all(&input.dir)
+            .map_err(|e| Stop::Error(format!("{}: {e}", input.dir.display())))?;
+        let size = match &input.source {
+            RemoteSource::S3 { bucket, key } => buckets
+                .get(bucket)
+                .and_then(|b| b.download(key, &input.path, MAX_REMOTE_DATASET))
+                .map_err(|e| refusal(e, &input.field, &settings))?,
+            RemoteSource::Hub {
+                repo,
+                revision,
+                path,
+            } => {
+                let (commit, size) =
+                    fetch::fetch_file(&hub, repo, revision, path, &input.dir, &mut |event| {
+                        if let Event::Retry { file, reason } = event {
+                            eprintln!("dataset {}: fetching {file} again: {reason}", input.uri)
+                        }
+                    })
+                    .map_err(|e| hub_refusal(e, &input.field, plan))?;
+                eprintln!("dataset {}: commit {commit}", input.uri);
+                size
+            }
+        };
         eprintln!(
             "dataset {}: {:.1} MiB downloaded to {}",
             input.uri,
@@ -35,6 +53,29 @@ pub fn fetch_inputs(plan: &Plan) -> Result<(), Stop> {
         );
     }
     Ok(())
+}
+
+/// The Hub client for dataset files: `HF_ENDPOINT`, and the token of `dataset.tokenSecretRef`
+/// (read here, never stored in the plan).
+fn hub_client(plan: &Plan) -> HubClient {
+    let secret = plan.spec().dataset.token_secret_ref.as_ref();
+    let token = std::env::var(env::HF_DATASET_TOKEN).ok();
+    let source = secret.map(|s| format!("Secret `{}` (key `{}`)", s.name, s.key));
+    HubClient::new(&plan.hf_endpoint, token, source)
+}
+
+/// As [`refusal`], for the Hub: a refused token names `dataset.tokenSecretRef`.
+fn hub_refusal(e: FetchError, field: &str, plan: &Plan) -> Stop {
+    let message = e.to_string();
+    match e {
+        FetchError::Refused(_) if plan.spec().dataset.token_secret_ref.is_some() => {
+            invalid(message, "spec.dataset.tokenSecretRef")
+        }
+        FetchError::Refused(_) | FetchError::NotFound(_) | FetchError::Unusable(_) => {
+            invalid(message, field)
+        }
+        _ => Stop::Error(format!("downloading {field}: {message}")),
+    }
 }
 
 /// Uploads the results in `plan.output_dir` to `output.uri` (checkpoints and staged inputs
