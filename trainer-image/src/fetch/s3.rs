@@ -155,10 +155,11 @@ impl S3Bucket {
         format!("s3://{}/{key}", self.bucket)
     }
 
-    /// Streams the object at `key` into `dest` (through `dest.partial`, renamed when whole);
+    /// Streams the object at `key` into `dest` (through `DEST.partial`, renamed when whole);
     /// refuses an object larger than `max_bytes` before reading it. Returns its size.
     pub fn download(&self, key: &str, dest: &Path, max_bytes: u64) -> Result<u64, FetchError> {
-        let partial = dest.with_extension("partial");
+        let name = dest.file_name().unwrap_or_default().to_string_lossy();
+        let partial = dest.with_file_name(format!("{name}.partial"));
         let cache_err =
             |e: std::io::Error| FetchError::Cache(format!("{}: {e}", partial.display()));
         let size = self.runtime.block_on(async {
