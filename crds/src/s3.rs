@@ -5,8 +5,7 @@ use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 /// Endpoint, region and credentials for the job's (or Adapter's) `s3://` URIs. Omitted: AWS's
-/// regional endpoint and the pod's own identity (the standard `AWS_*` variables, e.g. a web
-/// identity token), or anonymous access to a public bucket.
+/// regional endpoint for `us-east-1`, and unsigned requests (a public bucket).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.endpoint) || self.endpoint.matches('^https?://[^/?#@ ]+(/[^?#@ ]*)?$')")
@@ -19,13 +18,15 @@ pub struct S3Access {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub endpoint: Option<String>,
-    /// The region requests are signed for; `us-east-1` when omitted.
+    /// The region requests are signed for (and, without `endpoint`, AWS's endpoint of that
+    /// region); `us-east-1` when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
     pub region: Option<String>,
     /// A Secret in the same namespace with keys `AWS_ACCESS_KEY_ID` and
     /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN` for temporary credentials). They reach
-    /// the trainer as environment variables and are never logged.
+    /// the trainer as environment variables and are never logged. Without it, requests are
+    /// unsigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretName>,
 }

@@ -20,9 +20,10 @@ pub const MAX_TOKENIZER_FILE: u64 = 256 << 20;
 /// is almost certainly not a training sample, and its parsed JSON could take many times its size.
 pub const MAX_DATA_LINE: usize = 8 << 20;
 
-/// A dataset file downloaded from `s3://` onto the job's storage (streamed, never held in
-/// memory): well past any fine-tuning set, short of filling a volume by mistake.
-pub const MAX_REMOTE_DATASET: u64 = 64 << 30;
+/// A dataset file downloaded from `s3://` or the Hub onto the job's storage, or an adapter's
+/// file into a verification pod's scratch space (streamed, never held in memory): well past any
+/// fine-tuning set or adapter, short of filling a volume by mistake.
+pub const MAX_REMOTE_FILE: u64 = 64 << 30;
 
 /// Reads a whole text file of at most `max` bytes. `what` names the file's role in the error.
 pub fn read_text(path: &Path, max: u64, what: &str) -> Result<String> {

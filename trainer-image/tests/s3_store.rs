@@ -328,6 +328,19 @@ fn wrong_keys_fail_at_once_naming_the_secret_and_a_missing_object_names_the_fiel
     );
     assert!(!stderr(&out).contains("not-the-secret"), "the key leaked");
 
+    // An output bucket that does not exist: refused before any training, naming the field.
+    let out = train(
+        &s,
+        "nobucket",
+        "{uri: \"s3://data/sets/train.jsonl\"}",
+        "  output: {uri: \"s3://absent-bucket/runs/one\"}\n",
+        SECRET_KEY,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let tm = &termination(&s, "nobucket")["error"];
+    assert_eq!(tm["param"], "spec.output.uri", "{tm}");
+    assert!(!stderr(&out).contains("step 1/"), "trained before refusing");
+
     let out = train(
         &s,
         "missing",
@@ -347,7 +360,7 @@ fn wrong_keys_fail_at_once_naming_the_secret_and_a_missing_object_names_the_fiel
 }
 
 #[test]
-fn a_file_larger_than_a_part_goes_up_in_parts_and_comes_back_whole() {
+fn a_file_larger_than_a_part_goes_up_in_parts_under_its_key_as_written_and_comes_back_whole() {
     use finetune_trainer::fetch::s3::{S3Bucket, S3Settings};
     let s = setup();
     let big = s.root.join("big.bin");
@@ -363,15 +376,18 @@ fn a_file_larger_than_a_part_goes_up_in_parts_and_comes_back_whole() {
         ..S3Settings::default()
     };
     let bucket = S3Bucket::open("results", &settings).unwrap();
-    bucket.upload("large/big.bin", &big).unwrap();
-    assert!(std::fs::read(s.store.root.join("results/large/big.bin")).unwrap() == bytes);
+    // The key as written: `~` is not re-encoded into another key.
+    bucket.upload("large/run~1/big.bin", &big).unwrap();
+    assert!(std::fs::read(s.store.root.join("results/large/run~1/big.bin")).unwrap() == bytes);
     let back = s.root.join("back.bin");
-    let size = bucket.download("large/big.bin", &back, 40 << 20).unwrap();
+    let size = bucket
+        .download("large/run~1/big.bin", &back, 40 << 20)
+        .unwrap();
     assert_eq!(size, 40 << 20);
     assert!(std::fs::read(&back).unwrap() == bytes);
     // A cap below the object's size refuses it before reading.
     let refused = bucket
-        .download("large/big.bin", &back, 1 << 20)
+        .download("large/run~1/big.bin", &back, 1 << 20)
         .unwrap_err();
     assert!(refused.to_string().contains("more than the"), "{refused}");
 }

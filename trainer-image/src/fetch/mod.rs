@@ -27,6 +27,7 @@ use finetune_crds::model::ModelFormat;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
+use crate::limits::{MAX_REMOTE_FILE, MAX_SIDE_FILE, read_text};
 use cache::{RepoCache, io};
 pub use hub::HubClient;
 use hub::{Body, Check, RemoteFile};
@@ -194,6 +195,12 @@ pub fn fetch_file(
             "`{repo}@{revision}` (commit {commit}) has no file `{path}`"
         )));
     };
+    if file.size > MAX_REMOTE_FILE {
+        return Err(FetchError::Unusable(format!(
+            "`{repo}@{revision}`: `{path}` has {} bytes, more than the {MAX_REMOTE_FILE} a file may have",
+            file.size
+        )));
+    }
     let target = dir.join(path);
     if let Some(parent) = target.parent() {
         fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
@@ -275,7 +282,8 @@ impl Download<'_> {
         self.files(&files, &mut progress, report)?;
         if let Some(index) = files.iter().find(|f| f.path.ends_with(".index.json")) {
             let path = partial.join(&index.path);
-            let text = fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+            let text = read_text(&path, MAX_SIDE_FILE, "the safetensors index")
+                .map_err(|e| FetchError::Unusable(e.to_string()))?;
             let shards = select::shards_from_index(&text).map_err(|e| unusable(self.model, &e))?;
             let shard_files = self.paths_info(&shards, report)?;
             progress.add(&shard_files, partial);

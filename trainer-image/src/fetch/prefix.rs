@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::FetchError;
 use super::s3::S3Bucket;
+use crate::limits::MAX_REMOTE_FILE;
 use crate::train::checkpoint::digest_file;
 
 /// The commit object of an uploaded prefix.
@@ -175,6 +176,12 @@ pub fn download_listed(
                 .map_err(|e| FetchError::Cache(format!("{}: {e}", parent.display())))?;
         }
         let uri = key_uri(bucket, &key(prefix, &file.name));
+        if file.size > MAX_REMOTE_FILE {
+            return Err(FetchError::Unusable(format!(
+                "{uri}: {MANIFEST} says {} bytes, more than the {MAX_REMOTE_FILE} a file may have",
+                file.size
+            )));
+        }
         bucket.download(&key(prefix, &file.name), &dest, file.size)?;
         let (sha256, size) = digest_file(&dest).map_err(|e| FetchError::Cache(format!("{e}")))?;
         if size as u64 != file.size || sha256 != file.sha256 {

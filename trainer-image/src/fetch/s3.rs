@@ -3,7 +3,9 @@
 //!
 //! object_store's client is async; the trainer is not, so each bucket handle owns a
 //! current-thread runtime and blocks on it. The client retries transient failures itself
-//! (connection errors, 5xx, throttling) with backoff; what reaches us is final.
+//! (connection errors, 5xx, throttling, a stalled read) with backoff for up to a minute; what
+//! reaches us after that is final for this attempt. A transfer has no overall time limit (a
+//! model of many GB takes as long as it takes), only a limit on silence.
 
 use std::io::Write;
 use std::path::Path;
@@ -14,12 +16,17 @@ use finetune_crds::s3::keys;
 use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+};
 
 use super::FetchError;
 
 /// Files up to this size are uploaded in one PUT; larger ones in parts of this size.
 const PART_BYTES: usize = 16 << 20;
+/// A connection that sends nothing for this long is broken (and retried, resuming with a range).
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Endpoint, region and credentials, from the variables the operator sets (the names the AWS
 /// SDKs read). `Debug` leaves the keys out.
@@ -110,6 +117,12 @@ impl S3Bucket {
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(settings.region.as_deref().unwrap_or("us-east-1"))
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout_disabled()
+                    .with_read_timeout(READ_TIMEOUT)
+                    .with_connect_timeout(CONNECT_TIMEOUT),
+            )
             .with_retry(RetryConfig {
                 max_retries: 4,
                 retry_timeout: Duration::from_secs(60),
@@ -129,7 +142,16 @@ impl S3Bucket {
                     builder = builder.with_token(token);
                 }
             }
-            _ => builder = builder.with_skip_signature(true),
+            (None, None) => builder = builder.with_skip_signature(true),
+            // One key without the other is a Secret missing a key, not a wish to go anonymous.
+            _ => {
+                return Err(FetchError::Refused(format!(
+                    "s3://{bucket}: {} has only one of {} and {}",
+                    settings.credentials(),
+                    keys::ACCESS_KEY_ID,
+                    keys::SECRET_ACCESS_KEY
+                )));
+            }
         }
         let store = builder
             .build()
@@ -151,6 +173,13 @@ impl S3Bucket {
         &self.bucket
     }
 
+    /// `key` as the store's path, unchanged (`Path::from` would percent-encode characters such
+    /// as `~` and fetch another key than the one the user named).
+    fn path(&self, key: &str) -> Result<ObjectPath, FetchError> {
+        ObjectPath::parse(key)
+            .map_err(|e| FetchError::Unusable(format!("{}: not a usable key: {e}", self.uri(key))))
+    }
+
     fn uri(&self, key: &str) -> String {
         format!("s3://{}/{key}", self.bucket)
     }
@@ -165,7 +194,7 @@ impl S3Bucket {
         let size = self.runtime.block_on(async {
             let got = self
                 .store
-                .get(&ObjectPath::from(key))
+                .get(&self.path(key)?)
                 .await
                 .map_err(|e| self.classify(e, key))?;
             let size = got.meta.size;
@@ -202,7 +231,7 @@ impl S3Bucket {
         self.runtime.block_on(async {
             let got = self
                 .store
-                .get(&ObjectPath::from(key))
+                .get(&self.path(key)?)
                 .await
                 .map_err(|e| self.classify(e, key))?;
             if got.meta.size > max_bytes {
@@ -222,7 +251,7 @@ impl S3Bucket {
     pub fn upload(&self, key: &str, src: &Path) -> Result<(), FetchError> {
         let read_err = |e: std::io::Error| FetchError::Cache(format!("{}: {e}", src.display()));
         let size = std::fs::metadata(src).map_err(read_err)?.len();
-        let path = ObjectPath::from(key);
+        let path = self.path(key)?;
         self.runtime.block_on(async {
             if size <= PART_BYTES as u64 {
                 let bytes = std::fs::read(src).map_err(read_err)?;
@@ -238,29 +267,49 @@ impl S3Bucket {
                 .await
                 .map_err(|e| self.classify(e, key))?;
             let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-            let mut file = std::fs::File::open(src).map_err(read_err)?;
-            let mut buf = vec![0u8; PART_BYTES];
-            loop {
-                let n = std::io::Read::read(&mut file, &mut buf).map_err(read_err)?;
-                if n == 0 {
-                    break;
-                }
-                writer
-                    .wait_for_capacity(4)
+            match self.write_parts(&mut writer, src, key).await {
+                Ok(()) => writer
+                    .finish()
                     .await
-                    .map_err(|e| self.classify(e, key))?;
-                writer.write(&buf[..n]);
+                    .map(|_| ())
+                    .map_err(|e| self.classify(e, key)),
+                Err(e) => {
+                    // Parts of an unfinished upload are stored (and billed) until aborted.
+                    let _ = writer.abort().await;
+                    Err(e)
+                }
             }
-            writer.finish().await.map_err(|e| self.classify(e, key))?;
-            Ok(())
         })
+    }
+
+    /// Feeds `src` into a multipart upload, at most four parts in flight.
+    async fn write_parts(
+        &self,
+        writer: &mut WriteMultipart,
+        src: &Path,
+        key: &str,
+    ) -> Result<(), FetchError> {
+        let read_err = |e: std::io::Error| FetchError::Cache(format!("{}: {e}", src.display()));
+        let mut file = std::fs::File::open(src).map_err(read_err)?;
+        let mut buf = vec![0u8; PART_BYTES];
+        loop {
+            let n = std::io::Read::read(&mut file, &mut buf).map_err(read_err)?;
+            if n == 0 {
+                return Ok(());
+            }
+            writer
+                .wait_for_capacity(4)
+                .await
+                .map_err(|e| self.classify(e, key))?;
+            writer.write(&buf[..n]);
+        }
     }
 
     /// Uploads small bytes to `key` (the manifest).
     pub fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), FetchError> {
         self.runtime.block_on(async {
             self.store
-                .put(&ObjectPath::from(key), PutPayload::from(bytes))
+                .put(&self.path(key)?, PutPayload::from(bytes))
                 .await
                 .map(|_| ())
                 .map_err(|e| self.classify(e, key))
@@ -272,7 +321,7 @@ impl S3Bucket {
         self.runtime.block_on(async {
             let meta = self
                 .store
-                .head(&ObjectPath::from(key))
+                .head(&self.path(key)?)
                 .await
                 .map_err(|e| self.classify(e, key))?;
             Ok(ObjectInfo::from_meta(meta))
@@ -284,7 +333,7 @@ impl S3Bucket {
         self.runtime.block_on(async {
             let listed = self
                 .store
-                .list_with_delimiter(Some(&ObjectPath::from(prefix)))
+                .list_with_delimiter(Some(&self.path(prefix)?))
                 .await
                 .map_err(|e| self.classify(e, prefix))?;
             if listed.objects.len() > max {
@@ -304,7 +353,7 @@ impl S3Bucket {
     /// Deletes `key`; an object that is not there is not an error.
     pub fn delete(&self, key: &str) -> Result<(), FetchError> {
         self.runtime.block_on(async {
-            match self.store.delete(&ObjectPath::from(key)).await {
+            match self.store.delete(&self.path(key)?).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(e) => Err(self.classify(e, key)),
             }
@@ -374,6 +423,20 @@ mod tests {
             "SignatureDoesNotMatch (The signature does not match)"
         );
         assert_eq!(store_said("connection refused\nmore"), "connection refused");
+    }
+
+    #[test]
+    fn a_secret_with_one_key_of_two_is_refused_not_taken_for_anonymous() {
+        let settings = S3Settings {
+            access_key_id: Some("AKID".into()),
+            secret_name: Some("s3-credentials".into()),
+            ..S3Settings::default()
+        };
+        let Err(FetchError::Refused(message)) = S3Bucket::open("bucket", &settings) else {
+            panic!("opened with half the credentials");
+        };
+        assert!(message.contains("Secret `s3-credentials`"), "{message}");
+        assert!(message.contains("AWS_SECRET_ACCESS_KEY"), "{message}");
     }
 
     #[test]

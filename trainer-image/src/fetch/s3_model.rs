@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use super::cache::{RepoCache, io};
 use super::s3::{ObjectInfo, S3Bucket};
 use super::{Event, FetchError, Fetched, select};
+use crate::limits::{MAX_SIDE_FILE, read_text};
 
 /// Objects listed under a model prefix at most (a model with more shards is not one).
 const MAX_OBJECTS: usize = 4096;
@@ -172,7 +173,8 @@ impl Download<'_> {
         let mut downloaded = self.files(files, report)?;
         if let Some(index) = files.iter().find(|f| f.ends_with(".index.json")) {
             let path = self.partial.join(index);
-            let text = fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+            let text = read_text(&path, MAX_SIDE_FILE, "the safetensors index")
+                .map_err(|e| FetchError::Unusable(e.to_string()))?;
             let shards = select::shards_from_index(&text)
                 .map_err(|e| FetchError::Unusable(format!("{}: {e}", self.model.uri())))?;
             downloaded += self.files(&shards, report)?;
@@ -201,7 +203,28 @@ impl Download<'_> {
         for (name, info) in infos {
             let target = self.partial.join(name);
             if !target.is_file() {
-                self.bucket.download(&info.key, &target, info.size)?;
+                // Replaced since the listing: another version than the entry is named for. The
+                // next attempt lists again.
+                let changed = |got: String| {
+                    FetchError::Corrupt(format!(
+                        "{}: {got}; the object changed since it was listed",
+                        self.model.uri()
+                    ))
+                };
+                let size = self
+                    .bucket
+                    .download(&info.key, &target, info.size)
+                    .map_err(|e| match e {
+                        FetchError::Unusable(m) => changed(m),
+                        other => other,
+                    })?;
+                if size != info.size {
+                    let _ = fs::remove_file(&target);
+                    return Err(changed(format!(
+                        "{} has {size} bytes, not {}",
+                        info.key, info.size
+                    )));
+                }
                 check_md5(&target, info, &self.model.uri())?;
                 downloaded += info.size;
             }

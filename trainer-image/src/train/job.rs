@@ -153,6 +153,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         live.update(|s| s.phase = TrainerPhase::Downloading);
         transfer::fetch_inputs(&plan)?;
     }
+    transfer::check_output(&plan)?;
     live.update(|s| s.phase = TrainerPhase::Loading);
 
     let mut trainer = set_up(plan, tm)?;

@@ -9,7 +9,7 @@ use finetune_crds::contract::env;
 use crate::fetch::prefix::{self, Manifest};
 use crate::fetch::s3::{S3Bucket, S3Settings};
 use crate::fetch::{self, Event, FetchError, HubClient};
-use crate::limits::MAX_REMOTE_DATASET;
+use crate::limits::MAX_REMOTE_FILE;
 use crate::train::plan::{Plan, RemoteSource};
 use crate::train::stop::{Stop, invalid};
 
@@ -27,7 +27,7 @@ pub fn fetch_inputs(plan: &Plan) -> Result<(), Stop> {
         let size = match &input.source {
             RemoteSource::S3 { bucket, key } => buckets
                 .get(bucket)
-                .and_then(|b| b.download(key, &input.path, MAX_REMOTE_DATASET))
+                .and_then(|b| b.download(key, &input.path, MAX_REMOTE_FILE))
                 .map_err(|e| refusal(e, &input.field, &settings))?,
             RemoteSource::Hub {
                 repo,
@@ -76,6 +76,25 @@ fn hub_refusal(e: FetchError, field: &str, plan: &Plan) -> Stop {
         }
         _ => Stop::Error(format!("downloading {field}: {message}")),
     }
+}
+
+/// Checks before training that `output.uri` may be written (a probe object put and deleted),
+/// so that wrong keys or a missing bucket fail the job now, not after hours of training.
+pub fn check_output(plan: &Plan) -> Result<(), Stop> {
+    let Some((bucket, prefix)) = &plan.output_uri else {
+        return Ok(());
+    };
+    let settings = S3Settings::from_env();
+    let field = "spec.output.uri";
+    let probe = format!("{}/.finetune-write-check", prefix.trim_end_matches('/'));
+    let bucket = S3Bucket::open(bucket, &settings).map_err(|e| refusal(e, field, &settings))?;
+    bucket
+        .put(
+            &probe,
+            b"finetune-operator checks that it may write here\n".to_vec(),
+        )
+        .and_then(|()| bucket.delete(&probe))
+        .map_err(|e| refusal(e, field, &settings))
 }
 
 /// Uploads the results in `plan.output_dir` to `output.uri` (checkpoints and staged inputs
