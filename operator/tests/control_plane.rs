@@ -776,6 +776,13 @@ async fn check_and_the_apiserver_agree_on_bad_and_good_manifests() {
             &adapter,
             "/spec/source/uri",
             json!("s3://bucket/adapter"),
+            true,
+        ),
+        (
+            "adapter from an s3 bucket with capitals",
+            &adapter,
+            "/spec/source/uri",
+            json!("s3://Bucket/adapter"),
             false,
         ),
         (
