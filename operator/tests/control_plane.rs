@@ -1058,6 +1058,32 @@ async fn create_adapter(client: &Client, ns: &str, name: &str, source_uri: &str)
 /// A claim and a PersistentVolume pre-bound to it (no provisioner here), unless they exist.
 /// A volume reserved for the claim `claim` of `ns`, which the PV controller binds once the
 /// claim exists (the operator creates it, with the size it asks for).
+/// Secret `name` in `ns` holding `string_data` (key to value).
+async fn create_secret(client: &Client, ns: &str, name: &str, string_data: serde_json::Value) {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    let secret = json!({"metadata": {"name": name}, "stringData": string_data});
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(secret).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+/// The PriorityClass `examples/full-finetune.yaml` names (cluster-wide: an earlier test may
+/// have made it already).
+async fn create_example_priority_class(client: &Client) {
+    let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(client.clone());
+    let class = json!({"metadata": {"name": "training-low"}, "value": 100});
+    let _ = classes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(class).unwrap(),
+        )
+        .await;
+}
+
 async fn volume_for_claim(client: &Client, ns: &str, claim: &str) {
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
     let pv = json!({"metadata": {"name": format!("{ns}-{claim}")}, "spec": {
@@ -1107,14 +1133,7 @@ async fn every_example_becomes_a_pod_on_a_gpu_node_with_its_resources() {
     create_kwok_h100_node(&client, &h100).await;
     // What the examples assume the cluster has: the full fine-tuning example's priority class,
     // and the Adapter the DPO example starts from (the SFT example registers it on success).
-    let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(client.clone());
-    let class = json!({"metadata": {"name": "training-low"}, "value": 100});
-    let _ = classes
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(class).unwrap(),
-        )
-        .await;
+    create_example_priority_class(&client).await;
     create_adapter(
         &client,
         &ns,
@@ -2372,23 +2391,8 @@ async fn the_full_finetune_example_runs_as_written_against_the_hub_mirror() {
     let (client, ns) = (bed.client.clone(), bed.ns.clone());
     // What the example expects to exist: its token Secret, its PriorityClass, the example data
     // (the bed's ConfigMap), a volume for its storage claim.
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
-    let secret = json!({"metadata": {"name": "hf-token"}, "stringData": {"token": token}});
-    secrets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(secret).unwrap(),
-        )
-        .await
-        .unwrap();
-    let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(client.clone());
-    let class = json!({"metadata": {"name": "training-low"}, "value": 100});
-    let _ = classes
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(class).unwrap(),
-        )
-        .await;
+    create_secret(&client, &ns, "hf-token", json!({"token": token})).await;
+    create_example_priority_class(&client).await;
     volume_for_claim(&client, &ns, "smollm2-full-instruct-storage").await;
     offer_only_this_h100_node(&client, &bed.node).await;
 
@@ -2473,14 +2477,8 @@ async fn an_hf_base_is_downloaded_once_through_the_mirror_and_its_commit_kept() 
     })
     .await;
     let (client, ns) = (bed.client.clone(), bed.ns.clone());
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
     for (name, value) in [("hf-token", token), ("hf-wrong", "hf_not_the_token")] {
-        let secret = json!({"metadata": {"name": name}, "stringData": {"token": value}});
-        let secret = serde_json::from_value(secret).unwrap();
-        secrets
-            .create(&PostParams::default(), &secret)
-            .await
-            .unwrap();
+        create_secret(&client, &ns, name, json!({"token": value})).await;
     }
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
     let claim = json!({"metadata": {"name": "model-cache"}, "spec": {
@@ -2644,18 +2642,12 @@ async fn an_s3_dataset_and_output_round_trip_and_the_adapter_registered_from_it_
     })
     .await;
     let (client, ns) = (bed.client.clone(), bed.ns.clone());
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
     for (name, key) in [
         ("s3-credentials", LocalS3::SECRET_KEY),
         ("s3-wrong", "not-the-key"),
     ] {
-        let secret = json!({"metadata": {"name": name}, "stringData": {
-            "AWS_ACCESS_KEY_ID": LocalS3::ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": key}});
-        let secret = serde_json::from_value(secret).unwrap();
-        secrets
-            .create(&PostParams::default(), &secret)
-            .await
-            .unwrap();
+        let keys = json!({"AWS_ACCESS_KEY_ID": LocalS3::ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": key});
+        create_secret(&client, &ns, name, keys).await;
     }
     for job in ["s3-sft", "s3-wrong"] {
         volume_for_claim(&client, &ns, &format!("{job}-storage")).await;

@@ -80,46 +80,46 @@ def intact(repo: Path) -> bool:
     return True
 
 
-def build(out: Path) -> Path:
-    repo = out / "models" / ORG / NAME
+def committed(out: Path, repo: Path, fill, message: str) -> Path:
+    """`repo`, a git repository whose files `fill(dir)` writes (LFS pointers included), committed
+    once: an existing one is kept while its LFS objects still match their hashes."""
     if (repo / ".git").is_dir():
         if intact(repo):
             return repo
         shutil.rmtree(repo)
     tmp = Path(tempfile.mkdtemp(prefix="hub-repo-", dir=out))
     git(tmp, "init", "-q", "-b", "main")
-    hf_layout(tmp)
-    (tmp / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
-                                       "*.gguf filter=lfs diff=lfs merge=lfs -text\n")
-    for path in tmp.iterdir():
-        if path.is_file() and path.stat().st_size > LFS_MIN:
-            lfs_pointer(tmp, path)
+    fill(tmp)
     git(tmp, "add", "-A")
-    git(tmp, "commit", "-q", "-m", "SmolLM2-135M-Instruct (bf16 safetensors and the Q4_1 GGUF)")
+    git(tmp, "commit", "-q", "-m", message)
     repo.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(repo)
     return repo
+
+
+def build(out: Path) -> Path:
+    def fill(tmp: Path) -> None:
+        hf_layout(tmp)
+        (tmp / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                                           "*.gguf filter=lfs diff=lfs merge=lfs -text\n")
+        for path in tmp.iterdir():
+            if path.is_file() and path.stat().st_size > LFS_MIN:
+                lfs_pointer(tmp, path)
+
+    return committed(out, out / "models" / ORG / NAME, fill,
+                     "SmolLM2-135M-Instruct (bf16 safetensors and the Q4_1 GGUF)")
 
 
 def build_dataset(out: Path) -> Path:
-    repo = out / "datasets" / DATASET
-    if (repo / ".git").is_dir():
-        if intact(repo):
-            return repo
-        shutil.rmtree(repo)
-    tmp = Path(tempfile.mkdtemp(prefix="hub-dataset-", dir=out))
-    git(tmp, "init", "-q", "-b", "main")
-    examples = Path(__file__).resolve().parents[2] / "examples" / "data"
-    (tmp / "data").mkdir()
-    shutil.copyfile(examples / "chat-train.jsonl", tmp / "data" / "train.jsonl")
-    shutil.copyfile(examples / "chat-eval.jsonl", tmp / "data" / "eval.jsonl")
-    (tmp / ".gitattributes").write_text("data/train.jsonl filter=lfs diff=lfs merge=lfs -text\n")
-    lfs_pointer(tmp, tmp / "data" / "train.jsonl")
-    git(tmp, "add", "-A")
-    git(tmp, "commit", "-q", "-m", "the example chat data")
-    repo.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(repo)
-    return repo
+    def fill(tmp: Path) -> None:
+        examples = Path(__file__).resolve().parents[2] / "examples" / "data"
+        (tmp / "data").mkdir()
+        shutil.copyfile(examples / "chat-train.jsonl", tmp / "data" / "train.jsonl")
+        shutil.copyfile(examples / "chat-eval.jsonl", tmp / "data" / "eval.jsonl")
+        (tmp / ".gitattributes").write_text("data/train.jsonl filter=lfs diff=lfs merge=lfs -text\n")
+        lfs_pointer(tmp, tmp / "data" / "train.jsonl")
+
+    return committed(out, out / "datasets" / DATASET, fill, "the example chat data")
 
 
 if __name__ == "__main__":

@@ -192,18 +192,8 @@ impl S3Bucket {
         let cache_err =
             |e: std::io::Error| FetchError::Cache(format!("{}: {e}", partial.display()));
         let size = self.runtime.block_on(async {
-            let got = self
-                .store
-                .get(&self.path(key)?)
-                .await
-                .map_err(|e| self.classify(e, key))?;
+            let got = self.get_capped(key, max_bytes).await?;
             let size = got.meta.size;
-            if size > max_bytes {
-                return Err(FetchError::Unusable(format!(
-                    "{}: {size} bytes, more than the {max_bytes} allowed",
-                    self.uri(key)
-                )));
-            }
             let mut file = std::fs::File::create(&partial).map_err(cache_err)?;
             let mut stream = got.into_stream();
             let mut written = 0u64;
@@ -229,21 +219,32 @@ impl S3Bucket {
     /// The object at `key`, at most `max_bytes` of it (a manifest).
     pub fn read(&self, key: &str, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
         self.runtime.block_on(async {
-            let got = self
-                .store
-                .get(&self.path(key)?)
-                .await
-                .map_err(|e| self.classify(e, key))?;
-            if got.meta.size > max_bytes {
-                return Err(FetchError::Unusable(format!(
-                    "{}: {} bytes, more than the {max_bytes} allowed",
-                    self.uri(key),
-                    got.meta.size
-                )));
-            }
+            let got = self.get_capped(key, max_bytes).await?;
             let bytes = got.bytes().await.map_err(|e| self.classify(e, key))?;
             Ok(bytes.to_vec())
         })
+    }
+
+    /// Starts the GET of `key`; an object larger than `max_bytes` is refused before its body
+    /// is read.
+    async fn get_capped(
+        &self,
+        key: &str,
+        max_bytes: u64,
+    ) -> Result<object_store::GetResult, FetchError> {
+        let got = self
+            .store
+            .get(&self.path(key)?)
+            .await
+            .map_err(|e| self.classify(e, key))?;
+        if got.meta.size > max_bytes {
+            return Err(FetchError::Unusable(format!(
+                "{}: {} bytes, more than the {max_bytes} allowed",
+                self.uri(key),
+                got.meta.size
+            )));
+        }
+        Ok(got)
     }
 
     /// Uploads `src` to `key`: one PUT when small, a multipart upload otherwise (S3 makes the

@@ -12,7 +12,7 @@ use crate::fetch::s3_model::{S3Model, fetch_s3_model};
 use crate::fetch::{self, Event, FetchError, Fetched, HubClient, HubModel};
 use crate::serve::Live;
 use crate::train::plan::{Plan, RemoteBase};
-use crate::train::stop::{Stop, invalid};
+use crate::train::stop::{Stop, fetch_stop};
 use crate::train::transfer;
 
 /// Seconds between progress lines on stderr.
@@ -49,7 +49,15 @@ fn fetch_hub_base(plan: &mut Plan, live: &Live, hub: &HubModel) -> Result<String
     let fetched = downloading(live, &uri, |report| {
         fetch::fetch_model(hub, &client, &plan.model_cache, report)
     })
-    .map_err(|e| refusal(e, secret.is_some()))?;
+    .map_err(|e| {
+        let secret_field = secret.is_some().then_some("spec.baseModel.tokenSecretRef");
+        fetch_stop(
+            e,
+            "spec.baseModel.uri",
+            secret_field,
+            Some("downloading the base model"),
+        )
+    })?;
     done(live, &uri, &fetched, Some(&fetched.commit));
     plan.model_path = fetched.path;
     plan.base_ref = BaseModelRef {
@@ -111,22 +119,6 @@ fn done(live: &Live, uri: &str, fetched: &Fetched, commit: Option<&String>) {
         s.download = None;
         s.base_model_commit = commit.cloned();
     });
-}
-
-/// What the operator does next: a refusal (exit 2, not retried) for what only a new spec or
-/// Secret can fix; an error (retried with backoff) for what may pass by itself.
-fn refusal(e: FetchError, has_token: bool) -> Stop {
-    let message = e.to_string();
-    match e {
-        FetchError::Refused(_) if has_token => invalid(message, "spec.baseModel.tokenSecretRef"),
-        FetchError::Refused(_) | FetchError::NotFound(_) | FetchError::Unusable(_) => {
-            invalid(message, "spec.baseModel.uri")
-        }
-        FetchError::Transport(_)
-        | FetchError::Protocol(_)
-        | FetchError::Corrupt(_)
-        | FetchError::Cache(_) => Stop::Error(format!("downloading the base model: {message}")),
-    }
 }
 
 /// Progress lines at most every [`LOG_EVERY`], and every retry.

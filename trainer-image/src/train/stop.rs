@@ -2,6 +2,7 @@
 //! how errors of the lower layers map onto it. Each variant becomes one exit code in `job`.
 
 use crate::error::Error;
+use crate::fetch::FetchError;
 
 /// Why a run stopped early.
 #[derive(Debug)]
@@ -54,5 +55,34 @@ pub fn invalid(message: impl Into<String>, param: &str) -> Stop {
     Stop::Invalid {
         message: message.into(),
         param: Some(param.to_string()),
+    }
+}
+
+/// A failed download (from the Hub or `s3://`) as the operator should take it: a refusal (exit 2,
+/// not retried) for what only a new spec or Secret fixes, naming `secret_field` when the server
+/// refused the credentials from that Secret and `field` otherwise; an error (retried) for what
+/// may pass by itself, its message after `context` when there is one.
+pub fn fetch_stop(
+    e: FetchError,
+    field: &str,
+    secret_field: Option<&str>,
+    context: Option<&str>,
+) -> Stop {
+    let message = e.to_string();
+    match (e, secret_field) {
+        (FetchError::Refused(_), Some(secret)) => invalid(message, secret),
+        (FetchError::Refused(_) | FetchError::NotFound(_) | FetchError::Unusable(_), _) => {
+            invalid(message, field)
+        }
+        (
+            FetchError::Transport(_)
+            | FetchError::Protocol(_)
+            | FetchError::Corrupt(_)
+            | FetchError::Cache(_),
+            _,
+        ) => Stop::Error(match context {
+            Some(context) => format!("{context}: {message}"),
+            None => message,
+        }),
     }
 }

@@ -11,7 +11,7 @@ use crate::fetch::s3::{S3Bucket, S3Settings};
 use crate::fetch::{self, Event, FetchError, HubClient};
 use crate::limits::MAX_REMOTE_FILE;
 use crate::train::plan::{Plan, RemoteSource};
-use crate::train::stop::{Stop, invalid};
+use crate::train::stop::{Stop, fetch_stop};
 
 /// Downloads the plan's `s3://` and `hf://datasets/` files to the paths the plan gave them.
 pub fn fetch_inputs(plan: &Plan) -> Result<(), Stop> {
@@ -64,18 +64,20 @@ fn hub_client(plan: &Plan) -> HubClient {
     HubClient::new(&plan.hf_endpoint, token, source)
 }
 
-/// As [`refusal`], for the Hub: a refused token names `dataset.tokenSecretRef`.
+/// [`fetch_stop`] for a Hub dataset file: a refused token names `dataset.tokenSecretRef`.
 fn hub_refusal(e: FetchError, field: &str, plan: &Plan) -> Stop {
-    let message = e.to_string();
-    match e {
-        FetchError::Refused(_) if plan.spec().dataset.token_secret_ref.is_some() => {
-            invalid(message, "spec.dataset.tokenSecretRef")
-        }
-        FetchError::Refused(_) | FetchError::NotFound(_) | FetchError::Unusable(_) => {
-            invalid(message, field)
-        }
-        _ => Stop::Error(format!("downloading {field}: {message}")),
-    }
+    let secret_field = plan
+        .spec()
+        .dataset
+        .token_secret_ref
+        .is_some()
+        .then_some("spec.dataset.tokenSecretRef");
+    fetch_stop(
+        e,
+        field,
+        secret_field,
+        Some(&format!("downloading {field}")),
+    )
 }
 
 /// Checks before training that `output.uri` may be written (a probe object put and deleted),
@@ -148,20 +150,11 @@ impl<'a> Buckets<'a> {
     }
 }
 
-/// A refusal (exit 2, not retried) for what only a new spec or Secret can fix: wrong keys name
-/// the Secret, a missing object the field; an error (retried) for the rest.
+/// [`fetch_stop`] for `s3://`: keys the store refuses name `s3.credentialsSecretRef`.
 pub(crate) fn refusal(e: FetchError, field: &str, settings: &S3Settings) -> Stop {
-    let message = e.to_string();
-    match e {
-        FetchError::Refused(_) if settings.secret_name.is_some() => {
-            invalid(message, "spec.s3.credentialsSecretRef")
-        }
-        FetchError::Refused(_) | FetchError::NotFound(_) | FetchError::Unusable(_) => {
-            invalid(message, field)
-        }
-        FetchError::Transport(_)
-        | FetchError::Protocol(_)
-        | FetchError::Corrupt(_)
-        | FetchError::Cache(_) => Stop::Error(message),
-    }
+    let secret_field = settings
+        .secret_name
+        .is_some()
+        .then_some("spec.s3.credentialsSecretRef");
+    fetch_stop(e, field, secret_field, None)
 }
