@@ -12,19 +12,22 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build crds demo test test-rust s3-server test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: setup build images crds demo test test-rust test-node s3-server test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo bench-node cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
 	@echo "make demo           the main job (see README)"
+	@echo "make images         the trainer and operator images (podman, Debian base from mmdebstrap; sizes printed)"
 	@echo "make test           every test: formatting, clippy, Rust tests, parity tests, control-plane and e2e tests"
 	@echo "make test-hub       hf:// base models through a local Hub mirror (olah behind a token-checking nginx)"
 	@echo "make test-hostile   the malformed-input suite: broken model files, tokenizers, templates, data, manifests"
 	@echo "make fuzz           coverage-guided fuzzing of every parser, FUZZ_SECONDS (300) per target (make test runs 10 s each)"
+	@echo "make test-node      the operator's pods under a real kubelet with containerd and runc, from the images"
 	@echo "make test-helm      the Helm chart, alerts and dashboards, installed and scraped on a local control plane"
 	@echo "make crds           regenerate crds/*.yaml from the Rust types"
 	@echo "make cluster-up     start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes)"
 	@echo "make cluster-down   stop it"
+	@echo "make bench-node     image sizes and cold start (pod created -> first step) on the real node vs the executor (JSON)"
 	@echo "make bench-forward  forward-pass tokens/s: ours vs transformers (JSON in \$$CARGO_TARGET_DIR/bench)"
 	@echo "make bench-forgetting narrow-task LoRA SFT with each forgetting guard: task score, retention, wall time, memory (JSON)"
 	@echo "make bench-dpo      DPO steps/s and peak RSS: ours vs TRL DPOTrainer + PEFT on the same pairs (JSON)"
@@ -41,8 +44,15 @@ crds:
 	cargo run -q -p finetune-crds --bin crdgen
 	cp crds/finetune.dev_*.yaml charts/finetune-operator/files/crds/
 
-# The demo runs on the local control plane, so its binaries are built (once) first.
-demo: cluster-build build
+# The trainer and operator images from their Dockerfiles, on a Debian base made by mmdebstrap
+# (no registry is reached); podman, mmdebstrap, containerd ... come from Debian when missing.
+images: build
+	@scripts/ensure-node-tools.sh
+	@scripts/images.sh
+
+# The demo runs on the local control plane and its real node (kubelet, containerd, the images),
+# so those are built (once) first.
+demo: cluster-build build images
 	@scripts/demo.sh
 
 lint: setup
@@ -97,7 +107,20 @@ test-cluster: cluster-build build
 	  cargo test -p finetune-operator --test control_plane -- --ignored; \
 	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
-test: lint test-rust test-reference test-hub test-hostile test-fuzz test-cluster test-helm
+test: lint test-rust test-reference test-hub test-hostile test-fuzz test-cluster test-node test-helm
+
+# On a real node: the control plane (no kwok nodes) and a kubelet with containerd and runc running
+# the operator's pods from the trainer image (tests/cluster/node.sh): non-root, read-only root,
+# termination message, probes, SIGTERM and resume, OOMKilled. Its own cluster directory; the
+# kubelet's device-plugin directory is the machine's, so one real node runs at a time.
+NODE_CLUSTER_DIR := $(CACHE)/cluster/run-node
+test-node: cluster-build build images
+	@FINETUNE_CLUSTER_DIR=$(NODE_CLUSTER_DIR) tests/cluster/down.sh >/dev/null 2>&1 || true
+	@export FINETUNE_CLUSTER_DIR=$(NODE_CLUSTER_DIR); \
+	FINETUNE_CLUSTER_NODES=0 tests/cluster/up.sh && REAL_NODE_GPUS=2 tests/cluster/node.sh && { \
+	  KUBECONFIG=$(NODE_CLUSTER_DIR)/kubeconfig FINETUNE_OPERATOR_BIN=$(OPERATOR) \
+	  python -m pytest -q tests/node; \
+	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
 # The Helm chart: lint/template/schema checks, promtool rule tests, hadolint; then on its own
 # control plane (cluster/run-helm) install/upgrade/uninstall with the operator running on the
@@ -113,6 +136,17 @@ cluster-up: cluster-build
 
 cluster-down:
 	@tests/cluster/down.sh
+
+# Image sizes and cold start (pod created -> first training step) on the real node against the
+# executor stand-in, in one run (JSON in $(CARGO_TARGET_DIR)/bench/node.json).
+bench-node: cluster-build build images
+	@FINETUNE_CLUSTER_DIR=$(NODE_CLUSTER_DIR) tests/cluster/down.sh >/dev/null 2>&1 || true
+	@export FINETUNE_CLUSTER_DIR=$(NODE_CLUSTER_DIR); \
+	FINETUNE_CLUSTER_NODES=0 tests/cluster/up.sh && tests/cluster/node.sh && { \
+	  KUBECONFIG=$(NODE_CLUSTER_DIR)/kubeconfig FINETUNE_OPERATOR_BIN=$(OPERATOR) FINETUNE_TRAINER_BIN=$(TRAINER) \
+	  FINETUNE_EXECUTOR_BIN=$(CARGO_TARGET_DIR)/release/finetune-executor \
+	  python tests/node/bench_cold_start.py --out $(CARGO_TARGET_DIR)/bench/node.json; \
+	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
 bench-forward: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forward.py --out $(CARGO_TARGET_DIR)/bench/forward.json

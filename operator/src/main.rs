@@ -59,7 +59,7 @@ struct RunArgs {
     #[arg(
         long,
         env = "FINETUNE_TRAINER_IMAGE",
-        default_value = "ghcr.io/finetune-operator/trainer:latest"
+        default_value = finetune_operator::pods::DEFAULT_TRAINER_IMAGE
     )]
     trainer_image: String,
     /// Address of the metrics and health endpoints.

@@ -40,10 +40,17 @@ pub struct BuildSettings {
     pub model_cache_claim: Option<String>,
 }
 
+/// The trainer image released with this operator: the same version, never a moving `latest` tag
+/// (which kubelets pull on every start and which drifts from the operator).
+pub const DEFAULT_TRAINER_IMAGE: &str = concat!(
+    "ghcr.io/finetune-operator/trainer:",
+    env!("CARGO_PKG_VERSION")
+);
+
 impl Default for BuildSettings {
     fn default() -> Self {
         Self {
-            trainer_image: "ghcr.io/finetune-operator/trainer:latest".into(),
+            trainer_image: DEFAULT_TRAINER_IMAGE.into(),
             default_storage_size: "20Gi".into(),
             termination_grace_seconds: 120,
             default_cpu: None,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the pinned upstream binaries for the local test cluster
 # (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# kwok, helm, and versitygw: the S3-compatible server of the s3:// tests)
+# kubelet and fake-gpu-plugin (the real node), kwok, helm, and versitygw: the S3-compatible server of the s3:// tests)
 # from the Go module proxy into a cache outside the repo:
 #
 #   ${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/cluster/bin
@@ -71,8 +71,9 @@ k8s_ldflags() {
 spec() {
     case "$1" in
     etcd) echo "etcd|.|$ETCD_VERSION|-s -w" ;;
-    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet)
         echo "k8s|k8s.io/kubernetes/cmd/$1|$K8S_VERSION|K8S" ;;
+    fake-gpu-plugin) echo "k8s|./fakegpu|$K8S_VERSION|-s -w" ;;
     kwok) echo "kwok|sigs.k8s.io/kwok/cmd/kwok|$KWOK_VERSION|-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" ;;
     helm) echo "helm|helm.sh/helm/v3/cmd/helm|$HELM_VERSION|-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" ;;
     versitygw) echo "versitygw|github.com/versity/versitygw/cmd/versitygw|$VERSITYGW_VERSION|-s -w" ;;
@@ -88,6 +89,7 @@ stamp_key() { # name
         echo "$1 $pkg $pin $GOVER CGO_ENABLED=$CGO_ENABLED flags=$flags"
         sha256sum "$HERE/$dir/go.mod" "$HERE/$dir/go.sum" | awk '{print $1}'
         [ "$dir" != etcd ] || sha256sum "$HERE/etcd/main.go" | awk '{print $1}'
+        [ "$1" != fake-gpu-plugin ] || sha256sum "$HERE/k8s/fakegpu/main.go" | awk '{print $1}'
     } | sha256sum | awk '{print $1}'
 }
 
@@ -121,7 +123,7 @@ build_one() {
 mkdir -p "$BIN" "$STAMPS"
 log "cache: $CACHE ($GOVER, GOMODCACHE=$("$GO" env GOMODCACHE))"
 log "disk: $(df -h "$CACHE" | awk 'NR==2{print $4" free on "$6}')"
-ALL=(etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kwok versitygw helm)
+ALL=(etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet fake-gpu-plugin kwok versitygw helm)
 if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL[@]}"); fi
 T0=$(date +%s)
 for n in "${TARGETS[@]}"; do build_one "$n"; done

@@ -12,6 +12,13 @@ LOGS="$STATE/logs"
 
 # Start order; down.sh stops in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+# The real node (node.sh), when started: stopped first by down.sh, its containers before it.
+NODE_COMPONENTS=(containerd kubelet fake-gpu-plugin)
+REAL_NODE_NAME="${FINETUNE_REAL_NODE_NAME:-real-node-0}"
+NODE_STATE="$STATE/node"
+CONTAINERD_SOCK="$NODE_STATE/containerd.sock"
+IMAGES="${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/images"
+ctr_() { ctr --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"; }
 
 log() { printf '[%s %s] %s\n' "${LOG_TAG:-cluster}" "$(date +%H:%M:%S)" "$*"; }
 die() { printf '[%s] ERROR: %s\n' "${LOG_TAG:-cluster}" "$*" >&2; exit 1; }

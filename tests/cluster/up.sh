@@ -100,12 +100,14 @@ ADMIN_TOKEN=$(rand_token)
 KCM_TOKEN=$(rand_token)
 SCHED_TOKEN=$(rand_token)
 KWOK_TOKEN=$(rand_token)
+NODE_TOKEN=$(rand_token)
 # token,user,uid,"group1,group2"
 cat >"$PKI/tokens.csv" <<EOF
 $ADMIN_TOKEN,admin,admin,"system:masters"
 $KCM_TOKEN,system:kube-controller-manager,kcm,
 $SCHED_TOKEN,system:kube-scheduler,scheduler,
 $KWOK_TOKEN,kwok,kwok,"system:masters"
+$NODE_TOKEN,system:node:$REAL_NODE_NAME,$REAL_NODE_NAME,"system:nodes"
 EOF
 chmod 600 "$PKI"/*.key "$PKI/tokens.csv"
 
@@ -138,6 +140,8 @@ write_kubeconfig "$KUBECONFIG_FILE" admin "$ADMIN_TOKEN"
 write_kubeconfig "$STATE/kcm.kubeconfig" system:kube-controller-manager "$KCM_TOKEN"
 write_kubeconfig "$STATE/scheduler.kubeconfig" system:kube-scheduler "$SCHED_TOKEN"
 write_kubeconfig "$STATE/kwok.kubeconfig" kwok "$KWOK_TOKEN"
+# The real node's kubelet (node.sh), authorised by the Node authorizer as system:node:NAME.
+write_kubeconfig "$STATE/kubelet.kubeconfig" "system:node:$REAL_NODE_NAME" "$NODE_TOKEN"
 
 start() { # name args...
     local name="$1"
@@ -179,6 +183,7 @@ start kube-apiserver \
     --service-account-signing-key-file="$PKI/sa.key" \
     --allow-privileged=true \
     --endpoint-reconciler-type=none \
+    --kubelet-preferred-address-types=InternalIP,Hostname \
     --v=1
 WAIT_PROC=kube-apiserver wait_until "$API_TIMEOUT" "kube-apiserver /readyz" "$LOGS/kube-apiserver.log" \
     curl -fsS --cacert "$PKI/ca.crt" -H "Authorization: Bearer $ADMIN_TOKEN" "$API_URL/readyz" ||

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The Helm chart, its alerts and dashboards, and the trainer Dockerfile, checked for real:
+# The Helm chart, its alerts and dashboards, and the Dockerfiles, checked for real:
 #
 #   static   helm lint + template (default and charts/finetune-operator/ci/*-values.yaml),
 #            values comments, schema rejections, promtool rule unit tests, dashboard JSON,
-#            hadolint on trainer-image/Dockerfile, CRD copies in sync with crds/
+#            hadolint on both Dockerfiles, CRD copies in sync with crds/
 #   cluster  a local control plane (tests/cluster/up.sh): every rendered object validated by
 #            kubeconform against schemas generated from the apiserver's /openapi/v2 (CRDs
 #            included); helm install with the operator pods running on the test executor node
@@ -129,6 +129,7 @@ static_checks() {
     check "dashboards: valid JSON, stable unique uids, \$datasource on every panel, variables" \
         python3 "$HERE/check_dashboards.py" "$CHART"/dashboards/*.json
     check "hadolint trainer-image/Dockerfile" "$HADOLINT" "$ROOT/trainer-image/Dockerfile"
+    check "hadolint operator/Dockerfile" "$HADOLINT" "$ROOT/operator/Dockerfile"
 }
 
 # ---------------------------------------------------------------- cluster checks

@@ -22,13 +22,19 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV = "scripts/setup-venv.sh"
 BINARIES = "cargo build --release --workspace --bins"
 CLUSTER = "tests/cluster/build.sh"
+IMAGES = "scripts/images.sh"
 NEEDS = {
-    # The control plane, the operator/executor/trainer binaries, and the SmolLM2 GGUF in the venv.
-    "scripts/demo.sh": [CLUSTER, BINARIES, VENV],
+    # The control plane and its real node, the operator/trainer binaries and their images, and
+    # the SmolLM2 GGUF in the venv.
+    "scripts/demo.sh": [CLUSTER, BINARIES, VENV, IMAGES],
+    # podman, mmdebstrap, containerd ... from Debian, and the binaries the images carry.
+    IMAGES: ["scripts/ensure-node-tools.sh", BINARIES],
     "tests/cluster/up.sh": [CLUSTER],
     "tests/cluster/smoke.sh": [CLUSTER],
     "--test control_plane": [CLUSTER, BINARIES, VENV],
     "tests/helm/run.sh": [CLUSTER, BINARIES],
+    "-m pytest -q tests/node": [CLUSTER, BINARIES, VENV, IMAGES],
+    "tests/cluster/node.sh": [CLUSTER, IMAGES],
     # Parity tests: the release trainer and the reference libraries.
     "-m pytest -q tests/reference": [BINARIES, VENV],
     # tch links the libtorch inside the venv's torch wheel.
