@@ -123,9 +123,10 @@ test-node: cluster-build build images
 	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
 # The Helm chart: lint/template/schema checks, promtool rule tests, hadolint; then on its own
-# control plane (cluster/run-helm) install/upgrade/uninstall with the operator running on the
-# executor node, and a real Prometheus checking every dashboard panel's query after an e2e run.
-test-helm: cluster-build build
+# control plane (cluster/run-helm) install/upgrade/uninstall with the operator running as a
+# container from its image on the real node, and a real Prometheus checking every dashboard
+# panel's query after an e2e run.
+test-helm: cluster-build build images
 	@FINETUNE_CLUSTER_DIR=$(CACHE)/cluster/run-helm tests/helm/run.sh
 
 cluster-build:

@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::filled::{Filled, filled};
 use crate::last_written::LastWritten;
 
 /// Field manager for server-side apply.
@@ -87,8 +88,10 @@ where
 
 /// A watch of `api` filling a store: `strip` drops what nothing reads before the store keeps
 /// it (managedFields and the last-applied annotation are most of an object's size), and
-/// `written`, when given, learns which of our writes the watch has delivered. The caller picks
-/// which of the returned events trigger reconciles.
+/// `written`, when given, learns which of our writes the watch has delivered. The [`Filled`]
+/// says when the store holds its first full list (read it, not the store's own
+/// `wait_until_ready`: see `filled`). The caller picks which of the returned events trigger
+/// reconciles.
 pub fn cached_watch<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -96,6 +99,7 @@ pub fn cached_watch<K>(
     written: Option<&Arc<LastWritten<K>>>,
 ) -> (
     Store<K>,
+    Filled,
     impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 )
 where
@@ -105,13 +109,15 @@ where
     cache(watcher(api, config).default_backoff(), strip, written)
 }
 
-/// Fills a store from `events` after `strip`, telling `written` what the watch delivered.
+/// Fills a store from `events` after `strip`, telling `written` what the watch delivered and
+/// the returned [`Filled`] when the initial list is in.
 fn cache<K>(
     events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     strip: impl FnMut(&mut K) + Send + 'static,
     written: Option<&Arc<LastWritten<K>>>,
 ) -> (
     Store<K>,
+    Filled,
     impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 )
 where
@@ -119,6 +125,7 @@ where
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store::<K>();
+    let (filler, filled) = filled();
     let written = written.cloned();
     let events = events
         .modify(strip)
@@ -127,8 +134,12 @@ where
             if let Some(written) = &written {
                 written.observe(event);
             }
+            // After `reflect`: the store already holds the whole list.
+            if matches!(event, watcher::Event::InitDone) {
+                filler.fill();
+            }
         });
-    (store, events)
+    (store, filled, events)
 }
 
 /// [`cached_watch`] for a custom resource whose objects may not all decode (a status edited by
@@ -145,6 +156,7 @@ pub fn cached_watch_lenient<K>(
     undecodable: impl Fn(&DynamicObject, &serde_json::Error) + Send + Sync + 'static,
 ) -> (
     Store<K>,
+    Filled,
     impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 )
 where

@@ -10,6 +10,8 @@
 //!   short-lived pod.
 //! - `api`: the API plumbing both controllers use: the field manager, server-side apply and
 //!   status writes, the applied-hash of children, cached watches and the start-up CRD check.
+//! - `filled`: whether a cache holds its first full list, told to every task that asks (kube's
+//!   own store readiness wakes only one).
 //! - `conditions`: status conditions written one way for both kinds (`set`, the job's exclusive
 //!   `set_phase`, `put`) and the `Transition` Event that goes with a condition change.
 //! - `pods`: what every pod the operator builds shares: build settings, security contexts and
@@ -21,6 +23,7 @@ pub mod check;
 pub mod conditions;
 pub mod error;
 pub mod event_queue;
+pub mod filled;
 pub mod finetunejob;
 pub mod gate;
 pub mod http;

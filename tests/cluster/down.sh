@@ -38,6 +38,11 @@ stop_node() {
     pkill -KILL -f "containerd-shim-runc-v2 .*-address $CONTAINERD_SOCK" 2>/dev/null || true
     awk -v p="$NODE_STATE/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r |
         while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    if [ -f "$NODE_STATE/service-dnat" ]; then
+        # shellcheck disable=SC2046
+        iptables -t nat -D PREROUTING $(cat "$NODE_STATE/service-dnat") 2>/dev/null || true
+        rm -f "$NODE_STATE/service-dnat"
+    fi
     ip link del ftnode0 2>/dev/null || true
     # The unpacked images (several GB): up.sh starts each cluster afresh, so they would never be
     # used again. The logs stay.

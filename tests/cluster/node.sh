@@ -4,7 +4,7 @@
 # GPU device plugin (tests/cluster/k8s/fakegpu) advertising nvidia.com/gpu with nothing behind it.
 # The images of `make images` (trainer, operator, pause) are imported into containerd: nothing is
 # pulled. Pods get an address on a bridge of their own (10.89.0.0/24) that only this machine
-# routes: no masquerade, no route off the machine.
+# routes: no masquerade, no route off the machine; the `kubernetes` Service reaches the apiserver.
 #
 # What this sandbox needs, and why (each is a setting, not a patch):
 #   containerd: restrict_oom_score_adj (no CAP_SYS_RESOURCE to lower a score), no rlimits raised;
@@ -27,6 +27,9 @@ GPUS="${REAL_NODE_GPUS:-1}"
 N="$NODE_STATE"
 POD_SUBNET=10.89.0.0/24
 BRIDGE=ftnode0
+# up.sh's Service range and the `kubernetes` Service's ClusterIP in it.
+SERVICE_CIDR=10.96.0.0/16
+SERVICE_IP=10.96.0.1
 # The node's address: the bridge's own (the kubelet refuses a loopback node IP). The apiserver
 # reaches the kubelet there for logs; the operator reaches trainer pods through the same bridge.
 NODE_IP=10.89.0.1
@@ -103,11 +106,22 @@ cat >"$N/cni/net.d/10-finetune.conflist" <<JSON
   "plugins": [
     {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
      "ipam": {"type": "host-local", "dataDir": "$N/cni/ipam",
-              "ranges": [[{"subnet": "$POD_SUBNET"}]], "routes": [{"dst": "$POD_SUBNET"}]}},
+              "ranges": [[{"subnet": "$POD_SUBNET"}]],
+              "routes": [{"dst": "$POD_SUBNET"}, {"dst": "$SERVICE_CIDR"}]}},
     {"type": "loopback"}
   ]
 }
 JSON
+
+# The `kubernetes` Service for pods on this node (an operator pod's in-cluster config): what
+# kube-proxy would do for this one Service, a DNAT of its ClusterIP to the apiserver on
+# 127.0.0.1 for packets that arrive over the bridge (route_localnet lets them reach loopback).
+# The apiserver's certificate names the ClusterIP. down.sh deletes the rule.
+api_port=$(sed 's|.*:||' "$STATE/apiserver-url")
+sysctl -qw "net.ipv4.conf.$BRIDGE.route_localnet=1"
+printf '%s\n' "-i $BRIDGE -d $SERVICE_IP/32 -p tcp --dport 443 -j DNAT --to-destination 127.0.0.1:$api_port" >"$N/service-dnat"
+# shellcheck disable=SC2046
+iptables -t nat -A PREROUTING $(cat "$N/service-dnat")
 
 # ---------------------------------------------------------------- kubelet
 KUBELET_PORT=$(free_port)

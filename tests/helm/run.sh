@@ -6,9 +6,11 @@
 #            hadolint on both Dockerfiles, CRD copies in sync with crds/
 #   cluster  a local control plane (tests/cluster/up.sh): every rendered object validated by
 #            kubeconform against schemas generated from the apiserver's /openapi/v2 (CRDs
-#            included); helm install with the operator pods running on the test executor node
-#            under their own ServiceAccount token (RBAC exercised); the operator reconciling the
-#            example job (kwok GPU node) and a real trainer job (executor); a real Prometheus
+#            included); helm install with the operator running as a container from its image
+#            on the real node (tests/cluster/node.sh: kubelet, containerd, runc) under the
+#            chart's securityContext and its own ServiceAccount token (RBAC exercised); the
+#            operator reconciling the example job (kwok GPU node) and a real trainer job (the
+#            trainer image on the real node); a real Prometheus
 #            scraping operator and trainer through Kubernetes service discovery, with every
 #            dashboard panel query returning data; helm upgrade; helm uninstall keeping CRDs.
 #
@@ -133,23 +135,15 @@ static_checks() {
 }
 
 # ---------------------------------------------------------------- cluster checks
-EXECUTOR_PID=""
 PROM_PID=""
 SD_PID=""
 cleanup() {
     if [ "${KEEP:-0}" = 1 ]; then
-        log "KEEP=1: cluster ($FINETUNE_CLUSTER_DIR), executor ($EXECUTOR_PID), Prometheus ($PROM_PID) left running; work dir $WORK"
+        log "KEEP=1: cluster and real node ($FINETUNE_CLUSTER_DIR), Prometheus ($PROM_PID) left running; work dir $WORK"
         return
     fi
     [ -n "$PROM_PID" ] && kill "$PROM_PID" 2>/dev/null
     [ -n "$SD_PID" ] && kill "$SD_PID" 2>/dev/null
-    if [ -n "$EXECUTOR_PID" ]; then
-        kill "$EXECUTOR_PID" 2>/dev/null
-        # The executor's pods are its child processes; they outlive it like containers would.
-        for pid_file in "$WORK"/executor/pods/*/*/pid; do
-            [ -f "$pid_file" ] && kill "$(cat "$pid_file")" 2>/dev/null
-        done
-    fi
     "$ROOT/tests/cluster/down.sh" >/dev/null 2>&1
 }
 
@@ -172,14 +166,7 @@ phase_is() { [ "$(job_phase "$1" "$2")" = "$3" ]; }
 
 cluster_checks() {
     local operator_bin="$CARGO_TARGET_DIR/release/finetune-operator"
-    local trainer_bin="$CARGO_TARGET_DIR/release/finetune-trainer"
-    local executor_bin="$CARGO_TARGET_DIR/release/finetune-executor"
-    for b in "$operator_bin" "$trainer_bin" "$executor_bin"; do
-        [ -x "$b" ] || { fail "binary $b missing (make build)"; return; }
-    done
-    # Copies: other builds may replace the binaries while this runs.
-    mkdir -p "$WORK/bin"
-    cp "$operator_bin" "$trainer_bin" "$executor_bin" "$WORK/bin/"
+    [ -x "$operator_bin" ] || { fail "binary $operator_bin missing (make build)"; return; }
     local model
     model=$("$ROOT/scripts/smollm2-path.sh") || { fail "SmolLM2 GGUF not found (make setup)"; return; }
 
@@ -200,20 +187,15 @@ cluster_checks() {
             "$0" --kubeconfig "$1" apply --server-side -f "$2/example/prometheus-operator-crd/monitoring.coreos.com_$f.yaml" || exit 1
         done' "$KUBECTL" "$KUBECONFIG_FILE" "$po_dir"
 
-    # The executor node runs the operator pods and the e2e trainer as local processes.
-    local node=executor-helm
-    KUBECONFIG="$KUBECONFIG_FILE" "$WORK/bin/finetune-executor" --node-name "$node" --work-dir "$WORK/executor" \
-        --image "finetune.test/operator:e2e=$WORK/bin/finetune-operator" \
-        --image "finetune.test/trainer:e2e=$WORK/bin/finetune-trainer" \
-        --pod-ip-prefix "127.$((RANDOM % 200 + 20)).$((RANDOM % 250))" \
-        --cpu 16 --memory 64Gi >"$WORK/executor.log" 2>&1 &
-    EXECUTOR_PID=$!
-    wait_for 60 "executor node Ready" bash -c "\"$KUBECTL\" --kubeconfig \"$KUBECONFIG_FILE\" get node $node -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -q True" ||
-        { fail "executor node Ready"; tail "$WORK/executor.log"; return; }
+    # The real node runs the operator pods and the e2e trainer from the images of `make images`.
+    local node=real-node-0
+    REAL_NODE_GPUS=2 "$ROOT/tests/cluster/node.sh" >"$WORK/node.log" 2>&1 ||
+        { fail "tests/cluster/node.sh"; tail -20 "$WORK/node.log"; return; }
+    pass "real node up ($(grep -o 'up in [0-9]*s' "$WORK/node.log"))"
 
     # Leader election: 2 replicas when the operator binary has it, else 1 (reported).
     local replicas=(--set replicaCount=2 --set leaderElection.enabled=true)
-    if ! "$WORK/bin/finetune-operator" run --help | grep -q -- --leader-elect; then
+    if ! "$operator_bin" run --help | grep -q -- --leader-elect; then
         log "NOTE: this finetune-operator build has no --leader-elect: installing 1 replica without election"
         replicas=(--set replicaCount=1 --set leaderElection.enabled=false)
     fi
@@ -234,11 +216,11 @@ cluster_checks() {
         pass "helm install --wait (Deployment available)"
     else
         fail "helm install --wait"; tail -20 "$WORK/install.log"
-        kubectl_ -n "$NS" get pods -o wide; tail -20 "$WORK/executor.log"
+        kubectl_ -n "$NS" get pods -o wide; kubectl_ -n "$NS" describe pods | tail -30
         return
     fi
     local want=${replicas[1]#replicaCount=}
-    check "$want operator pod(s) Running on the executor node" bash -c '
+    check "$want operator pod(s) Running on the real node" bash -c '
         n=$("$0" --kubeconfig "$1" -n "$2" get pods -l app.kubernetes.io/name=finetune-operator \
             --field-selector spec.nodeName="$3",status.phase=Running -o name | wc -l); [ "$n" -eq "$4" ]' \
         "$KUBECTL" "$KUBECONFIG_FILE" "$NS" "$node" "$want"
@@ -316,18 +298,19 @@ cluster_checks() {
                 -o jsonpath="{.spec.containers[0].resources.limits.nvidia\.com/gpu}" | grep -qx 1' \
         "$KUBECTL" "$KUBECONFIG_FILE"
 
-    # A real trainer on the executor (tiny run), a job that fails (bad data) and one whose pod the
+    # A real trainer on the real node (tiny run), a job that fails (bad data) and one whose pod the
     # namespace's quota refuses (a reconcile error): every fleet panel then has something to show.
     kubectl_ create namespace e2e >/dev/null
     kubectl_ -n e2e apply -k "$ROOT/examples/data" >/dev/null
-    python3 "$HERE/e2e_jobs.py" "$ROOT/examples/sft-lora-smollm2.yaml" "$model" "$node" | kubectl_ apply -f - >/dev/null ||
-        fail "e2e jobs applied"
+    python3 "$HERE/e2e_jobs.py" "$ROOT/examples/sft-lora-smollm2.yaml" "$model" "$node" "$WORK/volumes" |
+        kubectl_ apply -f - >/dev/null || fail "e2e jobs applied"
     kubectl_ create namespace quota >/dev/null
     kubectl_ -n quota create quota no-pods --hard=pods=0 >/dev/null
     wait_for 30 "quota computed" bash -c "\"$KUBECTL\" --kubeconfig \"$KUBECONFIG_FILE\" -n quota get quota no-pods -o jsonpath='{.status.used.pods}' | grep -q 0"
-    python3 "$HERE/e2e_jobs.py" "$ROOT/examples/sft-lora-smollm2.yaml" "$model" "$node" quota | kubectl_ apply -f - >/dev/null
-    check "a real trainer job runs on the executor and succeeds" wait_for 600 "e2e/tiny-sft Succeeded" phase_is e2e tiny-sft Succeeded ||
-        { kubectl_ -n e2e get ftj tiny-sft -o yaml | tail -40; tail -30 "$WORK"/executor/pods/e2e/tiny-sft-attempt-0/stdout.log; }
+    python3 "$HERE/e2e_jobs.py" "$ROOT/examples/sft-lora-smollm2.yaml" "$model" "$node" "$WORK/volumes" quota |
+        kubectl_ apply -f - >/dev/null
+    check "a real trainer job runs on the real node and succeeds" wait_for 600 "e2e/tiny-sft Succeeded" phase_is e2e tiny-sft Succeeded ||
+        { kubectl_ -n e2e get ftj tiny-sft -o yaml | tail -40; kubectl_ -n e2e logs tiny-sft-attempt-0 --tail 30; }
     check "a job with bad data ends Failed" wait_for 120 "e2e/bad-data Failed" phase_is e2e bad-data Failed
     check "ttlSecondsAfterFinished deletes a finished job under the chart's RBAC" \
         wait_for 120 "e2e/ttl deleted" bash -c '

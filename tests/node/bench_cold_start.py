@@ -3,7 +3,7 @@ stand-in, in the same run on the same control plane.
 
 Cold start is the trainer pod's creation to the job's first optimizer step (status.progress.step
 reaching 1, polled by the operator every second), split at the container's start as the node
-reports it (startedAt). The same short example job (2 steps) runs on each node in turn, ROUNDS
+reports it (startedAt). The same short example job (6 steps) runs on each node in turn, ROUNDS
 times. The real node runs it from the image through containerd and runc; the executor starts
 the same trainer binary as a local process. Writes a table and JSON ($CARGO_TARGET_DIR/bench/node.json).
 """
@@ -27,7 +27,8 @@ def ts(text):
 
 def cold_start(bed, name, node):
     """(pod created → container started, → first step) in seconds for one job pinned to `node`."""
-    job = example_job(name, steps=2, checkpoint_every=2)
+    # Long enough that the operator's 1 s polls see the first steps while they happen.
+    job = example_job(name, steps=6, checkpoint_every=6)
     job["metadata"]["namespace"] = bed.ns
     job["spec"]["resources"]["nodeSelector"] = {"kubernetes.io/hostname": node}
     bed.storage_volume(name)
@@ -38,7 +39,8 @@ def cold_start(bed, name, node):
     seen = time.time()
     p = bed.pod(pod)
     created = ts(p["metadata"]["creationTimestamp"])
-    started = ts(p["status"]["containerStatuses"][0]["state"]["running"]["startedAt"])
+    state = p["status"]["containerStatuses"][0]["state"]
+    started = ts((state.get("running") or state.get("terminated"))["startedAt"])
     wait_for(f"{name} done", 600, lambda: bed.status(name).get("phase") in ("Succeeded", "Failed"), interval=1)
     kubectl("delete", "finetunejob", name, "-n", bed.ns, "--wait=true", "--timeout=120s")
     return started - created, seen - created

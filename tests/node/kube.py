@@ -124,6 +124,7 @@ def open_bed(volumes, operator_args=()):
     kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted",
             "pod-security.kubernetes.io/enforce-version=latest")
     kubectl("apply", "-n", ns, "-k", str(ROOT / "examples/data"))
+    volumes.mkdir(parents=True, exist_ok=True)
     volumes.chmod(0o755)
     model = volumes / "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     model.parent.mkdir(parents=True)

@@ -32,7 +32,7 @@ NEEDS = {
     "tests/cluster/up.sh": [CLUSTER],
     "tests/cluster/smoke.sh": [CLUSTER],
     "--test control_plane": [CLUSTER, BINARIES, VENV],
-    "tests/helm/run.sh": [CLUSTER, BINARIES],
+    "tests/helm/run.sh": [CLUSTER, BINARIES, IMAGES],
     "-m pytest -q tests/node": [CLUSTER, BINARIES, VENV, IMAGES],
     "tests/cluster/node.sh": [CLUSTER, IMAGES],
     # Parity tests: the release trainer and the reference libraries.

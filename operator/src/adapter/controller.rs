@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use finetune_crds::Adapter;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::DeleteParams;
@@ -28,6 +28,7 @@ use crate::api::{api, cached_watch, write_status};
 use crate::conditions;
 use crate::error::Error;
 use crate::event_queue::EventQueue;
+use crate::filled::Filled;
 use crate::last_written::LastWritten;
 use crate::metrics::Metrics;
 use crate::ours::{self, Refused};
@@ -43,6 +44,8 @@ struct Context {
     settings: BuildSettings,
     /// Verification pods, without their spec.
     pods: Store<Pod>,
+    /// Whether `pods` holds its first full list.
+    pods_filled: Filled,
     /// Adapters as our last status write returned them, until the cache has caught up: a
     /// reconcile that runs first (the verified pod's deletion triggers one) must not see the
     /// Adapter as still Verifying and verify it again.
@@ -62,7 +65,7 @@ pub async fn run(
 ) {
     let namespace = &namespace;
     let written = Arc::new(LastWritten::<Adapter>::default());
-    let (adapters, adapter_events) = cached_watch(
+    let (adapters, _, adapter_events) = cached_watch(
         api::<Adapter>(&client, namespace),
         watcher::Config::default(),
         |adapter| adapter.metadata.managed_fields = None,
@@ -72,7 +75,7 @@ pub async fn run(
         .applied_objects()
         // Our status writes do not change the generation; a spec edit does (a new verification).
         .predicate_filter(predicates::generation, PredicateConfig::default());
-    let (pods, pod_events) = cached_watch(
+    let (pods, pods_filled, pod_events) = cached_watch(
         api::<Pod>(&client, namespace),
         watcher::Config::default().labels(&format!("{COMPONENT_LABEL}={COMPONENT}")),
         |pod| {
@@ -87,6 +90,7 @@ pub async fn run(
         metrics,
         settings,
         pods,
+        pods_filled,
         written,
     });
     Controller::for_stream(adapter_events, adapters)
@@ -120,7 +124,7 @@ async fn reconcile(adapter: Arc<Adapter>, ctx: Arc<Context>) -> Result<Requeue, 
         return Ok(Requeue::await_change());
     }
     // Before the pod cache is filled, "no pod" would start a second verification.
-    if !matches!(ctx.pods.wait_until_ready().now_or_never(), Some(Ok(()))) {
+    if !ctx.pods_filled.is_filled() {
         return Ok(Requeue::requeue(Duration::from_secs(1)));
     }
     let namespace = adapter.namespace().unwrap_or_default();

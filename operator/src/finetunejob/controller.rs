@@ -34,6 +34,7 @@ use self::dereference::dereference;
 use crate::api::{APPLIED_HASH_ANNOTATION, api, cached_watch, cached_watch_lenient, write_status};
 use crate::error::Error;
 use crate::event_queue::EventQueue;
+use crate::filled::Filled;
 use crate::finetunejob::status;
 use crate::last_written::LastWritten;
 use crate::metrics::Metrics;
@@ -79,7 +80,7 @@ pub async fn run(
     // tells its LastWritten which of our writes it has delivered.
     let jobs_written = Arc::new(LastWritten::<FinetuneJob>::default());
     let undecodable_metrics = metrics.clone();
-    let (jobs, job_events) = cached_watch_lenient(
+    let (jobs, jobs_filled, job_events) = cached_watch_lenient(
         &client,
         namespace,
         watcher::Config::default(),
@@ -102,37 +103,33 @@ pub async fn run(
         // re-derive what was just written. Children's changes and requeues still trigger.
         .predicate_filter(predicates::generation, PredicateConfig::default());
     let pods_written = Arc::new(LastWritten::<Pod>::default());
-    let (pods, pod_events) = cached_watch(
+    let (pods, pods_filled, pod_events) = cached_watch(
         api::<Pod>(&client, namespace),
         children.clone(),
         strip_pod,
         Some(&pods_written),
     );
     let maps_written = Arc::new(LastWritten::default());
-    let (maps, map_events) = cached_watch(
+    let (maps, maps_filled, map_events) = cached_watch(
         api::<PartialObjectMeta<ConfigMap>>(&client, namespace),
         children.clone(),
         |map| map.metadata.managed_fields = None,
         Some(&maps_written),
     );
     let claims_written = Arc::new(LastWritten::default());
-    let (claims, claim_events) = cached_watch(
+    let (claims, claims_filled, claim_events) = cached_watch(
         api::<PartialObjectMeta<PersistentVolumeClaim>>(&client, namespace),
         children,
         |claim| claim.metadata.managed_fields = None,
         Some(&claims_written),
     );
 
+    let children_filled = [pods_filled, maps_filled, claims_filled];
     {
-        let stores = (jobs.clone(), pods.clone(), maps.clone(), claims.clone());
+        let all = [[jobs_filled].as_slice(), &children_filled].concat();
         tokio::spawn(async move {
-            let synced = futures::try_join!(
-                stores.0.wait_until_ready(),
-                stores.1.wait_until_ready(),
-                stores.2.wait_until_ready(),
-                stores.3.wait_until_ready(),
-            );
-            if synced.is_ok() {
+            let filled = futures::future::join_all(all.iter().map(Filled::wait)).await;
+            if filled.into_iter().all(|filled| filled) {
                 on_synced();
             }
         });
@@ -147,6 +144,7 @@ pub async fn run(
             Some(ObjectRef::<FinetuneJob>::new(name).within(namespace))
         });
     let caches = Caches {
+        filled: children_filled,
         pods,
         pods_written,
         maps,

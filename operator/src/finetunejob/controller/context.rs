@@ -10,6 +10,7 @@ use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 
 use crate::event_queue::EventQueue;
+use crate::filled::Filled;
 use crate::gate::Gate;
 use crate::last_written::LastWritten;
 use crate::metrics::Metrics;
@@ -20,6 +21,8 @@ use crate::valid_specs::ValidSpecs;
 /// The children a reconcile reads, cached by the watches that trigger reconciles, each with our
 /// writes the watch has not delivered yet.
 pub(super) struct Caches {
+    /// Whether the pod, ConfigMap and claim caches hold their first full lists.
+    pub(super) filled: [Filled; 3],
     /// Trainer pods, without their spec (status derivation reads metadata and status only).
     pub(super) pods: Store<Pod>,
     pub(super) pods_written: Arc<LastWritten<Pod>>,
@@ -36,13 +39,7 @@ impl Caches {
     /// caches fill from streams the controller polls between reconciles, so a reconcile that
     /// awaited them could hold the slot they need.
     pub(super) fn ready(&self) -> bool {
-        use futures::FutureExt;
-        let filled = futures::future::try_join3(
-            self.pods.wait_until_ready(),
-            self.maps.wait_until_ready(),
-            self.claims.wait_until_ready(),
-        );
-        matches!(filled.now_or_never(), Some(Ok(_)))
+        self.filled.iter().all(Filled::is_filled)
     }
 }
 
