@@ -25,7 +25,7 @@ help:
 	@echo "make test-node      the operator's pods under a real kubelet with containerd and runc, from the images"
 	@echo "make test-helm      the Helm chart, alerts and dashboards, installed and scraped on a local control plane"
 	@echo "make crds           regenerate crds/*.yaml from the Rust types"
-	@echo "make cluster-up     start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes)"
+	@echo "make cluster-up     start the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes, the real node)"
 	@echo "make cluster-down   stop it"
 	@echo "make bench-node     image sizes and cold start (pod created -> first step) on the real node vs the executor (JSON)"
 	@echo "make bench-forward  forward-pass tokens/s: ours vs transformers (JSON in \$$CARGO_TARGET_DIR/bench)"
@@ -132,8 +132,12 @@ test-helm: cluster-build build images
 cluster-build:
 	@tests/cluster/build.sh
 
-cluster-up: cluster-build
+# The control plane with FINETUNE_CLUSTER_NODES (2) kwok GPU nodes and, unless FINETUNE_REAL_NODE=0,
+# the real node (kubelet, containerd, runc, the images of `make images`) beside them.
+FINETUNE_REAL_NODE ?= 1
+cluster-up: cluster-build $(if $(filter 1,$(FINETUNE_REAL_NODE)),images)
 	@tests/cluster/up.sh
+	@if [ "$(FINETUNE_REAL_NODE)" = 1 ]; then tests/cluster/node.sh; fi
 
 cluster-down:
 	@tests/cluster/down.sh

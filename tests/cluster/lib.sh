@@ -28,11 +28,15 @@ kubectl_() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
 alive() { local p; p="$(pid_of "$1")"; [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 
-# A TCP port on 127.0.0.1 that nothing listens on (random in 20000-45000).
+# A TCP port on 127.0.0.1 that nothing listens on, random from 20000 up to the kernel's ephemeral
+# range: a port inside that range can be taken by an outgoing connection between the pick and the
+# bind (seen: kube-scheduler "address already in use").
 free_port() {
-    local p i
+    local p i top
+    top=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+    [ "$top" -gt 21000 ] || top=32768
     for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 25000))
+        p=$((20000 + RANDOM % (top - 20000)))
         case " ${USED_PORTS:-} " in *" $p "*) continue ;; esac
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             USED_PORTS="${USED_PORTS:-} $p"
