@@ -117,6 +117,10 @@ def test_a_memory_limit_below_the_peak_ends_in_oomkilled_and_an_out_of_memory_at
     pod = bed.pod(f"{job}-attempt-0")
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "OOMKilled"
     assert final["attempts"][0]["reason"] == "OutOfMemory", final["attempts"]
+    # The kernel leaves the trainer no word; the operator names the fix.
+    assert "spec.resources.memory" in final["attempts"][0]["message"], final["attempts"]
+    failed = next(c for c in final["conditions"] if c["status"] == "True")
+    assert "spec.resources.memory" in failed["message"], failed
     assert final["failedAttempts"] == 1
 
 

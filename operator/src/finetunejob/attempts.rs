@@ -241,6 +241,11 @@ fn pod_state(pod: &Pod) -> PodState {
     }
 }
 
+/// What an OOM-killed attempt records: the limit it hit and the settings that lower the peak.
+pub const OUT_OF_MEMORY_ADVICE: &str = "the kernel killed the trainer at the pod's memory limit \
+     (OOMKilled): raise spec.resources.memory, or lower hyperparameters.batchSize (raising \
+     gradientAccumulationSteps keeps the effective batch) or hyperparameters.maxSeqLength";
+
 /// Classifies a failed pod. Evictions and preemptions (a `DisruptionTarget` condition, the
 /// `Evicted`/`Preempting` reasons, or exit 143 after a checkpoint) are retried without charge;
 /// invalid input and divergence are never retried; everything else is charged.
@@ -284,7 +289,12 @@ fn classify_failure(
         return failure("Preempted", true, false);
     }
     if kubelet_reason.as_deref() == Some("OOMKilled") {
-        return failure("OutOfMemory", true, true);
+        // The kernel gives the trainer no chance to say why: the fix is ours to tell.
+        let mut failure = failure("OutOfMemory", true, true);
+        failure
+            .message
+            .get_or_insert_with(|| OUT_OF_MEMORY_ADVICE.into());
+        return failure;
     }
     let Some(code) = exit_code else {
         return failure("Error", true, true);
@@ -314,7 +324,13 @@ fn attempt_record(index: i32, pod: &Pod, state: &PodState) -> Attempt {
         resumed_from_step: termination.and_then(|t| t.resumed_from_step),
         message: termination
             .and_then(|t| t.error.as_ref())
-            .map(|e| e.message.clone()),
+            .map(|e| e.message.clone())
+            .or_else(|| match state {
+                PodState::Failed(failure) if failure.reason == "OutOfMemory" => {
+                    failure.message.clone()
+                }
+                _ => None,
+            }),
     }
 }
 

@@ -1097,6 +1097,16 @@ mod tests {
             derived.status.attempts[1].reason.as_deref(),
             Some("OutOfMemory")
         );
+        // With the fix named on the attempt and in the Failed condition.
+        let advice = crate::finetunejob::attempts::OUT_OF_MEMORY_ADVICE;
+        assert_eq!(derived.status.attempts[1].message.as_deref(), Some(advice));
+        let failed = derived
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.status == "True");
+        let message = failed.map(|c| c.message.as_str()).unwrap_or_default();
+        assert!(message.contains("spec.resources.memory"), "{message}");
     }
 
     #[test]
