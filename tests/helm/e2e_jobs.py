@@ -12,16 +12,16 @@ gets a hostPath PersistentVolume under VOLUMES_DIR pre-bound to its storage clai
 trainer's UID; the model is copied into VOLUMES_DIR/models, the `models` claim's volume.
 """
 import copy
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
+# The real node's volume helpers, shared with its tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "node"))
+from kube import MODEL_IN_CLAIM, host_path_volume, model_claim, trainer_storage  # noqa: E402
 
-TRAINER_UID = 65532
-MODEL_URI = "pvc://models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_URI = f"pvc://models/{MODEL_IN_CLAIM}"
 
 
 def tiny(example, name, namespace, node):
@@ -42,36 +42,10 @@ def tiny(example, name, namespace, node):
     return job
 
 
-def volume(namespace, claim, path):
-    """A hostPath PersistentVolume pre-bound to a claim (no provisioner here)."""
-    return {"apiVersion": "v1", "kind": "PersistentVolume",
-            "metadata": {"name": f"{namespace}-{claim}"},
-            "spec": {"capacity": {"storage": "100Gi"}, "accessModes": ["ReadWriteOnce"],
-                     "hostPath": {"path": str(path)}, "storageClassName": "",
-                     "claimRef": {"namespace": namespace, "name": claim}}}
-
-
 def storage(volumes, namespace, claim):
-    """The storage claim's volume: a folder the trainer's UID owns."""
-    path = volumes / f"{namespace}-{claim}"
-    path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, TRAINER_UID, TRAINER_UID)
-    return volume(namespace, claim, path)
-
-
-def models(volumes, namespace, model):
-    """The `models` claim and its volume, holding a copy of the GGUF (a container sees only what
-    is inside the volume, not a link's target)."""
-    folder = volumes / "models/smollm2"
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(model, folder / Path(MODEL_URI).name)
-    for path in [volumes, volumes / "models", folder]:
-        path.chmod(0o755)
-    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-             "metadata": {"name": "models", "namespace": namespace},
-             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
-                      "resources": {"requests": {"storage": "1Gi"}}}}
-    return [volume(namespace, "models", volumes / "models"), claim]
+    """A hostPath PersistentVolume pre-bound to the job's storage claim (no provisioner here)."""
+    path = trainer_storage(volumes / f"{namespace}-{claim}")
+    return host_path_volume(f"{namespace}-{claim}", path, namespace, claim)
 
 
 def main():
@@ -88,7 +62,7 @@ def main():
         ttl["metadata"]["name"] = "ttl"
         ttl["spec"]["output"] = {"adapterName": "ttl-adapter"}
         ttl["spec"]["runPolicy"] = {"backoffLimit": 0, "ttlSecondsAfterFinished": 3}
-        jobs = [tiny(example, "tiny-sft", "e2e", node), bad, ttl, *models(volumes, "e2e", model),
+        jobs = [tiny(example, "tiny-sft", "e2e", node), bad, ttl, *model_claim(volumes, "e2e", model),
                 *(storage(volumes, "e2e", f"{job}-storage") for job in ("tiny-sft", "bad-data", "ttl"))]
     yaml.safe_dump_all(jobs, sys.stdout, sort_keys=False)
 

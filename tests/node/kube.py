@@ -18,6 +18,8 @@ KUBECTL = str(CACHE / "cluster/bin/kubectl")
 OPERATOR = os.environ.get(
     "FINETUNE_OPERATOR_BIN", str(Path(os.environ.get("CARGO_TARGET_DIR", CACHE / "target")) / "release/finetune-operator"))
 TRAINER_UID = 65532
+# Where the example's base model (pvc://models/...) lies in the `models` claim's volume.
+MODEL_IN_CLAIM = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NODE = os.environ.get("FINETUNE_REAL_NODE_NAME", "real-node-0")
 
 
@@ -60,6 +62,31 @@ def host_path_volume(name, path, ns, claim):
     }
 
 
+def trainer_storage(path):
+    """A folder for a job's storage claim, owned by the trainer's UID, which writes there."""
+    path.mkdir(parents=True)
+    os.chown(path, TRAINER_UID, TRAINER_UID)
+    return path
+
+
+def model_claim(volumes, ns, gguf):
+    """The `models` claim of namespace `ns` and its hostPath volume `volumes`/models, holding a
+    copy of `gguf` at MODEL_IN_CLAIM that the trainer's UID can read."""
+    volumes.mkdir(parents=True, exist_ok=True)
+    volumes.chmod(0o755)
+    model = volumes / "models" / MODEL_IN_CLAIM
+    model.parent.mkdir(parents=True)
+    # A copy: the container sees only what is inside the volume, not a link's target.
+    shutil.copy(gguf, model)
+    for p in [model.parent.parent, model.parent]:
+        p.chmod(0o755)
+    model.chmod(0o644)
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models", "namespace": ns},
+             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                      "resources": {"requests": {"storage": "1Gi"}}}}
+    return [host_path_volume(f"{ns}-models", volumes / "models", ns, "models"), claim]
+
+
 def example_job(name, steps, checkpoint_every=4):
     """The SFT example, as written but for its name, length and guard: `steps` optimizer steps
     of batch 2 at sequence 128, checkpoints and evaluations every `checkpoint_every`."""
@@ -94,9 +121,7 @@ class Bed:
 
     def storage_volume(self, job):
         """The hostPath PV the job's storage claim binds to, writable by the trainer's UID."""
-        path = self.volumes / f"{job}-storage"
-        path.mkdir(parents=True)
-        os.chown(path, TRAINER_UID, TRAINER_UID)
+        path = trainer_storage(self.volumes / f"{job}-storage")
         apply(host_path_volume(f"{self.ns}-{job}", path, self.ns, f"{job}-storage"))
         return path
 
@@ -124,19 +149,8 @@ def open_bed(volumes, operator_args=()):
     kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted",
             "pod-security.kubernetes.io/enforce-version=latest")
     kubectl("apply", "-n", ns, "-k", str(ROOT / "examples/data"))
-    volumes.mkdir(parents=True, exist_ok=True)
-    volumes.chmod(0o755)
-    model = volumes / "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    model.parent.mkdir(parents=True)
-    # A copy: the container sees only what is inside the volume, not a link's target.
-    shutil.copy(smollm2_gguf(), model)
-    for p in [model.parent.parent, model.parent]:
-        p.chmod(0o755)
-    model.chmod(0o644)
-    apply(host_path_volume(f"{ns}-models", volumes / "models", ns, "models"))
-    apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models", "namespace": ns},
-           "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
-                    "resources": {"requests": {"storage": "1Gi"}}}})
+    for obj in model_claim(volumes, ns, smollm2_gguf()):
+        apply(obj)
     log = open(STATE / "logs" / f"operator-{ns}.log", "w")
     operator = subprocess.Popen(
         [OPERATOR, "run", "--namespace", ns, "--http-addr", "127.0.0.1:0", "--progress-interval", "1",
