@@ -259,6 +259,11 @@ pub struct Hyperparameters {
     /// Pack several samples into each sequence (attention never crosses sample boundaries).
     #[serde(default)]
     pub packing: bool,
+    /// Activation checkpointing: keep only each decoder layer's input during the forward pass and
+    /// recompute the layer in backward (about one extra forward pass of time for activation
+    /// memory that no longer grows with the number of layers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
     /// Numeric precision: `auto` is bfloat16 on GPUs and float32 on CPUs.
     #[serde(default)]
     pub precision: Precision,

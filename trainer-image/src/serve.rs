@@ -195,3 +195,9 @@ pub fn rss_bytes() -> Option<u64> {
 pub fn peak_rss_bytes() -> Option<u64> {
     proc_status_kib("VmHWM:").map(|k| k * 1024)
 }
+
+/// Starts a new peak: afterwards [`peak_rss_bytes`] is the peak since this call (Linux's
+/// `clear_refs` 5). False where the kernel refuses it; the peak then still covers the whole run.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}

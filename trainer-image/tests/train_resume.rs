@@ -212,6 +212,30 @@ fn sigkill_twice_then_resume_is_bitwise_identical() {
 }
 
 #[test]
+fn a_checkpointed_run_killed_and_resumed_ends_bitwise_identical_to_the_plain_run() {
+    let s = setup();
+    let (code, err) = run(&s, "plain");
+    assert_eq!(code, 0, "{err}");
+    let reference = bytes(&s.root.join("plain/adapter_model.safetensors"));
+    // The same job on the same model and data, with activation checkpointing.
+    let job = std::fs::read_to_string(&s.job).unwrap();
+    let checkpointed = job.replace("seed: 7}", "seed: 7, gradientCheckpointing: true}");
+    assert_ne!(job, checkpointed);
+    std::fs::write(&s.job, checkpointed).unwrap();
+    let kill_at = 3 + random_below(6) as i64; // 3..=8
+    let kill = |c: &mut Child, _: &str| c.kill().unwrap();
+    let (code, err) = run_until(&s, "killed", kill_at, kill);
+    assert_eq!(code, None, "the run should die by signal: {err}");
+    let (code, err) = run(&s, "killed");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resumed from"), "{err}");
+    assert!(
+        reference == bytes(&s.root.join("killed/adapter_model.safetensors")),
+        "checkpointed adapter after a kill at step {kill_at} differs from the plain run's"
+    );
+}
+
+#[test]
 fn a_mixture_killed_and_resumed_ends_bitwise_identical_and_reports_its_sources() {
     let s = setup_mixture();
     let (code, err) = run(&s, "straight");

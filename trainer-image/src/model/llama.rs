@@ -14,6 +14,22 @@ use crate::model::rope::{Rope, RopeScaling};
 use crate::model::vocab::{AddedVocab, TrainableTokens};
 use crate::model::weights::WeightMap;
 
+/// The boolean training mask `[batch, 1, seq, seq]` with every query row allowed to see itself
+/// (see [`CausalLm::forward_with`]).
+pub(super) fn training_mask(m: &Tensor) -> Tensor {
+    let t = m.size()[2];
+    let eye = Tensor::eye(t, (Kind::Bool, m.device())).view([1, 1, t, t]);
+    m.to_kind(Kind::Bool).logical_or(&eye)
+}
+
+/// Re-seeds the global generator for layer `i` of a forward pass whose dropout seeds start at
+/// `seeds` ([`CausalLm::layer_seeds`]); nothing when dropout is off.
+pub(super) fn seed_layer(seeds: Option<i64>, i: usize) {
+    if let Some(base) = seeds {
+        tch::manual_seed(base + i as i64);
+    }
+}
+
 /// Root-mean-square norm, computed in float32 whatever the model dtype (as transformers does).
 #[derive(Debug)]
 pub struct RmsNorm {
@@ -54,6 +70,27 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+impl DecoderLayer {
+    /// `x + attn(norm(x))`, then `h + mlp(norm(h))`, appending to the layer's `cache` slot if any.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), cos, sin, mask, cache);
+        // Out-of-place residual adds: autograd keeps the pre-residual tensors for backward.
+        let hidden = x + h;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&hidden));
+        hidden + h
+    }
+}
+
 /// A Llama-family causal language model with its weights on one device.
 #[derive(Debug)]
 pub struct CausalLm {
@@ -63,7 +100,7 @@ pub struct CausalLm {
     pub norm: RmsNorm,
     /// `None` when the input embeddings are tied to the output projection.
     pub lm_head: Option<Linear>,
-    rope: Rope,
+    pub(super) rope: Rope,
     /// The rotary embedding no longer matches the checkpoint's config ([`CausalLm::set_rope_scaling`]),
     /// so an adapter alone does not describe the trained model.
     rope_changed: bool,
@@ -73,6 +110,8 @@ pub struct CausalLm {
     pub trainable_tokens: Option<TrainableTokens>,
     /// The tokens the vocabulary was extended with and the matching tokenizer files.
     pub added_vocab: Option<AddedVocab>,
+    /// Activation checkpointing for the training losses (see [`crate::model::checkpoint`]).
+    pub checkpoint_layers: bool,
 }
 
 impl CausalLm {
@@ -206,6 +245,7 @@ impl CausalLm {
             device,
             trainable_tokens: None,
             added_vocab: None,
+            checkpoint_layers: false,
         })
     }
 
@@ -279,12 +319,26 @@ impl CausalLm {
         position_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Tensor {
-        let mask = attention_mask.map(|m| {
-            let t = m.size()[2];
-            let eye = Tensor::eye(t, (Kind::Bool, m.device())).view([1, 1, t, t]);
-            m.to_kind(Kind::Bool).logical_or(&eye)
-        });
+        let mask = attention_mask.map(training_mask);
         self.decode(input_ids, position_ids, mask.as_ref(), None)
+    }
+
+    /// The token embeddings of `input_ids` (with any trainable added rows).
+    pub(super) fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embedding_weight(), input_ids, -1, false, false)
+    }
+
+    /// The base seed of this forward pass's per-layer dropout seeds ([`seed_layer`]), drawn from
+    /// the global generator, or `None` when no dropout is active. Each layer re-seeds before it
+    /// runs, so a layer recomputed in backward (activation checkpointing) draws the masks it drew
+    /// in the forward pass, and a checkpointed run equals a plain one.
+    pub(super) fn layer_seeds(&self) -> Option<i64> {
+        let active = self.linears().iter().any(|(_, l)| {
+            l.lora
+                .as_ref()
+                .is_some_and(|a| a.enabled && a.training && a.dropout > 0.0)
+        });
+        active.then(|| Tensor::randint(1 << 62, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]))
     }
 
     /// Final norm and LM head on hidden states `[..., hidden]` → logits `[..., vocab]`.
@@ -331,19 +385,12 @@ impl CausalLm {
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let (cos, sin) = self.rope.cos_sin(positions, self.kind);
-        let mut x = Tensor::embedding(&self.embedding_weight(), input_ids, -1, false, false);
+        let seeds = self.layer_seeds();
+        let mut x = self.embed(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
+            seed_layer(seeds, i);
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h =
-                layer
-                    .self_attn
-                    .forward(&layer.input_layernorm.forward(&x), &cos, &sin, mask, slot);
-            // Out-of-place residual adds: autograd keeps the pre-residual tensors for backward.
-            let hidden = &x + h;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&hidden));
-            x = hidden + h;
+            x = layer.forward(&x, (&cos, &sin), mask, slot);
         }
         x
     }

@@ -2,6 +2,7 @@
 //! LoRA adapters.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod config;
 pub mod linear;
 pub mod llama;

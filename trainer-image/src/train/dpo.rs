@@ -21,12 +21,14 @@ use std::path::Path;
 
 use finetune_crds::training::DpoLoss;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::data::{Batch, PreferencePair, Sample, build_batch};
 use crate::model::CausalLm;
 use crate::train::optim::AdamW;
-use crate::train::step::{MicroBatch, StepStats, dropout_seed, target_logits};
+use crate::train::step::{
+    MicroBatch, StepStats, Targets, backward_on_targets, dropout_seed, target_logits,
+};
 
 /// The loss settings of `spec.method.dpo`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -87,9 +89,15 @@ pub fn dpo_terms(
 /// `[rows]` summed log-probability of each row's targets (`labels[:, 1:]` other than −100) and
 /// `[rows]` the number of targets, from the logits at target positions only.
 pub fn sequence_logps(model: &CausalLm, batch: &Batch) -> (Tensor, Tensor) {
+    let targets = target_logits(model, &MicroBatch::from(batch));
+    logps_of(targets, batch, model.device)
+}
+
+/// [`sequence_logps`] from the batch's target logits.
+fn logps_of(targets: Option<Targets>, batch: &Batch, device: Device) -> (Tensor, Tensor) {
     let b = batch.input_ids.size()[0];
-    let zeros = || Tensor::zeros([b], (Kind::Float, model.device));
-    let Some(t) = target_logits(model, &MicroBatch::from(batch)) else {
+    let zeros = || Tensor::zeros([b], (Kind::Float, device));
+    let Some(t) = targets else {
         return (zeros(), zeros());
     };
     let logp = t
@@ -349,10 +357,14 @@ impl Dpo {
             stats.samples += idx.len();
             let reference = reference_logps(model, &self.train, idx, &batch, self.mode);
             tch::manual_seed(dropout_seed(seed, step, i));
-            let (policy, lengths) = sequence_logps(model, &batch);
-            let terms = dpo_terms(&policy, &reference, &lengths, &self.cfg);
-            (terms.losses.sum(Kind::Float) / total as f64).backward();
-            tally.add(&terms, &policy, &lengths);
+            let mb = MicroBatch::from(&batch);
+            // The tally keeps the loss value.
+            let _ = backward_on_targets(model, &mb, total as f64, |targets| {
+                let (policy, lengths) = logps_of(targets, &batch, model.device);
+                let terms = dpo_terms(&policy, &reference, &lengths, &self.cfg);
+                tally.add(&terms, &policy, &lengths);
+                terms.losses.sum(Kind::Float)
+            });
         }
         let m = tally.finish();
         stats.loss = m.loss;

@@ -30,7 +30,7 @@ use crate::train::base;
 use crate::train::checkpoint::{self, Snapshots};
 use crate::train::plan::{Environment, Plan};
 use crate::train::stop::is_oom;
-use crate::train::summary::{self, Outcome, TrainingSummary};
+use crate::train::summary::{self, MemoryMarks, Outcome, TrainingSummary};
 use crate::train::trainer::{Clock, Finished, Trainer};
 use crate::train::{setup, transfer};
 
@@ -186,6 +186,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         s.metrics.contaminated_eval_samples = contaminated(&trainer);
     });
 
+    let memory = MemoryMarks::start_training();
     let train_started = Instant::now();
     trainer.train(&term, live, tm)?;
     let train_seconds = train_started.elapsed().as_secs_f64();
@@ -211,6 +212,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
             finished: &finished,
             metrics: &metrics,
             resumed_from,
+            memory,
             timings: &trainer.clock.timings,
             files: &digests,
         },

@@ -587,10 +587,15 @@ pub fn config_digest(
     init_adapter: Option<&Path>,
 ) -> String {
     let spec = &job.spec;
+    // Checkpointing changes memory and time, not the result: a run may resume with it switched.
+    let hyperparameters = Hyperparameters {
+        gradient_checkpointing: false,
+        ..spec.hyperparameters.clone()
+    };
     digest_hex(
         serde_json::to_string(&json!({
             "baseModel": spec.base_model, "dataset": spec.dataset, "method": spec.method,
-            "adapter": spec.adapter, "hyperparameters": spec.hyperparameters,
+            "adapter": spec.adapter, "hyperparameters": hyperparameters,
             "forgettingGuard": forgetting_guard,
             "train": train_digest,
             "initAdapter": init_adapter,

@@ -520,6 +520,7 @@ pub fn trainable(
     });
     let opt = AdamW::new(params);
     model.set_training(true);
+    model.checkpoint_layers = hp.gradient_checkpointing;
     Ok((lora_cfg, opt))
 }
 

@@ -69,16 +69,30 @@ pub struct Targets {
 /// `[batch·seq, vocab]` logits (and their gradient) for prompt and padding tokens. The SFT loss,
 /// DPO's sequence log-probs and the self-distillation KL all start here.
 pub fn target_logits(model: &CausalLm, mb: &MicroBatch) -> Option<Targets> {
+    let (ids, pos, mask) = device_inputs(model, mb)?;
+    let hidden = model.hidden_with(&ids, &pos, mask.as_ref());
+    Some(targets_at(model, mb, &hidden))
+}
+
+/// `mb`'s input ids, positions and mask on the model's device; `None` for sequences shorter
+/// than 2 (nothing to predict).
+fn device_inputs(model: &CausalLm, mb: &MicroBatch) -> Option<(Tensor, Tensor, Option<Tensor>)> {
     let device = model.device;
     let ids = mb.input_ids.to_device(device);
-    let (b, t) = ids.size2().expect("input_ids are [batch, seq]");
-    if t < 2 {
+    if ids.size()[1] < 2 {
         return None;
     }
     let pos = mb.position_ids.to_device(device);
     let mask = mb.attention_mask.map(|m| m.to_device(device));
-    let hidden = model.hidden_with(&ids, &pos, mask.as_ref());
-    let h = hidden.size()[2];
+    Some((ids, pos, mask))
+}
+
+/// [`target_logits`] from the last decoder layer's output `hidden` `[batch, seq, hidden]`.
+fn targets_at(model: &CausalLm, mb: &MicroBatch, hidden: &Tensor) -> Targets {
+    let device = model.device;
+    let (b, t, h) = hidden
+        .size3()
+        .expect("hidden states are [batch, seq, hidden]");
     let labels = mb
         .labels
         .to_device(device)
@@ -90,23 +104,61 @@ pub fn target_logits(model: &CausalLm, mb: &MicroBatch) -> Option<Targets> {
     let rows = flat.divide_scalar_mode(t - 1, "floor");
     let at = &flat + &rows;
     let selected = hidden.reshape([b * t, h]).index_select(0, &at);
-    Some(Targets {
+    Targets {
         logits: model.logits(&selected).to_kind(Kind::Float),
         labels: labels.index_select(0, &flat),
         rows,
-    })
+    }
+}
+
+/// Forward and backward of one micro-batch's loss: `loss` turns the micro-batch's [`Targets`]
+/// (`None` for sequences shorter than 2) into the value to report, and `value / divisor` is
+/// differentiated (gradients accumulate into the parameters). With the model's activation
+/// checkpointing on, the decoder layers are recomputed in backward
+/// ([`CausalLm::backward_checkpointed`]); the gradients are the same either way. Returns the value,
+/// detached.
+pub fn backward_on_targets(
+    model: &CausalLm,
+    mb: &MicroBatch,
+    divisor: f64,
+    loss: impl FnOnce(Option<Targets>) -> Tensor,
+) -> Tensor {
+    let inputs = device_inputs(model, mb);
+    match inputs {
+        Some((ids, pos, mask)) if model.checkpoint_layers => {
+            let mut value = None;
+            model.backward_checkpointed(&ids, &pos, mask.as_ref(), |hidden| {
+                let v = loss(Some(targets_at(model, mb, hidden)));
+                value = Some(v.detach());
+                v / divisor
+            });
+            value.expect("the head ran")
+        }
+        _ => {
+            let v = loss(target_logits(model, mb));
+            if v.requires_grad() {
+                (&v / divisor).backward();
+            }
+            v.detach()
+        }
+    }
+}
+
+/// Summed cross-entropy (float32) of the target logits against their labels (0 without targets).
+pub fn cross_entropy_sum(targets: Option<Targets>, device: tch::Device) -> Tensor {
+    match targets {
+        Some(t) => {
+            t.logits
+                .cross_entropy_loss::<Tensor>(&t.labels, None, Reduction::Sum, -100, 0.0)
+        }
+        None => Tensor::zeros([], (Kind::Float, device)),
+    }
 }
 
 /// Summed cross-entropy (float32) of `logits[:, :-1]` against `labels[:, 1:]`, −100 ignored,
 /// computed at the target positions only ([`target_logits`]).
 pub fn loss_sum(model: &CausalLm, mb: &MicroBatch) -> Tensor {
-    match target_logits(model, mb) {
-        Some(t) => {
-            t.logits
-                .cross_entropy_loss::<Tensor>(&t.labels, None, Reduction::Sum, -100, 0.0)
-        }
-        None => Tensor::zeros([], (Kind::Float, model.device)),
-    }
+    cross_entropy_sum(target_logits(model, mb), model.device)
 }
 
 /// What one step measured.
@@ -184,9 +236,10 @@ pub fn accumulate_gradients(
     let mut sum = 0.0;
     for (i, mb) in micro_batches.iter().enumerate() {
         tch::manual_seed(dropout_seed(seed, step, i));
-        let s = loss_sum(model, mb) * mb.weight;
+        let s = backward_on_targets(model, mb, weighted_targets, |t| {
+            cross_entropy_sum(t, model.device) * mb.weight
+        });
         sum += s.double_value(&[]);
-        (s / weighted_targets).backward();
     }
     stats.loss = sum / weighted_targets;
     if !stats.loss.is_finite() {

@@ -52,6 +52,13 @@ pub struct TrainingSummary<'a> {
     pub timings: &'a BTreeMap<&'static str, f64>,
     pub tokens_per_second: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
+    /// Resident memory once the model, optimizer and data were ready, before the first step.
+    pub rss_before_training_bytes: Option<u64>,
+    /// Peak resident memory from the first step on (loading excluded); minus
+    /// `rss_before_training_bytes` it is what training added: activations, gradients, workspace.
+    pub peak_rss_training_bytes: Option<u64>,
+    /// The decoder layers were recomputed in backward (activation checkpointing).
+    pub gradient_checkpointing: bool,
     pub rope_scaling: &'a Value,
     /// Spec fields this trainer accepts but does not implement. None are left, so it is always
     /// empty; the key stays because readers of the file (tests/reference) look it up.
@@ -148,8 +155,44 @@ pub struct Outcome<'a> {
     pub finished: &'a Finished,
     pub metrics: &'a TrainingMetrics,
     pub resumed_from: Option<i64>,
+    pub memory: MemoryMarks,
     pub timings: &'a BTreeMap<&'static str, f64>,
     pub files: &'a [FileDigest],
+}
+
+/// Resident memory around the training phase, so that its own peak can be told from loading's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryMarks {
+    pub before_training: Option<u64>,
+    pub loading_peak: Option<u64>,
+    /// The peak counter was restarted when training began.
+    pub reset: bool,
+}
+
+impl MemoryMarks {
+    /// Marks the start of training and restarts the kernel's peak counter.
+    pub fn start_training() -> Self {
+        MemoryMarks {
+            before_training: crate::serve::rss_bytes(),
+            loading_peak: crate::serve::peak_rss_bytes(),
+            reset: crate::serve::reset_peak_rss(),
+        }
+    }
+
+    /// The whole process's peak.
+    pub fn peak(&self) -> Option<u64> {
+        let now = crate::serve::peak_rss_bytes();
+        now.max(self.loading_peak)
+    }
+
+    /// The peak since training began, where the counter could be restarted.
+    pub fn training_peak(&self) -> Option<u64> {
+        if self.reset {
+            crate::serve::peak_rss_bytes()
+        } else {
+            None
+        }
+    }
 }
 
 impl<'a> TrainingSummary<'a> {
@@ -219,7 +262,10 @@ impl<'a> TrainingSummary<'a> {
             },
             timings: o.timings,
             tokens_per_second: o.metrics.tokens_per_second,
-            peak_rss_bytes: crate::serve::peak_rss_bytes(),
+            peak_rss_bytes: o.memory.peak(),
+            rss_before_training_bytes: o.memory.before_training,
+            peak_rss_training_bytes: o.memory.training_peak(),
+            gradient_checkpointing: t.loaded.model.checkpoint_layers,
             rope_scaling: &t.loaded.rope_scaling,
             ignored: [],
             files: o.files,
