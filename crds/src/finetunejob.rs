@@ -265,6 +265,10 @@ pub struct TrainingMetrics {
     /// is in the run's `training_summary.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contaminated_eval_samples: Option<i64>,
+    /// Sequences per forward pass, when smaller than `hyperparameters.batchSize` (set, or halved
+    /// by the trainer after running out of memory; the update is unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch_size: Option<i64>,
 }
 
 /// A checkpoint on the job's storage.

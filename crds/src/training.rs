@@ -205,6 +205,9 @@ impl Default for LoraSettings {
     validation = Rule::new("!(has(self.warmupSteps) && has(self.warmupRatio))")
         .message("set at most one of hyperparameters.warmupSteps or hyperparameters.warmupRatio")
         .field_path(".warmupRatio"),
+    validation = Rule::new("!has(self.microBatchSize) || self.microBatchSize <= self.batchSize")
+        .message("hyperparameters.microBatchSize must not exceed hyperparameters.batchSize")
+        .field_path(".microBatchSize"),
 )]
 pub struct Hyperparameters {
     /// Passes over the training data.
@@ -234,8 +237,15 @@ pub struct Hyperparameters {
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 4096))]
     pub batch_size: i32,
-    /// Micro-batches accumulated per optimizer step; the loss is normalised by the supervised
-    /// tokens of all of them together.
+    /// Sequences per forward pass when fewer than `batchSize` fit in memory: each batch is split
+    /// into micro-batches of this size whose gradients are accumulated, so the update is the same
+    /// (the loss stays normalised by all the batch's supervised tokens). Unset means `batchSize`;
+    /// the trainer halves it by itself after an out-of-memory error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub micro_batch_size: Option<i32>,
+    /// Batches (of `batchSize` sequences) accumulated per optimizer step; the loss is normalised
+    /// by the supervised tokens of all of them together.
     #[serde(default = "default_one_i32")]
     #[schemars(range(min = 1, max = 4096))]
     pub gradient_accumulation_steps: i32,

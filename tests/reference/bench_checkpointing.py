@@ -118,7 +118,8 @@ def worker(args):
     stream = []
     for line in DATA.read_text().splitlines():
         msgs = json.loads(line)["messages"]
-        stream += tok.apply_chat_template(msgs, tokenize=True)
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        stream += tok(text, add_special_tokens=False)["input_ids"]
     rows = [stream[i:i + args.seq] for i in range(0, len(stream) - args.seq + 1, args.seq)][:args.steps]
     assert len(rows) == args.steps, f"only {len(rows)} rows of {args.seq} tokens"
     rss_before = vm_status("VmRSS:")

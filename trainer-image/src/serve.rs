@@ -196,6 +196,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
     proc_status_kib("VmHWM:").map(|k| k * 1024)
 }
 
+/// Peak virtual memory (Linux): what an address-space limit (`RLIMIT_AS`) is checked against.
+pub fn peak_virtual_bytes() -> Option<u64> {
+    proc_status_kib("VmPeak:").map(|k| k * 1024)
+}
+
 /// Starts a new peak: afterwards [`peak_rss_bytes`] is the peak since this call (Linux's
 /// `clear_refs` 5). False where the kernel refuses it; the peak then still covers the whole run.
 pub fn reset_peak_rss() -> bool {

@@ -243,8 +243,9 @@ fn pod_state(pod: &Pod) -> PodState {
 
 /// What an OOM-killed attempt records: the limit it hit and the settings that lower the peak.
 pub const OUT_OF_MEMORY_ADVICE: &str = "the kernel killed the trainer at the pod's memory limit \
-     (OOMKilled): raise spec.resources.memory, or lower hyperparameters.batchSize (raising \
-     gradientAccumulationSteps keeps the effective batch) or hyperparameters.maxSeqLength";
+     (OOMKilled): raise spec.resources.memory, or set hyperparameters.microBatchSize below \
+     batchSize (the update stays the same), turn on gradientCheckpointing, or lower \
+     maxSeqLength";
 
 /// Classifies a failed pod. Evictions and preemptions (a `DisruptionTarget` condition, the
 /// `Evicted`/`Preempting` reasons, or exit 143 after a checkpoint) are retried without charge;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use finetune_crds::contract::{StatusReport, StopKind, TerminationMessage, TrainerPhase};
-use finetune_crds::finetunejob::{AdapterRef, CheckpointRef, Progress};
+use finetune_crds::finetunejob::{AdapterRef, CheckpointRef, Progress, TrainingMetrics};
 use finetune_crds::{FinetuneJob, FinetuneJobStatus, JobPhase};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -275,7 +275,10 @@ fn next_phase(
             let (reason, message) = running_reason(attempt, progress);
             phases.set(status, JobPhase::Running, reason, message, false);
             if let Some(report) = progress {
+                let before = status.metrics.take();
                 absorb_progress(status, report, now);
+                let reduced = micro_batch_reduced(job, before.as_ref(), status.metrics.as_ref());
+                phases.transitions.extend(reduced);
             }
             Action::PollProgress(pod_name(pod))
         }
@@ -338,7 +341,10 @@ fn succeed(
 ) -> Action {
     let now = phases.now;
     status.start_time.get_or_insert(Time(now));
+    let before = status.metrics.clone();
     attempts::absorb_termination(status, termination.as_ref());
+    let reduced = micro_batch_reduced(job, before.as_ref(), status.metrics.as_ref());
+    phases.transitions.extend(reduced);
     if let Some(progress) = status.progress.as_mut() {
         progress.step = progress.total_steps.max(progress.step);
         progress.percent = 100.0;
@@ -393,6 +399,36 @@ fn contamination_warning(termination: Option<&TerminationMessage>) -> Option<Tra
             "{count} eval samples copy or largely overlap training samples, so the eval results \
              overstate the model on them; the list, with the training lines copied, is in the \
              run's training_summary.json"
+        ),
+    })
+}
+
+/// A Warning when the trainer split its batches further than the spec asks: it ran out of memory
+/// and halved the micro-batch. The run goes on with the same updates, only slower, and the next
+/// job is better started there.
+fn micro_batch_reduced(
+    job: &FinetuneJob,
+    before: Option<&TrainingMetrics>,
+    after: Option<&TrainingMetrics>,
+) -> Option<Transition> {
+    let now = after?.micro_batch_size?;
+    let hp = &job.spec.hyperparameters;
+    let configured = i64::from(hp.micro_batch_size.unwrap_or(hp.batch_size));
+    let was = before
+        .and_then(|m| m.micro_batch_size)
+        .unwrap_or(configured);
+    if now >= was {
+        return None;
+    }
+    Some(Transition {
+        warning: true,
+        reason: "MicroBatchReduced".into(),
+        message: format!(
+            "the trainer ran out of memory with micro-batches of {was} sequences and goes on with \
+             {now} from the same step (the update of batchSize {} is unchanged, each step takes \
+             longer); start the next job with hyperparameters.microBatchSize: {now} or \
+             gradientCheckpointing: true",
+            hp.batch_size
         ),
     })
 }
@@ -789,6 +825,57 @@ mod tests {
         assert_eq!(derived.status.latest_checkpoint.as_ref().unwrap().step, 25);
         assert_eq!(derived.status.start_time, Some(Time(now())));
         assert_eq!(true_condition(&derived.status), ("Running", "Running"));
+    }
+
+    #[test]
+    fn a_trainer_that_halved_its_micro_batch_raises_one_warning_naming_the_fix() {
+        let report = |micro: Option<i64>| StatusReport {
+            step: 3,
+            total_steps: 120,
+            metrics: TrainingMetrics {
+                micro_batch_size: micro,
+                ..TrainingMetrics::default()
+            },
+            ..StatusReport::default()
+        };
+        let mut job = job();
+        assert_eq!(job.spec.hyperparameters.batch_size, 8);
+        let first = derive(&job, &[pod(0, "Running")], Some(&report(Some(2))), now());
+        let warned: Vec<&Transition> = first
+            .transitions
+            .iter()
+            .filter(|t| t.reason == "MicroBatchReduced")
+            .collect();
+        assert_eq!(warned.len(), 1, "{:?}", first.transitions);
+        assert!(warned[0].warning);
+        let m = &warned[0].message;
+        assert!(
+            m.contains("of 8 sequences") && m.contains("microBatchSize: 2"),
+            "{m}"
+        );
+        assert_eq!(
+            first.status.metrics.as_ref().unwrap().micro_batch_size,
+            Some(2)
+        );
+        // The next poll reports the same size: nothing new to say.
+        job.status = Some(first.status);
+        let again = derive(&job, &[pod(0, "Running")], Some(&report(Some(2))), now());
+        assert!(
+            again
+                .transitions
+                .iter()
+                .all(|t| t.reason != "MicroBatchReduced")
+        );
+        // A micro-batch the spec asked for is not a reduction.
+        let mut asked = self::job();
+        asked.spec.hyperparameters.micro_batch_size = Some(2);
+        let planned = derive(&asked, &[pod(0, "Running")], Some(&report(Some(2))), now());
+        assert!(
+            planned
+                .transitions
+                .iter()
+                .all(|t| t.reason != "MicroBatchReduced")
+        );
     }
 
     #[test]

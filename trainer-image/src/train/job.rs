@@ -184,6 +184,7 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         s.resumed_from_step = resumed_from;
         s.checkpoint_step = trainer.last_ckpt.as_ref().map(|c| c.0);
         s.metrics.contaminated_eval_samples = contaminated(&trainer);
+        s.metrics.micro_batch_size = trainer.split_micro_batch();
     });
 
     let memory = MemoryMarks::start_training();
@@ -341,6 +342,7 @@ fn metrics(t: &Trainer, f: &Finished) -> TrainingMetrics {
         preference_accuracy: preference_after.map(|m| m.reward_accuracy),
         reward_margin: preference_after.map(|m| m.reward_margin),
         contaminated_eval_samples: contaminated(t),
+        micro_batch_size: t.split_micro_batch(),
     }
 }
 

@@ -16,7 +16,8 @@
 //! - [`job`]: the driver (plan → setup → resume → loop → finish → report) and the exit codes.
 //!
 //! The pieces they use: the optimizer ([`optim`]), learning-rate schedules ([`schedule`]), one
-//! optimizer step with gradient accumulation ([`step`]), DPO ([`dpo`]), the forgetting guards
+//! optimizer step with gradient accumulation ([`step`]), micro-batches and out-of-memory
+//! recovery ([`micro`]), DPO ([`dpo`]), the forgetting guards
 //! ([`guard`], [`anchor`]), the general question set they and the probe draw on ([`general`]),
 //! the retention and generation probes ([`probe`], [`retention`]),
 //! long-context RoPE scaling ([`long_context`]) and vocabulary expansion ([`vocab`]).
@@ -29,6 +30,7 @@ pub mod general;
 pub mod guard;
 pub mod job;
 pub mod long_context;
+pub mod micro;
 pub mod optim;
 pub mod plan;
 pub mod probe;

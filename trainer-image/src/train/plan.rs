@@ -587,9 +587,11 @@ pub fn config_digest(
     init_adapter: Option<&Path>,
 ) -> String {
     let spec = &job.spec;
-    // Checkpointing changes memory and time, not the result: a run may resume with it switched.
+    // Checkpointing and the micro-batch change memory and time, not the update: a run may resume
+    // with them switched (the trainer halves the micro-batch itself after running out of memory).
     let hyperparameters = Hyperparameters {
         gradient_checkpointing: false,
+        micro_batch_size: None,
         ..spec.hyperparameters.clone()
     };
     digest_hex(

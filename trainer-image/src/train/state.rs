@@ -71,6 +71,10 @@ pub struct TrainState {
     /// The newest step whose retention score met `minScore` (0 = before training).
     #[serde(default)]
     pub last_good_step: Option<i64>,
+    /// Sequences per forward pass after an out-of-memory error halved it; a resumed run goes on
+    /// with it instead of running out of memory again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<i64>,
     /// Why training ended before its planned last step.
     #[serde(default)]
     pub stop_reason: Option<String>,

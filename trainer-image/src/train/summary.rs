@@ -57,6 +57,8 @@ pub struct TrainingSummary<'a> {
     /// Peak resident memory from the first step on (loading excluded); minus
     /// `rss_before_training_bytes` it is what training added: activations, gradients, workspace.
     pub peak_rss_training_bytes: Option<u64>,
+    /// Peak virtual memory of the process (what an address-space limit counts).
+    pub peak_virtual_bytes: Option<u64>,
     /// The decoder layers were recomputed in backward (activation checkpointing).
     pub gradient_checkpointing: bool,
     pub rope_scaling: &'a Value,
@@ -265,6 +267,7 @@ impl<'a> TrainingSummary<'a> {
             peak_rss_bytes: o.memory.peak(),
             rss_before_training_bytes: o.memory.before_training,
             peak_rss_training_bytes: o.memory.training_peak(),
+            peak_virtual_bytes: crate::serve::peak_virtual_bytes(),
             gradient_checkpointing: t.loaded.model.checkpoint_layers,
             rope_scaling: &t.loaded.rope_scaling,
             ignored: [],

@@ -17,6 +17,7 @@ use crate::serve::Live;
 use crate::train::anchor::{L2ToInit, SelfDistillation};
 use crate::train::checkpoint::{Saver, Snapshots, load_trainable, trainable_tensors};
 use crate::train::dpo::{Dpo, PreferenceMetrics};
+use crate::train::micro;
 use crate::train::optim::AdamW;
 use crate::train::plan::Plan;
 use crate::train::probe::ProbeScore;
@@ -24,9 +25,7 @@ use crate::train::retention::{RetentionScore, changed_answers};
 use crate::train::schedule::lr_lambda;
 use crate::train::setup::{Batches, Guards, Loaded, Probes};
 use crate::train::state::{EvalRecord, RetentionRecord, StepRecord, TrainState};
-use crate::train::step::{
-    MicroBatch, StepStats, accumulate_gradients, eval_loss, finish_step, train_step,
-};
+use crate::train::step::{MicroBatch, StepStats, accumulate_gradients, eval_loss, finish_step};
 use crate::train::stop::Stop;
 
 /// Longest greedy answer of the retention probe, in tokens: enough for a short factual answer,
@@ -80,32 +79,26 @@ pub fn evaluate(model: &mut CausalLm, batches: &[Batch]) -> (f64, i64) {
     r
 }
 
-/// One SFT step with the forgetting guard's term added to the gradients (self-distillation or
-/// L2 to init) before clipping; returns the term's value as well.
-#[allow(clippy::too_many_arguments)]
-fn guarded_step(
+/// Gradients of one SFT step with the forgetting guard's term added (self-distillation or L2 to
+/// init), before clipping; returns the term's value as well.
+fn guarded_gradients(
     model: &mut CausalLm,
     opt: &mut AdamW,
     mbs: &[MicroBatch],
-    lr: f64,
-    max_grad_norm: f64,
     seed: u64,
     step: i64,
     (distill, l2): (Option<&SelfDistillation>, Option<&L2ToInit>),
 ) -> Result<(StepStats, Option<f64>), StepStats> {
-    if distill.is_none() && l2.is_none() {
-        return train_step(model, opt, mbs, lr, max_grad_norm, seed, step).map(|s| (s, None));
-    }
     let stats = accumulate_gradients(model, opt, mbs, seed, step)?;
     let term = match (distill, l2) {
         (Some(d), _) => d.accumulate(model, step),
         (None, Some(l)) => l.accumulate(),
-        (None, None) => 0.0,
+        (None, None) => return Ok((stats, None)),
     };
     if !term.is_finite() {
         return Err(stats);
     }
-    finish_step(opt, stats, lr, max_grad_norm).map(|s| (s, Some(term)))
+    Ok((stats, Some(term)))
 }
 
 /// The evaluations of the result (after [`Trainer::finish`]).
@@ -294,51 +287,24 @@ impl Trainer {
             .max(1);
         let lr = hp.learning_rate
             * lr_lambda(hp.scheduler, self.st.step, schedule.warmup, schedule.total);
-        let (seed, step) = (self.plan.seed, self.st.step);
+        let (seed, step, max_norm) = (self.plan.seed, self.st.step, hp.max_grad_norm);
         let t = Instant::now();
-        let model = &mut self.loaded.model;
         let batcher = &mut self.batches.batcher;
         let outcome = match &self.dpo {
             None => {
-                let batches: Vec<Batch> = (0..n_micro).map(|_| batcher.next_batch()).collect();
-                let replay = self.guards.replay.as_ref();
-                let replay_batch = replay.and_then(|r| r.batch_for_step(step));
-                let mut mbs: Vec<MicroBatch> = batches.iter().map(MicroBatch::from).collect();
-                // Self-replay: the step's base conversations as one more, weighted micro-batch.
-                if let (Some(b), Some(r)) = (&replay_batch, replay) {
-                    mbs.push(MicroBatch {
-                        weight: r.weight,
-                        ..MicroBatch::from(b)
-                    });
-                }
-                let anchors = (self.guards.distill.as_ref(), self.guards.l2.as_ref());
-                let max_norm = hp.max_grad_norm;
-                guarded_step(
-                    model,
-                    &mut self.opt,
-                    &mbs,
-                    lr,
-                    max_norm,
-                    seed,
-                    step,
-                    anchors,
-                )
-                .map(|(s, g)| (s, None, g))
+                let groups: Vec<Vec<Vec<usize>>> =
+                    (0..n_micro).map(|_| batcher.next_rows()).collect();
+                self.sft_gradients_fitting(&groups, seed, step)?
+                    .and_then(|(s, g)| finish_step(&mut self.opt, s, lr, max_norm).map(|s| (s, g)))
+                    .map(|(s, g)| (s, None, g))
             }
             Some(d) => {
                 // Each "row" of the batcher is one pair (its chosen side stands for it).
                 let micro: Vec<Vec<usize>> =
                     (0..n_micro).map(|_| batcher.next_rows().concat()).collect();
-                d.step(
-                    model,
-                    &mut self.opt,
-                    &micro,
-                    lr,
-                    hp.max_grad_norm,
-                    seed,
-                    step,
-                )
-                .map(|(s, m)| (s, Some(m), None))
+                let model = &mut self.loaded.model;
+                d.step(model, &mut self.opt, &micro, lr, max_norm, seed, step)
+                    .map(|(s, m)| (s, Some(m), None))
             }
         };
         let (stats, preference, guard_loss) = outcome.map_err(|s| {
@@ -358,8 +324,81 @@ impl Trainer {
         })
     }
 
+    /// Sequences per forward pass: the spec's `microBatchSize` (default `batchSize`), or what an
+    /// out-of-memory error reduced it to.
+    pub fn micro_batch_size(&self) -> usize {
+        let hp = self.plan.hp();
+        let configured = hp.micro_batch_size.unwrap_or(hp.batch_size);
+        self.st.micro_batch.unwrap_or(configured as i64).max(1) as usize
+    }
+
+    /// The micro-batch size when batches are split (it is below `batchSize`), for the status.
+    pub fn split_micro_batch(&self) -> Option<i64> {
+        let m = self.micro_batch_size();
+        (m < self.plan.hp().batch_size as usize).then_some(m as i64)
+    }
+
+    /// The gradients of one SFT step over `groups` (the batcher's batches, rows of sample
+    /// indices), in micro-batches that fit: after an out-of-memory error the micro-batch is halved
+    /// and the step runs again from its first row ([`micro::fit`]).
+    fn sft_gradients_fitting(
+        &mut self,
+        groups: &[Vec<Vec<usize>>],
+        seed: u64,
+        step: i64,
+    ) -> Result<Result<(StepStats, Option<f64>), StepStats>, Stop> {
+        let start = self.micro_batch_size();
+        let mut reductions = Vec::new();
+        let (gradients, size) = micro::fit(
+            start,
+            |size| self.sft_gradients(groups, size, seed, step),
+            |from, to, why| reductions.push((from, to, why.to_string())),
+        )?;
+        for (from, to, why) in reductions {
+            eprintln!(
+                "out of memory at step {} with micro-batches of {from} sequences ({why}): running \
+                 the step again with {to} (the update is the same)",
+                step + 1
+            );
+        }
+        if size != start {
+            self.st.micro_batch = Some(size as i64);
+        }
+        Ok(gradients)
+    }
+
+    /// [`guarded_gradients`] over `groups` split into micro-batches of `size` rows, with the
+    /// self-replay guard's weighted micro-batch added.
+    fn sft_gradients(
+        &mut self,
+        groups: &[Vec<Vec<usize>>],
+        size: usize,
+        seed: u64,
+        step: i64,
+    ) -> Result<(StepStats, Option<f64>), StepStats> {
+        let batcher = &self.batches.batcher;
+        let batches: Vec<Batch> = micro::split(groups, size)
+            .iter()
+            .map(|rows| batcher.build(rows))
+            .collect();
+        let replay = self.guards.replay.as_ref();
+        let replay_batch = replay.and_then(|r| r.batch_for_step(step));
+        let mut mbs: Vec<MicroBatch> = batches.iter().map(MicroBatch::from).collect();
+        // Self-replay: the step's base conversations as one more, weighted micro-batch.
+        if let (Some(b), Some(r)) = (&replay_batch, replay) {
+            mbs.push(MicroBatch {
+                weight: r.weight,
+                ..MicroBatch::from(b)
+            });
+        }
+        let anchors = (self.guards.distill.as_ref(), self.guards.l2.as_ref());
+        let model = &mut self.loaded.model;
+        guarded_gradients(model, &mut self.opt, &mbs, seed, step, anchors)
+    }
+
     /// The step into the history, the metrics and the log.
     fn record(&mut self, s: &Stepped, live: &Live) {
+        let split = self.split_micro_batch();
         let (stats, lr, secs) = (&s.stats, s.lr, s.seconds);
         let total = self.batches.schedule.total;
         let st = &mut self.st;
@@ -404,6 +443,7 @@ impl Trainer {
             l.metrics.learning_rate = Some(lr);
             l.metrics.tokens_per_second = Some(tps);
             l.metrics.trained_tokens = Some(st.trained_tokens);
+            l.metrics.micro_batch_size = split;
         });
         let guard_note = s
             .guard_loss
