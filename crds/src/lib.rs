@@ -17,6 +17,7 @@ pub mod data;
 mod defaults;
 mod errors;
 pub mod finetunejob;
+pub mod memory;
 pub mod model;
 pub mod runtime;
 pub mod s3;
