@@ -39,12 +39,15 @@
 use crate::FinetuneJobSpec;
 use crate::training::{AdapterType, MethodType, Precision};
 
-/// Resident memory of `finetune-trainer run` that is not the model, its optimizer or its
-/// activations: the `rss_before_training_bytes` of a run on a tiny model (hidden 64, 2 layers,
-/// vocab 512) minus that model's weights and optimizer state. Measured 2026-12-04 on the project's
-/// 2-core x86-64 machine (AMD EPYC, avx2/avx512), torch 2.11.0 wheel's libtorch, debug and release
-/// trainer within 2 MiB of each other.
-pub const CPU_RUNTIME_BYTES: u64 = 600 * MIB;
+/// Resident memory of `finetune-trainer run` during training that is not the model, its optimizer
+/// or its activations: libtorch's code and thread pools, the tokenizer, the data, the status
+/// server. Measured as `peak_rss_training_bytes` of a run on a tiny model (hidden 64, 2 layers,
+/// vocab 512, LoRA r16, 1 × 32 tokens: 416.4 MB, three runs within 0.3 MB) minus that model's
+/// planned terms (1.7 MB). Its `rss_before_training_bytes` is 16.8 MB lower: the autograd engine's
+/// worker and OpenMP's pool come up with the first backward, so the floor is taken from the
+/// training peak. 2026-12-06, the project's 2-core AMD EPYC (x86-64, avx2), libtorch of the torch
+/// 2.11.0 wheel, debug trainer build.
+pub const CPU_RUNTIME_BYTES: u64 = 396 * MIB;
 
 /// GPU memory left free by [`largest_micro_batch`] on CUDA for the CUDA context and the caching
 /// allocator's fragmentation, which `max_memory_allocated` does not see. Not measured here (no
@@ -254,7 +257,7 @@ impl RunShape {
 }
 
 /// Predicted peak memory of a run, by term (see the module docs), in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct MemoryPlan {
     pub weights: u64,
     pub adapter: u64,
@@ -467,7 +470,7 @@ fn projections_saved(run: &RunShape, names: &[&str], width: i64, input_grad: boo
     let row = run.tokens() * width as f64;
     let mut keeps_input = run.lora.is_none();
     let mut bytes = 0.0;
-    for name in names.iter().filter(|n| run.adapted(n)) {
+    for _ in names.iter().filter(|n| run.adapted(n)) {
         let rank = run.lora.as_ref().map_or(0, |(r, _)| *r) as f64;
         bytes += run.tokens() * rank * c;
         if !run.lora_dropout {
@@ -545,13 +548,18 @@ fn layer_workspace(model: &ModelShape, run: &RunShape) -> f64 {
     }
 }
 
-/// Parses a Kubernetes-style byte quantity: `80Gi`, `141G`, `8000Mi`, `512k`, plain bytes.
+/// Parses a Kubernetes-style byte quantity: `80Gi`, `141G`, `8000Mi`, `512k`, `2GiB`, plain bytes.
 pub fn parse_quantity(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t
         .find(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
         .unwrap_or(t.len());
     let (number, suffix) = t.split_at(split);
+    // `2GiB` and `2GB` as people write them, beside Kubernetes' `2Gi` and `2G`.
+    let suffix = suffix
+        .strip_suffix('B')
+        .filter(|s| !s.is_empty())
+        .unwrap_or(suffix);
     let scale: u64 = match suffix {
         "" => 1,
         "k" | "K" => 1_000,
@@ -758,7 +766,9 @@ mod tests {
         assert_eq!(parse_quantity("8000Mi"), Ok(8000 * MIB));
         assert_eq!(parse_quantity("1.5Gi"), Ok(3 * GIB / 2));
         assert_eq!(parse_quantity("12345"), Ok(12345));
-        for bad in ["", "Gi", "80Gb", "-1Gi", "1e400", "0"] {
+        assert_eq!(parse_quantity("2GiB"), Ok(2 * GIB));
+        assert_eq!(parse_quantity("2GB"), Ok(2_000_000_000));
+        for bad in ["", "Gi", "80Gb", "-1Gi", "1e400", "0", "B", "3BB"] {
             assert!(parse_quantity(bad).is_err(), "{bad}");
         }
     }

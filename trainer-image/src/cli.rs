@@ -57,6 +57,13 @@ pub enum Command {
     /// loss, learning-rate and tokens/s curves, eval and retention before/after, changed retention
     /// answers, contamination findings. One self-contained file; `run` writes it too.
     Report(ReportArgs),
+    /// Predict a job's peak memory from its model's config (no weights loaded): weights, adapter,
+    /// gradients, optimizer, activations, logits, workspace; with --device-memory the largest
+    /// micro-batch that fits, or what would make the job fit.
+    Plan(PlanArgs),
+    /// [developer] Write a checkpoint of random weights for a Llama-family config.json (Hugging
+    /// Face layout, sharded with model.safetensors.index.json when large), for benchmarks.
+    InitRandom(InitRandomArgs),
     /// [developer] Write the logits of one sequence to a safetensors file (key `logits`, [1, seq, vocab]).
     Logits(LogitsArgs),
     /// [developer] Print token ids as JSON for a string or a JSON array of strings.
@@ -89,6 +96,36 @@ pub struct RunArgs {
     /// $FINETUNE_INIT_ADAPTER_DIR).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The FinetuneJob manifest.
+    pub job: PathBuf,
+    /// Memory of the device (GPU memory, or the pod's memory limit on CPU), e.g. 80Gi, 141G.
+    #[arg(long)]
+    pub device_memory: Option<String>,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InitRandomArgs {
+    /// A Hugging Face config.json of a Llama-family model.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output directory (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight dtype.
+    #[arg(long, value_parser = ["bf16", "f32"], default_value = "bf16")]
+    pub dtype: String,
+    /// Largest shard, e.g. 2GiB, 500MB.
+    #[arg(long, default_value = "2GiB")]
+    pub shard_size: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
 }
 
 #[derive(Debug, Args)]
@@ -327,6 +364,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::VerifyAdapter(a) => run_verify_adapter(a),
         Command::ExportGguf(a) => run_export_gguf(a),
         Command::Report(a) => run_report(a),
+        Command::Plan(a) => run_plan(a, device),
+        Command::InitRandom(a) => run_init_random(a),
         Command::Logits(a) => run_logits(a, device),
         Command::DpoLoss(a) => run_dpo_loss(a, device),
         Command::DistillKl(a) => run_distill_kl(a, device),
@@ -354,6 +393,32 @@ fn run_training_job(a: RunArgs, device: &str) -> Result<()> {
     });
     if code != 0 {
         std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// The memory plan of a job, as a table or JSON.
+fn run_plan(a: PlanArgs, device: &str) -> Result<()> {
+    let report = crate::memory_plan::plan_job(a.job, device, a.device_memory.as_deref())?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn run_init_random(a: InitRandomArgs) -> Result<()> {
+    let shard = finetune_crds::memory::parse_quantity(&a.shard_size)
+        .map_err(|e| Error::Usage(format!("--shard-size: {e}")))?;
+    let kind = if a.dtype == "f32" {
+        Kind::Float
+    } else {
+        Kind::BFloat16
+    };
+    let files = crate::init_random::init_random(&a.config, &a.out, kind, shard, a.seed)?;
+    for f in files {
+        println!("{}", f.display());
     }
     Ok(())
 }
