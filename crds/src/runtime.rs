@@ -50,6 +50,12 @@ pub struct Resources {
     #[serde(default = "default_gpus")]
     #[schemars(range(min = 0, max = 64))]
     pub gpus: i32,
+    /// Memory of each GPU (e.g. `80Gi` for an H100 80GB, `141Gi` for an H200). With it, the
+    /// operator predicts the job's peak memory from the base model's shape before creating a pod
+    /// and fails a job that cannot fit even one sequence per forward pass with reason
+    /// `WillNotFit`, the numbers and the fixes (`finetune-trainer plan` prints the same plan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory: Option<Quantity>,
     /// Extended resource name of the GPU.
     #[serde(default = "default_gpu_resource_name")]
     #[schemars(length(min = 1, max = 253))]
@@ -86,6 +92,7 @@ impl Default for Resources {
         Self {
             gpus: default_gpus(),
             gpu_resource_name: default_gpu_resource_name(),
+            gpu_memory: None,
             cpu: None,
             memory: None,
             node_selector: BTreeMap::new(),

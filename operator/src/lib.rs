@@ -25,6 +25,7 @@ pub mod error;
 pub mod event_queue;
 pub mod filled;
 pub mod finetunejob;
+pub mod fit;
 pub mod gate;
 pub mod http;
 pub mod last_written;

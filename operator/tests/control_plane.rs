@@ -896,6 +896,72 @@ async fn a_job_outside_the_clusters_policy_fails_not_allowed() {
 
 #[tokio::test]
 #[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_job_too_big_for_its_gpu_fails_will_not_fit_with_the_numbers_and_no_pod() {
+    let Bed(client, ns, jobs, pods) = Bed::new("it-fit").await;
+    let _operator = start_operator(&ns);
+    let job = |name: &str, adapter: &str| -> FinetuneJob {
+        let yaml = format!(
+            "apiVersion: finetune.dev/v1alpha1
+kind: FinetuneJob
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  baseModel: {{uri: \"hf://meta-llama/Llama-3.1-70B-Instruct\"}}
+  dataset: {{train: {{uri: \"configmap://finetune-examples-data/chat-train.jsonl\"}}, format: chat}}
+  adapter: {adapter}
+  hyperparameters: {{maxSteps: 10, batchSize: 4, maxSeqLength: 2048}}
+  forgettingGuard: {{disabled: true}}
+  resources: {{gpus: 1, gpuMemory: 80Gi}}
+"
+        );
+        parse_manifest(&yaml, name).unwrap()
+    };
+    // Full fine-tuning of 70B (bf16 weights, gradients and fp32 AdamW moments) on one 80 GiB GPU.
+    create_job(&jobs, &job("full-70b", "{type: full}")).await;
+    // An 8B LoRA fits the same GPU, so it gets its pod as usual.
+    let mut lora = job("lora-8b", "{type: lora}");
+    lora.spec.base_model.uri = "hf://meta-llama/Llama-3.1-8B".into();
+    create_job(&jobs, &lora).await;
+    let condition = wait_for(
+        "full-70b Failed WillNotFit",
+        Duration::from_secs(60),
+        || async {
+            let status = jobs.get("full-70b").await.ok()?.status?;
+            (status.phase == Some(JobPhase::Failed))
+                .then(|| {
+                    status
+                        .conditions
+                        .into_iter()
+                        .find(|c| c.reason == "WillNotFit")
+                })
+                .flatten()
+        },
+    )
+    .await;
+    let message = &condition.message;
+    eprintln!("  {message}");
+    for number in ["80.0 GiB", "weights 131.4 GiB", "optimizer", "activations"] {
+        assert!(message.contains(number), "{number} not in: {message}");
+    }
+    let pod = wait_for("the 8B LoRA job's pod", Duration::from_secs(60), || async {
+        pods.get_opt("lora-8b-attempt-0").await.ok()?
+    })
+    .await;
+    assert!(pod.metadata.name.is_some());
+    assert!(pods.get_opt("full-70b-attempt-0").await.unwrap().is_none());
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let warned = wait_for("a WillNotFit Event", Duration::from_secs(30), || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("WillNotFit"))
+    })
+    .await;
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+    cleanup(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
 async fn deleting_a_job_collects_its_children() {
     let Bed(client, ns, jobs, pods) = Bed::new("it-gc").await;
     let _operator = start_operator(&ns);

@@ -245,6 +245,9 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
         if let Some(why) = settings.policy.refusal(&job, &settings.trainer_image) {
             return reject_spec(&ctx, &job, "NotAllowed", &why).await;
         }
+        if let Some(why) = crate::fit::refusal(&job) {
+            return reject_spec(&ctx, &job, "WillNotFit", &why).await;
+        }
         ctx.valid_specs.remember(&key, job.as_ref());
     }
     let observed = dereference(&ctx, job).await?;
@@ -252,8 +255,8 @@ async fn reconcile(job: Arc<FinetuneJob>, ctx: Arc<Context>) -> Result<Requeue, 
     apply(&ctx, &observed.job, plan).await
 }
 
-/// Records a spec that fails validation (`InvalidSpec`) or the cluster's policy (`NotAllowed`):
-/// phase Failed with every problem named, once.
+/// Records a spec that fails validation (`InvalidSpec`), the cluster's policy (`NotAllowed`) or
+/// the memory of its GPU (`WillNotFit`): phase Failed with every problem named, once.
 async fn reject_spec(
     ctx: &Context,
     job: &FinetuneJob,
