@@ -100,17 +100,25 @@ fn stop_to_error(s: Stop) -> Error {
 }
 
 /// The changes that would let one micro-batch fit in `budget`, each with what it needs.
-fn fixes(model: &ModelShape, run: &RunShape, budget: u64) -> Vec<String> {
+fn fixes(model: &ModelShape, run: &RunShape, device_memory: u64) -> Vec<String> {
     let mut out = Vec::new();
-    let total = |r: &RunShape| memory::plan(model, r).total();
+    let fits = |r: &RunShape| memory::largest_micro_batch(model, r, device_memory).is_some();
+    let total = |r: &RunShape| {
+        let need = gib(memory::plan(model, r).total());
+        if fits(r) {
+            format!("{need}, fits")
+        } else {
+            format!("{need}, still too much")
+        }
+    };
     let one = RunShape {
         micro_batch: 1,
         ..run.clone()
     };
     if run.micro_batch > 1 {
         out.push(format!(
-            "hyperparameters.batchSize: 1 needs {} (raise gradientAccumulationSteps to keep the effective batch)",
-            gib(total(&one))
+            "hyperparameters.batchSize: 1 ({}; raise gradientAccumulationSteps to keep the effective batch)",
+            total(&one)
         ));
     }
     if !run.gradient_checkpointing {
@@ -119,8 +127,8 @@ fn fixes(model: &ModelShape, run: &RunShape, budget: u64) -> Vec<String> {
             ..one.clone()
         };
         out.push(format!(
-            "hyperparameters.gradientCheckpointing: true needs {} at batchSize 1",
-            gib(total(&r))
+            "hyperparameters.gradientCheckpointing: true at batchSize 1 ({})",
+            total(&r)
         ));
     }
     let mut seq = run.seq_len / 2;
@@ -130,10 +138,10 @@ fn fixes(model: &ModelShape, run: &RunShape, budget: u64) -> Vec<String> {
             gradient_checkpointing: true,
             ..one.clone()
         };
-        if total(&r) <= budget {
+        if fits(&r) {
             out.push(format!(
-                "hyperparameters.maxSeqLength: {seq} fits with checkpointing at batchSize 1 ({})",
-                gib(total(&r))
+                "hyperparameters.maxSeqLength: {seq} with checkpointing at batchSize 1 ({})",
+                total(&r)
             ));
             break;
         }
@@ -243,7 +251,17 @@ impl Report {
             match self.largest_micro_batch {
                 Some(b) => s += &format!("largest micro-batch in {}: {b}\n", gib(m)),
                 None => {
-                    s += &format!("not even one row fits in {}; what would help:\n", gib(m));
+                    let reserve = match self.run.device {
+                        DeviceKind::Cuda => format!(
+                            " (less {} kept for the CUDA context)",
+                            gib(memory::CUDA_RESERVE_BYTES)
+                        ),
+                        DeviceKind::Cpu => String::new(),
+                    };
+                    s += &format!(
+                        "not even one row fits in {}{reserve}; what would help:\n",
+                        gib(m)
+                    );
                     for f in &self.fixes {
                         s += &format!("  - {f}\n");
                     }
