@@ -227,7 +227,8 @@ impl RunShape {
         } else {
             1
         };
-        let micro_batch = i64::from(hp.batch_size.max(1)) * rows;
+        let rows_per_pass = hp.micro_batch_size.unwrap_or(hp.batch_size);
+        let micro_batch = i64::from(rows_per_pass.max(1)) * rows;
         RunShape {
             micro_batch,
             seq_len: i64::from(hp.max_seq_length.max(1)),
@@ -537,6 +538,71 @@ fn head_peak(model: &ModelShape, run: &RunShape) -> f64 {
 /// intermediate]` alive at once around `silu`'s backward.
 fn layer_workspace(model: &ModelShape, run: &RunShape) -> f64 {
     3.0 * run.tokens() * model.intermediate_size as f64 * run.compute_bytes as f64
+}
+
+/// One change to a run that does not fit, with the peak it would have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fix {
+    /// The spec change, as a person would write it (`hyperparameters.gradientCheckpointing: true`).
+    pub change: String,
+    /// The predicted peak with the change.
+    pub total: u64,
+    /// Whether one micro-batch fits `device_memory` with it.
+    pub fits: bool,
+}
+
+/// The single changes that bring `run` closer to fitting `device_memory`: one sequence per
+/// forward pass, activation checkpointing (at one sequence), the longest `maxSeqLength` that fits
+/// with both, and LoRA instead of full fine-tuning. The trainer's `plan` and the operator's
+/// `WillNotFit` both say these, so a person gets the same advice from either.
+pub fn fixes(model: &ModelShape, run: &RunShape, device_memory: u64) -> Vec<Fix> {
+    let fix = |change: String, r: &RunShape| Fix {
+        change,
+        total: plan(model, r).total(),
+        fits: largest_micro_batch(model, r, device_memory).is_some(),
+    };
+    let one = RunShape {
+        micro_batch: 1,
+        ..run.clone()
+    };
+    let mut out = Vec::new();
+    if run.micro_batch > 1 {
+        out.push(fix("hyperparameters.microBatchSize: 1".into(), &one));
+    }
+    let checkpointed = RunShape {
+        gradient_checkpointing: true,
+        ..one.clone()
+    };
+    if !run.gradient_checkpointing {
+        out.push(fix(
+            "hyperparameters.gradientCheckpointing: true".into(),
+            &checkpointed,
+        ));
+    }
+    let shorter = std::iter::successors(Some(run.seq_len / 2), |s| Some(s / 2))
+        .take_while(|&s| s >= 64)
+        .map(|seq_len| RunShape {
+            seq_len,
+            ..checkpointed.clone()
+        })
+        .find(|r| largest_micro_batch(model, r, device_memory).is_some());
+    if let Some(r) = shorter {
+        out.push(fix(
+            format!(
+                "hyperparameters.maxSeqLength: {} with checkpointing",
+                r.seq_len
+            ),
+            &r,
+        ));
+    }
+    if run.lora.is_none() {
+        let lora = RunShape {
+            lora: Some((16, ATTENTION_INPUT.iter().map(|s| s.to_string()).collect())),
+            ..one
+        };
+        out.push(fix("adapter.type: lora".into(), &lora));
+    }
+    out
 }
 
 /// Parses a Kubernetes-style byte quantity: `80Gi`, `141G`, `8000Mi`, `512k`, `2GiB`, plain bytes.

@@ -12,7 +12,7 @@
 
 use finetune_crds::FinetuneJob;
 use finetune_crds::memory::{
-    DeviceKind, MemoryPlan, ModelShape, RunShape, largest_micro_batch, parse_quantity, plan,
+    self, DeviceKind, MemoryPlan, ModelShape, RunShape, largest_micro_batch, parse_quantity, plan,
 };
 use finetune_crds::training::MethodType;
 
@@ -78,10 +78,10 @@ pub fn refusal(job: &FinetuneJob) -> Option<String> {
     if spec.resources.gpus < 1 || started {
         return None;
     }
-    let memory = parse_quantity(&spec.resources.gpu_memory.as_ref()?.0).ok()?;
+    let gpu_memory = parse_quantity(&spec.resources.gpu_memory.as_ref()?.0).ok()?;
     let model = known_shape(&spec.base_model.uri)?;
     let run = smallest_step(job);
-    if largest_micro_batch(&model, &run, memory).is_some() {
+    if largest_micro_batch(&model, &run, gpu_memory).is_some() {
         return None;
     }
     let predicted = plan(&model, &run);
@@ -91,10 +91,10 @@ pub fn refusal(job: &FinetuneJob) -> Option<String> {
         spec.base_model.uri,
         gib(predicted.total()),
         run.seq_len,
-        gib(memory),
-        gib(finetune_crds::memory::CUDA_RESERVE_BYTES),
+        gib(gpu_memory),
+        gib(memory::CUDA_RESERVE_BYTES),
         breakdown(&predicted),
-        fixes(&model, &run, memory)
+        fixes(&model, &run, gpu_memory)
     ))
 }
 
@@ -124,40 +124,12 @@ fn breakdown(p: &MemoryPlan) -> String {
     )
 }
 
-/// The single changes that would make the smallest step fit, with their predicted peaks.
-fn fixes(model: &ModelShape, run: &RunShape, memory: u64) -> String {
-    let mut candidates: Vec<(String, RunShape)> = Vec::new();
-    if !run.gradient_checkpointing {
-        candidates.push((
-            "hyperparameters.gradientCheckpointing: true".into(),
-            RunShape {
-                gradient_checkpointing: true,
-                ..run.clone()
-            },
-        ));
-    }
-    if run.lora.is_none() {
-        candidates.push((
-            "adapter.type: lora".into(),
-            RunShape {
-                lora: Some((16, vec!["q_proj".into(), "v_proj".into()])),
-                ..run.clone()
-            },
-        ));
-    }
-    if run.seq_len > 512 {
-        candidates.push((
-            format!("hyperparameters.maxSeqLength: {}", run.seq_len / 2),
-            RunShape {
-                seq_len: run.seq_len / 2,
-                ..run.clone()
-            },
-        ));
-    }
-    let fitting: Vec<String> = candidates
+/// The single changes ([`memory::fixes`]) that would make the smallest step fit.
+fn fixes(model: &ModelShape, run: &RunShape, gpu_memory: u64) -> String {
+    let fitting: Vec<String> = memory::fixes(model, run, gpu_memory)
         .into_iter()
-        .filter(|(_, r)| largest_micro_batch(model, r, memory).is_some())
-        .map(|(change, r)| format!("{change} ({})", gib(plan(model, &r).total())))
+        .filter(|f| f.fits)
+        .map(|f| format!("{} ({})", f.change, gib(f.total)))
         .collect();
     if fitting.is_empty() {
         "No single change of gradientCheckpointing, adapter or maxSeqLength makes it fit: use \

@@ -99,67 +99,23 @@ fn stop_to_error(s: Stop) -> Error {
     }
 }
 
-/// The changes that would let one micro-batch fit in `budget`, each with what it needs.
+/// [`memory::fixes`] as lines, and what a 4-bit base would hold the weights in (QLoRA is not in
+/// this trainer yet, so it is said, not offered).
 fn fixes(model: &ModelShape, run: &RunShape, device_memory: u64) -> Vec<String> {
-    let mut out = Vec::new();
-    let fits = |r: &RunShape| memory::largest_micro_batch(model, r, device_memory).is_some();
-    let total = |r: &RunShape| {
-        let need = gib(memory::plan(model, r).total());
-        if fits(r) {
-            format!("{need}, fits")
-        } else {
-            format!("{need}, still too much")
-        }
-    };
-    let one = RunShape {
-        micro_batch: 1,
-        ..run.clone()
-    };
-    if run.micro_batch > 1 {
-        out.push(format!(
-            "hyperparameters.batchSize: 1 ({}; raise gradientAccumulationSteps to keep the effective batch)",
-            total(&one)
-        ));
-    }
-    if !run.gradient_checkpointing {
-        let r = RunShape {
-            gradient_checkpointing: true,
-            ..one.clone()
-        };
-        out.push(format!(
-            "hyperparameters.gradientCheckpointing: true at batchSize 1 ({})",
-            total(&r)
-        ));
-    }
-    let mut seq = run.seq_len / 2;
-    while seq >= 64 {
-        let r = RunShape {
-            seq_len: seq,
-            gradient_checkpointing: true,
-            ..one.clone()
-        };
-        if fits(&r) {
-            out.push(format!(
-                "hyperparameters.maxSeqLength: {seq} with checkpointing at batchSize 1 ({})",
-                total(&r)
-            ));
-            break;
-        }
-        seq /= 2;
-    }
-    let p = memory::plan(model, &one);
-    let four_bit = p.weights as f64 * 0.5 / run.weight_bytes as f64;
+    let mut out: Vec<String> = memory::fixes(model, run, device_memory)
+        .into_iter()
+        .map(|f| {
+            let verdict = if f.fits { "fits" } else { "still too much" };
+            format!("{} ({}, {verdict})", f.change, gib(f.total))
+        })
+        .collect();
+    let weights = memory::plan(model, run).weights;
+    let four_bit = weights as f64 * 0.5 / run.weight_bytes as f64;
     out.push(format!(
         "a 4-bit base (QLoRA, not in this trainer yet) would hold the weights in {} instead of {}",
         gib(four_bit as u64),
-        gib(p.weights)
+        gib(weights)
     ));
-    if run.lora.is_none() {
-        out.push(format!(
-            "adapter.type: lora drops the gradients and optimizer moments of every weight ({})",
-            gib(p.gradients + p.optimizer)
-        ));
-    }
     out
 }
 
