@@ -12,7 +12,7 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build images crds demo test test-rust test-node s3-server test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-forgetting bench-dpo bench-node cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: setup build images crds demo test test-rust test-node s3-server test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-checkpointing bench-forgetting bench-dpo bench-node cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
@@ -32,7 +32,10 @@ help:
 	@echo "make bench-forgetting narrow-task LoRA SFT with each forgetting guard: task score, retention, wall time, memory (JSON)"
 	@echo "make bench-dpo      DPO steps/s and peak RSS: ours vs TRL DPOTrainer + PEFT on the same pairs (JSON)"
 	@echo "make bench-trainer  LoRA chat-SFT tokens/s and peak RSS: ours vs transformers+PEFT fp32/bf16 (JSON in \$$CARGO_TARGET_DIR/bench)"
+	@echo "make bench-checkpointing  activation checkpointing at sequence 1024: step time and activation memory, ours and transformers+PEFT"
 	@echo "make bench-operator 1000 FinetuneJobs against 50 kwok GPU nodes: latency, RSS, CPU; then 1000 run to the end with 10% failing or evicted: drain time, retries (JSON in \$$CARGO_TARGET_DIR/bench)"
+	@echo "make gpu-bundle     pack the release trainer and the reference's wheels into .gpu-bundle/ for a GPU machine (sizes checked)"
+	@echo "make gpu-check      on a GPU machine: bf16 vs fp32 loss, 8B LoRA tokens/s, MFU and memory vs transformers+PEFT, QLoRA, planner vs peak (JSON; tests/gpu/README.md)"
 
 setup:
 	@scripts/setup-venv.sh >/dev/null
@@ -165,6 +168,9 @@ bench-dpo: build
 bench-trainer: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_trainer.py --out $(CARGO_TARGET_DIR)/bench/trainer.json
 
+bench-checkpointing: build
+	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_checkpointing.py --out $(CARGO_TARGET_DIR)/bench/checkpointing.json
+
 # 1000 FinetuneJobs against 50 kwok nodes x 8 GPUs on the real control plane, twice, each on a fresh
 # cluster: creates paced at BENCH_RATE jobs/s (the operator's own latency), then a burst (the
 # backlog a 2-core apiserver builds). JSON in $(CARGO_TARGET_DIR)/bench/operator-{paced,burst}.json.
@@ -175,6 +181,17 @@ bench-operator: cluster-build build
 	@FINETUNE_CACHE=$(CACHE) FINETUNE_OPERATOR_BIN=$(OPERATOR) tests/cluster/bench.sh operator_scale $(CARGO_TARGET_DIR)/bench/operator-burst.json 0
 	@# Churn: every job runs to the end while 10% of first attempts fail or are evicted.
 	@FINETUNE_CACHE=$(CACHE) FINETUNE_OPERATOR_BIN=$(OPERATOR) tests/cluster/bench.sh operator_churn $(CARGO_TARGET_DIR)/bench/operator-churn.json $(BENCH_RATE)
+
+# The GPU benchmark runs where there is no cargo and no network: gpu-bundle packs, here, the
+# release binary as built (run `make build` first if it is stale) and the wheels the reference
+# needs; gpu-check runs there with the machine's python3 and torch (tests/gpu/README.md).
+# GPU_CHECK_ARGS=--dry-run runs the same plumbing here on the CPU with a tiny model.
+.PHONY: gpu-bundle gpu-check
+gpu-bundle:
+	@tests/gpu/bundle.sh
+
+gpu-check:
+	python3 tests/gpu/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-cache:
 	rm -rf $(CACHE)
