@@ -1,5 +1,5 @@
 //! The Llama-family causal LM: configuration, rotary embeddings, attention, the decoder stack and
-//! LoRA adapters.
+//! LoRA adapters, and NF4 storage for a quantized frozen base.
 
 pub mod attention;
 pub mod checkpoint;
@@ -7,6 +7,7 @@ pub mod config;
 pub mod linear;
 pub mod llama;
 pub mod lora;
+pub mod nf4;
 pub mod rope;
 pub mod vocab;
 pub mod weights;
