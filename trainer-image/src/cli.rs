@@ -1,6 +1,6 @@
 //! Command-line interface. `generate`, `eval`, `merge`, `export-gguf`, `verify-adapter` and
-//! `report` are the user-facing commands; `logits`, `tokenize`, `render-chat` and `bench-forward` are developer
-//! commands used by the parity tests in `tests/reference/` and by `make bench-forward`.
+//! `report` are the user-facing commands; `logits`, `tokenize`, `render-chat`, `nf4` and `bench-forward` are
+//! developer commands used by the parity tests in `tests/reference/` and by `make bench-forward`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -79,6 +79,11 @@ pub enum Command {
     /// [developer] The self-distillation guard's term on chat samples: KL(adapter off ‖ adapter on)
     /// per answer token, averaged; prints JSON with the value and the samples' tokens.
     DistillKl(DistillKlArgs),
+    /// [developer] NF4-quantize every float tensor of a safetensors file (blocks of 64, double-quantized
+    /// absmax, as bitsandbytes) and write, per tensor NAME: NAME.packed, NAME.absmax (first level),
+    /// NAME.absmax_codes, NAME.absmax_scale, NAME.offset and NAME.dequantized (float32); plus the
+    /// 8-bit map as `dynamic_map`. Prints JSON with the bytes held per tensor.
+    Nf4(Nf4Args),
 }
 
 #[derive(Debug, Args)]
@@ -299,6 +304,15 @@ pub struct DistillKlArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct Nf4Args {
+    /// A safetensors file; its non-float tensors are skipped.
+    #[arg(long = "in")]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct TokenizeArgs {
     #[arg(long)]
     pub model: PathBuf,
@@ -369,6 +383,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits(a) => run_logits(a, device),
         Command::DpoLoss(a) => run_dpo_loss(a, device),
         Command::DistillKl(a) => run_distill_kl(a, device),
+        Command::Nf4(a) => run_nf4(a),
         Command::Tokenize(a) => run_tokenize(a),
         Command::RenderChat(a) => run_render_chat(a),
         Command::BenchForward(a) => run_bench_forward(a, device),
@@ -655,6 +670,34 @@ fn run_distill_kl(a: DistillKlArgs, device: &str) -> Result<()> {
 }
 
 /// Token ids of texts.
+/// NF4 codes, absmax and dequantized values of every float tensor, for comparison with bitsandbytes.
+fn run_nf4(a: Nf4Args) -> Result<()> {
+    use crate::model::nf4::{Nf4, dynamic_map, quantize_4bit};
+    let mut out: Vec<(String, Tensor)> =
+        vec![("dynamic_map".into(), Tensor::from_slice(&dynamic_map()))];
+    let mut report = serde_json::Map::new();
+    for (name, x) in Tensor::read_safetensors(&a.input)? {
+        if !x.is_floating_point() {
+            continue;
+        }
+        let q = Nf4::quantize(&x);
+        let (_, first_level_absmax) = quantize_4bit(&x);
+        report.insert(
+            name.clone(),
+            json!({"shape": q.shape, "numel": q.numel(), "bytes": q.bytes()}),
+        );
+        out.push((format!("{name}.dequantized"), q.dequantize(Kind::Float)));
+        out.push((format!("{name}.absmax"), first_level_absmax));
+        out.push((format!("{name}.offset"), Tensor::from_slice(&[q.offset])));
+        out.push((format!("{name}.packed"), q.packed));
+        out.push((format!("{name}.absmax_codes"), q.absmax_codes));
+        out.push((format!("{name}.absmax_scale"), q.absmax_scale));
+    }
+    crate::export::write_safetensors(&a.out, &out)?;
+    println!("{}", Value::Object(report));
+    Ok(())
+}
+
 fn run_tokenize(a: TokenizeArgs) -> Result<()> {
     // A directory with a tokenizer but no model (e.g. an adapter with added tokens).
     let tok = if a.model.join("tokenizer.json").exists() && !a.model.join("config.json").exists() {
