@@ -24,9 +24,20 @@ add_llama() {
   "$venv/bin/python" -c "import llama_cpp, sys; print('venv: llama-cpp-python', llama_cpp.__version__, file=sys.stderr)"
   touch "$marker"
 }
+bnb_reqs="$root/scripts/python-requirements-bnb.txt"
+bnb_key=$(grep -v '^#' "$bnb_reqs" | sha256sum | cut -c1-12)
+# bitsandbytes, the NF4 reference: its own pins file and marker for the same reason as llama-cpp-python.
+add_bnb() {
+  local marker="$venv/.bitsandbytes-$bnb_key"
+  [ -f "$marker" ] && return 0
+  "$venv/bin/pip" install --progress-bar off -r "$bnb_reqs" >&2
+  "$venv/bin/python" -c "import bitsandbytes, sys; print('venv: bitsandbytes', bitsandbytes.__version__, file=sys.stderr)"
+  touch "$marker"
+}
 if [ -f "$venv/.complete" ]; then
   echo "venv: reusing $venv" >&2
   add_llama
+  add_bnb
   echo "$venv"
   exit 0
 fi
@@ -41,5 +52,6 @@ python3 -m venv "$venv"
 "$venv/bin/python" -c "import torch; print('venv: torch', torch.__version__, file=__import__('sys').stderr)"
 touch "$venv/.complete"
 add_llama
+add_bnb
 ln -sfn "$venv" "$cache/venv"
 echo "$venv"
