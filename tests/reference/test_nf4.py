@@ -170,3 +170,60 @@ def test_non_float_tensors_are_skipped(tmp_path, bin_path):
     report, got = ours(tmp_path, {"ids": torch.arange(10), "w": torch.randn(70)})
     assert list(report) == ["w"]
     assert not any(k.startswith("ids") for k in got)
+
+
+def test_a_qlora_layer_computes_as_peft_over_bitsandbytes_linear4bit(tmp_path, bin_path, real_tensors):
+    """`nf4-linear` (our NF4 base dequantized per forward plus a float32 LoRA) vs PEFT's LoRA over
+    `bnb.nn.Linear4bit(nf4, compress_statistics=True, quant_storage=uint8)`, float32 on CPU."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import run_trainer
+
+    w = real_tensors["blk.7.attn_v.weight"]  # [192, 576]
+    out_f, in_f = w.shape
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(out_f, generator=g) * 0.1
+    x = torch.randn(2, 7, in_f, generator=g)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(in_f, out_f, bias=True, compute_dtype=torch.float32,
+                                          compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8)
+
+        def forward(self, h):
+            return self.proj(h)
+
+    block = Block()
+    block.proj.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True,
+                                          quant_type="nf4", quant_storage=torch.uint8)
+    block.proj.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    block = block.to("cpu")  # quantizes
+    # Linear4bit quantized its absmax with the CPU C kernel; give it the default backend's codes
+    # (which ours equal, test above) so that the comparison is of the layer's computation alone.
+    state, ref = block.proj.weight.quant_state, bnb_default(w)
+    state.absmax, state.state2.absmax = ref["absmax_codes"], ref["absmax_scale"]
+    assert torch.equal(block.proj.weight.data.reshape(-1), ref["packed"])
+    assert torch.equal(F.dequantize_4bit(block.proj.weight.data, state), ref["dequantized"])
+
+    model = get_peft_model(block, LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], lora_dropout=0.0))
+    lora = model.base_model.model.proj
+    with torch.no_grad():
+        lora.lora_A["default"].weight.copy_(torch.randn(8, in_f, generator=g) * 0.05)
+        lora.lora_B["default"].weight.copy_(torch.randn(out_f, 8, generator=g) * 0.05)
+        expected = model(x)
+    assert lora.scaling["default"] == 2.0
+
+    src, dst = tmp_path / "layer.safetensors", tmp_path / "y.safetensors"
+    save_file({"weight": w.contiguous(), "bias": bias, "x": x,
+               "lora_A": lora.lora_A["default"].weight.detach().contiguous(),
+               "lora_B": lora.lora_B["default"].weight.detach().contiguous()}, str(src))
+    run_trainer("nf4-linear", "--in", src, "--scaling", 2.0, "--out", dst)
+    y = load_file(str(dst))["y"]
+    diff = (y - expected).abs().max().item()
+    print(f"QLoRA layer vs PEFT + bnb Linear4bit: max |diff| {diff:.3g} (|y| up to {expected.abs().max():.3g})")
+    assert y.shape == expected.shape
+    assert diff < 1e-5
+    # The LoRA term is not negligible here, so a wrong adapter path would show.
+    assert (lora.lora_B["default"](lora.lora_A["default"](x)) * 2.0).abs().max() > 1e-2

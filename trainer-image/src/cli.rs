@@ -84,6 +84,10 @@ pub enum Command {
     /// NAME.absmax_codes, NAME.absmax_scale, NAME.offset and NAME.dequantized (float32); plus the
     /// 8-bit map as `dynamic_map`. Prints JSON with the bytes held per tensor.
     Nf4(Nf4Args),
+    /// [developer] Forward of a QLoRA layer (NF4 base dequantized in x's dtype, float32 LoRA) on the
+    /// tensors of a safetensors file: `weight` [out, in], optional `bias`, `lora_A` [r, in],
+    /// `lora_B` [out, r], `x` [..., in]; writes `y`.
+    Nf4Linear(Nf4LinearArgs),
 }
 
 #[derive(Debug, Args)]
@@ -313,6 +317,17 @@ pub struct Nf4Args {
 }
 
 #[derive(Debug, Args)]
+pub struct Nf4LinearArgs {
+    #[arg(long = "in")]
+    pub input: PathBuf,
+    /// LoRA's alpha / rank.
+    #[arg(long)]
+    pub scaling: f64,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct TokenizeArgs {
     #[arg(long)]
     pub model: PathBuf,
@@ -384,6 +399,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::DpoLoss(a) => run_dpo_loss(a, device),
         Command::DistillKl(a) => run_distill_kl(a, device),
         Command::Nf4(a) => run_nf4(a),
+        Command::Nf4Linear(a) => run_nf4_linear(a),
         Command::Tokenize(a) => run_tokenize(a),
         Command::RenderChat(a) => run_render_chat(a),
         Command::BenchForward(a) => run_bench_forward(a, device),
@@ -695,6 +711,39 @@ fn run_nf4(a: Nf4Args) -> Result<()> {
     }
     crate::export::write_safetensors(&a.out, &out)?;
     println!("{}", Value::Object(report));
+    Ok(())
+}
+
+/// One QLoRA layer's output, for comparison with PEFT over bitsandbytes' Linear4bit.
+fn run_nf4_linear(a: Nf4LinearArgs) -> Result<()> {
+    use crate::model::linear::{Lora, Nf4Linear};
+    let mut t: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&a.input)?.into_iter().collect();
+    let mut take = |name: &str| {
+        t.remove(name)
+            .ok_or_else(|| Error::Usage(format!("{}: no tensor `{name}`", a.input.display())))
+    };
+    let (weight, x, lora_a, lora_b) = (
+        take("weight")?,
+        take("x")?,
+        take("lora_A")?,
+        take("lora_B")?,
+    );
+    let mut layer = Nf4Linear::new(&weight, take("bias").ok());
+    layer.lora = Some(Lora {
+        a: lora_a.to_kind(Kind::Float),
+        b: lora_b.to_kind(Kind::Float),
+        scaling: a.scaling,
+        dropout: 0.0,
+        enabled: true,
+        training: false,
+    });
+    let y = tch::no_grad(|| layer.forward(&x));
+    Tensor::write_safetensors(&[("y", &y)], &a.out)?;
+    println!(
+        "{}",
+        json!({"shape": y.size(), "weight_bytes": layer.weight.bytes()})
+    );
     Ok(())
 }
 

@@ -3,6 +3,8 @@
 
 use tch::{Kind, Tensor};
 
+use super::nf4::Nf4;
+
 /// A low-rank update `ΔW = B·A·scaling` on one [`Linear`], laid out as PEFT's `lora_A`/`lora_B`.
 #[derive(Debug)]
 pub struct Lora {
@@ -77,5 +79,71 @@ impl Linear {
     pub fn shape(&self) -> (i64, i64) {
         let s = self.weight.size();
         (s[0], s[1])
+    }
+}
+
+/// QLoRA's layer: [`Linear`] with the frozen weight held as NF4 (about 0.53 byte per parameter)
+/// and dequantized on every forward in the input's dtype, so only one layer's full-precision
+/// weight exists at a time; the LoRA adapter stays float32.
+#[derive(Debug)]
+pub struct Nf4Linear {
+    pub weight: Nf4,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl Nf4Linear {
+    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Self {
+        Nf4Linear {
+            weight: Nf4::quantize(weight),
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let weight = self.weight.dequantize(x.kind());
+        let bias = self.bias.as_ref().map(|b| b.to_kind(x.kind()));
+        let y = x.linear(&weight, bias.as_ref());
+        match &self.lora {
+            Some(l) if l.enabled => y + l.delta(x),
+            _ => y,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn an_nf4_linear_computes_with_its_dequantized_weight_plus_the_adapter() {
+        tch::manual_seed(0);
+        let opts = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([24, 128], opts) * 0.05;
+        let bias = Tensor::randn([24], opts);
+        let x = Tensor::randn([3, 128], opts);
+        let mut layer = Nf4Linear::new(&w, Some(bias.shallow_clone()));
+        layer.lora = Some(Lora {
+            a: Tensor::randn([4, 128], opts),
+            b: Tensor::randn([24, 4], opts),
+            scaling: 2.0,
+            dropout: 0.1,
+            enabled: true,
+            training: false,
+        });
+        let w_q = layer.weight.dequantize(Kind::Float);
+        let l = layer.lora.as_ref().unwrap();
+        let expected = x.matmul(&w_q.tr()) + &bias + x.matmul(&l.a.tr()).matmul(&l.b.tr()) * 2.0;
+        let y = layer.forward(&x);
+        assert!(y.allclose(&expected, 1e-5, 1e-5, false));
+        // The base is the quantized weight, not the original.
+        let exact = x.linear(&w, Some(&bias));
+        let off = (layer.forward(&x) - l.delta(&x) - exact)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(off > 1e-3, "{off}");
     }
 }
