@@ -162,6 +162,16 @@ impl ModelShape {
         })
     }
 
+    /// The weights of the decoder layers' linear layers (what QLoRA quantizes).
+    pub fn linear_parameters(&self) -> i64 {
+        let per_layer: i64 = crate::training::LLAMA_LINEAR_MODULES
+            .iter()
+            .filter_map(|n| self.linear_shape(n))
+            .map(|(i, o)| i * o)
+            .sum();
+        per_layer * self.num_layers
+    }
+
     /// Every parameter (biases, which few Llama-family models have, left out).
     pub fn parameters(&self) -> i64 {
         let linears: i64 = crate::training::LLAMA_LINEAR_MODULES
@@ -203,6 +213,8 @@ pub struct RunShape {
     pub supervised_fraction: f64,
     /// Batches carry an attention mask (padding to the longest row, or packing).
     pub attention_mask: bool,
+    /// QLoRA: the decoder's linear layers are held as NF4 (`adapter.lora.baseQuantization`).
+    pub nf4_base: bool,
 }
 
 impl RunShape {
@@ -227,6 +239,7 @@ impl RunShape {
         } else {
             1
         };
+        let nf4_base = lora.is_some() && lora_settings.base_quantization.is_some();
         let rows_per_pass = hp.micro_batch_size.unwrap_or(hp.batch_size);
         let micro_batch = i64::from(rows_per_pass.max(1)) * rows;
         RunShape {
@@ -240,6 +253,7 @@ impl RunShape {
             device,
             supervised_fraction: 1.0,
             attention_mask: hp.packing || micro_batch > 1,
+            nf4_base,
         }
     }
 
@@ -315,7 +329,7 @@ pub fn plan(model: &ModelShape, run: &RunShape) -> MemoryPlan {
         plain
     };
     MemoryPlan {
-        weights: (model.parameters() as f64 * run.weight_bytes as f64) as u64,
+        weights: weight_bytes(model, run) as u64,
         adapter: adapter as u64,
         gradients: trainable_bytes as u64,
         optimizer: (2.0 * F32 * trainable_scalars(model, run)) as u64,
@@ -328,6 +342,22 @@ pub fn plan(model: &ModelShape, run: &RunShape) -> MemoryPlan {
         },
         per_token_plain: per_token(plain),
         per_token_checkpointed: per_token(checkpointed),
+    }
+}
+
+/// Bytes of NF4 per weight: half a byte of code, one byte of double-quantized scale per 64
+/// weights and a float32 second-level scale per 256 of those (`model/nf4.rs`).
+pub const NF4_BYTES_PER_WEIGHT: f64 = 0.5 + (1.0 + 4.0 / 256.0) / 64.0;
+
+/// The base weights: the decoder's linear layers as NF4 on a QLoRA run, everything else in the
+/// compute dtype.
+fn weight_bytes(model: &ModelShape, run: &RunShape) -> f64 {
+    let all = model.parameters() as f64;
+    if run.nf4_base {
+        let linear = model.linear_parameters() as f64;
+        linear * NF4_BYTES_PER_WEIGHT + (all - linear) * run.weight_bytes as f64
+    } else {
+        all * run.weight_bytes as f64
     }
 }
 
@@ -595,6 +625,16 @@ pub fn fixes(model: &ModelShape, run: &RunShape, device_memory: u64) -> Vec<Fix>
             &r,
         ));
     }
+    if run.lora.is_some() && !run.nf4_base {
+        let qlora = RunShape {
+            nf4_base: true,
+            ..checkpointed.clone()
+        };
+        out.push(fix(
+            "adapter.lora.baseQuantization: nf4 with checkpointing".into(),
+            &qlora,
+        ));
+    }
     if run.lora.is_none() {
         let lora = RunShape {
             lora: Some((16, ATTENTION_INPUT.iter().map(|s| s.to_string()).collect())),
@@ -669,7 +709,32 @@ mod tests {
             device: DeviceKind::Cpu,
             supervised_fraction: 1.0,
             attention_mask: false,
+            nf4_base: false,
         }
+    }
+
+    #[test]
+    fn an_nf4_base_holds_the_decoder_linears_in_about_a_quarter_of_bf16() {
+        let model = smollm2();
+        let bf16 = RunShape {
+            weight_bytes: 2,
+            compute_bytes: 2,
+            device: DeviceKind::Cuda,
+            ..lora_run(1, 256)
+        };
+        let nf4 = RunShape {
+            nf4_base: true,
+            ..bf16.clone()
+        };
+        let (a, b) = (plan(&model, &bf16).weights, plan(&model, &nf4).weights);
+        let linear = model.linear_parameters() as f64;
+        let saved = (2.0 - NF4_BYTES_PER_WEIGHT) * linear;
+        assert!(((a - b) as f64 - saved).abs() < 1.0, "{a} {b}");
+        // The embedding stays bf16, so the whole is more than a quarter.
+        assert!(
+            b as f64 > a as f64 / 4.0 && (b as f64) < a as f64 / 2.0,
+            "{a} {b}"
+        );
     }
 
     const LLAMA_TARGETS: [&str; 7] = crate::training::LLAMA_LINEAR_MODULES;

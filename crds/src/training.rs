@@ -158,6 +158,21 @@ pub struct LoraSettings {
     /// Rank-stabilised scaling alpha/√rank (rsLoRA) instead of alpha/rank.
     #[serde(default)]
     pub rslora: bool,
+    /// QLoRA: keep the frozen weights of the decoder's linear layers quantized in memory and
+    /// dequantize each on the fly in the compute dtype; the adapter and its optimizer state stay
+    /// float32, and the result is a normal PEFT adapter for the full-precision base. `nf4`: 4-bit
+    /// NormalFloat in 64-value blocks with double-quantized scales, as bitsandbytes stores it
+    /// (about 0.52 byte per weight instead of 2 in bfloat16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_quantization: Option<BaseQuantization>,
+}
+
+/// How a QLoRA run holds its frozen base weights.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseQuantization {
+    /// 4-bit NormalFloat, 64-value blocks, double-quantized absmax (QLoRA, bitsandbytes).
+    Nf4,
 }
 
 fn default_lora_rank() -> i32 {
@@ -192,6 +207,7 @@ impl Default for LoraSettings {
             dropout: default_lora_dropout(),
             target_modules: default_target_modules(),
             rslora: false,
+            base_quantization: None,
         }
     }
 }

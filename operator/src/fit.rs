@@ -132,8 +132,8 @@ fn fixes(model: &ModelShape, run: &RunShape, gpu_memory: u64) -> String {
         .map(|f| format!("{} ({})", f.change, gib(f.total)))
         .collect();
     if fitting.is_empty() {
-        "No single change of gradientCheckpointing, adapter or maxSeqLength makes it fit: use \
-         a GPU with more memory, or combine them"
+        "No single change of gradientCheckpointing, adapter, baseQuantization or maxSeqLength \
+         makes it fit: use a GPU with more memory, or combine them"
             .into()
     } else {
         format!("It would fit with {}", fitting.join(", or "))

@@ -716,7 +716,7 @@ fn run_nf4(a: Nf4Args) -> Result<()> {
 
 /// One QLoRA layer's output, for comparison with PEFT over bitsandbytes' Linear4bit.
 fn run_nf4_linear(a: Nf4LinearArgs) -> Result<()> {
-    use crate::model::linear::{Lora, Nf4Linear};
+    use crate::model::linear::{Linear, Lora};
     let mut t: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(&a.input)?.into_iter().collect();
     let mut take = |name: &str| {
@@ -729,7 +729,8 @@ fn run_nf4_linear(a: Nf4LinearArgs) -> Result<()> {
         take("lora_A")?,
         take("lora_B")?,
     );
-    let mut layer = Nf4Linear::new(&weight, take("bias").ok());
+    let mut layer = Linear::new(weight, take("bias").ok());
+    layer.quantize_base();
     layer.lora = Some(Lora {
         a: lora_a.to_kind(Kind::Float),
         b: lora_b.to_kind(Kind::Float),
@@ -742,7 +743,7 @@ fn run_nf4_linear(a: Nf4LinearArgs) -> Result<()> {
     Tensor::write_safetensors(&[("y", &y)], &a.out)?;
     println!(
         "{}",
-        json!({"shape": y.size(), "weight_bytes": layer.weight.bytes()})
+        json!({"shape": y.size(), "weight_bytes": layer.nf4.as_ref().map(|q| q.bytes())})
     );
     Ok(())
 }

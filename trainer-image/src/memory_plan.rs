@@ -99,24 +99,15 @@ fn stop_to_error(s: Stop) -> Error {
     }
 }
 
-/// [`memory::fixes`] as lines, and what a 4-bit base would hold the weights in (QLoRA is not in
-/// this trainer yet, so it is said, not offered).
+/// [`memory::fixes`] as lines.
 fn fixes(model: &ModelShape, run: &RunShape, device_memory: u64) -> Vec<String> {
-    let mut out: Vec<String> = memory::fixes(model, run, device_memory)
+    memory::fixes(model, run, device_memory)
         .into_iter()
         .map(|f| {
             let verdict = if f.fits { "fits" } else { "still too much" };
             format!("{} ({}, {verdict})", f.change, gib(f.total))
         })
-        .collect();
-    let weights = memory::plan(model, run).weights;
-    let four_bit = weights as f64 * 0.5 / run.weight_bytes as f64;
-    out.push(format!(
-        "a 4-bit base (QLoRA, not in this trainer yet) would hold the weights in {} instead of {}",
-        gib(four_bit as u64),
-        gib(weights)
-    ));
-    out
+        .collect()
 }
 
 fn gib(bytes: u64) -> String {
@@ -143,7 +134,8 @@ impl Report {
             "run": {"device": format!("{:?}", r.device).to_lowercase(), "micro_batch": r.micro_batch,
                     "seq_len": r.seq_len, "gradient_checkpointing": r.gradient_checkpointing,
                     "lora_rank": r.lora.as_ref().map(|l| l.0), "lora_dropout": r.lora_dropout,
-                    "compute_bytes": r.compute_bytes, "attention_mask": r.attention_mask},
+                    "compute_bytes": r.compute_bytes, "attention_mask": r.attention_mask,
+                    "nf4_base": r.nf4_base},
             "plan": self.plan,
             "total": self.plan.total(),
             "device_memory": self.device_memory,
@@ -157,7 +149,7 @@ impl Report {
         let p = &self.plan;
         let r = &self.run;
         let mut s = format!(
-            "model: {:.2} B parameters, {} layers, hidden {}, vocab {}\nrun: {:?}, micro-batch {} x {} tokens, {}, {} bytes/activation{}{}\n\n",
+            "model: {:.2} B parameters, {} layers, hidden {}, vocab {}\nrun: {:?}, micro-batch {} x {} tokens, {}{}, {} bytes/activation{}{}\n\n",
             self.model.parameters() as f64 / 1e9,
             self.model.num_layers,
             self.model.hidden_size,
@@ -169,6 +161,7 @@ impl Report {
                 Some((rank, t)) => format!("LoRA r{rank} on {}", t.join(",")),
                 None => "full fine-tuning".into(),
             },
+            if r.nf4_base { " over an NF4 base" } else { "" },
             r.compute_bytes,
             if r.gradient_checkpointing {
                 ", checkpointing"

@@ -236,6 +236,36 @@ fn a_checkpointed_run_killed_and_resumed_ends_bitwise_identical_to_the_plain_run
 }
 
 #[test]
+fn a_qlora_run_killed_and_resumed_ends_bitwise_identical_and_differs_from_full_precision() {
+    let s = setup();
+    let (code, err) = run(&s, "full-precision");
+    assert_eq!(code, 0, "{err}");
+    let job = std::fs::read_to_string(&s.job).unwrap();
+    let qlora = job.replace("dropout: 0.1}", "dropout: 0.1, baseQuantization: nf4}");
+    assert_ne!(job, qlora);
+    std::fs::write(&s.job, qlora).unwrap();
+    let (code, err) = run(&s, "straight");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("quantized (Nf4)"), "{err}");
+    let reference = bytes(&s.root.join("straight/adapter_model.safetensors"));
+    assert!(
+        reference != bytes(&s.root.join("full-precision/adapter_model.safetensors")),
+        "the NF4 base trained the same adapter as the full-precision one"
+    );
+    let kill_at = 3 + random_below(6) as i64; // 3..=8
+    let kill = |c: &mut Child, _: &str| c.kill().unwrap();
+    let (code, err) = run_until(&s, "killed", kill_at, kill);
+    assert_eq!(code, None, "the run should die by signal: {err}");
+    let (code, err) = run(&s, "killed");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resumed from"), "{err}");
+    assert!(
+        reference == bytes(&s.root.join("killed/adapter_model.safetensors")),
+        "QLoRA adapter after a kill at step {kill_at} differs from the uninterrupted run"
+    );
+}
+
+#[test]
 fn a_mixture_killed_and_resumed_ends_bitwise_identical_and_reports_its_sources() {
     let s = setup_mixture();
     let (code, err) = run(&s, "straight");

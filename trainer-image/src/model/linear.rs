@@ -42,11 +42,16 @@ impl Lora {
 }
 
 /// `y = x·Wᵀ + b (+ LoRA)`, with `weight` `[out, in]` exactly as Hugging Face stores it.
+///
+/// QLoRA ([`Linear::quantize_base`]): the frozen weight is held as NF4 (about 0.52 byte per
+/// parameter) and dequantized on every forward in the input's dtype, so only one layer's
+/// full-precision weight exists at a time; `weight` is then empty and the adapter stays float32.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
+    pub nf4: Option<Nf4>,
 }
 
 impl Linear {
@@ -55,11 +60,23 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            nf4: None,
+        }
+    }
+
+    /// Replaces the frozen weight by its NF4 quantization and frees the full-precision copy.
+    pub fn quantize_base(&mut self) {
+        if self.nf4.is_none() {
+            self.nf4 = Some(Nf4::quantize(&self.weight));
+            self.weight = Tensor::empty([0], (self.weight.kind(), self.weight.device()));
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let y = match &self.nf4 {
+            Some(q) => x.linear(&q.dequantize(x.kind()), self.bias.as_ref()),
+            None => x.linear(&self.weight, self.bias.as_ref()),
+        };
         match &self.lora {
             Some(l) if l.enabled => y + l.delta(x),
             _ => y,
@@ -77,38 +94,11 @@ impl Linear {
 
     /// `[out, in]`.
     pub fn shape(&self) -> (i64, i64) {
-        let s = self.weight.size();
+        let s = match &self.nf4 {
+            Some(q) => q.shape.clone(),
+            None => self.weight.size(),
+        };
         (s[0], s[1])
-    }
-}
-
-/// QLoRA's layer: [`Linear`] with the frozen weight held as NF4 (about 0.53 byte per parameter)
-/// and dequantized on every forward in the input's dtype, so only one layer's full-precision
-/// weight exists at a time; the LoRA adapter stays float32.
-#[derive(Debug)]
-pub struct Nf4Linear {
-    pub weight: Nf4,
-    pub bias: Option<Tensor>,
-    pub lora: Option<Lora>,
-}
-
-impl Nf4Linear {
-    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Self {
-        Nf4Linear {
-            weight: Nf4::quantize(weight),
-            bias,
-            lora: None,
-        }
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let weight = self.weight.dequantize(x.kind());
-        let bias = self.bias.as_ref().map(|b| b.to_kind(x.kind()));
-        let y = x.linear(&weight, bias.as_ref());
-        match &self.lora {
-            Some(l) if l.enabled => y + l.delta(x),
-            _ => y,
-        }
     }
 }
 
@@ -124,7 +114,10 @@ mod tests {
         let w = Tensor::randn([24, 128], opts) * 0.05;
         let bias = Tensor::randn([24], opts);
         let x = Tensor::randn([3, 128], opts);
-        let mut layer = Nf4Linear::new(&w, Some(bias.shallow_clone()));
+        let mut layer = Linear::new(w.copy(), Some(bias.shallow_clone()));
+        layer.quantize_base();
+        assert_eq!(layer.shape(), (24, 128));
+        assert_eq!(layer.weight.numel(), 0, "the full-precision copy is freed");
         layer.lora = Some(Lora {
             a: Tensor::randn([4, 128], opts),
             b: Tensor::randn([24, 4], opts),
@@ -133,7 +126,7 @@ mod tests {
             enabled: true,
             training: false,
         });
-        let w_q = layer.weight.dequantize(Kind::Float);
+        let w_q = layer.nf4.as_ref().unwrap().dequantize(Kind::Float);
         let l = layer.lora.as_ref().unwrap();
         let expected = x.matmul(&w_q.tr()) + &bias + x.matmul(&l.a.tr()).matmul(&l.b.tr()) * 2.0;
         let y = layer.forward(&x);

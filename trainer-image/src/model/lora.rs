@@ -342,6 +342,18 @@ impl CausalLm {
         out
     }
 
+    /// QLoRA: holds the frozen weight of every decoder linear layer as NF4
+    /// ([`Linear::quantize_base`]); returns their bytes before and after.
+    pub fn quantize_bases(&mut self) -> (u64, u64) {
+        let (mut before, mut after) = (0u64, 0u64);
+        for (_, lin) in self.linears_mut() {
+            before += (lin.weight.numel() * lin.weight.kind().elt_size_in_bytes()) as u64;
+            lin.quantize_base();
+            after += lin.nf4.as_ref().map_or(0, |q| q.bytes() as u64);
+        }
+        (before, after)
+    }
+
     /// Makes every base parameter trainable (full fine-tuning).
     pub fn unfreeze_all(&mut self) {
         let params: Vec<Tensor> = self

@@ -158,6 +158,7 @@ impl Plan {
             .unwrap_or_else(|| "finetune".into());
         let is_dpo = spec.method.kind == MethodType::Dpo;
         refuse_replay_with_dpo(&job, is_dpo)?;
+        refuse_merge_of_quantized_base(&job)?;
         let init_adapter = match &spec.adapter.init_adapter {
             Some(name) => Some(
                 opts.init_adapter
@@ -312,6 +313,32 @@ fn refuse_replay_with_dpo(job: &FinetuneJob, is_dpo: bool) -> Result<(), Stop> {
         return Err(invalid(
             "forgettingGuard.selfReplay mixes SFT samples into the training stream and does not apply to method.type dpo (DPO's reference model already anchors it)",
             "spec.forgettingGuard.selfReplay",
+        ));
+    }
+    Ok(())
+}
+
+/// A QLoRA run holds its base rounded to 4 bits: merging the adapter into that would bake the
+/// rounding into the published model, and its full-precision base is not in memory to merge into.
+fn refuse_merge_of_quantized_base(job: &FinetuneJob) -> Result<(), Stop> {
+    let spec = &job.spec;
+    let quantized = spec.adapter.kind == AdapterType::Lora
+        && spec
+            .adapter
+            .lora
+            .as_ref()
+            .is_some_and(|l| l.base_quantization.is_some());
+    if quantized && (spec.output.merge || spec.output.gguf.is_some()) {
+        let field = if spec.output.merge {
+            "spec.output.merge"
+        } else {
+            "spec.output.gguf"
+        };
+        return Err(invalid(
+            "adapter.lora.baseQuantization keeps the base 4-bit while training, so the run exports \
+             the adapter only: merge it into the full-precision base afterwards with \
+             `finetune-trainer merge` (and `export-gguf`)",
+            field,
         ));
     }
     Ok(())

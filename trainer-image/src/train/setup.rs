@@ -493,6 +493,20 @@ pub fn trainable(
                 })?;
             }
         }
+        if let Some(q) = plan
+            .spec()
+            .adapter
+            .lora
+            .as_ref()
+            .and_then(|l| l.base_quantization)
+        {
+            let (before, after) = model.quantize_bases();
+            eprintln!(
+                "base weights of the decoder's linear layers quantized ({q:?}): {:.1} MiB -> {:.1} MiB",
+                before as f64 / (1u64 << 20) as f64,
+                after as f64 / (1u64 << 20) as f64
+            );
+        }
         model
             .lora_parameters()
             .into_iter()
