@@ -85,27 +85,7 @@ PY
 # the transfer; gpu_check.py trains the example on random weights of the same shape). The
 # pre-tokenizer is SmolLM2's own, as in tests/reference/conftest.py.
 GGUF=$(scripts/smollm2-path.sh)
-"$PY" - "$GGUF" "$BUNDLE/smollm2" <<'PY'
-import json, os, sys
-sys.path.insert(0, "tests/reference")
-from conftest import smollm2_pre_tokenizer
-from transformers import AutoConfig, AutoTokenizer
-
-gguf, out = sys.argv[1], sys.argv[2]
-d, f = os.path.dirname(gguf), os.path.basename(gguf)
-tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-tok.backend_tokenizer.pre_tokenizer = smollm2_pre_tokenizer()
-tok.save_pretrained(out)
-cfg = AutoConfig.from_pretrained(d, gguf_file=f).to_dict()
-keep = ["architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
-        "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-        "rope_theta", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
-        "bos_token_id", "eos_token_id", "hidden_act", "initializer_range"]
-cfg = {k: cfg[k] for k in keep if cfg.get(k) is not None}
-cfg.setdefault("architectures", ["LlamaForCausalLM"])
-with open(os.path.join(out, "config.json"), "w") as fh:
-    json.dump(cfg, fh, indent=2)
-PY
+"$PY" tests/gpu/smollm2_files.py "$GGUF" "$BUNDLE/smollm2"
 
 bundle=$(du -sk "$BUNDLE" | cut -f1)
 tracked=$(git ls-files -z | xargs -0 du -ck 2>/dev/null | tail -1 | cut -f1)

@@ -337,6 +337,21 @@ class Env:
 # ------------------------------------------------------------------------------------ models & data
 
 
+def smollm2_dir(env):
+    """SmolLM2's config and tokenizer files: the bundle's, else (a dry run in a checkout without
+    `make gpu-bundle`) made once under the work folder from the venv's GGUF, as the bundle does."""
+    bundled = BUNDLE / "smollm2"
+    if bundled.is_dir():
+        return bundled
+    made = env.work / "smollm2-files"
+    if not (made / "config.json").exists():
+        gguf = subprocess.run([str(ROOT / "scripts/smollm2-path.sh")], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "smollm2_files.py"), gguf, str(made)], check=True,
+                       capture_output=True)
+    return made
+
+
 def write_model(env, config, out, dtype, tokenizer_dir, budget_s):
     """A random checkpoint with the trainer's `init-random`, else (a binary without it) with
     transformers; then the tokenizer files. Returns (seconds, how)."""
@@ -493,9 +508,9 @@ def run_reference(env, args_list, timeout, name):
 def part_a(env, budget, results):
     a = env.args
     steps = a.steps_a
-    config = dict(TINY) if env.dry else json.loads((BUNDLE / "smollm2/config.json").read_text())
+    config = dict(TINY) if env.dry else json.loads((smollm2_dir(env) / "config.json").read_text())
     model = env.work / "models" / "smollm2-random"
-    secs, how = write_model(env, config, model, "f32", BUNDLE / "smollm2", budget.left() - 30)
+    secs, how = write_model(env, config, model, "f32", smollm2_dir(env), budget.left() - 30)
     data = ROOT / "examples/data/chat-train.jsonl"
     vol = volume(env.work, {"smollm2-random": model}, {"chat-train.jsonl": data})
     init = env.work / "runs" / "a-init-adapter"
@@ -592,7 +607,7 @@ def part_b(env, budget, results, quant=None, config=None, label=None, key="b"):
         if free < need:
             r["skipped"] = f"the bf16 checkpoint needs {need:.0f} GiB, {env.work} has {free:.0f} GiB free"
             return r
-        r["init_seconds"], r["init_with"] = write_model(env, config, model, "bf16", BUNDLE / "smollm2",
+        r["init_seconds"], r["init_with"] = write_model(env, config, model, "bf16", smollm2_dir(env),
                                                          budget.left() - 60)
     data = env.work / "text.jsonl"
     if not data.exists():
@@ -676,7 +691,7 @@ def start_prefetch(env, budget):
 
     def work():
         try:
-            box["result"] = write_model(env, config, model, "bf16", BUNDLE / "smollm2", budget.left() - 120)
+            box["result"] = write_model(env, config, model, "bf16", smollm2_dir(env), budget.left() - 120)
         except Exception as e:  # re-raised in part (b)
             box["error"] = e
 
@@ -719,7 +734,7 @@ def part_c(env, budget, results):
     d = env.work / "models" / "config-70b"
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(big, indent=2))
-    for f in (BUNDLE / "smollm2").iterdir():
+    for f in (smollm2_dir(env)).iterdir():
         if f.name != "config.json":
             shutil.copy(f, d / f.name)
     vol = volume(env.work, {"config-70b": d}, {})
