@@ -217,6 +217,16 @@ pub struct RunShape {
     pub nf4_base: bool,
 }
 
+/// Rows one training example takes in a forward pass: DPO runs a pair's chosen and rejected
+/// answers together.
+pub fn rows_per_example(spec: &FinetuneJobSpec) -> i64 {
+    if spec.method.kind == MethodType::Dpo {
+        2
+    } else {
+        1
+    }
+}
+
 impl RunShape {
     /// The run a FinetuneJob spec describes on `device`. The worst case of what the data can do:
     /// every row `maxSeqLength` long and every position supervised; a mask whenever packing or
@@ -234,11 +244,7 @@ impl RunShape {
                 lora_settings.target_modules.clone(),
             )
         });
-        let rows = if spec.method.kind == MethodType::Dpo {
-            2
-        } else {
-            1
-        };
+        let rows = rows_per_example(spec);
         let nf4_base = lora.is_some() && lora_settings.base_quantization.is_some();
         let rows_per_pass = hp.micro_batch_size.unwrap_or(hp.batch_size);
         let micro_batch = i64::from(rows_per_pass.max(1)) * rows;

@@ -14,7 +14,6 @@ use finetune_crds::FinetuneJob;
 use finetune_crds::memory::{
     self, DeviceKind, MemoryPlan, ModelShape, RunShape, largest_micro_batch, parse_quantity, plan,
 };
-use finetune_crds::training::MethodType;
 
 /// `(Hub repository, config.json fields)` of well-known base models; an `-Instruct` variant has
 /// its base's shape.
@@ -100,13 +99,8 @@ pub fn refusal(job: &FinetuneJob) -> Option<String> {
 
 /// The job's run at one row per forward pass (two for DPO: a pair's chosen and rejected rows).
 fn smallest_step(job: &FinetuneJob) -> RunShape {
-    let rows = if job.spec.method.kind == MethodType::Dpo {
-        2
-    } else {
-        1
-    };
     RunShape {
-        micro_batch: rows,
+        micro_batch: memory::rows_per_example(&job.spec),
         ..RunShape::from_spec(&job.spec, DeviceKind::Cuda)
     }
 }

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_trainer import TARGETS, vm_status  # noqa: E402
-from conftest import GGUF_NAME, trainer_bin  # noqa: E402
+from conftest import GGUF_NAME, example_volume, trainer_bin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data" / "chat-train.jsonl"
@@ -65,11 +65,7 @@ def cpu_flags():
 def bench_ours(args, gguf_dir, env, ckpt):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        vol = tmp / "vol"
-        (vol / "pvc/models/smollm2").mkdir(parents=True)
-        (vol / "configmap").mkdir()
-        os.symlink(gguf_dir / GGUF_NAME, vol / "pvc/models/smollm2" / GGUF_NAME)
-        os.symlink(ROOT / "examples/data", vol / "configmap/finetune-examples-data")
+        vol = example_volume(tmp, gguf_dir / GGUF_NAME)
         job = tmp / "job.yaml"
         job.write_text(JOB.format(gguf=GGUF_NAME, targets=", ".join(TARGETS), steps=args.steps, seq=args.seq,
                                   ckpt=str(ckpt).lower()))

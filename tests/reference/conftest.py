@@ -120,17 +120,27 @@ spec:
 """
 
 
+def example_volume(root, gguf_path) -> Path:
+    """`root/vol`, what FINETUNE_VOLUME_ROOT points at for the examples' URIs: the SmolLM2 GGUF
+    under `pvc://models/smollm2/` and examples/data as `configmap://finetune-examples-data/`.
+    Made once; calling it again returns the same folder."""
+    vol = Path(root) / "vol"
+    models, configmaps = vol / "pvc/models/smollm2", vol / "configmap"
+    models.mkdir(parents=True, exist_ok=True)
+    configmaps.mkdir(exist_ok=True)
+    if not (models / GGUF_NAME).exists():
+        os.symlink(gguf_path, models / GGUF_NAME)
+        os.symlink(REPO / "examples/data", configmaps / "finetune-examples-data")
+    return vol
+
+
 @pytest.fixture(scope="session")
 def smollm2_lora_run(tmp_path_factory, gguf_path, bin_path):
     """One real `finetune-trainer run` of SMOLLM2_JOB on CPU, shared by the tests that inspect what
     a run writes (test_train_smollm2.py, test_report.py), so the training happens once per session.
     Returns out (the output directory), termination_log and stderr."""
     root = tmp_path_factory.mktemp("smollm2-run")
-    vol = root / "vol"
-    (vol / "pvc/models/smollm2").mkdir(parents=True)
-    (vol / "configmap").mkdir()
-    os.symlink(gguf_path, vol / "pvc/models/smollm2" / GGUF_NAME)
-    os.symlink(REPO / "examples/data", vol / "configmap/finetune-examples-data")
+    vol = example_volume(root, gguf_path)
     job = root / "job.yaml"
     job.write_text(SMOLLM2_JOB)
     out, term = root / "out", root / "termination-log"

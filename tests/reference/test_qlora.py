@@ -1,6 +1,6 @@
 """QLoRA (`adapter.lora.baseQuantization: nf4`) on SmolLM2-135M-Instruct's GGUF: the decoder's
 linear layers are held as NF4 while the adapter trains in float32. The run lowers the eval loss,
-holds the quantized layers in about a quarter of their float32 bytes... (measured from the log),
+holds the quantized layers in about an eighth of their float32 bytes (measured from the log),
 and its adapter is a normal PEFT adapter: PEFT loads it onto transformers' full-precision base
 (from the same GGUF) and lowers that model's loss on the eval conversations too. A QLoRA job that
 asks for a merged export is refused naming the field."""
@@ -12,7 +12,7 @@ import subprocess
 
 import torch
 
-from conftest import GGUF_NAME, REPO
+from conftest import GGUF_NAME, REPO, example_volume
 
 JOB = """apiVersion: finetune.dev/v1alpha1
 kind: FinetuneJob
@@ -33,12 +33,7 @@ spec:
 
 
 def run_job(tmp_path, gguf_path, bin_path, extra=""):
-    vol = tmp_path / "vol"
-    (vol / "pvc/models/smollm2").mkdir(parents=True, exist_ok=True)
-    (vol / "configmap").mkdir(exist_ok=True)
-    if not (vol / "pvc/models/smollm2" / GGUF_NAME).exists():
-        os.symlink(gguf_path, vol / "pvc/models/smollm2" / GGUF_NAME)
-        os.symlink(REPO / "examples/data", vol / "configmap/finetune-examples-data")
+    vol = example_volume(tmp_path, gguf_path)
     job = tmp_path / "job.yaml"
     job.write_text(JOB.format(gguf=GGUF_NAME, extra=extra))
     out = tmp_path / "out"

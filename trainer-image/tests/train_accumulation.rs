@@ -29,30 +29,14 @@ fn samples() -> Vec<Sample> {
 }
 
 fn lora_model(dir: &std::path::Path) -> (CausalLm, AdamW) {
-    let mut m = train_support::load_tiny(dir);
-    tch::manual_seed(11);
-    m.add_lora(&LoraConfig {
+    let cfg = LoraConfig {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         rslora: false,
-    })
-    .unwrap();
-    // Non-zero B so that A gets gradients in the first step too.
-    for (_, mut t) in m.lora_parameters() {
-        tch::no_grad(|| {
-            let _ = t.g_add_(&(t.randn_like() * 0.05));
-        });
-    }
-    m.set_training(true);
-    let opt = AdamW::new(
-        m.lora_parameters()
-            .into_iter()
-            .map(|(n, t)| (n, t, 0.01))
-            .collect(),
-    );
-    (m, opt)
+    };
+    train_support::lora_model(dir, 11, &cfg)
 }
 
 #[test]

@@ -35,11 +35,10 @@ fn samples() -> Vec<Sample> {
         .collect()
 }
 
-/// The tiny model with LoRA (dropout 0.2) on every projection, B non-zero so A has gradients.
+/// The tiny model with LoRA (dropout 0.2) on every projection but down_proj, B non-zero so A has
+/// gradients.
 fn lora_model(dir: &std::path::Path, checkpoint: bool) -> (CausalLm, AdamW) {
-    let mut m = train_support::load_tiny(dir);
-    tch::manual_seed(5);
-    m.add_lora(&LoraConfig {
+    let cfg = LoraConfig {
         rank: 4,
         alpha: 8.0,
         dropout: 0.2,
@@ -54,17 +53,9 @@ fn lora_model(dir: &std::path::Path, checkpoint: bool) -> (CausalLm, AdamW) {
         .map(String::from)
         .to_vec(),
         rslora: false,
-    })
-    .unwrap();
-    for (_, mut t) in m.lora_parameters() {
-        tch::no_grad(|| {
-            let _ = t.g_add_(&(t.randn_like() * 0.05));
-        });
-    }
-    m.set_training(true);
+    };
+    let (mut m, opt) = train_support::lora_model(dir, 5, &cfg);
     m.checkpoint_layers = checkpoint;
-    let params = m.lora_parameters();
-    let opt = AdamW::new(params.into_iter().map(|(n, t)| (n, t, 0.01)).collect());
     (m, opt)
 }
 

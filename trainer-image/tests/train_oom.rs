@@ -18,27 +18,6 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_finetune-trainer")
 }
 
-/// Text lines of 600–1000 words (one token each), so activations dominate the process's memory.
-fn write_long_texts(path: &Path, n: usize) {
-    let mut state = 99u64;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as usize
-    };
-    let mut out = String::new();
-    for _ in 0..n {
-        let len = 600 + next() % 400;
-        let words: Vec<&str> = (0..len)
-            .map(|_| train_support::WORDS[next() % train_support::WORDS.len()])
-            .collect();
-        out.push_str(&serde_json::json!({"text": words.join(" ")}).to_string());
-        out.push('\n');
-    }
-    std::fs::write(path, out).unwrap();
-}
-
 fn write_job(root: &Path, name: &str, micro: Option<usize>) -> PathBuf {
     let micro = micro.map_or_else(String::new, |m| format!(", microBatchSize: {m}"));
     let yaml = format!(
@@ -110,7 +89,8 @@ fn a_batch_that_cannot_fit_halves_its_micro_batch_and_trains_as_if_started_small
     let mut config = train_support::config();
     config["max_position_embeddings"] = 2048.into();
     std::fs::write(root.join("model/config.json"), config.to_string()).unwrap();
-    write_long_texts(&root.join("train.jsonl"), 96);
+    // Lines of 600–1000 words (one token each), so activations dominate the process's memory.
+    train_support::write_text_lines(&root.join("train.jsonl"), 96, 99, 600..1000);
     // What the address space peaks at with 2 sequences per forward pass, and with all 32.
     let (_, small) = run(root, &write_job(root, "small", Some(2)), "small", None);
     let (_, big) = run(root, &write_job(root, "big", None), "big", None);

@@ -141,6 +141,29 @@ fn bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// Rewrites the setup's job, replacing `from` by `to` (which must occur).
+fn edit_job(s: &Setup, from: &str, to: &str) {
+    let job = std::fs::read_to_string(&s.job).unwrap();
+    assert!(job.contains(from), "{from} not in the job:\n{job}");
+    std::fs::write(&s.job, job.replace(from, to)).unwrap();
+}
+
+/// Runs the job into `out`, SIGKILLs it at a random step in `first..first + span`, runs it again
+/// to the end and asserts that it resumed and that its adapter equals `reference` bit for bit.
+fn killed_once_resumes_to(s: &Setup, out: &str, first: i64, span: u64, reference: &[u8]) {
+    let kill_at = first + random_below(span) as i64;
+    let kill = |c: &mut Child, _: &str| c.kill().unwrap(); // SIGKILL
+    let (code, err) = run_until(s, out, kill_at, kill);
+    assert_eq!(code, None, "the run should die by signal: {err}");
+    let (code, err) = run(s, out);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resumed from"), "{err}");
+    assert!(
+        reference == bytes(&s.root.join(out).join("adapter_model.safetensors")),
+        "{out}: the adapter after a kill at step {kill_at} differs from the uninterrupted run's"
+    );
+}
+
 #[test]
 fn sigkill_twice_then_resume_is_bitwise_identical() {
     let s = setup();
@@ -218,21 +241,8 @@ fn a_checkpointed_run_killed_and_resumed_ends_bitwise_identical_to_the_plain_run
     assert_eq!(code, 0, "{err}");
     let reference = bytes(&s.root.join("plain/adapter_model.safetensors"));
     // The same job on the same model and data, with activation checkpointing.
-    let job = std::fs::read_to_string(&s.job).unwrap();
-    let checkpointed = job.replace("seed: 7}", "seed: 7, gradientCheckpointing: true}");
-    assert_ne!(job, checkpointed);
-    std::fs::write(&s.job, checkpointed).unwrap();
-    let kill_at = 3 + random_below(6) as i64; // 3..=8
-    let kill = |c: &mut Child, _: &str| c.kill().unwrap();
-    let (code, err) = run_until(&s, "killed", kill_at, kill);
-    assert_eq!(code, None, "the run should die by signal: {err}");
-    let (code, err) = run(&s, "killed");
-    assert_eq!(code, 0, "{err}");
-    assert!(err.contains("resumed from"), "{err}");
-    assert!(
-        reference == bytes(&s.root.join("killed/adapter_model.safetensors")),
-        "checkpointed adapter after a kill at step {kill_at} differs from the plain run's"
-    );
+    edit_job(&s, "seed: 7}", "seed: 7, gradientCheckpointing: true}");
+    killed_once_resumes_to(&s, "killed", 3, 6, &reference);
 }
 
 #[test]
@@ -240,10 +250,7 @@ fn a_qlora_run_killed_and_resumed_ends_bitwise_identical_and_differs_from_full_p
     let s = setup();
     let (code, err) = run(&s, "full-precision");
     assert_eq!(code, 0, "{err}");
-    let job = std::fs::read_to_string(&s.job).unwrap();
-    let qlora = job.replace("dropout: 0.1}", "dropout: 0.1, baseQuantization: nf4}");
-    assert_ne!(job, qlora);
-    std::fs::write(&s.job, qlora).unwrap();
+    edit_job(&s, "dropout: 0.1}", "dropout: 0.1, baseQuantization: nf4}");
     let (code, err) = run(&s, "straight");
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("quantized (Nf4)"), "{err}");
@@ -252,17 +259,7 @@ fn a_qlora_run_killed_and_resumed_ends_bitwise_identical_and_differs_from_full_p
         reference != bytes(&s.root.join("full-precision/adapter_model.safetensors")),
         "the NF4 base trained the same adapter as the full-precision one"
     );
-    let kill_at = 3 + random_below(6) as i64; // 3..=8
-    let kill = |c: &mut Child, _: &str| c.kill().unwrap();
-    let (code, err) = run_until(&s, "killed", kill_at, kill);
-    assert_eq!(code, None, "the run should die by signal: {err}");
-    let (code, err) = run(&s, "killed");
-    assert_eq!(code, 0, "{err}");
-    assert!(err.contains("resumed from"), "{err}");
-    assert!(
-        reference == bytes(&s.root.join("killed/adapter_model.safetensors")),
-        "QLoRA adapter after a kill at step {kill_at} differs from the uninterrupted run"
-    );
+    killed_once_resumes_to(&s, "killed", 3, 6, &reference);
 }
 
 #[test]
@@ -272,17 +269,7 @@ fn a_mixture_killed_and_resumed_ends_bitwise_identical_and_reports_its_sources()
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("mixture source 0"), "{err}");
     let reference = bytes(&s.root.join("straight/adapter_model.safetensors"));
-    let kill_at = 4 + random_below(5) as i64; // 4..=8
-    let kill = |c: &mut Child, _: &str| c.kill().unwrap();
-    let (code, err) = run_until(&s, "killed", kill_at, kill);
-    assert_eq!(code, None, "the run should die by signal: {err}");
-    let (code, err) = run(&s, "killed");
-    assert_eq!(code, 0, "{err}");
-    assert!(err.contains("resumed from"), "{err}");
-    assert!(
-        reference == bytes(&s.root.join("killed/adapter_model.safetensors")),
-        "adapter after a kill at step {kill_at} differs from the uninterrupted run"
-    );
+    killed_once_resumes_to(&s, "killed", 4, 5, &reference);
     // Each source's digest and samples per epoch, in spec order, drawn 3:1 (to the nearest
     // sample) from what the two files hold after the eval split.
     let term: serde_json::Value =

@@ -71,6 +71,20 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The layer's seven projections, in the order of `CausalLm::linears`.
+    pub fn projections(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
     /// `x + attn(norm(x))`, then `h + mlp(norm(h))`, appending to the layer's `cache` slot if any.
     pub fn forward(
         &self,
@@ -333,11 +347,13 @@ impl CausalLm {
     /// runs, so a layer recomputed in backward (activation checkpointing) draws the masks it drew
     /// in the forward pass, and a checkpointed run equals a plain one.
     pub(super) fn layer_seeds(&self) -> Option<i64> {
-        let active = self.linears().iter().any(|(_, l)| {
-            l.lora
-                .as_ref()
-                .is_some_and(|a| a.enabled && a.training && a.dropout > 0.0)
-        });
+        // Every forward asks, generation's per-token ones too: no module names are built here.
+        let active = self
+            .layers
+            .iter()
+            .flat_map(DecoderLayer::projections)
+            .filter_map(|l| l.lora.as_ref())
+            .any(|a| a.enabled && a.training && a.dropout > 0.0);
         active.then(|| Tensor::randint(1 << 62, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]))
     }
 

@@ -22,7 +22,7 @@ pub fn split(batches: &[Vec<Vec<usize>>], size: usize) -> Vec<Vec<Vec<usize>>> {
 
 /// The next micro-batch size after running out of memory at `size` (> 1).
 pub fn halved(size: usize) -> usize {
-    size.div_ceil(2).min(size - 1).max(1)
+    size.div_ceil(2)
 }
 
 /// Runs `attempt(size)` and, while it runs out of memory, calls `reduced(from, to, message)` and

@@ -123,8 +123,7 @@ pub fn backward_on_targets(
     divisor: f64,
     loss: impl FnOnce(Option<Targets>) -> Tensor,
 ) -> Tensor {
-    let inputs = device_inputs(model, mb);
-    match inputs {
+    match device_inputs(model, mb) {
         Some((ids, pos, mask)) if model.checkpoint_layers => {
             let mut value = None;
             model.backward_checkpointed(&ids, &pos, mask.as_ref(), |hidden| {
@@ -134,8 +133,12 @@ pub fn backward_on_targets(
             });
             value.expect("the head ran")
         }
-        _ => {
-            let v = loss(target_logits(model, mb));
+        inputs => {
+            // The inputs already on the device: moving them again would copy them twice.
+            let targets = inputs.map(|(ids, pos, mask)| {
+                targets_at(model, mb, &model.hidden_with(&ids, &pos, mask.as_ref()))
+            });
+            let v = loss(targets);
             if v.requires_grad() {
                 (&v / divisor).backward();
             }

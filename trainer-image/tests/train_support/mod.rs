@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use finetune_trainer::load::ModelSource;
-use finetune_trainer::model::CausalLm;
+use finetune_trainer::model::{CausalLm, LoraConfig};
+use finetune_trainer::train::optim::AdamW;
 use tch::{Device, Kind, Tensor};
 
 pub const WORDS: [&str; 30] = [
@@ -100,6 +101,24 @@ pub fn load_tiny(dir: &Path) -> CausalLm {
         .model
 }
 
+/// The tiny model in `dir` with LoRA `cfg` (drawn after seeding with `seed`), B made non-zero so
+/// that A gets gradients in the first step too, in training mode, with AdamW (decay 0.01) over the
+/// adapter.
+pub fn lora_model(dir: &Path, seed: i64, cfg: &LoraConfig) -> (CausalLm, AdamW) {
+    let mut m = load_tiny(dir);
+    tch::manual_seed(seed);
+    m.add_lora(cfg).unwrap();
+    for (_, mut t) in m.lora_parameters() {
+        tch::no_grad(|| {
+            let _ = t.g_add_(&(t.randn_like() * 0.05));
+        });
+    }
+    m.set_training(true);
+    let params = m.lora_parameters();
+    let opt = AdamW::new(params.into_iter().map(|(n, t)| (n, t, 0.01)).collect());
+    (m, opt)
+}
+
 /// `n` lines of `{"text": ...}` of 4–14 words, deterministic.
 pub fn write_text_data(path: &Path, n: usize) {
     write_text_data_seeded(path, n, 12345);
@@ -107,6 +126,11 @@ pub fn write_text_data(path: &Path, n: usize) {
 
 /// [`write_text_data`] with another sequence of words for each `seed`.
 pub fn write_text_data_seeded(path: &Path, n: usize, seed: u64) {
+    write_text_lines(path, n, seed, 4..15);
+}
+
+/// `n` lines of `{"text": ...}` whose word counts are drawn from `words`, deterministic in `seed`.
+pub fn write_text_lines(path: &Path, n: usize, seed: u64, words: std::ops::Range<usize>) {
     let mut state = seed;
     let mut next = || {
         state = state
@@ -116,9 +140,9 @@ pub fn write_text_data_seeded(path: &Path, n: usize, seed: u64) {
     };
     let mut out = String::new();
     for _ in 0..n {
-        let len = 4 + next() % 11;
-        let words: Vec<&str> = (0..len).map(|_| WORDS[next() % WORDS.len()]).collect();
-        out.push_str(&serde_json::json!({"text": words.join(" ")}).to_string());
+        let len = words.start + next() % words.len();
+        let line: Vec<&str> = (0..len).map(|_| WORDS[next() % WORDS.len()]).collect();
+        out.push_str(&serde_json::json!({"text": line.join(" ")}).to_string());
         out.push('\n');
     }
     std::fs::write(path, out).unwrap();
