@@ -12,7 +12,7 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build images crds demo test test-rust test-node s3-server test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-checkpointing bench-forgetting bench-dpo bench-node cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: setup build images crds demo test test-rust test-node s3-server test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-checkpointing bench-distributed bench-forgetting bench-dpo bench-node cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
@@ -33,6 +33,7 @@ help:
 	@echo "make bench-dpo      DPO steps/s and peak RSS: ours vs TRL DPOTrainer + PEFT on the same pairs (JSON)"
 	@echo "make bench-trainer  LoRA chat-SFT tokens/s and peak RSS: ours vs transformers+PEFT fp32/bf16 (JSON in \$$CARGO_TARGET_DIR/bench)"
 	@echo "make bench-checkpointing  activation checkpointing at sequence 1024: step time and activation memory, ours and transformers+PEFT"
+	@echo "make bench-distributed  data parallel on this machine: tokens/s with 1 and 2 ranks (ours via launch, and DDP+PEFT), scaling, all-reduce bytes per step"
 	@echo "make bench-operator 1000 FinetuneJobs against 50 kwok GPU nodes: latency, RSS, CPU; then 1000 run to the end with 10% failing or evicted: drain time, retries (JSON in \$$CARGO_TARGET_DIR/bench)"
 	@echo "make gpu-bundle     pack the release trainer and the reference's wheels into .gpu-bundle/ for a GPU machine (sizes checked)"
 	@echo "make gpu-check      on a GPU machine: bf16 vs fp32 loss, 8B LoRA tokens/s, MFU and memory vs transformers+PEFT, QLoRA, planner vs peak (JSON; tests/gpu/README.md)"
@@ -170,6 +171,9 @@ bench-trainer: build
 
 bench-checkpointing: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_checkpointing.py --out $(CARGO_TARGET_DIR)/bench/checkpointing.json
+
+bench-distributed: build
+	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_distributed.py --out $(CARGO_TARGET_DIR)/bench/distributed.json
 
 # 1000 FinetuneJobs against 50 kwok nodes x 8 GPUs on the real control plane, twice, each on a fresh
 # cluster: creates paced at BENCH_RATE jobs/s (the operator's own latency), then a burst (the

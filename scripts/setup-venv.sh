@@ -34,10 +34,36 @@ add_bnb() {
   "$venv/bin/python" -c "import bitsandbytes, sys; print('venv: bitsandbytes', bitsandbytes.__version__, file=sys.stderr)"
   touch "$marker"
 }
+c10d_reqs="$root/scripts/python-requirements-c10d.txt"
+# Debian's gloo headers: the torch wheel compiles Gloo into libtorch_cpu but ships no gloo/*.h,
+# which ProcessGroupGloo.hpp includes. Unpacked (not installed: no root needed) into the venv.
+gloo_deb="libgloo-dev=0.0~git20220518.5b14351-3"
+c10d_key=$( (grep -v '^#' "$c10d_reqs"; echo "$gloo_deb") | sha256sum | cut -c1-12)
+# What trainer-image/c10d/build.rs compiles against: its own pins file and marker, as above.
+add_c10d() {
+  local marker="$venv/.c10d-$c10d_key"
+  [ -f "$marker" ] && return 0
+  "$venv/bin/pip" install --progress-bar off -r "$c10d_reqs" >&2
+  local site tmp
+  site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  tmp=$(mktemp -d)
+  chmod 777 "$tmp"
+  if (cd "$tmp" && apt-get download "$gloo_deb" >&2 2>/dev/null && dpkg -x libgloo-dev_*.deb root); then
+    rm -rf "$site/finetune_gloo"
+    mkdir -p "$site/finetune_gloo"
+    cp -r "$tmp/root/usr/include" "$site/finetune_gloo/include"
+    echo "venv: gloo headers from Debian's $gloo_deb" >&2
+    touch "$marker"
+  else
+    echo "venv: WARNING: cannot download $gloo_deb (apt-get download); the trainer builds without Gloo and cannot train on several CPU ranks" >&2
+  fi
+  rm -rf "$tmp"
+}
 if [ -f "$venv/.complete" ]; then
   echo "venv: reusing $venv" >&2
   add_llama
   add_bnb
+  add_c10d
   echo "$venv"
   exit 0
 fi
@@ -53,5 +79,6 @@ python3 -m venv "$venv"
 touch "$venv/.complete"
 add_llama
 add_bnb
+add_c10d
 ln -sfn "$venv" "$cache/venv"
 echo "$venv"

@@ -42,6 +42,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -437,13 +438,19 @@ spec:
 """
 
 
-def run_ours(env, vol, job_text, name, device, timeout, init_adapter=None, watch_gpu=True):
+def run_ours(env, vol, job_text, name, device, timeout, init_adapter=None, watch_gpu=True, launch=False):
     d = env.work / "runs" / name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     job = d / "job.yaml"
     job.write_text(job_text)
-    cmd = [env.bin, "--device", device, "run", str(job), "--output", str(d / "out")]
+    cmd = [env.bin, "--device", device]
+    if launch:  # one rank through the launcher: a c10d group of one (NCCL on a GPU, Gloo on the CPU)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd += ["launch", "--nproc-per-node", "1", "--master-port", str(port), "--"]
+    cmd += ["run", str(job), "--output", str(d / "out")]
     if init_adapter:
         cmd += ["--init-adapter", str(init_adapter)]
     e = dict(env.env, FINETUNE_VOLUME_ROOT=str(vol), FINETUNE_TERMINATION_LOG=str(d / "termination-log"))
@@ -454,6 +461,7 @@ def run_ours(env, vol, job_text, name, device, timeout, init_adapter=None, watch
     if init_adapter:
         res["plan_env"]["FINETUNE_INIT_ADAPTER_DIR"] = str(init_adapter)
     summary = d / "out" / "training_summary.json"
+    res["group_ready"] = "rank 0 of 1: group ready" in text
     if rc != 0 or not summary.exists():
         res["error"] = tail(text)
         return res
@@ -563,6 +571,27 @@ def part_a(env, budget, results):
         measured = run.get("peak_gpu_bytes") if dev == "cuda" else run.get("peak_rss_bytes")
         results["d"].append(plan_row(f"(a) {k} {dev}", p, measured, "nvidia-smi" if dev == "cuda" else "peak RSS"))
     results["a"] = r
+
+
+def part_e(env, budget, results):
+    """(e) The c10d binding on this device: part (a)'s bf16 job again through `launch` as a group of
+    one rank (NCCL on a GPU); its losses must equal the plain run's."""
+    a = results.get("a") or {}
+    first = a.get("bf16_run") or {}
+    if "job" not in first:
+        results["e"] = {"skipped": "part (a) did not run"}
+        return
+    job = Path(first["job"])
+    vol = Path(first["plan_env"]["FINETUNE_VOLUME_ROOT"])
+    init = first["plan_env"].get("FINETUNE_INIT_ADAPTER_DIR")
+    r = run_ours(env, vol, job.read_text(), "e-launch", env.device, budget.left() - 10,
+                 Path(init) if init else None, launch=True)
+    backend = "NCCL" if env.device == "cuda" else "Gloo"
+    e = {"backend": backend, "run": r, "group_ready": r.get("group_ready")}
+    la, lb = first.get("losses"), r.get("losses")
+    if la and lb and len(la) == len(lb):
+        e["max_abs_loss_diff_vs_plain"] = max(abs(x - y) for x, y in zip(la, lb))
+    results["e"] = e
 
 
 def plan_row(name, p, measured, how):
@@ -950,6 +979,15 @@ def table(results):
         q70 = c.get("qlora_70b", {})
         lines.append(f"    QLoRA 70B: planner: {q70.get('predicted') or q70.get('predicted_fits') or q70.get('plan')}; "
                      f"measured: {q70.get('measured')}")
+    e = results.get("e")
+    if e:
+        if "run" in e:
+            diff = e.get("max_abs_loss_diff_vs_plain")
+            lines.append(f"\n(e) c10d {e['backend']}, a group of one rank through `launch`: rc {e['run'].get('rc')}, "
+                         f"group ready {e.get('group_ready')}, losses vs the plain run: max |diff| "
+                         f"{'%.2e' % diff if diff is not None else 'n/a'}")
+        else:
+            lines.append(f"\n(e) {e}")
     if results.get("d"):
         lines.append("\n(d) planner prediction vs measured peak")
         for row in results["d"]:
@@ -1003,8 +1041,8 @@ def main():
         if env.has_init_random or env.reference is not None:
             start_prefetch(env, budget)
         # Estimates (H200, 16 cores) of what each part needs before it is worth starting.
-        for key, need, fn in (("a", 20 if a.dry_run else 100, part_a), ("b", 30 if a.dry_run else 240, part_b),
-                              ("c", 10, part_c)):
+        for key, need, fn in (("a", 20 if a.dry_run else 100, part_a), ("e", 10 if a.dry_run else 40, part_e),
+                              ("b", 30 if a.dry_run else 240, part_b), ("c", 10, part_c)):
             if not budget.allows(need):
                 results["skipped"][key] = f"{budget.left():.0f} s left, part needs ~{need} s"
                 continue

@@ -24,7 +24,11 @@ def test_the_gpu_check_dry_run_fills_every_part(tmp_path, bin_path):
     a = results["a"]
     assert len(a["rel_diff_per_step"]) == a["steps"] >= 2, a
     assert a["within_tolerance"] is True, a
+    # (e): the same job through `launch` as a c10d group of one (Gloo here, NCCL on a GPU).
+    e = results["e"]
+    assert e["backend"] == "Gloo" and e["group_ready"] is True and e["run"]["rc"] == 0, e
+    assert e["max_abs_loss_diff_vs_plain"] <= 1e-4, e
     text = json.dumps(results["b"])
     assert "ours" in text and "transformers" in text, text[:2000]
-    for part in ("(a)", "(b)", "(c)", "(d)"):
+    for part in ("(a)", "(b)", "(c)", "(d)", "(e)"):
         assert part in (tmp_path / "out" / "gpu-check.txt").read_text(), part

@@ -33,6 +33,11 @@ pub enum Command {
     /// Train a FinetuneJob manifest to completion (SFT, LoRA or full), resuming from its newest
     /// checkpoint; exit codes follow the operator contract (0, 2, 3, 4, 143).
     Run(RunArgs),
+    /// Start one `finetune-trainer` process per rank on this machine (as torchrun does), e.g.
+    /// `launch --nproc-per-node 8 -- run job.yaml`: each gets WORLD_SIZE, RANK, LOCAL_RANK,
+    /// MASTER_ADDR, MASTER_PORT, its own GPU and a share of the threads; the first rank to fail
+    /// stops the others and its exit code is the launcher's.
+    Launch(LaunchArgs),
     /// Generate a completion for a prompt (greedy unless --temperature is given; stops at EOS).
     Generate(GenerateArgs),
     /// Retention of a LoRA adapter on a part of the built-in general question set its run never
@@ -88,6 +93,34 @@ pub enum Command {
     /// tensors of a safetensors file: `weight` [out, in], optional `bias`, `lora_A` [r, in],
     /// `lora_B` [out, r], `x` [..., in]; writes `y`.
     Nf4Linear(Nf4LinearArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Ranks on this machine (default: one per visible GPU, else 1).
+    #[arg(long)]
+    pub nproc_per_node: Option<usize>,
+    /// Machines in the group ($NNODES, else 1).
+    #[arg(long, env = "NNODES", default_value_t = 1)]
+    pub nnodes: usize,
+    /// This machine's index ($NODE_RANK, else 0).
+    #[arg(long, env = "NODE_RANK", default_value_t = 0)]
+    pub node_rank: usize,
+    /// Rank 0's machine ($MASTER_ADDR, else 127.0.0.1).
+    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// The rendezvous port ($MASTER_PORT, else 29500).
+    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    pub master_port: u16,
+    /// libtorch threads per rank (default: this machine's CPUs divided by the ranks).
+    #[arg(long)]
+    pub threads_per_rank: Option<usize>,
+    /// Seconds the other ranks get to stop after one failed, before SIGKILL.
+    #[arg(long, default_value_t = 30)]
+    pub grace_seconds: u64,
+    /// The trainer command each rank runs, after `--` (e.g. `-- run job.yaml`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -386,6 +419,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let device = cli.device.as_str();
     match cli.command {
         Command::Run(a) => run_training_job(a, device),
+        Command::Launch(a) => run_launch(a, device),
         Command::Generate(a) => run_generate(a, device),
         Command::Audit(a) => run_audit(a, device),
         Command::Eval(a) => run_eval(a, device),
@@ -404,6 +438,36 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::RenderChat(a) => run_render_chat(a),
         Command::BenchForward(a) => run_bench_forward(a, device),
     }
+}
+
+/// Starts the ranks and exits with the group's code.
+fn run_launch(a: LaunchArgs, device: &str) -> Result<()> {
+    let gpu_count = if device == "cpu" {
+        0
+    } else {
+        tch::Cuda::device_count().max(0) as usize
+    };
+    let gpus = crate::launch::visible_gpus(std::env::var("CUDA_VISIBLE_DEVICES").ok(), gpu_count);
+    let gpus = if gpu_count == 0 { Vec::new() } else { gpus };
+    let nproc = a.nproc_per_node.unwrap_or(gpus.len().max(1));
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let plan = crate::launch::LaunchPlan {
+        nproc_per_node: nproc,
+        nnodes: a.nnodes,
+        node_rank: a.node_rank,
+        master_addr: a.master_addr,
+        master_port: a.master_port,
+        gpus,
+        threads_per_rank: a.threads_per_rank.unwrap_or((cpus / nproc.max(1)).max(1)),
+        grace: std::time::Duration::from_secs(a.grace_seconds),
+    };
+    let mut args = vec![format!("--device={device}")];
+    args.extend(a.command);
+    let code = crate::launch::launch(&plan, &args)?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }
 
 /// Trains a manifest; exits with the contract's code when training did not succeed.

@@ -9,6 +9,8 @@
 //! * [`train`] — the SFT loop (AdamW, schedules, checkpoints, `run JOB.yaml`); [`export`] — PEFT
 //!   adapters and full models; [`serve`] — the `/status` and `/metrics` server; [`verify`] — the
 //!   `verify-adapter` check of a registered adapter against its base model.
+//! * [`launch`] — `launch`: one trainer process per rank (torchrun's job) for data-parallel runs
+//!   ([`train::group`]).
 //! * [`fetch`] — `hf://` base models downloaded (verified, resumable) into the model cache.
 //! * [`report`] — `report.html`, a self-contained picture of a finished run (curves as inline SVG,
 //!   before/after tables), written by `report OUTPUT_DIR` and at the end of every run.
@@ -22,6 +24,7 @@ pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod init_random;
+pub mod launch;
 pub mod limits;
 pub mod load;
 pub mod memory_plan;

@@ -25,10 +25,12 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{Batch, PreferencePair, Sample, build_batch};
 use crate::model::CausalLm;
+use crate::train::group::Group;
 use crate::train::optim::AdamW;
 use crate::train::step::{
     MicroBatch, StepStats, Targets, backward_on_targets, dropout_seed, target_logits,
 };
+use crate::train::stop::Stop;
 
 /// The loss settings of `spec.method.dpo`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -224,6 +226,45 @@ struct Tally {
     pairs: usize,
 }
 
+/// The step's counts and tallies summed over the ranks (each holds its own micro-batches').
+fn sum_over_ranks(group: &Group, stats: &mut StepStats, t: &mut Tally) -> Result<(), Stop> {
+    let mut v = [
+        t.loss,
+        t.chosen,
+        t.rejected,
+        t.correct,
+        t.logp_correct,
+        t.pairs as f64,
+        stats.tokens as f64,
+        stats.targets as f64,
+        stats.samples as f64,
+    ];
+    group.sum_values(&mut v)?;
+    let [
+        loss,
+        chosen,
+        rejected,
+        correct,
+        logp_correct,
+        pairs,
+        tokens,
+        targets,
+        samples,
+    ] = v;
+    *t = Tally {
+        loss,
+        chosen,
+        rejected,
+        correct,
+        logp_correct,
+        pairs: pairs as usize,
+    };
+    stats.tokens = tokens as i64;
+    stats.targets = targets as i64;
+    stats.samples = samples as usize;
+    Ok(())
+}
+
 impl Tally {
     fn add(&mut self, terms: &DpoTerms, policy: &Tensor, lengths: &Tensor) {
         let n = terms.losses.size()[0];
@@ -334,10 +375,14 @@ impl Dpo {
     }
 
     /// One optimizer step over the micro-batches `micro` (pair indices into the train set): the
-    /// loss is the mean over all their pairs. `Err` (weights untouched) when it is not finite.
+    /// loss is the mean over all their pairs. `micro` is the whole step's list on every rank of
+    /// `group`; each runs its share and the gradients and tallies are summed over the ranks.
+    /// `Ok(Err(stats))` (weights untouched) when the loss is not finite; `Err` when a collective
+    /// fails.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &self,
+        group: &Group,
         model: &mut CausalLm,
         opt: &mut AdamW,
         micro: &[Vec<usize>],
@@ -345,12 +390,15 @@ impl Dpo {
         max_grad_norm: f64,
         seed: u64,
         step: i64,
-    ) -> Result<(StepStats, PreferenceMetrics), StepStats> {
+    ) -> Result<Result<(StepStats, PreferenceMetrics), StepStats>, Stop> {
         let total: usize = micro.iter().map(Vec::len).sum();
         let mut stats = StepStats::default();
         let mut tally = Tally::default();
         opt.zero_grad();
         for (i, idx) in micro.iter().enumerate() {
+            if !group.runs(i) {
+                continue;
+            }
             let batch = self.train.batch(idx);
             stats.tokens += batch.tokens;
             stats.targets += batch.supervised_tokens;
@@ -366,17 +414,19 @@ impl Dpo {
                 terms.losses.sum(Kind::Float)
             });
         }
+        group.sum_gradients(opt)?;
+        sum_over_ranks(group, &mut stats, &mut tally)?;
         let m = tally.finish();
         stats.loss = m.loss;
         if !stats.loss.is_finite() {
-            return Err(stats);
+            return Ok(Err(stats));
         }
         stats.grad_norm = opt.clip_grad_norm(max_grad_norm);
         if !stats.grad_norm.is_finite() {
-            return Err(stats);
+            return Ok(Err(stats));
         }
         opt.step(lr);
-        Ok((stats, m))
+        Ok(Ok((stats, m)))
     }
 
     /// Loss, rewards and preference accuracies on the eval pairs (no dropout, no gradients).

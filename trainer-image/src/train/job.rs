@@ -28,6 +28,7 @@ use crate::model::CausalLm;
 use crate::serve::{self, Live};
 use crate::train::base;
 use crate::train::checkpoint::{self, Snapshots};
+use crate::train::group::{Group, Topology};
 use crate::train::plan::{Environment, Plan};
 use crate::train::stop::is_oom;
 use crate::train::summary::{self, MemoryMarks, Outcome, TrainingSummary};
@@ -143,20 +144,40 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         signal_hook::flag::register(sig, term.clone())
             .map_err(|e| Stop::Error(format!("cannot install the signal handler: {e}")))?;
     }
-    let (host, port) = &plan.status_addr;
-    match serve::serve(live.clone(), &format!("{host}:{port}")) {
-        Ok(addr) => eprintln!("status server on http://{addr} (/status, /metrics)"),
-        Err(e) => eprintln!("warning: status server not started on {host}:{port}: {e}"),
+    let topology = Topology::from_env(|k| std::env::var(k).ok())?;
+    let group = join_group(&plan, topology.as_ref())?;
+    if group.is_writer() {
+        let (host, port) = &plan.status_addr;
+        match serve::serve(live.clone(), &format!("{host}:{port}")) {
+            Ok(addr) => eprintln!("status server on http://{addr} (/status, /metrics)"),
+            Err(e) => eprintln!("warning: status server not started on {host}:{port}: {e}"),
+        }
     }
-    tm.base_model_commit = base::fetch_base(&mut plan, live)?;
-    if !plan.remote_inputs.is_empty() {
-        live.update(|s| s.phase = TrainerPhase::Downloading);
-        transfer::fetch_inputs(&plan)?;
+    // One download per machine: each machine's first rank fetches into the shared cache, the
+    // others find it there after the barrier.
+    let leader = topology.as_ref().is_none_or(|t| t.local_rank == 0);
+    let mut fetch = |plan: &mut Plan| -> Result<(), Stop> {
+        tm.base_model_commit = base::fetch_base(plan, live)?;
+        if !plan.remote_inputs.is_empty() {
+            live.update(|s| s.phase = TrainerPhase::Downloading);
+            transfer::fetch_inputs(plan)?;
+        }
+        Ok(())
+    };
+    if leader {
+        fetch(&mut plan)?;
     }
-    transfer::check_output(&plan)?;
+    group.barrier()?;
+    if !leader {
+        fetch(&mut plan)?;
+    }
+    if group.is_writer() {
+        transfer::check_output(&plan)?;
+    }
     live.update(|s| s.phase = TrainerPhase::Loading);
 
     let mut trainer = set_up(plan, tm)?;
+    trainer.group = group;
     if let Some(r) = checkpoint::resume(
         &trainer.plan.checkpoint_dir,
         &trainer.batches.config_digest,
@@ -173,6 +194,8 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
         eprintln!("resumed from {} (step {})", r.dir.display(), r.step);
         trainer.last_ckpt = Some((r.step, r.dir));
     }
+    // Every rank starts from rank 0's weights (equal already by seeding and the shared checkpoint).
+    trainer.group.broadcast_trainable(&trainer.opt)?;
     let resumed_from = tm.resumed_from_step;
     trainer.baseline()?;
     let total = trainer.batches.schedule.total;
@@ -194,6 +217,11 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
 
     live.update(|s| s.phase = TrainerPhase::Exporting);
     let finished = trainer.finish(live)?;
+    if !trainer.group.is_writer() {
+        // Rank 0 writes the result; the others are done once it has.
+        trainer.group.barrier()?;
+        return Ok(());
+    }
     let t_export = Instant::now();
     let digests = export_result(&trainer)?;
     let export_seconds = t_export.elapsed().as_secs_f64();
@@ -226,7 +254,23 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     write_report(output_dir);
     transfer::upload_outputs(&trainer.plan)?;
     report(&trainer, metrics, digests, live, tm);
+    trainer.group.barrier()?;
     Ok(())
+}
+
+/// The process group of a data-parallel run (from the torchrun variables), or one process.
+fn join_group(plan: &Plan, topology: Option<&Topology>) -> Result<Group, Stop> {
+    let Some(t) = topology else {
+        return Ok(Group::single());
+    };
+    let (device, _) = crate::load::pick_device(&plan.device)?;
+    eprintln!(
+        "rank {} of {} (local rank {}): joining the group at {}:{}",
+        t.rank, t.world, t.local_rank, t.master_addr, t.master_port
+    );
+    let group = Group::join(t, device)?;
+    eprintln!("rank {} of {}: group ready", t.rank, t.world);
+    Ok(group)
 }
 
 /// `report.html`, the picture of the run. It is for people: a run whose results are written has
@@ -301,6 +345,7 @@ fn set_up(plan: Plan, tm: &mut TerminationMessage) -> Result<Trainer, Stop> {
         snapshots: Snapshots::default(),
         last_ckpt: None,
         clock: Clock::default(),
+        group: Group::single(),
     })
 }
 

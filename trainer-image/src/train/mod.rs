@@ -17,7 +17,7 @@
 //!
 //! The pieces they use: the optimizer ([`optim`]), learning-rate schedules ([`schedule`]), one
 //! optimizer step with gradient accumulation ([`step`]), micro-batches and out-of-memory
-//! recovery ([`micro`]), DPO ([`dpo`]), the forgetting guards
+//! recovery ([`micro`]), data parallelism over a c10d process group ([`group`]), DPO ([`dpo`]), the forgetting guards
 //! ([`guard`], [`anchor`]), the general question set they and the probe draw on ([`general`]),
 //! the retention and generation probes ([`probe`], [`retention`]),
 //! long-context RoPE scaling ([`long_context`]) and vocabulary expansion ([`vocab`]).
@@ -27,6 +27,7 @@ pub mod base;
 pub mod checkpoint;
 pub mod dpo;
 pub mod general;
+pub mod group;
 pub mod guard;
 pub mod job;
 pub mod long_context;

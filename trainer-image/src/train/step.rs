@@ -9,7 +9,9 @@ use tch::{Kind, Reduction, Tensor};
 
 use crate::data::Batch;
 use crate::model::CausalLm;
+use crate::train::group::Group;
 use crate::train::optim::AdamW;
+use crate::train::stop::Stop;
 
 /// The tensors of one micro-batch (see [`crate::data::batch`] for the conventions).
 pub struct MicroBatch<'a> {
@@ -214,6 +216,22 @@ pub fn accumulate_gradients(
     seed: u64,
     step: i64,
 ) -> Result<StepStats, StepStats> {
+    accumulate_gradients_in(&Group::single(), model, opt, micro_batches, seed, step)
+        .expect("one process has no collective to fail")
+}
+
+/// [`accumulate_gradients`] as one rank of `group`: `micro_batches` is the whole step's list on
+/// every rank; this rank runs its share ([`Group::runs`]) and the gradients and the loss are
+/// summed over the ranks, so every rank ends with the gradients of the whole step. `Err(Stop)`
+/// when a collective fails.
+pub fn accumulate_gradients_in(
+    group: &Group,
+    model: &CausalLm,
+    opt: &mut AdamW,
+    micro_batches: &[MicroBatch],
+    seed: u64,
+    step: i64,
+) -> Result<Result<StepStats, StepStats>, Stop> {
     let counts: Vec<i64> = micro_batches
         .iter()
         .map(|m| count_targets(m.labels))
@@ -234,21 +252,26 @@ pub fn accumulate_gradients(
     };
     opt.zero_grad();
     if targets == 0 {
-        return Ok(stats);
+        return Ok(Ok(stats));
     }
-    let mut sum = 0.0;
+    let mut sum = [0.0];
     for (i, mb) in micro_batches.iter().enumerate() {
+        if !group.runs(i) {
+            continue;
+        }
         tch::manual_seed(dropout_seed(seed, step, i));
         let s = backward_on_targets(model, mb, weighted_targets, |t| {
             cross_entropy_sum(t, model.device) * mb.weight
         });
-        sum += s.double_value(&[]);
+        sum[0] += s.double_value(&[]);
     }
-    stats.loss = sum / weighted_targets;
+    group.sum_values(&mut sum)?;
+    group.sum_gradients(opt)?;
+    stats.loss = sum[0] / weighted_targets;
     if !stats.loss.is_finite() {
-        return Err(stats);
+        return Ok(Err(stats));
     }
-    Ok(stats)
+    Ok(Ok(stats))
 }
 
 /// The second half of [`train_step`]: global-norm clipping and the AdamW update; `Err` (weights

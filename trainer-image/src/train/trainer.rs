@@ -17,6 +17,7 @@ use crate::serve::Live;
 use crate::train::anchor::{L2ToInit, SelfDistillation};
 use crate::train::checkpoint::{Saver, Snapshots, load_trainable, trainable_tensors};
 use crate::train::dpo::{Dpo, PreferenceMetrics};
+use crate::train::group::Group;
 use crate::train::micro;
 use crate::train::optim::AdamW;
 use crate::train::plan::Plan;
@@ -25,7 +26,9 @@ use crate::train::retention::{RetentionScore, changed_answers};
 use crate::train::schedule::lr_lambda;
 use crate::train::setup::{Batches, Guards, Loaded, Probes};
 use crate::train::state::{EvalRecord, RetentionRecord, StepRecord, TrainState};
-use crate::train::step::{MicroBatch, StepStats, accumulate_gradients, eval_loss, finish_step};
+use crate::train::step::{
+    MicroBatch, StepStats, accumulate_gradients_in, dropout_seed, eval_loss, finish_step,
+};
 use crate::train::stop::Stop;
 
 /// Longest greedy answer of the retention probe, in tokens: enough for a short factual answer,
@@ -69,6 +72,8 @@ pub struct Trainer {
     /// `(step, dir)` of the newest checkpoint written or resumed from.
     pub last_ckpt: Option<(i64, PathBuf)>,
     pub clock: Clock,
+    /// This process's rank in a data-parallel run ([`Group::single`] alone).
+    pub group: Group,
 }
 
 /// The eval loss and the targets it covered, with dropout off.
@@ -79,26 +84,35 @@ pub fn evaluate(model: &mut CausalLm, batches: &[Batch]) -> (f64, i64) {
     r
 }
 
-/// Gradients of one SFT step with the forgetting guard's term added (self-distillation or L2 to
-/// init), before clipping; returns the term's value as well.
+/// Gradients of one SFT step (summed over `group`'s ranks) with the forgetting guard's term added
+/// (self-distillation or L2 to init), before clipping; returns the term's value as well. Every
+/// rank adds the same term to the same gradients.
+type Guarded = Result<(StepStats, Option<f64>), StepStats>;
+
 fn guarded_gradients(
+    group: &Group,
     model: &mut CausalLm,
     opt: &mut AdamW,
     mbs: &[MicroBatch],
-    seed: u64,
-    step: i64,
+    (seed, step): (u64, i64),
     (distill, l2): (Option<&SelfDistillation>, Option<&L2ToInit>),
-) -> Result<(StepStats, Option<f64>), StepStats> {
-    let stats = accumulate_gradients(model, opt, mbs, seed, step)?;
+) -> Result<Guarded, Stop> {
+    let stats = match accumulate_gradients_in(group, model, opt, mbs, seed, step)? {
+        Ok(s) => s,
+        Err(s) => return Ok(Err(s)),
+    };
+    // The guard's forward draws its dropout masks from a seed of its own, so they do not depend
+    // on which micro-batch this rank ran last.
+    tch::manual_seed(dropout_seed(seed, step, mbs.len()));
     let term = match (distill, l2) {
         (Some(d), _) => d.accumulate(model, step),
         (None, Some(l)) => l.accumulate(),
-        (None, None) => return Ok((stats, None)),
+        (None, None) => return Ok(Ok((stats, None))),
     };
     if !term.is_finite() {
-        return Err(stats);
+        return Ok(Err(stats));
     }
-    Ok((stats, Some(term)))
+    Ok(Ok((stats, Some(term))))
 }
 
 /// The evaluations of the result (after [`Trainer::finish`]).
@@ -136,14 +150,23 @@ impl Trainer {
         }
     }
 
+    /// Rank 0 writes the checkpoint; every rank returns after it is complete (a rank that
+    /// resumed from a half-written one would not match its peers).
     fn save(&self) -> Result<(PathBuf, f64), Stop> {
-        self.saver().save(
-            &self.st,
-            &self.loaded.model,
-            &self.opt,
-            &self.snapshots,
-            self.batches.batcher.cursor(),
-        )
+        let saved = if self.group.is_writer() {
+            self.saver().save(
+                &self.st,
+                &self.loaded.model,
+                &self.opt,
+                &self.snapshots,
+                self.batches.batcher.cursor(),
+            )?
+        } else {
+            let dir = crate::train::checkpoint::step_dir(&self.plan.checkpoint_dir, self.st.step);
+            (dir, 0.0)
+        };
+        self.group.barrier()?;
+        Ok(saved)
     }
 
     /// Before the first update (skipping what a resumed checkpoint already holds): the
@@ -227,7 +250,8 @@ impl Trainer {
     ) -> Result<(), Stop> {
         let total = self.batches.schedule.total;
         while self.st.step < total && !self.st.early_stopped {
-            if term.load(Ordering::SeqCst) {
+            // SIGTERM on any rank stops every rank at this same step.
+            if self.group.any(term.load(Ordering::SeqCst))? {
                 return Err(self.preempted(live, tm));
             }
             let stepped = self.step()?;
@@ -300,11 +324,22 @@ impl Trainer {
             }
             Some(d) => {
                 // Each "row" of the batcher is one pair (its chosen side stands for it).
-                let micro: Vec<Vec<usize>> =
-                    (0..n_micro).map(|_| batcher.next_rows().concat()).collect();
+                let per_rank = self.group.world();
+                let micro: Vec<Vec<usize>> = (0..n_micro)
+                    .flat_map(|_| split_pairs(batcher.next_rows().concat(), per_rank))
+                    .collect();
                 let model = &mut self.loaded.model;
-                d.step(model, &mut self.opt, &micro, lr, max_norm, seed, step)
-                    .map(|(s, m)| (s, Some(m), None))
+                d.step(
+                    &self.group,
+                    model,
+                    &mut self.opt,
+                    &micro,
+                    lr,
+                    max_norm,
+                    seed,
+                    step,
+                )?
+                .map(|(s, m)| (s, Some(m), None))
             }
         };
         let (stats, preference, guard_loss) = outcome.map_err(|s| {
@@ -324,11 +359,13 @@ impl Trainer {
         })
     }
 
-    /// Sequences per forward pass: the spec's `microBatchSize` (default `batchSize`), or what an
-    /// out-of-memory error reduced it to.
+    /// Sequences per forward pass: the spec's `microBatchSize`, or what an out-of-memory error
+    /// reduced it to. Unset, it is `batchSize` for one process, and a rank's share of a batch
+    /// (`batchSize / world`, rounded up) for a group, so every rank has work in every step.
     pub fn micro_batch_size(&self) -> usize {
         let hp = self.plan.hp();
-        let configured = hp.micro_batch_size.unwrap_or(hp.batch_size);
+        let share = (hp.batch_size.max(1) as usize).div_ceil(self.group.world().max(1));
+        let configured = hp.micro_batch_size.map_or(share, |m| m as usize);
         self.st.micro_batch.unwrap_or(configured as i64).max(1) as usize
     }
 
@@ -346,8 +383,13 @@ impl Trainer {
         groups: &[Vec<Vec<usize>>],
         seed: u64,
         step: i64,
-    ) -> Result<Result<(StepStats, Option<f64>), StepStats>, Stop> {
+    ) -> Result<Guarded, Stop> {
         let start = self.micro_batch_size();
+        if self.group.world() > 1 {
+            // A rank that halved its micro-batches alone would run other rows than its peers
+            // expect, so a group does not retry: out of memory ends the attempt (exit 4).
+            return self.sft_gradients(groups, start, seed, step);
+        }
         let mut reductions = Vec::new();
         let (gradients, size) = micro::fit(
             start,
@@ -364,7 +406,7 @@ impl Trainer {
         if size != start {
             self.st.micro_batch = Some(size as i64);
         }
-        Ok(gradients)
+        gradients
     }
 
     /// [`guarded_gradients`] over `groups` split into micro-batches of `size` rows, with the
@@ -375,7 +417,7 @@ impl Trainer {
         size: usize,
         seed: u64,
         step: i64,
-    ) -> Result<(StepStats, Option<f64>), StepStats> {
+    ) -> Result<Guarded, Stop> {
         let batcher = &self.batches.batcher;
         let batches: Vec<Batch> = micro::split(groups, size)
             .iter()
@@ -393,7 +435,14 @@ impl Trainer {
         }
         let anchors = (self.guards.distill.as_ref(), self.guards.l2.as_ref());
         let model = &mut self.loaded.model;
-        guarded_gradients(model, &mut self.opt, &mbs, seed, step, anchors)
+        guarded_gradients(
+            &self.group,
+            model,
+            &mut self.opt,
+            &mbs,
+            (seed, step),
+            anchors,
+        )
     }
 
     /// The step into the history, the metrics and the log.
@@ -715,6 +764,15 @@ impl Trainer {
         self.last_ckpt = Some((step, dir));
         Ok(())
     }
+}
+
+/// A DPO batch's pairs in `parts` micro-batches (one per rank), in order; one micro-batch alone.
+fn split_pairs(pairs: Vec<usize>, parts: usize) -> Vec<Vec<usize>> {
+    if parts <= 1 {
+        return vec![pairs];
+    }
+    let size = pairs.len().div_ceil(parts).max(1);
+    pairs.chunks(size).map(<[usize]>::to_vec).collect()
 }
 
 fn fmt_secs(s: f64) -> String {
