@@ -144,7 +144,8 @@ fn max_abs_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f
         .fold(0.0, f64::max)
 }
 
-fn assert_same_as_one_process(s: &Setup, file: &str, worlds: &[usize]) {
+/// Runs one process, then each world in `worlds`; returns each group's stderr.
+fn assert_same_as_one_process(s: &Setup, file: &str, worlds: &[usize]) -> Vec<String> {
     run(s, "one", 1);
     let one = weights(&s.root.join("one"), file);
     // Training moved the weights: LoRA's B starts at zero.
@@ -157,9 +158,11 @@ fn assert_same_as_one_process(s: &Setup, file: &str, worlds: &[usize]) {
         file != "adapter_model.safetensors" || moved > 0.0,
         "the adapter did not train"
     );
+    let mut logs = Vec::new();
     for &n in worlds {
         let out = format!("ranks{n}");
         let err = run(s, &out, n);
+        logs.push(err.clone());
         assert!(
             err.contains(&format!("rank 1 of {n}: group ready")),
             "{err}"
@@ -173,6 +176,7 @@ fn assert_same_as_one_process(s: &Setup, file: &str, worlds: &[usize]) {
         serde_json::from_slice(&std::fs::read(s.root.join("one/training_summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["steps"], 6, "{summary}");
+    logs
 }
 
 #[test]
@@ -182,14 +186,37 @@ fn lora_sft_on_two_and_four_ranks_equals_one_process() {
 }
 
 #[test]
-fn full_sft_on_two_ranks_equals_one_process() {
+fn full_sft_on_two_ranks_with_sharded_optimizer_state_equals_one_process() {
     let s = text_setup(|y| {
         y.replace(
             "adapter: {type: lora, lora: {rank: 4, alpha: 8, dropout: 0.1}}",
             "adapter: {type: full}",
         )
     });
-    assert_same_as_one_process(&s, "model.safetensors", &[2]);
+    let logs = assert_same_as_one_process(&s, "model.safetensors", &[2]);
+    // ZeRO stage 1: each rank keeps about half of AdamW's moments.
+    for rank in 0..2 {
+        let needle = format!("rank {rank} of 2: optimizer state sharded, ");
+        let line = logs[0]
+            .lines()
+            .find(|l| l.contains(&needle))
+            .unwrap_or_else(|| panic!("no sharding line for rank {rank}:\n{}", logs[0]));
+        let mib: Vec<f64> = line
+            .split(&needle)
+            .nth(1)
+            .unwrap()
+            .split(" MiB")
+            .next()
+            .unwrap()
+            .split(" of ")
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let share = mib[0] / mib[1];
+        assert!(
+            (0.4..=0.6).contains(&share),
+            "rank {rank} keeps {share} of the state: {line}"
+        );
+    }
 }
 
 #[test]
@@ -247,11 +274,26 @@ fn children_of(pid: u32) -> Vec<u32> {
 fn a_rank_killed_mid_run_stops_the_group_which_resumes_to_the_same_adapter() {
     // Long enough that the kill lands well before the end.
     let s = text_setup(|y| y.replace("maxSteps: 6", "maxSteps: 40"));
-    run(&s, "straight", 2);
-    let reference = weights(&s.root.join("straight"), "adapter_model.safetensors");
+    killed_rank_resumes_to_the_same_weights(&s, "adapter_model.safetensors");
+}
+
+#[test]
+fn a_sharded_full_fine_tuning_group_resumes_from_its_gathered_optimizer_state() {
+    let s = text_setup(|y| {
+        y.replace("maxSteps: 6", "maxSteps: 40").replace(
+            "adapter: {type: lora, lora: {rank: 4, alpha: 8, dropout: 0.1}}",
+            "adapter: {type: full}",
+        )
+    });
+    killed_rank_resumes_to_the_same_weights(&s, "model.safetensors");
+}
+
+fn killed_rank_resumes_to_the_same_weights(s: &Setup, file: &str) {
+    run(s, "straight", 2);
+    let reference = weights(&s.root.join("straight"), file);
 
     // SIGKILL rank 1 once rank 0 has logged step 3.
-    let mut launcher = spawn(&s, "killed", 2);
+    let mut launcher = spawn(s, "killed", 2);
     let mut reader = BufReader::new(launcher.stderr.take().unwrap());
     let mut seen = String::new();
     let mut line = String::new();
@@ -279,12 +321,9 @@ fn a_rank_killed_mid_run_stops_the_group_which_resumes_to_the_same_adapter() {
     );
     assert!(seen.contains("stopping the others"), "{seen}");
 
-    let err = run(&s, "killed", 2);
+    let err = run(s, "killed", 2);
     assert!(err.contains("resumed from"), "{err}");
-    let diff = max_abs_diff(
-        &reference,
-        &weights(&s.root.join("killed"), "adapter_model.safetensors"),
-    );
+    let diff = max_abs_diff(&reference, &weights(&s.root.join("killed"), file));
     assert!(
         diff <= 1e-6,
         "resumed group differs from the undisturbed one by {diff}"

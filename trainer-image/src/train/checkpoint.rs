@@ -219,13 +219,14 @@ pub struct Saver<'a> {
 }
 
 impl Saver<'_> {
-    /// Writes checkpoint `st.step` (with the batcher at `cursor`) and prunes old ones; returns
-    /// its directory and the seconds it took.
+    /// Writes checkpoint `st.step` (with the batcher at `cursor`, and `optimizer`, the whole
+    /// optimizer state as [`AdamW::state_tensors`] names it) and prunes old ones; returns its
+    /// directory and the seconds it took.
     pub fn save(
         &self,
         st: &TrainState,
         model: &CausalLm,
-        opt: &AdamW,
+        optimizer: Vec<(String, Tensor)>,
         snapshots: &Snapshots,
         cursor: Cursor,
     ) -> std::result::Result<(PathBuf, f64), Stop> {
@@ -240,9 +241,9 @@ impl Saver<'_> {
                 export::write_safetensors(&tmp.join(MODEL_FILE), &trainable_tensors(model, false))?;
                 names.push(MODEL_FILE.into());
             }
-            let ostate: Vec<(String, Tensor)> = opt
-                .state_tensors()
-                .into_iter()
+            let ostate: Vec<(String, Tensor)> = optimizer
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
                 .map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous()))
                 .collect();
             export::write_safetensors(&tmp.join(OPTIMIZER_FILE), &ostate)?;

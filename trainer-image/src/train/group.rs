@@ -245,6 +245,72 @@ impl Group {
         })
     }
 
+    /// Shards `opt`'s state over the ranks (ZeRO stage 1): each rank keeps the moments of about
+    /// `1/world` of the parameters and updates only those; [`Group::share_updates`] then sends
+    /// each updated parameter to the others. Nothing to do alone.
+    pub fn shard_optimizer(&self, opt: &mut AdamW) {
+        if self.world > 1 {
+            let kept = opt.shard(self.rank, self.world);
+            let all = opt.numel() * 2;
+            eprintln!(
+                "rank {} of {}: optimizer state sharded, {:.1} of {:.1} MiB on this rank",
+                self.rank,
+                self.world,
+                (kept * 4) as f64 / (1 << 20) as f64,
+                (all * 4) as f64 / (1 << 20) as f64
+            );
+        }
+    }
+
+    /// After a sharded update: every parameter from the rank that updated it to all the others.
+    pub fn share_updates(&self, opt: &AdamW) -> Result<(), Stop> {
+        let (Some(pg), Some(_)) = (&self.pg, opt.shard_rank) else {
+            return Ok(());
+        };
+        tch::no_grad(|| {
+            for owner in 0..self.world {
+                let mut params: Vec<Tensor> = opt
+                    .params
+                    .iter()
+                    .filter(|p| p.owner == owner)
+                    .map(|p| p.param.shallow_clone())
+                    .collect();
+                if !params.is_empty() {
+                    pg.broadcast(&mut params, owner)
+                        .map_err(|e| lost(self, e))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The whole optimizer state (`m.NAME`, `v.NAME` of every parameter) for a checkpoint: under
+    /// sharding each parameter's moments come from their owner, one parameter at a time (so no
+    /// rank ever holds more than its share and one parameter's extra). Every rank must call it;
+    /// only rank 0's result is complete.
+    pub fn full_optimizer_state(&self, opt: &AdamW) -> Result<Vec<(String, Tensor)>, Stop> {
+        let (Some(pg), Some(_)) = (&self.pg, opt.shard_rank) else {
+            return Ok(opt.state_tensors());
+        };
+        let mut out = Vec::new();
+        for p in &opt.params {
+            let mut mv = if p.owner == self.rank {
+                vec![p.m.shallow_clone(), p.v.shallow_clone()]
+            } else {
+                let z = Tensor::zeros(p.param.size(), (Kind::Float, p.param.device()));
+                vec![z.copy(), z]
+            };
+            pg.broadcast(&mut mv, p.owner).map_err(|e| lost(self, e))?;
+            if self.is_writer() {
+                let v = mv.pop().expect("two tensors");
+                let m = mv.pop().expect("two tensors");
+                out.push((format!("m.{}", p.name), m));
+                out.push((format!("v.{}", p.name), v));
+            }
+        }
+        Ok(out)
+    }
+
     /// Returns once every rank is here (after rank 0 wrote a checkpoint or the outputs).
     pub fn barrier(&self) -> Result<(), Stop> {
         let Some(pg) = &self.pg else { return Ok(()) };

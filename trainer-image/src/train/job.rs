@@ -177,6 +177,10 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     live.update(|s| s.phase = TrainerPhase::Loading);
 
     let mut trainer = set_up(plan, tm)?;
+    if !trainer.is_lora() {
+        // Full fine-tuning: AdamW's moments are twice the weights; each rank keeps its share.
+        group.shard_optimizer(&mut trainer.opt);
+    }
     trainer.group = group;
     if let Some(r) = checkpoint::resume(
         &trainer.plan.checkpoint_dir,

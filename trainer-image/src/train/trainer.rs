@@ -153,11 +153,13 @@ impl Trainer {
     /// Rank 0 writes the checkpoint; every rank returns after it is complete (a rank that
     /// resumed from a half-written one would not match its peers).
     fn save(&self) -> Result<(PathBuf, f64), Stop> {
+        // A collective under sharding: every rank takes part.
+        let optimizer = self.group.full_optimizer_state(&self.opt)?;
         let saved = if self.group.is_writer() {
             self.saver().save(
                 &self.st,
                 &self.loaded.model,
-                &self.opt,
+                optimizer,
                 &self.snapshots,
                 self.batches.batcher.cursor(),
             )?
@@ -342,6 +344,10 @@ impl Trainer {
                 .map(|(s, m)| (s, Some(m), None))
             }
         };
+        if outcome.is_ok() {
+            // Under a sharded optimizer each rank updated its own parameters only.
+            self.group.share_updates(&self.opt)?;
+        }
         let (stats, preference, guard_loss) = outcome.map_err(|s| {
             Stop::Diverged(format!(
                 "loss {} (grad norm {}) at step {}: lower hyperparameters.learningRate or check the data",
