@@ -46,7 +46,9 @@ pub struct Storage {
         .field_path(".memory"),
 )]
 pub struct Resources {
-    /// GPUs for the trainer (0 trains on CPU).
+    /// GPUs for the trainer (0 trains on CPU). With more than one, the pod runs one
+    /// data-parallel rank per GPU (NCCL): the same update as one process on the whole batch,
+    /// in less time.
     #[serde(default = "default_gpus")]
     #[schemars(range(min = 0, max = 64))]
     pub gpus: i32,

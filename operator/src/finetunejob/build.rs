@@ -201,10 +201,7 @@ fn trainer_container(
                 .clone()
                 .unwrap_or_else(|| settings.trainer_image.clone()),
         ),
-        args: Some(vec![
-            "run".into(),
-            format!("{}/{}", paths::JOB_DIR, paths::JOB_FILE_NAME),
-        ]),
+        args: Some(trainer_args(job.spec.resources.gpus)),
         env: Some(environment),
         ports: Some(vec![ContainerPort {
             name: Some("status".into()),
@@ -221,6 +218,20 @@ fn trainer_container(
         security_context: Some(container_security_context()),
         ..Container::default()
     })
+}
+
+/// `run JOB`; with several GPUs, the trainer's launcher in front of it: one data-parallel rank per
+/// GPU inside the pod (as torchrun would), rendezvous on the pod's loopback.
+fn trainer_args(gpus: i32) -> Vec<String> {
+    let run = [
+        "run".to_string(),
+        format!("{}/{}", paths::JOB_DIR, paths::JOB_FILE_NAME),
+    ];
+    if gpus <= 1 {
+        return run.to_vec();
+    }
+    let launch = ["launch", "--nproc-per-node", &gpus.to_string(), "--"];
+    launch.iter().map(|s| s.to_string()).chain(run).collect()
 }
 
 /// GPUs go in both requests and limits (extended resources must match); CPU and memory are
@@ -431,6 +442,29 @@ mod tests {
         assert_eq!(
             env_value(&pod, env::ATTEMPT).unwrap().value.as_deref(),
             Some("2")
+        );
+    }
+
+    #[test]
+    fn several_gpus_run_one_rank_per_gpu_through_the_launcher() {
+        let mut job = example("sft-lora-smollm2.yaml");
+        let args = |job: &FinetuneJob| {
+            let pod = trainer_pod(job, 0, &BuildSettings::default(), None).unwrap();
+            container(&pod).args.clone().unwrap()
+        };
+        job.spec.resources.gpus = 1;
+        assert_eq!(args(&job), ["run", "/etc/finetune/job.yaml"]);
+        job.spec.resources.gpus = 8;
+        assert_eq!(
+            args(&job),
+            [
+                "launch",
+                "--nproc-per-node",
+                "8",
+                "--",
+                "run",
+                "/etc/finetune/job.yaml"
+            ]
         );
     }
 
