@@ -253,10 +253,12 @@ pub struct Hyperparameters {
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 4096))]
     pub batch_size: i32,
-    /// Sequences per forward pass when fewer than `batchSize` fit in memory: each batch is split
-    /// into micro-batches of this size whose gradients are accumulated, so the update is the same
-    /// (the loss stays normalised by all the batch's supervised tokens). Unset means `batchSize`;
-    /// the trainer halves it by itself after an out-of-memory error.
+    /// Sequences (for DPO, preference pairs) per forward pass when fewer than `batchSize` fit in
+    /// memory: each batch is split into micro-batches of this size whose gradients are
+    /// accumulated, so the update is the same (the loss stays normalised by all the batch's
+    /// supervised tokens, or pairs). Unset means `batchSize` (in a data-parallel run, a rank's
+    /// share of it); the trainer halves it by itself after an out-of-memory error, on every rank
+    /// of a group at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub micro_batch_size: Option<i32>,

@@ -258,6 +258,21 @@ fn dpo_on_two_ranks_equals_one_process() {
         },
     );
     assert_same_as_one_process(&s, "adapter_model.safetensors", &[2]);
+    // One process with micro-batches of one pair (what running out of memory would halve to)
+    // makes the same update as whole batches.
+    let job = std::fs::read_to_string(&s.job).unwrap();
+    std::fs::write(
+        &s.job,
+        job.replace("microBatchSize: 2", "microBatchSize: 1"),
+    )
+    .unwrap();
+    run(&s, "pairs1", 1);
+    let file = "adapter_model.safetensors";
+    let diff = max_abs_diff(
+        &weights(&s.root.join("one"), file),
+        &weights(&s.root.join("pairs1"), file),
+    );
+    assert!(diff <= 1e-5, "micro-batches of one pair differ by {diff}");
 }
 
 /// The launcher's children (from /proc).

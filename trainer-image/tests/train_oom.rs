@@ -140,3 +140,104 @@ fn a_batch_that_cannot_fit_halves_its_micro_batch_and_trains_as_if_started_small
         limit >> 20
     );
 }
+
+/// Runs the job as a group of two ranks started by hand (rank 0 under `prlimit --as=LIMIT` when
+/// given, so only it can run out of memory: its own summary measured the peak the limit is set
+/// from); returns both ranks' stderr and rank 0's summary.
+fn run_group(root: &Path, job: &Path, out: &str, rank0_limit: Option<u64>) -> ([String; 2], Value) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            let mut cmd = match (rank, rank0_limit) {
+                (0, Some(bytes)) => {
+                    let mut c = Command::new("prlimit");
+                    c.arg(format!("--as={bytes}")).arg("--").arg(bin());
+                    c
+                }
+                _ => Command::new(bin()),
+            };
+            cmd.args(["--device", "cpu", "run"])
+                .arg(job)
+                .arg("--output")
+                .arg(root.join(out))
+                .env("FINETUNE_STATUS_PORT", "0")
+                .env("FINETUNE_DIST_TIMEOUT_SECONDS", "120")
+                .env("OMP_NUM_THREADS", "1")
+                .env("WORLD_SIZE", "2")
+                .env("RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let errs: Vec<String> = outputs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    for (rank, o) in outputs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "{out} rank {rank}: {:?}\n{}",
+            o.status,
+            errs[rank]
+        );
+    }
+    let summary = std::fs::read(root.join(out).join("training_summary.json")).unwrap();
+    (
+        [errs[0].clone(), errs[1].clone()],
+        serde_json::from_slice(&summary).unwrap(),
+    )
+}
+
+#[test]
+fn one_rank_out_of_memory_makes_the_whole_group_halve_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    train_support::write_tiny_model(&root.join("model"), 8);
+    let mut config = train_support::config();
+    config["max_position_embeddings"] = 2048.into();
+    std::fs::write(root.join("model/config.json"), config.to_string()).unwrap();
+    train_support::write_text_lines(&root.join("train.jsonl"), 96, 99, 600..1000);
+    // A rank's share of a batch of 32 is 16 sequences.
+    let (_, small) = run_group(root, &write_job(root, "g-small", Some(2)), "g-small", None);
+    let (_, big) = run_group(root, &write_job(root, "g-big", None), "g-big", None);
+    let (vm_small, vm_big) = (peak_virtual(&small), peak_virtual(&big));
+    assert!(vm_big > vm_small + (50 << 20), "{vm_small} vs {vm_big}");
+    let limit = vm_small + (vm_big - vm_small) / 2;
+    let ([err0, err1], limited) = run_group(
+        root,
+        &write_job(root, "g-limited", None),
+        "g-limited",
+        Some(limit),
+    );
+    assert!(err0.contains("can't allocate memory"), "{err0}");
+    assert!(
+        err1.contains("out of memory on another rank of the group"),
+        "{err1}"
+    );
+    let micro = limited["metrics"]["microBatchSize"].as_u64().unwrap();
+    assert!((1..16).contains(&micro), "{micro}");
+    // Both ranks ended on the same micro-batch: the run equals one that started there.
+    let (_, reference) = run_group(
+        root,
+        &write_job(root, "g-reference", Some(micro as usize)),
+        "g-reference",
+        None,
+    );
+    let (a, b) = (losses(&limited), losses(&reference));
+    assert_eq!(a.len(), STEPS);
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-4, "step {}: {x} vs {y}", step + 1);
+    }
+}

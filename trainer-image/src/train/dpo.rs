@@ -24,11 +24,13 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{Batch, PreferencePair, Sample, build_batch};
+use crate::error::contain_panic;
 use crate::model::CausalLm;
 use crate::train::group::Group;
 use crate::train::optim::AdamW;
 use crate::train::step::{
-    MicroBatch, StepStats, Targets, backward_on_targets, dropout_seed, target_logits,
+    MicroBatch, StepStats, Targets, agree_on_memory, backward_on_targets, dropout_seed,
+    target_logits,
 };
 use crate::train::stop::Stop;
 
@@ -395,25 +397,31 @@ impl Dpo {
         let mut stats = StepStats::default();
         let mut tally = Tally::default();
         opt.zero_grad();
-        for (i, idx) in micro.iter().enumerate() {
-            if !group.runs(i) {
-                continue;
+        // This rank's share; running out of memory in it makes every rank retry the step with
+        // smaller micro-batches (see `agree_on_memory`).
+        let local = contain_panic(|| {
+            for (i, idx) in micro.iter().enumerate() {
+                if !group.runs(i) {
+                    continue;
+                }
+                let batch = self.train.batch(idx);
+                stats.tokens += batch.tokens;
+                stats.targets += batch.supervised_tokens;
+                stats.samples += idx.len();
+                let reference = reference_logps(model, &self.train, idx, &batch, self.mode);
+                tch::manual_seed(dropout_seed(seed, step, i));
+                let mb = MicroBatch::from(&batch);
+                // The tally keeps the loss value.
+                let _ = backward_on_targets(model, &mb, total as f64, |targets| {
+                    let (policy, lengths) = logps_of(targets, &batch, model.device);
+                    let terms = dpo_terms(&policy, &reference, &lengths, &self.cfg);
+                    tally.add(&terms, &policy, &lengths);
+                    terms.losses.sum(Kind::Float)
+                });
             }
-            let batch = self.train.batch(idx);
-            stats.tokens += batch.tokens;
-            stats.targets += batch.supervised_tokens;
-            stats.samples += idx.len();
-            let reference = reference_logps(model, &self.train, idx, &batch, self.mode);
-            tch::manual_seed(dropout_seed(seed, step, i));
-            let mb = MicroBatch::from(&batch);
-            // The tally keeps the loss value.
-            let _ = backward_on_targets(model, &mb, total as f64, |targets| {
-                let (policy, lengths) = logps_of(targets, &batch, model.device);
-                let terms = dpo_terms(&policy, &reference, &lengths, &self.cfg);
-                tally.add(&terms, &policy, &lengths);
-                terms.losses.sum(Kind::Float)
-            });
-        }
+            0.0
+        });
+        agree_on_memory(group, local)?;
         group.sum_gradients(opt)?;
         sum_over_ranks(group, &mut stats, &mut tally)?;
         let m = tally.finish();

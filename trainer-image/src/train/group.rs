@@ -21,7 +21,7 @@ use finetune_c10d::{Backend, GlooDevice, ProcessGroup, Rendezvous};
 use tch::{Device, Kind, Tensor};
 
 use crate::train::optim::AdamW;
-use crate::train::stop::Stop;
+use crate::train::stop::{Stop, is_oom};
 
 /// The standard variables of `torch.distributed` (as torchrun sets them).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,26 +190,31 @@ impl Group {
     pub fn sum_gradients(&self, opt: &AdamW) -> Result<(), Stop> {
         let Some(pg) = &self.pg else { return Ok(()) };
         let grads: Vec<Tensor> = opt.params.iter().map(|p| defined_grad(&p.param)).collect();
+        // Allocation failures here are not retried (only the step's own share is, on every rank
+        // at once): `f_` calls turn them into a stop instead of a panic.
+        let torch = |e: tch::TchError| {
+            let message = format!("rank {}: summing gradients: {e}", self.rank);
+            if is_oom(&message) {
+                Stop::Oom(message)
+            } else {
+                Stop::Error(message)
+            }
+        };
         tch::no_grad(|| -> Result<(), Stop> {
             let buckets = buckets(&grads);
-            let mut flat: Vec<Tensor> = buckets
-                .iter()
-                .map(|b| {
-                    Tensor::cat(
-                        &b.iter()
-                            .map(|&i| grads[i].reshape([-1]))
-                            .collect::<Vec<_>>(),
-                        0,
-                    )
-                })
-                .collect();
+            let mut flat = Vec::with_capacity(buckets.len());
+            for bucket in &buckets {
+                let parts: Vec<Tensor> = bucket.iter().map(|&i| grads[i].reshape([-1])).collect();
+                flat.push(Tensor::f_cat(&parts, 0).map_err(torch)?);
+            }
             pg.all_reduce_sum(&mut flat).map_err(|e| lost(self, e))?;
             for (bucket, sum) in buckets.iter().zip(&flat) {
                 let mut offset = 0;
                 for &i in bucket {
                     let mut g = grads[i].shallow_clone();
                     let n = g.numel() as i64;
-                    g.copy_(&sum.narrow(0, offset, n).view_as(&g));
+                    g.f_copy_(&sum.narrow(0, offset, n).view_as(&g))
+                        .map_err(torch)?;
                     offset += n;
                 }
             }
@@ -376,10 +381,14 @@ mod tests {
     #[test]
     fn the_torchrun_variables_make_the_topology() {
         assert_eq!(Topology::from_env(env(&[])).unwrap(), None);
-        assert_eq!(
-            Topology::from_env(env(&[("WORLD_SIZE", "1")])).unwrap(),
-            None
-        );
+        // torchrun's world of one is a group of one (the binding still runs).
+        let one = env(&[
+            ("WORLD_SIZE", "1"),
+            ("RANK", "0"),
+            ("MASTER_ADDR", "::1"),
+            ("MASTER_PORT", "1"),
+        ]);
+        assert_eq!(Topology::from_env(one).unwrap().unwrap().world, 1);
         let t = Topology::from_env(env(&[
             ("WORLD_SIZE", "4"),
             ("RANK", "3"),

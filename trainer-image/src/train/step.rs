@@ -8,10 +8,11 @@
 use tch::{Kind, Reduction, Tensor};
 
 use crate::data::Batch;
+use crate::error::contain_panic;
 use crate::model::CausalLm;
 use crate::train::group::Group;
 use crate::train::optim::AdamW;
-use crate::train::stop::Stop;
+use crate::train::stop::{Stop, is_oom};
 
 /// The tensors of one micro-batch (see [`crate::data::batch`] for the conventions).
 pub struct MicroBatch<'a> {
@@ -254,17 +255,24 @@ pub fn accumulate_gradients_in(
     if targets == 0 {
         return Ok(Ok(stats));
     }
-    let mut sum = [0.0];
-    for (i, mb) in micro_batches.iter().enumerate() {
-        if !group.runs(i) {
-            continue;
+    // This rank's share, with an allocation failure caught: in a group every rank must learn of
+    // it before the next collective, so that all of them retry the step with the same smaller
+    // micro-batches (a rank that halved alone would run other rows than its peers expect).
+    let local = contain_panic(|| {
+        let mut sum = 0.0;
+        for (i, mb) in micro_batches.iter().enumerate() {
+            if !group.runs(i) {
+                continue;
+            }
+            tch::manual_seed(dropout_seed(seed, step, i));
+            let s = backward_on_targets(model, mb, weighted_targets, |t| {
+                cross_entropy_sum(t, model.device) * mb.weight
+            });
+            sum += s.double_value(&[]);
         }
-        tch::manual_seed(dropout_seed(seed, step, i));
-        let s = backward_on_targets(model, mb, weighted_targets, |t| {
-            cross_entropy_sum(t, model.device) * mb.weight
-        });
-        sum[0] += s.double_value(&[]);
-    }
+        sum
+    });
+    let mut sum = [agree_on_memory(group, local)?];
     group.sum_values(&mut sum)?;
     group.sum_gradients(opt)?;
     stats.loss = sum[0] / weighted_targets;
@@ -272,6 +280,26 @@ pub fn accumulate_gradients_in(
         return Ok(Err(stats));
     }
     Ok(Ok(stats))
+}
+
+/// This rank's loss sum, or — when any rank of `group` ran out of memory in its share — the
+/// out-of-memory panic on every rank, which [`crate::train::micro::fit`] answers by halving the
+/// micro-batch. Other panics go on unwinding here (the other ranks then fail at their next
+/// collective).
+pub fn agree_on_memory(group: &Group, local: Result<f64, String>) -> Result<f64, Stop> {
+    let oom_here = match &local {
+        Err(message) if !is_oom(message) => std::panic::resume_unwind(Box::new(message.clone())),
+        Err(_) => true,
+        Ok(_) => false,
+    };
+    if group.any(oom_here)? {
+        let message = match local {
+            Err(message) => message,
+            Ok(_) => "out of memory on another rank of the group".to_string(),
+        };
+        std::panic::resume_unwind(Box::new(message));
+    }
+    Ok(local.unwrap_or_default())
 }
 
 /// The second half of [`train_step`]: global-norm clipping and the AdamW update; `Err` (weights

@@ -324,24 +324,12 @@ impl Trainer {
                     .and_then(|(s, g)| finish_step(&mut self.opt, s, lr, max_norm).map(|s| (s, g)))
                     .map(|(s, g)| (s, None, g))
             }
-            Some(d) => {
+            Some(_) => {
                 // Each "row" of the batcher is one pair (its chosen side stands for it).
-                let per_rank = self.group.world();
-                let micro: Vec<Vec<usize>> = (0..n_micro)
-                    .flat_map(|_| split_pairs(batcher.next_rows().concat(), per_rank))
-                    .collect();
-                let model = &mut self.loaded.model;
-                d.step(
-                    &self.group,
-                    model,
-                    &mut self.opt,
-                    &micro,
-                    lr,
-                    max_norm,
-                    seed,
-                    step,
-                )?
-                .map(|(s, m)| (s, Some(m), None))
+                let batches: Vec<Vec<usize>> =
+                    (0..n_micro).map(|_| batcher.next_rows().concat()).collect();
+                self.dpo_step_fitting(&batches, lr, max_norm, (seed, step))?
+                    .map(|(s, m)| (s, Some(m), None))
             }
         };
         if outcome.is_ok() {
@@ -390,18 +378,57 @@ impl Trainer {
         seed: u64,
         step: i64,
     ) -> Result<Guarded, Stop> {
+        // In a group every rank sees the out-of-memory panic of any of them (step.rs), so all
+        // halve together and keep running the same micro-batches.
         let start = self.micro_batch_size();
-        if self.group.world() > 1 {
-            // A rank that halved its micro-batches alone would run other rows than its peers
-            // expect, so a group does not retry: out of memory ends the attempt (exit 4).
-            return self.sft_gradients(groups, start, seed, step);
-        }
         let mut reductions = Vec::new();
         let (gradients, size) = micro::fit(
             start,
             |size| self.sft_gradients(groups, size, seed, step),
             |from, to, why| reductions.push((from, to, why.to_string())),
         )?;
+        self.note_reductions(step, start, size, reductions);
+        gradients
+    }
+
+    /// One DPO step over `batches` (pair indices) in micro-batches of pairs that fit, as
+    /// [`Self::sft_gradients_fitting`] does for SFT: halved from the same step after an
+    /// out-of-memory error (the loss is the mean over all the step's pairs, so the update is the
+    /// same).
+    fn dpo_step_fitting(
+        &mut self,
+        batches: &[Vec<usize>],
+        lr: f64,
+        max_norm: f64,
+        (seed, step): (u64, i64),
+    ) -> Result<Result<(StepStats, PreferenceMetrics), StepStats>, Stop> {
+        let start = self.micro_batch_size();
+        let mut reductions = Vec::new();
+        let (dpo, group) = (self.dpo.as_ref().expect("a DPO run"), &self.group);
+        let (model, opt) = (&mut self.loaded.model, &mut self.opt);
+        let (outcome, size) = micro::fit(
+            start,
+            |size| {
+                let micro: Vec<Vec<usize>> = batches
+                    .iter()
+                    .flat_map(|b| b.chunks(size).map(<[usize]>::to_vec))
+                    .collect();
+                dpo.step(group, model, opt, &micro, lr, max_norm, seed, step)
+            },
+            |from, to, why| reductions.push((from, to, why.to_string())),
+        )?;
+        self.note_reductions(step, start, size, reductions);
+        outcome
+    }
+
+    /// Logs each halving of the micro-batch and keeps the size that fitted for the checkpoint.
+    fn note_reductions(
+        &mut self,
+        step: i64,
+        start: usize,
+        size: usize,
+        reductions: Vec<(usize, usize, String)>,
+    ) {
         for (from, to, why) in reductions {
             eprintln!(
                 "out of memory at step {} with micro-batches of {from} sequences ({why}): running \
@@ -412,7 +439,6 @@ impl Trainer {
         if size != start {
             self.st.micro_batch = Some(size as i64);
         }
-        gradients
     }
 
     /// [`guarded_gradients`] over `groups` split into micro-batches of `size` rows, with the
@@ -770,15 +796,6 @@ impl Trainer {
         self.last_ckpt = Some((step, dir));
         Ok(())
     }
-}
-
-/// A DPO batch's pairs in `parts` micro-batches (one per rank), in order; one micro-batch alone.
-fn split_pairs(pairs: Vec<usize>, parts: usize) -> Vec<Vec<usize>> {
-    if parts <= 1 {
-        return vec![pairs];
-    }
-    let size = pairs.len().div_ceil(parts).max(1);
-    pairs.chunks(size).map(<[usize]>::to_vec).collect()
 }
 
 fn fmt_secs(s: f64) -> String {
