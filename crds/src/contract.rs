@@ -408,6 +408,10 @@ pub struct StatusReport {
     /// The commit an `hf://` base model resolved to, once fetched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model_commit: Option<String>,
+    /// Data-parallel ranks training together, when more than one: rank 0 serves this document
+    /// for the whole group (its step, loss and tokens/s are the group's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<i64>,
 }
 
 /// How far the download of an `hf://` base model has come.

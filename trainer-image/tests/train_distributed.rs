@@ -167,6 +167,16 @@ fn assert_same_as_one_process(s: &Setup, file: &str, worlds: &[usize]) -> Vec<St
             err.contains(&format!("rank 1 of {n}: group ready")),
             "{err}"
         );
+        let group: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(s.root.join(&out).join("training_summary.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(group["ranks"], n, "{group}");
+        assert_eq!(
+            group["optimizer_sharded"],
+            file == "model.safetensors",
+            "{group}"
+        );
         let diff = max_abs_diff(&one, &weights(&s.root.join(&out), file));
         eprintln!("{file}: {n} ranks vs one process: max abs diff {diff:e}");
         assert!(diff <= 1e-5, "{n} ranks differ from one process by {diff}");

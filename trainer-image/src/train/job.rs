@@ -203,12 +203,14 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     let resumed_from = tm.resumed_from_step;
     trainer.baseline()?;
     let total = trainer.batches.schedule.total;
+    let world = trainer.group.world();
     live.total_steps.set(total as f64);
     live.update(|s| {
         s.phase = TrainerPhase::Training;
         s.total_steps = total;
         s.step = trainer.st.step;
         s.resumed_from_step = resumed_from;
+        s.ranks = (world > 1).then_some(world as i64);
         s.checkpoint_step = trainer.last_ckpt.as_ref().map(|c| c.0);
         s.metrics.contaminated_eval_samples = contaminated(&trainer);
         s.metrics.micro_batch_size = trainer.split_micro_batch();

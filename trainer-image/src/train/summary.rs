@@ -26,6 +26,10 @@ pub struct TrainingSummary<'a> {
     pub device: String,
     pub dtype: String,
     pub threads: i32,
+    /// Data-parallel ranks (1 for one process); the figures below are the whole group's.
+    pub ranks: usize,
+    /// Whether AdamW's state was sharded over the ranks (ZeRO stage 1, full fine-tuning).
+    pub optimizer_sharded: bool,
     /// `lora` or `full`.
     pub adapter: &'static str,
     pub trainable_parameters: i64,
@@ -208,6 +212,8 @@ impl<'a> TrainingSummary<'a> {
             device: format!("{:?}", t.loaded.device),
             dtype: format!("{:?}", t.loaded.kind),
             threads: tch::get_num_threads(),
+            ranks: t.group.world(),
+            optimizer_sharded: t.opt.shard_rank.is_some(),
             adapter: if t.is_lora() { "lora" } else { "full" },
             trainable_parameters: t.opt.numel(),
             vocabulary: t.loaded.vocab.as_ref().map(vocab::Expansion::summary_json),
