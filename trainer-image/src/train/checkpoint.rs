@@ -242,8 +242,7 @@ impl Saver<'_> {
                 names.push(MODEL_FILE.into());
             }
             let ostate: Vec<(String, Tensor)> = optimizer
-                .iter()
-                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .into_iter()
                 .map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous()))
                 .collect();
             export::write_safetensors(&tmp.join(OPTIMIZER_FILE), &ostate)?;

@@ -326,9 +326,9 @@ impl Trainer {
             }
             Some(_) => {
                 // Each "row" of the batcher is one pair (its chosen side stands for it).
-                let batches: Vec<Vec<usize>> =
-                    (0..n_micro).map(|_| batcher.next_rows().concat()).collect();
-                self.dpo_step_fitting(&batches, lr, max_norm, (seed, step))?
+                let groups: Vec<Vec<Vec<usize>>> =
+                    (0..n_micro).map(|_| batcher.next_rows()).collect();
+                self.dpo_step_fitting(&groups, lr, max_norm, (seed, step))?
                     .map(|(s, m)| (s, Some(m), None))
             }
         };
@@ -391,13 +391,13 @@ impl Trainer {
         gradients
     }
 
-    /// One DPO step over `batches` (pair indices) in micro-batches of pairs that fit, as
-    /// [`Self::sft_gradients_fitting`] does for SFT: halved from the same step after an
-    /// out-of-memory error (the loss is the mean over all the step's pairs, so the update is the
-    /// same).
+    /// One DPO step over `groups` (the batcher's batches; each row is one pair) in micro-batches
+    /// of pairs that fit, split as SFT's are ([`micro::split`]) and halved from the same step
+    /// after an out-of-memory error (the loss is the mean over all the step's pairs, so the
+    /// update is the same).
     fn dpo_step_fitting(
         &mut self,
-        batches: &[Vec<usize>],
+        groups: &[Vec<Vec<usize>>],
         lr: f64,
         max_norm: f64,
         (seed, step): (u64, i64),
@@ -409,9 +409,9 @@ impl Trainer {
         let (outcome, size) = micro::fit(
             start,
             |size| {
-                let micro: Vec<Vec<usize>> = batches
-                    .iter()
-                    .flat_map(|b| b.chunks(size).map(<[usize]>::to_vec))
+                let micro: Vec<Vec<usize>> = micro::split(groups, size)
+                    .into_iter()
+                    .map(|rows| rows.concat())
                     .collect();
                 dpo.step(group, model, opt, &micro, lr, max_norm, seed, step)
             },
