@@ -12,7 +12,7 @@ export PATH := $(VENV)/bin:$(PATH)
 TRAINER := $(CARGO_TARGET_DIR)/release/finetune-trainer
 OPERATOR := $(CARGO_TARGET_DIR)/release/finetune-operator
 
-.PHONY: setup build images crds demo test test-rust test-node s3-server test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-checkpointing bench-distributed bench-forgetting bench-dpo bench-node cluster-build cluster-up cluster-down bench-operator clean-cache help
+.PHONY: prune-target setup build images crds demo test test-rust test-node s3-server test-reference test-hub test-hostile test-fuzz fuzz test-cluster test-helm lint bench-forward bench-trainer bench-checkpointing bench-distributed bench-forgetting bench-dpo bench-node cluster-build cluster-up cluster-down bench-operator clean-cache help
 
 help:
 	@echo "make setup          create the cached Python venv (torch 2.11.0 for tch 0.24, reference libraries, SmolLM2 GGUF)"
@@ -58,6 +58,10 @@ images: build
 # so those are built (once) first.
 demo: cluster-build build images
 	@scripts/demo.sh
+
+# Superseded test binaries from other checkouts (CI clones a fresh one per run).
+prune-target:
+	@scripts/prune-target.sh
 
 lint: setup
 	cargo fmt --all -- --check
@@ -111,7 +115,7 @@ test-cluster: cluster-build build
 	  cargo test -p finetune-operator --test control_plane -- --ignored; \
 	  status=$$?; tests/cluster/down.sh; exit $$status; }
 
-test: lint test-rust test-reference test-hub test-hostile test-fuzz test-cluster test-node test-helm
+test: prune-target lint test-rust test-reference test-hub test-hostile test-fuzz test-cluster test-node test-helm
 
 # On a real node: the control plane (no kwok nodes) and a kubelet with containerd and runc running
 # the operator's pods from the trainer image (tests/cluster/node.sh): non-root, read-only root,

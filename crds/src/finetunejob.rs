@@ -310,6 +310,26 @@ pub struct Attempt {
     /// The trainer's or kubelet's message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The gang's pods when `resources.nodes` is above 1, by rank: rank 0 is created first and
+    /// the others once it has an address to meet at. Empty for a one-pod attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Member>,
+}
+
+/// One pod of a gang attempt.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    /// Its rank among the attempt's pods (node rank).
+    pub rank: i32,
+    /// The pod.
+    pub pod_name: String,
+    /// The node it runs on, once scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The pod's phase as last seen (Pending, Running, Succeeded, Failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 /// A reference to an Adapter in the same namespace.

@@ -52,6 +52,18 @@ pub struct Resources {
     #[serde(default = "default_gpus")]
     #[schemars(range(min = 0, max = 64))]
     pub gpus: i32,
+    /// Pods in each attempt, one per node (default 1): a data-parallel gang of `nodes` pods,
+    /// each with `gpus` GPUs (world size `nodes` × max(gpus, 1)). The gang is one attempt: a
+    /// member that fails ends it, a member preempted or deleted makes it a preemption, and the
+    /// retry restarts every member from the last checkpoint. With Kueue's queue label the pods
+    /// carry its pod-group labels, so Kueue admits the gang whole. Rank 0 writes checkpoints
+    /// and outputs; every member mounts the job's storage, which must therefore be
+    /// ReadWriteMany (the claim the operator creates asks for it).
+    // Left out when 1, so the manifests (and applied hashes) of jobs written before it existed
+    // do not change.
+    #[serde(default = "default_nodes", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1, max = 256))]
+    pub nodes: i32,
     /// Memory of each GPU (e.g. `80Gi` for an H100 80GB, `141Gi` for an H200). With it, the
     /// operator predicts the job's peak memory from the base model's shape before creating a pod
     /// and fails a job that cannot fit even one sequence per forward pass with reason
@@ -82,6 +94,14 @@ pub struct Resources {
     pub priority_class_name: Option<String>,
 }
 
+fn default_nodes() -> i32 {
+    1
+}
+
+fn is_one(value: &i32) -> bool {
+    *value == 1
+}
+
 fn default_gpus() -> i32 {
     1
 }
@@ -93,6 +113,7 @@ impl Default for Resources {
     fn default() -> Self {
         Self {
             gpus: default_gpus(),
+            nodes: default_nodes(),
             gpu_resource_name: default_gpu_resource_name(),
             gpu_memory: None,
             cpu: None,

@@ -107,7 +107,8 @@ async fn namespace(client: &Client, name: &str) -> String {
         "metadata": {"name": format!("{ns}-pv")},
         "spec": {
             "capacity": {"storage": "100Gi"},
-            "accessModes": ["ReadWriteOnce"],
+            // ReadWriteMany too: a gang's claim (resources.nodes > 1) asks for it.
+            "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
             "hostPath": {"path": format!("/tmp/{ns}")},
             "storageClassName": "",
             "claimRef": {"namespace": ns, "name": "kubectl-sft-storage"}
@@ -1631,23 +1632,7 @@ async fn a_real_trainer_succeeds_and_a_killed_one_resumes_to_the_same_adapter() 
     let _operator = start_operator(&ns);
     let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
     create_job(&jobs, &short_real_job(&ns, model, node)).await;
-    let claim_dir = work
-        .path()
-        .join("pvc")
-        .join(&ns)
-        .join("kubectl-sft-storage");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !walk(&claim_dir)
-        .iter()
-        .any(|p| p.ends_with("step-4/manifest.json"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no step-4 checkpoint under {}",
-            claim_dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_step_4_checkpoint(work.path(), &ns).await;
     let pid_file = work
         .path()
         .join("pods")
@@ -1742,6 +1727,23 @@ fn start_executor(
             .stderr(Stdio::inherit())
             .spawn()
             .expect("executor starts"),
+    }
+}
+
+/// Waits until the step-4 checkpoint of `kubectl-sft` in `ns` is on its executor storage.
+async fn wait_for_step_4_checkpoint(work: &std::path::Path, ns: &str) {
+    let claim_dir = work.join("pvc").join(ns).join("kubectl-sft-storage");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !walk(&claim_dir)
+        .iter()
+        .any(|p| p.ends_with("step-4/manifest.json"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no step-4 checkpoint under {}",
+            claim_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -2845,4 +2847,112 @@ async fn assert_refused_naming_the_secret(
     );
     assert!(!reason.message.contains(value), "{}", reason.message);
     assert_eq!(failed.attempts.len(), 1, "{:?}", failed.attempts);
+}
+
+/// A `nodes: 2` job on two executor nodes: rank 0 starts first, rank 1 meets it at its loopback
+/// pod IP on the other node, and the gang trains. Deleting rank 1's pod mid-run is a preemption
+/// of the whole gang (no charge): rank 0 checkpoints and stops, the next attempt starts both
+/// members again from that checkpoint, and the job succeeds with its adapter.
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn a_two_node_gang_trains_on_two_nodes_and_a_deleted_member_preempts_it_whole() {
+    let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+    let gang_label = format!("finetune.dev/gang-test={}", std::process::id());
+    let label_args = ["--label".to_string(), gang_label.clone()];
+    let bed = real_trainer_bed_on("it-gang", "executor-gang-a", |_| Vec::new(), &label_args).await;
+    let (client, ns, model) = (bed.client.clone(), bed.ns.clone(), &bed.model);
+    // The second node shares the first's work directory (its "storage") and takes other
+    // loopback pod IPs.
+    let second = format!("executor-gang-b-{}", std::process::id());
+    let mut second_args = label_args.to_vec();
+    second_args.extend(["--pod-ip-prefix".to_string(), "127.0.1".to_string()]);
+    let _second = start_executor(
+        &required_path("FINETUNE_EXECUTOR_BIN"),
+        &required_path("FINETUNE_TRAINER_BIN"),
+        &second,
+        bed.work.path(),
+        &second_args,
+    );
+
+    let mut job = short_real_job(&ns, model, &bed.node);
+    let (key, value) = gang_label.split_once('=').unwrap();
+    job.spec.resources.node_selector = [(key.to_string(), value.to_string())].into();
+    job.spec.resources.nodes = 2;
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    create_job(&jobs, &job).await;
+
+    // Both members run, on two nodes, at two addresses.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let members = [
+        "kubectl-sft-attempt-0-rank-0",
+        "kubectl-sft-attempt-0-rank-1",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let running = loop {
+        let mut found = Vec::new();
+        for name in members {
+            if let Some(pod) = pods.get_opt(name).await.unwrap() {
+                let status = pod.status.clone().unwrap_or_default();
+                if status.phase.as_deref() == Some("Running") {
+                    found.push(pod);
+                }
+            }
+        }
+        if found.len() == 2 {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gang's members never both ran"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let nodes: std::collections::BTreeSet<_> = running
+        .iter()
+        .map(|p| p.spec.as_ref().unwrap().node_name.clone().unwrap())
+        .collect();
+    assert_eq!(nodes.len(), 2, "members share a node: {nodes:?}");
+    let rank_zero_ip = running[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
+    let rank_one_env = &running[1].spec.as_ref().unwrap().containers[0].env;
+    let master = rank_one_env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "MASTER_ADDR")
+        .and_then(|e| e.value.clone());
+    assert_eq!(master, Some(rank_zero_ip.clone()));
+    assert!(rank_zero_ip.starts_with("127."), "{rank_zero_ip}");
+
+    // Once the step-4 checkpoint is written, rank 1's pod is deleted (a drain, say).
+    wait_for_step_4_checkpoint(bed.work.path(), &ns).await;
+    pods.delete(members[1], &DeleteParams::default())
+        .await
+        .unwrap();
+    eprintln!("  deleted {} after the step-4 checkpoint", members[1]);
+
+    let status = wait_for_success(&jobs, "kubectl-sft", |_| {}).await;
+    assert_eq!(
+        (status.preemptions, status.failed_attempts),
+        (1, 0),
+        "{:?}",
+        status.attempts
+    );
+    let first = &status.attempts[0];
+    assert_eq!(first.reason.as_deref(), Some("Preempted"), "{first:?}");
+    let first_nodes: std::collections::BTreeSet<_> = first
+        .members
+        .iter()
+        .filter_map(|m| m.node_name.clone())
+        .collect();
+    assert_eq!(first_nodes.len(), 2, "{first:?}");
+    let second_attempt = status.attempts.last().unwrap();
+    assert_eq!(second_attempt.index, 1);
+    assert_eq!(second_attempt.members.len(), 2, "{second_attempt:?}");
+    assert!(
+        second_attempt.resumed_from_step.is_some_and(|s| s >= 4),
+        "{second_attempt:?}"
+    );
+    assert!(status.latest_checkpoint.is_some_and(|c| c.step == 8));
+    let (adapter, _) = adapter_weights_digest(&client, &ns).await;
+    assert_eq!(adapter.spec.source.from_job.as_deref(), Some("kubectl-sft"));
+    cleanup(&client, &ns).await;
 }

@@ -6,9 +6,10 @@
 //! The children are one attempt: when one exits with a failure, the others get SIGTERM (they
 //! checkpoint nothing new: the step they are in cannot finish without the failed rank) and, after
 //! a grace period, SIGKILL; the launcher exits with the first failure's code. SIGTERM to the
-//! launcher (a preemption) goes to every child, which checkpoint together and exit 143. Rank 0
-//! alone writes the termination message and serves `/status`; the other ranks' output lines are
-//! prefixed with their rank (whole lines, never interleaved).
+//! launcher (a preemption) goes to every child, which checkpoint together and exit 143. The pod's
+//! first rank alone writes its termination message and serves `/status` (rank 0's reports the
+//! group); the other ranks' output lines are prefixed with their rank (whole lines, never
+//! interleaved).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -146,8 +147,8 @@ fn spawn(
     let rank = plan.node_rank * plan.nproc_per_node + local;
     let mut cmd = Command::new(exe);
     cmd.args(args).envs(plan.child_env(local));
-    if rank != 0 {
-        // One termination message per group: rank 0's.
+    if local != 0 {
+        // One termination message per pod: its first rank's (rank 0's in the gang's first pod).
         cmd.env_remove(env::TERMINATION_LOG);
     }
     // Every rank's output goes through a line forwarder, so lines never interleave mid-line.

@@ -4,14 +4,16 @@
 //! pods may go. Choosing the job's phase from the latest attempt is `status`'s part; this module
 //! never sets a phase, so `status` uses it and not the other way round (no import circle).
 
+use std::collections::BTreeMap;
+
 use finetune_crds::contract::{ExitCode, TerminationMessage};
-use finetune_crds::finetunejob::{Attempt, CheckpointRef};
+use finetune_crds::finetunejob::{Attempt, CheckpointRef, Member};
 use finetune_crds::{FinetuneJob, FinetuneJobStatus, JobPhase};
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use super::names;
+use super::{gang, names};
 
 /// Most attempts kept in `status.attempts`.
 pub const MAX_ATTEMPTS_RECORDED: usize = 20;
@@ -47,28 +49,44 @@ pub(super) struct Failure {
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Observed<'a> {
     pub(super) index: i32,
+    /// The pod the attempt's record and state follow: the only one, or in a gang the member
+    /// whose failure ended it, else rank 0.
     pub(super) pod: Option<&'a Pod>,
     pub(super) state: PodState,
+    /// Every pod of the attempt seen now (a gang's members, by rank).
+    pub(super) members: Vec<&'a Pod>,
 }
 
 /// Brings `status.attempts`, `status.failedAttempts` and `status.preemptions` up to date with the
-/// job's trainer `pods` (any order) at time `now`, and takes what failed attempts reported
+/// job's trainer `pods` (any order; `nodes` per gang attempt) at time `now`, and takes what failed attempts reported
 /// (metrics, checkpoints). `status` comes in as last written. Returns the latest attempt, the
 /// one the job's phase follows.
 pub(super) fn record_attempts<'a>(
     status: &mut FinetuneJobStatus,
     pods: &'a [Pod],
+    nodes: i32,
     now: Timestamp,
 ) -> Option<Observed<'a>> {
-    // Each pod's state is read once; the attempt records, the counters and the phase use it.
-    let mut attempts: Vec<Observed<'a>> = pods
-        .iter()
-        .filter_map(|pod| {
-            Some(Observed {
-                index: attempt_of(pod)?,
+    // Each attempt's state is read once from its pods; the records, the counters and the phase
+    // use it.
+    let mut by_attempt: BTreeMap<i32, Vec<&'a Pod>> = BTreeMap::new();
+    for pod in pods {
+        if let Some(index) = attempt_of(pod) {
+            by_attempt.entry(index).or_default().push(pod);
+        }
+    }
+    let mut attempts: Vec<Observed<'a>> = by_attempt
+        .into_iter()
+        .map(|(index, mut members)| {
+            members.sort_by_key(|pod| rank_of(pod));
+            let on_record = recorded_members(status, index);
+            let (pod, state) = attempt_state(&members, &on_record, nodes);
+            Observed {
+                index,
                 pod: Some(pod),
-                state: pod_state(pod),
-            })
+                state,
+                members,
+            }
         })
         .collect();
     // Attempts recorded earlier whose pods are gone. One that had not ended was deleted under the
@@ -84,13 +102,26 @@ pub(super) fn record_attempts<'a>(
             index: record.index,
             pod: None,
             state: PodState::Failed(failure_of(record)),
+            members: Vec::new(),
         });
     }
     attempts.sort_by_key(|a| a.index);
     status.attempts = attempts
         .iter()
         .map(|a| match a.pod {
-            Some(pod) => attempt_record(a.index, pod, &a.state),
+            Some(pod) => {
+                let mut record = attempt_record(a.index, pod, &a.state);
+                record.members = gang::seen(recorded_members(status, a.index), &a.members);
+                // A gang's record is named by rank 0, whichever member ended it.
+                if let Some(rank_zero) = record.members.first() {
+                    record.pod_name = rank_zero.pod_name.clone();
+                    // ... and says which member did, and why.
+                    if let PodState::Failed(failure) = &a.state {
+                        record.message = failure.message.clone().or(record.message);
+                    }
+                }
+                record
+            }
             None => vanished
                 .iter()
                 .find(|record| record.index == a.index)
@@ -128,15 +159,45 @@ pub(super) fn record_attempts<'a>(
 /// again under the same name, its history and the preemption lost. The controller confirms with
 /// the apiserver that an unended attempt's pod is really gone before it counts as vanished
 /// ([`unended_attempts_without_pods`]).
+/// A gang's rank 0 is the attempt's first member on record; the others join the record when
+/// they are created ([`record_members`]).
 pub(super) fn record_created(job: &FinetuneJob, status: &mut FinetuneJobStatus, attempt: i32) {
     if !status.attempts.iter().any(|a| a.index == attempt) {
+        let name = job.metadata.name.clone().unwrap_or_default();
+        let nodes = job.spec.resources.nodes;
         status.attempts.push(Attempt {
             index: attempt,
-            pod_name: names::trainer_pod(&job.metadata.name.clone().unwrap_or_default(), attempt),
+            pod_name: names::member_pod(&name, attempt, 0, nodes),
+            members: gang::members(&name, attempt, nodes, 1),
             ..Attempt::default()
         });
         trim_attempts(&mut status.attempts);
     }
+}
+
+/// Puts every member of gang `attempt` on record before ranks 1.. are created, for the same
+/// reason as [`record_created`]: a member deleted before it is first seen is still missed.
+pub(super) fn record_members(job: &FinetuneJob, status: &mut FinetuneJobStatus, attempt: i32) {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let nodes = job.spec.resources.nodes;
+    if let Some(record) = status.attempts.iter_mut().find(|a| a.index == attempt) {
+        let mut members = gang::members(&name, attempt, nodes, nodes);
+        for member in &mut members {
+            if let Some(seen) = record.members.iter().find(|m| m.rank == member.rank) {
+                *member = seen.clone();
+            }
+        }
+        record.members = members;
+    }
+}
+
+fn recorded_members(status: &FinetuneJobStatus, attempt: i32) -> Vec<Member> {
+    status
+        .attempts
+        .iter()
+        .find(|a| a.index == attempt)
+        .map(|a| a.members.clone())
+        .unwrap_or_default()
 }
 
 /// Recorded attempts that had not ended and whose pods are not among `pods`: before they count
@@ -153,9 +214,30 @@ pub fn unended_attempts_without_pods<'a>(job: &'a FinetuneJob, pods: &[Pod]) -> 
         .collect()
 }
 
+/// Gang members on record for attempts that have not ended whose pods are not among `pods`,
+/// by name: like [`unended_attempts_without_pods`], the controller confirms each with the
+/// apiserver before a missing member ends its attempt as a preemption.
+pub fn unended_members_without_pods(job: &FinetuneJob, pods: &[Pod]) -> Vec<String> {
+    let seen = |name: &str| {
+        pods.iter()
+            .any(|pod| pod.metadata.name.as_deref() == Some(name))
+    };
+    job.status
+        .iter()
+        .filter(|s| !matches!(s.phase, Some(JobPhase::Succeeded | JobPhase::Failed)))
+        .flat_map(|s| s.attempts.iter())
+        .filter(|record| record.reason.is_none())
+        .flat_map(|record| record.members.iter())
+        .filter(|member| !seen(&member.pod_name))
+        .map(|member| member.pod_name.clone())
+        .collect()
+}
+
 /// The termination message of the job's succeeded trainer pod, if one succeeded and wrote one.
+/// A gang's is rank 0's: the only member that writes outputs.
 pub fn succeeded_termination(pods: &[Pod]) -> Option<TerminationMessage> {
-    pods.iter().find_map(|pod| match pod_state(pod) {
+    let mut writers = pods.iter().filter(|pod| rank_of(pod) == 0);
+    writers.find_map(|pod| match pod_state(pod) {
         PodState::Succeeded(termination) => termination,
         _ => None,
     })
@@ -202,6 +284,80 @@ pub fn attempt_of(pod: &Pod) -> Option<i32> {
         .get(names::ATTEMPT_LABEL)?
         .parse()
         .ok()
+}
+
+/// A gang member's rank, from its label; 0 for a one-pod attempt.
+pub fn rank_of(pod: &Pod) -> i32 {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(names::RANK_LABEL))
+        .and_then(|rank| rank.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One attempt's pod and state from its `members` (by rank; one pod unless a gang) and the
+/// members on record (empty unless a gang). A gang is one attempt: a member that failed ends
+/// it, a preempted one first (then the gang was preempted, whatever its other members did
+/// after losing it); a member on record whose pod is gone was deleted under it, a preemption;
+/// it succeeds when every member did, with rank 0's report; it runs once all run.
+fn attempt_state<'a>(members: &[&'a Pod], on_record: &[Member], nodes: i32) -> (&'a Pod, PodState) {
+    let rank_zero = members[0];
+    if on_record.is_empty() {
+        return (rank_zero, pod_state(rank_zero));
+    }
+    let states: Vec<(&'a Pod, PodState)> = members.iter().map(|p| (*p, pod_state(p))).collect();
+    let failed = states.iter().filter_map(|(pod, state)| match state {
+        PodState::Failed(failure) => Some((*pod, failure)),
+        _ => None,
+    });
+    let first_failed = failed.min_by_key(|(_, f)| {
+        let preempted = f.retryable && !f.counts_against_backoff;
+        (!preempted, f.finished_at)
+    });
+    if let Some((pod, failure)) = first_failed {
+        let mut failure = failure.clone();
+        let why = failure.message.as_deref().unwrap_or(&failure.reason);
+        failure.message = Some(format!("rank {} ({}): {why}", rank_of(pod), pod_name(pod)));
+        return (pod, PodState::Failed(failure));
+    }
+    let seen = |name: &str| {
+        members
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(name))
+    };
+    if let Some(gone) = on_record.iter().find(|m| !seen(&m.pod_name)) {
+        let message = format!(
+            "gang member {} (rank {}) was deleted before the attempt finished (an eviction, a              drain or by hand); the whole gang restarts from the last checkpoint",
+            gone.pod_name, gone.rank
+        );
+        return (rank_zero, PodState::Failed(gang::member_lost(message)));
+    }
+    if let Some((pod, state)) = states.iter().find(|(_, s)| {
+        matches!(
+            s,
+            PodState::Pending {
+                unschedulable: Some(_)
+            }
+        )
+    }) {
+        return (*pod, state.clone());
+    }
+    let succeeded = |s: &PodState| matches!(s, PodState::Succeeded(_));
+    if states.iter().all(|(_, s)| succeeded(s)) && members.len() >= on_record.len() {
+        return (rank_zero, states[0].1.clone());
+    }
+    let running = |s: &PodState| matches!(s, PodState::Running | PodState::Succeeded(_));
+    let all_created = on_record.len() >= nodes.max(1) as usize && members.len() >= on_record.len();
+    if states.iter().all(|(_, s)| running(s)) && all_created {
+        return (rank_zero, PodState::Running);
+    }
+    (
+        rank_zero,
+        PodState::Pending {
+            unschedulable: None,
+        },
+    )
 }
 
 pub(super) fn pod_name(pod: &Pod) -> String {
@@ -323,6 +479,7 @@ fn attempt_record(index: i32, pod: &Pod, state: &PodState) -> Attempt {
         reason,
         exit_code: terminated.map(|t| t.exit_code),
         resumed_from_step: termination.and_then(|t| t.resumed_from_step),
+        members: Vec::new(),
         message: termination
             .and_then(|t| t.error.as_ref())
             .map(|e| e.message.clone())

@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use super::names;
+use super::{gang_pod, names};
 use crate::pods::{
     BuildError, BuildSettings, Mounts, container_security_context, plain_env, pod_security_context,
     pvc_volume, s3_env, secret_env,
@@ -62,7 +62,16 @@ pub fn storage_claim(
     Ok(Some(PersistentVolumeClaim {
         metadata: child_meta(job, names::storage_claim(job_name(job)?))?,
         spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            // A gang's members on several nodes all mount it: rank 0 writes checkpoints and
+            // outputs, and every member reads the checkpoint it resumes from.
+            access_modes: Some(vec![
+                if job.spec.resources.nodes > 1 {
+                    "ReadWriteMany"
+                } else {
+                    "ReadWriteOnce"
+                }
+                .into(),
+            ]),
             storage_class_name: storage.storage_class_name.clone(),
             resources: Some(VolumeResourceRequirements {
                 requests: Some(BTreeMap::from([("storage".to_string(), size)])),
@@ -84,8 +93,39 @@ pub fn trainer_pod(
     settings: &BuildSettings,
     init_adapter: Option<&str>,
 ) -> Result<Pod, BuildError> {
+    let member = Member {
+        attempt,
+        rank: 0,
+        master_addr: None,
+    };
+    member_pod(job, &member, settings, init_adapter)
+}
+
+/// Which pod of an attempt to build: a one-pod attempt is rank 0 of a gang of one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member<'a> {
+    /// The attempt's index.
+    pub attempt: i32,
+    /// The pod's rank among the attempt's `resources.nodes` pods.
+    pub rank: i32,
+    /// Rank 0's pod IP, for ranks 1..; rank 0 meets at its own.
+    pub master_addr: Option<&'a str>,
+}
+
+/// One pod of an attempt, see [`trainer_pod`]. A gang member (`resources.nodes` > 1) also
+/// carries its rank, the torch.distributed variables, Kueue's pod-group metadata when the job
+/// is queued, and a preference to run apart from its fellow members.
+pub fn member_pod(
+    job: &FinetuneJob,
+    member: &Member,
+    settings: &BuildSettings,
+    init_adapter: Option<&str>,
+) -> Result<Pod, BuildError> {
     let name = job_name(job)?;
-    let mut metadata = child_meta(job, names::trainer_pod(name, attempt))?;
+    let nodes = job.spec.resources.nodes;
+    let attempt = member.attempt;
+    let pod_name = names::member_pod(name, attempt, member.rank, nodes);
+    let mut metadata = child_meta(job, pod_name)?;
     let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
     labels.insert(names::ATTEMPT_LABEL.into(), attempt.to_string());
     // Kueue reads its queue and workload priority from labels on what it admits.
@@ -94,12 +134,29 @@ pub fn trainer_pod(
             labels.insert(key.into(), value.clone());
         }
     }
+    if nodes > 1 {
+        labels.insert(names::RANK_LABEL.into(), member.rank.to_string());
+        if job.labels().contains_key(names::KUEUE_QUEUE_LABEL) {
+            gang_pod::kueue_group(&mut metadata, name, member, nodes);
+        }
+    }
     let (mounts, init_adapter_dir) = job_mounts(job, init_adapter, settings)?;
     let spec = &job.spec;
     let resources = &spec.resources;
+    let mut container = trainer_container(
+        job,
+        attempt,
+        settings,
+        &mounts.mounts,
+        init_adapter_dir.as_deref(),
+    )?;
+    if nodes > 1 {
+        gang_pod::distributed(&mut container, member, nodes, resources.gpus);
+    }
     Ok(Pod {
         metadata,
         spec: Some(PodSpec {
+            affinity: (nodes > 1).then(|| gang_pod::spread(name, attempt)),
             restart_policy: Some("Never".into()),
             // Trainer pods never call the Kubernetes API.
             automount_service_account_token: Some(false),
@@ -110,13 +167,7 @@ pub fn trainer_pod(
             tolerations: (!resources.tolerations.is_empty()).then(|| resources.tolerations.clone()),
             priority_class_name: resources.priority_class_name.clone(),
             security_context: Some(pod_security_context()),
-            containers: vec![trainer_container(
-                job,
-                attempt,
-                settings,
-                &mounts.mounts,
-                init_adapter_dir.as_deref(),
-            )?],
+            containers: vec![container],
             volumes: Some(mounts.volumes),
             ..PodSpec::default()
         }),
@@ -466,6 +517,92 @@ mod tests {
                 "/etc/finetune/job.yaml"
             ]
         );
+    }
+
+    #[test]
+    fn gang_members_carry_their_rank_the_meeting_point_and_kueues_group() {
+        let mut job = example("sft-lora-smollm2.yaml");
+        job.spec.resources.nodes = 2;
+        job.metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(names::KUEUE_QUEUE_LABEL.into(), "gpu-queue".into());
+        let settings = BuildSettings::default();
+        let rank = |job: &FinetuneJob, rank, master_addr| {
+            let member = Member {
+                attempt: 3,
+                rank,
+                master_addr,
+            };
+            member_pod(job, &member, &settings, None).unwrap()
+        };
+        let (zero, one) = (rank(&job, 0, None), rank(&job, 1, Some("10.1.2.3")));
+        assert_eq!(
+            zero.metadata.name.as_deref(),
+            Some("smollm2-kubectl-sft-attempt-3-rank-0")
+        );
+        assert_eq!(
+            one.metadata.name.as_deref(),
+            Some("smollm2-kubectl-sft-attempt-3-rank-1")
+        );
+        let value = |pod: &Pod, name| env_value(pod, name).unwrap().value.clone();
+        // Rank 0 meets at its own pod IP; the others are given it.
+        let own_ip = env_value(&zero, "MASTER_ADDR").unwrap().value_from.as_ref();
+        assert_eq!(
+            own_ip
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("status.podIP")
+        );
+        assert_eq!(value(&one, "MASTER_ADDR").as_deref(), Some("10.1.2.3"));
+        for (pod, r) in [(&zero, "0"), (&one, "1")] {
+            assert_eq!(value(pod, "RANK").as_deref(), Some(r));
+            assert_eq!(value(pod, "WORLD_SIZE").as_deref(), Some("2"));
+            assert_eq!(value(pod, "LOCAL_RANK").as_deref(), Some("0"));
+            let labels = pod.metadata.labels.as_ref().unwrap();
+            assert_eq!(labels[names::RANK_LABEL], r);
+            // One Kueue group per attempt, admitted whole from rank 0.
+            assert_eq!(
+                labels[gang_pod::KUEUE_GROUP_LABEL],
+                "smollm2-kubectl-sft-attempt-3"
+            );
+            let annotations = pod.metadata.annotations.as_ref().unwrap();
+            assert_eq!(annotations[gang_pod::KUEUE_TOTAL_COUNT], "2");
+            assert_eq!(annotations[gang_pod::KUEUE_FAST_ADMISSION], "true");
+            let spread = pod.spec.as_ref().unwrap().affinity.as_ref().unwrap();
+            assert!(spread.pod_anti_affinity.is_some());
+        }
+        // Several GPUs per member: the launcher gets the node's place in the gang.
+        job.spec.resources.gpus = 4;
+        let four = rank(&job, 1, Some("10.1.2.3"));
+        let args = container(&four).args.clone().unwrap();
+        assert_eq!(
+            args[..11],
+            [
+                "launch",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "1",
+                "--master-addr",
+                "$(MASTER_ADDR)",
+                "--master-port",
+                "29500",
+                "--nproc-per-node",
+                "4"
+            ]
+        );
+        assert!(env_value(&four, "RANK").is_none());
+        // Every member mounts the storage.
+        let claim = storage_claim(&job, &settings).unwrap().unwrap();
+        assert_eq!(claim.spec.unwrap().access_modes.unwrap(), ["ReadWriteMany"]);
+        // A one-pod job has none of it.
+        job.spec.resources.nodes = 1;
+        let single = trainer_pod(&job, 0, &settings, None).unwrap();
+        assert!(env_value(&single, "MASTER_ADDR").is_none());
+        assert!(single.metadata.annotations.is_none());
+        let claim = storage_claim(&job, &settings).unwrap().unwrap();
+        assert_eq!(claim.spec.unwrap().access_modes.unwrap(), ["ReadWriteOnce"]);
     }
 
     #[test]

@@ -13,15 +13,24 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use super::attempts::{self, Failure, Observed, PodState, pod_name};
+use super::gang;
 use crate::conditions::{self, Transition};
 
 /// What the reconciler should do after writing the status.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Create the trainer pod of this attempt.
+    /// Create the trainer pod of this attempt (a gang's rank 0).
     CreatePod(i32),
-    /// Delete this pod (suspend): the trainer checkpoints on SIGTERM and exits.
-    DeletePod(String),
+    /// Create ranks 1.. of a gang attempt, to meet rank 0 at its pod IP.
+    CreateMembers {
+        /// The attempt.
+        attempt: i32,
+        /// Rank 0's pod IP.
+        master_addr: String,
+    },
+    /// Delete these pods (suspend, deadline, the rest of a gang that lost a member): the
+    /// trainer checkpoints on SIGTERM and exits.
+    DeletePods(Vec<String>),
     /// Poll the running trainer's `/status`.
     PollProgress(String),
     /// Nothing to do until something changes.
@@ -141,10 +150,14 @@ pub fn derive(
     status.observed_generation = job.metadata.generation;
     // Set again only while a retry is backing off.
     status.next_retry_time = None;
-    let latest = attempts::record_attempts(&mut status, pods, now);
+    let latest = attempts::record_attempts(&mut status, pods, job.spec.resources.nodes, now);
     let (action, transitions) = next_phase(job, &mut status, latest, progress, now);
-    if let Action::CreatePod(attempt) = action {
-        attempts::record_created(job, &mut status, attempt);
+    match &action {
+        Action::CreatePod(attempt) => attempts::record_created(job, &mut status, *attempt),
+        Action::CreateMembers { attempt, .. } => {
+            attempts::record_members(job, &mut status, *attempt)
+        }
+        _ => {}
     }
     Derived {
         status,
@@ -207,22 +220,44 @@ fn next_phase(
         now,
         transitions: Vec::new(),
     };
+    // Members of the latest attempt still running: a gang that ended (a member failed or was
+    // lost), is suspended or is past its deadline stops them before anything else happens.
+    let live = latest.as_ref().map(gang::live_members).unwrap_or_default();
+    let stop_live = || match live.is_empty() {
+        true => Action::Wait,
+        false => Action::DeletePods(live.clone()),
+    };
     if let Some(message) = deadline_passed(job, status, now) {
         // Past the deadline: stop whatever runs; the job fails and is never retried.
-        let action = match &latest {
-            Some(Observed {
-                pod: Some(pod),
-                state: PodState::Pending { .. } | PodState::Running,
-                ..
-            }) => Action::DeletePod(pod_name(pod)),
-            _ => Action::Wait,
-        };
         status.completion_time = Some(Time(now));
         status.next_retry_time = None;
         phases.set(status, JobPhase::Failed, "DeadlineExceeded", message, true);
-        return (action, phases.transitions);
+        return (stop_live(), phases.transitions);
     }
     let suspend = job.spec.run_policy.suspend;
+    if let Some(observed) = &latest
+        && !suspend
+        && let Some(master_addr) = gang::rank_zero_address(job, status, observed)
+    {
+        let attempt = observed.index;
+        let message = format!(
+            "attempt {attempt}: rank 0 is at {master_addr}; creating ranks 1 to {}",
+            job.spec.resources.nodes - 1
+        );
+        phases.set(status, JobPhase::Pending, "GangStarting", message, false);
+        let action = Action::CreateMembers {
+            attempt,
+            master_addr,
+        };
+        return (action, phases.transitions);
+    }
+    let ended = matches!(
+        latest,
+        Some(Observed {
+            state: PodState::Failed(_),
+            ..
+        })
+    );
     let action = match latest {
         None if suspend => {
             let message = "runPolicy.suspend is true; no trainer pod runs".into();
@@ -235,13 +270,13 @@ fn next_phase(
             Action::CreatePod(0)
         }
         Some(Observed {
-            pod: Some(pod),
+            pod: Some(_),
             state: PodState::Pending { .. } | PodState::Running,
             ..
         }) if suspend => {
             let message = "runPolicy.suspend is true; the trainer checkpoints and stops".into();
             phases.set(status, JobPhase::Suspended, "Suspending", message, false);
-            Action::DeletePod(pod_name(pod))
+            stop_live()
         }
         Some(Observed {
             index: attempt,
@@ -269,6 +304,7 @@ fn next_phase(
             index: attempt,
             pod,
             state: PodState::Running,
+            ..
         }) => {
             let pod = pod.expect("only attempts whose pods are gone lack one, and they ended");
             status.start_time.get_or_insert(Time(now));
@@ -308,6 +344,12 @@ fn next_phase(
             state: PodState::Failed(failure),
             ..
         }) => after_failure(job, status, attempt, &failure, &mut phases),
+    };
+    // A gang that ended stops its other members first: the next attempt, or the job's end,
+    // waits until none of them runs (they would hold the GPUs, and rank 0 the storage).
+    let action = match action {
+        _ if ended && !live.is_empty() => stop_live(),
+        action => action,
     };
     (action, phases.transitions)
 }
@@ -722,7 +764,10 @@ mod tests {
             (Some(JobPhase::Suspended), Action::Wait)
         );
         let derived = derive(&job, &[pod(0, "Running")], None, now());
-        assert_eq!(derived.action, Action::DeletePod("j-attempt-0".into()));
+        assert_eq!(
+            derived.action,
+            Action::DeletePods(vec!["j-attempt-0".into()])
+        );
     }
 
     #[test]
@@ -1208,7 +1253,10 @@ mod tests {
         });
         let running = pod(0, "Running");
         let derived = derive(&job, std::slice::from_ref(&running), None, now());
-        assert_eq!(derived.action, Action::DeletePod("j-attempt-0".into()));
+        assert_eq!(
+            derived.action,
+            Action::DeletePods(vec!["j-attempt-0".into()])
+        );
         assert_eq!(derived.status.phase, Some(JobPhase::Failed));
         assert_eq!(true_condition(&derived.status).1, "DeadlineExceeded");
         // Within the deadline nothing changes.

@@ -146,7 +146,10 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     }
     let topology = Topology::from_env(|k| std::env::var(k).ok())?;
     let group = join_group(&plan, topology.as_ref())?;
-    if group.is_writer() {
+    // One machine's first rank: it downloads for the machine and serves its pod's `/healthz`
+    // and `/status` (the kubelet probes every member of a gang); rank 0's reports the group.
+    let leader = topology.as_ref().is_none_or(|t| t.local_rank == 0);
+    if group.is_writer() || leader {
         let (host, port) = &plan.status_addr;
         match serve::serve(live.clone(), &format!("{host}:{port}")) {
             Ok(addr) => eprintln!("status server on http://{addr} (/status, /metrics)"),
@@ -155,7 +158,6 @@ fn train(opts: &RunOptions, live: &Arc<Live>, tm: &mut TerminationMessage) -> Re
     }
     // One download per machine: each machine's first rank fetches into the shared cache, the
     // others find it there after the barrier.
-    let leader = topology.as_ref().is_none_or(|t| t.local_rank == 0);
     let mut fetch = |plan: &mut Plan| -> Result<(), Stop> {
         tm.base_model_commit = base::fetch_base(plan, live)?;
         if !plan.remote_inputs.is_empty() {

@@ -105,30 +105,33 @@ async fn change_pod(
 ) -> Result<(), Error> {
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     match change {
-        PodChange::Create { attempt, pod } => {
-            let pod_name = pod.name_any();
-            match ours::create(&pods_api, &job_uid(job), &pod).await {
-                Ok(mut created) => {
-                    strip_pod(&mut created);
-                    ctx.caches.pods_written.record(created);
+        PodChange::Create { attempt, pods } => {
+            for pod in pods {
+                let pod_name = pod.name_any();
+                match ours::create(&pods_api, &job_uid(job), &pod).await {
+                    Ok(mut created) => {
+                        strip_pod(&mut created);
+                        ctx.caches.pods_written.record(created);
+                    }
+                    // Ours already: created by an earlier reconcile the cache has not shown yet.
+                    Err(Refused::Api(error)) if ours::is_already_exists(&error) => {}
+                    Err(refused) => {
+                        let what = format!("pod {pod_name}");
+                        return Err(refused_child(ctx, jobs, job, &what, refused).await);
+                    }
                 }
-                // Ours already: created by an earlier reconcile the cache has not shown yet.
-                Err(Refused::Api(error)) if ours::is_already_exists(&error) => {}
-                Err(refused) => {
-                    return Err(
-                        refused_child(ctx, jobs, job, &format!("pod {pod_name}"), refused).await,
-                    );
-                }
+                info!(job = %format!("{namespace}/{}", job.name_any()), attempt, pod = %pod_name, "trainer pod created");
             }
-            info!(job = %format!("{namespace}/{}", job.name_any()), attempt, "trainer pod created");
         }
         PodChange::InitAdapterUnavailable(why) => {
             return Err(init_adapter_unavailable(ctx, jobs, job, why).await);
         }
-        PodChange::Delete(pod_name) => {
+        PodChange::Delete(pod_names) => {
             let grace =
                 DeleteParams::default().grace_period(ctx.settings.termination_grace_seconds as u32);
-            ours::deleted(pods_api.delete(&pod_name, &grace).await)?;
+            for pod_name in pod_names {
+                ours::deleted(pods_api.delete(&pod_name, &grace).await)?;
+            }
         }
         PodChange::None => {}
     }

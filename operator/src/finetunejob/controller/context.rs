@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use finetune_crds::FinetuneJob;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, PodSpec};
 use kube::Client;
 use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::Store;
@@ -68,9 +68,13 @@ pub(super) struct Context {
     pub(super) valid_specs: ValidSpecs,
 }
 
-/// What the pod cache keeps of a trainer pod: status derivation reads metadata and status only.
+/// What the pod cache keeps of a trainer pod: status derivation reads metadata and status, and
+/// of the spec only the node (a gang's members are listed with theirs).
 pub(super) fn strip_pod(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
     pod.metadata.annotations = None;
-    pod.spec = None;
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        node_name: spec.node_name,
+        ..PodSpec::default()
+    });
 }

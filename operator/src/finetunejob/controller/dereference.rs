@@ -115,11 +115,14 @@ async fn init_adapter_uri(
     Ok(init_adapter::adapter_uri(&found, producer.as_ref()))
 }
 
-/// `ip:port` (`[ip]:port` for IPv6) of the newest trainer pod when it is running.
+/// `ip:port` (`[ip]:port` for IPv6) of the newest trainer pod when it is running: a gang's
+/// rank 0, which reports the group (every step ends in an all-reduce that no rank leaves
+/// before all have reached it, so its step is the slowest rank's).
 fn running_trainer_address(pods: &[Pod]) -> Option<String> {
-    let newest = pods
-        .iter()
-        .max_by_key(|pod| attempts::attempt_of(pod).unwrap_or(-1))?;
+    let newest = pods.iter().max_by_key(|pod| {
+        let attempt = attempts::attempt_of(pod).unwrap_or(-1);
+        (attempt, std::cmp::Reverse(attempts::rank_of(pod)))
+    })?;
     let status = newest.status.as_ref()?;
     (status.phase.as_deref() == Some("Running")).then_some(())?;
     let ip: std::net::IpAddr = status.pod_ip.as_ref()?.parse().ok()?;

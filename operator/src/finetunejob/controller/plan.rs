@@ -50,19 +50,19 @@ pub enum StaleStorage {
 pub enum PodChange {
     /// Nothing.
     None,
-    /// Create the pod of this attempt.
+    /// Create pods of this attempt: its only pod, a gang's rank 0, or a gang's other ranks.
     Create {
         /// The attempt's index.
         attempt: i32,
-        /// The pod, with the starting adapter mounted.
-        pod: Box<Pod>,
+        /// The pods, with the starting adapter mounted.
+        pods: Vec<Pod>,
     },
     /// The attempt's pod is due but its starting adapter cannot be used yet (why): say so on
     /// the job and retry with backoff.
     InitAdapterUnavailable(String),
-    /// Delete this pod with the termination grace (suspend, deadline): the trainer checkpoints
-    /// on SIGTERM.
-    Delete(String),
+    /// Delete these pods with the termination grace (suspend, deadline, the rest of an ended
+    /// gang): the trainer checkpoints on SIGTERM.
+    Delete(Vec<String>),
 }
 
 /// When to reconcile again, unless something changes first.
@@ -131,10 +131,16 @@ impl Plan {
 /// created and not yet watched, or really gone. `dereference` asks the apiserver for each
 /// before `plan` may count it as gone (a preemption): after a failover the caches start empty.
 pub fn pods_to_confirm(job: &FinetuneJob, cached: &[Pod]) -> Vec<String> {
-    attempts::unended_attempts_without_pods(job, cached)
+    let mut names: Vec<String> = attempts::unended_attempts_without_pods(job, cached)
         .into_iter()
         .map(|record| record.pod_name.clone())
-        .collect()
+        .collect();
+    for member in attempts::unended_members_without_pods(job, cached) {
+        if !names.contains(&member) {
+            names.push(member);
+        }
+    }
+    names
 }
 
 /// The Adapter named by `spec.adapter.initAdapter` when this reconcile will create a trainer
@@ -147,7 +153,11 @@ pub fn starting_adapter_needed<'a>(
 ) -> Option<&'a str> {
     let adapter = job.spec.adapter.init_adapter.as_deref()?;
     let derived = status::derive(job, pods, report, now);
-    matches!(derived.action, Action::CreatePod(_)).then_some(adapter)
+    let creates = matches!(
+        derived.action,
+        Action::CreatePod(_) | Action::CreateMembers { .. }
+    );
+    creates.then_some(adapter)
 }
 
 /// The writes that bring `observed` in line with its job's spec, and when to look again.
@@ -166,19 +176,32 @@ pub fn plan(
     } else {
         stale_storage(observed, settings)?
     };
+    let create = |attempt: i32, ranks: std::ops::Range<i32>, master: Option<&str>| match &observed
+        .init_adapter
+    {
+        Some(Err(why)) => Ok(PodChange::InitAdapterUnavailable(why.clone())),
+        resolved => {
+            let init = resolved.as_ref().and_then(|uri| uri.as_deref().ok());
+            let pods = ranks
+                .map(|rank| {
+                    let member = build::Member {
+                        attempt,
+                        rank,
+                        master_addr: master,
+                    };
+                    build::member_pod(job, &member, settings, init)
+                })
+                .collect::<Result<_, _>>()?;
+            Ok::<_, BuildError>(PodChange::Create { attempt, pods })
+        }
+    };
     let pod = match &derived.action {
-        Action::CreatePod(attempt) => match &observed.init_adapter {
-            Some(Err(why)) => PodChange::InitAdapterUnavailable(why.clone()),
-            resolved => {
-                let init = resolved.as_ref().and_then(|uri| uri.as_deref().ok());
-                let pod = build::trainer_pod(job, *attempt, settings, init)?;
-                PodChange::Create {
-                    attempt: *attempt,
-                    pod: Box::new(pod),
-                }
-            }
-        },
-        Action::DeletePod(name) => PodChange::Delete(name.clone()),
+        Action::CreatePod(attempt) => create(*attempt, 0..1, None)?,
+        Action::CreateMembers {
+            attempt,
+            master_addr,
+        } => create(*attempt, 1..job.spec.resources.nodes, Some(master_addr))?,
+        Action::DeletePods(names) => PodChange::Delete(names.clone()),
         Action::PollProgress(_) | Action::Wait => PodChange::None,
     };
     let phase = derived.status.phase;
@@ -307,13 +330,13 @@ mod tests {
         let job = job("sft-lora-smollm2.yaml");
         let plan = plan_for(&observed(&job, Vec::new()));
         assert_eq!(plan.storage.len(), 2, "manifest ConfigMap and claim");
-        let PodChange::Create { attempt, pod } = &plan.pod else {
+        let PodChange::Create { attempt, pods } = &plan.pod else {
             panic!("{:?}", plan.pod);
         };
         assert_eq!(*attempt, 0);
         assert_eq!(
-            pod,
-            &Box::new(build::trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap())
+            pods,
+            &[build::trainer_pod(&job, 0, &BuildSettings::default(), None).unwrap()]
         );
         assert_eq!(plan.status.as_ref().unwrap().phase, Some(JobPhase::Pending));
         assert_eq!(plan.priority(), Priority::Urgent);
@@ -400,7 +423,7 @@ mod tests {
         let plan = plan_for(&observed(&job, vec![running.clone()]));
         assert_eq!(
             plan.pod,
-            PodChange::Delete("smollm2-kubectl-sft-attempt-0".into())
+            PodChange::Delete(vec!["smollm2-kubectl-sft-attempt-0".into()])
         );
         assert_eq!(plan.priority(), Priority::Routine);
         job.status = plan.status;
@@ -430,10 +453,10 @@ mod tests {
 
         let mut found = observed(&job, Vec::new());
         found.init_adapter = Some(Ok("pvc://adapters/team/sft".into()));
-        let PodChange::Create { pod, .. } = plan_for(&found).pod else {
+        let PodChange::Create { mut pods, .. } = plan_for(&found).pod else {
             panic!("a pod is created");
         };
-        let dir = pod.spec.unwrap().containers[0]
+        let dir = pods.remove(0).spec.unwrap().containers[0]
             .env
             .iter()
             .flatten()
