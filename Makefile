@@ -108,7 +108,7 @@ test-cluster: cluster-build build
 	@scripts/ensure-nginx.sh
 	@tests/cluster/down.sh >/dev/null 2>&1 || true
 	@tests/cluster/up.sh && { \
-	  tests/cluster/smoke.sh && \
+	  tests/cluster/kueue.sh && tests/cluster/smoke.sh && \
 	  KUBECONFIG=$(KUBECONFIG_TEST) FINETUNE_TRAINER_BIN=$(TRAINER) \
 	  FINETUNE_EXECUTOR_BIN=$(CARGO_TARGET_DIR)/release/finetune-executor \
 	  FINETUNE_SMOLLM2_GGUF=$$(scripts/smollm2-path.sh) \

@@ -2858,21 +2858,8 @@ async fn assert_refused_naming_the_secret(
 async fn a_two_node_gang_trains_on_two_nodes_and_a_deleted_member_preempts_it_whole() {
     let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
     let gang_label = format!("finetune.dev/gang-test={}", std::process::id());
-    let label_args = ["--label".to_string(), gang_label.clone()];
-    let bed = real_trainer_bed_on("it-gang", "executor-gang-a", |_| Vec::new(), &label_args).await;
+    let (bed, _second) = two_node_bed("it-gang", "executor-gang", &gang_label, &[]).await;
     let (client, ns, model) = (bed.client.clone(), bed.ns.clone(), &bed.model);
-    // The second node shares the first's work directory (its "storage") and takes other
-    // loopback pod IPs.
-    let second = format!("executor-gang-b-{}", std::process::id());
-    let mut second_args = label_args.to_vec();
-    second_args.extend(["--pod-ip-prefix".to_string(), "127.0.1".to_string()]);
-    let _second = start_executor(
-        &required_path("FINETUNE_EXECUTOR_BIN"),
-        &required_path("FINETUNE_TRAINER_BIN"),
-        &second,
-        bed.work.path(),
-        &second_args,
-    );
 
     let mut job = short_real_job(&ns, model, &bed.node);
     let (key, value) = gang_label.split_once('=').unwrap();
@@ -2955,4 +2942,157 @@ async fn a_two_node_gang_trains_on_two_nodes_and_a_deleted_member_preempts_it_wh
     let (adapter, _) = adapter_weights_digest(&client, &ns).await;
     assert_eq!(adapter.spec.source.from_job.as_deref(), Some("kubectl-sft"));
     cleanup(&client, &ns).await;
+}
+
+/// [`real_trainer_bed_on`] with a second executor node: both labelled `label` (`KEY=VALUE`) and
+/// started with `executor_args`, sharing one work directory (their "storage") with distinct
+/// loopback pod IPs.
+async fn two_node_bed(
+    namespace_prefix: &str,
+    node_prefix: &str,
+    label: &str,
+    executor_args: &[String],
+) -> (RealTrainerBed, Executor) {
+    let mut args = vec!["--label".to_string(), label.to_string()];
+    args.extend_from_slice(executor_args);
+    let first = format!("{node_prefix}-a");
+    let bed = real_trainer_bed_on(namespace_prefix, &first, |_| Vec::new(), &args).await;
+    let second = format!("{node_prefix}-b-{}", std::process::id());
+    args.extend(["--pod-ip-prefix".to_string(), "127.0.1".to_string()]);
+    let executor = start_executor(
+        &required_path("FINETUNE_EXECUTOR_BIN"),
+        &required_path("FINETUNE_TRAINER_BIN"),
+        &second,
+        bed.work.path(),
+        &args,
+    );
+    (bed, executor)
+}
+
+/// Kueue (v0.19, built from its module, run by `make test-cluster`) admits a gang whole: with a
+/// ClusterQueue whose GPU quota holds one member, a `nodes: 2` job stays Queued with Kueue's
+/// reason in its status and no member runs; once the quota holds both, the gang runs and
+/// succeeds.
+#[tokio::test]
+#[ignore = "needs the control plane: run `make test-cluster`"]
+async fn kueue_admits_a_gang_whole_or_not_at_all() {
+    let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+    let pid = std::process::id();
+    let label = format!("finetune.dev/kueue-test={pid}");
+    let gpus = ["--gpus=1".to_string()];
+    let (bed, _second) = two_node_bed("it-kueue", "executor-kueue", &label, &gpus).await;
+    let (client, ns, model) = (bed.client.clone(), bed.ns.clone(), &bed.model);
+    let (flavor, queue) = (format!("gang-flavor-{pid}"), format!("gang-cq-{pid}"));
+    let kueue = |kind: &str, plural: &str| {
+        let gvk = kube::api::GroupVersionKind::gvk("kueue.x-k8s.io", "v1beta2", kind);
+        kube::api::ApiResource::from_gvk_with_plural(&gvk, plural)
+    };
+    let flavors: Api<kube::api::DynamicObject> =
+        Api::all_with(client.clone(), &kueue("ResourceFlavor", "resourceflavors"));
+    let cluster_queues: Api<kube::api::DynamicObject> =
+        Api::all_with(client.clone(), &kueue("ClusterQueue", "clusterqueues"));
+    let local_queues: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &kueue("LocalQueue", "localqueues"));
+    let apply = PatchParams::apply("kueue-test").force();
+    let cluster_queue = |gpus: i32| {
+        json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
+               "metadata": {"name": queue},
+               "spec": {"namespaceSelector": {}, "resourceGroups": [{
+                   "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                   "flavors": [{"name": flavor, "resources": [
+                       {"name": "cpu", "nominalQuota": 64},
+                       {"name": "memory", "nominalQuota": "512Gi"},
+                       {"name": "nvidia.com/gpu", "nominalQuota": gpus}]}]}]}})
+    };
+    flavors
+        .patch(
+            &flavor,
+            &apply,
+            &Patch::Apply(json!({"apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "ResourceFlavor", "metadata": {"name": flavor}})),
+        )
+        .await
+        .expect("Kueue's CRDs are installed (tests/cluster/kueue.sh)");
+    cluster_queues
+        .patch(&queue, &apply, &Patch::Apply(cluster_queue(1)))
+        .await
+        .unwrap();
+    local_queues
+        .patch(
+            "gang-queue",
+            &apply,
+            &Patch::Apply(
+                json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+                "metadata": {"name": "gang-queue", "namespace": ns},
+                "spec": {"clusterQueue": queue}}),
+            ),
+        )
+        .await
+        .unwrap();
+
+    let mut job = short_real_job(&ns, model, &bed.node);
+    let (key, value) = label.split_once('=').unwrap();
+    job.spec.resources.node_selector = [(key.to_string(), value.to_string())].into();
+    (job.spec.resources.nodes, job.spec.resources.gpus) = (2, 1);
+    job.metadata.labels = Some(
+        [(
+            "kueue.x-k8s.io/queue-name".to_string(),
+            "gang-queue".to_string(),
+        )]
+        .into(),
+    );
+    let jobs: Api<FinetuneJob> = Api::namespaced(client.clone(), &ns);
+    create_job(&jobs, &job).await;
+
+    // Queued, in Kueue's words, and nothing of the gang runs.
+    let queued = wait_for(
+        "the gang to be Queued with Kueue's reason",
+        Duration::from_secs(120),
+        || async {
+            let status = jobs.get("kubectl-sft").await.ok()?.status?;
+            let condition = status.conditions.iter().find(|c| c.type_ == "Queued")?;
+            (condition.status == "True" && condition.message.contains("insufficient"))
+                .then(|| condition.message.clone())
+        },
+    )
+    .await;
+    eprintln!("  queued: {queued}");
+    assert!(queued.contains("nvidia.com/gpu"), "{queued}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for _ in 0..10 {
+        let listed = pods.list(&ListParams::default()).await.unwrap();
+        let trainers: Vec<_> = listed
+            .items
+            .iter()
+            .filter(|p| p.name_any().starts_with("kubectl-sft-attempt-0"))
+            .collect();
+        assert_eq!(trainers.len(), 1, "only rank 0 exists while queued");
+        let phase = trainers[0].status.as_ref().and_then(|s| s.phase.clone());
+        assert_eq!(
+            phase.as_deref(),
+            Some("Pending"),
+            "a member ran while queued"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The quota holds both members: Kueue admits the gang, which runs whole and succeeds.
+    cluster_queues
+        .patch(&queue, &apply, &Patch::Apply(cluster_queue(2)))
+        .await
+        .unwrap();
+    let status = wait_for_success(&jobs, "kubectl-sft", |_| {}).await;
+    let attempt = &status.attempts[0];
+    assert_eq!(status.attempts.len(), 1, "{:?}", status.attempts);
+    let nodes: std::collections::BTreeSet<_> = attempt
+        .members
+        .iter()
+        .filter_map(|m| m.node_name.clone())
+        .collect();
+    assert_eq!(nodes.len(), 2, "{attempt:?}");
+    cleanup(&client, &ns).await;
+    let _ = cluster_queues
+        .delete(&queue, &DeleteParams::default())
+        .await;
+    let _ = flavors.delete(&flavor, &DeleteParams::default()).await;
 }

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Build the pinned upstream binaries for the local test cluster
 # (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# kubelet and fake-gpu-plugin (the real node), kwok, helm, and versitygw: the S3-compatible server of the s3:// tests)
+# kubelet and fake-gpu-plugin (the real node), kwok, helm, versitygw: the S3-compatible server of the s3:// tests,
+# and kueue: the queueing controller of the gang-admission test)
 # from the Go module proxy into a cache outside the repo:
 #
 #   ${FINETUNE_CACHE:-$HOME/.cache/finetune-operator}/cluster/bin
 #
-# Pins live in the committed wrapper modules tests/cluster/{k8s,etcd,kwok,helm,versitygw}
+# Pins live in the committed wrapper modules tests/cluster/{k8s,etcd,kwok,helm,versitygw,kueue}
 # (go.mod + go.sum). Each binary has a stamp file keyed by its pin, the
 # wrapper's go.mod/go.sum hash, the Go version and this script's build flags;
 # a binary is rebuilt only when that key changes. Idempotent.
@@ -36,6 +37,7 @@ ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 VERSITYGW_VERSION=v1.8.0
+KUEUE_VERSION=v0.19.2
 
 log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { printf '[build] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -54,6 +56,7 @@ check_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin kwok sigs.k8s.io/kwok "$KWOK_VERSION"
 check_pin helm helm.sh/helm/v3 "$HELM_VERSION"
 check_pin versitygw github.com/versity/versitygw "$VERSITYGW_VERSION"
+check_pin kueue sigs.k8s.io/kueue "$KUEUE_VERSION"
 
 BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 k8s_ldflags() {
@@ -77,6 +80,7 @@ spec() {
     kwok) echo "kwok|sigs.k8s.io/kwok/cmd/kwok|$KWOK_VERSION|-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" ;;
     helm) echo "helm|helm.sh/helm/v3/cmd/helm|$HELM_VERSION|-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" ;;
     versitygw) echo "versitygw|github.com/versity/versitygw/cmd/versitygw|$VERSITYGW_VERSION|-s -w" ;;
+    kueue) echo "kueue|sigs.k8s.io/kueue/cmd/kueue|$KUEUE_VERSION|-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" ;;
     *) die "unknown binary: $1" ;;
     esac
 }
@@ -123,7 +127,7 @@ build_one() {
 mkdir -p "$BIN" "$STAMPS"
 log "cache: $CACHE ($GOVER, GOMODCACHE=$("$GO" env GOMODCACHE))"
 log "disk: $(df -h "$CACHE" | awk 'NR==2{print $4" free on "$6}')"
-ALL=(etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet fake-gpu-plugin kwok versitygw helm)
+ALL=(etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet fake-gpu-plugin kwok versitygw kueue helm)
 if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL[@]}"); fi
 T0=$(date +%s)
 for n in "${TARGETS[@]}"; do build_one "$n"; done

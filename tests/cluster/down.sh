@@ -49,6 +49,8 @@ stop_node() {
     rm -rf "$NODE_STATE/containerd"
 }
 stop_node
+# Kueue (kueue.sh), a client of the apiserver: before it.
+stop_proc kueue TERM
 
 stopped=0
 for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do

@@ -45,6 +45,8 @@ CALLS = {
     # ours::create_or_update (create, get, then server-side apply), metadata watches
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
+    # dereference::kueue_admission (the Workload of a gated gang attempt)
+    ("kueue.x-k8s.io", "workloads"): {"get"},
     # event_queue (kube Recorder: create, patch for a series)
     ("events.k8s.io", "events"): {"create", "patch"},
     # leader::Lease (get_opt, create, replace)

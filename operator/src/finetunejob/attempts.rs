@@ -286,6 +286,16 @@ pub fn attempt_of(pod: &Pod) -> Option<i32> {
         .ok()
 }
 
+/// Whether the scheduler holds `pod` for its scheduling gates (Kueue's admission gate, say).
+pub fn gated(pod: &Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_deref());
+    conditions.unwrap_or_default().iter().any(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("SchedulingGated")
+    })
+}
+
 /// A gang member's rank, from its label; 0 for a one-pod attempt.
 pub fn rank_of(pod: &Pod) -> i32 {
     pod.metadata

@@ -95,6 +95,34 @@ pub(super) fn live_members(latest: &Observed) -> Vec<String> {
         .collect()
 }
 
+/// Why Kueue holds a Workload (its JSON), in its own words: the `QuotaReserved=False` reason
+/// and message (e.g. `Pending: couldn't assign flavors to pod set ...: insufficient quota for
+/// nvidia.com/gpu ...`), or that it is admitted and its pods are about to be released.
+pub fn admission_message(workload: &serde_json::Value) -> String {
+    let conditions = workload["status"]["conditions"].as_array();
+    let condition = |type_: &str| {
+        conditions
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+    };
+    let text = |c: &serde_json::Value| {
+        format!(
+            "{}: {}",
+            c["reason"].as_str().unwrap_or("Unknown"),
+            c["message"].as_str().unwrap_or("")
+        )
+    };
+    match (condition("QuotaReserved"), condition("Admitted")) {
+        (_, Some(admitted)) if admitted["status"] == "True" => {
+            "admitted; Kueue is releasing its pods".into()
+        }
+        (Some(reserved), _) if reserved["status"] == "False" => text(reserved),
+        (Some(_), Some(admitted)) => text(admitted),
+        _ => "Kueue has not considered its Workload yet".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use finetune_crds::JobPhase;
@@ -296,6 +324,51 @@ mod tests {
         let status = job.status.as_ref().unwrap();
         assert_eq!(status.failed_attempts, 1);
         assert!(status.next_retry_time.is_some());
+    }
+
+    #[test]
+    fn kueues_reason_for_a_held_gang_is_the_jobs_queued_message() {
+        let mut job = gang_job();
+        step(&mut job, &[], now());
+        let mut gated = member(0, 0, "Pending", None);
+        gated.status.as_mut().unwrap().conditions =
+            Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("SchedulingGated".into()),
+                ..Default::default()
+            }]);
+        let workload = serde_json::json!({"status": {"conditions": [
+            {"type": "QuotaReserved", "status": "False", "reason": "Pending",
+             "message": "couldn't assign flavors to pod set 1a2b: insufficient quota for nvidia.com/gpu"}
+        ]}});
+        let why = admission_message(&workload);
+        let derived = super::super::status::derive_queued(&job, &[gated], None, Some(&why), now());
+        assert_eq!(derived.status.phase, Some(JobPhase::Queued));
+        let queued = derived
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.status == "True")
+            .unwrap();
+        assert_eq!(queued.reason, "AwaitingAdmission");
+        assert!(
+            queued.message.ends_with("Pending: couldn't assign flavors to pod set 1a2b: insufficient quota for nvidia.com/gpu"),
+            "{}",
+            queued.message
+        );
+        let admitted = serde_json::json!({"status": {"conditions": [
+            {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": ""},
+            {"type": "Admitted", "status": "True", "reason": "Admitted", "message": ""}
+        ]}});
+        assert_eq!(
+            admission_message(&admitted),
+            "admitted; Kueue is releasing its pods"
+        );
+        assert_eq!(
+            admission_message(&serde_json::json!({})),
+            "Kueue has not considered its Workload yet"
+        );
     }
 
     #[test]

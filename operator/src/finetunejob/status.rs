@@ -138,6 +138,18 @@ pub fn derive(
     progress: Option<&StatusReport>,
     now: Timestamp,
 ) -> Derived {
+    derive_queued(job, pods, progress, None, now)
+}
+
+/// [`derive`], with why Kueue has not yet admitted the latest attempt's gated pods (the
+/// reason and message of its Workload), when that was read.
+pub fn derive_queued(
+    job: &FinetuneJob,
+    pods: &[Pod],
+    progress: Option<&StatusReport>,
+    admission: Option<&str>,
+    now: Timestamp,
+) -> Derived {
     let mut status = job.status.clone().unwrap_or_default();
     // A finished job's status is final, whatever its pods do now.
     if matches!(status.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
@@ -151,7 +163,11 @@ pub fn derive(
     // Set again only while a retry is backing off.
     status.next_retry_time = None;
     let latest = attempts::record_attempts(&mut status, pods, job.spec.resources.nodes, now);
-    let (action, transitions) = next_phase(job, &mut status, latest, progress, now);
+    let reports = Reports {
+        progress,
+        admission,
+    };
+    let (action, transitions) = next_phase(job, &mut status, latest, reports, now);
     match &action {
         Action::CreatePod(attempt) => attempts::record_created(job, &mut status, *attempt),
         Action::CreateMembers { attempt, .. } => {
@@ -207,13 +223,23 @@ impl PhaseSetter {
 /// The job's phase after its `latest` attempt (`None` before the first), and what to do next.
 /// `status` holds the attempts as [`attempts::record_attempts`] left them; the phase, the
 /// conditions and the times are set here. Returns the action and the Events to record.
+/// What was read about the latest attempt besides its pods.
+#[derive(Clone, Copy)]
+struct Reports<'a> {
+    /// The trainer's `/status`.
+    progress: Option<&'a StatusReport>,
+    /// Why Kueue holds the attempt's pods.
+    admission: Option<&'a str>,
+}
+
 fn next_phase(
     job: &FinetuneJob,
     status: &mut FinetuneJobStatus,
     latest: Option<Observed>,
-    progress: Option<&StatusReport>,
+    reports: Reports,
     now: Timestamp,
 ) -> (Action, Vec<Transition>) {
+    let progress = reports.progress;
     let mut phases = PhaseSetter {
         before: status.phase,
         generation: job.metadata.generation,
@@ -287,6 +313,29 @@ fn next_phase(
         }) => {
             let message = format!("attempt {attempt} waits for resources: {message}");
             phases.set(status, JobPhase::Queued, "Unschedulable", message, false);
+            Action::Wait
+        }
+        Some(Observed {
+            index: attempt,
+            pod: Some(pod),
+            state: PodState::Pending {
+                unschedulable: None,
+            },
+            ..
+        }) if attempts::gated(pod) => {
+            let message = match reports.admission {
+                Some(why) => format!("attempt {attempt} waits for Kueue to admit it: {why}"),
+                None => format!(
+                    "attempt {attempt} waits for admission: its pod is held by scheduling gates"
+                ),
+            };
+            phases.set(
+                status,
+                JobPhase::Queued,
+                "AwaitingAdmission",
+                message,
+                false,
+            );
             Action::Wait
         }
         Some(Observed {

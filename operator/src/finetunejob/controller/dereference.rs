@@ -8,13 +8,14 @@ use finetune_crds::contract::DEFAULT_STATUS_PORT;
 use finetune_crds::{Adapter, FinetuneJob};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, ResourceExt};
 
 use super::context::Context;
 use super::plan::{self, Observed};
 use crate::api::applied_hash;
 use crate::error::Error;
-use crate::finetunejob::{attempts, init_adapter, names};
+use crate::finetunejob::{attempts, gang, gang_pod, init_adapter, names};
 
 /// Reads what `plan` needs about `job` (the freshest copy of it).
 pub(super) async fn dereference(ctx: &Context, job: Arc<FinetuneJob>) -> Result<Observed, Error> {
@@ -34,6 +35,7 @@ pub(super) async fn dereference(ctx: &Context, job: Arc<FinetuneJob>) -> Result<
         Some(address) => ctx.progress.report(&key, &address),
         None => None,
     };
+    let admission = kueue_admission(ctx, &namespace, &pods).await;
     let now = Timestamp::now();
     let init_adapter = match plan::starting_adapter_needed(&job, &pods, report.as_ref(), now) {
         Some(adapter) => Some(init_adapter_uri(ctx, &namespace, adapter).await?),
@@ -59,8 +61,40 @@ pub(super) async fn dereference(ctx: &Context, job: Arc<FinetuneJob>) -> Result<
         manifest_hash,
         claim_hash,
         init_adapter,
+        admission,
         now,
     })
+}
+
+/// Why Kueue has not admitted the newest attempt, when its rank 0 is held by scheduling gates
+/// and belongs to a Kueue pod group: the reason and message of the group's Workload (one GET,
+/// only while gated). `None` when there is nothing to read or it cannot be read (Kueue not
+/// installed, no permission): the job then says only that its pods are gated.
+async fn kueue_admission(ctx: &Context, namespace: &str, pods: &[Pod]) -> Option<String> {
+    let newest = pods.iter().max_by_key(|pod| {
+        let attempt = attempts::attempt_of(pod).unwrap_or(-1);
+        (attempt, std::cmp::Reverse(attempts::rank_of(pod)))
+    })?;
+    let group = newest.labels().get(gang_pod::KUEUE_GROUP_LABEL)?;
+    if !attempts::gated(newest) {
+        return None;
+    }
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kueue.x-k8s.io", "v1beta2", "Workload"),
+        "workloads",
+    );
+    let workloads: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &resource);
+    match workloads.get_opt(group).await {
+        Ok(Some(workload)) => Some(gang::admission_message(&workload.data)),
+        Ok(None) => Some(format!(
+            "Kueue has not made Workload {group} yet (it does so once the group's first pod exists)"
+        )),
+        Err(error) => {
+            tracing::debug!(%error, group, "cannot read Kueue's Workload");
+            None
+        }
+    }
 }
 
 fn owned_by(pod: &Pod, job: &FinetuneJob) -> bool {

@@ -32,6 +32,9 @@ pub struct Observed {
     /// Where the files of `spec.adapter.initAdapter` are, or why they cannot be used yet; looked
     /// up only when this reconcile creates a pod (see [`starting_adapter_needed`]).
     pub init_adapter: Option<Result<String, String>>,
+    /// Why Kueue has not admitted the latest attempt's gated gang (its Workload's reason and
+    /// message), when read.
+    pub admission: Option<String>,
     /// The time the plan is made for.
     pub now: Timestamp,
 }
@@ -169,7 +172,13 @@ pub fn plan(
     let job = observed.job.as_ref();
     let now = observed.now;
     let phase_before = job.status.as_ref().and_then(|s| s.phase);
-    let derived = status::derive(job, &observed.pods, observed.report.as_ref(), now);
+    let derived = status::derive_queued(
+        job,
+        &observed.pods,
+        observed.report.as_ref(),
+        observed.admission.as_deref(),
+        now,
+    );
     // A finished job's storage is left as it is: its output is read from there.
     let storage = if matches!(phase_before, Some(JobPhase::Succeeded | JobPhase::Failed)) {
         Vec::new()
@@ -301,6 +310,7 @@ mod tests {
             manifest_hash: None,
             claim_hash: None,
             init_adapter: None,
+            admission: None,
             now: now(),
         }
     }
