@@ -41,8 +41,9 @@ kubectl_ apply --server-side --force-conflicts -f "$MODULE/crd/bases" >/dev/null
 kubectl_ wait --for=condition=Established crd --all --timeout=60s >/dev/null
 kubectl_ create namespace kueue-system --dry-run=client -o yaml | kubectl_ apply -f - >/dev/null
 
+# free_port runs in a subshell here, so the first pick is passed on for the second to avoid.
 WEBHOOK_PORT=$(free_port)
-HEALTH_PORT=$(free_port)
+HEALTH_PORT=$(USED_PORTS="$WEBHOOK_PORT" free_port)
 cat >"$DIR/config.yaml" <<EOF
 apiVersion: config.kueue.x-k8s.io/v1beta2
 kind: Configuration

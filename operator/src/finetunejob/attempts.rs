@@ -80,7 +80,16 @@ pub(super) fn record_attempts<'a>(
         .map(|(index, mut members)| {
             members.sort_by_key(|pod| rank_of(pod));
             let on_record = recorded_members(status, index);
-            let (pod, state) = attempt_state(&members, &on_record, nodes);
+            let (pod, mut state) = attempt_state(&members, &on_record, nodes);
+            // A gang's end is decided once: its other members, stopped after it, must not turn
+            // a failure into a preemption or the other way round (counted twice, or charged for
+            // someone else's eviction). Their reports still count (rank 0's checkpoint).
+            if let (Some(record), PodState::Failed(seen)) = (ended_gang(status, index), &state) {
+                state = PodState::Failed(Failure {
+                    termination: seen.termination.clone(),
+                    ..failure_of(record)
+                });
+            }
             Observed {
                 index,
                 pod: Some(pod),
@@ -110,7 +119,10 @@ pub(super) fn record_attempts<'a>(
         .iter()
         .map(|a| match a.pod {
             Some(pod) => {
-                let mut record = attempt_record(a.index, pod, &a.state);
+                let mut record = match ended_gang(status, a.index) {
+                    Some(ended) => ended.clone(),
+                    None => attempt_record(a.index, pod, &a.state),
+                };
                 record.members = gang::seen(recorded_members(status, a.index), &a.members);
                 // A gang's record is named by rank 0, whichever member ended it.
                 if let Some(rank_zero) = record.members.first() {
@@ -175,8 +187,9 @@ pub(super) fn record_created(job: &FinetuneJob, status: &mut FinetuneJobStatus, 
     }
 }
 
-/// Puts every member of gang `attempt` on record before ranks 1.. are created, for the same
-/// reason as [`record_created`]: a member deleted before it is first seen is still missed.
+/// Puts every member of gang `attempt` on record as ranks 1.. are created (the status is written
+/// right after them), for the same reason as [`record_created`]: a member deleted before it is
+/// first seen is still missed.
 pub(super) fn record_members(job: &FinetuneJob, status: &mut FinetuneJobStatus, attempt: i32) {
     let name = job.metadata.name.clone().unwrap_or_default();
     let nodes = job.spec.resources.nodes;
@@ -189,6 +202,16 @@ pub(super) fn record_members(job: &FinetuneJob, status: &mut FinetuneJobStatus, 
         }
         record.members = members;
     }
+}
+
+/// The record of gang `attempt` once it has ended in failure (the first member that failed or
+/// went missing decided how): kept as it was, members aside.
+fn ended_gang(status: &FinetuneJobStatus, attempt: i32) -> Option<&Attempt> {
+    status.attempts.iter().find(|a| {
+        a.index == attempt
+            && !a.members.is_empty()
+            && a.reason.as_deref().is_some_and(|r| r != "Completed")
+    })
 }
 
 fn recorded_members(status: &FinetuneJobStatus, attempt: i32) -> Vec<Member> {
@@ -338,7 +361,8 @@ fn attempt_state<'a>(members: &[&'a Pod], on_record: &[Member], nodes: i32) -> (
     };
     if let Some(gone) = on_record.iter().find(|m| !seen(&m.pod_name)) {
         let message = format!(
-            "gang member {} (rank {}) was deleted before the attempt finished (an eviction, a              drain or by hand); the whole gang restarts from the last checkpoint",
+            "gang member {} (rank {}) was deleted before the attempt finished (an eviction, a \
+             drain or by hand); the whole gang restarts from the last checkpoint",
             gone.pod_name, gone.rank
         );
         return (rank_zero, PodState::Failed(gang::member_lost(message)));

@@ -83,16 +83,23 @@ pub(super) fn rank_zero_address(
 
 /// The members of `latest` still to be stopped: not ended and not already being deleted.
 pub(super) fn live_members(latest: &Observed) -> Vec<String> {
-    latest
-        .members
-        .iter()
+    unended(latest)
         .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .filter(|pod| {
-            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded" | "Failed"))
-        })
         .map(|pod| pod.metadata.name.clone().unwrap_or_default())
         .collect()
+}
+
+/// Whether a member of `latest` is being deleted and has not ended yet: rank 0 may still be
+/// writing its SIGTERM checkpoint, which the next attempt must find whole.
+pub(super) fn members_stopping(latest: &Observed) -> bool {
+    unended(latest).any(|pod| pod.metadata.deletion_timestamp.is_some())
+}
+
+fn unended<'a>(latest: &'a Observed) -> impl Iterator<Item = &'a &'a Pod> {
+    latest.members.iter().filter(|pod| {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        !matches!(phase, Some("Succeeded" | "Failed"))
+    })
 }
 
 /// Why Kueue holds a Workload (its JSON), in its own words: the `QuotaReserved=False` reason
@@ -129,6 +136,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use finetune_crds::contract::TerminationMessage;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::super::attempts::fixtures::{exited, finished, now};
     use super::super::attempts::succeeded_termination;
@@ -280,7 +288,24 @@ mod tests {
                 .contains("j-attempt-0-rank-1"),
             "{record:?}"
         );
-        // Rank 0 checkpointed on SIGTERM and exited: the next attempt starts, from rank 0 again.
+        // While rank 0 is being deleted (writing its SIGTERM checkpoint) nothing new starts.
+        let mut terminating = member(0, 0, "Running", Some("10.0.0.7"));
+        terminating.metadata.deletion_timestamp = Some(Time(now()));
+        assert_eq!(step(&mut job, &[terminating], now()), Action::Wait);
+        // Rank 0 crashed on its lost peer instead: still the preemption decided first.
+        let crashed = exited(member(0, 0, "Failed", Some("10.0.0.7")), 1, "Error", None);
+        assert_eq!(step(&mut job, &[crashed], now()), Action::CreatePod(1));
+        let status = job.status.as_ref().unwrap();
+        assert_eq!((status.preemptions, status.failed_attempts), (1, 0));
+        assert_eq!(status.attempts[0].reason.as_deref(), Some("Preempted"));
+        // Or it checkpointed and exited 143: the same.
+        let mut job = gang_job();
+        running_gang(&mut job);
+        step(
+            &mut job,
+            &[member(0, 0, "Running", Some("10.0.0.7"))],
+            now(),
+        );
         let stopped = exited(member(0, 0, "Failed", Some("10.0.0.7")), 143, "Error", None);
         assert_eq!(step(&mut job, &[stopped], now()), Action::CreatePod(1));
         let status = job.status.as_ref().unwrap();
@@ -314,15 +339,16 @@ mod tests {
                 .starts_with("rank 1 (j-attempt-0-rank-1)"),
             "{record:?}"
         );
-        // Rank 0 then fails too (its collective lost a peer): still one charged failure, and
-        // the retry waits out the backoff from rank 1's failure.
+        // Rank 0, stopped by us, checkpoints and exits 143: the attempt stays rank 1's charged
+        // failure (not also a preemption), and the retry waits out the backoff from it.
         let after = finished(
-            exited(member(0, 0, "Failed", Some("10.0.0.7")), 1, "Error", None),
+            exited(member(0, 0, "Failed", Some("10.0.0.7")), 143, "Error", None),
             now(),
         );
         assert_eq!(step(&mut job, &[after, crashed], now()), Action::Wait);
         let status = job.status.as_ref().unwrap();
-        assert_eq!(status.failed_attempts, 1);
+        assert_eq!((status.failed_attempts, status.preemptions), (1, 0));
+        assert_eq!(status.attempts[0].reason.as_deref(), Some("Error"));
         assert!(status.next_retry_time.is_some());
     }
 

@@ -249,6 +249,7 @@ fn next_phase(
     // Members of the latest attempt still running: a gang that ended (a member failed or was
     // lost), is suspended or is past its deadline stops them before anything else happens.
     let live = latest.as_ref().map(gang::live_members).unwrap_or_default();
+    let stopping = latest.as_ref().is_some_and(gang::members_stopping);
     let stop_live = || match live.is_empty() {
         true => Action::Wait,
         false => Action::DeletePods(live.clone()),
@@ -395,9 +396,10 @@ fn next_phase(
         }) => after_failure(job, status, attempt, &failure, &mut phases),
     };
     // A gang that ended stops its other members first: the next attempt, or the job's end,
-    // waits until none of them runs (they would hold the GPUs, and rank 0 the storage).
+    // waits until none of them runs (they would hold the GPUs, and rank 0 the storage), those
+    // already being deleted included.
     let action = match action {
-        _ if ended && !live.is_empty() => stop_live(),
+        _ if ended && (stopping || !live.is_empty()) => stop_live(),
         action => action,
     };
     (action, phases.transitions)
