@@ -2982,6 +2982,13 @@ async fn kueue_admits_a_gang_whole_or_not_at_all() {
     let gpus = ["--gpus=1".to_string()];
     let (bed, _second) = two_node_bed("it-kueue", "executor-kueue", &label, &gpus).await;
     let (client, ns, model) = (bed.client.clone(), bed.ns.clone(), &bed.model);
+    // The namespaces Kueue manages here are labelled so (tests/cluster/kueue.sh).
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let managed = json!({"metadata": {"labels": {"finetune.dev/kueue": "enabled"}}});
+    namespaces
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(managed))
+        .await
+        .unwrap();
     let (flavor, queue) = (format!("gang-flavor-{pid}"), format!("gang-cq-{pid}"));
     let kueue = |kind: &str, plural: &str| {
         let gvk = kube::api::GroupVersionKind::gvk("kueue.x-k8s.io", "v1beta2", kind);

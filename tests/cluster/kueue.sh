@@ -4,8 +4,10 @@
 # 127.0.0.1 with a self-signed certificate (the apiserver calls URL webhooks directly, so no
 # Service or DNS is needed), and the plain-pod integration that admits our gangs. down.sh stops it.
 #
-# Only pods that carry Kueue's queue label reach its pod webhooks (objectSelector), so the other
-# tests' pods never depend on it. Prints `export KUEUE_READY=1` when ready.
+# Kueue manages only namespaces labelled finetune.dev/kueue=enabled, and only pods there that
+# carry its queue label reach its pod webhooks: the other tests' pods never depend on it (the
+# full-finetune example names a queue, which their namespaces do not have). Prints
+# `export KUEUE_READY=1` when ready.
 set -euo pipefail
 LOG_TAG=kueue
 # shellcheck source=lib.sh
@@ -55,7 +57,7 @@ webhook: {host: 127.0.0.1, port: $WEBHOOK_PORT, certDir: $DIR/certs}
 internalCertManagement: {enable: false}
 manageJobsWithoutQueueName: false
 managedJobsNamespaceSelector:
-  matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [kube-system, kueue-system]}]
+  matchLabels: {finetune.dev/kueue: enabled}
 integrations: {frameworks: ["pod"]}
 waitForPodsReady: {timeout: 10m}
 featureGates: {VisibilityOnDemand: false}
@@ -81,9 +83,7 @@ for doc in yaml.safe_load_all(open(source)):
         if kind == "pod":
             hook["objectSelector"] = {"matchExpressions": [
                 {"key": "kueue.x-k8s.io/queue-name", "operator": "Exists"}]}
-            hook["namespaceSelector"] = {"matchExpressions": [
-                {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-                 "values": ["kube-system", "kueue-system"]}]}
+            hook["namespaceSelector"] = {"matchLabels": {"finetune.dev/kueue": "enabled"}}
         hooks.append(hook)
     doc["metadata"]["name"] = "kueue-" + doc["metadata"]["name"]
     doc["webhooks"] = hooks
