@@ -620,6 +620,17 @@ pub(super) mod fixtures {
 
     use crate::finetunejob::names;
 
+    /// The SFT example as a stored job (generation 1).
+    pub(in crate::finetunejob) fn example_job() -> finetune_crds::FinetuneJob {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/sft-lora-smollm2.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut job: finetune_crds::FinetuneJob =
+            finetune_crds::parse_manifest(&text, "x").unwrap();
+        job.metadata.generation = Some(1);
+        job
+    }
+
     pub(in crate::finetunejob) fn now() -> Timestamp {
         "2026-11-26T12:00:00Z".parse().unwrap()
     }

@@ -138,16 +138,13 @@ mod tests {
     use finetune_crds::contract::TerminationMessage;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    use super::super::attempts::fixtures::{exited, finished, now};
+    use super::super::attempts::fixtures::{example_job, exited, finished, now};
     use super::super::attempts::succeeded_termination;
     use super::super::status::{Action, derive};
     use super::*;
 
     fn gang_job() -> FinetuneJob {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../examples/sft-lora-smollm2.yaml");
-        let text = std::fs::read_to_string(path).unwrap();
-        let mut job: FinetuneJob = finetune_crds::parse_manifest(&text, "x").unwrap();
+        let mut job = example_job();
         job.metadata.name = Some("j".into());
         job.spec.resources.nodes = 2;
         job

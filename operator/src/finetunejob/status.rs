@@ -239,7 +239,6 @@ fn next_phase(
     reports: Reports,
     now: Timestamp,
 ) -> (Action, Vec<Transition>) {
-    let progress = reports.progress;
     let mut phases = PhaseSetter {
         before: status.phase,
         generation: job.metadata.generation,
@@ -250,10 +249,7 @@ fn next_phase(
     // lost), is suspended or is past its deadline stops them before anything else happens.
     let live = latest.as_ref().map(gang::live_members).unwrap_or_default();
     let stopping = latest.as_ref().is_some_and(gang::members_stopping);
-    let stop_live = || match live.is_empty() {
-        true => Action::Wait,
-        false => Action::DeletePods(live.clone()),
-    };
+    let stop_live = || delete_or_wait(&live);
     if let Some(message) = deadline_passed(job, status, now) {
         // Past the deadline: stop whatever runs; the job fails and is never retried.
         status.completion_time = Some(Time(now));
@@ -262,29 +258,14 @@ fn next_phase(
         return (stop_live(), phases.transitions);
     }
     let suspend = job.spec.run_policy.suspend;
-    if let Some(observed) = &latest
-        && !suspend
-        && let Some(master_addr) = gang::rank_zero_address(job, status, observed)
+    if let Some(observed) = latest.as_ref().filter(|_| !suspend)
+        && let Some(action) = gang_members_due(job, status, observed, &mut phases)
     {
-        let attempt = observed.index;
-        let message = format!(
-            "attempt {attempt}: rank 0 is at {master_addr}; creating ranks 1 to {}",
-            job.spec.resources.nodes - 1
-        );
-        phases.set(status, JobPhase::Pending, "GangStarting", message, false);
-        let action = Action::CreateMembers {
-            attempt,
-            master_addr,
-        };
         return (action, phases.transitions);
     }
-    let ended = matches!(
-        latest,
-        Some(Observed {
-            state: PodState::Failed(_),
-            ..
-        })
-    );
+    let ended = latest
+        .as_ref()
+        .is_some_and(|o| matches!(o.state, PodState::Failed(_)));
     let action = match latest {
         None if suspend => {
             let message = "runPolicy.suspend is true; no trainer pod runs".into();
@@ -324,12 +305,7 @@ fn next_phase(
             },
             ..
         }) if attempts::gated(pod) => {
-            let message = match reports.admission {
-                Some(why) => format!("attempt {attempt} waits for Kueue to admit it: {why}"),
-                None => format!(
-                    "attempt {attempt} waits for admission: its pod is held by scheduling gates"
-                ),
-            };
+            let message = awaiting_admission(attempt, reports.admission);
             phases.set(
                 status,
                 JobPhase::Queued,
@@ -358,9 +334,9 @@ fn next_phase(
         }) => {
             let pod = pod.expect("only attempts whose pods are gone lack one, and they ended");
             status.start_time.get_or_insert(Time(now));
-            let (reason, message) = running_reason(attempt, progress);
+            let (reason, message) = running_reason(attempt, reports.progress);
             phases.set(status, JobPhase::Running, reason, message, false);
-            if let Some(report) = progress {
+            if let Some(report) = reports.progress {
                 let before = status.metrics.take();
                 absorb_progress(status, report, now);
                 let reduced = micro_batch_reduced(job, before.as_ref(), status.metrics.as_ref());
@@ -403,6 +379,45 @@ fn next_phase(
         action => action,
     };
     (action, phases.transitions)
+}
+
+/// Deletes `pods`, or nothing to do when there are none.
+fn delete_or_wait(pods: &[String]) -> Action {
+    match pods.is_empty() {
+        true => Action::Wait,
+        false => Action::DeletePods(pods.to_vec()),
+    }
+}
+
+/// Ranks 1.. of a gang attempt whose rank 0 has an address to meet at (see `gang`), with the
+/// phase that says so; `None` when none are due.
+fn gang_members_due(
+    job: &FinetuneJob,
+    status: &mut FinetuneJobStatus,
+    latest: &Observed,
+    phases: &mut PhaseSetter,
+) -> Option<Action> {
+    let master_addr = gang::rank_zero_address(job, status, latest)?;
+    let attempt = latest.index;
+    let message = format!(
+        "attempt {attempt}: rank 0 is at {master_addr}; creating ranks 1 to {}",
+        job.spec.resources.nodes - 1
+    );
+    phases.set(status, JobPhase::Pending, "GangStarting", message, false);
+    Some(Action::CreateMembers {
+        attempt,
+        master_addr,
+    })
+}
+
+/// The Queued message of an attempt held by scheduling gates: Kueue's reason when it was read.
+fn awaiting_admission(attempt: i32, kueue_reason: Option<&str>) -> String {
+    match kueue_reason {
+        Some(why) => format!("attempt {attempt} waits for Kueue to admit it: {why}"),
+        None => {
+            format!("attempt {attempt} waits for admission: its pod is held by scheduling gates")
+        }
+    }
 }
 
 /// The Failed message once `runPolicy.activeDeadlineSeconds` has passed since the job first
@@ -742,18 +757,15 @@ fn absorb_progress(status: &mut FinetuneJobStatus, report: &StatusReport, now: T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::finetunejob::attempts::fixtures::{condition, exited, finished, now, pod};
+    use crate::finetunejob::attempts::fixtures::{
+        condition, example_job, exited, finished, now, pod,
+    };
     use crate::finetunejob::attempts::unended_attempts_without_pods;
     use finetune_crds::contract::TrainerError;
     use finetune_crds::finetunejob::TrainingMetrics;
 
     fn job() -> FinetuneJob {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../examples/sft-lora-smollm2.yaml");
-        let mut job: FinetuneJob =
-            finetune_crds::parse_manifest(&std::fs::read_to_string(path).unwrap(), "x").unwrap();
-        job.metadata.generation = Some(1);
-        job
+        example_job()
     }
 
     fn true_condition(status: &FinetuneJobStatus) -> (&str, &str) {

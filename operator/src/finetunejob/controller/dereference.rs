@@ -71,10 +71,7 @@ pub(super) async fn dereference(ctx: &Context, job: Arc<FinetuneJob>) -> Result<
 /// only while gated). `None` when there is nothing to read or it cannot be read (Kueue not
 /// installed, no permission): the job then says only that its pods are gated.
 async fn kueue_admission(ctx: &Context, namespace: &str, pods: &[Pod]) -> Option<String> {
-    let newest = pods.iter().max_by_key(|pod| {
-        let attempt = attempts::attempt_of(pod).unwrap_or(-1);
-        (attempt, std::cmp::Reverse(attempts::rank_of(pod)))
-    })?;
+    let newest = newest_rank_zero(pods)?;
     let group = newest.labels().get(gang_pod::KUEUE_GROUP_LABEL)?;
     if !attempts::gated(newest) {
         return None;
@@ -149,14 +146,20 @@ async fn init_adapter_uri(
     Ok(init_adapter::adapter_uri(&found, producer.as_ref()))
 }
 
+/// The newest attempt's first pod (a gang's rank 0): the one that reports and the one Kueue
+/// admits first.
+fn newest_rank_zero(pods: &[Pod]) -> Option<&Pod> {
+    pods.iter().max_by_key(|pod| {
+        let attempt = attempts::attempt_of(pod).unwrap_or(-1);
+        (attempt, std::cmp::Reverse(attempts::rank_of(pod)))
+    })
+}
+
 /// `ip:port` (`[ip]:port` for IPv6) of the newest trainer pod when it is running: a gang's
 /// rank 0, which reports the group (every step ends in an all-reduce that no rank leaves
 /// before all have reached it, so its step is the slowest rank's).
 fn running_trainer_address(pods: &[Pod]) -> Option<String> {
-    let newest = pods.iter().max_by_key(|pod| {
-        let attempt = attempts::attempt_of(pod).unwrap_or(-1);
-        (attempt, std::cmp::Reverse(attempts::rank_of(pod)))
-    })?;
+    let newest = newest_rank_zero(pods)?;
     let status = newest.status.as_ref()?;
     (status.phase.as_deref() == Some("Running")).then_some(())?;
     let ip: std::net::IpAddr = status.pod_ip.as_ref()?.parse().ok()?;
