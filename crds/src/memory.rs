@@ -44,7 +44,7 @@
 //! `MALLOC_MMAP_THRESHOLD_=65536` in the environment it is the live set (within ±15 %).
 
 use crate::FinetuneJobSpec;
-use crate::training::{AdapterType, MethodType, Precision};
+use crate::training::{AdapterType, BaseQuantization, MethodType, Precision};
 
 /// Resident memory of `finetune-trainer run` during training that is not the model, its optimizer
 /// or its activations: libtorch's code and thread pools, the tokenizer, the data, the status
@@ -197,6 +197,8 @@ pub enum DeviceKind {
 pub struct RunShape {
     /// Rows per forward pass (DPO: chosen and rejected rows together).
     pub micro_batch: i64,
+    /// Rows one example takes ([`rows_per_example`]): a micro-batch is a whole number of them.
+    pub rows_per_example: i64,
     /// Tokens per row (the longest row of a batch; `maxSeqLength` at worst).
     pub seq_len: i64,
     pub gradient_checkpointing: bool,
@@ -213,8 +215,8 @@ pub struct RunShape {
     pub supervised_fraction: f64,
     /// Batches carry an attention mask (padding to the longest row, or packing).
     pub attention_mask: bool,
-    /// QLoRA: the decoder's linear layers are held as NF4 (`adapter.lora.baseQuantization`).
-    pub nf4_base: bool,
+    /// QLoRA: how the decoder's linear layers are held (`adapter.lora.baseQuantization`).
+    pub base_quantization: Option<BaseQuantization>,
 }
 
 /// Rows one training example takes in a forward pass: DPO runs a pair's chosen and rejected
@@ -245,11 +247,12 @@ impl RunShape {
             )
         });
         let rows = rows_per_example(spec);
-        let nf4_base = lora.is_some() && lora_settings.base_quantization.is_some();
+        let base_quantization = lora.as_ref().and(lora_settings.base_quantization);
         let rows_per_pass = hp.micro_batch_size.unwrap_or(hp.batch_size);
         let micro_batch = i64::from(rows_per_pass.max(1)) * rows;
         RunShape {
             micro_batch,
+            rows_per_example: rows,
             seq_len: i64::from(hp.max_seq_length.max(1)),
             gradient_checkpointing: hp.gradient_checkpointing,
             lora_dropout: lora.is_some() && lora_settings.dropout > 0.0,
@@ -259,7 +262,7 @@ impl RunShape {
             device,
             supervised_fraction: 1.0,
             attention_mask: hp.packing || micro_batch > 1,
-            nf4_base,
+            base_quantization,
         }
     }
 
@@ -355,20 +358,39 @@ pub fn plan(model: &ModelShape, run: &RunShape) -> MemoryPlan {
 /// weights and a float32 second-level scale per 256 of those (`model/nf4.rs`).
 pub const NF4_BYTES_PER_WEIGHT: f64 = 0.5 + (1.0 + 4.0 / 256.0) / 64.0;
 
-/// The base weights: the decoder's linear layers as NF4 on a QLoRA run, everything else in the
-/// compute dtype.
-fn weight_bytes(model: &ModelShape, run: &RunShape) -> f64 {
-    let all = model.parameters() as f64;
-    if run.nf4_base {
-        let linear = model.linear_parameters() as f64;
-        linear * NF4_BYTES_PER_WEIGHT + (all - linear) * run.weight_bytes as f64
-    } else {
-        all * run.weight_bytes as f64
+/// Bytes of row-wise int8 per weight (`model/int8.rs`); the float32 absmax per row is left out.
+pub const INT8_BYTES_PER_WEIGHT: f64 = 1.0;
+
+/// Bytes per weight of the largest GGUF block type a `gguf` base may hold (Q8_0: 34 bytes per 32
+/// weights); Q4_1 takes 20 and Q4_0 18. The operator cannot see the file's types from a spec, so
+/// it plans for the largest.
+pub const GGUF_BYTES_PER_WEIGHT: f64 = 34.0 / 32.0;
+
+/// Bytes per decoder linear weight held by a QLoRA base.
+pub fn quantized_bytes_per_weight(q: BaseQuantization) -> f64 {
+    match q {
+        BaseQuantization::Nf4 => NF4_BYTES_PER_WEIGHT,
+        BaseQuantization::Int8 => INT8_BYTES_PER_WEIGHT,
+        BaseQuantization::Gguf => GGUF_BYTES_PER_WEIGHT,
     }
 }
 
-/// The largest micro-batch whose plan fits in `device_memory` (less [`CUDA_RESERVE_BYTES`] on
-/// CUDA); `None` when not even one row fits. The plan grows with the batch, so a binary search.
+/// The base weights: the decoder's linear layers quantized on a QLoRA run, everything else in
+/// the compute dtype.
+fn weight_bytes(model: &ModelShape, run: &RunShape) -> f64 {
+    let all = model.parameters() as f64;
+    match run.base_quantization {
+        Some(q) => {
+            let linear = model.linear_parameters() as f64;
+            linear * quantized_bytes_per_weight(q) + (all - linear) * run.weight_bytes as f64
+        }
+        None => all * run.weight_bytes as f64,
+    }
+}
+
+/// The largest micro-batch, in examples as `hyperparameters.microBatchSize` counts them (DPO:
+/// pairs), whose plan fits in `device_memory` (less [`CUDA_RESERVE_BYTES`] on CUDA); `None` when
+/// not even one example fits. The plan grows with the batch, so a binary search.
 pub fn largest_micro_batch(model: &ModelShape, run: &RunShape, device_memory: u64) -> Option<i64> {
     let budget = match run.device {
         DeviceKind::Cpu => device_memory,
@@ -376,7 +398,7 @@ pub fn largest_micro_batch(model: &ModelShape, run: &RunShape, device_memory: u6
     };
     let fits = |b: i64| {
         let r = RunShape {
-            micro_batch: b,
+            micro_batch: b.saturating_mul(run.rows_per_example.max(1)),
             ..run.clone()
         };
         plan(model, &r).total() <= budget
@@ -597,12 +619,13 @@ pub fn fixes(model: &ModelShape, run: &RunShape, device_memory: u64) -> Vec<Fix>
         total: plan(model, r).total(),
         fits: largest_micro_batch(model, r, device_memory).is_some(),
     };
+    // One example per forward pass: one row, or a DPO pair's two.
     let one = RunShape {
-        micro_batch: 1,
+        micro_batch: run.rows_per_example.max(1),
         ..run.clone()
     };
     let mut out = Vec::new();
-    if run.micro_batch > 1 {
+    if run.micro_batch > one.micro_batch {
         out.push(fix("hyperparameters.microBatchSize: 1".into(), &one));
     }
     let checkpointed = RunShape {
@@ -631,9 +654,9 @@ pub fn fixes(model: &ModelShape, run: &RunShape, device_memory: u64) -> Vec<Fix>
             &r,
         ));
     }
-    if run.lora.is_some() && !run.nf4_base {
+    if run.lora.is_some() && run.base_quantization.is_none() {
         let qlora = RunShape {
-            nf4_base: true,
+            base_quantization: Some(BaseQuantization::Nf4),
             ..checkpointed.clone()
         };
         out.push(fix(
@@ -706,6 +729,7 @@ mod tests {
     fn lora_run(batch: i64, seq: i64) -> RunShape {
         RunShape {
             micro_batch: batch,
+            rows_per_example: 1,
             seq_len: seq,
             gradient_checkpointing: false,
             lora: Some((16, LLAMA_TARGETS.map(String::from).to_vec())),
@@ -715,7 +739,7 @@ mod tests {
             device: DeviceKind::Cpu,
             supervised_fraction: 1.0,
             attention_mask: false,
-            nf4_base: false,
+            base_quantization: None,
         }
     }
 
@@ -729,7 +753,7 @@ mod tests {
             ..lora_run(1, 256)
         };
         let nf4 = RunShape {
-            nf4_base: true,
+            base_quantization: Some(BaseQuantization::Nf4),
             ..bf16.clone()
         };
         let (a, b) = (plan(&model, &bf16).weights, plan(&model, &nf4).weights);
@@ -863,6 +887,34 @@ mod tests {
         };
         assert!(at(b) <= budget && at(b + 1) > budget, "{b}");
         assert_eq!(largest_micro_batch(&m, &run, GIB / 2), None);
+    }
+
+    #[test]
+    fn a_dpo_micro_batch_is_counted_in_pairs_and_one_pair_is_the_smallest_fix() {
+        let m = smollm2();
+        let pairs = |n: i64| RunShape {
+            micro_batch: 2 * n,
+            rows_per_example: 2,
+            ..lora_run(1, 1024)
+        };
+        let budget = 16 * GIB;
+        let b = largest_micro_batch(&m, &pairs(1), budget).unwrap();
+        assert!(plan(&m, &pairs(b)).total() <= budget, "{b}");
+        assert!(plan(&m, &pairs(b + 1)).total() > budget, "{b}");
+        // Already one pair per pass: nothing smaller to offer.
+        let fixes_at_one = fixes(&m, &pairs(1), GIB);
+        assert!(
+            !fixes_at_one
+                .iter()
+                .any(|f| f.change.contains("microBatchSize")),
+            "{fixes_at_one:?}"
+        );
+        // Four pairs per pass: the fix is one pair, two rows, not half a pair.
+        let fix = fixes(&m, &pairs(4), GIB)
+            .into_iter()
+            .find(|f| f.change == "hyperparameters.microBatchSize: 1")
+            .unwrap();
+        assert_eq!(fix.total, plan(&m, &pairs(1)).total());
     }
 
     #[test]

@@ -162,7 +162,9 @@ pub struct LoraSettings {
     /// dequantize each on the fly in the compute dtype; the adapter and its optimizer state stay
     /// float32, and the result is a normal PEFT adapter for the full-precision base. `nf4`: 4-bit
     /// NormalFloat in 64-value blocks with double-quantized scales, as bitsandbytes stores it
-    /// (about 0.52 byte per weight instead of 2 in bfloat16).
+    /// (about 0.52 byte per weight instead of 2 in bfloat16). `int8`: row-wise absmax int8, as
+    /// bitsandbytes' LLM.int8 stores weights (about 1 byte). `gguf`: a GGUF base's own Q8_0, Q4_0
+    /// or Q4_1 blocks, never expanded (0.56 to 1.06 bytes); needs a `.gguf` base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_quantization: Option<BaseQuantization>,
 }
@@ -173,6 +175,10 @@ pub struct LoraSettings {
 pub enum BaseQuantization {
     /// 4-bit NormalFloat, 64-value blocks, double-quantized absmax (QLoRA, bitsandbytes).
     Nf4,
+    /// Row-wise absmax int8 (bitsandbytes' LLM.int8 weight storage, no outlier split).
+    Int8,
+    /// The GGUF file's own blocks (Q8_0, Q4_0, Q4_1), dequantized per layer on the fly.
+    Gguf,
 }
 
 fn default_lora_rank() -> i32 {

@@ -3041,6 +3041,9 @@ async fn kueue_admits_a_gang_whole_or_not_at_all() {
     let (key, value) = label.split_once('=').unwrap();
     job.spec.resources.node_selector = [(key.to_string(), value.to_string())].into();
     (job.spec.resources.nodes, job.spec.resources.gpus) = (2, 1);
+    // Admission is what this tests; the gang test above covers training and resume.
+    job.spec.hyperparameters.max_steps = Some(2);
+    job.spec.evaluation = None;
     job.metadata.labels = Some(
         [(
             "kueue.x-k8s.io/queue-name".to_string(),

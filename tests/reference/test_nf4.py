@@ -227,3 +227,36 @@ def test_a_qlora_layer_computes_as_peft_over_bitsandbytes_linear4bit(tmp_path, b
     assert diff < 1e-5
     # The LoRA term is not negligible here, so a wrong adapter path would show.
     assert (lora.lora_B["default"](lora.lora_A["default"](x)) * 2.0).abs().max() > 1e-2
+
+
+def test_int8_rows_quantize_and_dequantize_as_bitsandbytes(tmp_path, bin_path, real_tensors):
+    """`baseQuantization: int8` (model/int8.rs, via the `int8` developer command) against
+    bitsandbytes' `int8_vectorwise_quant` on the float16 weight, as `Int8Params` stores a
+    `Linear8bitLt` base, and its `int8_vectorwise_dequant`: codes, row absmax and dequantized
+    values bit for bit, on random and real SmolLM2 weights. A row of zeros, where bitsandbytes
+    divides by zero, stays zero in ours."""
+    g = torch.Generator().manual_seed(2)
+    tensors = {name: x for name, x in random_tensors().items() if x.dim() == 2}
+    tensors["heavy_rows"] = torch.randn(64, 96, generator=g) * torch.exp(2 * torch.randn(64, 1, generator=g))
+    tensors.update({name: x for name, x in real_tensors.items() if x.dim() == 2})
+    with_zero_row = torch.randn(8, 40, generator=g)
+    with_zero_row[3] = 0
+    tensors["with_zero_row"] = with_zero_row
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(src))
+    report = run_json("int8", "--in", src, "--out", dst)
+    got = load_file(str(dst))
+    assert sorted(report) == sorted(tensors)
+    for name, x in tensors.items():
+        codes, stats, _ = F.int8_vectorwise_quant(x.to(torch.float16))
+        rows = stats != 0
+        assert torch.equal(got[f"{name}.row_absmax"], stats), f"{name}: row absmax differs"
+        assert torch.equal(got[f"{name}.codes"][rows], codes[rows]), f"{name}: int8 codes differ"
+        dequantized = F.int8_vectorwise_dequant(codes, stats)
+        assert torch.equal(got[f"{name}.dequantized"][rows], dequantized[rows]), f"{name}: dequantized differs"
+        assert (got[f"{name}.codes"][~rows] == 0).all() and (got[f"{name}.dequantized"][~rows] == 0).all()
+        assert report[name]["bytes"] == x.numel() + 4 * x.shape[0]
+    w = real_tensors["blk.0.attn_q.weight"]
+    rel = ((got["blk.0.attn_q.weight.dequantized"] - w).norm() / w.norm()).item()
+    print(f"blk.0.attn_q.weight: int8 relative error {rel:.5f}")
+    assert 1e-4 < rel < 0.02

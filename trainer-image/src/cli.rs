@@ -93,6 +93,10 @@ pub enum Command {
     /// tensors of a safetensors file: `weight` [out, in], optional `bias`, `lora_A` [r, in],
     /// `lora_B` [out, r], `x` [..., in]; writes `y`.
     Nf4Linear(Nf4LinearArgs),
+    /// [developer] Row-wise int8-quantize every 2-D float tensor of a safetensors file (as
+    /// bitsandbytes' Int8Params) and write, per tensor NAME: NAME.codes (int8), NAME.row_absmax
+    /// and NAME.dequantized (float32). Prints JSON with the bytes held per tensor.
+    Int8(Nf4Args),
 }
 
 #[derive(Debug, Args)]
@@ -434,6 +438,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::DistillKl(a) => run_distill_kl(a, device),
         Command::Nf4(a) => run_nf4(a),
         Command::Nf4Linear(a) => run_nf4_linear(a),
+        Command::Int8(a) => run_int8(a),
         Command::Tokenize(a) => run_tokenize(a),
         Command::RenderChat(a) => run_render_chat(a),
         Command::BenchForward(a) => run_bench_forward(a, device),
@@ -778,6 +783,30 @@ fn run_nf4(a: Nf4Args) -> Result<()> {
     Ok(())
 }
 
+/// Int8 codes, row absmax and dequantized values of every 2-D float tensor, for comparison with
+/// bitsandbytes.
+fn run_int8(a: Nf4Args) -> Result<()> {
+    use crate::model::int8::Int8Rows;
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    let mut report = serde_json::Map::new();
+    for (name, x) in Tensor::read_safetensors(&a.input)? {
+        if !x.is_floating_point() || x.dim() != 2 {
+            continue;
+        }
+        let q = Int8Rows::quantize(&x);
+        report.insert(
+            name.clone(),
+            json!({"shape": q.shape(), "bytes": q.bytes()}),
+        );
+        out.push((format!("{name}.dequantized"), q.dequantize(Kind::Float)));
+        out.push((format!("{name}.codes"), q.codes));
+        out.push((format!("{name}.row_absmax"), q.row_absmax));
+    }
+    crate::export::write_safetensors(&a.out, &out)?;
+    println!("{}", Value::Object(report));
+    Ok(())
+}
+
 /// One QLoRA layer's output, for comparison with PEFT over bitsandbytes' Linear4bit.
 fn run_nf4_linear(a: Nf4LinearArgs) -> Result<()> {
     use crate::model::linear::{Linear, Lora};
@@ -794,7 +823,7 @@ fn run_nf4_linear(a: Nf4LinearArgs) -> Result<()> {
         take("lora_B")?,
     );
     let mut layer = Linear::new(weight, take("bias").ok());
-    layer.quantize_base();
+    layer.quantize_base(finetune_crds::training::BaseQuantization::Nf4);
     layer.lora = Some(Lora {
         a: lora_a.to_kind(Kind::Float),
         b: lora_b.to_kind(Kind::Float),
@@ -807,7 +836,7 @@ fn run_nf4_linear(a: Nf4LinearArgs) -> Result<()> {
     Tensor::write_safetensors(&[("y", &y)], &a.out)?;
     println!(
         "{}",
-        json!({"shape": y.size(), "weight_bytes": layer.nf4.as_ref().map(|q| q.bytes())})
+        json!({"shape": y.size(), "weight_bytes": layer.quantized.as_ref().map(|q| q.bytes())})
     );
     Ok(())
 }

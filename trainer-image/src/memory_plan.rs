@@ -135,7 +135,7 @@ impl Report {
                     "seq_len": r.seq_len, "gradient_checkpointing": r.gradient_checkpointing,
                     "lora_rank": r.lora.as_ref().map(|l| l.0), "lora_dropout": r.lora_dropout,
                     "compute_bytes": r.compute_bytes, "attention_mask": r.attention_mask,
-                    "nf4_base": r.nf4_base},
+                    "base_quantization": r.base_quantization},
             "plan": self.plan,
             "total": self.plan.total(),
             "device_memory": self.device_memory,
@@ -161,7 +161,10 @@ impl Report {
                 Some((rank, t)) => format!("LoRA r{rank} on {}", t.join(",")),
                 None => "full fine-tuning".into(),
             },
-            if r.nf4_base { " over an NF4 base" } else { "" },
+            match r.base_quantization {
+                Some(q) => format!(" over a {q:?} base"),
+                None => String::new(),
+            },
             r.compute_bytes,
             if r.gradient_checkpointing {
                 ", checkpointing"

@@ -102,7 +102,9 @@ fn unsupported_gguf_tensor_type_names_tensor_and_type() {
     write_gguf(&p, &[("token_embd.weight", vec![256, 1], 12, vec![0; 144])]);
     let g = GgufFile::open(&p).unwrap();
     let cfg = g.config().unwrap();
-    let err = g.load_weights(&cfg, Kind::Float, Device::Cpu).unwrap_err();
+    let err = g
+        .load_weights(&cfg, Kind::Float, Device::Cpu, None)
+        .unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("m.gguf") && msg.contains("token_embd.weight") && msg.contains("Q4_K"),
@@ -120,7 +122,7 @@ fn truncated_gguf_tensor_data_is_reported() {
     std::fs::write(&p, &bytes[..bytes.len() - 20]).unwrap();
     let g = GgufFile::open(&p).unwrap();
     let err = g
-        .load_weights(&g.config().unwrap(), Kind::Float, Device::Cpu)
+        .load_weights(&g.config().unwrap(), Kind::Float, Device::Cpu, None)
         .unwrap_err();
     assert!(err.to_string().contains("output_norm.weight"), "{err}");
 }
@@ -152,7 +154,7 @@ fn shape_mismatch_names_file_and_tensor() {
     let wrong = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
     Tensor::write_safetensors(&[("model.embed_tokens.weight", &wrong)], &file).unwrap();
     let cfg = ModelConfig::from_hf_value(&dir.path().join("config.json"), &tiny_config()).unwrap();
-    let weights = safetensors::load_dir(dir.path(), Kind::Float, Device::Cpu).unwrap();
+    let weights = safetensors::load_dir(dir.path(), Kind::Float, Device::Cpu, None).unwrap();
     let err =
         CausalLm::from_weights(cfg, weights, dir.path(), Kind::Float, Device::Cpu).unwrap_err();
     let msg = err.to_string();
@@ -171,7 +173,7 @@ fn missing_tensor_is_named() {
     let emb = Tensor::zeros([8, 4], (Kind::Float, Device::Cpu));
     Tensor::write_safetensors(&[("model.embed_tokens.weight", &emb)], &file).unwrap();
     let cfg = ModelConfig::from_hf_value(&dir.path().join("config.json"), &tiny_config()).unwrap();
-    let weights = safetensors::load_dir(dir.path(), Kind::Float, Device::Cpu).unwrap();
+    let weights = safetensors::load_dir(dir.path(), Kind::Float, Device::Cpu, None).unwrap();
     let err =
         CausalLm::from_weights(cfg, weights, dir.path(), Kind::Float, Device::Cpu).unwrap_err();
     assert!(

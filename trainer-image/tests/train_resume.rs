@@ -263,6 +263,24 @@ fn a_qlora_run_killed_and_resumed_ends_bitwise_identical_and_differs_from_full_p
 }
 
 #[test]
+fn an_int8_base_killed_and_resumed_ends_bitwise_identical_and_differs_from_full_precision() {
+    let s = setup();
+    let (code, err) = run(&s, "full-precision");
+    assert_eq!(code, 0, "{err}");
+    edit_job(&s, "dropout: 0.1}", "dropout: 0.1, baseQuantization: int8}");
+    let (code, err) = run(&s, "straight");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("quantized (Int8)"), "{err}");
+    let reference = bytes(&s.root.join("straight/adapter_model.safetensors"));
+    let full = bytes(&s.root.join("full-precision/adapter_model.safetensors"));
+    assert!(
+        reference != full,
+        "the int8 base trained the same adapter as the float one"
+    );
+    killed_once_resumes_to(&s, "killed", 3, 6, &reference);
+}
+
+#[test]
 fn a_mixture_killed_and_resumed_ends_bitwise_identical_and_reports_its_sources() {
     let s = setup_mixture();
     let (code, err) = run(&s, "straight");

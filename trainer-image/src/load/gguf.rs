@@ -8,11 +8,14 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use finetune_crds::training::BaseQuantization;
 use half::f16;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::config::{Architecture, ModelConfig};
+use crate::model::ggml::GgmlBlocks;
+use crate::model::quantized::QuantizedWeight;
 use crate::model::rope::RopeScaling;
 use crate::model::weights::WeightMap;
 
@@ -95,7 +98,7 @@ impl GgmlType {
     }
 
     /// `(elements per block, bytes per block)`.
-    fn block(self) -> (u64, u64) {
+    pub fn block(self) -> (u64, u64) {
         match self {
             GgmlType::F32 => (1, 4),
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
@@ -410,8 +413,17 @@ impl GgufFile {
         Ok(cfg)
     }
 
-    /// Dequantizes every tensor to `kind` on `device` under its Hugging Face name.
-    pub fn load_weights(&self, cfg: &ModelConfig, kind: Kind, device: Device) -> Result<WeightMap> {
+    /// Dequantizes every tensor to `kind` on `device` under its Hugging Face name. With `base`
+    /// `gguf`, the decoder layers' block-quantized weights (Q8_0, Q4_0, Q4_1) are kept as the
+    /// file's blocks instead ([`GgmlBlocks`]), never expanded; `nf4`/`int8` requantize each as it
+    /// is read ([`super::store`]).
+    pub fn load_weights(
+        &self,
+        cfg: &ModelConfig,
+        kind: Kind,
+        device: Device,
+        base: Option<BaseQuantization>,
+    ) -> Result<WeightMap> {
         let mut f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let mut weights = WeightMap::default();
         for info in &self.tensors {
@@ -472,6 +484,28 @@ impl GgufFile {
             f.read_exact(&mut raw)
                 .map_err(|e| Error::io(&self.path, e))?;
             let shape = info.torch_shape();
+            let heads = match cfg.architecture {
+                Architecture::Llama if info.name.contains(".attn_q.") => Some(cfg.num_heads),
+                Architecture::Llama if info.name.contains(".attn_k.") => Some(cfg.num_kv_heads),
+                _ => None,
+            };
+            let keep = base == Some(BaseQuantization::Gguf)
+                && super::is_decoder_linear_weight(&hf_name)
+                && shape.len() == 2;
+            if let Some(blocks) = keep
+                .then(|| GgmlBlocks::from_raw(ty, &raw, shape[0], shape[1]))
+                .flatten()
+            {
+                let blocks = match heads {
+                    Some(n_head) => blocks
+                        .try_map_rows(|t| unpermute(t, n_head))
+                        .map_err(|m| Error::tensor(&self.path, &info.name, m))?,
+                    None => blocks,
+                };
+                let q = QuantizedWeight::Ggml(blocks.to_device(device));
+                weights.insert_quantized(hf_name, q, &self.path);
+                continue;
+            }
             let t = match ty {
                 GgmlType::F32 => Tensor::f_from_data_size(&raw, &shape, Kind::Float),
                 GgmlType::F16 => Tensor::f_from_data_size(&raw, &shape, Kind::Half),
@@ -482,18 +516,14 @@ impl GgufFile {
             }
             .map_err(|e| Error::tensor(&self.path, &info.name, e.to_string()))?;
             let t = t.to_kind(Kind::Float);
-            let heads = match cfg.architecture {
-                Architecture::Llama if info.name.contains(".attn_q.") => Some(cfg.num_heads),
-                Architecture::Llama if info.name.contains(".attn_k.") => Some(cfg.num_kv_heads),
-                _ => None,
-            };
             let t = match heads {
                 Some(n_head) => {
                     unpermute(&t, n_head).map_err(|m| Error::tensor(&self.path, &info.name, m))?
                 }
                 None => t,
             };
-            weights.insert(hf_name, t.to_kind(kind).to_device(device), &self.path);
+            let t = t.to_kind(kind).to_device(device);
+            super::store(&mut weights, hf_name, t, &self.path, base);
         }
         Ok(weights)
     }

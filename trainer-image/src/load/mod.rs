@@ -6,11 +6,16 @@ pub mod safetensors;
 
 use std::path::{Path, PathBuf};
 
+use finetune_crds::training::BaseQuantization;
 use serde_json::Value;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::limits::{MAX_SIDE_FILE, read_text};
+use crate::model::int8::Int8Rows;
+use crate::model::nf4::Nf4;
+use crate::model::quantized::QuantizedWeight;
+use crate::model::weights::WeightMap;
 use crate::model::{CausalLm, ModelConfig};
 use crate::text::tokenizer::read_tokenizer_config;
 use crate::text::{ChatTemplate, TextTokenizer};
@@ -128,12 +133,23 @@ impl ModelSource {
 
     /// Reads and converts all weights: the full model, tokenizer and template.
     pub fn load(&self, kind: Kind, device: Device) -> Result<LoadedModel> {
+        self.load_with(kind, device, None)
+    }
+
+    /// [`load`](Self::load) for a QLoRA run: the decoder's linear weights are stored as `base`
+    /// asks while they are read ([`store`]), so the full-precision model never exists whole.
+    pub fn load_with(
+        &self,
+        kind: Kind,
+        device: Device,
+        base: Option<BaseQuantization>,
+    ) -> Result<LoadedModel> {
         let config = self.config()?;
         let tokenizer = self.tokenizer()?;
         let chat_template = self.chat_template(&tokenizer)?;
         let weights = match self {
-            ModelSource::Gguf(g) => g.load_weights(&config, kind, device)?,
-            ModelSource::HfDir(d) => safetensors::load_dir(d, kind, device)?,
+            ModelSource::Gguf(g) => g.load_weights(&config, kind, device, base)?,
+            ModelSource::HfDir(d) => safetensors::load_dir(d, kind, device, base)?,
         };
         let mut eos_ids = config.eos_token_ids.clone();
         if let ModelSource::HfDir(d) = self {
@@ -165,6 +181,35 @@ impl ModelSource {
             chat_template,
             eos_ids,
         })
+    }
+}
+
+/// Whether `name` is the weight of a decoder layer's linear projection: the weights a QLoRA run
+/// holds quantized.
+pub fn is_decoder_linear_weight(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.ends_with("_proj.weight")
+}
+
+/// Puts a tensor a loader has just read (already in the compute dtype, on the device) into
+/// `weights`: a decoder linear weight of a QLoRA run is quantized at once (NF4 or int8) and its
+/// full-precision copy dropped, so a large base is held quantized layer by layer as it loads.
+/// `gguf` quantizes nothing here: the GGUF loader keeps the file's blocks itself.
+pub fn store(
+    weights: &mut WeightMap,
+    name: String,
+    t: Tensor,
+    file: &Path,
+    base: Option<BaseQuantization>,
+) {
+    let quantized = match base {
+        _ if !is_decoder_linear_weight(&name) || t.dim() != 2 => None,
+        Some(BaseQuantization::Nf4) => Some(QuantizedWeight::Nf4(Nf4::quantize(&t))),
+        Some(BaseQuantization::Int8) => Some(QuantizedWeight::Int8(Int8Rows::quantize(&t))),
+        Some(BaseQuantization::Gguf) | None => None,
+    };
+    match quantized {
+        Some(q) => weights.insert_quantized(name, q, file),
+        None => weights.insert(name, t, file),
     }
 }
 

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use finetune_crds::training::BaseQuantization;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -168,8 +169,15 @@ fn check_tiling(
     Ok(())
 }
 
-/// Reads every tensor of one file into `weights`, converted to `kind` on `device`.
-pub fn load_file(path: &Path, weights: &mut WeightMap, kind: Kind, device: Device) -> Result<()> {
+/// Reads every tensor of one file into `weights`, converted to `kind` on `device`; a QLoRA
+/// run's decoder linear weights quantized as `base` asks, one at a time ([`super::store`]).
+pub fn load_file(
+    path: &Path,
+    weights: &mut WeightMap,
+    kind: Kind,
+    device: Device,
+    base: Option<BaseQuantization>,
+) -> Result<()> {
     let entries = read_header(path)?;
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     for e in entries {
@@ -187,7 +195,7 @@ pub fn load_file(path: &Path, weights: &mut WeightMap, kind: Kind, device: Devic
         } else {
             t
         };
-        weights.insert(e.name, t.to_device(device), path);
+        super::store(weights, e.name, t.to_device(device), path, base);
     }
     Ok(())
 }
@@ -235,11 +243,16 @@ fn shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
-/// Loads every tensor of a Hugging Face model directory.
-pub fn load_dir(dir: &Path, kind: Kind, device: Device) -> Result<WeightMap> {
+/// Loads every tensor of a Hugging Face model directory, shard by shard.
+pub fn load_dir(
+    dir: &Path,
+    kind: Kind,
+    device: Device,
+    base: Option<BaseQuantization>,
+) -> Result<WeightMap> {
     let mut weights = WeightMap::default();
     for file in weight_files(dir)? {
-        load_file(&file, &mut weights, kind, device)?;
+        load_file(&file, &mut weights, kind, device, base)?;
     }
     Ok(weights)
 }

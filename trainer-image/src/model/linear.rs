@@ -1,9 +1,13 @@
 //! The one dense layer every projection uses, with an optional LoRA adapter: the adapter adds
 //! `B·A·dropout(x)·scaling` to the frozen layer's output without the attention or MLP code changing.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use finetune_crds::training::BaseQuantization;
+
+use super::int8::Int8Rows;
 use super::nf4::Nf4;
+use super::quantized::QuantizedWeight;
 
 /// A low-rank update `ΔW = B·A·scaling` on one [`Linear`], laid out as PEFT's `lora_A`/`lora_B`.
 #[derive(Debug)]
@@ -43,15 +47,16 @@ impl Lora {
 
 /// `y = x·Wᵀ + b (+ LoRA)`, with `weight` `[out, in]` exactly as Hugging Face stores it.
 ///
-/// QLoRA ([`Linear::quantize_base`]): the frozen weight is held as NF4 (about 0.52 byte per
-/// parameter) and dequantized on every forward in the input's dtype, so only one layer's
-/// full-precision weight exists at a time; `weight` is then empty and the adapter stays float32.
+/// QLoRA ([`Linear::quantize_base`], or a GGUF base loaded with its blocks kept): the frozen
+/// weight is held quantized (NF4 about 0.52 byte per parameter, int8 about 1, a GGUF Q4_1 0.625)
+/// and dequantized on every forward in the input's dtype, so only one layer's full-precision
+/// weight exists at a time; `weight` is then empty and the adapter stays float32.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
-    pub nf4: Option<Nf4>,
+    pub quantized: Option<QuantizedWeight>,
 }
 
 impl Linear {
@@ -60,20 +65,43 @@ impl Linear {
             weight,
             bias,
             lora: None,
-            nf4: None,
+            quantized: None,
         }
     }
 
-    /// Replaces the frozen weight by its NF4 quantization and frees the full-precision copy.
-    pub fn quantize_base(&mut self) {
-        if self.nf4.is_none() {
-            self.nf4 = Some(Nf4::quantize(&self.weight));
-            self.weight = Tensor::empty([0], (self.weight.kind(), self.weight.device()));
+    /// A layer whose frozen weight is already quantized (a GGUF base's blocks).
+    pub fn from_quantized(
+        weight: QuantizedWeight,
+        bias: Option<Tensor>,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        Linear {
+            weight: Tensor::empty([0], (kind, device)),
+            bias,
+            lora: None,
+            quantized: Some(weight),
         }
+    }
+
+    /// Replaces the frozen weight by its quantization and frees the full-precision copy. A layer
+    /// already quantized is left as it is; `Gguf` quantizes nothing here (the loader kept the
+    /// file's blocks, and a layer the file stores in float stays float).
+    pub fn quantize_base(&mut self, how: BaseQuantization) {
+        if self.quantized.is_some() {
+            return;
+        }
+        let q = match how {
+            BaseQuantization::Nf4 => QuantizedWeight::Nf4(Nf4::quantize(&self.weight)),
+            BaseQuantization::Int8 => QuantizedWeight::Int8(Int8Rows::quantize(&self.weight)),
+            BaseQuantization::Gguf => return,
+        };
+        self.quantized = Some(q);
+        self.weight = Tensor::empty([0], (self.weight.kind(), self.weight.device()));
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = match &self.nf4 {
+        let y = match &self.quantized {
             Some(q) => x.linear(&q.dequantize(x.kind()), self.bias.as_ref()),
             None => x.linear(&self.weight, self.bias.as_ref()),
         };
@@ -94,8 +122,8 @@ impl Linear {
 
     /// `[out, in]`.
     pub fn shape(&self) -> (i64, i64) {
-        let s = match &self.nf4 {
-            Some(q) => q.shape.clone(),
+        let s = match &self.quantized {
+            Some(q) => q.shape(),
             None => self.weight.size(),
         };
         (s[0], s[1])
@@ -105,7 +133,6 @@ impl Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
     #[test]
     fn an_nf4_linear_computes_with_its_dequantized_weight_plus_the_adapter() {
@@ -115,7 +142,7 @@ mod tests {
         let bias = Tensor::randn([24], opts);
         let x = Tensor::randn([3, 128], opts);
         let mut layer = Linear::new(w.copy(), Some(bias.shallow_clone()));
-        layer.quantize_base();
+        layer.quantize_base(BaseQuantization::Nf4);
         assert_eq!(layer.shape(), (24, 128));
         assert_eq!(layer.weight.numel(), 0, "the full-precision copy is freed");
         layer.lora = Some(Lora {
@@ -126,7 +153,7 @@ mod tests {
             enabled: true,
             training: false,
         });
-        let w_q = layer.nf4.as_ref().unwrap().dequantize(Kind::Float);
+        let w_q = layer.quantized.as_ref().unwrap().dequantize(Kind::Float);
         let l = layer.lora.as_ref().unwrap();
         let expected = x.matmul(&w_q.tr()) + &bias + x.matmul(&l.a.tr()).matmul(&l.b.tr()) * 2.0;
         let y = layer.forward(&x);

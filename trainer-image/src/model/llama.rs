@@ -143,12 +143,16 @@ impl CausalLm {
         let w = &mut weights;
         let linear =
             |w: &mut WeightMap, name: &str, out: i64, inp: i64, bias: bool| -> Result<Linear> {
-                let weight = w.take(&format!("{name}.weight"), &[out, inp], source)?;
                 let bias = if bias {
                     Some(w.take(&format!("{name}.bias"), &[out], source)?)
                 } else {
                     w.take_optional(&format!("{name}.bias"), &[out], source)?
                 };
+                let weight_name = format!("{name}.weight");
+                if let Some(q) = w.take_quantized(&weight_name, &[out, inp])? {
+                    return Ok(Linear::from_quantized(q, bias, kind, device));
+                }
+                let weight = w.take(&weight_name, &[out, inp], source)?;
                 Ok(Linear::new(weight, bias))
             };
         let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, h], source)?;

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use finetune_crds::training::BaseQuantization;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -342,16 +343,35 @@ impl CausalLm {
         out
     }
 
-    /// QLoRA: holds the frozen weight of every decoder linear layer as NF4
-    /// ([`Linear::quantize_base`]); returns their bytes before and after.
-    pub fn quantize_bases(&mut self) -> (u64, u64) {
-        let (mut before, mut after) = (0u64, 0u64);
+    /// QLoRA: holds the frozen weight of every decoder linear layer quantized
+    /// ([`Linear::quantize_base`]); returns their bytes in the compute dtype and as now held.
+    pub fn quantize_bases(&mut self, how: BaseQuantization) -> (u64, u64) {
+        let (mut full, mut held) = (0u64, 0u64);
         for (_, lin) in self.linears_mut() {
-            before += (lin.weight.numel() * lin.weight.kind().elt_size_in_bytes()) as u64;
-            lin.quantize_base();
-            after += lin.nf4.as_ref().map_or(0, |q| q.bytes() as u64);
+            lin.quantize_base(how);
+            let (out, inp) = lin.shape();
+            full += (out * inp) as u64 * lin.weight.kind().elt_size_in_bytes() as u64;
+            held += match &lin.quantized {
+                Some(q) => q.bytes() as u64,
+                None => (lin.weight.numel() * lin.weight.kind().elt_size_in_bytes()) as u64,
+            };
         }
-        (before, after)
+        (full, held)
+    }
+
+    /// The storage of the decoder's quantized linear weights and how many layers use each, e.g.
+    /// `["Q4_1 × 210"]`; empty when none is quantized.
+    pub fn quantized_storage(&self) -> Vec<String> {
+        let mut counts = BTreeMap::<String, usize>::new();
+        for (_, lin) in self.linears() {
+            if let Some(q) = &lin.quantized {
+                *counts.entry(q.label()).or_default() += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|(k, n)| format!("{k} × {n}"))
+            .collect()
     }
 
     /// Makes every base parameter trainable (full fine-tuning).

@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 use crate::error::{Error, Result};
+use crate::model::quantized::QuantizedWeight;
 
 #[derive(Debug, Default)]
 pub struct WeightMap {
     tensors: BTreeMap<String, (Tensor, PathBuf)>,
+    /// Weights kept in their file's quantized blocks (a GGUF base for `baseQuantization: gguf`).
+    quantized: BTreeMap<String, (QuantizedWeight, PathBuf)>,
 }
 
 impl WeightMap {
@@ -19,16 +22,39 @@ impl WeightMap {
         self.tensors.insert(name, (tensor, file.to_path_buf()));
     }
 
+    pub fn insert_quantized(&mut self, name: String, weight: QuantizedWeight, file: &Path) {
+        self.quantized.insert(name, (weight, file.to_path_buf()));
+    }
+
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.quantized.contains_key(name)
     }
 
     pub fn len(&self) -> usize {
-        self.tensors.len()
+        self.tensors.len() + self.quantized.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tensors.is_empty()
+        self.len() == 0
+    }
+
+    /// Removes and returns `name` when it was kept quantized, checking its `shape`; `None` when
+    /// it is not (it may then be a plain tensor).
+    pub fn take_quantized(&mut self, name: &str, shape: &[i64]) -> Result<Option<QuantizedWeight>> {
+        let Some((q, file)) = self.quantized.remove(name) else {
+            return Ok(None);
+        };
+        if q.shape() != shape {
+            return Err(Error::tensor(
+                &file,
+                name,
+                format!(
+                    "shape mismatch: checkpoint has {:?}, config expects {shape:?}",
+                    q.shape()
+                ),
+            ));
+        }
+        Ok(Some(q))
     }
 
     /// Removes and returns `name`, which must have exactly `shape`. `checkpoint` names the source in
@@ -67,6 +93,10 @@ impl WeightMap {
 
     /// Names nobody took: reported as a warning, since extra tensors are harmless but suspicious.
     pub fn remaining(&self) -> Vec<&str> {
-        self.tensors.keys().map(String::as_str).collect()
+        self.tensors
+            .keys()
+            .chain(self.quantized.keys())
+            .map(String::as_str)
+            .collect()
     }
 }

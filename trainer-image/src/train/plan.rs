@@ -318,7 +318,7 @@ fn refuse_replay_with_dpo(job: &FinetuneJob, is_dpo: bool) -> Result<(), Stop> {
     Ok(())
 }
 
-/// A QLoRA run holds its base rounded to 4 bits: merging the adapter into that would bake the
+/// A QLoRA run holds its base rounded to 4 or 8 bits: merging the adapter into that would bake the
 /// rounding into the published model, and its full-precision base is not in memory to merge into.
 fn refuse_merge_of_quantized_base(job: &FinetuneJob) -> Result<(), Stop> {
     let spec = &job.spec;
@@ -335,7 +335,7 @@ fn refuse_merge_of_quantized_base(job: &FinetuneJob) -> Result<(), Stop> {
             "spec.output.gguf"
         };
         return Err(invalid(
-            "adapter.lora.baseQuantization keeps the base 4-bit while training, so the run exports \
+            "adapter.lora.baseQuantization keeps the base quantized while training, so the run exports \
              the adapter only: merge it into the full-precision base afterwards with \
              `finetune-trainer merge` (and `export-gguf`)",
             field,

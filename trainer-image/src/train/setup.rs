@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use finetune_crds::training::{
-    AdapterType, DEFAULT_REPLAY_RATIO, ForgettingGuard, GuardAction, Precision,
+    AdapterType, BaseQuantization, DEFAULT_REPLAY_RATIO, ForgettingGuard, GuardAction, Precision,
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -80,6 +80,14 @@ fn pick_device(plan: &Plan, precision: Precision) -> Result<(Device, Kind), Stop
     Ok((device, kind))
 }
 
+/// How a LoRA run holds its frozen base (`adapter.lora.baseQuantization`); `None` for full-precision.
+fn base_quantization(plan: &Plan) -> Option<BaseQuantization> {
+    let adapter = &plan.spec().adapter;
+    (adapter.kind == AdapterType::Lora)
+        .then(|| adapter.lora.as_ref().and_then(|l| l.base_quantization))
+        .flatten()
+}
+
 /// The base model, with `ropeScaling` applied and the vocabulary expanded (before any text is
 /// encoded: the added tokens must be in the tokenizer).
 pub fn load_model(plan: &Plan) -> Result<Loaded, Stop> {
@@ -93,7 +101,19 @@ pub fn load_model(plan: &Plan) -> Result<Loaded, Stop> {
         plan.model_path.display()
     );
     let started = Instant::now();
-    let mut loaded = ModelSource::open(&plan.model_path)?.load(kind, device)?;
+    let source = ModelSource::open(&plan.model_path)?;
+    let base = base_quantization(plan);
+    if base == Some(BaseQuantization::Gguf) && !matches!(source, ModelSource::Gguf(_)) {
+        return Err(invalid(
+            format!(
+                "adapter.lora.baseQuantization: gguf trains on a GGUF file's own quantized blocks, \
+                 but the base model {} is a Hugging Face directory: use nf4 or int8 with it",
+                plan.model_path.display()
+            ),
+            "spec.adapter.lora.baseQuantization",
+        ));
+    }
+    let mut loaded = source.load_with(kind, device, base)?;
     let rope_scaling = crate::train::long_context::apply(
         &mut loaded.model,
         spec.base_model.rope_scaling.as_ref(),
@@ -493,18 +513,13 @@ pub fn trainable(
                 })?;
             }
         }
-        if let Some(q) = plan
-            .spec()
-            .adapter
-            .lora
-            .as_ref()
-            .and_then(|l| l.base_quantization)
-        {
-            let (before, after) = model.quantize_bases();
+        if let Some(q) = base_quantization(plan) {
+            let (before, after) = model.quantize_bases(q);
             eprintln!(
-                "base weights of the decoder's linear layers quantized ({q:?}): {:.1} MiB -> {:.1} MiB",
+                "base weights of the decoder's linear layers quantized ({q:?}): {:.1} MiB -> {:.1} MiB ({})",
                 before as f64 / (1u64 << 20) as f64,
-                after as f64 / (1u64 << 20) as f64
+                after as f64 / (1u64 << 20) as f64,
+                model.quantized_storage().join(", ")
             );
         }
         model
