@@ -485,15 +485,18 @@ pub fn layer_saved_bytes(model: &ModelShape, run: &RunShape, input_grad: bool) -
     let mut bytes = rms_norm_saved(model, run, input_grad);
     let normed_grad = input_grad || full;
     bytes += projections_saved(run, &ATTENTION_INPUT, h, normed_grad);
+    bytes += dequantized_saved(model, run, &ATTENTION_INPUT, normed_grad);
     let qkv_grad = normed_grad || ATTENTION_INPUT.iter().any(|n| run.trains(n));
     if qkv_grad {
         bytes += attention_saved(model, run);
     }
     bytes += projections_saved(run, &["o_proj"], model.q_width(), qkv_grad);
+    bytes += dequantized_saved(model, run, &["o_proj"], qkv_grad);
     let residual_grad = input_grad || qkv_grad || run.trains("o_proj");
     bytes += rms_norm_saved(model, run, residual_grad);
     let normed_grad = residual_grad || full;
     bytes += projections_saved(run, &MLP_INPUT, h, normed_grad);
+    bytes += dequantized_saved(model, run, &MLP_INPUT, normed_grad);
     let gate_grad = normed_grad || run.trains("gate_proj");
     let up_grad = normed_grad || run.trains("up_proj");
     // silu(gate) saves gate; silu(gate) · up saves each factor for the other's gradient.
@@ -503,7 +506,24 @@ pub fn layer_saved_bytes(model: &ModelShape, run: &RunShape, input_grad: bool) -
         .count() as f64;
     bytes += per_row * run.tokens() * i as f64 * run.compute_bytes as f64;
     bytes += projections_saved(run, &["down_proj"], i, gate_grad || up_grad);
+    bytes += dequantized_saved(model, run, &["down_proj"], gate_grad || up_grad);
     bytes
+}
+
+/// A quantized base's projection dequantizes its weight on every forward, and autograd keeps that
+/// compute-dtype copy for the input's gradient: one whole weight per projection whose input needs
+/// a gradient. (bitsandbytes dequantizes again in backward instead; tch has no custom autograd
+/// function to do that.) Checkpointing bounds it to one layer's weights.
+fn dequantized_saved(model: &ModelShape, run: &RunShape, names: &[&str], input_grad: bool) -> f64 {
+    if run.base_quantization.is_none() || !input_grad {
+        return 0.0;
+    }
+    let weights: i64 = names
+        .iter()
+        .filter_map(|n| model.linear_shape(n))
+        .map(|(i, o)| i * o)
+        .sum();
+    weights as f64 * run.compute_bytes as f64
 }
 
 /// RMSNorm squares and scales a float32 copy of its input (the input itself in float32), saving it
@@ -915,6 +935,35 @@ mod tests {
             .find(|f| f.change == "hyperparameters.microBatchSize: 1")
             .unwrap();
         assert_eq!(fix.total, plan(&m, &pairs(1)).total());
+    }
+
+    #[test]
+    fn a_quantized_base_keeps_its_dequantized_weights_for_backward_unless_checkpointed() {
+        let model = smollm2();
+        let nf4 = RunShape {
+            base_quantization: Some(BaseQuantization::Nf4),
+            ..lora_run(1, 256)
+        };
+        let float = lora_run(1, 256);
+        let extra = plan(&model, &nf4).activations - plan(&model, &float).activations;
+        // Every projection but the first layer's q/k/v (its input needs no gradient under LoRA).
+        let first_qkv: i64 = ATTENTION_INPUT
+            .iter()
+            .filter_map(|n| model.linear_shape(n))
+            .map(|(i, o)| i * o)
+            .sum();
+        let expected = 4 * (model.linear_parameters() - first_qkv);
+        assert_eq!(extra, expected as u64);
+        let ckpt = |r: &RunShape| RunShape {
+            gradient_checkpointing: true,
+            ..r.clone()
+        };
+        let extra_ckpt =
+            plan(&model, &ckpt(&nf4)).activations - plan(&model, &ckpt(&float)).activations;
+        assert_eq!(
+            extra_ckpt,
+            (4 * model.linear_parameters() / model.num_layers) as u64
+        );
     }
 
     #[test]

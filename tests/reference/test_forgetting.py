@@ -4,7 +4,7 @@ default guard LoRA SFT gets when the spec names none, then audited on the held-o
 general question set — questions neither the guard's replay nor the run's probe ever asked.
 
 Unguarded, the model loses most of the general questions the base model answered correctly (dates:
-22 of 159 audit answers kept). The default guard keeps the task (exact match >= 0.95) and much more
+22 of 159 audit answers kept); the test trains the unguarded baseline on the reviews task only. The default guard keeps the task (exact match >= 0.95) and much more
 of them (dates: 113/159 = 0.71, 95 % 0.64-0.78, measured 2026-12-05), but not yet the 0.9 issue #23
 asks for: the floors below pin what it does today, with a margin of a few questions for other CPUs.
 Wall time against the unguarded run is make bench-forgetting's (a timed test would measure the
@@ -14,12 +14,23 @@ import pytest
 
 from forgetting import GUARDS, TASKS, run
 
+# The unguarded baseline is trained on one task only, to keep `make test` short: that forgetting
+# happens under these settings is the workload's property, shown here on the cheaper task and on
+# both by make bench-forgetting; the guard's floors are asserted on both tasks.
+UNGUARDED_TASK = "reviews"
+
+
+@pytest.fixture(scope="module")
+def unguarded(bin_path, gguf_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"forgetting-{UNGUARDED_TASK}-off")
+    return run(bin_path, gguf_path, tmp, UNGUARDED_TASK, "off", GUARDS["off"])
+
 
 @pytest.fixture(scope="module", params=list(TASKS))
-def rows(request, bin_path, gguf_path, tmp_path_factory):
+def guarded(request, bin_path, gguf_path, tmp_path_factory):
     task = request.param
     tmp = tmp_path_factory.mktemp(f"forgetting-{task}")
-    return {name: run(bin_path, gguf_path, tmp, task, name, GUARDS[name]) for name in ("off", "default")}
+    return run(bin_path, gguf_path, tmp, task, "default", GUARDS["default"])
 
 
 def show(r):
@@ -31,8 +42,8 @@ def show(r):
             + "; ".join(f"{x['question']!r} -> {x['tuned']!r}" for x in r["audit_lost"][:4]))
 
 
-def test_unguarded_run_learns_the_task_and_forgets(rows):
-    off = rows["off"]
+def test_unguarded_run_learns_the_task_and_forgets(unguarded):
+    off = unguarded
     print("\n" + show(off))
     assert off["retention_basis"] == "answer-keys"
     assert off["task_exact_match_before"] < 0.2 and off["task_exact_match"] >= 0.95
@@ -41,13 +52,13 @@ def test_unguarded_run_learns_the_task_and_forgets(rows):
     assert off["audit"] < 0.5
 
 
-def test_default_guard_keeps_the_task_and_the_held_out_general_answers(rows):
-    off, guarded = rows["off"], rows["default"]
+def test_default_guard_keeps_the_task_and_the_held_out_general_answers(guarded, unguarded):
     print("\n" + show(guarded))
     assert guarded["replayed_samples"] > 0, "the default guard did not replay anything"
     assert guarded["task_exact_match"] >= 0.95
     assert int(guarded["audit_kept"].split("/")[1]) >= 100, "too few correct base answers to judge"
     assert guarded["audit"] >= 0.65
-    assert guarded["audit"] >= off["audit"] + 0.3
+    if guarded["task"] == unguarded["task"]:
+        assert guarded["audit"] >= unguarded["audit"] + 0.3
     # The loss on general texts is not asserted: on the dates task it rose more with the guard
     # (+0.119) than without (+0.090) while the guarded model kept 85 of 99 probe answers to 10.

@@ -521,6 +521,14 @@ pub fn trainable(
                 after as f64 / (1u64 << 20) as f64,
                 model.quantized_storage().join(", ")
             );
+            if !hp.gradient_checkpointing {
+                eprintln!(
+                    "note: without hyperparameters.gradientCheckpointing each layer's dequantized \
+                     weight stays alive for backward (up to {:.1} MiB in all); checkpointing holds \
+                     one layer's at a time",
+                    before as f64 / (1u64 << 20) as f64
+                );
+            }
         }
         model
             .lora_parameters()
