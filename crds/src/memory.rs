@@ -484,19 +484,16 @@ pub fn layer_saved_bytes(model: &ModelShape, run: &RunShape, input_grad: bool) -
     let (h, i) = (model.hidden_size, model.intermediate_size);
     let mut bytes = rms_norm_saved(model, run, input_grad);
     let normed_grad = input_grad || full;
-    bytes += projections_saved(run, &ATTENTION_INPUT, h, normed_grad);
-    bytes += dequantized_saved(model, run, &ATTENTION_INPUT, normed_grad);
+    bytes += projections_saved(model, run, &ATTENTION_INPUT, h, normed_grad);
     let qkv_grad = normed_grad || ATTENTION_INPUT.iter().any(|n| run.trains(n));
     if qkv_grad {
         bytes += attention_saved(model, run);
     }
-    bytes += projections_saved(run, &["o_proj"], model.q_width(), qkv_grad);
-    bytes += dequantized_saved(model, run, &["o_proj"], qkv_grad);
+    bytes += projections_saved(model, run, &["o_proj"], model.q_width(), qkv_grad);
     let residual_grad = input_grad || qkv_grad || run.trains("o_proj");
     bytes += rms_norm_saved(model, run, residual_grad);
     let normed_grad = residual_grad || full;
-    bytes += projections_saved(run, &MLP_INPUT, h, normed_grad);
-    bytes += dequantized_saved(model, run, &MLP_INPUT, normed_grad);
+    bytes += projections_saved(model, run, &MLP_INPUT, h, normed_grad);
     let gate_grad = normed_grad || run.trains("gate_proj");
     let up_grad = normed_grad || run.trains("up_proj");
     // silu(gate) saves gate; silu(gate) · up saves each factor for the other's gradient.
@@ -505,8 +502,7 @@ pub fn layer_saved_bytes(model: &ModelShape, run: &RunShape, input_grad: bool) -
         .filter(|g| **g)
         .count() as f64;
     bytes += per_row * run.tokens() * i as f64 * run.compute_bytes as f64;
-    bytes += projections_saved(run, &["down_proj"], i, gate_grad || up_grad);
-    bytes += dequantized_saved(model, run, &["down_proj"], gate_grad || up_grad);
+    bytes += projections_saved(model, run, &["down_proj"], i, gate_grad || up_grad);
     bytes
 }
 
@@ -545,8 +541,15 @@ fn rms_norm_saved(model: &ModelShape, run: &RunShape, input_grad: bool) -> f64 {
 /// weight saves the input (once for all of them); a LoRA adapter with dropout saves its own mask
 /// (a float32 noise tensor on the CPU, where libtorch has no fused dropout; one byte per element
 /// on CUDA; only when the input needs a gradient) and the dropped copy, without dropout the shared
-/// input; and `A`'s output for `B`'s gradient.
-fn projections_saved(run: &RunShape, names: &[&str], width: i64, input_grad: bool) -> f64 {
+/// input; and `A`'s output for `B`'s gradient. Over a quantized base, also each dequantized weight
+/// ([`dequantized_saved`]).
+fn projections_saved(
+    model: &ModelShape,
+    run: &RunShape,
+    names: &[&str],
+    width: i64,
+    input_grad: bool,
+) -> f64 {
     let c = run.compute_bytes as f64;
     let row = run.tokens() * width as f64;
     let mut keeps_input = run.lora.is_none();
@@ -569,7 +572,7 @@ fn projections_saved(run: &RunShape, names: &[&str], width: i64, input_grad: boo
     if keeps_input {
         bytes += row * c;
     }
-    bytes
+    bytes + dequantized_saved(model, run, names, input_grad)
 }
 
 /// Attention saves the rotated queries, the keys and values as repeated for grouped-query heads

@@ -245,39 +245,36 @@ fn a_checkpointed_run_killed_and_resumed_ends_bitwise_identical_to_the_plain_run
     killed_once_resumes_to(&s, "killed", 3, 6, &reference);
 }
 
-#[test]
-fn a_qlora_run_killed_and_resumed_ends_bitwise_identical_and_differs_from_full_precision() {
+/// A LoRA run over a base held as `how` (`baseQuantization`, logged as `label`) trains another
+/// adapter than over the float base, and killed once it resumes to its own straight run bitwise.
+fn quantized_base_resumes_bitwise(how: &str, label: &str) {
     let s = setup();
     let (code, err) = run(&s, "full-precision");
     assert_eq!(code, 0, "{err}");
-    edit_job(&s, "dropout: 0.1}", "dropout: 0.1, baseQuantization: nf4}");
+    edit_job(
+        &s,
+        "dropout: 0.1}",
+        &format!("dropout: 0.1, baseQuantization: {how}}}"),
+    );
     let (code, err) = run(&s, "straight");
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("quantized (Nf4)"), "{err}");
+    assert!(err.contains(&format!("quantized ({label})")), "{err}");
     let reference = bytes(&s.root.join("straight/adapter_model.safetensors"));
     assert!(
         reference != bytes(&s.root.join("full-precision/adapter_model.safetensors")),
-        "the NF4 base trained the same adapter as the full-precision one"
+        "the {label} base trained the same adapter as the full-precision one"
     );
     killed_once_resumes_to(&s, "killed", 3, 6, &reference);
 }
 
 #[test]
+fn a_qlora_run_killed_and_resumed_ends_bitwise_identical_and_differs_from_full_precision() {
+    quantized_base_resumes_bitwise("nf4", "Nf4");
+}
+
+#[test]
 fn an_int8_base_killed_and_resumed_ends_bitwise_identical_and_differs_from_full_precision() {
-    let s = setup();
-    let (code, err) = run(&s, "full-precision");
-    assert_eq!(code, 0, "{err}");
-    edit_job(&s, "dropout: 0.1}", "dropout: 0.1, baseQuantization: int8}");
-    let (code, err) = run(&s, "straight");
-    assert_eq!(code, 0, "{err}");
-    assert!(err.contains("quantized (Int8)"), "{err}");
-    let reference = bytes(&s.root.join("straight/adapter_model.safetensors"));
-    let full = bytes(&s.root.join("full-precision/adapter_model.safetensors"));
-    assert!(
-        reference != full,
-        "the int8 base trained the same adapter as the float one"
-    );
-    killed_once_resumes_to(&s, "killed", 3, 6, &reference);
+    quantized_base_resumes_bitwise("int8", "Int8");
 }
 
 #[test]

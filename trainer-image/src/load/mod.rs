@@ -12,8 +12,6 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::limits::{MAX_SIDE_FILE, read_text};
-use crate::model::int8::Int8Rows;
-use crate::model::nf4::Nf4;
 use crate::model::quantized::QuantizedWeight;
 use crate::model::weights::WeightMap;
 use crate::model::{CausalLm, ModelConfig};
@@ -201,12 +199,9 @@ pub fn store(
     file: &Path,
     base: Option<BaseQuantization>,
 ) {
-    let quantized = match base {
-        _ if !is_decoder_linear_weight(&name) || t.dim() != 2 => None,
-        Some(BaseQuantization::Nf4) => Some(QuantizedWeight::Nf4(Nf4::quantize(&t))),
-        Some(BaseQuantization::Int8) => Some(QuantizedWeight::Int8(Int8Rows::quantize(&t))),
-        Some(BaseQuantization::Gguf) | None => None,
-    };
+    let quantized = base
+        .filter(|_| is_decoder_linear_weight(&name) && t.dim() == 2)
+        .and_then(|how| QuantizedWeight::quantize(how, &t));
     match quantized {
         Some(q) => weights.insert_quantized(name, q, file),
         None => weights.insert(name, t, file),

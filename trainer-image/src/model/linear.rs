@@ -5,8 +5,6 @@ use tch::{Device, Kind, Tensor};
 
 use finetune_crds::training::BaseQuantization;
 
-use super::int8::Int8Rows;
-use super::nf4::Nf4;
 use super::quantized::QuantizedWeight;
 
 /// A low-rank update `ΔW = B·A·scaling` on one [`Linear`], laid out as PEFT's `lora_A`/`lora_B`.
@@ -84,20 +82,17 @@ impl Linear {
         }
     }
 
-    /// Replaces the frozen weight by its quantization and frees the full-precision copy. A layer
-    /// already quantized is left as it is; `Gguf` quantizes nothing here (the loader kept the
-    /// file's blocks, and a layer the file stores in float stays float).
+    /// Replaces the frozen weight by its quantization and frees the full-precision copy (the
+    /// loaders do this as they read a QLoRA base: [`crate::load::store`]). A layer already
+    /// quantized is left as it is; `Gguf` quantizes nothing ([`QuantizedWeight::quantize`]).
     pub fn quantize_base(&mut self, how: BaseQuantization) {
         if self.quantized.is_some() {
             return;
         }
-        let q = match how {
-            BaseQuantization::Nf4 => QuantizedWeight::Nf4(Nf4::quantize(&self.weight)),
-            BaseQuantization::Int8 => QuantizedWeight::Int8(Int8Rows::quantize(&self.weight)),
-            BaseQuantization::Gguf => return,
-        };
-        self.quantized = Some(q);
-        self.weight = Tensor::empty([0], (self.weight.kind(), self.weight.device()));
+        if let Some(q) = QuantizedWeight::quantize(how, &self.weight) {
+            self.quantized = Some(q);
+            self.weight = Tensor::empty([0], (self.weight.kind(), self.weight.device()));
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use finetune_crds::training::BaseQuantization;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -343,12 +342,11 @@ impl CausalLm {
         out
     }
 
-    /// QLoRA: holds the frozen weight of every decoder linear layer quantized
-    /// ([`Linear::quantize_base`]); returns their bytes in the compute dtype and as now held.
-    pub fn quantize_bases(&mut self, how: BaseQuantization) -> (u64, u64) {
+    /// The decoder linear layers' frozen weights: their bytes in the compute dtype and as held
+    /// (quantized by the loader on a QLoRA run, [`crate::load::store`]).
+    pub fn base_linear_bytes(&self) -> (u64, u64) {
         let (mut full, mut held) = (0u64, 0u64);
-        for (_, lin) in self.linears_mut() {
-            lin.quantize_base(how);
+        for (_, lin) in self.linears() {
             let (out, inp) = lin.shape();
             full += (out * inp) as u64 * lin.weight.kind().elt_size_in_bytes() as u64;
             held += match &lin.quantized {

@@ -2,6 +2,7 @@
 //! chose: NF4 (bitsandbytes' 4-bit), row-wise int8 (bitsandbytes' LLM.int8 storage) or the GGUF
 //! file's own Q8_0/Q4_0/Q4_1 blocks. Each is dequantized on every forward into the compute dtype.
 
+use finetune_crds::training::BaseQuantization;
 use tch::{Kind, Tensor};
 
 use super::ggml::GgmlBlocks;
@@ -16,6 +17,16 @@ pub enum QuantizedWeight {
 }
 
 impl QuantizedWeight {
+    /// Quantizes a float weight as `how` asks; `None` for `Gguf`, whose blocks only a GGUF file
+    /// provides (the loader keeps them).
+    pub fn quantize(how: BaseQuantization, weight: &Tensor) -> Option<Self> {
+        match how {
+            BaseQuantization::Nf4 => Some(QuantizedWeight::Nf4(Nf4::quantize(weight))),
+            BaseQuantization::Int8 => Some(QuantizedWeight::Int8(Int8Rows::quantize(weight))),
+            BaseQuantization::Gguf => None,
+        }
+    }
+
     pub fn dequantize(&self, kind: Kind) -> Tensor {
         match self {
             QuantizedWeight::Nf4(q) => q.dequantize(kind),

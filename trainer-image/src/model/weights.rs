@@ -44,16 +44,7 @@ impl WeightMap {
         let Some((q, file)) = self.quantized.remove(name) else {
             return Ok(None);
         };
-        if q.shape() != shape {
-            return Err(Error::tensor(
-                &file,
-                name,
-                format!(
-                    "shape mismatch: checkpoint has {:?}, config expects {shape:?}",
-                    q.shape()
-                ),
-            ));
-        }
+        check_shape(&file, name, &q.shape(), shape)?;
         Ok(Some(q))
     }
 
@@ -64,16 +55,7 @@ impl WeightMap {
             .tensors
             .remove(name)
             .ok_or_else(|| Error::tensor(checkpoint, name, "missing from the checkpoint"))?;
-        if t.size() != shape {
-            return Err(Error::tensor(
-                &file,
-                name,
-                format!(
-                    "shape mismatch: checkpoint has {:?}, config expects {shape:?}",
-                    t.size()
-                ),
-            ));
-        }
+        check_shape(&file, name, &t.size(), shape)?;
         Ok(t)
     }
 
@@ -99,4 +81,16 @@ impl WeightMap {
             .map(String::as_str)
             .collect()
     }
+}
+
+/// A tensor's shape in the checkpoint against the one the config expects.
+fn check_shape(file: &Path, name: &str, found: &[i64], expected: &[i64]) -> Result<()> {
+    if found != expected {
+        return Err(Error::tensor(
+            file,
+            name,
+            format!("shape mismatch: checkpoint has {found:?}, config expects {expected:?}"),
+        ));
+    }
+    Ok(())
 }

@@ -514,7 +514,7 @@ pub fn trainable(
             }
         }
         if let Some(q) = base_quantization(plan) {
-            let (before, after) = model.quantize_bases(q);
+            let (before, after) = model.base_linear_bytes();
             eprintln!(
                 "base weights of the decoder's linear layers quantized ({q:?}): {:.1} MiB -> {:.1} MiB ({})",
                 before as f64 / (1u64 << 20) as f64,
