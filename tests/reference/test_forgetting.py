@@ -1,36 +1,36 @@
-"""The forgetting workload (forgetting.py: two narrow tasks, one epoch each at lr 1e-3, LoRA r16 on
-all linear layers of SmolLM2-135M-Instruct) trained on CPU with guarding turned off and with the
+"""The forgetting workload (forgetting.py: narrow tasks trained one epoch at lr 1e-3, LoRA r16 on all
+linear layers of SmolLM2-135M-Instruct) trained on CPU with guarding turned off and with the
 default guard LoRA SFT gets when the spec names none, then audited on the held-out part of the
 general question set — questions neither the guard's replay nor the run's probe ever asked.
 
-Unguarded, the model loses most of the general questions the base model answered correctly (dates:
-22 of 159 audit answers kept); the test trains the unguarded baseline on the reviews task only. The default guard keeps the task (exact match >= 0.95) and much more
-of them (dates: 113/159 = 0.71, 95 % 0.64-0.78, measured 2026-12-05), but not yet the 0.9 issue #23
-asks for: the floors below pin what it does today, with a margin of a few questions for other CPUs.
-Wall time against the unguarded run is make bench-forgetting's (a timed test would measure the
-machine, not the code)."""
+`make test` trains one task (reviews, the cheaper one) both ways; `make bench-forgetting` trains
+both tasks both ways and times them. Unguarded, the model loses most of the general questions the
+base model answered correctly (dates: 22 of 159 audit answers kept). The default guard keeps the
+task (exact match >= 0.95) and much more of them (dates: 113/159 = 0.71, 95 % 0.64-0.78, measured
+2026-12-05), but not yet the 0.9 issue #23 asks for: the floors below pin what it does today, with
+a margin of a few questions for other CPUs. Wall time against the unguarded run is make
+bench-forgetting's (a timed test would measure the machine, not the code)."""
 
 import pytest
 
-from forgetting import GUARDS, TASKS, run
+from forgetting import GUARDS, run
 
-# The unguarded baseline is trained on one task only, to keep `make test` short: that forgetting
-# happens under these settings is the workload's property, shown here on the cheaper task and on
-# both by make bench-forgetting; the guard's floors are asserted on both tasks.
-UNGUARDED_TASK = "reviews"
+# One task in `make test`, to keep it short: that forgetting happens under these settings and that
+# the default guard holds it back are properties of the workload, shown here on the cheaper task and
+# on both tasks by make bench-forgetting.
+TASK = "reviews"
 
 
 @pytest.fixture(scope="module")
 def unguarded(bin_path, gguf_path, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"forgetting-{UNGUARDED_TASK}-off")
-    return run(bin_path, gguf_path, tmp, UNGUARDED_TASK, "off", GUARDS["off"])
+    tmp = tmp_path_factory.mktemp(f"forgetting-{TASK}-off")
+    return run(bin_path, gguf_path, tmp, TASK, "off", GUARDS["off"])
 
 
-@pytest.fixture(scope="module", params=list(TASKS))
-def guarded(request, bin_path, gguf_path, tmp_path_factory):
-    task = request.param
-    tmp = tmp_path_factory.mktemp(f"forgetting-{task}")
-    return run(bin_path, gguf_path, tmp, task, "default", GUARDS["default"])
+@pytest.fixture(scope="module")
+def guarded(bin_path, gguf_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"forgetting-{TASK}")
+    return run(bin_path, gguf_path, tmp, TASK, "default", GUARDS["default"])
 
 
 def show(r):
@@ -58,7 +58,6 @@ def test_default_guard_keeps_the_task_and_the_held_out_general_answers(guarded, 
     assert guarded["task_exact_match"] >= 0.95
     assert int(guarded["audit_kept"].split("/")[1]) >= 100, "too few correct base answers to judge"
     assert guarded["audit"] >= 0.65
-    if guarded["task"] == unguarded["task"]:
-        assert guarded["audit"] >= unguarded["audit"] + 0.3
+    assert guarded["audit"] >= unguarded["audit"] + 0.3
     # The loss on general texts is not asserted: on the dates task it rose more with the guard
     # (+0.119) than without (+0.090) while the guarded model kept 85 of 99 probe answers to 10.
