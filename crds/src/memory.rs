@@ -235,9 +235,11 @@ impl RunShape {
     /// padding can need one (packing, or more than one row per batch).
     pub fn from_spec(spec: &FinetuneJobSpec, device: DeviceKind) -> Self {
         let hp = &spec.hyperparameters;
-        let bytes = match (hp.precision, device) {
-            (Precision::Fp32, _) | (Precision::Auto, DeviceKind::Cpu) => 4,
-            (Precision::Bf16, _) | (Precision::Auto, DeviceKind::Cuda) => 2,
+        // A CPU's native bfloat16 is the trainer's to know: it resolves `Auto` before planning.
+        let on_cuda = device == DeviceKind::Cuda;
+        let bytes = match hp.precision.resolve(on_cuda, spec.adapter.kind, false) {
+            Precision::Bf16 => 2,
+            _ => 4,
         };
         let lora_settings = spec.adapter.lora.clone().unwrap_or_default();
         let lora = (spec.adapter.kind == AdapterType::Lora).then(|| {
@@ -254,7 +256,7 @@ impl RunShape {
             micro_batch,
             rows_per_example: rows,
             seq_len: i64::from(hp.max_seq_length.max(1)),
-            gradient_checkpointing: hp.gradient_checkpointing,
+            gradient_checkpointing: hp.checkpointing(base_quantization.is_some()),
             lora_dropout: lora.is_some() && lora_settings.dropout > 0.0,
             lora,
             weight_bytes: bytes,

@@ -295,9 +295,11 @@ pub struct Hyperparameters {
     pub packing: bool,
     /// Activation checkpointing: keep only each decoder layer's input during the forward pass and
     /// recompute the layer in backward (about one extra forward pass of time for activation
-    /// memory that no longer grows with the number of layers).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub gradient_checkpointing: bool,
+    /// memory that no longer grows with the number of layers). Unset: on over a quantized base
+    /// (`adapter.lora.baseQuantization`, as PEFT's `prepare_model_for_kbit_training` does: without
+    /// it every layer's dequantized weight stays alive for backward), off otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
     /// Numeric precision: `auto` is bfloat16 on GPUs and float32 on CPUs.
     #[serde(default)]
     pub precision: Precision,
@@ -339,13 +341,37 @@ pub enum Scheduler {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bfloat16 on CUDA, float32 on CPU.
+    /// bfloat16 on CUDA. On a CPU, bfloat16 for adapter runs where the CPU multiplies bfloat16
+    /// natively (AVX-512 BF16 or AMX; the adapter's own weights and optimizer state stay float32),
+    /// float32 otherwise.
     #[default]
     Auto,
-    /// bfloat16 weights and activations.
+    /// bfloat16 weights and activations (an adapter's own weights stay float32).
     Bf16,
     /// float32 everywhere.
     Fp32,
+}
+
+impl Hyperparameters {
+    /// Whether the run checkpoints activations: `gradientCheckpointing`, or when it is unset, whether
+    /// the base is held quantized.
+    pub fn checkpointing(&self, quantized_base: bool) -> bool {
+        self.gradient_checkpointing.unwrap_or(quantized_base)
+    }
+}
+
+impl Precision {
+    /// `Auto` made concrete for a run: `Fp32` or `Bf16`. On a CPU without native bfloat16, bf16
+    /// matrix products are emulated and slower than float32; full fine-tuning keeps float32 there
+    /// because its weights are the optimizer's master copy (small updates vanish in bfloat16).
+    pub fn resolve(self, on_cuda: bool, adapter: AdapterType, cpu_native_bf16: bool) -> Precision {
+        match self {
+            Precision::Auto if on_cuda => Precision::Bf16,
+            Precision::Auto if adapter == AdapterType::Lora && cpu_native_bf16 => Precision::Bf16,
+            Precision::Auto => Precision::Fp32,
+            explicit => explicit,
+        }
+    }
 }
 
 /// Evaluation during and after training: beyond the loss.
@@ -592,4 +618,35 @@ pub struct Vocabulary {
     /// A `tokenizer.json` whose extra tokens are added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<crate::data::DataSource>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AdapterType, Hyperparameters, Precision};
+
+    #[test]
+    fn checkpointing_is_on_by_default_over_a_quantized_base_only() {
+        let hp = |extra: &str| -> Hyperparameters {
+            serde_yaml::from_str(&format!("{{maxSteps: 1{extra}}}")).unwrap()
+        };
+        let unset = hp("");
+        assert!(unset.checkpointing(true) && !unset.checkpointing(false));
+        assert!(!hp(", gradientCheckpointing: false").checkpointing(true));
+        assert!(hp(", gradientCheckpointing: true").checkpointing(false));
+    }
+
+    #[test]
+    fn auto_precision_is_bf16_on_cuda_and_for_adapters_on_cpus_with_native_bf16() {
+        use AdapterType::{Full, Lora};
+        let auto = Precision::Auto;
+        assert_eq!(auto.resolve(true, Full, false), Precision::Bf16);
+        assert_eq!(auto.resolve(false, Lora, true), Precision::Bf16);
+        assert_eq!(auto.resolve(false, Lora, false), Precision::Fp32);
+        // Full fine-tuning's weights are the master copy: float32 on any CPU.
+        assert_eq!(auto.resolve(false, Full, true), Precision::Fp32);
+        for explicit in [Precision::Fp32, Precision::Bf16] {
+            assert_eq!(explicit.resolve(true, Lora, true), explicit);
+            assert_eq!(explicit.resolve(false, Full, false), explicit);
+        }
+    }
 }

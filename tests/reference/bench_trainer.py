@@ -4,7 +4,9 @@ size, max sequence length, number of optimizer steps, data (examples/data/chat-t
 thread count — trained by
 
 1. our trainer (`finetune-trainer run JOB.yaml`), packing off as in the reference (`--packing`
-   adds a run with packing on, reported in its own row),
+   adds a run with packing on, reported in its own row), with `precision: auto` — what a user gets:
+   bfloat16 compute with float32 LoRA weights on a CPU with native bf16 (AVX-512 BF16 or AMX),
+   float32 elsewhere — and with `precision: fp32`,
 2. transformers + PEFT in float32 (a plain training loop: the standard collator that pads to the
    longest sample of the batch, the model's own loss, AdamW, global-norm clipping — what a
    TRL/PEFT user gets by default, without Trainer's bookkeeping),
@@ -50,11 +52,20 @@ spec:
     format: chat
   method: {{type: sft, sft: {{assistantOnlyLoss: true}}}}
   adapter: {{type: lora, lora: {{rank: {rank}, alpha: {alpha}, dropout: {dropout}, targetModules: [{targets}]}}}}
-  hyperparameters: {{maxSteps: {steps}, learningRate: 2.0e-4, batchSize: {batch}, maxSeqLength: {seq}, seed: 42, packing: {packing}, precision: fp32}}
+  hyperparameters: {{maxSteps: {steps}, learningRate: 2.0e-4, batchSize: {batch}, maxSeqLength: {seq}, seed: 42, packing: {packing}, precision: {precision}}}
   forgettingGuard: {{disabled: true}}
   checkpoint: {{everySteps: 1000000}}
   resources: {{gpus: 0}}
 """
+
+
+def cpu_flags():
+    """The CPU's model name and the flags that decide bf16 and float32 matmul speed."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    keep = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"]
+    return model, [f for f in keep if f in flags]
 
 
 def vm_status(key):
@@ -78,14 +89,14 @@ def run_child(cmd, env):
 # ---------------------------------------------------------------- ours
 
 
-def bench_ours(args, gguf_dir, env, packing):
+def bench_ours(args, gguf_dir, env, packing, precision="auto"):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         vol = example_volume(tmp, gguf_dir / GGUF_NAME)
         job = tmp / "job.yaml"
         job.write_text(JOB.format(gguf=GGUF_NAME, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                                   targets=", ".join(TARGETS), steps=args.steps, batch=args.batch,
-                                  seq=args.seq, packing=str(packing).lower()))
+                                  seq=args.seq, packing=str(packing).lower(), precision=precision))
         out = tmp / "out"
         env = dict(env, FINETUNE_VOLUME_ROOT=str(vol), FINETUNE_STATUS_PORT="0",
                    FINETUNE_TERMINATION_LOG=str(tmp / "termination-log"))
@@ -100,8 +111,9 @@ def bench_ours(args, gguf_dir, env, packing):
     tokens = sum(h["tokens"] for h in hist)
     secs = s["timings"]["step_seconds"]
     return {
-        "impl": "ours (finetune-trainer)" + (", packing" if packing else ""),
-        "packing": packing, "dtype": s["dtype"], "threads": s["threads"], "steps": len(hist),
+        "impl": f"ours (finetune-trainer) {precision} ({'bf16' if s['dtype'] == 'BFloat16' else 'fp32'})"
+                + (", packing" if packing else ""),
+        "precision": precision, "packing": packing, "dtype": s["dtype"], "threads": s["threads"], "steps": len(hist),
         "tokens": tokens, "targets": sum(h["targets"] for h in hist), "samples": sum(h["samples"] for h in hist),
         "step_seconds": secs, "tokens_per_s": tokens / secs,
         "steady_tokens_per_s": steady(hist, "tokens", "seconds"),
@@ -246,7 +258,7 @@ def main():
     ap.add_argument("--malloc-mmap-threshold", type=int,
                     help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every run alike: a fixed threshold stops "
                          "glibc from keeping freed activation buffers on its heap, which lowers peak RSS")
-    ap.add_argument("--skip", default="", help="comma-separated runs to skip: fp32,bf16")
+    ap.add_argument("--skip", default="", help="comma-separated runs to skip: fp32,bf16 (the reference's), ours-fp32")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--worker", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     ap.add_argument("--gguf-dir", help=argparse.SUPPRESS)
@@ -275,6 +287,8 @@ def main():
     rows = [run(bench_ours, args, gguf_dir, env, False)]
     if args.packing:
         rows.append(run(bench_ours, args, gguf_dir, env, True))
+    if "ours-fp32" not in skip:
+        rows.append(run(bench_ours, args, gguf_dir, env, False, "fp32"))
     refs = {}
     for mode in ("fp32", "bf16"):
         if mode not in skip:
@@ -282,7 +296,10 @@ def main():
             rows.append(refs[mode])
 
     ours = rows[0]
+    ours_fp32 = next((r for r in rows if r.get("precision") == "fp32" and not r["packing"]), None)
     mib = 2 ** 20
+    cpu_model, flags = cpu_flags()
+    print(f"CPU: {cpu_model}; flags: {' '.join(flags)}")
     print(f"chat SFT, SmolLM2-135M-Instruct LoRA r{args.rank} (all linear), {args.steps} steps x batch {args.batch}, "
           f"max seq {args.seq}, CPU, {args.threads} threads, {os.cpu_count()} cores, load at start "
           + ", ".join(f"{r['loadavg_at_start']:.2f}" for r in rows))
@@ -301,6 +318,8 @@ def main():
             rat["peak_rss_vs_ref_training_phase"] = ours["peak_rss_bytes"] / ref["train_peak_rss_bytes"]
         if len(rows) > 1 and rows[1]["packing"]:
             rat["tokens_per_s_packing"] = rows[1]["tokens_per_s"] / ref["tokens_per_s"]
+        if ours_fp32 is not None:
+            rat["tokens_per_s_ours_fp32"] = ours_fp32["tokens_per_s"] / ref["tokens_per_s"]
         ratios[mode] = rat
         extra = ""
         if "peak_rss_vs_ref_training_phase" in rat:
@@ -309,12 +328,14 @@ def main():
         print(f"ours/{ref['impl']}: tokens/s {rat['tokens_per_s']:.2f}x"
               + (f" (steady {rat['steady_tokens_per_s']:.2f}x)" if "steady_tokens_per_s" in rat else "")
               + (f", with packing {rat['tokens_per_s_packing']:.2f}x" if "tokens_per_s_packing" in rat else "")
+              + (f", ours fp32 {rat['tokens_per_s_ours_fp32']:.2f}x" if "tokens_per_s_ours_fp32" in rat else "")
               + f"; peak RSS {rat['peak_rss']:.2f}x{extra}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": GGUF_NAME, "workload": {"steps": args.steps, "bf16_reference_steps": args.bf16_steps, "batch": args.batch, "max_seq_length": args.seq,
                                          "lora_rank": args.rank, "lora_alpha": args.alpha,
                                          "lora_dropout": args.dropout, "targets": TARGETS, "data": str(DATA)},
+        "cpu": {"model": cpu_model, "flags": flags},
         "cpu_count": os.cpu_count(), "threads": args.threads,
         "malloc_mmap_threshold": args.malloc_mmap_threshold, "loadavg": os.getloadavg(),
         "targets": {"tokens_per_s_ratio_vs_fp32": ">= 2", "peak_rss_ratio_vs_fp32": "<= 0.6"},

@@ -111,7 +111,7 @@ spec:
     eval: {uri: configmap://finetune-examples-data/chat-eval.jsonl}
     format: chat
   adapter: {type: lora, lora: {rank: 16, alpha: 32, dropout: 0.05}}
-  hyperparameters: {maxSteps: 20, learningRate: 1.0e-3, batchSize: 4, maxSeqLength: 128, warmupSteps: 2, seed: 42}
+  hyperparameters: {maxSteps: 20, learningRate: 1.0e-3, batchSize: 4, maxSeqLength: 128, warmupSteps: 2, seed: 42, precision: fp32}
   forgettingGuard: {disabled: true}
   evaluation: {everySteps: 10, retention: {}, generation: {maxSamples: 12, maxNewTokens: 24}}
   forgettingGuard: {}

@@ -34,7 +34,7 @@ spec:
     eval: {{uri: configmap://finetune-examples-data/{eval}}}
     format: chat
   adapter: {{type: lora, lora: {{rank: 16, alpha: 32, dropout: 0.0}}}}
-  hyperparameters: {{epochs: 1, learningRate: 1.0e-3, batchSize: 8, maxSeqLength: 128, warmupSteps: 2, seed: 42}}
+  hyperparameters: {{epochs: 1, learningRate: 1.0e-3, batchSize: 8, maxSeqLength: 128, warmupSteps: 2, seed: 42, precision: fp32}}
   evaluation: {{retention: {{}}, generation: {{maxSamples: 50, maxNewTokens: {answer_tokens}}}}}
   checkpoint: {{everySteps: 1000, keepLast: 1}}
   resources: {{gpus: 0}}

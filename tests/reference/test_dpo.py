@@ -172,7 +172,7 @@ spec:
     format: preference
   method: {{type: dpo, dpo: {{beta: {beta}}}}}
   adapter: {adapter}
-  hyperparameters: {{maxSteps: {steps}, learningRate: {lr}, batchSize: 4, maxSeqLength: 128, seed: 5, scheduler: constant}}
+  hyperparameters: {{maxSteps: {steps}, learningRate: {lr}, batchSize: 4, maxSeqLength: 128, seed: 5, scheduler: constant, precision: fp32}}
   evaluation: {{everySteps: {steps}}}
   resources: {{gpus: 0}}
 {extra}""")

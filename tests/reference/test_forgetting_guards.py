@@ -77,7 +77,7 @@ spec:
     train: {{uri: "file://{CHAT}"}}
     format: chat
   adapter: {adapter}
-  hyperparameters: {{maxSteps: {steps}, learningRate: {lr}, batchSize: 4, maxSeqLength: 128, seed: 3, scheduler: constant}}
+  hyperparameters: {{maxSteps: {steps}, learningRate: {lr}, batchSize: 4, maxSeqLength: 128, seed: 3, scheduler: constant, precision: fp32}}
   resources: {{gpus: 0}}
 {guard}""")
     return path

@@ -77,7 +77,7 @@ spec:{rope_line}
     eval: {{uri: "file://{data / 'eval.jsonl'}"}}
     format: text
   adapter: {adapter}
-  hyperparameters: {{maxSteps: 8, learningRate: 2.0e-2, batchSize: 4, maxSeqLength: {MAX_SEQ}, seed: 3, scheduler: constant}}
+  hyperparameters: {{maxSteps: 8, learningRate: 2.0e-2, batchSize: 4, maxSeqLength: {MAX_SEQ}, seed: 3, scheduler: constant, precision: fp32}}
   forgettingGuard: {{disabled: true}}
   evaluation: {{everySteps: 4}}
   output: {{merge: true}}

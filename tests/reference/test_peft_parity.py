@@ -53,7 +53,7 @@ spec:
     train: {{uri: "file://{REPO / 'examples/data/chat-train.jsonl'}"}}
     format: chat
   adapter: {{type: lora, lora: {CASES[case]}}}
-  hyperparameters: {{maxSteps: 4, learningRate: 2.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3, scheduler: constant}}
+  hyperparameters: {{maxSteps: 4, learningRate: 2.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3, scheduler: constant, precision: fp32}}
   forgettingGuard: {{disabled: true}}
   resources: {{gpus: 0}}
 """)

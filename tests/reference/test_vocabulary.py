@@ -67,7 +67,7 @@ spec:
     format: chat
   vocabulary: {{addTokens: [{words}, "hello"]}}
   adapter: {{type: lora, lora: {{rank: 8, alpha: 16, dropout: 0.0}}}}
-  hyperparameters: {{maxSteps: 6, learningRate: 5.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3, scheduler: constant}}
+  hyperparameters: {{maxSteps: 6, learningRate: 5.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3, scheduler: constant, precision: fp32}}
   forgettingGuard: {{disabled: true}}
   output: {{merge: true}}
   resources: {{gpus: 0}}
@@ -213,7 +213,7 @@ spec:
     format: chat
   vocabulary: {{addTokens: [{words}]}}
   adapter: {{type: lora, lora: {{rank: 4, alpha: 8, dropout: 0.0}}}}
-  hyperparameters: {{maxSteps: 6, learningRate: 5.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3}}
+  hyperparameters: {{maxSteps: 6, learningRate: 5.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3, precision: fp32}}
   forgettingGuard: {{disabled: true}}
   checkpoint: {{everySteps: 3, keepLast: 5}}
   resources: {{gpus: 0}}
@@ -259,7 +259,7 @@ spec:
     format: chat
   vocabulary: {{addTokens: [{words}]}}
   adapter: {{type: full}}
-  hyperparameters: {{maxSteps: 3, learningRate: 1.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3}}
+  hyperparameters: {{maxSteps: 3, learningRate: 1.0e-2, batchSize: 4, maxSeqLength: 128, seed: 3, precision: fp32}}
   resources: {{gpus: 0}}
 """, encoding="utf-8")
     out = tmp_path / "out"
@@ -291,7 +291,7 @@ spec:
     format: chat
   vocabulary: {{tokenizer: {{uri: "file://{junk}"}}}}
   adapter: {{type: lora}}
-  hyperparameters: {{maxSteps: 1, maxSeqLength: 128}}
+  hyperparameters: {{maxSteps: 1, maxSeqLength: 128, precision: fp32}}
   resources: {{gpus: 0}}
 """, encoding="utf-8")
     env = dict(os.environ, FINETUNE_STATUS_PORT="0")

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::load::ModelSource;
 use crate::model::ModelConfig;
 use crate::train::plan::{Environment, Plan, RunOptions};
+use crate::train::setup::resolved_precision;
 use crate::train::stop::Stop;
 
 impl From<&ModelConfig> for ModelShape {
@@ -68,7 +69,10 @@ pub fn plan_job(job: PathBuf, device: &str, device_memory: Option<&str>) -> Resu
     }
     let config = ModelSource::open(&p.model_path)?.config()?;
     let model = ModelShape::from(&config);
-    let run = RunShape::from_spec(p.spec(), kind);
+    // `precision: auto` as the trainer would run it here (bfloat16 on a CPU with native bf16).
+    let mut spec = p.spec().clone();
+    spec.hyperparameters.precision = resolved_precision(&p, kind == DeviceKind::Cuda);
+    let run = RunShape::from_spec(&spec, kind);
     let device_memory = device_memory
         .map(|q| {
             memory::parse_quantity(q).map_err(|e| Error::Usage(format!("--device-memory: {e}")))

@@ -73,6 +73,7 @@ spec:
         ),
         model = root.join("model").display(),
         train = root.join("train.jsonl").display(),
+        hyper = train_support::pin_fp32(hyper),
     );
     let job = root.join("job.yaml");
     std::fs::write(&job, yaml).unwrap();

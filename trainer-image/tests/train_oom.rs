@@ -30,7 +30,7 @@ spec:
     train: {{uri: \"file://{}\"}}
     format: text
   adapter: {{type: lora, lora: {{rank: 4, alpha: 8, dropout: 0.0}}}}
-  hyperparameters: {{maxSteps: {STEPS}, learningRate: 1.0e-2, batchSize: 32, maxSeqLength: 1024, seed: 5{micro}}}
+  hyperparameters: {{maxSteps: {STEPS}, learningRate: 1.0e-2, batchSize: 32, maxSeqLength: 1024, seed: 5, precision: fp32{micro}}}
   forgettingGuard: {{disabled: true}}
   resources: {{gpus: 0}}
 ",

@@ -277,6 +277,25 @@ fn an_int8_base_killed_and_resumed_ends_bitwise_identical_and_differs_from_full_
     quantized_base_resumes_bitwise("int8", "Int8");
 }
 
+/// `precision: auto` is bfloat16 on CPUs with native bf16: a bf16 run (the base and activations
+/// in bfloat16, the adapter and its optimizer state float32) resumes as exactly as a float32 one.
+#[test]
+fn a_bf16_run_killed_and_resumed_ends_bitwise_identical_and_differs_from_fp32() {
+    let s = setup();
+    let (code, err) = run(&s, "fp32");
+    assert_eq!(code, 0, "{err}");
+    edit_job(&s, "precision: fp32", "precision: bf16");
+    let (code, err) = run(&s, "straight");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("BFloat16"), "{err}");
+    let reference = bytes(&s.root.join("straight/adapter_model.safetensors"));
+    assert!(
+        reference != bytes(&s.root.join("fp32/adapter_model.safetensors")),
+        "the bf16 run trained the same adapter as the float32 one"
+    );
+    killed_once_resumes_to(&s, "killed", 3, 6, &reference);
+}
+
 #[test]
 fn a_mixture_killed_and_resumed_ends_bitwise_identical_and_reports_its_sources() {
     let s = setup_mixture();

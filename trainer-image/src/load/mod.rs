@@ -208,6 +208,27 @@ pub fn store(
     }
 }
 
+/// Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX-BF16, from the kernel's
+/// `/proc/cpuinfo` flags): there libtorch's bf16 matrix products run about twice as fast as
+/// float32 ones; elsewhere they are emulated and slower. Read once.
+pub fn cpu_has_native_bf16() -> bool {
+    static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NATIVE.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .map(|info| cpuinfo_has_native_bf16(&info))
+            .unwrap_or(false)
+    })
+}
+
+fn cpuinfo_has_native_bf16(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .take(1)
+        .flat_map(|l| l.split_whitespace())
+        .any(|flag| flag == "avx512_bf16" || flag == "amx_bf16")
+}
+
 /// `auto` = CUDA in bfloat16 when available, else CPU in float32.
 pub fn pick_device(name: &str) -> Result<(Device, Kind)> {
     match name {
@@ -220,5 +241,21 @@ pub fn pick_device(name: &str) -> Result<(Device, Kind)> {
         other => Err(Error::Usage(format!(
             "--device {other}: expected auto, cpu or cuda"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpuinfo_has_native_bf16;
+
+    #[test]
+    fn native_bf16_is_read_from_the_first_flags_line() {
+        let epyc = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n";
+        let sapphire_rapids = "flags\t: avx2 avx512f amx_bf16 amx_tile\n";
+        let avx2_only = "flags\t: fpu avx2 fma\nbugs\t: avx512_bf16_typo\n";
+        assert!(cpuinfo_has_native_bf16(epyc));
+        assert!(cpuinfo_has_native_bf16(sapphire_rapids));
+        assert!(!cpuinfo_has_native_bf16(avx2_only));
+        assert!(!cpuinfo_has_native_bf16(""));
     }
 }

@@ -617,7 +617,7 @@ pub fn config_digest(
     // Checkpointing and the micro-batch change memory and time, not the update: a run may resume
     // with them switched (the trainer halves the micro-batch itself after running out of memory).
     let hyperparameters = Hyperparameters {
-        gradient_checkpointing: false,
+        gradient_checkpointing: None,
         micro_batch_size: None,
         ..spec.hyperparameters.clone()
     };

@@ -70,14 +70,21 @@ impl Loaded {
     }
 }
 
-fn pick_device(plan: &Plan, precision: Precision) -> Result<(Device, Kind), Stop> {
-    let (device, auto_kind) = crate::load::pick_device(&plan.device)?;
-    let kind = match precision {
-        Precision::Auto => auto_kind,
-        Precision::Fp32 => Kind::Float,
+fn pick_device(plan: &Plan) -> Result<(Device, Kind), Stop> {
+    let (device, _) = crate::load::pick_device(&plan.device)?;
+    let kind = match resolved_precision(plan, device.is_cuda()) {
         Precision::Bf16 => Kind::BFloat16,
+        _ => Kind::Float,
     };
     Ok((device, kind))
+}
+
+/// `hyperparameters.precision` made concrete on this machine (`Precision::resolve`).
+pub fn resolved_precision(plan: &Plan, on_cuda: bool) -> Precision {
+    let native_bf16 = !on_cuda && crate::load::cpu_has_native_bf16();
+    plan.hp()
+        .precision
+        .resolve(on_cuda, plan.spec().adapter.kind, native_bf16)
 }
 
 /// How a LoRA run holds its frozen base (`adapter.lora.baseQuantization`); `None` for full-precision.
@@ -93,7 +100,7 @@ fn base_quantization(plan: &Plan) -> Option<BaseQuantization> {
 pub fn load_model(plan: &Plan) -> Result<Loaded, Stop> {
     let spec = plan.spec();
     let hp = plan.hp();
-    let (device, kind) = pick_device(plan, hp.precision)?;
+    let (device, kind) = pick_device(plan)?;
     eprintln!(
         "job {} (attempt {}): model {}, {device:?} {kind:?}",
         plan.name,
@@ -521,11 +528,11 @@ pub fn trainable(
                 after as f64 / (1u64 << 20) as f64,
                 model.quantized_storage().join(", ")
             );
-            if !hp.gradient_checkpointing {
+            if !hp.checkpointing(true) {
                 eprintln!(
-                    "note: without hyperparameters.gradientCheckpointing each layer's dequantized \
-                     weight stays alive for backward (up to {:.1} MiB in all); checkpointing holds \
-                     one layer's at a time",
+                    "note: with hyperparameters.gradientCheckpointing: false each layer's dequantized \
+                     weight stays alive for backward (up to {:.1} MiB in all); checkpointing (the \
+                     default over a quantized base) holds one layer's at a time",
                     before as f64 / (1u64 << 20) as f64
                 );
             }
@@ -557,7 +564,7 @@ pub fn trainable(
     });
     let opt = AdamW::new(params);
     model.set_training(true);
-    model.checkpoint_layers = hp.gradient_checkpointing;
+    model.checkpoint_layers = hp.checkpointing(base_quantization(plan).is_some());
     Ok((lora_cfg, opt))
 }
 

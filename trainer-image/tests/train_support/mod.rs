@@ -148,7 +148,18 @@ pub fn write_text_lines(path: &Path, n: usize, seed: u64, words: std::ops::Range
     std::fs::write(path, out).unwrap();
 }
 
+/// `hyper` (a YAML flow mapping) with `precision: fp32` unless it names a precision: the tests
+/// compare numbers made in float32, and `precision: auto` is bfloat16 on CPUs with native bf16.
+pub fn pin_fp32(hyper: &str) -> String {
+    if hyper.contains("precision") {
+        hyper.to_string()
+    } else {
+        hyper.replacen('{', "{precision: fp32, ", 1)
+    }
+}
+
 /// A FinetuneJob on `file://` URIs; `extra` is appended to `spec.hyperparameters`' siblings.
+/// The precision is float32 unless `hyper` names one ([`pin_fp32`]).
 pub fn write_job(path: &Path, model: &Path, data: &Path, hyper: &str, extra: &str) -> PathBuf {
     let train = format!("{{uri: \"file://{}\"}}", data.display());
     write_job_training_on(path, model, &train, hyper, extra)
@@ -177,6 +188,7 @@ spec:
   resources: {{gpus: 0}}
 {extra}",
         model.display(),
+        hyper = pin_fp32(hyper),
     );
     std::fs::write(path, yaml).unwrap();
     path.to_path_buf()
