@@ -68,6 +68,9 @@ use crate::training::{
     validation = Rule::new("!has(self.forgettingGuard) || !has(self.forgettingGuard.l2ToInit) || self.adapter.type == 'full'")
         .message("forgettingGuard.l2ToInit pulls full fine-tuning toward the initial weights; with LoRA use selfDistillation or selfReplay")
         .field_path(".forgettingGuard.l2ToInit"),
+    validation = Rule::new("!has(self.forgettingGuard) || !has(self.forgettingGuard.layerAnchor) || self.adapter.type == 'lora'")
+        .message("forgettingGuard.layerAnchor holds a LoRA adapter's change to each layer's output; full fine-tuning uses l2ToInit")
+        .field_path(".forgettingGuard.layerAnchor"),
 )]
 pub struct FinetuneJobSpec {
     /// The pretrained model to start from.

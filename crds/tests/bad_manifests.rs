@@ -290,6 +290,21 @@ fn l2_guard_only_for_full_fine_tuning() {
 }
 
 #[test]
+fn layer_anchor_only_for_lora() {
+    let full = edit(valid_job(), "/spec/adapter", Some(json!({"type": "full"})));
+    let job = edit(
+        full,
+        "/spec/forgettingGuard/layerAnchor",
+        Some(json!({"weight": 3.0e4})),
+    );
+    assert_rejected(
+        &job,
+        "spec.forgettingGuard.layerAnchor",
+        "full fine-tuning uses l2ToInit",
+    );
+}
+
+#[test]
 fn disabled_guard_cannot_name_a_guard() {
     let job = edit(
         valid_job(),

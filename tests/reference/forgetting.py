@@ -47,10 +47,12 @@ TASKS = {
 }
 
 # The guard settings compared. Without `forgettingGuard` LoRA SFT gets the default guard
-# (selfReplay: one 16-token base answer per step of 8 samples at weight 4), so "off" has to say so.
+# (selfReplay: one 16-token base answer per step of 8 samples at weight 4, and layerAnchor at weight
+# 3e4), so "off" has to say so; "self-replay" is the default before the layer anchor joined it.
 GUARDS = {
     "off": "  forgettingGuard: {disabled: true}\n",
     "default": "",
+    "self-replay": "  forgettingGuard: {selfReplay: {ratio: 0.125}}\n",
     "self-replay-0.25-48-w1": ("  forgettingGuard: {selfReplay: {ratio: 0.25, answerTokens: 48,"
                                " weight: 1.0}}\n"),
     "self-distillation": "  forgettingGuard: {selfDistillation: {weight: 1.0}}\n",

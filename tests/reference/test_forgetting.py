@@ -5,10 +5,11 @@ general question set — questions neither the guard's replay nor the run's prob
 
 `make test` trains one task (reviews, the cheaper one) both ways; `make bench-forgetting` trains
 both tasks both ways and times them. Unguarded, the model loses most of the general questions the
-base model answered correctly (dates: 22 of 159 audit answers kept). The default guard keeps the
-task (exact match >= 0.95) and much more of them (dates: 113/159 = 0.71, 95 % 0.64-0.78, measured
-2026-12-05), but not yet the 0.9 issue #23 asks for: the floors below pin what it does today, with
-a margin of a few questions for other CPUs. Wall time against the unguarded run is make
+base model answered correctly (dates: 22 of 159 audit answers kept). The default guard (self-replay
+and the layer anchor) keeps the task (exact match >= 0.95) and much more of them (measured
+2026-12-06: reviews 126/159 = 0.79, 95 % 0.72-0.85; dates 134/159 = 0.84), but not yet the 0.9
+issue #23 asks for: the floors below pin what it does today, with a margin of about ten questions
+for other CPUs. Wall time against the unguarded run is make
 bench-forgetting's (a timed test would measure the machine, not the code)."""
 
 import pytest
@@ -57,7 +58,7 @@ def test_default_guard_keeps_the_task_and_the_held_out_general_answers(guarded, 
     assert guarded["replayed_samples"] > 0, "the default guard did not replay anything"
     assert guarded["task_exact_match"] >= 0.95
     assert int(guarded["audit_kept"].split("/")[1]) >= 100, "too few correct base answers to judge"
-    assert guarded["audit"] >= 0.65
+    assert guarded["audit"] >= 0.72
     assert guarded["audit"] >= unguarded["audit"] + 0.3
     # The loss on general texts is not asserted: on the dates task it rose more with the guard
     # (+0.119) than without (+0.090) while the guarded model kept 85 of 99 probe answers to 10.

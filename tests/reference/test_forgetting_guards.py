@@ -1,11 +1,13 @@
 """Forgetting guards that add a loss term: the self-distillation KL (the model with its LoRA adapter
 switched off as the teacher) against transformers + PEFT `disable_adapter()`, and short runs with
-`selfDistillation` (LoRA) and `l2ToInit` (full fine-tuning) that must record their term and, for L2,
-keep the weights measurably closer to where they started. Guards paired with the wrong adapter
+`selfDistillation` (LoRA), `layerAnchor` (LoRA) and `l2ToInit` (full fine-tuning) that must record
+their term and, for the anchor and L2, keep the model measurably closer to where it started (the
+anchor also resumes bit for bit). Guards paired with the wrong adapter
 type end with exit 2 naming the field."""
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -89,6 +91,13 @@ def run(path, out):
                           capture_output=True, text=True, timeout=900, env=env)
 
 
+def give_answers(cache):
+    """Writes answers into a guard's cache of base answers, the file a resumed attempt reads."""
+    base = json.loads(cache.read_text())
+    base["answers"] = [f"Here is a short answer about: {q}" for q in base["prompts"]]
+    cache.write_text(json.dumps(base))
+
+
 def test_self_distillation_adds_its_term_every_step(tiny_model, tmp_path):
     out = tmp_path / "out"
     guarded = job(tmp_path, tiny_model, "{type: lora, lora: {rank: 8, alpha: 16, dropout: 0.0}}",
@@ -99,10 +108,7 @@ def test_self_distillation_adds_its_term_every_step(tiny_model, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "spec.forgettingGuard.selfDistillation" in proc.stderr and "nothing to anchor" in proc.stderr
     # Give it answers (the cache of base answers is what a resumed attempt reads) and run again.
-    cache = out / "checkpoints" / "self_distillation.json"
-    replay = json.loads(cache.read_text())
-    replay["answers"] = [f"Here is a short answer about: {q}" for q in replay["prompts"]]
-    cache.write_text(json.dumps(replay))
+    give_answers(out / "checkpoints" / "self_distillation.json")
     proc = run(guarded, out)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "training_summary.json").read_text())
@@ -139,8 +145,60 @@ def test_l2_to_init_keeps_full_finetuning_closer_to_the_start(tiny_model, tmp_pa
 @pytest.mark.parametrize("adapter,guard,field", [
     ("{type: full}", "{selfDistillation: {weight: 1.0}}", "spec.forgettingGuard.selfDistillation"),
     ("{type: lora}", "{l2ToInit: {weight: 1.0}}", "spec.forgettingGuard.l2ToInit"),
+    ("{type: full}", "{layerAnchor: {weight: 1.0}}", "spec.forgettingGuard.layerAnchor"),
 ])
 def test_guard_for_the_other_adapter_type_exits_2(adapter, guard, field, tiny_model, tmp_path):
     proc = run(job(tmp_path, tiny_model, adapter, f"  forgettingGuard: {guard}\n"), tmp_path / "out")
     assert proc.returncode == 2, proc.stderr
     assert field in proc.stderr
+
+
+def anchor_job(tmp_path, tiny_model, weight):
+    return job(tmp_path, tiny_model, "{type: lora, lora: {rank: 8, alpha: 16, dropout: 0.0}}",
+               f"  forgettingGuard: {{layerAnchor: {{weight: {weight}}}}}\n"
+               "  checkpoint: {everySteps: 3, keepLast: 2}\n")
+
+
+def run_anchored(tmp_path, tiny_model, weight):
+    """A layer-anchored run of the tiny model, given general answers to sketch on (the random model
+    answers every request with blank lines, which the guard refuses: exit 2 naming the field)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "out"
+    path = anchor_job(tmp_path, tiny_model, weight)
+    proc = run(path, out)
+    assert proc.returncode == 2, proc.stderr
+    assert "spec.forgettingGuard.layerAnchor" in proc.stderr and "no general text" in proc.stderr
+    give_answers(out / "checkpoints" / "layer_anchor.json")
+    proc = run(path, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "layer anchor: 14 layers sketched on 40 general conversations" in proc.stderr, proc.stderr
+    return path, out, json.loads((out / "training_summary.json").read_text())
+
+
+def test_layer_anchor_holds_each_layer_on_general_text_and_resumes_exactly(tiny_model, tmp_path):
+    _, _, loose = run_anchored(tmp_path / "loose", tiny_model, 1.0)
+    path, out, held = run_anchored(tmp_path / "held", tiny_model, 1.0e4)
+    # The guard column is weight × drift: the mean squared relative change of each adapted layer's
+    # output on the sketched general conversations.
+    drift_loose = [h["guard_loss"] / 1.0 for h in loose["history"]]
+    drift_held = [h["guard_loss"] / 1.0e4 for h in held["history"]]
+    print(f"\nlayer drift per step: weight 1 {[f'{d:.2e}' for d in drift_loose]}; "
+          f"weight 1e4 {[f'{d:.2e}' for d in drift_held]}")
+    # A fresh adapter (B = 0) has moved nothing; then the layers move, far less when anchored.
+    assert drift_loose[0] == 0 and drift_held[0] == 0
+    assert drift_loose[-1] > 1e-6
+    assert drift_held[-1] < 0.2 * drift_loose[-1]
+    # Resume from the step-3 checkpoint: the sketch is drawn again from the seeded generator, so
+    # the resumed run ends on the same adapter, bit for bit.
+    straight = load_file(str(out / "adapter_model.safetensors"))
+    for p in (out / "checkpoints").iterdir():
+        if p.name.startswith("step-6"):
+            shutil.rmtree(p)
+    (out / "adapter_model.safetensors").unlink()
+    proc = run(path, out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "training_summary.json").read_text())["resumed_from_step"] == 3
+    resumed = load_file(str(out / "adapter_model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k

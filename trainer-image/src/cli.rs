@@ -831,6 +831,7 @@ fn run_nf4_linear(a: Nf4LinearArgs) -> Result<()> {
         dropout: 0.0,
         enabled: true,
         training: false,
+        input_sketch: None,
     });
     let y = tch::no_grad(|| layer.forward(&x));
     Tensor::write_safetensors(&[("y", &y)], &a.out)?;

@@ -22,9 +22,26 @@ pub struct Lora {
     pub enabled: bool,
     /// Dropout active.
     pub training: bool,
+    /// While set, every forward adds a random sketch of its input to it (`xᵀ·S`, `S` Gaussian
+    /// `[tokens, k]`): [`crate::train::anchor::LayerAnchor`] gathers what general text feeds this
+    /// layer. `None` outside that one pass.
+    pub input_sketch: Option<std::sync::Mutex<Tensor>>,
 }
 
 impl Lora {
+    /// Adds `xᵀ·S` to [`Lora::input_sketch`] when it is set: `x` `[..., in]` flattened to token
+    /// rows, `S` drawn from libtorch's generator.
+    fn record_input(&self, x: &Tensor) {
+        let Some(sketch) = &self.input_sketch else {
+            return;
+        };
+        let mut sketch = sketch.lock().unwrap_or_else(|e| e.into_inner());
+        let (inp, k) = sketch.size2().expect("input sketch is [in, k]");
+        let rows = x.reshape([-1, inp]).to_kind(Kind::Float);
+        let s = Tensor::randn([rows.size()[0], k], (Kind::Float, x.device()));
+        *sketch += rows.transpose(0, 1).mm(&s);
+    }
+
     /// The adapter's contribution for `x` `[..., in]`, computed in `x`'s dtype in the same order as
     /// PEFT: `lora_B(lora_A(dropout(x))) * scaling`.
     pub fn delta(&self, x: &Tensor) -> Tensor {
@@ -101,8 +118,19 @@ impl Linear {
             None => x.linear(&self.weight, self.bias.as_ref()),
         };
         match &self.lora {
-            Some(l) if l.enabled => y + l.delta(x),
-            _ => y,
+            Some(l) => {
+                l.record_input(x);
+                if l.enabled { y + l.delta(x) } else { y }
+            }
+            None => y,
+        }
+    }
+
+    /// The frozen weight `[out, in]` in float32, dequantized when it is held quantized.
+    pub fn dense_weight(&self) -> Tensor {
+        match &self.quantized {
+            Some(q) => q.dequantize(Kind::Float),
+            None => self.weight.to_kind(Kind::Float),
         }
     }
 
@@ -147,6 +175,7 @@ mod tests {
             dropout: 0.1,
             enabled: true,
             training: false,
+            input_sketch: None,
         });
         let w_q = layer.quantized.as_ref().unwrap().dequantize(Kind::Float);
         let l = layer.lora.as_ref().unwrap();

@@ -226,6 +226,7 @@ impl CausalLm {
                 dropout: cfg.dropout,
                 enabled: true,
                 training: false,
+                input_sketch: None,
             });
             n += 1;
         }
@@ -272,6 +273,7 @@ impl CausalLm {
                 dropout: cfg.dropout,
                 enabled: true,
                 training: false,
+                input_sketch: None,
             });
             n += 1;
         }

@@ -11,11 +11,23 @@
 //! **L2 to init** (`forgettingGuard.l2ToInit`, full fine-tuning): `weight/2 · Σ‖θ − θ₀‖²`, whose
 //! gradient `weight · (θ − θ₀)` is added to each parameter's gradient before clipping. θ₀ is a
 //! copy of the starting weights (one more model's worth of memory).
+//!
+//! **Layer anchor** (`forgettingGuard.layerAnchor`, LoRA): before the first update, the inputs
+//! each adapted layer receives on general conversations (the base model's answers to general
+//! requests) are gathered as a random sketch `F` `[in, k]` with `F·Fᵀ ≈ Xᵀ·X`; each step adds
+//! `weight · mean over layers of ‖ΔW·F‖² / ‖W·F‖²`, the share by which the adapter moves each
+//! layer's output on general text. Rehearsal guards hold the answers to the prompts they replay;
+//! this term holds every layer on the whole distribution of general inputs at once, for the price
+//! of a few `[rank, k]` products per step, so the task is learned in the directions general text
+//! does not use.
+
+use std::sync::Mutex;
 
 use tch::{Kind, Tensor};
 
 use crate::data::{Batch, Sample, build_batch};
 use crate::model::CausalLm;
+use crate::model::linear::Linear;
 use crate::train::step::{MicroBatch, target_logits};
 
 /// Conversations scored by the self-distillation term per optimizer step.
@@ -128,9 +140,181 @@ impl L2ToInit {
     }
 }
 
+/// Columns of the random sketch of each adapted layer's general inputs: enough for the sketch's
+/// `F·Fᵀ` to weigh the directions general text uses by their energy, at `in × k` floats a layer.
+pub const ANCHOR_SKETCH_COLUMNS: i64 = 64;
+
+/// One adapted layer's share of the layer-anchor term.
+struct AnchoredLayer {
+    a: Tensor,
+    b: Tensor,
+    /// `[in, k]`: the sketch of the general inputs, times `scaling / ‖W·F‖`, so that
+    /// `‖B·(A·sketch)‖²` is the layer's relative output change.
+    sketch: Tensor,
+}
+
+/// Makes `lin`'s adapter (if it has one) sketch its inputs from now on.
+fn start_sketch(lin: &mut Linear) {
+    let inp = lin.shape().1;
+    if let Some(l) = &mut lin.lora {
+        let zeros = Tensor::zeros([inp, ANCHOR_SKETCH_COLUMNS], (Kind::Float, l.a.device()));
+        l.input_sketch = Some(Mutex::new(zeros));
+    }
+}
+
+/// Stops `lin`'s sketching and turns the sketch into its anchor term; `None` without an adapter,
+/// or when the layer's output on the sketched inputs is zero (nothing to be relative to).
+fn finish_sketch(lin: &mut Linear) -> Option<AnchoredLayer> {
+    let weight = lin.dense_weight();
+    let l = lin.lora.as_mut()?;
+    let sketch = l.input_sketch.take()?;
+    let sketch = sketch.into_inner().unwrap_or_else(|e| e.into_inner());
+    let energy = tch::no_grad(|| weight.mm(&sketch).square().sum(Kind::Float)).double_value(&[]);
+    if energy <= 0.0 || !energy.is_finite() {
+        return None;
+    }
+    Some(AnchoredLayer {
+        a: l.a.shallow_clone(),
+        b: l.b.shallow_clone(),
+        sketch: sketch * (l.scaling / energy.sqrt()),
+    })
+}
+
+/// The layer-anchor guard of a LoRA run.
+pub struct LayerAnchor {
+    layers: Vec<AnchoredLayer>,
+    pub weight: f64,
+}
+
+impl std::fmt::Debug for LayerAnchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerAnchor")
+            .field("layers", &self.layers.len())
+            .field("weight", &self.weight)
+            .finish()
+    }
+}
+
+impl LayerAnchor {
+    /// Sketches what `samples` feed each adapted layer of the base (adapters off, no gradients).
+    /// Call after the adapters are attached and libtorch's generator is seeded: the sketch is
+    /// drawn from it, so a resumed run gathers the same one.
+    pub fn gather(model: &mut CausalLm, samples: &[Sample], weight: f64) -> Self {
+        let device = model.device;
+        for (_, lin) in model.linears_mut() {
+            start_sketch(lin);
+        }
+        model.set_adapters_enabled(false);
+        tch::no_grad(|| {
+            for s in samples {
+                let n = s.ids.len() as i64;
+                let ids = Tensor::from_slice(&s.ids).to(device).unsqueeze(0);
+                let positions = Tensor::arange(n, (Kind::Int64, device)).unsqueeze(0);
+                let _ = model.hidden_with(&ids, &positions, None);
+            }
+        });
+        model.set_adapters_enabled(true);
+        let layers = model
+            .linears_mut()
+            .into_iter()
+            .filter_map(|(_, lin)| finish_sketch(lin))
+            .collect();
+        Self { layers, weight }
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// The mean relative output change `‖ΔW·F‖² / ‖W·F‖²` over the anchored layers, with its
+    /// graph back to the adapters.
+    pub fn drift(&self) -> Tensor {
+        let Some(first) = self.layers.first() else {
+            return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+        };
+        let mut total = Tensor::zeros([], (Kind::Float, first.a.device()));
+        for l in &self.layers {
+            total += l.b.mm(&l.a.mm(&l.sketch)).square().sum(Kind::Float);
+        }
+        total / self.layers.len() as f64
+    }
+
+    /// Adds `weight · drift` to the adapters' gradients; returns the drift.
+    pub fn accumulate(&self) -> f64 {
+        if self.layers.is_empty() {
+            return 0.0;
+        }
+        let drift = self.drift();
+        (&drift * self.weight).backward();
+        drift.double_value(&[])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::model::linear::Lora;
+
+    /// A 4 → 3 layer with a rank-4 adapter (scaling 2) whose sketch has seen inputs that use only
+    /// the first two input directions.
+    fn sketched_layer(w: &Tensor, a: Tensor, b: Tensor) -> Option<AnchoredLayer> {
+        let mut lin = Linear::new(w.copy(), None);
+        lin.lora = Some(Lora {
+            a,
+            b,
+            scaling: 2.0,
+            dropout: 0.0,
+            enabled: false,
+            training: false,
+            input_sketch: None,
+        });
+        start_sketch(&mut lin);
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        let x = Tensor::cat(&[Tensor::randn([5, 2], cpu), Tensor::zeros([5, 2], cpu)], 1);
+        let _ = lin.forward(&x.unsqueeze(0));
+        finish_sketch(&mut lin)
+    }
+
+    fn drift_of(layer: AnchoredLayer) -> f64 {
+        LayerAnchor {
+            layers: vec![layer],
+            weight: 1.0,
+        }
+        .drift()
+        .double_value(&[])
+    }
+
+    #[test]
+    fn the_anchor_measures_the_output_change_on_the_inputs_general_text_gave() {
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        tch::manual_seed(7);
+        let w = Tensor::randn([3, 4], cpu);
+        // ΔW = 2·B·A = 0.5·W: on every input the output moves by half, so the drift is 0.25
+        // whatever the random sketch drew.
+        let layer = sketched_layer(&w, Tensor::eye(4, cpu), &w * 0.25).expect("an adapter");
+        assert!((drift_of(layer) - 0.25).abs() < 1e-5);
+        // An update that only reads the input directions general text never used moves nothing
+        // the anchor saw.
+        let a = Tensor::cat(&[Tensor::zeros([4, 2], cpu), Tensor::ones([4, 2], cpu)], 1);
+        let layer = sketched_layer(&w, a, Tensor::ones([3, 4], cpu)).expect("an adapter");
+        assert!(drift_of(layer).abs() < 1e-9);
+        // A fresh adapter (B = 0) has not moved at all.
+        let layer = sketched_layer(&w, Tensor::ones([4, 4], cpu), Tensor::zeros([3, 4], cpu));
+        assert_eq!(drift_of(layer.expect("an adapter")), 0.0);
+    }
+
+    #[test]
+    fn a_layer_without_an_adapter_is_not_anchored() {
+        let mut lin = Linear::new(Tensor::ones([3, 4], (Kind::Float, tch::Device::Cpu)), None);
+        start_sketch(&mut lin);
+        let _ = lin.forward(&Tensor::ones([1, 2, 4], (Kind::Float, tch::Device::Cpu)));
+        assert!(finish_sketch(&mut lin).is_none());
+    }
 
     #[test]
     fn l2_adds_the_pull_toward_the_start_to_the_gradient() {

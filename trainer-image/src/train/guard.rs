@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use finetune_crds::training::{ForgettingGuard, ReplayGuard};
+use finetune_crds::training::ForgettingGuard;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Batch, Encoder, Origin, Sample, build_batch};
@@ -27,7 +27,7 @@ use crate::train::probe::Probe;
 pub enum GuardSource {
     /// `spec.forgettingGuard` names its guards.
     Spec,
-    /// The spec names none; LoRA SFT of a chat model gets [`ReplayGuard::default_guard`].
+    /// The spec names none; LoRA SFT of a chat model gets [`ForgettingGuard::default_guard`].
     Default,
     /// `forgettingGuard.disabled: true`, or a run the default does not fit (DPO, full
     /// fine-tuning, a model without a chat template).
@@ -45,13 +45,9 @@ pub fn effective(
     match spec {
         Some(g) if g.disabled => (ForgettingGuard::default(), GuardSource::Off),
         Some(g) => (g.clone(), GuardSource::Spec),
-        None if lora_sft && has_chat_template => (
-            ForgettingGuard {
-                self_replay: Some(ReplayGuard::default_guard()),
-                ..Default::default()
-            },
-            GuardSource::Default,
-        ),
+        None if lora_sft && has_chat_template => {
+            (ForgettingGuard::default_guard(), GuardSource::Default)
+        }
         None => (ForgettingGuard::default(), GuardSource::Off),
     }
 }
@@ -79,6 +75,10 @@ pub fn replay_cache_path(checkpoint_dir: &Path) -> PathBuf {
 }
 
 /// Self-distillation's answers are longer than replay's by default, so they are cached apart.
+pub fn anchor_cache_path(checkpoint_dir: &Path) -> PathBuf {
+    checkpoint_dir.join("layer_anchor.json")
+}
+
 pub fn distill_cache_path(checkpoint_dir: &Path) -> PathBuf {
     checkpoint_dir.join("self_distillation.json")
 }
@@ -210,6 +210,11 @@ impl Replay {
         self.samples.len()
     }
 
+    /// The base model's conversations, in turn order.
+    pub fn samples(&self) -> &[Sample] {
+        &self.samples
+    }
+
     /// Conversations per optimizer step, on average.
     pub fn ratio_per_step(&self) -> f64 {
         self.per_step
@@ -249,6 +254,7 @@ impl Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use finetune_crds::training::ReplayGuard;
 
     #[test]
     fn a_cut_off_answer_loses_its_end_of_turn_and_what_follows() {
@@ -305,6 +311,10 @@ mod tests {
         let (g, src) = effective(None, true, true);
         assert_eq!(src, GuardSource::Default);
         assert_eq!(g.self_replay, Some(ReplayGuard::default_guard()));
+        assert_eq!(
+            g.layer_anchor.map(|a| a.weight),
+            Some(finetune_crds::training::DEFAULT_ANCHOR_WEIGHT)
+        );
         assert_eq!(effective(None, true, false).1, GuardSource::Off);
         assert_eq!(effective(None, false, true).1, GuardSource::Off);
         let off = ForgettingGuard {

@@ -355,6 +355,12 @@ fn refuse_guard_for_adapter(job: &FinetuneJob, is_dpo: bool) -> Result<(), Stop>
                 "spec.forgettingGuard.selfDistillation",
             ));
         }
+        if g.layer_anchor.is_some() && (is_dpo || !is_lora) {
+            return Err(invalid(
+                "forgettingGuard.layerAnchor holds a LoRA adapter's change to each layer's output, so it needs SFT with adapter.type: lora (full fine-tuning has l2ToInit; DPO's reference already anchors it)",
+                "spec.forgettingGuard.layerAnchor",
+            ));
+        }
         if g.l2_to_init.is_some() && (is_dpo || is_lora) {
             return Err(invalid(
                 "forgettingGuard.l2ToInit pulls trained weights toward their start, so it needs SFT with adapter.type: full (a LoRA adapter starts at zero: use selfDistillation or selfReplay)",
@@ -780,6 +786,10 @@ spec:
             ),
             "spec.forgettingGuard.selfDistillation"
         );
+        // The manifest's own rule refuses layerAnchor with full fine-tuning; DPO is the trainer's.
+        let mut dpo = job("  forgettingGuard: {layerAnchor: {weight: 1.0}}");
+        dpo.spec.method.kind = MethodType::Dpo;
+        assert_eq!(refusal_of(dpo, &none), "spec.forgettingGuard.layerAnchor");
         let bad_port = Environment {
             status_port: Some("http".into()),
             ..Environment::default()

@@ -24,7 +24,7 @@ use crate::load::ModelSource;
 use crate::model::lora::LoraExpectation;
 use crate::model::{CausalLm, LoraConfig};
 use crate::text::{ChatTemplate, TextTokenizer};
-use crate::train::anchor::{L2ToInit, SelfDistillation};
+use crate::train::anchor::{L2ToInit, LayerAnchor, SelfDistillation};
 use crate::train::dpo::{Dpo, DpoConfig, PairSet, ReferenceMode};
 use crate::train::general;
 use crate::train::guard::{self, GuardSource, Replay};
@@ -355,6 +355,10 @@ pub struct Guards {
     pub distill: Option<SelfDistillation>,
     /// Set by [`trainable`]: it needs the parameters before any update.
     pub l2: Option<L2ToInit>,
+    /// The general conversations the layer anchor sketches each layer's inputs on.
+    anchor_samples: Vec<Sample>,
+    /// Set by [`trainable`] from `anchor_samples`, once the adapters exist.
+    pub anchor: Option<LayerAnchor>,
 }
 
 /// The guards, with the base model's answers generated (or read from their cache) before any
@@ -372,10 +376,11 @@ pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guard
     );
     if source == GuardSource::Default {
         eprintln!(
-            "forgetting guard: default selfReplay (ratio {}, answers up to {} tokens, weight {}); name a guard in spec.forgettingGuard, or set forgettingGuard.disabled: true to train without one",
+            "forgetting guard: default selfReplay (ratio {}, answers up to {} tokens, weight {}) and layerAnchor (weight {}); name a guard in spec.forgettingGuard, or set forgettingGuard.disabled: true to train without one",
             DEFAULT_REPLAY_RATIO,
             finetune_crds::training::default_replay_answer_tokens(),
-            finetune_crds::training::default_replay_weight()
+            finetune_crds::training::default_replay_weight(),
+            finetune_crds::training::DEFAULT_ANCHOR_WEIGHT
         );
     }
     let mut replay = None;
@@ -439,13 +444,51 @@ pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guard
         }
         None => None,
     };
+    let anchor_samples = match &effective.layer_anchor {
+        Some(_) => anchor_samples(plan, (&mut m.model, &m.eos_ids), &encoder, replay.as_ref())?,
+        None => Vec::new(),
+    };
     Ok(Guards {
         effective,
         source,
         replay,
         distill,
         l2: None,
+        anchor_samples,
+        anchor: None,
     })
+}
+
+/// The general conversations the layer anchor sketches: self-replay's when the run replays, else
+/// the base model's answers to [`MIN_REPLAY_PROMPTS`] requests of the replay part (cached).
+fn anchor_samples(
+    plan: &Plan,
+    (model, eos_ids): (&mut CausalLm, &[i64]),
+    encoder: &Encoder,
+    replay: Option<&Replay>,
+) -> Result<Vec<Sample>, Stop> {
+    if let Some(r) = replay.filter(|r| !r.is_empty()) {
+        return Ok(r.samples().to_vec());
+    }
+    let max_seq = plan.hp().max_seq_length as usize;
+    let prompts = general::replay_prompts(MIN_REPLAY_PROMPTS, plan.seed);
+    let mut samples = guard::replay_samples(
+        model,
+        encoder,
+        eos_ids,
+        &guard::anchor_cache_path(&plan.checkpoint_dir),
+        prompts,
+        finetune_crds::training::default_replay_answer_tokens() as usize,
+    )
+    .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.layerAnchor"))?;
+    samples.retain(|s| s.len() <= max_seq);
+    if samples.is_empty() {
+        return Err(invalid(
+            "the base model gave no usable answer to the general requests (all empty or longer than maxSeqLength), so layerAnchor has no general text to anchor on",
+            "spec.forgettingGuard.layerAnchor",
+        ));
+    }
+    Ok(samples)
 }
 
 /// The LoRA settings of the adapter a run starts from (`initAdapter`): its own
@@ -557,6 +600,20 @@ pub fn trainable(
             })
             .collect()
     };
+    // With the adapters attached and before a resume loads trained weights: the layer anchor's
+    // sketch of general inputs, drawn from the generator seeded above.
+    if let Some(g) = &guards.effective.layer_anchor {
+        let t = Instant::now();
+        let anchor = LayerAnchor::gather(model, &guards.anchor_samples, g.weight);
+        eprintln!(
+            "layer anchor: {} layers sketched on {} general conversations, weight {} ({:.1}s)",
+            anchor.len(),
+            guards.anchor_samples.len(),
+            g.weight,
+            t.elapsed().as_secs_f64()
+        );
+        guards.anchor = Some(anchor);
+    }
     // Before any update (and before a resume loads trained weights): the weights to pull toward.
     guards.l2 = guards.effective.l2_to_init.as_ref().map(|g| {
         let tensors: Vec<Tensor> = params.iter().map(|(_, t, _)| t.shallow_clone()).collect();

@@ -14,7 +14,7 @@ use finetune_crds::training::GuardAction;
 use crate::data::Batch;
 use crate::model::{CausalLm, LoraConfig};
 use crate::serve::Live;
-use crate::train::anchor::{L2ToInit, SelfDistillation};
+use crate::train::anchor::{L2ToInit, LayerAnchor, SelfDistillation};
 use crate::train::checkpoint::{Saver, Snapshots, load_trainable, trainable_tensors};
 use crate::train::dpo::{Dpo, PreferenceMetrics};
 use crate::train::group::Group;
@@ -84,9 +84,16 @@ pub fn evaluate(model: &mut CausalLm, batches: &[Batch]) -> (f64, i64) {
     r
 }
 
-/// Gradients of one SFT step (summed over `group`'s ranks) with the forgetting guard's term added
-/// (self-distillation or L2 to init), before clipping; returns the term's value as well. Every
-/// rank adds the same term to the same gradients.
+/// The loss-term guards of a run: self-distillation, L2 to init, the layer anchor.
+type Anchors<'a> = (
+    Option<&'a SelfDistillation>,
+    Option<&'a L2ToInit>,
+    Option<&'a LayerAnchor>,
+);
+
+/// Gradients of one SFT step (summed over `group`'s ranks) with the forgetting guards' terms
+/// added (self-distillation or L2 to init, and the layer anchor), before clipping; returns the
+/// terms' sum as well. Every rank adds the same terms to the same gradients.
 type Guarded = Result<(StepStats, Option<f64>), StepStats>;
 
 fn guarded_gradients(
@@ -95,7 +102,7 @@ fn guarded_gradients(
     opt: &mut AdamW,
     mbs: &[MicroBatch],
     (seed, step): (u64, i64),
-    (distill, l2): (Option<&SelfDistillation>, Option<&L2ToInit>),
+    (distill, l2, anchor): Anchors,
 ) -> Result<Guarded, Stop> {
     let stats = match accumulate_gradients_in(group, model, opt, mbs, seed, step)? {
         Ok(s) => s,
@@ -105,8 +112,13 @@ fn guarded_gradients(
     // on which micro-batch this rank ran last.
     tch::manual_seed(dropout_seed(seed, step, mbs.len()));
     let term = match (distill, l2) {
-        (Some(d), _) => d.accumulate(model, step),
-        (None, Some(l)) => l.accumulate(),
+        (Some(d), _) => Some(d.accumulate(model, step)),
+        (None, Some(l)) => Some(l.accumulate()),
+        (None, None) => None,
+    };
+    let term = match (term, anchor) {
+        (t, Some(a)) => t.unwrap_or(0.0) + a.accumulate() * a.weight,
+        (Some(t), None) => t,
         (None, None) => return Ok(Ok((stats, None))),
     };
     if !term.is_finite() {
@@ -465,7 +477,11 @@ impl Trainer {
                 ..MicroBatch::from(b)
             });
         }
-        let anchors = (self.guards.distill.as_ref(), self.guards.l2.as_ref());
+        let anchors = (
+            self.guards.distill.as_ref(),
+            self.guards.l2.as_ref(),
+            self.guards.anchor.as_ref(),
+        );
         let model = &mut self.loaded.model;
         guarded_gradients(
             &self.group,
