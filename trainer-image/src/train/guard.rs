@@ -74,11 +74,12 @@ pub fn replay_cache_path(checkpoint_dir: &Path) -> PathBuf {
     checkpoint_dir.join("self_replay.json")
 }
 
-/// Self-distillation's answers are longer than replay's by default, so they are cached apart.
+/// The layer anchor's own answers, asked only when the run does not replay.
 pub fn anchor_cache_path(checkpoint_dir: &Path) -> PathBuf {
     checkpoint_dir.join("layer_anchor.json")
 }
 
+/// Self-distillation's answers are longer than replay's by default, so they are cached apart.
 pub fn distill_cache_path(checkpoint_dir: &Path) -> PathBuf {
     checkpoint_dir.join("self_distillation.json")
 }

@@ -366,7 +366,6 @@ pub struct Guards {
 pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guards, Stop> {
     let spec = plan.spec();
     let hp = plan.hp();
-    let max_seq = hp.max_seq_length as usize;
     let encoder = Loaded::encoder(&m.tokenizer, m.chat_template.as_ref(), plan);
     let lora_sft = !plan.is_dpo && spec.adapter.kind == AdapterType::Lora;
     let (effective, source) = guard::effective(
@@ -387,18 +386,17 @@ pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guard
     if let Some(r) = &effective.self_replay {
         let t = Instant::now();
         let per_step = hp.batch_size as usize * hp.gradient_accumulation_steps as usize;
-        let prompts =
-            general::replay_prompts(replay_turns(plan, train_samples, r.ratio), plan.seed);
-        let mut samples = guard::replay_samples(
-            &mut m.model,
+        let samples = base_answers(
+            plan,
+            (&mut m.model, &m.eos_ids),
             &encoder,
-            &m.eos_ids,
             &guard::replay_cache_path(&plan.checkpoint_dir),
-            prompts,
-            r.answer_tokens as usize,
-        )
-        .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfReplay"))?;
-        samples.retain(|s| s.len() <= max_seq);
+            (
+                replay_turns(plan, train_samples, r.ratio),
+                r.answer_tokens as usize,
+            ),
+            "spec.forgettingGuard.selfReplay",
+        )?;
         let r = Replay::new(samples, r.ratio, per_step, r.weight);
         eprintln!(
             "self-replay: {} base answers, {:.2} replayed per step at weight {} ({:.1}s)",
@@ -414,26 +412,21 @@ pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guard
         Some(g) => {
             let t = Instant::now();
             let cache = guard::distill_cache_path(&plan.checkpoint_dir);
-            let prompts = general::replay_prompts(DISTILL_PROMPTS, plan.seed);
-            let mut samples = guard::replay_samples(
-                &mut m.model,
+            let field = "spec.forgettingGuard.selfDistillation";
+            let samples = base_answers(
+                plan,
+                (&mut m.model, &m.eos_ids),
                 &encoder,
-                &m.eos_ids,
                 &cache,
-                prompts,
-                guard::DISTILL_TOKENS,
-            )
-            .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.selfDistillation"))?;
-            samples.retain(|s| s.len() <= max_seq);
-            if samples.is_empty() {
-                return Err(invalid(
-                    format!(
-                        "the base model gave no usable answer to the general requests (all empty or longer than maxSeqLength; see {}), so selfDistillation has nothing to anchor",
-                        cache.display()
-                    ),
-                    "spec.forgettingGuard.selfDistillation",
-                ));
-            }
+                (DISTILL_PROMPTS, guard::DISTILL_TOKENS),
+                field,
+            )?;
+            some_answers(
+                &samples,
+                &cache,
+                "selfDistillation has nothing to anchor",
+                field,
+            )?;
             eprintln!(
                 "self-distillation: {} base answers, weight {} ({:.1}s)",
                 samples.len(),
@@ -470,25 +463,62 @@ fn anchor_samples(
     if let Some(r) = replay.filter(|r| !r.is_empty()) {
         return Ok(r.samples().to_vec());
     }
-    let max_seq = plan.hp().max_seq_length as usize;
-    let prompts = general::replay_prompts(MIN_REPLAY_PROMPTS, plan.seed);
-    let mut samples = guard::replay_samples(
-        model,
+    let cache = guard::anchor_cache_path(&plan.checkpoint_dir);
+    let field = "spec.forgettingGuard.layerAnchor";
+    let answer_tokens = finetune_crds::training::default_replay_answer_tokens() as usize;
+    let samples = base_answers(
+        plan,
+        (model, eos_ids),
         encoder,
-        eos_ids,
-        &guard::anchor_cache_path(&plan.checkpoint_dir),
-        prompts,
-        finetune_crds::training::default_replay_answer_tokens() as usize,
-    )
-    .map_err(|e| invalid(e.to_string(), "spec.forgettingGuard.layerAnchor"))?;
+        &cache,
+        (MIN_REPLAY_PROMPTS, answer_tokens),
+        field,
+    )?;
+    some_answers(
+        &samples,
+        &cache,
+        "layerAnchor has no general text to anchor on",
+        field,
+    )?;
+    Ok(samples)
+}
+
+/// The base model's answers (up to `answer_tokens` tokens) to `prompts` requests of the general
+/// set's replay part, as chat samples that fit `maxSeqLength`: generated once, then read from
+/// `cache`. Errors name `field`, the guard that asked.
+fn base_answers(
+    plan: &Plan,
+    (model, eos_ids): (&mut CausalLm, &[i64]),
+    encoder: &Encoder,
+    cache: &Path,
+    (prompts, answer_tokens): (usize, usize),
+    field: &str,
+) -> Result<Vec<Sample>, Stop> {
+    let max_seq = plan.hp().max_seq_length as usize;
+    let prompts = general::replay_prompts(prompts, plan.seed);
+    let mut samples = guard::replay_samples(model, encoder, eos_ids, cache, prompts, answer_tokens)
+        .map_err(|e| invalid(e.to_string(), field))?;
     samples.retain(|s| s.len() <= max_seq);
+    Ok(samples)
+}
+
+/// Refuses a guard whose base answers came out empty: it would anchor nothing.
+fn some_answers(
+    samples: &[Sample],
+    cache: &Path,
+    consequence: &str,
+    field: &str,
+) -> Result<(), Stop> {
     if samples.is_empty() {
         return Err(invalid(
-            "the base model gave no usable answer to the general requests (all empty or longer than maxSeqLength), so layerAnchor has no general text to anchor on",
-            "spec.forgettingGuard.layerAnchor",
+            format!(
+                "the base model gave no usable answer to the general requests (all empty or longer than maxSeqLength; see {}), so {consequence}",
+                cache.display()
+            ),
+            field,
         ));
     }
-    Ok(samples)
+    Ok(())
 }
 
 /// The LoRA settings of the adapter a run starts from (`initAdapter`): its own
