@@ -47,11 +47,13 @@ TASKS = {
 }
 
 # The guard settings compared. Without `forgettingGuard` LoRA SFT gets the default guard
-# (selfReplay: one 16-token base answer per step of 8 samples at weight 4, and layerAnchor at weight
-# 3e4), so "off" has to say so; "self-replay" is the default before the layer anchor joined it.
+# (selfDistillation at weight 1 on 40 16-token base answers, and layerAnchor at weight 3e4 sketched
+# on the same conversations), so "off" has to say so; "self-replay" is the default before the
+# layer anchor joined it, "replay-anchor" the default before self-distillation replaced replay.
 GUARDS = {
     "off": "  forgettingGuard: {disabled: true}\n",
     "default": "",
+    "replay-anchor": "  forgettingGuard: {selfReplay: {ratio: 0.125}, layerAnchor: {weight: 3.0e4}}\n",
     "self-replay": "  forgettingGuard: {selfReplay: {ratio: 0.125}}\n",
     "self-replay-0.25-48-w1": ("  forgettingGuard: {selfReplay: {ratio: 0.25, answerTokens: 48,"
                                " weight: 1.0}}\n"),
@@ -122,6 +124,8 @@ def run(bin_path: Path, gguf_path: Path, tmp: Path, task: str, name: str, guard:
         "train_seconds": s["timings"]["train_seconds"],
         "peak_rss_mib": s["peak_rss_bytes"] / 2**20,
         "replayed_samples": s["dataset"].get("replayed_samples", 0),
+        "guard_source": s["forgetting_guard_source"],
+        "guards": sorted(s["forgetting_guard"]),
         "steps": s["steps"],
         "examples": gen["examples"][:2],
     }

@@ -5,12 +5,12 @@ general question set — questions neither the guard's replay nor the run's prob
 
 `make test` trains one task (reviews, the cheaper one) both ways; `make bench-forgetting` trains
 both tasks both ways and times them. Unguarded, the model loses most of the general questions the
-base model answered correctly (dates: 22 of 159 audit answers kept). The default guard (self-replay
-and the layer anchor) keeps the task (exact match >= 0.95) and much more of them (measured
-2026-12-06: reviews 126/159 = 0.79, 95 % 0.72-0.85; dates 134/159 = 0.84), but not yet the 0.9
-issue #23 asks for: the floors below pin what it does today, with a margin of about ten questions
-for other CPUs. Wall time against the unguarded run is make
-bench-forgetting's (a timed test would measure the machine, not the code)."""
+base model answered correctly (reviews: all 159 audit answers; dates: 137 of 159). The default
+guard (self-distillation and the layer anchor) keeps the task (exact match >= 0.95) and nine in
+ten of them (measured 2026-12-06 on this workload: reviews 148/159 = 0.93, 95 % 0.88-0.96; dates
+142/159 = 0.89): the floor below is issue #23's 0.9, five answers under what this machine keeps.
+Wall time against the unguarded run is make bench-forgetting's (a timed test would measure the
+machine, not the code)."""
 
 import pytest
 
@@ -55,10 +55,11 @@ def test_unguarded_run_learns_the_task_and_forgets(unguarded):
 
 def test_default_guard_keeps_the_task_and_the_held_out_general_answers(guarded, unguarded):
     print("\n" + show(guarded))
-    assert guarded["replayed_samples"] > 0, "the default guard did not replay anything"
+    assert guarded["guard_source"] == "default"
+    assert guarded["guards"] == ["layerAnchor", "selfDistillation"], guarded["guards"]
     assert guarded["task_exact_match"] >= 0.95
     assert int(guarded["audit_kept"].split("/")[1]) >= 100, "too few correct base answers to judge"
-    assert guarded["audit"] >= 0.72
-    assert guarded["audit"] >= unguarded["audit"] + 0.3
+    assert guarded["audit"] >= 0.9
+    assert guarded["audit"] >= unguarded["audit"] + 0.5
     # The loss on general texts is not asserted: on the dates task it rose more with the guard
     # (+0.119) than without (+0.090) while the guarded model kept 85 of 99 probe answers to 10.

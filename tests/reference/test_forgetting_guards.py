@@ -175,6 +175,40 @@ def run_anchored(tmp_path, tiny_model, weight):
     return path, out, json.loads((out / "training_summary.json").read_text())
 
 
+def test_the_default_guard_steps_aside_when_the_base_cannot_answer(tiny_model, tmp_path):
+    # The random tiny model answers every general request with blank lines: named, each guard is
+    # refused (above); as the default, the run trains without them and says why.
+    out = tmp_path / "out"
+    path = job(tmp_path, tiny_model, "{type: lora, lora: {rank: 8, alpha: 16, dropout: 0.0}}", "")
+    proc = run(path, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "forgetting guard: default selfDistillation" in proc.stderr, proc.stderr
+    for field in ("spec.forgettingGuard.selfDistillation", "spec.forgettingGuard.layerAnchor"):
+        assert f"the default guard trains without it ({field})" in proc.stderr, proc.stderr
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["forgetting_guard_source"] == "default"
+    assert summary["forgetting_guard"] == {}, "the summary names a guard that did not run"
+    assert all(h.get("guard_loss") is None for h in summary["history"])
+
+
+def test_layer_anchor_beside_self_distillation_sketches_the_distilled_answers(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    both = job(tmp_path, tiny_model, "{type: lora, lora: {rank: 8, alpha: 16, dropout: 0.0}}",
+               "  forgettingGuard: {selfDistillation: {weight: 1.0}, layerAnchor: {weight: 1.0e4}}\n")
+    proc = run(both, out)
+    assert proc.returncode == 2 and "spec.forgettingGuard.selfDistillation" in proc.stderr, proc.stderr
+    give_answers(out / "checkpoints" / "self_distillation.json")
+    proc = run(both, out)
+    assert proc.returncode == 0, proc.stderr
+    # The anchor reads the conversations self-distillation already asked for: the base model is
+    # not asked a second set of general requests.
+    assert "layer anchor: 14 layers sketched on 40 general conversations" in proc.stderr, proc.stderr
+    assert not (out / "checkpoints" / "layer_anchor.json").exists()
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert set(summary["forgetting_guard"]) == {"selfDistillation", "layerAnchor"}
+    assert all(h["guard_loss"] > 0 for h in summary["history"][1:])
+
+
 def test_layer_anchor_holds_each_layer_on_general_text_and_resumes_exactly(tiny_model, tmp_path):
     _, _, loose = run_anchored(tmp_path / "loose", tiny_model, 1.0)
     path, out, held = run_anchored(tmp_path / "held", tiny_model, 1.0e4)

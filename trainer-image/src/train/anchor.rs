@@ -74,6 +74,11 @@ impl SelfDistillation {
         self.samples.len()
     }
 
+    /// The base model's answers it scores.
+    pub fn samples(&self) -> &[Sample] {
+        &self.samples
+    }
+
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use finetune_crds::training::{
-    AdapterType, BaseQuantization, DEFAULT_REPLAY_RATIO, ForgettingGuard, GuardAction, Precision,
+    AdapterType, BaseQuantization, ForgettingGuard, GuardAction, Precision,
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -368,17 +368,16 @@ pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guard
     let hp = plan.hp();
     let encoder = Loaded::encoder(&m.tokenizer, m.chat_template.as_ref(), plan);
     let lora_sft = !plan.is_dpo && spec.adapter.kind == AdapterType::Lora;
-    let (effective, source) = guard::effective(
+    let (mut effective, source) = guard::effective(
         spec.forgetting_guard.as_ref(),
         lora_sft,
         encoder.template.is_some(),
     );
     if source == GuardSource::Default {
         eprintln!(
-            "forgetting guard: default selfReplay (ratio {}, answers up to {} tokens, weight {}) and layerAnchor (weight {}); name a guard in spec.forgettingGuard, or set forgettingGuard.disabled: true to train without one",
-            DEFAULT_REPLAY_RATIO,
-            finetune_crds::training::default_replay_answer_tokens(),
-            finetune_crds::training::default_replay_weight(),
+            "forgetting guard: default selfDistillation (weight {}, base answers up to {} tokens) and layerAnchor (weight {}); name a guard in spec.forgettingGuard, or set forgettingGuard.disabled: true to train without one",
+            finetune_crds::training::DEFAULT_DISTILL_WEIGHT,
+            guard::DISTILL_TOKENS,
             finetune_crds::training::DEFAULT_ANCHOR_WEIGHT
         );
     }
@@ -407,40 +406,26 @@ pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guard
         );
         replay = Some(r);
     }
-    // Self-distillation scores the base model's answers to the self-replay requests.
     let distill = match &effective.self_distillation {
-        Some(g) => {
-            let t = Instant::now();
-            let cache = guard::distill_cache_path(&plan.checkpoint_dir);
-            let field = "spec.forgettingGuard.selfDistillation";
-            let samples = base_answers(
-                plan,
-                (&mut m.model, &m.eos_ids),
-                &encoder,
-                &cache,
-                (DISTILL_PROMPTS, guard::DISTILL_TOKENS),
-                field,
-            )?;
-            some_answers(
-                &samples,
-                &cache,
-                "selfDistillation has nothing to anchor",
-                field,
-            )?;
-            eprintln!(
-                "self-distillation: {} base answers, weight {} ({:.1}s)",
-                samples.len(),
-                g.weight,
-                t.elapsed().as_secs_f64()
-            );
-            Some(SelfDistillation::new(samples, g.weight))
-        }
+        Some(g) => self_distillation(plan, (&mut m.model, &m.eos_ids), &encoder, g.weight, source)?,
         None => None,
     };
+    if distill.is_none() {
+        effective.self_distillation = None;
+    }
     let anchor_samples = match &effective.layer_anchor {
-        Some(_) => anchor_samples(plan, (&mut m.model, &m.eos_ids), &encoder, replay.as_ref())?,
+        Some(_) => anchor_samples(
+            plan,
+            (&mut m.model, &m.eos_ids),
+            &encoder,
+            (replay.as_ref(), distill.as_ref()),
+            source,
+        )?,
         None => Vec::new(),
     };
+    if anchor_samples.is_empty() {
+        effective.layer_anchor = None;
+    }
     Ok(Guards {
         effective,
         source,
@@ -453,15 +438,20 @@ pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guard
 }
 
 /// The general conversations the layer anchor sketches: self-replay's when the run replays, else
-/// the base model's answers to [`MIN_REPLAY_PROMPTS`] requests of the replay part (cached).
+/// self-distillation's, else the base model's answers to [`MIN_REPLAY_PROMPTS`] requests of the
+/// replay part (cached); empty when the default guard's base had no usable answer.
 fn anchor_samples(
     plan: &Plan,
     (model, eos_ids): (&mut CausalLm, &[i64]),
     encoder: &Encoder,
-    replay: Option<&Replay>,
+    (replay, distill): (Option<&Replay>, Option<&SelfDistillation>),
+    source: GuardSource,
 ) -> Result<Vec<Sample>, Stop> {
     if let Some(r) = replay.filter(|r| !r.is_empty()) {
         return Ok(r.samples().to_vec());
+    }
+    if let Some(d) = distill.filter(|d| !d.is_empty()) {
+        return Ok(d.samples().to_vec());
     }
     let cache = guard::anchor_cache_path(&plan.checkpoint_dir);
     let field = "spec.forgettingGuard.layerAnchor";
@@ -474,13 +464,13 @@ fn anchor_samples(
         (MIN_REPLAY_PROMPTS, answer_tokens),
         field,
     )?;
-    some_answers(
+    let usable = some_answers(
         &samples,
-        &cache,
+        (&cache, source),
         "layerAnchor has no general text to anchor on",
         field,
     )?;
-    Ok(samples)
+    Ok(if usable { samples } else { Vec::new() })
 }
 
 /// The base model's answers (up to `answer_tokens` tokens) to `prompts` requests of the general
@@ -502,23 +492,62 @@ fn base_answers(
     Ok(samples)
 }
 
-/// Refuses a guard whose base answers came out empty: it would anchor nothing.
+/// Whether a guard's base answers are usable. Empty answers would anchor nothing: a guard the
+/// spec names is refused; the default's is dropped with a warning (a base model that cannot
+/// answer general requests, such as a random test model, still trains).
 fn some_answers(
     samples: &[Sample],
-    cache: &Path,
+    (cache, source): (&Path, GuardSource),
     consequence: &str,
     field: &str,
-) -> Result<(), Stop> {
-    if samples.is_empty() {
-        return Err(invalid(
-            format!(
-                "the base model gave no usable answer to the general requests (all empty or longer than maxSeqLength; see {}), so {consequence}",
-                cache.display()
-            ),
-            field,
-        ));
+) -> Result<bool, Stop> {
+    if !samples.is_empty() {
+        return Ok(true);
     }
-    Ok(())
+    let why = format!(
+        "the base model gave no usable answer to the general requests (all empty or longer than maxSeqLength; see {}), so {consequence}",
+        cache.display()
+    );
+    if source == GuardSource::Default {
+        eprintln!("warning: {why}: the default guard trains without it ({field})");
+        return Ok(false);
+    }
+    Err(invalid(why, field))
+}
+
+/// Self-distillation's base answers (`None` when the default guard had none to score).
+fn self_distillation(
+    plan: &Plan,
+    (model, eos_ids): (&mut CausalLm, &[i64]),
+    encoder: &Encoder,
+    weight: f64,
+    source: GuardSource,
+) -> Result<Option<SelfDistillation>, Stop> {
+    let t = Instant::now();
+    let cache = guard::distill_cache_path(&plan.checkpoint_dir);
+    let field = "spec.forgettingGuard.selfDistillation";
+    let samples = base_answers(
+        plan,
+        (model, eos_ids),
+        encoder,
+        &cache,
+        (DISTILL_PROMPTS, guard::DISTILL_TOKENS),
+        field,
+    )?;
+    if !some_answers(
+        &samples,
+        (&cache, source),
+        "selfDistillation has nothing to anchor",
+        field,
+    )? {
+        return Ok(None);
+    }
+    eprintln!(
+        "self-distillation: {} base answers, weight {weight} ({:.1}s)",
+        samples.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(Some(SelfDistillation::new(samples, weight)))
 }
 
 /// The LoRA settings of the adapter a run starts from (`initAdapter`): its own

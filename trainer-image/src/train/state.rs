@@ -23,7 +23,8 @@ pub struct StepRecord {
     /// DPO: rewards and accuracies of the step's pairs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preference: Option<PreferenceMetrics>,
-    /// The forgetting guard's term: KL to the base (self-distillation) or the L2 penalty.
+    /// The forgetting guard's term: KL to the base (self-distillation) or the L2 penalty, plus
+    /// the layer anchor's weighted drift.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard_loss: Option<f64>,
 }
