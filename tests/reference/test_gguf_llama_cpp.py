@@ -212,8 +212,12 @@ def ours_answers(job_output):
 # other at a gap of 0.003 ("List all finetunejobs in the prod namespace.", step 5); q8_0 4/8, every
 # other one at a gap below 0.25: after 8 steps at the example's learning rate the model is still
 # undecided between many continuations (on an earlier job trained harder, q8_0 agreed on 7/8).
+# q8_0's bound was 0.25 until self-distillation's answers went from 48 to 16 tokens (2026-12-06)
+# retrained the example job: one prompt then parted at a gap of 0.262, still far inside what q8_0's
+# rounding moves a logit by. 0.5 keeps the check well under that 1.4, so a flip at a clear
+# preference still fails it.
 MIN_AGREE = {"f16": N_PROMPTS - 1, "q8_0": N_PROMPTS // 4}
-NEAR_TIE = {"f16": 0.08, "q8_0": 0.25}
+NEAR_TIE = {"f16": 0.08, "q8_0": 0.5}
 
 
 def _top_gap(merged, ids, a, b, tmp_path):

@@ -35,7 +35,7 @@ pub enum GuardSource {
 }
 
 /// The guards a run uses: the spec's when it names any, otherwise the default for LoRA SFT of a
-/// model with a chat template (the replayed conversations are chats). Full fine-tuning gets no
+/// model with a chat template (the base's answers it scores are chats). Full fine-tuning gets no
 /// default: its guard, `l2ToInit`, holds a second copy of the weights, a cost the user chooses.
 pub fn effective(
     spec: Option<&ForgettingGuard>,
