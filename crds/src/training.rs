@@ -508,8 +508,10 @@ pub struct ForgettingGuard {
     /// No guard at all, not even the default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
-    /// KL term pulling the tuned model toward the base model on general prompts (with LoRA the
-    /// base is the same weights with the adapter off, so no second model is loaded).
+    /// KL term pulling the tuned model toward the base model on its own answers to general
+    /// requests, one conversation a step, each request distinct (40 to 120). With LoRA the base
+    /// is the same weights with the adapter off, scored once before training, so no second model
+    /// is loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_distillation: Option<WeightedGuard>,
     /// Mix the base model's own answers to general prompts into the training stream.
@@ -528,9 +530,9 @@ pub struct ForgettingGuard {
 impl ForgettingGuard {
     /// The guard LoRA SFT of a chat model gets when the spec names none: self-distillation plus
     /// the layer anchor, which sketches the conversations self-distillation scores. On `make
-    /// bench-forgetting` (docs/forgetting.md) the pair kept 0.93 (reviews) and 0.89 (dates) of
-    /// the held-out audit answers at unchanged task exact match, where self-replay plus the
-    /// anchor kept 0.79 and 0.84: the KL holds the base's whole next-token distribution on
+    /// bench-forgetting` (docs/forgetting.md) the pair kept 0.91 (reviews) and 0.91 (dates) of
+    /// the held-out audit answers at task exact match ≥ 0.96, where self-replay plus the anchor
+    /// kept 0.79 and 0.84: the KL holds the base's whole next-token distribution on
     /// general answers (arithmetic near-ties included), the anchor each layer's output on the
     /// directions general text uses.
     pub fn default_guard() -> Self {

@@ -1431,7 +1431,7 @@ fn short_real_job(ns: &str, model: &str, node: &str) -> FinetuneJob {
         every_steps: Some(4),
         ..Default::default()
     });
-    // The default guard would spend the short run replaying general answers: not what this tests.
+    // The default guard would spend the short run scoring general answers: not what this tests.
     job.spec.forgetting_guard = Some(finetune_crds::training::ForgettingGuard {
         disabled: true,
         ..Default::default()

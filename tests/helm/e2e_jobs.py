@@ -35,7 +35,7 @@ def tiny(example, name, namespace, node):
     hp.pop("warmupRatio", None)
     hp.update(maxSteps=6, batchSize=2, gradientAccumulationSteps=1, maxSeqLength=128)
     spec["evaluation"] = {"everySteps": 3}
-    # The default guard would spend the short run replaying general answers: not what this tests.
+    # The default guard would spend the short run scoring general answers: not what this tests.
     spec["forgettingGuard"] = {"disabled": True}
     spec["checkpoint"] = {"everySteps": 3, "keepLast": 2}
     spec["output"] = {"adapterName": f"{name}-adapter"}

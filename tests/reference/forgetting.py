@@ -47,9 +47,10 @@ TASKS = {
 }
 
 # The guard settings compared. Without `forgettingGuard` LoRA SFT gets the default guard
-# (selfDistillation at weight 1 on 40 16-token base answers, and layerAnchor at weight 3e4 sketched
-# on the same conversations), so "off" has to say so; "self-replay" is the default before the
-# layer anchor joined it, "replay-anchor" the default before self-distillation replaced replay.
+# (selfDistillation at weight 1 on 16-token base answers, one request per scored conversation,
+# 40 to 120, and layerAnchor at weight 3e4 sketched on the same conversations), so "off" has to
+# say so; "self-replay" is the default before the layer anchor joined it, "replay-anchor" the
+# default before self-distillation replaced replay.
 GUARDS = {
     "off": "  forgettingGuard: {disabled: true}\n",
     "default": "",

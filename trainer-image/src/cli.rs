@@ -744,8 +744,11 @@ fn run_distill_kl(a: DistillKlArgs, device: &str) -> Result<()> {
     let samples = crate::data::load_samples(&a.data, crate::data::DataFormat::Chat, &enc)?;
     let rows: Vec<Vec<usize>> = (0..samples.len()).map(|i| vec![i]).collect();
     let batch = crate::data::build_batch(&samples, &rows);
+    let teacher = crate::train::anchor::teacher_log_probs(&mut m.model, &samples);
     m.model.set_training(false);
-    let kl = tch::no_grad(|| crate::train::anchor::distillation_kl(&mut m.model, &batch));
+    let kl = tch::no_grad(|| {
+        crate::train::anchor::distillation_kl(&m.model, &batch, &Tensor::cat(&teacher, 0))
+    });
     let tokens: Vec<Value> = samples
         .iter()
         .map(|s| json!({"ids": s.ids, "supervised": s.supervised}))

@@ -373,9 +373,12 @@ impl CausalLm {
         }
     }
 
-    /// Logits for `input_ids` `[batch, seq]` at explicit rotary `positions` `[batch, seq]` under a
-    /// boolean `mask` `[batch, 1, seq, past + seq]` (true = may attend), appending to `cache`:
-    /// batched decoding of prompts of different lengths, where each row has its own positions.
+    /// Logits of the last position `[batch, 1, vocab]` for `input_ids` `[batch, seq]` at explicit
+    /// rotary `positions` `[batch, seq]` under a boolean `mask` `[batch, 1, seq, past + seq]`
+    /// (true = may attend), appending to `cache`: batched decoding of prompts of different
+    /// lengths, where each row has its own positions. A prompt's prefill needs only the
+    /// distribution of the token that follows it; projecting every position onto the vocabulary
+    /// was most of a prefill's memory.
     pub fn forward_cached(
         &self,
         input_ids: &Tensor,
@@ -383,7 +386,9 @@ impl CausalLm {
         mask: &Tensor,
         cache: &mut KvCache,
     ) -> Tensor {
-        self.run(input_ids, positions, Some(mask), Some(cache))
+        let hidden = self.decode(input_ids, positions, Some(mask), Some(cache));
+        let t = hidden.size()[1];
+        self.logits(&hidden.narrow(1, t - 1, 1))
     }
 
     fn run(
