@@ -29,7 +29,7 @@ help:
 	@echo "make cluster-down   stop it"
 	@echo "make bench-node     image sizes and cold start (pod created -> first step) on the real node vs the executor (JSON)"
 	@echo "make bench-forward  forward-pass tokens/s: ours vs transformers (JSON in \$$CARGO_TARGET_DIR/bench)"
-	@echo "make bench-forgetting narrow-task LoRA SFT with each forgetting guard: task score, retention, wall time, memory (JSON)"
+	@echo "make bench-forgetting narrow-task LoRA SFT with each forgetting guard: task score, retention, wall time, memory (JSON); FORGETTING_ARGS=\"--guards off,default --repeat 3\" for the median of 3 timed rounds"
 	@echo "make bench-dpo      DPO steps/s and peak RSS: ours vs TRL DPOTrainer + PEFT on the same pairs (JSON)"
 	@echo "make bench-trainer  LoRA chat-SFT tokens/s and peak RSS: ours vs transformers+PEFT fp32/bf16 (JSON in \$$CARGO_TARGET_DIR/bench)"
 	@echo "make bench-checkpointing  activation checkpointing at sequence 1024: step time and activation memory, ours and transformers+PEFT"
@@ -165,7 +165,7 @@ bench-forward: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forward.py --out $(CARGO_TARGET_DIR)/bench/forward.json
 
 bench-forgetting: build
-	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forgetting.py --out $(CARGO_TARGET_DIR)/bench/forgetting.json
+	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_forgetting.py --out $(CARGO_TARGET_DIR)/bench/forgetting.json $(FORGETTING_ARGS)
 
 bench-dpo: build
 	FINETUNE_TRAINER_BIN=$(TRAINER) python tests/reference/bench_dpo.py --out $(CARGO_TARGET_DIR)/bench/dpo.json

@@ -84,14 +84,16 @@ def audit(bin_path: Path, gguf_path: Path, adapter: Path) -> dict:
     return json.loads(proc.stdout)
 
 
-def run(bin_path: Path, gguf_path: Path, tmp: Path, task: str, name: str, guard: str) -> dict:
-    """Trains one variant of one task and audits it; returns its measured row."""
+def train(bin_path: Path, gguf_path: Path, tmp: Path, task: str, name: str, guard: str,
+          run_name: str | None = None) -> tuple[float, dict, Path]:
+    """Trains one variant of one task as a fresh job (`run_name`, default `name`, names its output
+    directory); returns its wall time, its training_summary.json and its output directory."""
     vol = volume(tmp, gguf_path)
-    train, evaluation, answer_tokens = TASKS[task]
+    train_data, evaluation, answer_tokens = TASKS[task]
     job = tmp / f"{task}-{name}.yaml"
-    job.write_text(JOB.format(task=task, name=name, gguf=GGUF_NAME, guard=guard, train=train,
+    job.write_text(JOB.format(task=task, name=name, gguf=GGUF_NAME, guard=guard, train=train_data,
                               eval=evaluation, answer_tokens=answer_tokens))
-    out = tmp / f"out-{task}-{name}"
+    out = tmp / f"out-{task}-{run_name or name}"
     env = dict(os.environ, FINETUNE_VOLUME_ROOT=str(vol), FINETUNE_STATUS_PORT="0")
     env.pop("FINETUNE_CHECKPOINT_DIR", None)
     start = time.perf_counter()
@@ -100,7 +102,12 @@ def run(bin_path: Path, gguf_path: Path, tmp: Path, task: str, name: str, guard:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise AssertionError(f"{name}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
-    s = json.loads((out / "training_summary.json").read_text())
+    return wall, json.loads((out / "training_summary.json").read_text()), out
+
+
+def run(bin_path: Path, gguf_path: Path, tmp: Path, task: str, name: str, guard: str) -> dict:
+    """Trains one variant of one task and audits it; returns its measured row."""
+    wall, s, out = train(bin_path, gguf_path, tmp, task, name, guard)
     gen, ret = s["generation"], s["retention"]
     held_out = audit(bin_path, gguf_path, out)
     return {

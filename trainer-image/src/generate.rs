@@ -1,9 +1,9 @@
 //! Autoregressive decoding with the KV cache: greedy by default, or temperature + nucleus (top-p)
 //! sampling. Stops at any EOS id or after `max_new_tokens`.
 //!
-//! [`generate_greedy_batch`] decodes many prompts at once. On a CPU one decoding step of a small
-//! model is bound by reading every weight once, whatever the batch, so answering 30 probe
-//! questions together costs little more than answering one.
+//! [`generate_greedy_batch`] decodes many prompts at once: a decoding step reads every weight once
+//! for the whole batch. Rows whose answer ended leave the batch, since past a few rows the per-row
+//! work dominates (SmolLM2-135M on 2 CPU cores: 0.12 s a step at 22 rows, 0.25 s at 64).
 
 use tch::{Kind, Tensor};
 
@@ -105,64 +105,115 @@ fn greedy_chunk(
     let _guard = tch::no_grad_guard();
     let b = prompts.len();
     let mut out: Vec<Vec<i64>> = vec![Vec::new(); b];
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if b == 0 || longest == 0 || max_new_tokens == 0 {
+    if b == 0 || prompts.iter().all(Vec::is_empty) || max_new_tokens == 0 {
         return out;
     }
     let device = model.device;
-    let (mut ids, mut real, mut positions) = (Vec::new(), Vec::new(), Vec::new());
-    for p in prompts {
-        let pad = longest - p.len();
-        ids.extend(std::iter::repeat_n(0i64, pad).chain(p.iter().copied()));
-        real.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
-        positions.extend(std::iter::repeat_n(0i64, pad).chain(0..p.len() as i64));
-    }
-    let l = longest as i64;
-    let shape = [b as i64, l];
-    let input = Tensor::from_slice(&ids).view(shape).to_device(device);
-    let mut keys_real = Tensor::from_slice(&real).view(shape).to_device(device);
-    let positions = Tensor::from_slice(&positions).view(shape).to_device(device);
-    let causal = Tensor::ones([l, l], (Kind::Bool, device)).tril(0);
-    let eye = Tensor::eye(l, (Kind::Bool, device));
-    let prefill_mask = causal
-        .view([1, 1, l, l])
-        .logical_and(&keys_real.view([b as i64, 1, 1, l]))
-        .logical_or(&eye.view([1, 1, l, l]));
+    let prefill = Prefill::left_padded(prompts, device);
     let mut cache = KvCache::new(model.layers.len());
-    let mut logits = model.forward_cached(&input, &positions, &prefill_mask, &mut cache);
-    let mut next_position: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-    let mut done: Vec<bool> = prompts.iter().map(Vec::is_empty).collect();
+    let mut logits = model.forward_cached(
+        &prefill.input,
+        &prefill.positions,
+        &prefill.mask,
+        &mut cache,
+    );
+    let mut keys_real = prefill.keys_real;
+    // The rows still decoding: `active[r]` is the prompt that row `r` of the batch answers.
+    let mut active: Vec<usize> = (0..b).filter(|&i| !prompts[i].is_empty()).collect();
+    if active.len() < b {
+        let rows = Tensor::from_slice(&to_i64(&active)).to_device(device);
+        logits = logits.index_select(0, &rows);
+        cache.keep_rows(&rows);
+        keys_real = keys_real.index_select(0, &rows);
+    }
     for _ in 0..max_new_tokens {
         let last = logits.select(1, -1).to_kind(Kind::Float);
         let next: Vec<i64> = Vec::try_from(last.argmax(-1, false)).expect("argmax is [batch] i64");
-        for (i, &token) in next.iter().enumerate() {
-            if !done[i] {
-                out[i].push(token);
-                done[i] = eos_ids.contains(&token);
+        let mut keep = Vec::with_capacity(active.len());
+        for (r, (&i, &token)) in active.iter().zip(&next).enumerate() {
+            out[i].push(token);
+            if !eos_ids.contains(&token) {
+                keep.push(r);
             }
         }
-        if done.iter().all(|&d| d) {
+        if keep.is_empty() {
             break;
         }
-        let input = Tensor::from_slice(&next)
-            .view([b as i64, 1])
-            .to_device(device);
-        let step_positions = Tensor::from_slice(&next_position)
-            .view([b as i64, 1])
-            .to_device(device);
+        // Answers that ended leave the batch: each step then costs what the rows still
+        // decoding cost (at 64 rows most of a step is per-row work, not reading the weights).
+        let next: Vec<i64> = keep.iter().map(|&r| next[r]).collect();
+        if keep.len() < active.len() {
+            let rows = Tensor::from_slice(&to_i64(&keep)).to_device(device);
+            cache.keep_rows(&rows);
+            keys_real = keys_real.index_select(0, &rows);
+            active = keep.iter().map(|&r| active[r]).collect();
+        }
+        let n = active.len() as i64;
+        let positions: Vec<i64> = active
+            .iter()
+            .map(|&i| out_position(prompts, &out, i))
+            .collect();
         keys_real = Tensor::cat(
-            &[
-                &keys_real,
-                &Tensor::ones([b as i64, 1], (Kind::Bool, device)),
-            ],
+            &[&keys_real, &Tensor::ones([n, 1], (Kind::Bool, device))],
             1,
         );
-        let total = keys_real.size()[1];
-        let mask = keys_real.view([b as i64, 1, 1, total]);
-        logits = model.forward_cached(&input, &step_positions, &mask, &mut cache);
-        for p in next_position.iter_mut() {
-            *p += 1;
-        }
+        let mask = keys_real.view([n, 1, 1, -1]);
+        logits = model.forward_cached(
+            &Tensor::from_slice(&next).view([n, 1]).to_device(device),
+            &Tensor::from_slice(&positions)
+                .view([n, 1])
+                .to_device(device),
+            &mask,
+            &mut cache,
+        );
     }
     out
+}
+
+/// The rotary position of the token `out[i]` ends with: prompt `i`'s positions start at 0.
+fn out_position(prompts: &[Vec<i64>], out: &[Vec<i64>], i: usize) -> i64 {
+    (prompts[i].len() + out[i].len() - 1) as i64
+}
+
+fn to_i64(rows: &[usize]) -> Vec<i64> {
+    rows.iter().map(|&r| r as i64).collect()
+}
+
+/// The first forward of a greedy chunk: prompts left-padded to the longest.
+struct Prefill {
+    input: Tensor,
+    positions: Tensor,
+    /// `[batch, longest]`: which key positions are real tokens.
+    keys_real: Tensor,
+    /// `[batch, 1, longest, longest]`: causal over real keys; a padded query sees itself only.
+    mask: Tensor,
+}
+
+impl Prefill {
+    fn left_padded(prompts: &[Vec<i64>], device: tch::Device) -> Self {
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let (mut ids, mut real, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        for p in prompts {
+            let pad = longest - p.len();
+            ids.extend(std::iter::repeat_n(0i64, pad).chain(p.iter().copied()));
+            real.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
+            positions.extend(std::iter::repeat_n(0i64, pad).chain(0..p.len() as i64));
+        }
+        let (b, l) = (prompts.len() as i64, longest as i64);
+        let keys_real = Tensor::from_slice(&real).view([b, l]).to_device(device);
+        let causal = Tensor::ones([l, l], (Kind::Bool, device)).tril(0);
+        let eye = Tensor::eye(l, (Kind::Bool, device));
+        let mask = causal
+            .view([1, 1, l, l])
+            .logical_and(&keys_real.view([b, 1, 1, l]))
+            .logical_or(&eye.view([1, 1, l, l]));
+        Prefill {
+            input: Tensor::from_slice(&ids).view([b, l]).to_device(device),
+            positions: Tensor::from_slice(&positions)
+                .view([b, l])
+                .to_device(device),
+            keys_real,
+            mask,
+        }
+    }
 }

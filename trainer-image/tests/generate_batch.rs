@@ -67,6 +67,8 @@ fn batched_greedy_answers_equal_one_prompt_at_a_time() {
     let prompts: Vec<Vec<i64>> = vec![
         vec![5, 17, 3],
         vec![42],
+        // An empty prompt gets no answer and leaves the batch before the first step.
+        vec![],
         vec![8, 9, 10, 11, 12, 13, 14, 15, 16],
         vec![60, 2, 2, 2, 71],
     ];
@@ -75,12 +77,13 @@ fn batched_greedy_answers_equal_one_prompt_at_a_time() {
         top_p: 1.0,
         seed: None,
     };
-    // An EOS id that some rows hit and others do not exercises rows finishing at different steps.
+    // An EOS id that some rows hit and others do not exercises rows finishing at different steps
+    // (and leaving the batch from its middle).
     let alone: Vec<Vec<i64>> = prompts
         .iter()
         .map(|p| generate(&model, p, 12, &[], &greedy))
         .collect();
-    let eos = alone[2][3];
+    let eos = alone[3][3];
     let alone: Vec<Vec<i64>> = prompts
         .iter()
         .map(|p| generate(&model, p, 12, &[eos], &greedy))

@@ -31,6 +31,15 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps only the batch rows `rows` (an index tensor on the cache's device), in that order:
+    /// a batched decode drops the rows whose answers ended.
+    pub fn keep_rows(&mut self, rows: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, rows);
+            *v = v.index_select(0, rows);
+        }
+    }
 }
 
 #[derive(Debug)]
