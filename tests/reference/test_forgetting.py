@@ -7,8 +7,9 @@ general question set — questions neither the guard's replay nor the run's prob
 both tasks both ways and times them. Unguarded, the model loses most of the general questions the
 base model answered correctly (reviews: all 159 audit answers; dates: 137 of 159). The default
 guard (self-distillation and the layer anchor) keeps the task (exact match >= 0.95) and nine in
-ten of them (measured 2026-12-06 on this workload: reviews 148/159 = 0.93, 95 % 0.88-0.96; dates
-142/159 = 0.89): the floor below is issue #23's 0.9, five answers under what this machine keeps.
+ten of them (measured 2026-12-07 on this workload: reviews 144/159 = 0.906, 95 % 0.85-0.94, the
+same in every run here; dates 145/159 = 0.91): the floor below is issue #23's 0.9, which reviews
+clears by one answer on this machine.
 Wall time against the unguarded run is make bench-forgetting's (a timed test would measure the
 machine, not the code)."""
 

@@ -7,6 +7,7 @@ type end with exit 2 naming the field."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -221,6 +222,24 @@ def test_layer_anchor_beside_self_distillation_sketches_the_distilled_answers(ti
     # Resumed from step 3, the base's log-probabilities are recorded again from the base, not from
     # the trained adapter: the run ends on the same adapter, bit for bit.
     assert_resumes_exactly(both, out)
+
+
+def test_layer_anchor_beside_self_replay_sketches_the_replayed_answers(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    both = job(tmp_path, tiny_model, "{type: lora, lora: {rank: 8, alpha: 16, dropout: 0.0}}",
+               "  forgettingGuard: {selfReplay: {ratio: 0.125}, layerAnchor: {weight: 1.0e4}}\n")
+    proc = run(both, out)
+    assert proc.returncode == 2, proc.stderr
+    give_answers(out / "checkpoints" / "self_replay.json")
+    (out / "checkpoints" / "layer_anchor.json").unlink(missing_ok=True)
+    proc = run(both, out)
+    assert proc.returncode == 0, proc.stderr
+    replayed = re.search(r"self-replay: (\d+) base answers", proc.stderr)
+    assert replayed and int(replayed[1]) > 0, proc.stderr
+    # The anchor reads the replayed conversations; the base is not asked a set of its own.
+    assert (f"layer anchor: 14 layers sketched on {replayed[1]} general conversations"
+            in proc.stderr), proc.stderr
+    assert not (out / "checkpoints" / "layer_anchor.json").exists()
 
 
 def test_layer_anchor_holds_each_layer_on_general_text_and_resumes_exactly(tiny_model, tmp_path):

@@ -373,11 +373,30 @@ pub struct Guards {
     /// Set by [`trainable`]: it needs the parameters before any update.
     pub l2: Option<L2ToInit>,
     /// The general conversations the layer anchor sketches each layer's inputs on.
-    anchor_samples: Vec<Sample>,
-    /// Whether those are self-distillation's: one forward of the base then serves both guards.
-    anchor_on_distill: bool,
-    /// Set by [`trainable`] from `anchor_samples`, once the adapters exist.
+    anchor_text: AnchorText,
+    /// Set by [`trainable`] from `anchor_text`, once the adapters exist.
     pub anchor: Option<LayerAnchor>,
+}
+
+/// Whose general conversations the layer anchor sketches.
+enum AnchorText {
+    /// Self-replay's base answers.
+    Replay,
+    /// Self-distillation's: one forward of the base then serves both guards.
+    Distill,
+    /// Base answers of its own, when neither of the others runs.
+    Own(Vec<Sample>),
+}
+
+impl Guards {
+    /// The conversations the layer anchor sketches (empty without one).
+    fn anchor_samples(&self) -> &[Sample] {
+        match &self.anchor_text {
+            AnchorText::Replay => self.replay.as_ref().map_or(&[], |r| r.samples()),
+            AnchorText::Distill => self.distill.as_ref().map_or(&[], |d| d.samples()),
+            AnchorText::Own(samples) => samples,
+        }
+    }
 }
 
 /// The guards, with the base model's answers generated (or read from their cache) before any
@@ -438,47 +457,46 @@ pub fn guards(plan: &Plan, m: &mut Loaded, train_samples: usize) -> Result<Guard
     if distill.is_none() {
         effective.self_distillation = None;
     }
-    let (anchor_samples, anchor_on_distill) = match &effective.layer_anchor {
-        Some(_) => anchor_samples(
+    let anchor_text = match &effective.layer_anchor {
+        Some(_) => anchor_text(
             plan,
             (&mut m.model, &m.eos_ids),
             &encoder,
             (replay.as_ref(), distill.as_ref()),
             source,
         )?,
-        None => (Vec::new(), false),
+        None => AnchorText::Own(Vec::new()),
     };
-    if anchor_samples.is_empty() {
-        effective.layer_anchor = None;
-    }
-    Ok(Guards {
+    let mut guards = Guards {
         effective,
         source,
         replay,
         distill,
         l2: None,
-        anchor_samples,
-        anchor_on_distill,
+        anchor_text,
         anchor: None,
-    })
+    };
+    if guards.anchor_samples().is_empty() {
+        guards.effective.layer_anchor = None;
+    }
+    Ok(guards)
 }
 
 /// The general conversations the layer anchor sketches: self-replay's when the run replays, else
 /// self-distillation's, else the base model's answers to [`MIN_REPLAY_PROMPTS`] requests of the
-/// replay part (cached); empty when the default guard's base had no usable answer. The flag says
-/// they are self-distillation's.
-fn anchor_samples(
+/// replay part (cached); none when the default guard's base had no usable answer.
+fn anchor_text(
     plan: &Plan,
     (model, eos_ids): (&mut CausalLm, &[i64]),
     encoder: &Encoder,
     (replay, distill): (Option<&Replay>, Option<&SelfDistillation>),
     source: GuardSource,
-) -> Result<(Vec<Sample>, bool), Stop> {
-    if let Some(r) = replay.filter(|r| !r.is_empty()) {
-        return Ok((r.samples().to_vec(), false));
+) -> Result<AnchorText, Stop> {
+    if replay.is_some_and(|r| !r.is_empty()) {
+        return Ok(AnchorText::Replay);
     }
-    if let Some(d) = distill.filter(|d| !d.is_empty()) {
-        return Ok((d.samples().to_vec(), true));
+    if distill.is_some_and(|d| !d.is_empty()) {
+        return Ok(AnchorText::Distill);
     }
     let cache = guard::anchor_cache_path(&plan.checkpoint_dir);
     let field = "spec.forgettingGuard.layerAnchor";
@@ -497,7 +515,7 @@ fn anchor_samples(
         "layerAnchor has no general text to anchor on",
         field,
     )?;
-    Ok((if usable { samples } else { Vec::new() }, false))
+    Ok(AnchorText::Own(if usable { samples } else { Vec::new() }))
 }
 
 /// The base model's answers (up to `answer_tokens` tokens) to `prompts` requests of the general
@@ -706,13 +724,13 @@ fn base_scores(model: &mut CausalLm, guards: &mut Guards) {
     let mut teacher = None;
     if let Some(g) = &guards.effective.layer_anchor {
         let t = Instant::now();
-        let score = guards.anchor_on_distill && guards.distill.is_some();
-        let (anchor, lp) =
-            LayerAnchor::gather_scoring(model, &guards.anchor_samples, g.weight, score);
+        let score = matches!(guards.anchor_text, AnchorText::Distill);
+        let samples = guards.anchor_samples();
+        let (anchor, lp) = LayerAnchor::gather_scoring(model, samples, g.weight, score);
         eprintln!(
             "layer anchor: {} layers sketched on {} general conversations, weight {} ({:.1}s)",
             anchor.len(),
-            guards.anchor_samples.len(),
+            samples.len(),
             g.weight,
             t.elapsed().as_secs_f64()
         );
