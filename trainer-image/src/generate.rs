@@ -109,7 +109,10 @@ fn greedy_chunk(
         return out;
     }
     let device = model.device;
-    let prefill = Prefill::left_padded(prompts, device);
+    // The rows still decoding: `active[r]` is the prompt that row `r` of the batch answers. An
+    // empty prompt has nothing to continue and gets no row.
+    let mut active: Vec<usize> = (0..b).filter(|&i| !prompts[i].is_empty()).collect();
+    let prefill = Prefill::left_padded(active.iter().map(|&i| &prompts[i]), device);
     let mut cache = KvCache::new(model.layers.len());
     let mut logits = model.forward_cached(
         &prefill.input,
@@ -118,14 +121,6 @@ fn greedy_chunk(
         &mut cache,
     );
     let mut keys_real = prefill.keys_real;
-    // The rows still decoding: `active[r]` is the prompt that row `r` of the batch answers.
-    let mut active: Vec<usize> = (0..b).filter(|&i| !prompts[i].is_empty()).collect();
-    if active.len() < b {
-        let rows = Tensor::from_slice(&to_i64(&active)).to_device(device);
-        logits = logits.index_select(0, &rows);
-        cache.keep_rows(&rows);
-        keys_real = keys_real.index_select(0, &rows);
-    }
     for _ in 0..max_new_tokens {
         let last = logits.select(1, -1).to_kind(Kind::Float);
         let next: Vec<i64> = Vec::try_from(last.argmax(-1, false)).expect("argmax is [batch] i64");
@@ -190,16 +185,21 @@ struct Prefill {
 }
 
 impl Prefill {
-    fn left_padded(prompts: &[Vec<i64>], device: tch::Device) -> Self {
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    fn left_padded<'a>(
+        prompts: impl Iterator<Item = &'a Vec<i64>> + Clone,
+        device: tch::Device,
+    ) -> Self {
+        let longest = prompts.clone().map(Vec::len).max().unwrap_or(0);
         let (mut ids, mut real, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        let mut b = 0;
         for p in prompts {
+            b += 1;
             let pad = longest - p.len();
             ids.extend(std::iter::repeat_n(0i64, pad).chain(p.iter().copied()));
             real.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
             positions.extend(std::iter::repeat_n(0i64, pad).chain(0..p.len() as i64));
         }
-        let (b, l) = (prompts.len() as i64, longest as i64);
+        let (b, l) = (b as i64, longest as i64);
         let keys_real = Tensor::from_slice(&real).view([b, l]).to_device(device);
         let causal = Tensor::ones([l, l], (Kind::Bool, device)).tril(0);
         let eye = Tensor::eye(l, (Kind::Bool, device));

@@ -143,12 +143,11 @@ impl SelfDistillation {
     }
 
     /// Records the base's log-probabilities on the conversations: `teacher` when another guard's
-    /// forwards already scored them, else from `model` (adapters off).
+    /// forwards already scored these same conversations (one tensor each), else from `model`
+    /// (adapters off).
     pub fn with_teacher(mut self, model: &mut CausalLm, teacher: Option<Vec<Tensor>>) -> Self {
-        self.teacher = match teacher {
-            Some(t) if t.len() == self.samples.len() => t,
-            _ => teacher_log_probs(model, &self.samples),
-        };
+        self.teacher = teacher.unwrap_or_else(|| teacher_log_probs(model, &self.samples));
+        debug_assert_eq!(self.teacher.len(), self.samples.len());
         self
     }
 
