@@ -205,6 +205,11 @@ impl Trainer {
                     let r =
                         p.retention_probe
                             .answer(model, tokenizer, eos_ids, RETENTION_TOKENS)?;
+                    eprintln!(
+                        "retention: the base model's answers to {} questions ({:.1}s)",
+                        r.len(),
+                        t.elapsed().as_secs_f64()
+                    );
                     st.retention_references = Some(r.clone());
                     st.last_good_step = Some(0);
                     r
@@ -679,9 +684,10 @@ impl Trainer {
             s.metrics.retention_score = Some(value);
         });
         eprintln!(
-            "retention step {} | {} ({value:.3}, floor {min})",
+            "retention step {} | {} ({value:.3}, floor {min}; {:.1}s)",
             st.step,
-            score.describe()
+            score.describe(),
+            t.elapsed().as_secs_f64()
         );
         if value >= min {
             st.last_good_step = Some(st.step);
@@ -758,9 +764,10 @@ impl Trainer {
             );
             let (low, high) = score.interval_95();
             eprintln!(
-                "retention: {} ({:.3}, 95% interval {low:.3}-{high:.3})",
+                "retention: {} ({:.3}, 95% interval {low:.3}-{high:.3}; {:.1}s)",
                 score.describe(),
-                score.score()
+                score.score(),
+                t.elapsed().as_secs_f64()
             );
             live.retention_score.set(score.score());
             f.retention_score = Some(score);
