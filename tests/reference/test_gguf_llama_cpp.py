@@ -215,8 +215,12 @@ def ours_answers(job_output):
 # q8_0's bound was 0.25 until self-distillation's answers went from 48 to 16 tokens (2026-12-06)
 # retrained the example job: one prompt then parted at a gap of 0.262, still far inside what q8_0's
 # rounding moves a logit by. 0.5 keeps the check well under that 1.4, so a flip at a clear
-# preference still fails it.
-MIN_AGREE = {"f16": N_PROMPTS - 1, "q8_0": N_PROMPTS // 4}
+# preference still fails it. The count of q8_0 answers equal end to end went from 2 to 1 of 8 when
+# self-distillation's conversation moved into the task's forward (2026-12-07: the same gradients up
+# to float32 summation order, a slightly different example job); the seven others part at gaps of
+# 0.010-0.182. Which near-ties q8_0's rounding tips is chance, so the floor is one answer equal end
+# to end (a file with wrong weights or tokens would part at clear preferences and fail the gap).
+MIN_AGREE = {"f16": N_PROMPTS - 1, "q8_0": 1}
 NEAR_TIE = {"f16": 0.08, "q8_0": 0.5}
 
 

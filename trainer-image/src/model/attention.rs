@@ -65,6 +65,14 @@ fn repeat_kv(x: &Tensor, n: i64) -> Tensor {
         .reshape([b, h * n, s, d])
 }
 
+/// One batch of several run side by side as a single row ([`Attention::forward_side`]): its
+/// `[batch, seq]` shape and its boolean mask `[batch, 1, seq, seq]` (`None`: plain causal).
+pub struct SideBatch {
+    pub batch: i64,
+    pub seq: i64,
+    pub mask: Option<Tensor>,
+}
+
 impl Attention {
     /// `x` `[batch, seq, hidden]`; `mask` is a boolean `[batch, 1, seq, past+seq]` (true = attend) or
     /// `None` for plain causal attention without a cache.
@@ -76,14 +84,7 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
-        let (b, s, _) = x.size3().expect("hidden states are 3-d");
-        let shape = |t: Tensor, heads: i64| t.view([b, s, heads, self.head_dim]).transpose(1, 2);
-        let q = shape(self.q_proj.forward(x), self.num_heads);
-        let k = shape(self.k_proj.forward(x), self.num_kv_heads);
-        let v = shape(self.v_proj.forward(x), self.num_kv_heads);
-        let q = apply_rotary(&q, cos, sin);
-        let mut k = apply_rotary(&k, cos, sin);
-        let mut v = v;
+        let (q, mut k, mut v) = self.heads(x, cos, sin);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2);
@@ -91,23 +92,79 @@ impl Attention {
             }
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
+        self.o_proj.forward(&self.attend(&q, &k, &v, mask))
+    }
+
+    /// Several batches side by side in one row: `x` `[1, Σ batch·seq, hidden]` holds each of
+    /// `batches`' rows in turn, and `cos`/`sin` their positions. The projections act on every token
+    /// at once (each weight read once for all the batches); each batch attends within itself
+    /// under its own mask, as it would alone.
+    pub fn forward_side(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        batches: &[SideBatch],
+    ) -> Tensor {
+        let (q, k, v) = self.heads(x, cos, sin);
+        let sizes: Vec<i64> = batches.iter().map(|b| b.batch * b.seq).collect();
+        let (qs, ks, vs) = (
+            q.split_with_sizes(&sizes, 2),
+            k.split_with_sizes(&sizes, 2),
+            v.split_with_sizes(&sizes, 2),
+        );
+        let outs: Vec<Tensor> = batches
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                // `[1, heads, batch·seq, d]` → `[batch, heads, seq, d]`.
+                let unfold = |t: &Tensor| {
+                    let h = t.size()[1];
+                    t.reshape([h, b.batch, b.seq, self.head_dim])
+                        .transpose(0, 1)
+                };
+                let out = self.attend(
+                    &unfold(&qs[i]),
+                    &unfold(&ks[i]),
+                    &unfold(&vs[i]),
+                    b.mask.as_ref(),
+                );
+                out.reshape([1, b.batch * b.seq, self.num_heads * self.head_dim])
+            })
+            .collect();
+        self.o_proj.forward(&Tensor::cat(&outs, 1))
+    }
+
+    /// Queries, keys and values `[batch, heads, seq, head_dim]` of `x` `[batch, seq, hidden]`, the
+    /// queries and keys rotated.
+    fn heads(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (b, s, _) = x.size3().expect("hidden states are 3-d");
+        let shape = |t: Tensor, heads: i64| t.view([b, s, heads, self.head_dim]).transpose(1, 2);
+        let q = shape(self.q_proj.forward(x), self.num_heads);
+        let k = shape(self.k_proj.forward(x), self.num_kv_heads);
+        let v = shape(self.v_proj.forward(x), self.num_kv_heads);
+        (apply_rotary(&q, cos, sin), apply_rotary(&k, cos, sin), v)
+    }
+
+    /// Attention of `q` over `k`, `v` (grouped-query heads repeated to line up) under `mask`
+    /// (`None`: causal), as `[batch, seq, heads·head_dim]`, before the output projection.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let groups = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(&k, groups);
-        let v = repeat_kv(&v, groups);
+        let k = repeat_kv(k, groups);
+        let v = repeat_kv(v, groups);
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = match mask {
             Some(m) => {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)
+                Tensor::scaled_dot_product_attention(q, &k, &v, Some(m), 0.0, false, scale, false)
             }
             None => Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, scale, false,
+                q, &k, &v, None, 0.0, true, scale, false,
             ),
         };
-        let out = out
-            .transpose(1, 2)
+        let (b, _, s, _) = out.size4().expect("attention output is 4-d");
+        out.transpose(1, 2)
             .contiguous()
-            .view([b, s, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&out)
+            .view([b, s, self.num_heads * self.head_dim])
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
-use crate::model::attention::{Attention, KvCache, build_mask};
+use crate::model::attention::{Attention, KvCache, SideBatch, build_mask};
 use crate::model::config::ModelConfig;
 use crate::model::linear::Linear;
 use crate::model::rope::{Rope, RopeScaling};
@@ -96,6 +96,25 @@ impl DecoderLayer {
         let h = self
             .self_attn
             .forward(&self.input_layernorm.forward(x), cos, sin, mask, cache);
+        self.finish(x, h)
+    }
+
+    /// [`DecoderLayer::forward`] of several batches side by side in one row
+    /// ([`Attention::forward_side`]).
+    pub fn forward_side(
+        &self,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        batches: &[SideBatch],
+    ) -> Tensor {
+        let h = self
+            .self_attn
+            .forward_side(&self.input_layernorm.forward(x), cos, sin, batches);
+        self.finish(x, h)
+    }
+
+    /// The attention's residual, then the MLP's.
+    fn finish(&self, x: &Tensor, h: Tensor) -> Tensor {
         // Out-of-place residual adds: autograd keeps the pre-residual tensors for backward.
         let hidden = x + h;
         let h = self
@@ -339,6 +358,37 @@ impl CausalLm {
     ) -> Tensor {
         let mask = attention_mask.map(training_mask);
         self.decode(input_ids, position_ids, mask.as_ref(), None)
+    }
+
+    /// [`hidden_with`](Self::hidden_with) of several batches in one forward: `input_ids` and
+    /// `position_ids` `[1, Σ batch·seq]` hold each batch's rows in turn, `batches` their shapes and
+    /// training masks (`None`: plain causal). Each batch attends within itself; every other
+    /// operation acts on each token, so the result is each batch's own forward, laid side by side
+    /// (`[1, Σ batch·seq, hidden]`), for one read of the weights per layer instead of one per
+    /// batch. A small batch beside a large one (self-distillation's conversation beside the
+    /// task's micro-batch) costs its tokens, not a forward of its own.
+    pub fn hidden_side(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        batches: &[SideBatch],
+    ) -> Tensor {
+        let batches: Vec<SideBatch> = batches
+            .iter()
+            .map(|b| SideBatch {
+                batch: b.batch,
+                seq: b.seq,
+                mask: b.mask.as_ref().map(training_mask),
+            })
+            .collect();
+        let (cos, sin) = self.rope.cos_sin(position_ids, self.kind);
+        let seeds = self.layer_seeds();
+        let mut x = self.embed(input_ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            seed_layer(seeds, i);
+            x = layer.forward_side(&x, (&cos, &sin), &batches);
+        }
+        x
     }
 
     /// The token embeddings of `input_ids` (with any trainable added rows).

@@ -5,8 +5,12 @@
 //! base once, before the first update (the same weights with the adapter switched off, so no
 //! second model is held; its log-probabilities at the answer tokens are kept), and each step
 //! `weight · KL(base ‖ tuned)` over the answer tokens of the next [`DISTILL_PER_STEP`]
-//! conversation joins the loss: one short forward/backward a step. Unlike replaying the answers as
-//! labels, the KL matches the base's whole next-token distribution, not just its argmax.
+//! conversation joins the loss. On one process the conversation rides in the forward of the
+//! step's last task micro-batch ([`crate::train::step::Rider`]: the linear layers read their
+//! weights once for both, each attends within itself); in a data-parallel group, or with
+//! activation checkpointing, it gets a short forward/backward of its own. Unlike replaying the
+//! answers as labels, the KL matches the base's whole next-token distribution, not just its
+//! argmax.
 //!
 //! **L2 to init** (`forgettingGuard.l2ToInit`, full fine-tuning): `weight/2 · Σ‖θ − θ₀‖²`, whose
 //! gradient `weight · (θ − θ₀)` is added to each parameter's gradient before clipping. θ₀ is a
@@ -28,7 +32,7 @@ use tch::{Kind, Tensor};
 use crate::data::{Batch, Sample, build_batch};
 use crate::model::CausalLm;
 use crate::model::linear::Linear;
-use crate::train::step::{MicroBatch, target_logits};
+use crate::train::step::{MicroBatch, kl_per_target, target_logits};
 
 /// Conversations scored by the self-distillation term per optimizer step, each a request of its
 /// own ([`crate::train::setup`] asks one per step the run takes). On the dates task one a step
@@ -47,10 +51,7 @@ fn target_log_probs(model: &CausalLm, batch: &Batch) -> Tensor {
 /// `KL(teacher ‖ tuned)` per target token of `batch`, averaged over the targets, with gradients
 /// for the adapter. `teacher`: the base's `[n, vocab]` log-probabilities at the same targets.
 pub fn distillation_kl(model: &CausalLm, batch: &Batch, teacher: &Tensor) -> Tensor {
-    let student = target_log_probs(model, batch);
-    let n = teacher.size()[0].max(1);
-    // Σ_v p_t (log p_t − log p_s), summed over positions, then / positions.
-    (teacher.exp() * (teacher - &student)).sum(Kind::Float) / n as f64
+    kl_per_target(target_logits(model, &MicroBatch::from(batch)), teacher)
 }
 
 /// Most tokens of one forward of the base over general conversations: they are packed into one
@@ -178,10 +179,11 @@ impl SelfDistillation {
             .collect()
     }
 
-    /// Adds `weight · KL` of step `step`'s conversations to the gradients; returns the KL.
-    pub fn accumulate(&self, model: &CausalLm, step: i64) -> f64 {
+    /// Step `step`'s conversations as one batch, with the base's log-probabilities at their
+    /// targets (in host memory); `None` without conversations.
+    pub fn for_step(&self, step: i64) -> Option<(Batch, Tensor)> {
         if self.samples.is_empty() {
-            return 0.0;
+            return None;
         }
         let picked = self.conversations_for_step(step);
         let rows: Vec<Vec<usize>> = picked.iter().map(|&i| vec![i]).collect();
@@ -194,11 +196,17 @@ impl SelfDistillation {
                     .expect("the base's log-probabilities are recorded")
             })
             .collect();
-        let kl = distillation_kl(
-            model,
-            &build_batch(&self.samples, &rows),
-            &Tensor::cat(&teacher, 0).to_device(model.device),
-        );
+        Some((build_batch(&self.samples, &rows), Tensor::cat(&teacher, 0)))
+    }
+
+    /// Adds `weight · KL` of step `step`'s conversations to the gradients in a forward of their
+    /// own; returns the KL. (A run on one process scores them in the task's forward instead:
+    /// [`crate::train::step::Rider`].)
+    pub fn accumulate(&self, model: &CausalLm, step: i64) -> f64 {
+        let Some((batch, teacher)) = self.for_step(step) else {
+            return 0.0;
+        };
+        let kl = distillation_kl(model, &batch, &teacher.to_device(model.device));
         (&kl * self.weight).backward();
         kl.double_value(&[])
     }

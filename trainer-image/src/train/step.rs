@@ -10,6 +10,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::data::Batch;
 use crate::error::contain_panic;
 use crate::model::CausalLm;
+use crate::model::attention::SideBatch;
 use crate::train::group::Group;
 use crate::train::optim::AdamW;
 use crate::train::stop::{Stop, is_oom};
@@ -150,6 +151,65 @@ pub fn backward_on_targets(
     }
 }
 
+/// A conversation scored in the same forward as a micro-batch (self-distillation's, beside the
+/// task's): its batch, the base's `[targets, vocab]` log-probabilities at its targets (see
+/// [`crate::train::anchor::teacher_log_probs`]), and its weight in the loss.
+pub struct Rider<'a> {
+    pub batch: &'a Batch,
+    pub teacher: &'a Tensor,
+    pub weight: f64,
+}
+
+/// `KL(teacher ‖ student)` per target, averaged over the targets: the student's log-probabilities
+/// from its target logits, `teacher` the base's at the same targets (0 without targets).
+pub fn kl_per_target(student: Option<Targets>, teacher: &Tensor) -> Tensor {
+    let Some(student) = student else {
+        return Tensor::zeros([], (Kind::Float, teacher.device()));
+    };
+    let student = student.logits.log_softmax(-1, Kind::Float);
+    let n = teacher.size()[0].max(1);
+    // Σ_v p_t (log p_t − log p_s), summed over positions, then / positions.
+    (teacher.exp() * (teacher - &student)).sum(Kind::Float) / n as f64
+}
+
+/// [`backward_on_targets`] of `mb`'s cross-entropy (times `mb.weight`, over `divisor`) and of
+/// `rider`'s `weight · KL` in one forward ([`CausalLm::hidden_side`]). Returns the cross-entropy
+/// (detached) and the KL; `None` when either is too short to predict anything, and nothing ran.
+fn backward_with_rider(
+    model: &CausalLm,
+    mb: &MicroBatch,
+    divisor: f64,
+    rider: &Rider,
+) -> Option<(Tensor, f64)> {
+    let rider_mb = MicroBatch::from(rider.batch);
+    let (ids, pos, mask) = device_inputs(model, mb)?;
+    let (r_ids, r_pos, r_mask) = device_inputs(model, &rider_mb)?;
+    let (b, t) = ids.size2().expect("input_ids is [batch, seq]");
+    let (rb, rt) = r_ids.size2().expect("input_ids is [batch, seq]");
+    let side = |a: &Tensor, r: &Tensor| Tensor::cat(&[a.reshape([1, -1]), r.reshape([1, -1])], 1);
+    let batches = [
+        SideBatch {
+            batch: b,
+            seq: t,
+            mask,
+        },
+        SideBatch {
+            batch: rb,
+            seq: rt,
+            mask: r_mask,
+        },
+    ];
+    let hidden = model.hidden_side(&side(&ids, &r_ids), &side(&pos, &r_pos), &batches);
+    let h = hidden.size()[2];
+    let own = hidden.narrow(1, 0, b * t).reshape([b, t, h]);
+    let riding = hidden.narrow(1, b * t, rb * rt).reshape([rb, rt, h]);
+    let ce = cross_entropy_sum(Some(targets_at(model, mb, &own)), model.device) * mb.weight;
+    let teacher = rider.teacher.to_device(model.device);
+    let kl = kl_per_target(Some(targets_at(model, &rider_mb, &riding)), &teacher);
+    (&ce / divisor + &kl * rider.weight).backward();
+    Some((ce.detach(), kl.double_value(&[])))
+}
+
 /// Summed cross-entropy (float32) of the target logits against their labels (0 without targets).
 pub fn cross_entropy_sum(targets: Option<Targets>, device: tch::Device) -> Tensor {
     match targets {
@@ -177,6 +237,8 @@ pub struct StepStats {
     pub targets: i64,
     pub tokens: i64,
     pub samples: usize,
+    /// The KL of the [`Rider`] scored beside the micro-batches, when it was.
+    pub rider_kl: Option<f64>,
 }
 
 /// Seed for the dropout masks of micro-batch `micro` of step `step`.
@@ -217,22 +279,36 @@ pub fn accumulate_gradients(
     seed: u64,
     step: i64,
 ) -> Result<StepStats, StepStats> {
-    accumulate_gradients_in(&Group::single(), model, opt, micro_batches, seed, step)
-        .expect("one process has no collective to fail")
+    accumulate_gradients_in(
+        &Group::single(),
+        model,
+        opt,
+        micro_batches,
+        None,
+        seed,
+        step,
+    )
+    .expect("one process has no collective to fail")
 }
 
 /// [`accumulate_gradients`] as one rank of `group`: `micro_batches` is the whole step's list on
 /// every rank; this rank runs its share ([`Group::runs`]) and the gradients and the loss are
-/// summed over the ranks, so every rank ends with the gradients of the whole step. `Err(Stop)`
-/// when a collective fails.
+/// summed over the ranks, so every rank ends with the gradients of the whole step. A `rider`
+/// (one process only) is scored in the forward of the last micro-batch; `rider_kl` says whether
+/// it was. `Err(Stop)` when a collective fails.
 pub fn accumulate_gradients_in(
     group: &Group,
     model: &CausalLm,
     opt: &mut AdamW,
     micro_batches: &[MicroBatch],
+    rider: Option<&Rider>,
     seed: u64,
     step: i64,
 ) -> Result<Result<StepStats, StepStats>, Stop> {
+    debug_assert!(
+        rider.is_none() || group.world() == 1,
+        "a rider needs one process"
+    );
     let counts: Vec<i64> = micro_batches
         .iter()
         .map(|m| count_targets(m.labels))
@@ -258,6 +334,8 @@ pub fn accumulate_gradients_in(
     // This rank's share, with an allocation failure caught: in a group every rank must learn of
     // it before the next collective, so that all of them retry the step with the same smaller
     // micro-batches (a rank that halved alone would run other rows than its peers expect).
+    let last = micro_batches.len() - 1;
+    let mut rider_kl = None;
     let local = contain_panic(|| {
         let mut sum = 0.0;
         for (i, mb) in micro_batches.iter().enumerate() {
@@ -265,13 +343,23 @@ pub fn accumulate_gradients_in(
                 continue;
             }
             tch::manual_seed(dropout_seed(seed, step, i));
-            let s = backward_on_targets(model, mb, weighted_targets, |t| {
-                cross_entropy_sum(t, model.device) * mb.weight
-            });
+            let with_rider = rider
+                .filter(|_| i == last)
+                .and_then(|r| backward_with_rider(model, mb, weighted_targets, r));
+            let s = match with_rider {
+                Some((s, kl)) => {
+                    rider_kl = Some(kl);
+                    s
+                }
+                None => backward_on_targets(model, mb, weighted_targets, |t| {
+                    cross_entropy_sum(t, model.device) * mb.weight
+                }),
+            };
             sum += s.double_value(&[]);
         }
         sum
     });
+    stats.rider_kl = rider_kl;
     let mut sum = [agree_on_memory(group, local)?];
     group.sum_values(&mut sum)?;
     group.sum_gradients(opt)?;
