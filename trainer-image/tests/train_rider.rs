@@ -5,6 +5,7 @@
 
 mod train_support;
 
+use finetune_crds::training::LLAMA_LINEAR_MODULES;
 use finetune_trainer::data::{Origin, Sample, build_batch};
 use finetune_trainer::model::LoraConfig;
 use finetune_trainer::train::anchor::distillation_kl;
@@ -33,17 +34,7 @@ fn lora_model(dir: &std::path::Path) -> (finetune_trainer::model::CausalLm, Adam
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: LLAMA_LINEAR_MODULES.map(String::from).to_vec(),
         rslora: false,
     };
     train_support::lora_model(dir, 5, &cfg)
