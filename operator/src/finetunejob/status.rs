@@ -441,6 +441,24 @@ fn deadline_passed(
 
 /// The job succeeded: the trainer's final report, full progress, the Adapter to register, and
 /// the `EarlyStopped` condition when training ended before its planned last step.
+/// The progress of a run that finished before the progress poller ever reached the trainer (a
+/// short job, or a poll that was backing off): the steps its termination message names, all done.
+/// Without it the job would show no progress at all, and its first step would never be counted in
+/// `finetune_operator_time_to_first_step_seconds`.
+fn final_progress(termination: &TerminationMessage) -> Option<Progress> {
+    let step = termination.step.filter(|&s| s > 0)?;
+    Some(Progress {
+        step,
+        total_steps: step,
+        epoch: 0.0,
+        percent: 100.0,
+        percent_text: Some("100%".into()),
+        eta_seconds: Some(0),
+        download: None,
+        last_update_time: None,
+    })
+}
+
 fn succeed(
     job: &FinetuneJob,
     status: &mut FinetuneJobStatus,
@@ -458,6 +476,8 @@ fn succeed(
         progress.percent = 100.0;
         progress.percent_text = Some("100%".into());
         progress.eta_seconds = Some(0);
+    } else {
+        status.progress = termination.as_ref().and_then(final_progress);
     }
     status.adapter_ref = Some(AdapterRef {
         name: adapter_name(job),
@@ -1009,6 +1029,27 @@ mod tests {
         assert!(
             derived.transitions.iter().all(|t| !t.warning),
             "a clean run warns of nothing"
+        );
+    }
+
+    #[test]
+    fn a_run_never_polled_gets_its_progress_from_the_termination_message() {
+        let message = TerminationMessage {
+            step: Some(6),
+            ..TerminationMessage::default()
+        };
+        let done = exited(pod(0, "Succeeded"), 0, "Completed", Some(&message));
+        let progress = derive(&job(), &[done], None, now()).status.progress;
+        let progress = progress.expect("the finished run's steps are its progress");
+        assert_eq!((progress.step, progress.total_steps), (6, 6));
+        assert_eq!(progress.percent_text.as_deref(), Some("100%"));
+        // A message without steps (a run that stopped before its first) invents none.
+        let bare = exited(pod(0, "Succeeded"), 0, "Completed", None);
+        assert!(
+            derive(&job(), &[bare], None, now())
+                .status
+                .progress
+                .is_none()
         );
     }
 
