@@ -55,9 +55,10 @@ pub fn audit(m: &mut LoadedModel, part: Split, max_new_tokens: usize) -> Result<
     let keys: Vec<Vec<String>> = questions.iter().map(|q| q.answers.clone()).collect();
     let probe = Probe::from_questions(&prompts, &m.tokenizer, m.chat_template.as_ref())?;
     m.model.set_adapters_enabled(false);
-    let base = probe.answer(&mut m.model, &m.tokenizer, &m.eos_ids, max_new_tokens)?;
+    let (tok, eos) = (&m.tokenizer, &m.eos_ids);
+    let base = probe.answer_until_correct(&mut m.model, tok, eos, max_new_tokens, &keys)?;
     m.model.set_adapters_enabled(true);
-    let tuned = probe.answer(&mut m.model, &m.tokenizer, &m.eos_ids, max_new_tokens)?;
+    let tuned = probe.answer_until_correct(&mut m.model, tok, eos, max_new_tokens, &keys)?;
     let score = RetentionScore::measure(&tuned, &base, &keys);
     let mut by_category: BTreeMap<String, CategoryCount> = BTreeMap::new();
     let mut lost = Vec::new();

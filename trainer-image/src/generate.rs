@@ -2,8 +2,9 @@
 //! sampling. Stops at any EOS id or after `max_new_tokens`.
 //!
 //! [`generate_greedy_batch`] decodes many prompts at once: a decoding step reads every weight once
-//! for the whole batch. Rows whose answer ended leave the batch, since past a few rows the per-row
-//! work dominates (SmolLM2-135M on 2 CPU cores: 0.12 s a step at 22 rows, 0.25 s at 64).
+//! for the whole batch, so the batch is as large as a KV-cache budget allows
+//! ([`CHUNK_CACHE_BYTES`]). Rows whose answer ended leave the batch, since past a few rows the
+//! per-row work dominates (SmolLM2-135M on 2 CPU cores: 0.12 s a step at 22 rows, 0.25 s at 64).
 
 use tch::{Kind, Tensor};
 
@@ -75,8 +76,48 @@ pub fn generate(
     out
 }
 
-/// Most prompts decoded together by [`generate_greedy_batch`]: bounds the cache's memory.
-pub const MAX_BATCH: usize = 64;
+/// Most KV-cache bytes one chunk of [`generate_greedy_batch`] may fill: prompts are decoded
+/// together until their rows, each as long as the chunk's longest prompt plus the answer limit,
+/// would hold more. 1 GiB takes the 150 questions of the retention probe (32-token answers) in
+/// one chunk for SmolLM2-135M in float32 (45 KiB a token), about 26 such rows for a Llama-2-7B
+/// shape in bfloat16 (512 KiB a token), and bounds a chunk of long prompts by their length too.
+/// A fixed row count (64 until 2026-12-07) did neither: it cut the probe into three chunks, each
+/// paying for reading every weight at each of its decoding steps (0.07 s here even for one row),
+/// and let 64 long eval prompts fill a cache of any size.
+pub const CHUNK_CACHE_BYTES: i64 = 1 << 30;
+
+/// Most rows of a chunk, however short its prompts.
+pub const MAX_BATCH: usize = 256;
+
+/// KV-cache bytes per token of `model`: keys and values for every layer.
+fn cache_bytes_per_token(model: &CausalLm) -> i64 {
+    let c = &model.config;
+    let element = if model.kind == Kind::Float { 4 } else { 2 };
+    (c.num_layers * 2 * c.num_kv_heads * c.head_dim * element).max(1)
+}
+
+/// `prompts` cut, in order, into consecutive chunks whose cache (rows × (longest prompt +
+/// `max_new_tokens`) tokens × `token_bytes`) stays within [`CHUNK_CACHE_BYTES`], with at most
+/// [`MAX_BATCH`] rows; a prompt too long for the budget alone gets a chunk of its own.
+fn chunks(prompts: &[Vec<i64>], max_new_tokens: usize, token_bytes: i64) -> Vec<&[Vec<i64>]> {
+    let mut out = Vec::new();
+    let (mut start, mut longest) = (0, 0);
+    for (i, p) in prompts.iter().enumerate() {
+        let rows = (i - start + 1) as i64;
+        let widest = longest.max(p.len());
+        let bytes = rows * (widest + max_new_tokens) as i64 * token_bytes;
+        if i > start && (bytes > CHUNK_CACHE_BYTES || rows as usize > MAX_BATCH) {
+            out.push(&prompts[start..i]);
+            (start, longest) = (i, p.len());
+        } else {
+            longest = widest;
+        }
+    }
+    if start < prompts.len() {
+        out.push(&prompts[start..]);
+    }
+    out
+}
 
 /// Greedy answers to several prompts, decoded together; each is what [`generate`] would return
 /// for that prompt alone (same positions and causal context; only floating-point summation order
@@ -89,9 +130,31 @@ pub fn generate_greedy_batch(
     max_new_tokens: usize,
     eos_ids: &[i64],
 ) -> Vec<Vec<i64>> {
+    generate_greedy_batch_until(model, prompts, max_new_tokens, eos_ids, &mut |_, _| false)
+}
+
+/// [`generate_greedy_batch`], where a row also stops once `settled(prompt index, its answer so
+/// far)` says that nothing it could add would change what the caller wants to know (the
+/// retention probe: the answer already holds its key as a finished word). A settled answer is
+/// the greedy answer's beginning, as one cut off at `max_new_tokens` is.
+pub fn generate_greedy_batch_until(
+    model: &CausalLm,
+    prompts: &[Vec<i64>],
+    max_new_tokens: usize,
+    eos_ids: &[i64],
+    settled: &mut dyn FnMut(usize, &[i64]) -> bool,
+) -> Vec<Vec<i64>> {
     let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(MAX_BATCH) {
-        out.extend(greedy_chunk(model, chunk, max_new_tokens, eos_ids));
+    for chunk in chunks(prompts, max_new_tokens, cache_bytes_per_token(model)) {
+        let first = out.len();
+        let mut settled_in_chunk = |i: usize, ids: &[i64]| settled(first + i, ids);
+        out.extend(greedy_chunk(
+            model,
+            chunk,
+            max_new_tokens,
+            eos_ids,
+            &mut settled_in_chunk,
+        ));
     }
     out
 }
@@ -101,6 +164,7 @@ fn greedy_chunk(
     prompts: &[Vec<i64>],
     max_new_tokens: usize,
     eos_ids: &[i64],
+    settled: &mut dyn FnMut(usize, &[i64]) -> bool,
 ) -> Vec<Vec<i64>> {
     let _guard = tch::no_grad_guard();
     let b = prompts.len();
@@ -127,7 +191,7 @@ fn greedy_chunk(
         let mut keep = Vec::with_capacity(active.len());
         for (r, (&i, &token)) in active.iter().zip(&next).enumerate() {
             out[i].push(token);
-            if !eos_ids.contains(&token) {
+            if !eos_ids.contains(&token) && !settled(i, &out[i]) {
                 keep.push(r);
             }
         }
@@ -215,5 +279,41 @@ impl Prefill {
             keys_real,
             mask,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lens(chunks: &[&[Vec<i64>]]) -> Vec<usize> {
+        chunks.iter().map(|c| c.len()).collect()
+    }
+
+    #[test]
+    fn chunks_fill_the_cache_budget_in_order() {
+        // The retention probe on SmolLM2-135M in float32: 150 prompts of about 45 tokens.
+        let probe = vec![vec![1i64; 45]; 150];
+        assert_eq!(lens(&chunks(&probe, 32, 46_080)), [150]);
+        // A token of 512 KiB (a 7B shape in bfloat16): 1 GiB holds 2048 tokens, 26 rows of 77.
+        let split = chunks(&probe, 32, 512 << 10);
+        assert_eq!(lens(&split), [26, 26, 26, 26, 26, 20]);
+        assert_eq!(split.concat(), probe, "every prompt once, in order");
+        // Short prompts stop at MAX_BATCH rows.
+        let tiny = vec![vec![1i64; 2]; MAX_BATCH + 1];
+        assert_eq!(lens(&chunks(&tiny, 1, 4)), [MAX_BATCH, 1]);
+    }
+
+    #[test]
+    fn a_long_prompt_shrinks_its_chunk_and_an_overlong_one_stands_alone() {
+        let budget_tokens = (CHUNK_CACHE_BYTES / 1024) as usize;
+        let mut prompts = vec![vec![1i64; 10]; 3];
+        prompts.push(vec![1i64; budget_tokens / 2]);
+        prompts.push(vec![1i64; budget_tokens * 2]);
+        prompts.push(vec![1i64; 10]);
+        // Rows 0-3 would need 4 × (budget/2 + 6) tokens: row 3 starts a chunk, which row 4 (too
+        // long for any budget) cannot join, and row 5 cannot join row 4's.
+        assert_eq!(lens(&chunks(&prompts, 6, 1024)), [3, 1, 1, 1]);
+        assert!(chunks(&[], 6, 1024).is_empty());
     }
 }

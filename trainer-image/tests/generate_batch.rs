@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use finetune_trainer::generate::{Sampling, generate, generate_greedy_batch};
+use finetune_trainer::generate::{
+    Sampling, generate, generate_greedy_batch, generate_greedy_batch_until,
+};
 use finetune_trainer::model::weights::WeightMap;
 use finetune_trainer::model::{CausalLm, ModelConfig};
 use tch::{Device, Kind, Tensor};
@@ -91,4 +93,23 @@ fn batched_greedy_answers_equal_one_prompt_at_a_time() {
     let batched = generate_greedy_batch(&model, &prompts, 12, &[eos]);
     assert_eq!(batched, alone);
     assert!(alone.iter().any(|a| a.len() < 12) && alone.iter().any(|a| a.len() == 12));
+}
+
+#[test]
+fn a_settled_answer_is_the_whole_answers_beginning() {
+    let model = random_model();
+    let prompts: Vec<Vec<i64>> = vec![vec![5, 17, 3], vec![42], vec![8, 9, 10, 11], vec![60, 71]];
+    let whole = generate_greedy_batch(&model, &prompts, 12, &[]);
+    // Row i settles after i + 2 tokens (row 1's prompt index, not its batch row, is asked), and
+    // the rows still decoding get the answers they get when no row leaves early.
+    let mut asked = Vec::new();
+    let mut settled = |i: usize, ids: &[i64]| {
+        asked.push(i);
+        ids.len() == i + 2
+    };
+    let cut = generate_greedy_batch_until(&model, &prompts, 12, &[], &mut settled);
+    for (i, (c, w)) in cut.iter().zip(&whole).enumerate() {
+        assert_eq!(c.as_slice(), &w[..i + 2], "prompt {i}");
+    }
+    assert!(asked.contains(&3) && !asked.contains(&4));
 }

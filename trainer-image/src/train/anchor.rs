@@ -293,16 +293,63 @@ fn finish_sketch(lin: &mut Linear) -> Option<AnchoredLayer> {
     })
 }
 
+/// Anchored layers whose adapter and sketch shapes agree (the same projection in every decoder
+/// layer), so their terms are computed as one batched product: a few operations a step for the
+/// whole group instead of a few per layer. On SmolLM2-135M with every projection adapted that is
+/// 4 groups instead of 210 layers, and the anchor's share of a step fell from about 0.08 s.
+struct AnchorGroup {
+    a: Vec<Tensor>,
+    b: Vec<Tensor>,
+    /// `[layers, in, k]`: the layers' scaled sketches, stacked once.
+    sketch: Tensor,
+}
+
+impl AnchorGroup {
+    /// `Σ ‖B·(A·sketch)‖²` over the group's layers, with its graph back to the adapters.
+    fn drift_sum(&self) -> Tensor {
+        let a = Tensor::stack(&self.a, 0);
+        let b = Tensor::stack(&self.b, 0);
+        b.bmm(&a.bmm(&self.sketch)).square().sum(Kind::Float)
+    }
+}
+
+/// `layers` grouped by their `(A, B, sketch)` shapes, in order of first appearance.
+fn grouped(layers: Vec<AnchoredLayer>) -> Vec<AnchorGroup> {
+    type Shapes = (Vec<i64>, Vec<i64>, Vec<i64>);
+    let mut groups: Vec<(Shapes, Vec<AnchoredLayer>)> = Vec::new();
+    for l in layers {
+        let shapes = (l.a.size(), l.b.size(), l.sketch.size());
+        match groups.iter_mut().find(|(s, _)| *s == shapes) {
+            Some((_, members)) => members.push(l),
+            None => groups.push((shapes, vec![l])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(_, members)| {
+            let sketches: Vec<&Tensor> = members.iter().map(|l| &l.sketch).collect();
+            AnchorGroup {
+                sketch: Tensor::stack(&sketches, 0),
+                a: members.iter().map(|l| l.a.shallow_clone()).collect(),
+                b: members.iter().map(|l| l.b.shallow_clone()).collect(),
+            }
+        })
+        .collect()
+}
+
 /// The layer-anchor guard of a LoRA run.
 pub struct LayerAnchor {
-    layers: Vec<AnchoredLayer>,
+    groups: Vec<AnchorGroup>,
+    /// Anchored layers in all groups: the drift is their mean.
+    layers: usize,
     pub weight: f64,
 }
 
 impl std::fmt::Debug for LayerAnchor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LayerAnchor")
-            .field("layers", &self.layers.len())
+            .field("layers", &self.layers)
+            .field("groups", &self.groups.len())
             .field("weight", &self.weight)
             .finish()
     }
@@ -334,33 +381,38 @@ impl LayerAnchor {
             .into_iter()
             .filter_map(|(_, lin)| finish_sketch(lin))
             .collect();
-        (Self { layers, weight }, teacher)
+        (Self::from_layers(layers, weight), teacher)
+    }
+
+    fn from_layers(layers: Vec<AnchoredLayer>, weight: f64) -> Self {
+        Self {
+            layers: layers.len(),
+            groups: grouped(layers),
+            weight,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.layers.len()
+        self.layers
     }
 
     pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
+        self.layers == 0
     }
 
     /// The mean relative output change `‖ΔW·F‖² / ‖W·F‖²` over the anchored layers, with its
     /// graph back to the adapters.
     pub fn drift(&self) -> Tensor {
-        let Some(first) = self.layers.first() else {
+        let mut sums = self.groups.iter().map(AnchorGroup::drift_sum);
+        let Some(first) = sums.next() else {
             return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
         };
-        let mut total = Tensor::zeros([], (Kind::Float, first.a.device()));
-        for l in &self.layers {
-            total += l.b.mm(&l.a.mm(&l.sketch)).square().sum(Kind::Float);
-        }
-        total / self.layers.len() as f64
+        sums.fold(first, |total, s| total + s) / self.layers as f64
     }
 
     /// Adds `weight · drift` to the adapters' gradients; returns the drift.
     pub fn accumulate(&self) -> f64 {
-        if self.layers.is_empty() {
+        if self.is_empty() {
             return 0.0;
         }
         let drift = self.drift();
@@ -396,12 +448,41 @@ mod tests {
     }
 
     fn drift_of(layer: AnchoredLayer) -> f64 {
-        LayerAnchor {
-            layers: vec![layer],
-            weight: 1.0,
-        }
-        .drift()
-        .double_value(&[])
+        LayerAnchor::from_layers(vec![layer], 1.0)
+            .drift()
+            .double_value(&[])
+    }
+
+    #[test]
+    fn grouped_layers_drift_as_they_would_one_by_one() {
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        tch::manual_seed(11);
+        // Two shapes, interleaved as the projections of successive decoder layers are.
+        let layer = |out: i64| {
+            let w = Tensor::randn([out, 4], cpu);
+            let (a, b) = (Tensor::randn([2, 4], cpu), Tensor::randn([out, 2], cpu));
+            sketched_layer(&w, a, b).expect("an adapter")
+        };
+        let layers: Vec<AnchoredLayer> = [3, 5, 3, 5, 3].into_iter().map(layer).collect();
+        let one_by_one: f64 = layers
+            .iter()
+            .map(|l| {
+                let copy = AnchoredLayer {
+                    a: l.a.shallow_clone(),
+                    b: l.b.shallow_clone(),
+                    sketch: l.sketch.shallow_clone(),
+                };
+                drift_of(copy)
+            })
+            .sum::<f64>()
+            / 5.0;
+        let anchor = LayerAnchor::from_layers(layers, 1.0);
+        assert_eq!((anchor.len(), anchor.groups.len()), (5, 2));
+        let grouped = anchor.drift().double_value(&[]);
+        assert!(
+            (grouped - one_by_one).abs() <= 1e-6 * one_by_one,
+            "{grouped} vs {one_by_one}"
+        );
     }
 
     #[test]

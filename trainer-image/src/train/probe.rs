@@ -16,9 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Sample;
 use crate::error::Result;
-use crate::generate::generate_greedy_batch;
+use crate::generate::{generate_greedy_batch, generate_greedy_batch_until};
 use crate::model::CausalLm;
 use crate::text::{ChatTemplate, TextTokenizer};
+use crate::train::retention::settled_correct;
 
 /// Prompts (token ids) with the answers they are expected to get.
 #[derive(Debug, Clone, Default)]
@@ -158,6 +159,40 @@ impl Probe {
             });
         }
         Ok(out)
+    }
+
+    /// [`Probe::answer`] for questions with answer keys (`keys[i]` for prompt `i`): an answer
+    /// stops as soon as its finished words hold a key ([`settled_correct`]), since whatever
+    /// followed could not make it wrong. Prompts without keys are answered in full. A model that
+    /// answers in sentences ("The capital of France is Paris, a city…") then pays for its answer,
+    /// not for the sentence around it.
+    pub fn answer_until_correct(
+        &self,
+        model: &mut CausalLm,
+        tokenizer: &TextTokenizer,
+        eos_ids: &[i64],
+        max_new_tokens: usize,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<String>> {
+        let mut settled = |i: usize, ids: &[i64]| match keys.get(i) {
+            Some(k) if !k.is_empty() => tokenizer
+                .decode(ids, true)
+                .is_ok_and(|text| settled_correct(&text, k)),
+            _ => false,
+        };
+        model.set_training(false);
+        let answers = generate_greedy_batch_until(
+            model,
+            &self.prompts,
+            max_new_tokens,
+            eos_ids,
+            &mut settled,
+        );
+        model.set_training(true);
+        answers
+            .iter()
+            .map(|ids| tokenizer.decode(ids, true))
+            .collect()
     }
 
     /// Compares `answers` with the references.

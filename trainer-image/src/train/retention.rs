@@ -12,6 +12,9 @@
 //!     words it the same way, and a base answer that was wrong cannot be "lost".
 //!   - *verbatim kept*: the share of answers identical to the base's after normalisation. Strict:
 //!     a correct answer that got shorter counts as changed. It is the score when there are no keys.
+//!     With keys, answers end where they became correct ([`settled_correct`]: the score would not
+//!     change, and a model that still answers in sentences no longer pays for the rest of each
+//!     one), so verbatim then compares answers up to their key.
 //!
 //! Both come built in; `evaluation.retention.data` replaces them with a JSON Lines file of
 //! `{"prompt": "...", "answers": ["..."]}` (questions, keys optional) and `{"text": "..."}` lines.
@@ -165,6 +168,21 @@ pub fn answer_is_correct(answer: &str, keys: &[String]) -> bool {
                 .windows(needle.len())
                 .any(|w| w == needle.as_slice())
     })
+}
+
+/// Whether an answer that begins with `partial` is correct however it goes on: its finished words
+/// already hold a key ([`answer_is_correct`]). A word is finished once a character that is not
+/// alphanumeric follows it; the word still being written is left out ("4" is not yet an answer
+/// when "42" may follow), and so is a trailing U+FFFD, the half of a character whose other bytes
+/// are still to come. Words are alphanumeric runs, so text appended later cannot change a finished
+/// one: a settled answer stays correct, and the probe stops decoding it.
+pub fn settled_correct(partial: &str, keys: &[String]) -> bool {
+    let text = partial.trim_end_matches('\u{FFFD}');
+    let finished = match text.char_indices().rfind(|(_, c)| !c.is_alphanumeric()) {
+        Some((i, c)) => &text[..i + c.len_utf8()],
+        None => return false,
+    };
+    !keys.is_empty() && answer_is_correct(finished, keys)
 }
 
 /// How much of the base model's behaviour on the probe questions survived.
@@ -325,6 +343,38 @@ pub const MORE_CHANGED: usize = 8;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_settles_once_a_key_is_a_finished_word() {
+        let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let four = keys(&["4"]);
+        assert!(!settled_correct("The answer is 4", &four), "42 may follow");
+        assert!(settled_correct("The answer is 4.", &four));
+        assert!(!settled_correct("The answer is 42.", &four));
+        assert!(!settled_correct("4", &four), "nothing is finished yet");
+        // Half a character is not yet a word boundary: "caf\u{FFFD}" may become "café".
+        assert!(!settled_correct("a caf\u{FFFD}", &keys(&["caf"])));
+        assert!(settled_correct("a caf \u{FFFD}", &keys(&["caf"])));
+        // Keys of several words, and case, as answer_is_correct reads them.
+        let city = keys(&["new york"]);
+        assert!(!settled_correct("It is New York", &city));
+        assert!(settled_correct("It is New York,", &city));
+        assert!(!settled_correct("cat ", &keys(&["CAT"])));
+        assert!(
+            !settled_correct("Paris ", &[]),
+            "no keys, nothing to settle"
+        );
+        // Settled stays settled: every longer text is correct too.
+        let text = "Sure! 2 + 2 = 4, which is even.";
+        let first = text
+            .char_indices()
+            .map(|(i, c)| &text[..i + c.len_utf8()])
+            .position(|p| settled_correct(p, &four))
+            .expect("settles");
+        for (i, c) in text.char_indices().skip(first) {
+            assert!(answer_is_correct(&text[..i + c.len_utf8()], &four));
+        }
+    }
 
     #[test]
     fn wilson_intervals_match_the_textbook_values() {

@@ -33,6 +33,7 @@ use crate::train::plan::{Plan, Schedule, TrainFiles, config_digest};
 use crate::train::probe::Probe;
 use crate::train::retention::RetentionSet;
 use crate::train::stop::{Stop, invalid};
+use crate::train::trainer::RETENTION_TOKENS;
 use crate::train::vocab;
 
 /// Where a DPO run without an adapter to switch off caches its reference log-probs (in the
@@ -253,6 +254,25 @@ pub struct Probes {
     pub retention_floor: Option<(f64, GuardAction)>,
     pub generation_probe: Probe,
     pub generation_tokens: usize,
+}
+
+impl Probes {
+    /// `model`'s answers to the retention probe's questions, each stopping once it holds one of
+    /// its keys ([`Probe::answer_until_correct`]), at most [`RETENTION_TOKENS`] tokens.
+    pub fn retention_answers(
+        &self,
+        model: &mut CausalLm,
+        tokenizer: &TextTokenizer,
+        eos_ids: &[i64],
+    ) -> crate::error::Result<Vec<String>> {
+        self.retention_probe.answer_until_correct(
+            model,
+            tokenizer,
+            eos_ids,
+            RETENTION_TOKENS,
+            &self.retention_keys,
+        )
+    }
 }
 
 pub fn probes(plan: &Plan, m: &Loaded, prepared: &Prepared) -> Result<Probes, Stop> {

@@ -218,9 +218,7 @@ impl Trainer {
                 Some(r) => r,
                 None => {
                     // The base model's own answers: the adapter is still zero here.
-                    let r =
-                        p.retention_probe
-                            .answer(model, tokenizer, eos_ids, RETENTION_TOKENS)?;
+                    let r = p.retention_answers(model, tokenizer, eos_ids)?;
                     eprintln!(
                         "retention: the base model's answers to {} questions ({:.1}s)",
                         r.len(),
@@ -677,12 +675,8 @@ impl Trainer {
         live.update(|s| s.phase = TrainerPhase::Evaluating);
         let t = Instant::now();
         let p = &self.probes;
-        let answers = p.retention_probe.answer(
-            &mut self.loaded.model,
-            &self.loaded.tokenizer,
-            &self.loaded.eos_ids,
-            RETENTION_TOKENS,
-        )?;
+        let loaded = &mut self.loaded;
+        let answers = p.retention_answers(&mut loaded.model, &loaded.tokenizer, &loaded.eos_ids)?;
         let score =
             RetentionScore::measure(&answers, &p.retention_probe.references, &p.retention_keys);
         self.clock.eval_seconds += t.elapsed().as_secs_f64();
@@ -762,9 +756,7 @@ impl Trainer {
         let p = &self.probes;
         if !p.retention_probe.is_empty() {
             let t = Instant::now();
-            let answers = p
-                .retention_probe
-                .answer(model, tokenizer, eos_ids, RETENTION_TOKENS)?;
+            let answers = p.retention_answers(model, tokenizer, eos_ids)?;
             let score =
                 RetentionScore::measure(&answers, &p.retention_probe.references, &p.retention_keys);
             let questions = p
