@@ -95,7 +95,7 @@ impl Metrics {
         let time_to_first_step = HistogramVec::new(
             HistogramOpts::new(
                 "finetune_operator_time_to_first_step_seconds",
-                "From job creation to the first optimizer step reported",
+                "From job creation to the first optimizer step reported (for a job that ended before its progress was read: to its end)",
             )
             .buckets(waits),
             &["namespace"],

@@ -1,7 +1,8 @@
 //! `finetune-trainer audit`: retention of an adapter measured on a part of the general question
 //! set that its run never saw — by default the held-out `audit` part (see
 //! [`crate::train::general`]). The base answers with the adapter switched off and the tuned model
-//! with it on, greedily, in one batch each; the score is the share of the questions the base
+//! with it on, greedily, in batches as large as a KV-cache budget allows (one on SmolLM2-135M),
+//! each answer stopping once it holds a key; the score is the share of the questions the base
 //! answered correctly that the tuned model still answers correctly, with its 95 % interval and a
 //! breakdown by category.
 

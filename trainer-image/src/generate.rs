@@ -3,7 +3,7 @@
 //!
 //! [`generate_greedy_batch`] decodes many prompts at once: a decoding step reads every weight once
 //! for the whole batch, so the batch is as large as a KV-cache budget allows
-//! ([`CHUNK_CACHE_BYTES`]). Rows whose answer ended leave the batch, since past a few rows the
+//! ([`CHUNK_CACHE_BYTES`], [`GPU_CHUNK_CACHE_BYTES`]). Rows whose answer ended leave the batch, since past a few rows the
 //! per-row work dominates (SmolLM2-135M on 2 CPU cores: 0.12 s a step at 22 rows, 0.25 s at 64).
 
 use tch::{Kind, Tensor};
@@ -76,15 +76,19 @@ pub fn generate(
     out
 }
 
-/// Most KV-cache bytes one chunk of [`generate_greedy_batch`] may fill: prompts are decoded
-/// together until their rows, each as long as the chunk's longest prompt plus the answer limit,
-/// would hold more. 1 GiB takes the 150 questions of the retention probe (32-token answers) in
-/// one chunk for SmolLM2-135M in float32 (45 KiB a token), about 26 such rows for a Llama-2-7B
+/// Most KV-cache bytes one chunk of [`generate_greedy_batch`] may fill on a CPU: prompts are
+/// decoded together until their rows, each as long as the chunk's longest prompt plus the answer
+/// limit, would hold more. 1 GiB takes the 150 questions of the retention probe (32-token answers)
+/// in one chunk for SmolLM2-135M in float32 (45 KiB a token), about 26 such rows for a Llama-2-7B
 /// shape in bfloat16 (512 KiB a token), and bounds a chunk of long prompts by their length too.
 /// A fixed row count (64 until 2026-12-07) did neither: it cut the probe into three chunks, each
 /// paying for reading every weight at each of its decoding steps (0.07 s here even for one row),
 /// and let 64 long eval prompts fill a cache of any size.
 pub const CHUNK_CACHE_BYTES: i64 = 1 << 30;
+
+/// [`CHUNK_CACHE_BYTES`] on a GPU, whose memory is larger and whose decoding step costs little
+/// more for many rows than for a few: 8 GiB, the whole probe of a Llama-2-7B shape (5.6 GiB).
+pub const GPU_CHUNK_CACHE_BYTES: i64 = 8 << 30;
 
 /// Most rows of a chunk, however short its prompts.
 pub const MAX_BATCH: usize = 256;
@@ -96,17 +100,31 @@ fn cache_bytes_per_token(model: &CausalLm) -> i64 {
     (c.num_layers * 2 * c.num_kv_heads * c.head_dim * element).max(1)
 }
 
+/// The KV-cache budget of one chunk on `model`'s device.
+fn chunk_budget(model: &CausalLm) -> i64 {
+    if model.device.is_cuda() {
+        GPU_CHUNK_CACHE_BYTES
+    } else {
+        CHUNK_CACHE_BYTES
+    }
+}
+
 /// `prompts` cut, in order, into consecutive chunks whose cache (rows × (longest prompt +
-/// `max_new_tokens`) tokens × `token_bytes`) stays within [`CHUNK_CACHE_BYTES`], with at most
+/// `max_new_tokens`) tokens × `token_bytes`) stays within `budget` bytes, with at most
 /// [`MAX_BATCH`] rows; a prompt too long for the budget alone gets a chunk of its own.
-fn chunks(prompts: &[Vec<i64>], max_new_tokens: usize, token_bytes: i64) -> Vec<&[Vec<i64>]> {
+fn chunks(
+    prompts: &[Vec<i64>],
+    max_new_tokens: usize,
+    token_bytes: i64,
+    budget: i64,
+) -> Vec<&[Vec<i64>]> {
     let mut out = Vec::new();
     let (mut start, mut longest) = (0, 0);
     for (i, p) in prompts.iter().enumerate() {
         let rows = (i - start + 1) as i64;
         let widest = longest.max(p.len());
         let bytes = rows * (widest + max_new_tokens) as i64 * token_bytes;
-        if i > start && (bytes > CHUNK_CACHE_BYTES || rows as usize > MAX_BATCH) {
+        if i > start && (bytes > budget || rows as usize > MAX_BATCH) {
             out.push(&prompts[start..i]);
             (start, longest) = (i, p.len());
         } else {
@@ -145,7 +163,8 @@ pub fn generate_greedy_batch_until(
     settled: &mut dyn FnMut(usize, &[i64]) -> bool,
 ) -> Vec<Vec<i64>> {
     let mut out = Vec::with_capacity(prompts.len());
-    for chunk in chunks(prompts, max_new_tokens, cache_bytes_per_token(model)) {
+    let (token_bytes, budget) = (cache_bytes_per_token(model), chunk_budget(model));
+    for chunk in chunks(prompts, max_new_tokens, token_bytes, budget) {
         let first = out.len();
         let mut settled_in_chunk = |i: usize, ids: &[i64]| settled(first + i, ids);
         out.extend(greedy_chunk(
@@ -294,14 +313,22 @@ mod tests {
     fn chunks_fill_the_cache_budget_in_order() {
         // The retention probe on SmolLM2-135M in float32: 150 prompts of about 45 tokens.
         let probe = vec![vec![1i64; 45]; 150];
-        assert_eq!(lens(&chunks(&probe, 32, 46_080)), [150]);
+        assert_eq!(lens(&chunks(&probe, 32, 46_080, CHUNK_CACHE_BYTES)), [150]);
         // A token of 512 KiB (a 7B shape in bfloat16): 1 GiB holds 2048 tokens, 26 rows of 77.
-        let split = chunks(&probe, 32, 512 << 10);
+        let split = chunks(&probe, 32, 512 << 10, CHUNK_CACHE_BYTES);
         assert_eq!(lens(&split), [26, 26, 26, 26, 26, 20]);
         assert_eq!(split.concat(), probe, "every prompt once, in order");
         // Short prompts stop at MAX_BATCH rows.
         let tiny = vec![vec![1i64; 2]; MAX_BATCH + 1];
-        assert_eq!(lens(&chunks(&tiny, 1, 4)), [MAX_BATCH, 1]);
+        assert_eq!(
+            lens(&chunks(&tiny, 1, 4, CHUNK_CACHE_BYTES)),
+            [MAX_BATCH, 1]
+        );
+        // A GPU's budget: the 7B shape's probe in one chunk.
+        assert_eq!(
+            lens(&chunks(&probe, 32, 512 << 10, GPU_CHUNK_CACHE_BYTES)),
+            [150]
+        );
     }
 
     #[test]
@@ -313,7 +340,10 @@ mod tests {
         prompts.push(vec![1i64; 10]);
         // Rows 0-3 would need 4 × (budget/2 + 6) tokens: row 3 starts a chunk, which row 4 (too
         // long for any budget) cannot join, and row 5 cannot join row 4's.
-        assert_eq!(lens(&chunks(&prompts, 6, 1024)), [3, 1, 1, 1]);
-        assert!(chunks(&[], 6, 1024).is_empty());
+        assert_eq!(
+            lens(&chunks(&prompts, 6, 1024, CHUNK_CACHE_BYTES)),
+            [3, 1, 1, 1]
+        );
+        assert!(chunks(&[], 6, 1024, CHUNK_CACHE_BYTES).is_empty());
     }
 }

@@ -439,12 +439,11 @@ fn deadline_passed(
     })
 }
 
-/// The job succeeded: the trainer's final report, full progress, the Adapter to register, and
-/// the `EarlyStopped` condition when training ended before its planned last step.
 /// The progress of a run that finished before the progress poller ever reached the trainer (a
-/// short job, or a poll that was backing off): the steps its termination message names, all done.
-/// Without it the job would show no progress at all, and its first step would never be counted in
-/// `finetune_operator_time_to_first_step_seconds`.
+/// short job, or a poll that was backing off): the steps its termination message names, all done
+/// (the plan's total and the epochs are not in the message, so the steps done stand for the
+/// total and the epochs read 0). Without it the job would show no progress at all, and its first
+/// step would never be counted in `finetune_operator_time_to_first_step_seconds`.
 fn final_progress(termination: &TerminationMessage) -> Option<Progress> {
     let step = termination.step.filter(|&s| s > 0)?;
     Some(Progress {
@@ -459,6 +458,8 @@ fn final_progress(termination: &TerminationMessage) -> Option<Progress> {
     })
 }
 
+/// The job succeeded: the trainer's final report, full progress, the Adapter to register, and
+/// the `EarlyStopped` condition when training ended before its planned last step.
 fn succeed(
     job: &FinetuneJob,
     status: &mut FinetuneJobStatus,

@@ -10,11 +10,11 @@
 //!     the score (`retention.score`, `minScore`) whenever the set has answer keys and the base got
 //!     at least one right: it asks whether the model can still do what it could, not whether it
 //!     words it the same way, and a base answer that was wrong cannot be "lost".
-//!   - *verbatim kept*: the share of answers identical to the base's after normalisation. Strict:
-//!     a correct answer that got shorter counts as changed. It is the score when there are no keys.
-//!     With keys, answers end where they became correct ([`settled_correct`]: the score would not
-//!     change, and a model that still answers in sentences no longer pays for the rest of each
-//!     one), so verbatim then compares answers up to their key.
+//!   - *verbatim kept*: the share of answers identical to the base's after normalisation. It is
+//!     the score when there are no keys, and then strict: a correct answer that got shorter counts
+//!     as changed. With keys, answers end where they became correct ([`settled_correct`]: the
+//!     score would not change, and a model that still answers in sentences no longer pays for the
+//!     rest of each one), so verbatim then compares answers up to their key.
 //!
 //! Both come built in; `evaluation.retention.data` replaces them with a JSON Lines file of
 //! `{"prompt": "...", "answers": ["..."]}` (questions, keys optional) and `{"text": "..."}` lines.

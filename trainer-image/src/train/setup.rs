@@ -250,6 +250,9 @@ pub struct Probes {
     /// Its questions, answered greedily (references: the base model's answers).
     pub retention_probe: Probe,
     pub retention_keys: Vec<Vec<String>>,
+    /// Answer the probe in full instead of stopping at a key: the references are whole answers
+    /// (see [`crate::train::state::TrainState::retention_references_settled`]).
+    pub whole_answers: bool,
     /// `minScore` and what to do below it.
     pub retention_floor: Option<(f64, GuardAction)>,
     pub generation_probe: Probe,
@@ -258,20 +261,21 @@ pub struct Probes {
 
 impl Probes {
     /// `model`'s answers to the retention probe's questions, each stopping once it holds one of
-    /// its keys ([`Probe::answer_until_correct`]), at most [`RETENTION_TOKENS`] tokens.
+    /// its keys ([`Probe::answer_until_correct`]) unless `whole_answers`, at most
+    /// [`RETENTION_TOKENS`] tokens.
     pub fn retention_answers(
         &self,
         model: &mut CausalLm,
         tokenizer: &TextTokenizer,
         eos_ids: &[i64],
     ) -> crate::error::Result<Vec<String>> {
-        self.retention_probe.answer_until_correct(
-            model,
-            tokenizer,
-            eos_ids,
-            RETENTION_TOKENS,
-            &self.retention_keys,
-        )
+        let keys: &[Vec<String>] = if self.whole_answers {
+            &[]
+        } else {
+            &self.retention_keys
+        };
+        let probe = &self.retention_probe;
+        probe.answer_until_correct(model, tokenizer, eos_ids, RETENTION_TOKENS, keys)
     }
 }
 
@@ -323,6 +327,7 @@ pub fn probes(plan: &Plan, m: &Loaded, prepared: &Prepared) -> Result<Probes, St
         retention_set,
         retention_probe,
         retention_keys,
+        whole_answers: false,
         retention_floor,
         generation_probe,
         generation_tokens,

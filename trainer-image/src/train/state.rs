@@ -66,6 +66,11 @@ pub struct TrainState {
     /// The base model's greedy answers to the retention questions (the probe's references).
     #[serde(default)]
     pub retention_references: Option<Vec<String>>,
+    /// The references end where each answer held its key ([`crate::train::probe::Probe::answer_until_correct`]);
+    /// false in a checkpoint of a trainer that recorded whole answers, whose resumed run then
+    /// answers in full too, so that verbatim compares like with like.
+    #[serde(default)]
+    pub retention_references_settled: bool,
     /// Retention probe results during training.
     #[serde(default)]
     pub retention_scores: Vec<RetentionRecord>,

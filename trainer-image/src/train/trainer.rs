@@ -215,7 +215,10 @@ impl Trainer {
         if !p.retention_probe.is_empty() {
             let t = Instant::now();
             let references = match st.retention_references.clone() {
-                Some(r) => r,
+                Some(r) => {
+                    p.whole_answers = !st.retention_references_settled;
+                    r
+                }
                 None => {
                     // The base model's own answers: the adapter is still zero here.
                     let r = p.retention_answers(model, tokenizer, eos_ids)?;
@@ -225,6 +228,7 @@ impl Trainer {
                         t.elapsed().as_secs_f64()
                     );
                     st.retention_references = Some(r.clone());
+                    st.retention_references_settled = true;
                     st.last_good_step = Some(0);
                     r
                 }
