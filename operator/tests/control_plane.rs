@@ -2376,22 +2376,28 @@ impl Drop for LocalHub {
 
 /// `examples/full-finetune.yaml` selects an H100 node. The shared kwok nodes are A100s
 /// (tests/cluster/nodes.sh), so each test that runs the example offers one H100 node of its own
-/// (a kwok node, or the executor that really runs it), and those tests take turns.
+/// (a kwok node, or the executor that really runs it), and those tests take turns, with the Kueue
+/// test, whose executors offer GPUs too.
 static ONE_H100_NODE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
 
-/// Deletes every H100-labelled node but `keep`: ones an earlier run left behind (an executor's
-/// stays NotReady, yet schedulable for a while) would catch the example's pod.
+/// Deletes every H100-labelled node but `keep`, and every executor node that offers GPUs (the
+/// Kueue test's): ones an earlier test or run left behind (an executor's stays NotReady, yet
+/// schedulable for a while) would catch an example's pod. The tests that start such executors take
+/// [`ONE_H100_NODE_AT_A_TIME`] too, so none is deleted while in use.
 async fn offer_only_this_h100_node(client: &Client, keep: &str) {
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    let selector = format!("nvidia.com/gpu.product={H100}");
-    for node in nodes
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .unwrap()
-    {
-        if node.name_any() != keep {
+    for node in nodes.list(&ListParams::default()).await.unwrap() {
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let h100 = labels.get("nvidia.com/gpu.product").map(String::as_str) == Some(H100);
+        let offers_gpus = node
+            .status
+            .as_ref()
+            .and_then(|s| s.allocatable.as_ref())
+            .is_some_and(|a| a.contains_key("nvidia.com/gpu"));
+        let shared = labels.get("type").map(String::as_str) == Some("kwok");
+        if node.name_any() != keep && (h100 || (offers_gpus && !shared)) {
             let _ = nodes
                 .delete(&node.name_any(), &DeleteParams::default())
                 .await;
@@ -2410,6 +2416,9 @@ async fn create_kwok_h100_node(client: &Client, name: &str) {
             "labels": {"type": "kwok", "kubernetes.io/hostname": name,
                 "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
                 "nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": H100}},
+        // Tainted for GPU work, as the example's H100 is: only a pod that tolerates it (the
+        // example's) lands here, so another test's pods never sit on a node a later test deletes.
+        "spec": {"taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]},
         "status": {"capacity": capacity, "allocatable": capacity},
     });
     nodes
@@ -2977,6 +2986,9 @@ async fn two_node_bed(
 #[ignore = "needs the control plane: run `make test-cluster`"]
 async fn kueue_admits_a_gang_whole_or_not_at_all() {
     let _turn = ONE_REAL_TRAINER_AT_A_TIME.lock().await;
+    // Its executors offer GPUs, which the examples' pods could take (and which
+    // offer_only_this_h100_node deletes): they take turns.
+    let _gpu_nodes = ONE_H100_NODE_AT_A_TIME.lock().await;
     let pid = std::process::id();
     let label = format!("finetune.dev/kueue-test={pid}");
     let gpus = ["--gpus=1".to_string()];
