@@ -2391,11 +2391,13 @@ async fn offer_only_this_h100_node(client: &Client, keep: &str) {
     for node in nodes.list(&ListParams::default()).await.unwrap() {
         let labels = node.metadata.labels.clone().unwrap_or_default();
         let h100 = labels.get("nvidia.com/gpu.product").map(String::as_str) == Some(H100);
+        // Every executor advertises `nvidia.com/gpu`, most of them "0".
         let offers_gpus = node
             .status
             .as_ref()
             .and_then(|s| s.allocatable.as_ref())
-            .is_some_and(|a| a.contains_key("nvidia.com/gpu"));
+            .and_then(|a| a.get("nvidia.com/gpu"))
+            .is_some_and(|q| q.0 != "0");
         let shared = labels.get("type").map(String::as_str) == Some("kwok");
         if node.name_any() != keep && (h100 || (offers_gpus && !shared)) {
             let _ = nodes
