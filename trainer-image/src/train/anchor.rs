@@ -340,15 +340,13 @@ fn grouped(layers: Vec<AnchoredLayer>) -> Vec<AnchorGroup> {
 /// The layer-anchor guard of a LoRA run.
 pub struct LayerAnchor {
     groups: Vec<AnchorGroup>,
-    /// Anchored layers in all groups: the drift is their mean.
-    layers: usize,
     pub weight: f64,
 }
 
 impl std::fmt::Debug for LayerAnchor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LayerAnchor")
-            .field("layers", &self.layers)
+            .field("layers", &self.len())
             .field("groups", &self.groups.len())
             .field("weight", &self.weight)
             .finish()
@@ -386,18 +384,18 @@ impl LayerAnchor {
 
     fn from_layers(layers: Vec<AnchoredLayer>, weight: f64) -> Self {
         Self {
-            layers: layers.len(),
             groups: grouped(layers),
             weight,
         }
     }
 
+    /// Anchored layers in all groups: the drift is their mean.
     pub fn len(&self) -> usize {
-        self.layers
+        self.groups.iter().map(|g| g.a.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.layers == 0
+        self.groups.is_empty()
     }
 
     /// The mean relative output change `‖ΔW·F‖² / ‖W·F‖²` over the anchored layers, with its
@@ -407,7 +405,7 @@ impl LayerAnchor {
         let Some(first) = sums.next() else {
             return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
         };
-        sums.fold(first, |total, s| total + s) / self.layers as f64
+        sums.fold(first, |total, s| total + s) / self.len() as f64
     }
 
     /// Adds `weight · drift` to the adapters' gradients; returns the drift.
