@@ -1515,6 +1515,66 @@ struct RealTrainerBed {
     _operator: Operator,
 }
 
+impl Drop for RealTrainerBed {
+    /// A failed test shows the end of what each of its trainers printed: their logs live under
+    /// `work`, which goes with the bed. And no trainer outlives its bed: killing the executor
+    /// leaves its pods' processes running, and one left running keeps its cores and its ports
+    /// (a gang's rank 0 holds the rendezvous port) from the tests after it.
+    fn drop(&mut self) {
+        let pods = pod_dirs(self.work.path());
+        if std::thread::panicking() {
+            for dir in &pods {
+                print_log_tail(dir, 40);
+            }
+        }
+        for dir in &pods {
+            kill_if_still_running(dir);
+        }
+    }
+}
+
+/// The executor's directory of every pod it started under `work` (`pods/NAMESPACE/NAME`).
+fn pod_dirs(work: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let entries = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+    };
+    entries(&work.join("pods"))
+        .flat_map(|namespace| entries(&namespace).collect::<Vec<_>>())
+        .collect()
+}
+
+fn print_log_tail(pod_dir: &std::path::Path, lines: usize) {
+    let log = std::fs::read_to_string(pod_dir.join("stdout.log")).unwrap_or_default();
+    let all: Vec<&str> = log.lines().collect();
+    let tail = all[all.len().saturating_sub(lines)..].join("\n");
+    eprintln!(
+        "---- {} (last {lines} lines of its output) ----\n{tail}",
+        pod_dir.display()
+    );
+}
+
+/// Kills the pod's process if it still runs. The pid is only trusted while the process it names
+/// still works in the pod's directory: a pid of a process that ended may have been reused.
+fn kill_if_still_running(pod_dir: &std::path::Path) {
+    let Some(pid) = std::fs::read_to_string(pod_dir.join("pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    if cwd.is_some() && cwd == std::fs::canonicalize(pod_dir).ok() {
+        eprintln!("  killing {} (pid {pid}), still running", pod_dir.display());
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+}
+
 async fn real_trainer_bed(namespace_prefix: &str, node_prefix: &str) -> RealTrainerBed {
     real_trainer_bed_with(namespace_prefix, node_prefix, |_| Vec::new()).await
 }
